@@ -1,0 +1,88 @@
+"""Settings of the device daemon: one ``DeviceSettings`` read from ``FLEET_DEVICE_*`` variables.
+
+The server side reads ``FLEET_*`` variables; every device-side variable carries the longer prefix
+``FLEET_DEVICE_`` (for example ``FLEET_DEVICE_DATA_DIR``, ``FLEET_DEVICE_API_PORT``,
+``FLEET_DEVICE_KEEP_PREVIOUS_WARM=false``) so that both can live in one environment without
+colliding. Nested values are not used: every field is a flat scalar.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SYSTEM_DATA_DIR = Path("/var/lib/fleetota")
+LOCAL_DATA_DIR = Path("fleet-device")
+GIB = 1024**3
+MIB = 1024**2
+
+
+def default_data_dir() -> Path:
+    """``/var/lib/fleetota`` when it exists and is writable, else ``./fleet-device``."""
+    if SYSTEM_DATA_DIR.is_dir() and os.access(SYSTEM_DATA_DIR, os.W_OK | os.X_OK):
+        return SYSTEM_DATA_DIR
+    return LOCAL_DATA_DIR.absolute()
+
+
+class DeviceSettings(BaseSettings):
+    """Everything the device daemon's modules need; defaults suit a small edge box."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_DEVICE_", extra="ignore", frozen=True)
+
+    # identity and storage
+    device_id: str | None = Field(default=None, description="set at enrollment")
+    data_dir: Path = Field(default_factory=default_data_dir)
+
+    # local inference API (api.py)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8500, ge=0, le=65535)
+    api_max_body_bytes: int = Field(default=16 * MIB, ge=1024)
+
+    # onnxruntime host (runtime.py)
+    intra_op_threads: int = Field(default=1, ge=1)
+    warmup_runs: int = Field(default=3, ge=0)
+    #: keep exactly one previous model loaded so that rollback is a reference flip
+    keep_previous_warm: bool = True
+    shadow_sample_rate: float = Field(default=0.1, ge=0, le=1)
+    shadow_queue_size: int = Field(default=64, ge=1)
+    shadow_rtol: float = Field(default=1e-3, ge=0)
+    shadow_atol: float = Field(default=1e-4, ge=0)
+
+    # health (health.py)
+    health_window_s: float = Field(default=10.0, gt=0)
+    #: latencies kept for a probation period's percentiles (reservoir sample beyond this)
+    probation_latency_samples: int = Field(default=4096, ge=16)
+
+    # downloads (fetcher.py)
+    max_bundle_bytes: int = Field(default=GIB, ge=1)
+    max_metadata_bytes: int = Field(default=16 * MIB, ge=1024)
+    download_deadline_s: float = Field(default=600.0, gt=0)
+    metadata_deadline_s: float = Field(default=60.0, gt=0)
+    download_connect_timeout_s: float = Field(default=10.0, gt=0)
+    #: longest silence tolerated between two received chunks
+    download_read_timeout_s: float = Field(default=30.0, gt=0)
+    download_chunk_bytes: int = Field(default=256 * 1024, ge=1024)
+    download_attempts: int = Field(default=3, ge=1)
+    device_token: SecretStr | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    ca_cert: Path | None = None
+
+    # update state machine (state.py)
+    #: a crash during verify/install restarts it at most this many times, then the update fails
+    max_install_attempts: int = Field(default=2, ge=1)
+
+    # MQTT reconnects (mqtt.py)
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DeviceSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        return self
