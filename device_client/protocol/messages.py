@@ -1,0 +1,217 @@
+"""Pydantic payloads of the MQTT protocol (DESIGN.md section 3).
+
+Every payload is a JSON object with a ``schema`` field naming its kind and version. Parsing goes
+through :func:`parse_payload`, which turns every kind of bad input (not JSON, too large, wrong
+schema, invalid fields) into :class:`~device_client.protocol.errors.InvalidPayload`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidPayload
+from .topics import DEVICE_ID_PATTERN
+
+#: no protocol message is anywhere near this; larger ones are rejected before parsing
+MAX_PAYLOAD_BYTES = 64 * 1024
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+VARIANT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,31}$"
+#: semver 2.0.0 (https://semver.org), without a leading "v"
+SEMVER_PATTERN = (
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class DeploymentPhase(StrEnum):
+    """Per-device deployment phases (DESIGN.md section 6)."""
+
+    pending = "pending"
+    notified = "notified"
+    downloading = "downloading"
+    verifying = "verifying"
+    installing = "installing"
+    probation = "probation"
+    succeeded = "succeeded"
+    failed = "failed"
+    rolled_back = "rolled_back"
+    timed_out = "timed_out"
+    cancelled = "cancelled"
+
+
+TERMINAL_PHASES = frozenset(
+    {
+        DeploymentPhase.succeeded,
+        DeploymentPhase.failed,
+        DeploymentPhase.rolled_back,
+        DeploymentPhase.timed_out,
+        DeploymentPhase.cancelled,
+    }
+)
+
+
+class ServeMode(StrEnum):
+    serve = "serve"
+    shadow = "shadow"
+
+
+class Payload(BaseModel):
+    """Base of every wire payload: a fixed ``schema`` tag, JSON helpers."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+    SCHEMA: ClassVar[str]
+
+    schema_: str = Field(alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _check_schema(cls, value: str) -> str:
+        if value != cls.SCHEMA:
+            raise ValueError(f"expected schema {cls.SCHEMA!r}, got {value!r}")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def build(cls, **fields: Any) -> Self:
+        return cls(schema=cls.SCHEMA, **fields)
+
+
+class Probation(BaseModel):
+    """Limits the device enforces on its own after a swap; a breach reverts it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    seconds: float = Field(default=60.0, ge=0, le=7 * 86400)
+    min_requests: int = Field(default=0, ge=0)
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_p95_ms: float | None = Field(default=None, gt=0)
+    max_p95_ratio: float | None = Field(default=None, gt=0)
+
+
+class DesiredState(Payload):
+    """What the director wants one device to run; travels inside a signed envelope."""
+
+    SCHEMA: ClassVar[str] = "fleet.desired/1"
+
+    device_id: str = Field(pattern=f"^{DEVICE_ID_PATTERN}$")
+    seq: int = Field(ge=1)
+    issued_at: datetime
+    expires_at: datetime
+    rollout_id: str | None = None
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    version: str = Field(pattern=SEMVER_PATTERN)
+    release: int = Field(ge=1)
+    target: str = Field(min_length=1, max_length=512)
+    length: int = Field(ge=1)
+    hashes: dict[str, str]
+    variant: str = Field(default="default", pattern=VARIANT_PATTERN)
+    mode: ServeMode = ServeMode.serve
+    probation: Probation = Field(default_factory=Probation)
+
+
+class Report(Payload):
+    """A deployment phase change, with a device-monotonic ``seq`` for deduplication."""
+
+    SCHEMA: ClassVar[str] = "fleet.report/1"
+
+    device_id: str = Field(pattern=f"^{DEVICE_ID_PATTERN}$")
+    seq: int = Field(ge=1)
+    at: datetime
+    phase: DeploymentPhase
+    desired_seq: int | None = None
+    rollout_id: str | None = None
+    model: str | None = None
+    version: str | None = None
+    reason: str | None = Field(default=None, max_length=2000)
+    details: dict[str, Any] = Field(default_factory=dict)
+    #: what the device serves after this change: {model: version}
+    serving: dict[str, str] = Field(default_factory=dict)
+
+
+class HealthWindow(Payload):
+    """Inference health over one window of ``window_s`` seconds."""
+
+    SCHEMA: ClassVar[str] = "fleet.health/1"
+
+    device_id: str = Field(pattern=f"^{DEVICE_ID_PATTERN}$")
+    seq: int = Field(ge=1)
+    at: datetime
+    window_s: float = Field(gt=0)
+    model: str
+    version: str
+    mode: ServeMode = ServeMode.serve
+    requests: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    p50_ms: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    p99_ms: float | None = Field(default=None, ge=0)
+    shadow_requests: int | None = Field(default=None, ge=0)
+    agreement: float | None = Field(default=None, ge=0, le=1)
+    shadow_p95_ms: float | None = Field(default=None, ge=0)
+
+
+class HardwareFacts(BaseModel):
+    """What a device tells the server about itself at enrollment and in presence."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    arch: str = Field(min_length=1, max_length=32)
+    ram_mb: int = Field(ge=0)
+    cpu_count: int = Field(ge=1)
+    onnxruntime_version: str = Field(min_length=1, max_length=32)
+    execution_providers: list[str] = Field(default_factory=list, max_length=32)
+    os: str | None = Field(default=None, max_length=64)
+
+
+class Presence(Payload):
+    """Online/offline state; retained, and the offline form is the device's MQTT will."""
+
+    SCHEMA: ClassVar[str] = "fleet.presence/1"
+
+    device_id: str = Field(pattern=f"^{DEVICE_ID_PATTERN}$")
+    status: Literal["online", "offline"]
+    at: datetime | None = None
+    hardware: HardwareFacts | None = None
+    serving: dict[str, str] = Field(default_factory=dict)
+
+
+P = TypeVar("P", bound=Payload)
+
+
+def parse_payload(data: bytes | str, model: type[P]) -> P:
+    """Parse JSON bytes into ``model``; every failure is :class:`InvalidPayload`."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise InvalidPayload(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidPayload(f"not JSON: {exc}") from None
+    return validate_payload(obj, model)
+
+
+def validate_payload(obj: Any, model: type[P]) -> P:
+    """Validate an already-decoded JSON object into ``model``."""
+    if not isinstance(obj, dict):
+        raise InvalidPayload("payload is not a JSON object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidPayload(f"{model.__name__}: {where}: {first.get('msg')}") from None

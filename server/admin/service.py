@@ -1,0 +1,97 @@
+"""Admin tokens (create, authenticate, revoke) and the audit log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from server.admin.repository import AdminTokenRepository, AuditRepository
+from server.admin.schemas import AuditOut, AuditPage, Principal, TokenCreated, TokenOut
+from server.admin.tables import AdminToken, AuditEntry, Role
+from server.db import utcnow
+from server.errors import Invalid, NotFound, Unauthorized
+from server.security import ADMIN_PREFIX, new_id, new_token, parse_token, verify_secret
+
+#: the principal of commands run on the server host itself (``fleet admin token create``)
+CLI_PRINCIPAL = Principal(actor="cli", role=Role.admin)
+
+
+def audit(
+    session: Session,
+    actor: Principal | str,
+    action: str,
+    target_type: str,
+    target_id: str,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Record a state-changing action in the same transaction as the change itself."""
+    AuditRepository(session).add(
+        AuditEntry(
+            actor=actor.actor if isinstance(actor, Principal) else actor,
+            action=action,
+            target_type=target_type,
+            target_id=target_id,
+            details=details or {},
+        )
+    )
+
+
+class AdminService:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.tokens = AdminTokenRepository(session)
+
+    def create_token(self, name: str, role: Role, by: Principal) -> TokenCreated:
+        token_id = new_id()
+        token, secret_hash = new_token(ADMIN_PREFIX, token_id)
+        row = self.tokens.add(
+            AdminToken(id=token_id, name=name, role=role, secret_hash=secret_hash, created_by=by.actor)
+        )
+        audit(self.session, by, "token.create", "admin_token", token_id, {"name": name, "role": role.value})
+        return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=token)
+
+    def list_tokens(self, include_revoked: bool = False) -> list[TokenOut]:
+        return [TokenOut.model_validate(t) for t in self.tokens.list(include_revoked)]
+
+    def revoke_token(self, token_id: str, by: Principal) -> TokenOut:
+        row = self.tokens.get(token_id)
+        if row is None:
+            raise NotFound(f"no admin token {token_id!r}")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+            audit(self.session, by, "token.revoke", "admin_token", token_id)
+        return TokenOut.model_validate(row)
+
+    def authenticate(self, bearer: str) -> Principal:
+        """The principal of a bearer token; :class:`Unauthorized` if unknown, malformed or revoked."""
+        parsed = parse_token(bearer, ADMIN_PREFIX)
+        if parsed is None:
+            raise Unauthorized("malformed admin token")
+        token_id, secret = parsed
+        row = self.tokens.get(token_id)
+        if row is None or not verify_secret(secret, row.secret_hash):
+            raise Unauthorized("unknown admin token")
+        if row.revoked_at is not None:
+            raise Unauthorized("admin token has been revoked")
+        now = utcnow()
+        # keep last_used_at coarse so that reads do not write on every call
+        if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
+            row.last_used_at = now
+        return Principal(actor=f"token:{row.id}", role=row.role, token_id=row.id, name=row.name)
+
+    def audit_page(
+        self, cursor: str | None, limit: int, action: str | None, target_id: str | None
+    ) -> AuditPage:
+        before = None
+        if cursor:
+            try:
+                before = int(cursor)
+            except ValueError:
+                raise Invalid("malformed audit cursor") from None
+        rows = AuditRepository(self.session).page(
+            before_id=before, limit=limit, action=action, target_id=target_id
+        )
+        items = [AuditOut.model_validate(r) for r in rows]
+        next_cursor = str(items[-1].id) if len(items) == limit else None
+        return AuditPage(items=items, next_cursor=next_cursor)

@@ -1,0 +1,68 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The lifespan opens the :class:`~server.context.ServerContext` (database, CA, director, image
+repository) and runs the background job that re-signs online TUF metadata before it expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from server.config import Settings
+from server.context import ServerContext
+from server.http.errors import install_error_handlers
+from server.http.routers import admin, catalog, devices, tuf
+
+log = logging.getLogger(__name__)
+
+
+async def _refresh_metadata_forever(ctx: ServerContext) -> None:
+    """Keep timestamp/snapshot (and targets, when its key is online) from expiring."""
+    interval = ctx.settings.metadata_refresh_interval_s
+    while True:
+        try:
+            refreshed = await asyncio.to_thread(ctx.repo.refresh_expiring)
+            if refreshed:
+                log.info("re-signed TUF metadata: %s", ", ".join(refreshed))
+        except Exception:
+            log.exception("re-signing TUF metadata failed; retrying in %.0fs", interval)
+        await asyncio.sleep(interval)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = await asyncio.to_thread(ServerContext.open, settings)
+        app.state.ctx = ctx
+        # keep a strong reference: the event loop holds tasks only weakly
+        app.state.tasks = {asyncio.create_task(_refresh_metadata_forever(ctx), name="tuf-refresh")}
+        try:
+            yield
+        finally:
+            for task in app.state.tasks:
+                task.cancel()
+            await asyncio.gather(*app.state.tasks, return_exceptions=True)
+            ctx.close()
+
+    app = FastAPI(
+        title="fleetota control server",
+        version="0.1.0",
+        description="Signed model bundles, device registry and staged rollouts for edge ML fleets.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for module in (admin, devices, catalog, tuf):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,92 @@
+"""The server's one Settings object (environment variables with the ``FLEET_`` prefix)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Control-server settings. Every path defaults to a place under ``data_dir``."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+
+    data_dir: Path = Path("fleet-data")
+    #: SQLAlchemy URL; defaults to SQLite in ``data_dir/fleet.db`` (the embedded default)
+    database_url: str = ""
+    #: private keys (fleet CA, director, TUF roles), each file 0600
+    key_dir: Path = Path()
+    #: the TUF image repository: ``metadata/`` and ``targets/`` (any static server or CDN can serve it)
+    repo_dir: Path = Path()
+    #: generated broker configuration (mosquitto.conf, certificates, ACL)
+    broker_dir: Path = Path()
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: base URL devices use to reach this server (enrollment, TUF metadata and targets)
+    public_url: str = ""
+    #: refuse to bind a non-loopback address with development defaults unless this is set
+    allow_insecure_bind: bool = False
+
+    #: external broker, e.g. ``mqtts://broker.example:8883``; empty = start Mosquitto as a child
+    mqtt_url: str = ""
+    #: port of the embedded Mosquitto (mTLS listener)
+    mqtt_port: int = Field(default=8883, ge=0, le=65535)
+    #: host name devices use for the broker; defaults to the host of ``mqtt_url`` or ``host``
+    mqtt_public_host: str = ""
+    mosquitto_bin: str = "mosquitto"
+
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    enroll_token_ttl_s: int = Field(default=7 * 86400, ge=60)
+    device_cert_days: int = Field(default=365, ge=1)
+
+    root_expiry_s: int = Field(default=365 * 86400, ge=3600)
+    targets_expiry_s: int = Field(default=90 * 86400, ge=3600)
+    snapshot_expiry_s: int = Field(default=7 * 86400, ge=600)
+    timestamp_expiry_s: int = Field(default=86400, ge=120)
+    #: how often the server checks whether online metadata needs re-signing
+    metadata_refresh_interval_s: float = Field(default=60.0, gt=0)
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        data = self.data_dir
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(data / 'fleet.db').as_posix()}"
+        if self.key_dir == Path():
+            self.key_dir = data / "keys"
+        if self.repo_dir == Path():
+            self.repo_dir = data / "repository"
+        if self.broker_dir == Path():
+            self.broker_dir = data / "broker"
+        if not self.public_url:
+            self.public_url = f"http://{self.host}:{self.port}"
+        self.public_url = self.public_url.rstrip("/")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.mqtt_url
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host in ("localhost", ""):
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def mqtt_endpoint(self) -> tuple[str, int]:
+        """(host, port) devices connect to."""
+        from urllib.parse import urlsplit
+
+        if self.mqtt_url:
+            parts = urlsplit(self.mqtt_url)
+            host = self.mqtt_public_host or parts.hostname or "localhost"
+            return host, parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+        return self.mqtt_public_host or self.host, self.mqtt_port

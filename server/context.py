@@ -1,0 +1,55 @@
+"""Everything a running server holds: settings, database, CA, director, image repository.
+
+Built once in the app lifespan (or by a CLI command); never a module global.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from server.config import Settings
+from server.db import Database
+from server.migrate import upgrade_head
+from server.trust.director import Director
+from server.trust.pki import FleetCA
+from server.trust.repository import ImageRepository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    db: Database
+    ca: FleetCA
+    director: Director
+    repo: ImageRepository
+
+    @classmethod
+    def open(cls, settings: Settings, *, migrate: bool = True) -> ServerContext:
+        """Create directories and keys on first use, migrate the database, open everything."""
+        for d in (settings.data_dir, settings.repo_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        settings.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if migrate:
+            upgrade_head(settings.database_url)
+        repo = ImageRepository(
+            settings.repo_dir,
+            settings.key_dir,
+            root_expiry_s=settings.root_expiry_s,
+            targets_expiry_s=settings.targets_expiry_s,
+            snapshot_expiry_s=settings.snapshot_expiry_s,
+            timestamp_expiry_s=settings.timestamp_expiry_s,
+        )
+        repo.initialize()
+        return cls(
+            settings=settings,
+            db=Database(settings.database_url),
+            ca=FleetCA(settings.key_dir),
+            director=Director(settings.key_dir),
+            repo=repo,
+        )
+
+    def close(self) -> None:
+        self.db.dispose()

@@ -1,0 +1,95 @@
+"""Queries of the device registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from server.devices.tables import Device, DeviceStatus, DeviceTag, EnrollmentToken, RevokedCertificate
+
+
+class DeviceRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, device_id: str) -> Device | None:
+        return self.session.get(Device, device_id)
+
+    def exists(self, device_id: str) -> bool:
+        return self.session.scalar(sa.select(sa.literal(1)).where(Device.id == device_id)) is not None
+
+    def add(self, device: Device) -> Device:
+        self.session.add(device)
+        self.session.flush()
+        return device
+
+    def page(
+        self,
+        *,
+        after_id: str | None,
+        limit: int,
+        tags: Sequence[tuple[str, str]] = (),
+        status: DeviceStatus | None = None,
+        arch: str | None = None,
+    ) -> Sequence[Device]:
+        """Devices ordered by id, keyset-paginated (``id > after_id``), all filters ANDed."""
+        q = sa.select(Device).order_by(Device.id).limit(limit)
+        if after_id is not None:
+            q = q.where(Device.id > after_id)
+        if status is not None:
+            q = q.where(Device.status == status)
+        if arch is not None:
+            q = q.where(Device.arch == arch)
+        for key, value in tags:
+            q = q.where(
+                sa.exists().where(
+                    DeviceTag.device_id == Device.id, DeviceTag.key == key, DeviceTag.value == value
+                )
+            )
+        return self.session.scalars(q).all()
+
+
+class EnrollmentTokenRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get_for_update(self, token_id: str) -> EnrollmentToken | None:
+        """The token row, locked (PostgreSQL) so that two enrollments cannot both use its last use."""
+        q = sa.select(EnrollmentToken).where(EnrollmentToken.id == token_id).with_for_update()
+        return self.session.scalars(q).first()
+
+    def get(self, token_id: str) -> EnrollmentToken | None:
+        return self.session.get(EnrollmentToken, token_id)
+
+    def add(self, token: EnrollmentToken) -> EnrollmentToken:
+        self.session.add(token)
+        self.session.flush()
+        return token
+
+    def list_active(self, now: datetime) -> Sequence[EnrollmentToken]:
+        q = (
+            sa.select(EnrollmentToken)
+            .where(
+                EnrollmentToken.revoked_at.is_(None),
+                EnrollmentToken.expires_at > now,
+                EnrollmentToken.uses_left > 0,
+            )
+            .order_by(EnrollmentToken.created_at)
+        )
+        return self.session.scalars(q).all()
+
+
+class RevocationRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, serial: str, device_id: str) -> None:
+        if self.session.get(RevokedCertificate, serial) is None:
+            self.session.add(RevokedCertificate(serial=serial, device_id=device_id))
+
+    def all(self) -> list[tuple[str, datetime]]:
+        rows = self.session.execute(sa.select(RevokedCertificate.serial, RevokedCertificate.revoked_at))
+        return [(s, at) for s, at in rows]

@@ -1,0 +1,107 @@
+"""API schemas of the device registry, and the tag syntax."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.devices.tables import DeviceStatus
+from server.errors import Invalid
+
+TAG_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+TAG_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+MAX_TAGS = 32
+
+
+def check_tag(key: str, value: str) -> tuple[str, str]:
+    if not TAG_KEY_RE.match(key):
+        raise Invalid(f"invalid tag key {key!r}: lowercase letters, digits, '_', '.', '-'; max 63")
+    if not TAG_VALUE_RE.match(value):
+        raise Invalid(f"invalid tag value {value!r} for {key!r}: letters, digits, '_.:/-'; max 128")
+    return key, value
+
+
+def parse_tag_expr(expr: str) -> tuple[str, str]:
+    """``key:value`` or ``key=value`` (the first separator splits) into a checked pair."""
+    m = re.match(r"^([^:=]*)[:=](.*)$", expr.strip())
+    if not m:
+        raise Invalid(f"invalid tag {expr!r}: expected key:value or key=value")
+    return check_tag(m.group(1), m.group(2))
+
+
+def parse_tags_csv(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` into a dict (the CLI's ``--tags``)."""
+    tags: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, v = parse_tag_expr(part)
+        tags[k] = v
+    return tags
+
+
+def check_tags(tags: dict[str, str]) -> dict[str, str]:
+    if len(tags) > MAX_TAGS:
+        raise Invalid(f"at most {MAX_TAGS} tags")
+    for k, v in tags.items():
+        check_tag(k, v)
+    return tags
+
+
+class DeviceOut(BaseModel):
+    id: str
+    status: DeviceStatus
+    arch: str
+    hardware: dict[str, Any]
+    tags: dict[str, str]
+    created_at: datetime
+    last_seen_at: datetime | None
+    decommissioned_at: datetime | None
+    cert_serial: str
+    cert_not_after: datetime
+
+
+class DevicePage(BaseModel):
+    items: list[DeviceOut]
+    next_cursor: str | None
+
+
+class TagUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    set: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+
+
+class EnrollTokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tags: dict[str, str] = Field(default_factory=dict)
+    uses: int = Field(default=1, ge=1, le=100_000)
+    ttl_s: int | None = Field(default=None, ge=60, le=365 * 86400)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str]) -> dict[str, str]:
+        try:
+            return check_tags(v)
+        except Invalid as exc:
+            raise ValueError(exc.message) from None
+
+
+class EnrollTokenOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    tags: dict[str, str]
+    uses_left: int
+    expires_at: datetime
+    created_at: datetime
+    created_by: str | None
+    revoked_at: datetime | None
+
+
+class EnrollTokenCreated(EnrollTokenOut):
+    #: shown once; only its hash is stored
+    token: str

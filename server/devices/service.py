@@ -1,0 +1,259 @@
+"""Device registry: enrollment, listing, tags, decommissioning, device authentication."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy.orm import Session
+
+from device_client.protocol.enrollment import EnrollRequest, EnrollResponse, MqttEndpoint
+from server.admin.schemas import Principal
+from server.admin.service import audit
+from server.db import after_commit, utcnow
+from server.devices.repository import DeviceRepository, EnrollmentTokenRepository, RevocationRepository
+from server.devices.schemas import (
+    DeviceOut,
+    DevicePage,
+    EnrollTokenCreate,
+    EnrollTokenCreated,
+    EnrollTokenOut,
+    TagUpdate,
+    check_tag,
+    check_tags,
+)
+from server.devices.tables import Device, DeviceStatus, DeviceTag, EnrollmentToken
+from server.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from server.security import DEVICE_PREFIX, ENROLL_PREFIX, new_id, new_token, parse_token, verify_secret
+from server.trust.pki import parse_csr, serial_hex
+
+if TYPE_CHECKING:
+    from server.context import ServerContext
+
+CRL_FILE = "crl.pem"
+
+
+def device_out(d: Device) -> DeviceOut:
+    return DeviceOut(
+        id=d.id,
+        status=d.status,
+        arch=d.arch,
+        hardware=d.hardware,
+        tags=d.tag_dict(),
+        created_at=d.created_at,
+        last_seen_at=d.last_seen_at,
+        decommissioned_at=d.decommissioned_at,
+        cert_serial=d.cert_serial,
+        cert_not_after=d.cert_not_after,
+    )
+
+
+def encode_cursor(device_id: str) -> str:
+    return base64.urlsafe_b64encode(device_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise Invalid("malformed cursor") from None
+
+
+class DeviceService:
+    def __init__(self, session: Session, ctx: ServerContext) -> None:
+        self.session = session
+        self.ctx = ctx
+        self.devices = DeviceRepository(session)
+        self.tokens = EnrollmentTokenRepository(session)
+
+    # -- enrollment tokens -------------------------------------------------------------------
+    def create_enroll_token(self, body: EnrollTokenCreate, by: Principal) -> EnrollTokenCreated:
+        token_id = new_id()
+        token, secret_hash = new_token(ENROLL_PREFIX, token_id)
+        ttl = body.ttl_s or self.ctx.settings.enroll_token_ttl_s
+        row = self.tokens.add(
+            EnrollmentToken(
+                id=token_id,
+                secret_hash=secret_hash,
+                tags=body.tags,
+                uses_left=body.uses,
+                expires_at=utcnow() + timedelta(seconds=ttl),
+                created_by=by.actor,
+            )
+        )
+        audit(
+            self.session,
+            by,
+            "enroll_token.create",
+            "enroll_token",
+            token_id,
+            {"tags": body.tags, "uses": body.uses},
+        )
+        return EnrollTokenCreated(**EnrollTokenOut.model_validate(row).model_dump(), token=token)
+
+    def list_enroll_tokens(self) -> list[EnrollTokenOut]:
+        return [EnrollTokenOut.model_validate(t) for t in self.tokens.list_active(utcnow())]
+
+    def revoke_enroll_token(self, token_id: str, by: Principal) -> EnrollTokenOut:
+        row = self.tokens.get(token_id)
+        if row is None:
+            raise NotFound(f"no enrollment token {token_id!r}")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+            audit(self.session, by, "enroll_token.revoke", "enroll_token", token_id)
+        return EnrollTokenOut.model_validate(row)
+
+    def _consume_enroll_token(self, token: str) -> EnrollmentToken:
+        parsed = parse_token(token, ENROLL_PREFIX)
+        if parsed is None:
+            raise Unauthorized("malformed enrollment token")
+        token_id, secret = parsed
+        row = self.tokens.get_for_update(token_id)
+        if row is None or not verify_secret(secret, row.secret_hash):
+            raise Unauthorized("unknown enrollment token")
+        if row.revoked_at is not None:
+            raise Forbidden("enrollment token has been revoked")
+        if row.expires_at <= utcnow():
+            raise Forbidden("enrollment token has expired")
+        if row.uses_left <= 0:
+            raise Forbidden("enrollment token has already been used")
+        row.uses_left -= 1
+        return row
+
+    # -- enrollment --------------------------------------------------------------------------
+    def enroll(self, req: EnrollRequest) -> EnrollResponse:
+        csr, device_id = parse_csr(req.csr_pem)
+        token = self._consume_enroll_token(req.token)
+        if self.devices.exists(device_id):
+            raise Conflict(f"device id {device_id!r} is already enrolled (or was decommissioned)")
+        settings = self.ctx.settings
+        cert = self.ctx.ca.issue_client(csr, device_id, settings.device_cert_days)
+        device_token, token_hash = new_token(DEVICE_PREFIX, device_id)
+        device = Device(
+            id=device_id,
+            status=DeviceStatus.enrolled,
+            hardware=req.hardware.model_dump(mode="json"),
+            arch=req.hardware.arch,
+            cert_serial=serial_hex(cert),
+            cert_not_after=cert.not_valid_after_utc,
+            token_hash=token_hash,
+            enrolled_with=token.id,
+            tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
+        )
+        self.devices.add(device)
+        audit(
+            self.session,
+            f"device:{device_id}",
+            "device.enroll",
+            "device",
+            device_id,
+            {"enroll_token": token.id, "arch": req.hardware.arch, "cert_serial": device.cert_serial},
+        )
+        host, port = settings.mqtt_endpoint()
+        return EnrollResponse(
+            device_id=device_id,
+            certificate_pem=cert.public_bytes(Encoding.PEM).decode("ascii"),
+            ca_certificate_pem=self.ctx.ca.cert_pem,
+            mqtt=MqttEndpoint(host=host, port=port, tls=True),
+            tuf_root=self.ctx.repo.trusted_root(),
+            tuf_metadata_url=f"{settings.public_url}/tuf/metadata/",
+            tuf_targets_url=f"{settings.public_url}/tuf/targets/",
+            director_public_key_pem=self.ctx.director.public_key_pem,
+            device_token=device_token,
+            tags=dict(token.tags),
+        )
+
+    # -- registry ----------------------------------------------------------------------------
+    def get(self, device_id: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        return device
+
+    def list(
+        self,
+        *,
+        cursor: str | None,
+        limit: int,
+        tags: Sequence[tuple[str, str]],
+        status: DeviceStatus | None,
+        arch: str | None,
+    ) -> DevicePage:
+        rows = self.devices.page(
+            after_id=decode_cursor(cursor) if cursor else None,
+            limit=limit,
+            tags=tags,
+            status=status,
+            arch=arch,
+        )
+        items = [device_out(d) for d in rows]
+        return DevicePage(
+            items=items, next_cursor=encode_cursor(items[-1].id) if len(items) == limit else None
+        )
+
+    def update_tags(self, device_id: str, update: TagUpdate, by: Principal) -> DeviceOut:
+        device = self.get(device_id)
+        if device.status == DeviceStatus.decommissioned:
+            raise Conflict(f"device {device_id!r} is decommissioned")
+        check_tags(update.set)
+        for key in update.remove:
+            check_tag(key, "x")
+        current = {t.key: t for t in device.tags}
+        for key in update.remove:
+            if key in current:
+                device.tags.remove(current.pop(key))
+        for key, value in update.set.items():
+            if key in current:
+                current[key].value = value
+            else:
+                device.tags.append(DeviceTag(key=key, value=value))
+        if len(device.tags) > 32:
+            raise Invalid("a device may carry at most 32 tags")
+        self.session.flush()
+        audit(
+            self.session, by, "device.tag", "device", device_id, {"set": update.set, "remove": update.remove}
+        )
+        return device_out(device)
+
+    def decommission(self, device_id: str, by: Principal) -> DeviceOut:
+        """Retire a device: revoke its certificate (CRL) and its download token."""
+        device = self.get(device_id)
+        if device.status != DeviceStatus.decommissioned:
+            device.status = DeviceStatus.decommissioned
+            device.decommissioned_at = utcnow()
+            revocations = RevocationRepository(self.session)
+            revocations.add(device.cert_serial, device.id)
+            self.session.flush()
+            audit(
+                self.session,
+                by,
+                "device.decommission",
+                "device",
+                device_id,
+                {"cert_serial": device.cert_serial},
+            )
+            revoked = revocations.all()
+            after_commit(self.session, lambda: self.write_crl(revoked))
+        return device_out(device)
+
+    def write_crl(self, revoked: list[tuple[str, datetime]] | None = None) -> None:
+        """Write the CRL the broker loads (``crlfile`` in the generated mosquitto.conf)."""
+        if revoked is None:
+            revoked = RevocationRepository(self.session).all()
+        self.ctx.ca.write_crl(self.ctx.settings.broker_dir / CRL_FILE, revoked)
+
+    def authenticate_device(self, bearer: str) -> Device:
+        parsed = parse_token(bearer, DEVICE_PREFIX)
+        if parsed is None:
+            raise Unauthorized("malformed device token")
+        device_id, secret = parsed
+        device = self.devices.get(device_id)
+        if device is None or not verify_secret(secret, device.token_hash):
+            raise Unauthorized("unknown device token")
+        if device.status == DeviceStatus.decommissioned:
+            raise Forbidden(f"device {device_id!r} is decommissioned")
+        return device

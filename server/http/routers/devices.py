@@ -1,0 +1,108 @@
+"""Device registry, enrollment tokens, enrollment and the fleet CA's public material."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import PlainTextResponse
+from sqlalchemy.orm import Session
+
+from device_client.protocol.enrollment import EnrollRequest, EnrollResponse
+from server.admin.schemas import Principal
+from server.devices.repository import RevocationRepository
+from server.devices.schemas import (
+    DeviceOut,
+    DevicePage,
+    EnrollTokenCreate,
+    EnrollTokenCreated,
+    EnrollTokenOut,
+    TagUpdate,
+    parse_tag_expr,
+)
+from server.devices.service import DeviceService, device_out
+from server.devices.tables import DeviceStatus
+from server.http.deps import Admin, Operator, SessionDep, Viewer, get_ctx
+
+router = APIRouter(prefix="/api/v1", tags=["devices"])
+
+
+def _service(request: Request, session: Session) -> DeviceService:
+    return DeviceService(session, get_ctx(request))
+
+
+@router.post("/enroll-tokens", status_code=201)
+def create_enroll_token(
+    body: EnrollTokenCreate, request: Request, session: Session = SessionDep, who: Principal = Operator
+) -> EnrollTokenCreated:
+    return _service(request, session).create_enroll_token(body, who)
+
+
+@router.get("/enroll-tokens")
+def list_enroll_tokens(
+    request: Request, session: Session = SessionDep, _: Principal = Operator
+) -> list[EnrollTokenOut]:
+    return _service(request, session).list_enroll_tokens()
+
+
+@router.delete("/enroll-tokens/{token_id}")
+def revoke_enroll_token(
+    token_id: str, request: Request, session: Session = SessionDep, who: Principal = Operator
+) -> EnrollTokenOut:
+    return _service(request, session).revoke_enroll_token(token_id, who)
+
+
+@router.post("/enroll", status_code=201)
+def enroll(body: EnrollRequest, request: Request, session: Session = SessionDep) -> EnrollResponse:
+    """Enroll a device: one enrollment token, a CSR (CN = device id) and its hardware facts."""
+    return _service(request, session).enroll(body)
+
+
+@router.get("/devices")
+def list_devices(
+    request: Request,
+    tag: list[str] = Query(default=[], description="key:value (or key=value); repeat to AND"),
+    status: DeviceStatus | None = None,
+    arch: str | None = None,
+    cursor: str | None = None,
+    limit: int = Query(default=100, ge=1, le=1000),
+    session: Session = SessionDep,
+    _: Principal = Viewer,
+) -> DevicePage:
+    tags = [parse_tag_expr(t) for t in tag]
+    return _service(request, session).list(cursor=cursor, limit=limit, tags=tags, status=status, arch=arch)
+
+
+@router.get("/devices/{device_id}")
+def get_device(
+    device_id: str, request: Request, session: Session = SessionDep, _: Principal = Viewer
+) -> DeviceOut:
+    return device_out(_service(request, session).get(device_id))
+
+
+@router.patch("/devices/{device_id}/tags")
+def update_tags(
+    device_id: str,
+    body: TagUpdate,
+    request: Request,
+    session: Session = SessionDep,
+    who: Principal = Operator,
+) -> DeviceOut:
+    return _service(request, session).update_tags(device_id, body, who)
+
+
+@router.post("/devices/{device_id}/decommission")
+def decommission(
+    device_id: str, request: Request, session: Session = SessionDep, who: Principal = Admin
+) -> DeviceOut:
+    return _service(request, session).decommission(device_id, who)
+
+
+@router.get("/pki/ca.pem", response_class=PlainTextResponse)
+def ca_certificate(request: Request) -> str:
+    return get_ctx(request).ca.cert_pem
+
+
+@router.get("/pki/crl.pem", response_class=PlainTextResponse)
+def crl(request: Request, session: Session = SessionDep) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return get_ctx(request).ca.crl(RevocationRepository(session).all()).public_bytes(Encoding.PEM).decode()

@@ -1,0 +1,73 @@
+"""Private key files: created 0600, written atomically, loaded by role name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync and ``os.replace`` (crash-safe)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def private_key_pem(key: PrivateKeyTypes) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_private_key(path: Path, key: PrivateKeyTypes) -> None:
+    """Store ``key`` as unencrypted PKCS#8 PEM readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(path, private_key_pem(key), mode=0o600)
+
+
+def load_private_key(path: Path) -> PrivateKeyTypes:
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def load_or_create_ed25519(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 key at ``path``, generated (0600) on first use."""
+    if path.exists():
+        key = load_private_key(path)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    write_private_key(path, key)
+    return key
+
+
+def load_or_create_ec(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The EC P-256 key at ``path``, generated (0600) on first use."""
+    if path.exists():
+        key = load_private_key(path)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{path} is not an EC key")
+        return key
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private_key(path, key)
+    return key

@@ -1,0 +1,106 @@
+"""Shared fixtures: databases (SQLite always, PostgreSQL when FLEET_TEST_POSTGRES_URL is set),
+a running app with an admin token, and real ONNX model files."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.helpers.onnx_models import make_model
+
+pytest_plugins = ["tests.helpers.mosquitto"]
+
+POSTGRES_URL = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
+
+
+def _fresh_postgres_database(base_url: str) -> tuple[str, Callable[[], None]]:
+    """Create an empty database next to ``base_url``'s; return its URL and a dropper."""
+    name = f"fleet_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database URL, once per backend (PostgreSQL skipped without FLEET_TEST_POSTGRES_URL)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("FLEET_TEST_POSTGRES_URL is not set")
+    url, drop = _fresh_postgres_database(POSTGRES_URL)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path):
+    from server.config import Settings
+
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        public_url="http://testserver",
+        max_upload_bytes=4 * 1024 * 1024,
+        metadata_refresh_interval_s=3600,
+    )
+
+
+@pytest.fixture
+def app_client(settings):
+    """A TestClient around ``create_app(settings)`` with the lifespan running."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def ctx(app_client):
+    return app_client.app.state.ctx
+
+
+@pytest.fixture
+def make_token(ctx) -> Callable[[str], str]:
+    """Create an admin token of the given role directly in the database; return the bearer."""
+    from server.admin.service import CLI_PRINCIPAL, AdminService
+    from server.admin.tables import Role
+
+    def make(role: str = "admin") -> str:
+        with ctx.db.session_scope() as session:
+            return AdminService(session).create_token(f"test-{role}", Role(role), CLI_PRINCIPAL).token
+
+    return make
+
+
+@pytest.fixture
+def admin_headers(make_token) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token('admin')}"}
+
+
+@pytest.fixture
+def onnx_model(tmp_path: Path) -> Callable[..., Path]:
+    """Build a real ONNX model file: ``onnx_model(name="m.onnx", **make_model kwargs)``."""
+
+    def build(name: str = "model.onnx", **kwargs) -> Path:
+        return make_model(tmp_path / "onnx" / name, **kwargs)
+
+    return build
