@@ -1,0 +1,77 @@
+"""Build real bundle tars (model.onnx + validation.npz + bundle.json) for device tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from device_client.protocol.bundle import MODEL_MEMBER, VALIDATION_MEMBER, BundleManifest, build_bundle
+from tests.helpers.onnx_models import make_model
+
+
+def validation_inputs(in_dim: int = 4, n: int = 8, seed: int = 123) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, in_dim), dtype=np.float32)
+
+
+def write_validation(model_path: Path, dest: Path, x: np.ndarray, *, perturb: float = 0.0) -> Path:
+    """Record the model's own outputs on ``x`` (as the server does), optionally perturbed."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    name_in = sess.get_inputs()[0].name
+    arrays: dict[str, np.ndarray] = {f"inputs/{name_in}": x}
+    for out, value in zip(sess.get_outputs(), sess.run(None, {name_in: x}), strict=True):
+        arrays[f"outputs/{out.name}"] = value + np.float32(perturb)
+    np.savez(dest, **arrays)  # type: ignore[arg-type]
+    return dest
+
+
+def make_bundle(
+    workdir: Path,
+    *,
+    name: str = "clf",
+    version: str = "1.0.0",
+    release: int = 1,
+    variant: str = "default",
+    in_dim: int = 4,
+    out_dim: int = 3,
+    scale: float = 1.0,
+    bias: float = 0.0,
+    seed: int = 0,
+    slow_factor: int = 0,
+    nan_on_negative: bool = False,
+    perturb_validation: float = 0.0,
+    manifest_overrides: dict[str, Any] | None = None,
+    validation: dict[str, Any] | None = None,
+) -> tuple[Path, BundleManifest]:
+    """Write ``<workdir>/<name>-<version>.tar`` and return (path, manifest)."""
+    src = workdir / f"src-{name}-{version}-{variant}"
+    src.mkdir(parents=True, exist_ok=True)
+    model = make_model(
+        src / MODEL_MEMBER,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        scale=scale,
+        bias=bias,
+        seed=seed,
+        slow_factor=slow_factor,
+        nan_on_negative=nan_on_negative,
+    )
+    x = validation_inputs(in_dim)
+    npz = write_validation(model, src / VALIDATION_MEMBER, x, perturb=perturb_validation)
+    fields: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "release": release,
+        "variant": variant,
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", in_dim]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", out_dim]}],
+        "validation": validation or {"rtol": 1e-4, "atol": 1e-5, "compare": "allclose"},
+    }
+    fields.update(manifest_overrides or {})
+    dest = workdir / f"{name}-{version}-{variant}.tar"
+    manifest = build_bundle(dest, fields, {MODEL_MEMBER: model, VALIDATION_MEMBER: npz})
+    return dest, manifest
