@@ -1,21 +1,465 @@
-"""TUF image repository (python-tuf ``tuf.api.metadata``). Being implemented: see server/catalog."""
+"""The TUF image repository (python-tuf ``tuf.api.metadata``): root, targets, snapshot, timestamp.
+
+Layout under ``repo_dir`` (consistent snapshots on, so any static server or CDN can serve it)::
+
+    metadata/1.root.json ... N.root.json   every root version (clients walk the chain)
+    metadata/root.json                     copy of the newest root (convenience, not authoritative)
+    metadata/N.targets.json                every targets version
+    metadata/N.snapshot.json               every snapshot version
+    metadata/timestamp.json                the one mutable file; names the current snapshot
+    targets/<dir>/<sha256>.<basename>      bundles, e.g. ``resnet/1.2.0/default/<sha>.bundle.tar``
+
+Keys: one Ed25519 key per top-level role, PEM files 0600 in ``key_dir`` (``tuf-root.key``,
+``tuf-targets.key``, ``tuf-snapshot.key``, ``tuf-timestamp.key``), created on first
+:meth:`ImageRepository.initialize`. The root key (and the targets key) may be moved offline after
+initialisation: reads and timestamp/snapshot refreshes keep working; publishing needs the targets
+key and raises :class:`SigningKeyUnavailable` without it.
+
+Publishing is crash-safe and never shows a reader a half-published state: the target file is
+copied first (under its content-addressed name), then ``N+1.targets.json``, ``M+1.snapshot.json``
+and finally ``timestamp.json`` are written, each through a temp file, fsync and ``os.replace``.
+The current state is always derived from the chain timestamp -> snapshot -> targets, so files left
+by a crash half-way are unreferenced and simply overwritten by the next publish. Versioned metadata
+files are never deleted (clients in the middle of a refresh may still ask for them).
+
+Revocation (:meth:`ImageRepository.remove_target`): the target leaves the targets metadata (new
+targets, snapshot and timestamp versions), and then its file is **deleted**, so a revoked bundle is
+neither listed nor downloadable. Devices refuse unlisted targets anyway; deleting the file also
+stops anyone holding stale metadata from fetching it.
+
+Concurrency: every mutation holds a process-wide re-entrant lock and an ``fcntl.flock`` on
+``repo_dir/.lock``, so publishes from several threads and several server processes on one host
+(sharing ``repo_dir``) serialise. Reads take no lock: every file they follow is replaced atomically
+and versioned files are immutable once referenced.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from securesystemslib.signer import CryptoSigner, SSlibKey
+from tuf.api.metadata import (
+    TOP_LEVEL_ROLE_NAMES,
+    Metadata,
+    MetaFile,
+    Root,
+    Signed,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from server.trust.keys import atomic_write, load_or_create_ed25519, load_private_key
+
+log = logging.getLogger(__name__)
+
+ROLE_KEY_FILES: dict[str, str] = {
+    Root.type: "tuf-root.key",
+    Targets.type: "tuf-targets.key",
+    Snapshot.type: "tuf-snapshot.key",
+    Timestamp.type: "tuf-timestamp.key",
+}
+LOCK_FILE = ".lock"
+_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]*)\.root\.json$")
+#: one path segment of a target path: no empty, dot-only or hidden segments, no separators
+_TARGET_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
+_HASH_ALGORITHM = "sha256"
+_COPY_CHUNK = 1024 * 1024
+
+_S = TypeVar("_S", bound=Signed)
+
+
+class RepositoryError(Exception):
+    """Base of the image repository's errors."""
+
+
+class SigningKeyUnavailable(RepositoryError):
+    """The key of a role is not on this host (kept offline) or does not match root."""
+
+
+class InvalidTargetPath(RepositoryError, ValueError):
+    """A target path that is not a safe, relative, ``/``-separated path."""
+
+
+class TargetExists(RepositoryError):
+    """The target path is already listed with different content."""
+
+
+def check_target_path(path: str) -> str:
+    """``path`` if it is a safe target path (``a/b/c.tar``), else :class:`InvalidTargetPath`."""
+    if not path or len(path) > 512:
+        raise InvalidTargetPath(f"target path must be 1..512 characters: {path!r}")
+    for segment in path.split("/"):
+        if not _TARGET_SEGMENT_RE.match(segment) or segment in (".", ".."):
+            raise InvalidTargetPath(f"unsafe target path {path!r}")
+    return path
+
+
+def consistent_target_name(path: str, sha256: str) -> str:
+    """The file name of a target under consistent snapshots: ``<dir>/<sha256>.<basename>``."""
+    parent, sep, name = path.rpartition("/")
+    return f"{parent}{sep}{sha256}.{name}"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _expiry(now: datetime, lifetime: timedelta) -> datetime:
+    # TUF metadata carries whole seconds
+    return (now + lifetime).replace(microsecond=0)
+
+
+def _needs_refresh(signed: Signed, lifetime: timedelta, now: datetime) -> bool:
+    """True when less than half of the role's lifetime is left before it expires."""
+    return signed.expires - now < lifetime / 2
 
 
 class ImageRepository:
-    def __init__(self, repo_dir: Path, key_dir: Path, **expiry_seconds: int) -> None:
-        self.repo_dir = repo_dir
-        self.key_dir = key_dir
+    """A TUF repository on the local file system; see the module docstring for the layout.
 
-    def initialize(self) -> None:
-        raise NotImplementedError
+    ``clock`` is only there so that tests can move time; everything else uses UTC now.
+    """
+
+    def __init__(
+        self,
+        repo_dir: Path,
+        key_dir: Path,
+        *,
+        root_expiry_s: int = 365 * 86400,
+        targets_expiry_s: int = 90 * 86400,
+        snapshot_expiry_s: int = 7 * 86400,
+        timestamp_expiry_s: int = 86400,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.repo_dir = Path(repo_dir)
+        self.key_dir = Path(key_dir)
+        self.metadata_dir = self.repo_dir / "metadata"
+        self.targets_dir = self.repo_dir / "targets"
+        self.lifetimes: dict[str, timedelta] = {
+            Root.type: timedelta(seconds=root_expiry_s),
+            Targets.type: timedelta(seconds=targets_expiry_s),
+            Snapshot.type: timedelta(seconds=snapshot_expiry_s),
+            Timestamp.type: timedelta(seconds=timestamp_expiry_s),
+        }
+        for role, lifetime in self.lifetimes.items():
+            if lifetime <= timedelta(0):
+                raise ValueError(f"{role} expiry must be positive")
+        self._clock = clock
+        self._thread_lock = threading.RLock()
+        self._lock_depth = 0
+        self._lock_fd: int | None = None
+        self._serializer = JSONSerializer(compact=False)
+
+    # -- locking -----------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the repository lock: a re-entrant thread lock plus ``flock`` across processes."""
+        with self._thread_lock:
+            if self._lock_depth == 0:
+                self.repo_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.repo_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._lock_fd = fd
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0 and self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
+    # -- keys and signing --------------------------------------------------------------------
+    def _key_path(self, role: str) -> Path:
+        return self.key_dir / ROLE_KEY_FILES[role]
+
+    def _signer(self, role: str, root: Root) -> CryptoSigner:
+        """The signer of ``role``; :class:`SigningKeyUnavailable` if its key is absent or unknown."""
+        path = self._key_path(role)
+        if not path.exists():
+            raise SigningKeyUnavailable(f"the {role} key ({path}) is not on this host")
+        private = load_private_key(path)
+        public = SSlibKey.from_crypto(private.public_key())
+        if public.keyid not in root.roles[role].keyids:
+            raise SigningKeyUnavailable(f"{path} is not a {role} key of the current root")
+        return CryptoSigner(private, public)
+
+    def has_key(self, role: str) -> bool:
+        """Whether the key of ``role`` is on this host."""
+        return self._key_path(role).exists()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read(self, name: str, cls: type[_S]) -> Metadata[_S]:
+        md = Metadata.from_file(str(self.metadata_dir / name))
+        if not isinstance(md.signed, cls):
+            raise RepositoryError(f"{name} holds {md.signed.type}, expected {cls.type}")
+        return md
+
+    def _root_versions(self) -> list[int]:
+        if not self.metadata_dir.is_dir():
+            return []
+        found = (_ROOT_FILE_RE.match(p.name) for p in self.metadata_dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _root(self) -> Metadata[Root]:
+        versions = self._root_versions()
+        if not versions:
+            raise RepositoryError(f"no root metadata in {self.metadata_dir}; call initialize() first")
+        return self._read(f"{versions[-1]}.root.json", Root)
+
+    def _timestamp(self) -> Metadata[Timestamp]:
+        return self._read("timestamp.json", Timestamp)
+
+    def _snapshot(self, timestamp: Timestamp | None = None) -> Metadata[Snapshot]:
+        timestamp = timestamp or self._timestamp().signed
+        return self._read(f"{timestamp.snapshot_meta.version}.snapshot.json", Snapshot)
+
+    def _targets(self, snapshot: Snapshot | None = None) -> Metadata[Targets]:
+        snapshot = snapshot or self._snapshot().signed
+        return self._read(f"{snapshot.meta['targets.json'].version}.targets.json", Targets)
 
     def trusted_root(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The newest root metadata as a JSON object (what devices pin at enrollment)."""
+        versions = self._root_versions()
+        if not versions:
+            raise RepositoryError("the repository is not initialised")
+        return json.loads((self.metadata_dir / f"{versions[-1]}.root.json").read_bytes())
 
-    def refresh_expiring(self) -> list[str]:
-        raise NotImplementedError
+    def versions(self) -> dict[str, int]:
+        """Current version of each top-level role."""
+        timestamp = self._timestamp().signed
+        snapshot = self._snapshot(timestamp).signed
+        return {
+            Root.type: self._root().signed.version,
+            Targets.type: snapshot.meta["targets.json"].version,
+            Snapshot.type: snapshot.version,
+            Timestamp.type: timestamp.version,
+        }
+
+    def expires(self) -> dict[str, datetime]:
+        """Current expiry of each top-level role."""
+        timestamp = self._timestamp().signed
+        snapshot = self._snapshot(timestamp).signed
+        return {
+            Root.type: self._root().signed.expires,
+            Targets.type: self._targets(snapshot).signed.expires,
+            Snapshot.type: snapshot.expires,
+            Timestamp.type: timestamp.expires,
+        }
+
+    def list_targets(self) -> dict[str, TargetFile]:
+        """Every target listed in the current targets metadata, by path."""
+        return dict(self._targets().signed.targets)
+
+    def get_target(self, path: str) -> TargetFile | None:
+        """The listed target at ``path`` (length, hashes, custom), or None."""
+        return self._targets().signed.targets.get(path)
+
+    def target_file(self, path: str) -> Path:
+        """Where the listed target ``path`` is stored on disk (its consistent-snapshot name)."""
+        info = self.get_target(path)
+        if info is None:
+            raise KeyError(path)
+        return self.targets_dir / consistent_target_name(path, info.hashes[_HASH_ALGORITHM])
+
+    # -- writing -----------------------------------------------------------------------------
+    def _write(self, name: str, md: Metadata[Any]) -> None:
+        atomic_write(self.metadata_dir / name, md.to_bytes(self._serializer))
+
+    def _sign_and_write(self, md: Metadata[Any], root: Root, name: str) -> None:
+        md.sign(self._signer(md.signed.type, root))
+        self._write(name, md)
+
+    def _write_root(self, md: Metadata[Root]) -> None:
+        md.sign(self._signer(Root.type, md.signed))
+        self._write(f"{md.signed.version}.root.json", md)
+        self._write("root.json", md)
+
+    def _publish(
+        self, root: Root, now: datetime, targets: Metadata[Targets] | None, force_snapshot: bool = True
+    ) -> list[str]:
+        """Write new targets (if given), snapshot (if forced) and timestamp, in that order."""
+        written = []
+        timestamp = self._timestamp()
+        snapshot = self._snapshot(timestamp.signed)
+        if targets is not None:
+            targets.signed.version = snapshot.signed.meta["targets.json"].version + 1
+            targets.signed.expires = _expiry(now, self.lifetimes[Targets.type])
+            self._sign_and_write(targets, root, f"{targets.signed.version}.targets.json")
+            snapshot.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
+            written.append(Targets.type)
+        if targets is not None or force_snapshot:
+            snapshot.signed.version += 1
+            snapshot.signed.expires = _expiry(now, self.lifetimes[Snapshot.type])
+            self._sign_and_write(snapshot, root, f"{snapshot.signed.version}.snapshot.json")
+            written.append(Snapshot.type)
+        timestamp.signed.version += 1
+        timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+        timestamp.signed.expires = _expiry(now, self.lifetimes[Timestamp.type])
+        self._sign_and_write(timestamp, root, "timestamp.json")
+        written.append(Timestamp.type)
+        return written
+
+    def initialize(self) -> None:
+        """Create keys and version-1 metadata on first use; otherwise check what is there.
+
+        Idempotent, and completes an initialisation that crashed half-way.
+        """
+        with self._locked():
+            self.metadata_dir.mkdir(parents=True, exist_ok=True)
+            self.targets_dir.mkdir(parents=True, exist_ok=True)
+            self.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            now = self._clock()
+            if not self._root_versions():
+                root = Root(expires=_expiry(now, self.lifetimes[Root.type]), consistent_snapshot=True)
+                for role in sorted(TOP_LEVEL_ROLE_NAMES):
+                    key = load_or_create_ed25519(self._key_path(role))
+                    root.add_key(SSlibKey.from_crypto(key.public_key()), role)
+                self._write_root(Metadata(root))
+                log.info("created TUF root v1 in %s", self.metadata_dir)
+            root = self._root().signed
+            if not root.consistent_snapshot:
+                raise RepositoryError("the repository's root does not use consistent snapshots")
+            for role in TOP_LEVEL_ROLE_NAMES:
+                if self.has_key(role):
+                    self._signer(role, root)  # raises if the key does not belong to the root
+            if not (self.metadata_dir / "timestamp.json").exists():
+                targets = Metadata(Targets(version=1, expires=_expiry(now, self.lifetimes[Targets.type])))
+                self._sign_and_write(targets, root, "1.targets.json")
+                snapshot = Metadata(
+                    Snapshot(
+                        version=1,
+                        expires=_expiry(now, self.lifetimes[Snapshot.type]),
+                        meta={"targets.json": MetaFile(version=1)},
+                    )
+                )
+                self._sign_and_write(snapshot, root, "1.snapshot.json")
+                timestamp = Metadata(
+                    Timestamp(
+                        version=1,
+                        expires=_expiry(now, self.lifetimes[Timestamp.type]),
+                        snapshot_meta=MetaFile(version=1),
+                    )
+                )
+                self._sign_and_write(timestamp, root, "timestamp.json")
+                log.info("created TUF targets/snapshot/timestamp v1 in %s", self.metadata_dir)
+
+    def _copy_target(self, local_file: Path, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(local_file, "rb") as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, _COPY_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def add_target(
+        self, target_path: str, local_file: Path, custom: dict[str, Any], *, replace: bool = False
+    ) -> TargetFile:
+        """Publish ``local_file`` as ``target_path`` with ``custom`` fields; return its TargetFile.
+
+        Re-adding identical content and custom fields is a no-op. A different target already at
+        ``target_path`` raises :class:`TargetExists` unless ``replace`` (the old file is deleted).
+        """
+        check_target_path(target_path)
+        with open(local_file, "rb") as fh:
+            info = TargetFile.from_data(target_path, fh, [_HASH_ALGORITHM])
+        info.unrecognized_fields["custom"] = dict(custom)
+        dest = self.targets_dir / consistent_target_name(target_path, info.hashes[_HASH_ALGORITHM])
+        with self._locked():
+            root = self._root().signed
+            self._signer(Targets.type, root)  # fail before copying anything if the key is offline
+            targets = self._targets()
+            old = targets.signed.targets.get(target_path)
+            if old is not None and old == info and dest.exists():
+                return old
+            if old is not None and not replace:
+                raise TargetExists(f"target {target_path!r} is already published with other content")
+            self._copy_target(local_file, dest)
+            targets.signed.targets[target_path] = info
+            self._publish(root, self._clock(), targets)
+            if old is not None and old.hashes != info.hashes:
+                self._delete_target_file(target_path, old)
+            log.info("published target %s (%d bytes)", target_path, info.length)
+            return info
+
+    def _delete_target_file(self, path: str, info: TargetFile) -> None:
+        name = consistent_target_name(path, info.hashes[_HASH_ALGORITHM])
+        (self.targets_dir / name).unlink(missing_ok=True)
+
+    def remove_target(self, target_path: str) -> bool:
+        """Revoke ``target_path``: drop it from targets metadata, then delete its file.
+
+        Returns False (and writes nothing) if the path was not listed.
+        """
+        check_target_path(target_path)
+        with self._locked():
+            root = self._root().signed
+            targets = self._targets()
+            info = targets.signed.targets.pop(target_path, None)
+            if info is None:
+                return False
+            self._publish(root, self._clock(), targets)
+            self._delete_target_file(target_path, info)
+            log.info("removed target %s", target_path)
+            return True
+
+    def refresh_expiring(self, now: datetime | None = None) -> list[str]:
+        """Re-sign every role with less than half its lifetime left (and the roles above it).
+
+        Root and targets are only re-signed when their key is on this host. Returns the names of
+        the roles written, e.g. ``["timestamp"]``; empty when nothing was due.
+        """
+        with self._locked():
+            now = now or self._clock()
+            written: list[str] = []
+            root_md = self._root()
+            if _needs_refresh(root_md.signed, self.lifetimes[Root.type], now):
+                if self.has_key(Root.type):
+                    root_md.signed.version += 1
+                    root_md.signed.expires = _expiry(now, self.lifetimes[Root.type])
+                    self._write_root(root_md)
+                    written.append(Root.type)
+                else:
+                    log.warning(
+                        "root metadata expires at %s; sign a new root offline", root_md.signed.expires
+                    )
+            root = root_md.signed
+            timestamp = self._timestamp().signed
+            snapshot = self._snapshot(timestamp).signed
+            targets_md: Metadata[Targets] | None = None
+            targets = self._targets(snapshot)
+            if _needs_refresh(targets.signed, self.lifetimes[Targets.type], now):
+                if self.has_key(Targets.type):
+                    targets_md = targets
+                else:
+                    log.warning("targets metadata expires at %s; sign it offline", targets.signed.expires)
+            snapshot_due = _needs_refresh(snapshot, self.lifetimes[Snapshot.type], now)
+            timestamp_due = _needs_refresh(timestamp, self.lifetimes[Timestamp.type], now)
+            if targets_md is not None or snapshot_due or timestamp_due:
+                written += self._publish(root, now, targets_md, force_snapshot=snapshot_due)
+            return written
