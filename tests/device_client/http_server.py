@@ -1,0 +1,116 @@
+"""A real local HTTP server for download tests: Range support, mid-body cuts, slow drips."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Behaviour:
+    content: bytes = b""
+    #: cut the connection after this many body bytes, for the next ``cuts`` responses
+    cut_after: int | None = None
+    cuts: int = 0
+    #: (bytes per write, seconds between writes)
+    drip: tuple[int, float] | None = None
+    honour_range: bool = True
+    #: answer the next N ranged requests with 416
+    force_416: int = 0
+    require_token: str | None = None
+    status: int | None = None
+    #: announce this Content-Length instead of the real one
+    fake_length: int | None = None
+    #: send no Content-Length: the body ends when the connection closes
+    no_length: bool = False
+    seen: list[dict[str, str | None]] = field(default_factory=list)
+
+
+_RANGE_RE = re.compile(r"^bytes=(\d+)-$")
+
+
+def _handler(b: Behaviour) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            rng = self.headers.get("Range")
+            b.seen.append({"path": self.path, "range": rng, "auth": self.headers.get("Authorization")})
+            if b.require_token and self.headers.get("Authorization") != f"Bearer {b.require_token}":
+                return self._plain(401, b"unauthorised")
+            if b.status is not None:
+                return self._plain(b.status, b"nope")
+            body, status, extra = b.content, 200, {}
+            m = _RANGE_RE.match(rng or "")
+            if m and b.honour_range:
+                start = int(m.group(1))
+                if b.force_416 > 0 or start >= len(b.content):
+                    b.force_416 = max(b.force_416 - 1, 0)
+                    return self._plain(416, b"", {"Content-Range": f"bytes */{len(b.content)}"})
+                body, status = b.content[start:], 206
+                extra["Content-Range"] = f"bytes {start}-{len(b.content) - 1}/{len(b.content)}"
+            self.send_response(status)
+            if b.no_length:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(b.fake_length or len(body)))
+            self.send_header("Accept-Ranges", "bytes")
+            for k, v in extra.items():
+                self.send_header(k, v)
+            self.end_headers()
+            to_send = body
+            cut = b.cut_after is not None and b.cuts > 0
+            if cut:
+                b.cuts -= 1
+                to_send = body[: b.cut_after]
+            try:
+                if b.drip is not None:
+                    step, pause = b.drip
+                    for i in range(0, len(to_send), step):
+                        self.wfile.write(to_send[i : i + step])
+                        self.wfile.flush()
+                        time.sleep(pause)
+                else:
+                    self.wfile.write(to_send)
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            if cut:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+
+        def _plain(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+@contextlib.contextmanager
+def serve(behaviour: Behaviour) -> Iterator[str]:
+    """Run a server on 127.0.0.1:<ephemeral>; yield its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(behaviour))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
