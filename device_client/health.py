@@ -1,0 +1,283 @@
+"""Inference health: a cheap thread-safe recorder and the pure probation rule.
+
+Recorder. :class:`HealthRecorder` is called on every request, so it does as little as possible: one
+lock, one list append, two counters, and a reservoir-sample update (about a microsecond in total,
+well under 5% of a 0.1 ms inference). Every request is timed, errors included (an error is an
+exception or a non-finite output). It keeps two views:
+
+* a *window* (``snapshot_and_reset``), published every ``health_window_s`` as a HealthWindow;
+* a *period since* :meth:`HealthRecorder.mark` (``since_mark``), which the daemon marks at every
+  swap and evaluates during probation. Its counts are exact; its percentiles come from a uniform
+  reservoir sample of ``reservoir_size`` latencies, so memory stays bounded however long it runs.
+
+Probation rule (:func:`evaluate_probation`, pure):
+
+* ``need = max(probation.min_requests, MIN_SAMPLE)`` requests are needed before the error rate and
+  the p95 are judged (``MIN_SAMPLE = 20`` keeps one early error from failing a model whose limits
+  allow some errors). At the end of the period the rule judges whatever it has, as long as
+  ``min_requests`` is met.
+* **Overwhelming errors fail at once**: before ``need`` is reached, more than
+  ``max_error_rate * need`` errors fail the probation immediately, because the rate would exceed the
+  limit at ``need`` even if every remaining request succeeded (with ``max_error_rate = 0`` the first
+  error fails it).
+* Fails when ``errors / requests > max_error_rate``, ``p95 > max_p95_ms``, or
+  ``p95 / baseline_p95 > max_p95_ratio`` (the baseline being the replaced model's p95 on the same
+  device; no baseline, no ratio check). All breaches are listed, with the numbers.
+* Passes when ``probation.seconds`` have elapsed with at least ``min_requests`` requests and no
+  breach. With ``min_requests = 0`` and no traffic at all it passes: there is no evidence of harm.
+* Otherwise continues (also past ``seconds`` while ``min_requests`` has not been reached; the server's
+  device timeout bounds that wait).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from .protocol import HealthWindow, Probation, ServeMode
+
+MIN_SAMPLE = 20
+
+
+def percentile_ms(sorted_ns: list[int], q: float) -> float | None:
+    """Nearest-rank percentile (0 < q <= 1) of sorted nanosecond latencies, in milliseconds."""
+    if not sorted_ns:
+        return None
+    idx = max(math.ceil(q * len(sorted_ns)) - 1, 0)
+    return sorted_ns[idx] / 1e6
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Health numbers over one window (or one period since a mark)."""
+
+    window_s: float
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    shadow_requests: int = 0
+    shadow_agreed: int = 0
+    shadow_errors: int = 0
+    shadow_dropped: int = 0
+    shadow_p95_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def agreement(self) -> float | None:
+        return self.shadow_agreed / self.shadow_requests if self.shadow_requests else None
+
+    def to_health_window(
+        self, *, device_id: str, seq: int, at: datetime, model: str, version: str, mode: ServeMode
+    ) -> HealthWindow:
+        shadow = mode is ServeMode.shadow
+        return HealthWindow.build(
+            device_id=device_id,
+            seq=seq,
+            at=at,
+            window_s=max(self.window_s, 1e-6),
+            model=model,
+            version=version,
+            mode=mode,
+            requests=self.requests,
+            errors=self.errors,
+            p50_ms=self.p50_ms,
+            p95_ms=self.p95_ms,
+            p99_ms=self.p99_ms,
+            shadow_requests=self.shadow_requests if shadow else None,
+            agreement=self.agreement if shadow else None,
+            shadow_p95_ms=self.shadow_p95_ms if shadow else None,
+        )
+
+
+@dataclass
+class _Acc:
+    started: float
+    latencies: list[int] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0
+    shadow_latencies: list[int] = field(default_factory=list)
+    shadow_requests: int = 0
+    shadow_agreed: int = 0
+    shadow_errors: int = 0
+    shadow_dropped: int = 0
+
+    def stats(self, now: float) -> WindowStats:
+        lat = sorted(self.latencies)
+        sl = sorted(self.shadow_latencies)
+        return WindowStats(
+            window_s=now - self.started,
+            requests=self.requests,
+            errors=self.errors,
+            p50_ms=percentile_ms(lat, 0.50),
+            p95_ms=percentile_ms(lat, 0.95),
+            p99_ms=percentile_ms(lat, 0.99),
+            shadow_requests=self.shadow_requests,
+            shadow_agreed=self.shadow_agreed,
+            shadow_errors=self.shadow_errors,
+            shadow_dropped=self.shadow_dropped,
+            shadow_p95_ms=percentile_ms(sl, 0.95),
+        )
+
+
+class HealthRecorder:
+    """Thread-safe, low-overhead request/shadow counters with a window and a since-mark period."""
+
+    def __init__(
+        self,
+        *,
+        reservoir_size: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._cap = reservoir_size
+        self._rng = random.Random(seed)
+        now = clock()
+        self._win = _Acc(now)
+        self._period = _Acc(now)
+
+    def _sample(self, reservoir: list[int], seen: int, value: int) -> None:
+        # Algorithm R: after ``seen`` items, each is in the reservoir with probability cap/seen
+        if len(reservoir) < self._cap:
+            reservoir.append(value)
+        else:
+            j = int(self._rng.random() * seen)
+            if j < self._cap:
+                reservoir[j] = value
+
+    def record(self, latency_ns: int, ok: bool = True) -> None:
+        """One served request (``ok=False``: it raised or returned non-finite outputs)."""
+        with self._lock:
+            win, per = self._win, self._period
+            win.latencies.append(latency_ns)
+            win.requests += 1
+            per.requests += 1
+            if not ok:
+                win.errors += 1
+                per.errors += 1
+            self._sample(per.latencies, per.requests, latency_ns)
+
+    def record_shadow(self, latency_ns: int, agreed: bool, error: bool = False) -> None:
+        """One shadow comparison (``error``: the candidate raised or produced non-finite outputs)."""
+        with self._lock:
+            for acc in (self._win, self._period):
+                acc.shadow_requests += 1
+                acc.shadow_agreed += int(agreed)
+                acc.shadow_errors += int(error)
+            self._win.shadow_latencies.append(latency_ns)
+            self._sample(self._period.shadow_latencies, self._period.shadow_requests, latency_ns)
+
+    def record_shadow_drop(self) -> None:
+        """A sampled request not shadowed because the shadow queue was full."""
+        with self._lock:
+            self._win.shadow_dropped += 1
+            self._period.shadow_dropped += 1
+
+    def snapshot_and_reset(self) -> WindowStats:
+        """Stats of the window since the previous call; starts a new window."""
+        with self._lock:
+            now = self._clock()
+            win, self._win = self._win, _Acc(now)
+        return win.stats(now)
+
+    def mark(self) -> None:
+        """Start a new period (at a swap): ``since_mark`` then covers only the new model."""
+        with self._lock:
+            self._period = _Acc(self._clock())
+
+    def since_mark(self) -> WindowStats:
+        """Stats of the period since the last :meth:`mark` (percentiles from a reservoir sample)."""
+        with self._lock:
+            now = self._clock()
+            per = self._period
+            snapshot = _Acc(
+                per.started,
+                list(per.latencies),
+                per.requests,
+                per.errors,
+                list(per.shadow_latencies),
+                per.shadow_requests,
+                per.shadow_agreed,
+                per.shadow_errors,
+                per.shadow_dropped,
+            )
+        return snapshot.stats(now)
+
+
+class ProbationOutcome(StrEnum):
+    continue_ = "continue"
+    passed = "passed"
+    failed = "failed"
+
+
+@dataclass(frozen=True)
+class ProbationVerdict:
+    outcome: ProbationOutcome
+    reasons: tuple[str, ...]
+    numbers: dict[str, float | int | None]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def evaluate_probation(
+    stats: WindowStats,
+    probation: Probation,
+    baseline_p95_ms: float | None,
+    elapsed_s: float,
+) -> ProbationVerdict:
+    """Judge a probation period (see the module docstring for the rule)."""
+    n, e = stats.requests, stats.errors
+    need = max(probation.min_requests, MIN_SAMPLE)
+    finished = elapsed_s >= probation.seconds
+    enough = n >= probation.min_requests
+    judge = n >= need or (finished and enough and n > 0)
+    ratio = stats.p95_ms / baseline_p95_ms if stats.p95_ms is not None and baseline_p95_ms else None
+    numbers: dict[str, float | int | None] = {
+        "requests": n,
+        "errors": e,
+        "error_rate": stats.error_rate,
+        "p95_ms": stats.p95_ms,
+        "baseline_p95_ms": baseline_p95_ms,
+        "p95_ratio": ratio,
+        "elapsed_s": elapsed_s,
+    }
+    reasons: list[str] = []
+    if n < need and e > probation.max_error_rate * need:
+        reasons.append(
+            f"{e} errors in {n} requests: the error rate would exceed {probation.max_error_rate:.2%}"
+            f" even if the rest of the first {need} succeeded"
+        )
+    elif judge and stats.error_rate > probation.max_error_rate:
+        reasons.append(
+            f"error rate {stats.error_rate:.2%} ({e}/{n}) exceeds {probation.max_error_rate:.2%}"
+        )
+    if judge and stats.p95_ms is not None:
+        if probation.max_p95_ms is not None and stats.p95_ms > probation.max_p95_ms:
+            reasons.append(f"p95 {stats.p95_ms:.3f} ms exceeds {probation.max_p95_ms:g} ms")
+        if probation.max_p95_ratio is not None and ratio is not None and ratio > probation.max_p95_ratio:
+            reasons.append(
+                f"p95 {stats.p95_ms:.3f} ms is {ratio:.2f}x the baseline {baseline_p95_ms:.3f} ms"
+                f" (limit {probation.max_p95_ratio:g}x)"
+            )
+    if reasons:
+        return ProbationVerdict(ProbationOutcome.failed, tuple(reasons), numbers)
+    if finished and enough:
+        return ProbationVerdict(
+            ProbationOutcome.passed, (f"{n} requests over {elapsed_s:.1f} s within limits",), numbers
+        )
+    waiting = f"elapsed {elapsed_s:.1f}/{probation.seconds:g} s, requests {n}/{probation.min_requests}"
+    return ProbationVerdict(ProbationOutcome.continue_, (waiting,), numbers)
