@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.orm import Session
 
 from device_client.protocol.enrollment import EnrollRequest, EnrollResponse, MqttEndpoint
+from device_client.protocol.topics import is_valid_device_id
 from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.db import after_commit, utcnow
@@ -58,9 +59,12 @@ def encode_cursor(device_id: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        value = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise Invalid("malformed cursor") from None
+    if not is_valid_device_id(value):
+        raise Invalid("malformed cursor")
+    return value
 
 
 class DeviceService:

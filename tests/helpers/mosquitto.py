@@ -11,7 +11,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from server.mqtt.broker import BrokerFiles, MosquittoProcess, free_port, issue_client_files, write_broker_config
+from server.mqtt.broker import (
+    BrokerFiles,
+    MosquittoProcess,
+    free_port,
+    issue_client_files,
+    write_broker_config,
+)
 from server.trust.pki import FleetCA
 
 
@@ -66,13 +72,20 @@ def mqtt_connect(
         mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or cert.stem, protocol=mqtt.MQTTv5
     )
     client.tls_set(ca_certs=str(ca_file or broker.files.ca), certfile=str(cert), keyfile=str(key))
+
+    def on_disconnect(client, userdata, flags, reason_code, properties):
+        result.setdefault("rc", reason_code)
+        result["disconnected"] = True
+        done.set()
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     try:
         client.connect(broker.host, broker.port, keepalive=30)
     except OSError as exc:  # ssl.SSLError is an OSError
         raise ConnectFailed(f"TLS handshake failed: {exc}") from exc
     client.loop_start()
-    if not done.wait(timeout) or getattr(result.get("rc"), "is_failure", True):
+    if not done.wait(timeout) or result.get("disconnected") or getattr(result.get("rc"), "is_failure", True):
         client.loop_stop()
         client.disconnect()
         raise ConnectFailed(f"CONNECT refused: {result.get('rc')}")

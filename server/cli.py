@@ -1,0 +1,413 @@
+"""The ``fleet`` command line.
+
+Operator commands (``enroll-token``, ``devices``, ``model``) talk to the admin REST API through
+:class:`server.client.FleetClient`: point them at a server with ``--url``/``FLEET_URL`` and a
+bearer token with ``--token``/``FLEET_TOKEN``. Commands that run on the server host itself
+(``server run``, ``admin token ...``, ``broker config``) use the server's ``Settings`` (``FLEET_*``
+environment) and its database and key directory directly: that is how the first admin token is made.
+
+Heavy imports (FastAPI, SQLAlchemy, onnxruntime) happen inside the commands, so the device-only
+install (``pip install fleetota[device]``) can run ``fleet device ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from server.client import DEFAULT_URL, FleetAPIError, FleetClient
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    sys.exit(code)
+
+
+def _parse_tags(text: str | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            key, sep, value = part.partition(":")
+        if not sep or not key or not value:
+            raise click.BadParameter(f"invalid tag {part!r}: expected key=value")
+        tags[key] = value
+    return tags
+
+
+class ApiGroup(click.Group):
+    """A group whose commands get a FleetClient and turn API errors into clean messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FleetAPIError as exc:
+            _fail(f"server answered {exc.status_code}: {exc.detail}")
+        except OSError as exc:
+            _fail(str(exc))
+
+
+def api_options(fn: Any) -> Any:
+    fn = click.option("--token", envvar="FLEET_TOKEN", help="admin bearer token (FLEET_TOKEN)")(fn)
+    fn = click.option(
+        "--url", envvar="FLEET_URL", default=DEFAULT_URL, show_default=True, help="server URL (FLEET_URL)"
+    )(fn)
+    return fn
+
+
+def _client(url: str, token: str | None) -> FleetClient:
+    if not token:
+        _fail("no admin token: pass --token or set FLEET_TOKEN (create one with `fleet admin token create`)")
+    return FleetClient(url, token)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def main(verbose: bool) -> None:
+    """fleetota: signed ML model updates and staged rollouts for edge fleets."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# -- server ---------------------------------------------------------------------------------------
+@main.group()
+def server() -> None:
+    """Run the control server."""
+
+
+@server.command("run")
+@click.option("--host", default=None, help="bind address (FLEET_HOST, default 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="port (FLEET_PORT, default 8080)")
+def server_run(host: str | None, port: int | None) -> None:
+    """Start the API server; without FLEET_MQTT_URL also start Mosquitto as a child process."""
+    from server.runner import run_server
+
+    overrides: dict[str, Any] = {}
+    if host:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    run_server(overrides)
+
+
+# -- admin ----------------------------------------------------------------------------------------
+@main.group()
+def admin() -> None:
+    """Administration on the server host (uses FLEET_* settings and the database directly)."""
+
+
+@admin.group("token")
+def admin_token() -> None:
+    """Admin API bearer tokens."""
+
+
+def _local_ctx() -> Any:
+    from server.config import Settings
+    from server.context import ServerContext
+
+    return ServerContext.open(Settings())
+
+
+@admin_token.command("create")
+@click.option("--role", type=click.Choice(["admin", "operator", "viewer"]), required=True)
+@click.option("--name", default=None, help="a label for the token")
+def admin_token_create(role: str, name: str | None) -> None:
+    """Create a token and print it (only its hash is stored)."""
+    from server.admin.service import CLI_PRINCIPAL, AdminService
+    from server.admin.tables import Role
+
+    ctx = _local_ctx()
+    try:
+        with ctx.db.session_scope() as session:
+            created = AdminService(session).create_token(name or f"{role}-token", Role(role), CLI_PRINCIPAL)
+    finally:
+        ctx.close()
+    click.echo(created.token)
+
+
+@admin_token.command("list")
+def admin_token_list() -> None:
+    from server.admin.service import AdminService
+
+    ctx = _local_ctx()
+    try:
+        with ctx.db.session_scope() as session:
+            tokens = AdminService(session).list_tokens(include_revoked=True)
+    finally:
+        ctx.close()
+    table = Table("id", "name", "role", "created", "revoked")
+    for t in tokens:
+        table.add_row(
+            t.id,
+            t.name,
+            t.role.value,
+            f"{t.created_at:%Y-%m-%d %H:%M}",
+            f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
+        )
+    console.print(table)
+
+
+@admin_token.command("revoke")
+@click.argument("token_id")
+def admin_token_revoke(token_id: str) -> None:
+    from server.admin.service import CLI_PRINCIPAL, AdminService
+    from server.errors import FleetError
+
+    ctx = _local_ctx()
+    try:
+        with ctx.db.session_scope() as session:
+            AdminService(session).revoke_token(token_id, CLI_PRINCIPAL)
+    except FleetError as exc:
+        _fail(exc.message)
+    finally:
+        ctx.close()
+    click.echo(f"revoked {token_id}")
+
+
+# -- broker ---------------------------------------------------------------------------------------
+@main.group()
+def broker() -> None:
+    """Mosquitto broker configuration."""
+
+
+@broker.command("config")
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--port", type=int, default=8883, show_default=True)
+@click.option("--bind", default="127.0.0.1", show_default=True)
+@click.option("--hostname", "hostnames", multiple=True, help="extra DNS names for the broker certificate")
+@click.option("--ip", "ips", multiple=True, help="extra IP addresses for the broker certificate")
+def broker_config(
+    outdir: Path, port: int, bind: str, hostnames: tuple[str, ...], ips: tuple[str, ...]
+) -> None:
+    """Write mosquitto.conf, CA/broker/server-client certificates, CRL and ACL into OUTDIR."""
+    from server.devices.repository import RevocationRepository
+    from server.mqtt.broker import write_broker_config
+
+    ctx = _local_ctx()
+    try:
+        with ctx.db.session_scope() as session:
+            revoked = RevocationRepository(session).all()
+        files = write_broker_config(
+            ctx.ca,
+            outdir,
+            port=port,
+            bind=bind,
+            hostnames=("localhost", *hostnames),
+            ips=("127.0.0.1", *ips),
+            revoked=revoked,
+        )
+    finally:
+        ctx.close()
+    click.echo(f"wrote {files.conf}")
+    click.echo(f"server MQTT identity: {files.server_cert} / {files.server_key}")
+    click.echo(f"run it with: mosquitto -c {files.conf}")
+
+
+# -- enrollment tokens ----------------------------------------------------------------------------
+@main.group("enroll-token", cls=ApiGroup)
+def enroll_token() -> None:
+    """Device enrollment tokens."""
+
+
+@enroll_token.command("create")
+@api_options
+@click.option("--tags", default="", help="tags for enrolled devices: k=v,k2=v2")
+@click.option("--uses", type=int, default=1, show_default=True, help="how many devices may use it")
+@click.option("--ttl", "ttl_s", type=int, default=None, help="lifetime in seconds")
+def enroll_token_create(url: str, token: str | None, tags: str, uses: int, ttl_s: int | None) -> None:
+    """Create an enrollment token and print it."""
+    with _client(url, token) as client:
+        created = client.create_enroll_token(_parse_tags(tags), uses, ttl_s)
+    click.echo(created["token"])
+
+
+# -- devices --------------------------------------------------------------------------------------
+@main.group(cls=ApiGroup)
+def devices() -> None:
+    """The device registry."""
+
+
+@devices.command("ls")
+@api_options
+@click.option("--tag", "tag_exprs", multiple=True, help="key=value (repeat to AND)")
+@click.option(
+    "--status", default=None, type=click.Choice(["enrolled", "online", "offline", "decommissioned"])
+)
+@click.option("--arch", default=None)
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines")
+def devices_ls(
+    url: str,
+    token: str | None,
+    tag_exprs: tuple[str, ...],
+    status: str | None,
+    arch: str | None,
+    as_json: bool,
+) -> None:
+    """List devices (all pages)."""
+    tags = _parse_tags(",".join(tag_exprs))
+    table = Table("id", "status", "arch", "tags", "last seen")
+    with _client(url, token) as client:
+        for d in client.iter_devices(tags=tags, status=status, arch=arch):
+            if as_json:
+                click.echo(json.dumps(d))
+                continue
+            tag_text = ",".join(f"{k}={v}" for k, v in d["tags"].items())
+            table.add_row(d["id"], d["status"], d["arch"], tag_text, d["last_seen_at"] or "")
+    if not as_json:
+        console.print(table)
+
+
+@devices.command("show")
+@api_options
+@click.argument("device_id")
+def devices_show(url: str, token: str | None, device_id: str) -> None:
+    with _client(url, token) as client:
+        click.echo(json.dumps(client.get_device(device_id), indent=2))
+
+
+@devices.command("tag")
+@api_options
+@click.argument("device_id")
+@click.argument("tags", nargs=-1)
+@click.option("--remove", multiple=True, help="tag key to remove")
+def devices_tag(
+    url: str, token: str | None, device_id: str, tags: tuple[str, ...], remove: tuple[str, ...]
+) -> None:
+    """Set tags (k=v ...) and remove tag keys."""
+    with _client(url, token) as client:
+        d = client.tag_device(device_id, _parse_tags(",".join(tags)), list(remove))
+    click.echo(",".join(f"{k}={v}" for k, v in d["tags"].items()))
+
+
+@devices.command("decommission")
+@api_options
+@click.argument("device_id")
+def devices_decommission(url: str, token: str | None, device_id: str) -> None:
+    """Retire a device: its certificate goes on the CRL, its download token stops working."""
+    with _client(url, token) as client:
+        d = client.decommission_device(device_id)
+    click.echo(f"{d['id']}: {d['status']}")
+
+
+# -- models ---------------------------------------------------------------------------------------
+@main.group(cls=ApiGroup)
+def model() -> None:
+    """The model registry."""
+
+
+@model.command("push")
+@api_options
+@click.argument("name")
+@click.argument("version")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--variant", default="default", show_default=True, help="hardware variant")
+@click.option(
+    "--metadata", default=None, help="JSON: preprocessing, validation {rtol, atol, compare}, constraints"
+)
+@click.option(
+    "--validation",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help=".npz of validation inputs (inputs/<name>)",
+)
+def model_push(
+    url: str,
+    token: str | None,
+    name: str,
+    version: str,
+    file: Path,
+    variant: str,
+    metadata: str | None,
+    validation: Path | None,
+) -> None:
+    """Upload an ONNX model; the server validates, bundles, signs and publishes it."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    meta = None
+    if metadata:
+        try:
+            meta = json.loads(metadata)
+        except ValueError as exc:
+            raise click.BadParameter(f"--metadata is not JSON: {exc}") from None
+    size = os.path.getsize(file)
+    with (
+        _client(url, token) as client,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress,
+    ):
+        task = progress.add_task(f"uploading {file.name}", total=size)
+        result = client.push_model(
+            name,
+            version,
+            file,
+            variant=variant,
+            metadata=meta,
+            validation=validation,
+            progress=lambda n: progress.advance(task, n),
+        )
+    art = next(
+        (a for a in result.get("artifacts", result.get("variants", [])) if a.get("variant") == variant), None
+    )
+    click.echo(
+        f"published {name} {version} (release {result.get('release')})"
+        + (f": {art.get('target_path')} {art.get('length')} bytes" if art else "")
+    )
+
+
+@model.command("ls")
+@api_options
+@click.argument("name", required=False)
+def model_ls(url: str, token: str | None, name: str | None) -> None:
+    """List models, or the versions of NAME."""
+    with _client(url, token) as client:
+        if name is None:
+            table = Table("model", "latest", "release", "versions")
+            for m in client.list_models():
+                table.add_row(
+                    m["name"],
+                    str(m.get("latest_version") or ""),
+                    str(m.get("last_release", "")),
+                    str(m.get("version_count", "")),
+                )
+        else:
+            table = Table("version", "release", "status", "variants", "created")
+            for v in client.list_versions(name):
+                variants = ",".join(a["variant"] for a in v.get("artifacts", v.get("variants", [])))
+                table.add_row(
+                    v["version"], str(v["release"]), v["status"], variants, str(v["created_at"])[:19]
+                )
+    console.print(table)
+
+
+@model.command("revoke")
+@api_options
+@click.argument("name")
+@click.argument("version")
+def model_revoke(url: str, token: str | None, name: str, version: str) -> None:
+    """Revoke a version: its bundles leave the signed repository."""
+    with _client(url, token) as client:
+        v = client.revoke_version(name, version)
+    click.echo(f"{name} {version}: {v['status']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,184 @@
+"""Typed httpx client of the admin REST API, for rollout scripts and the ``fleet`` CLI.
+
+    from server.client import FleetClient
+    with FleetClient("http://127.0.0.1:8080", token) as fleet:
+        fleet.push_model("resnet", "1.2.0", Path("resnet.onnx"))
+        for device in fleet.iter_devices(tags={"site": "berlin"}):
+            ...
+
+Every non-2xx answer raises :class:`FleetAPIError` carrying the status and the server's message.
+This module depends only on the base install (httpx, pydantic), not on the server's extras.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class FleetAPIError(Exception):
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"{status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+class _ProgressReader:
+    """A file wrapper reporting bytes read, for upload progress bars."""
+
+    def __init__(self, fh: BinaryIO, callback: Callable[[int], None]) -> None:
+        self.fh = fh
+        self.callback = callback
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.callback(len(data))
+        return data
+
+
+class FleetClient:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, url: str, **kwargs: Any) -> Any:
+        r = self.http.request(method, url, **kwargs)
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                detail = body.get("detail", r.text) if isinstance(body, dict) else r.text
+            except ValueError:
+                detail = r.text
+            if not isinstance(detail, str):
+                detail = json.dumps(detail)
+            raise FleetAPIError(r.status_code, detail)
+        if r.status_code == 204 or not r.content:
+            return None
+        return r.json()
+
+    # -- admin ---------------------------------------------------------------------------------
+    def create_admin_token(self, name: str, role: str) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/admin/tokens", json={"name": name, "role": role})
+
+    def list_admin_tokens(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/admin/tokens")
+
+    def revoke_admin_token(self, token_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/api/v1/admin/tokens/{token_id}")
+
+    def audit(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if action:
+            params["action"] = action
+        return self._call("GET", "/api/v1/audit", params=params)["items"]
+
+    # -- devices ------------------------------------------------------------------------------
+    def create_enroll_token(
+        self, tags: dict[str, str] | None = None, uses: int = 1, ttl_s: int | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"tags": tags or {}, "uses": uses}
+        if ttl_s:
+            body["ttl_s"] = ttl_s
+        return self._call("POST", "/api/v1/enroll-tokens", json=body)
+
+    def list_devices(
+        self,
+        *,
+        tags: dict[str, str] | None = None,
+        status: str | None = None,
+        arch: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> dict[str, Any]:
+        params: list[tuple[str, Any]] = [("limit", limit)]
+        params += [("tag", f"{k}:{v}") for k, v in (tags or {}).items()]
+        if status:
+            params.append(("status", status))
+        if arch:
+            params.append(("arch", arch))
+        if cursor:
+            params.append(("cursor", cursor))
+        return self._call("GET", "/api/v1/devices", params=params)
+
+    def iter_devices(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        cursor = None
+        while True:
+            page = self.list_devices(cursor=cursor, **filters)
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    def get_device(self, device_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/devices/{device_id}")
+
+    def tag_device(
+        self, device_id: str, set_tags: dict[str, str] | None = None, remove: list[str] | None = None
+    ) -> dict[str, Any]:
+        return self._call(
+            "PATCH", f"/api/v1/devices/{device_id}/tags", json={"set": set_tags or {}, "remove": remove or []}
+        )
+
+    def decommission_device(self, device_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/devices/{device_id}/decommission")
+
+    # -- models -------------------------------------------------------------------------------
+    def push_model(
+        self,
+        name: str,
+        version: str,
+        file: Path,
+        *,
+        variant: str = "default",
+        metadata: dict[str, Any] | None = None,
+        validation: Path | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        data = {"version": version, "variant": variant}
+        if metadata:
+            data["metadata"] = json.dumps(metadata)
+        with open(file, "rb") as fh:
+            reader: Any = _ProgressReader(fh, progress) if progress else fh
+            files: dict[str, Any] = {"file": (file.name, reader, "application/octet-stream")}
+            if validation is not None:
+                files["validation"] = (validation.name, validation.read_bytes(), "application/octet-stream")
+            return self._call("POST", f"/api/v1/models/{name}/versions", data=data, files=files)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/models")
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/models/{name}")
+
+    def list_versions(self, name: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/api/v1/models/{name}/versions")
+
+    def get_version(self, name: str, version: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/models/{name}/versions/{version}")
+
+    def revoke_version(self, name: str, version: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/api/v1/models/{name}/versions/{version}")

@@ -1,0 +1,55 @@
+"""``fleet server run``: the API under uvicorn, plus Mosquitto as a child on the embedded default."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class InsecureBind(SystemExit):
+    pass
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse a non-loopback bind with development defaults unless FLEET_ALLOW_INSECURE_BIND is set."""
+    if settings.is_loopback or settings.allow_insecure_bind:
+        return
+    dev = []
+    if settings.database_url.startswith("sqlite"):
+        dev.append("SQLite database")
+    if settings.embedded_broker:
+        dev.append("embedded Mosquitto (no FLEET_MQTT_URL)")
+    if settings.public_url.startswith("http://"):
+        dev.append("plain-HTTP public URL (terminate TLS in front and set FLEET_PUBLIC_URL=https://...)")
+    if dev:
+        raise InsecureBind(
+            f"refusing to listen on {settings.host} with development defaults: {'; '.join(dev)}. "
+            "Configure production settings or set FLEET_ALLOW_INSECURE_BIND=1."
+        )
+
+
+def run_server(overrides: dict[str, Any] | None = None) -> None:
+    import uvicorn
+
+    from server.app import create_app
+    from server.mqtt.broker import MosquittoProcess, write_broker_config
+    from server.trust.pki import FleetCA
+
+    settings = Settings(**(overrides or {}))
+    check_bind(settings)
+    broker = None
+    if settings.embedded_broker:
+        files = write_broker_config(
+            FleetCA(settings.key_dir), settings.broker_dir, port=settings.mqtt_port, bind=settings.host
+        )
+        broker = MosquittoProcess(files, settings.mosquitto_bin).start()
+        log.info("embedded Mosquitto listening on %s:%d (mTLS)", settings.host, settings.mqtt_port)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        if broker is not None:
+            broker.stop()

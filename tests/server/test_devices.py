@@ -1,0 +1,192 @@
+"""Enrollment and the device registry through the API."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from server.db import utcnow
+from server.devices.service import DeviceService
+from server.devices.tables import EnrollmentToken
+from server.errors import Forbidden
+from tests.helpers.pki import HARDWARE, make_csr, make_key
+
+
+def enroll_token(client, headers, **body) -> str:
+    r = client.post("/api/v1/enroll-tokens", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    return r.json()["token"]
+
+
+def enroll(client, token: str, cn: str | None, key=None, **kw):
+    csr, _ = make_csr(cn, key, **kw)
+    return client.post("/api/v1/enroll", json={"token": token, "csr_pem": csr, "hardware": HARDWARE})
+
+
+def test_enroll_issues_client_certificate(app_client, admin_headers, ctx):
+    token = enroll_token(app_client, admin_headers, tags={"site": "berlin"})
+    r = enroll(app_client, token, "cam-001")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["device_id"] == "cam-001"
+    cert = x509.load_pem_x509_certificate(body["certificate_pem"].encode())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-001"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    ca = x509.load_pem_x509_certificate(body["ca_certificate_pem"].encode())
+    cert.verify_directly_issued_by(ca)
+    assert body["tuf_root"]["signed"]["_type"] == "root"
+    assert body["director_public_key_pem"].startswith("-----BEGIN PUBLIC KEY-----")
+    assert body["device_token"].startswith("fd.cam-001.")
+    assert body["mqtt"]["tls"] is True
+    assert body["tuf_metadata_url"] == "http://testserver/tuf/metadata/"
+
+    device = app_client.get("/api/v1/devices/cam-001", headers=admin_headers).json()
+    assert device["status"] == "enrolled"
+    assert device["tags"] == {"site": "berlin"}
+    assert device["hardware"]["onnxruntime_version"] == "1.32.0"
+    audit = app_client.get("/api/v1/audit?action=device.enroll", headers=admin_headers).json()["items"]
+    assert [e["target_id"] for e in audit] == ["cam-001"]
+
+
+def test_reused_bad_and_expired_tokens_are_refused(app_client, admin_headers, ctx):
+    token = enroll_token(app_client, admin_headers)
+    assert enroll(app_client, token, "dev-a").status_code == 201
+    r = enroll(app_client, token, "dev-b")
+    assert r.status_code == 403
+    assert r.json()["detail"] == "enrollment token has already been used"
+
+    r = enroll(app_client, "fe.nothere.AAAAAAAAAAAAAAAAAAAAAAAA", "dev-c")
+    assert (r.status_code, r.json()["detail"]) == (401, "unknown enrollment token")
+    r = enroll(app_client, "not-a-token-at-all", "dev-c")
+    assert (r.status_code, r.json()["detail"]) == (401, "malformed enrollment token")
+
+    expiring = enroll_token(app_client, admin_headers)
+    with ctx.db.session_scope() as s:
+        row = s.get(EnrollmentToken, expiring.split(".")[1])
+        row.expires_at = utcnow() - timedelta(seconds=1)
+    r = enroll(app_client, expiring, "dev-d")
+    assert (r.status_code, r.json()["detail"]) == (403, "enrollment token has expired")
+
+    revoked = enroll_token(app_client, admin_headers)
+    app_client.delete(f"/api/v1/enroll-tokens/{revoked.split('.')[1]}", headers=admin_headers)
+    assert enroll(app_client, revoked, "dev-e").status_code == 403
+    devices = app_client.get("/api/v1/devices", headers=admin_headers).json()["items"]
+    assert [d["id"] for d in devices] == ["dev-a"]
+
+
+def test_multi_use_token(app_client, admin_headers):
+    token = enroll_token(app_client, admin_headers, uses=2)
+    assert enroll(app_client, token, "m-1").status_code == 201
+    assert enroll(app_client, token, "m-2").status_code == 201
+    assert enroll(app_client, token, "m-3").status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("cn", "key_kind", "message"),
+    [
+        ("Bad_Name", "ec256", "not a valid device id"),
+        ("a+b", "ec256", "not a valid device id"),
+        ("dev#1", "ec256", "not a valid device id"),
+        ("-lead", "ec256", "not a valid device id"),
+        ("x" * 64, "ec256", "not a valid device id"),
+        (None, "ec256", "exactly one CN"),
+        ("ok-name", "rsa1024", "too small"),
+        ("ok-name", "ec521", "not accepted"),
+    ],
+)
+def test_unacceptable_csr_is_422_and_keeps_token(app_client, admin_headers, cn, key_kind, message):
+    token = enroll_token(app_client, admin_headers)
+    r = enroll(app_client, token, cn, make_key(key_kind))
+    assert r.status_code == 422, r.text
+    assert message in r.json()["detail"]
+    # nothing was consumed: the same token still enrolls a good CSR
+    assert enroll(app_client, token, "good-one").status_code == 201
+
+
+def test_garbage_csr_and_duplicate_device(app_client, admin_headers):
+    token = enroll_token(app_client, admin_headers, uses=3)
+    r = app_client.post("/api/v1/enroll", json={"token": token, "csr_pem": "x" * 100, "hardware": HARDWARE})
+    assert r.status_code == 422
+    assert "CSR is not a PEM" in r.json()["detail"]
+    assert enroll(app_client, token, "twin").status_code == 201
+    r = enroll(app_client, token, "twin")
+    assert r.status_code == 409
+    assert "already enrolled" in r.json()["detail"]
+    r = enroll(app_client, token, "twin", extra_cn="second")
+    assert r.status_code == 422
+
+
+def test_list_filters_and_cursor_pagination(app_client, admin_headers):
+    berlin = enroll_token(app_client, admin_headers, tags={"site": "berlin", "line": "a"}, uses=5)
+    paris = enroll_token(app_client, admin_headers, tags={"site": "paris"}, uses=5)
+    for i in range(5):
+        assert enroll(app_client, berlin, f"b-{i}").status_code == 201
+    for i in range(3):
+        assert enroll(app_client, paris, f"p-{i}").status_code == 201
+
+    def ids(query: str) -> list[str]:
+        r = app_client.get(f"/api/v1/devices?{query}", headers=admin_headers)
+        assert r.status_code == 200, r.text
+        return [d["id"] for d in r.json()["items"]]
+
+    assert ids("tag=site:berlin") == [f"b-{i}" for i in range(5)]
+    assert ids("tag=site=paris") == ["p-0", "p-1", "p-2"]
+    assert ids("tag=site:berlin&tag=line:a") == [f"b-{i}" for i in range(5)]
+    assert ids("tag=site:paris&tag=line:a") == []
+    assert ids("status=enrolled&arch=x86_64&limit=1000") == sorted(
+        [f"b-{i}" for i in range(5)] + ["p-0", "p-1", "p-2"]
+    )
+    assert ids("status=online") == []
+
+    seen, cursor = [], None
+    while True:
+        r = app_client.get(
+            "/api/v1/devices",
+            params={"limit": 3, **({"cursor": cursor} if cursor else {})},
+            headers=admin_headers,
+        ).json()
+        seen += [d["id"] for d in r["items"]]
+        cursor = r["next_cursor"]
+        if not cursor:
+            break
+    assert seen == sorted(seen)
+    assert len(seen) == 8
+
+    for bad in ("tag=nocolon", "tag=Bad Key:x", "tag=k:", "status=sleeping", "cursor=%%%", "limit=0"):
+        r = app_client.get(f"/api/v1/devices?{bad}", headers=admin_headers)
+        assert r.status_code == 422, bad
+
+
+def test_tag_and_decommission(app_client, admin_headers, ctx):
+    token = enroll_token(app_client, admin_headers, tags={"site": "berlin"})
+    body = enroll(app_client, token, "retire-me").json()
+    r = app_client.patch(
+        "/api/v1/devices/retire-me/tags",
+        json={"set": {"ring": "canary"}, "remove": ["site"]},
+        headers=admin_headers,
+    )
+    assert r.status_code == 200
+    assert r.json()["tags"] == {"ring": "canary"}
+    r = app_client.patch("/api/v1/devices/retire-me/tags", json={"set": {"BAD": "x"}}, headers=admin_headers)
+    assert r.status_code == 422
+    assert app_client.patch("/api/v1/devices/nobody/tags", json={}, headers=admin_headers).status_code == 404
+
+    with ctx.db.session_scope() as s:
+        assert DeviceService(s, ctx).authenticate_device(body["device_token"]).id == "retire-me"
+
+    r = app_client.post("/api/v1/devices/retire-me/decommission", headers=admin_headers)
+    assert r.status_code == 200
+    assert r.json()["status"] == "decommissioned"
+    serial = int(r.json()["cert_serial"], 16)
+    crl = x509.load_pem_x509_crl(app_client.get("/api/v1/pki/crl.pem").content)
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    on_disk = x509.load_pem_x509_crl((ctx.settings.broker_dir / "crl.pem").read_bytes())
+    assert on_disk.get_revoked_certificate_by_serial_number(serial) is not None
+    with ctx.db.session_scope() as s, pytest.raises(Forbidden):
+        DeviceService(s, ctx).authenticate_device(body["device_token"])
+    # a decommissioned id cannot be re-enrolled
+    assert enroll(app_client, enroll_token(app_client, admin_headers), "retire-me").status_code == 409
