@@ -46,11 +46,13 @@ def make_bundle(
     perturb_validation: float = 0.0,
     manifest_overrides: dict[str, Any] | None = None,
     validation: dict[str, Any] | None = None,
+    model_file: Path | None = None,
+    validation_x: np.ndarray | None = None,
 ) -> tuple[Path, BundleManifest]:
     """Write ``<workdir>/<name>-<version>.tar`` and return (path, manifest)."""
     src = workdir / f"src-{name}-{version}-{variant}"
     src.mkdir(parents=True, exist_ok=True)
-    model = make_model(
+    model = model_file or make_model(
         src / MODEL_MEMBER,
         in_dim=in_dim,
         out_dim=out_dim,
@@ -60,7 +62,7 @@ def make_bundle(
         slow_factor=slow_factor,
         nan_on_negative=nan_on_negative,
     )
-    x = validation_inputs(in_dim)
+    x = validation_inputs(in_dim) if validation_x is None else validation_x
     npz = write_validation(model, src / VALIDATION_MEMBER, x, perturb=perturb_validation)
     fields: dict[str, Any] = {
         "name": name,
@@ -75,3 +77,22 @@ def make_bundle(
     dest = workdir / f"{name}-{version}-{variant}.tar"
     manifest = build_bundle(dest, fields, {MODEL_MEMBER: model, VALIDATION_MEMBER: npz})
     return dest, manifest
+
+
+def make_reshape_model(path: Path) -> Path:
+    """x[N, 4] -> Reshape to [-1, 3]: runs when 4*N is divisible by 3 and raises otherwise."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 3])],
+        initializer=[numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
