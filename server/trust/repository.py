@@ -25,7 +25,10 @@ files are never deleted (clients in the middle of a refresh may still ask for th
 Revocation (:meth:`ImageRepository.remove_target`): the target leaves the targets metadata (new
 targets, snapshot and timestamp versions), and then its file is **deleted**, so a revoked bundle is
 neither listed nor downloadable. Devices refuse unlisted targets anyway; deleting the file also
-stops anyone holding stale metadata from fetching it.
+stops anyone holding stale metadata from fetching it. The catalog revokes in two steps
+(``remove_target(path, delete_file=False)`` before its commit, then :meth:`purge_target_file` after
+it, or :meth:`restore_target` if the commit fails), so a revocation is atomic with its database
+change.
 
 Concurrency: every mutation holds a process-wide re-entrant lock and an ``fcntl.flock`` on
 ``repo_dir/.lock``, so publishes from several threads and several server processes on one host
@@ -411,10 +414,12 @@ class ImageRepository:
         name = consistent_target_name(path, info.hashes[_HASH_ALGORITHM])
         (self.targets_dir / name).unlink(missing_ok=True)
 
-    def remove_target(self, target_path: str) -> bool:
-        """Revoke ``target_path``: drop it from targets metadata, then delete its file.
+    def remove_target(self, target_path: str, *, delete_file: bool = True) -> TargetFile | None:
+        """Revoke ``target_path``: drop it from targets metadata, then (by default) delete its file.
 
-        Returns False (and writes nothing) if the path was not listed.
+        Returns the removed TargetFile, or None (and writes nothing) if the path was not listed.
+        With ``delete_file=False`` the file stays, so that :meth:`restore_target` can re-list it
+        (a revocation whose transaction rolled back) or :meth:`purge_target_file` delete it later.
         """
         check_target_path(target_path)
         with self._locked():
@@ -422,10 +427,39 @@ class ImageRepository:
             targets = self._targets()
             info = targets.signed.targets.pop(target_path, None)
             if info is None:
-                return False
+                return None
             self._publish(root, self._clock(), targets)
-            self._delete_target_file(target_path, info)
+            if delete_file:
+                self._delete_target_file(target_path, info)
             log.info("removed target %s", target_path)
+            return info
+
+    def restore_target(self, info: TargetFile) -> None:
+        """Re-list a target removed with ``delete_file=False`` whose file is still stored."""
+        check_target_path(info.path)
+        stored = self.targets_dir / consistent_target_name(info.path, info.hashes[_HASH_ALGORITHM])
+        with self._locked():
+            if not stored.is_file() or stored.stat().st_size != info.length:
+                raise RepositoryError(f"cannot restore {info.path}: its stored file is gone or changed")
+            root = self._root().signed
+            self._signer(Targets.type, root)
+            targets = self._targets()
+            if targets.signed.targets.get(info.path) == info:
+                return
+            targets.signed.targets[info.path] = info
+            self._publish(root, self._clock(), targets)
+            log.info("restored target %s", info.path)
+
+    def purge_target_file(self, info: TargetFile) -> bool:
+        """Delete the stored file of a removed target, unless that exact target is listed again."""
+        with self._locked():
+            current = self.get_target(info.path)
+            if current is not None and current.hashes == info.hashes:
+                return False
+            stored = self.targets_dir / consistent_target_name(info.path, info.hashes[_HASH_ALGORITHM])
+            if not stored.exists():
+                return False
+            stored.unlink()
             return True
 
     def refresh_expiring(self, now: datetime | None = None) -> list[str]:

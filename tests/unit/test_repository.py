@@ -18,6 +18,7 @@ from server.trust.repository import (
     ROLE_KEY_FILES,
     ImageRepository,
     InvalidTargetPath,
+    RepositoryError,
     SigningKeyUnavailable,
     TargetExists,
     consistent_target_name,
@@ -192,10 +193,10 @@ def test_remove_target_revokes_and_deletes_file(repo: ImageRepository, tmp_path:
     up.refresh()
     assert up.get_targetinfo(path) is not None
 
-    assert repo.remove_target(path) is True
+    assert repo.remove_target(path) is not None
     assert repo.get_target(path) is None
     assert not stored.exists()
-    assert repo.remove_target(path) is False
+    assert repo.remove_target(path) is None
     assert repo.versions()["targets"] == 4
 
     fresh = updater_for(repo, tmp_path, "late")
@@ -314,3 +315,22 @@ def test_concurrent_processes_serialise(repo: ImageRepository, tmp_path: Path) -
         assert p.exitcode == 0
     assert len(repo.list_targets()) == 8
     assert repo.versions()["targets"] == 9
+
+
+def test_remove_keep_file_then_restore_or_purge(repo: ImageRepository, tmp_path: Path) -> None:
+    path = "m/1.0.0/default/bundle.tar"
+    repo.add_target(path, bundle(tmp_path, "a", b"aaa"), CUSTOM)
+    stored = repo.target_file(path)
+    info = repo.remove_target(path, delete_file=False)
+    assert info is not None
+    assert repo.get_target(path) is None
+    assert stored.exists()
+    repo.restore_target(info)
+    assert repo.get_target(path) == info
+    assert repo.versions()["targets"] == 4
+    assert repo.purge_target_file(info) is False  # listed again: the file stays
+    repo.remove_target(path, delete_file=False)
+    assert repo.purge_target_file(info) is True
+    assert not stored.exists()
+    with pytest.raises(RepositoryError):
+        repo.restore_target(info)

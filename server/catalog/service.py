@@ -1,0 +1,461 @@
+"""The model registry: push (validate, bundle, sign, publish), list, read and revoke versions.
+
+Push, step by step:
+
+1. names are checked (model name, semver version, variant) and the ``metadata`` JSON is parsed;
+2. the upload is loaded with onnxruntime on CPU: anything that is not a loadable ONNX model is a
+   422, and the input/output signature is recorded (dtype strings such as ``float32``, dynamic
+   dimensions as their symbolic name or ``None``);
+3. validation vectors: the uploaded ``.npz`` (keys ``inputs/<name>``) or, without one, inputs
+   generated deterministically from the signature (dynamic dimensions -> 1, floats uniform in
+   [0, 1), integers in {0, 1}, booleans random); outputs are always computed here by running the
+   model (uploaded ``outputs/<name>``, if any, must agree with them within the tolerance) and both
+   are stored in ``validation.npz`` under ``inputs/<name>`` and ``outputs/<name>``;
+4. the model row is locked (``FOR UPDATE``), a release number allocated (``last_release + 1``; a
+   new variant of an existing version reuses that version's release), the bundle tar built, the
+   rows and the audit entry flushed;
+5. only then is the bundle published to the TUF repository, with an ``on_rollback`` compensation
+   that un-publishes it if the transaction does not commit. So a push is all or nothing from the
+   outside: either rows and target both exist, or neither.
+
+Revocation marks the version ``revoked`` and removes all its targets from the signed targets
+metadata before the commit (so devices stop seeing it); if the commit fails they are re-listed,
+and once it succeeds their files are deleted. A revoked version number cannot be pushed again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from tuf.api.metadata import TargetFile
+
+from device_client.protocol.bundle import (
+    MODEL_MEMBER,
+    VALIDATION_MEMBER,
+    TensorSpec,
+    ValidationSpec,
+    build_bundle,
+    file_sha256,
+)
+from server.admin.schemas import Principal
+from server.admin.service import audit
+from server.catalog.repository import CatalogRepository
+from server.catalog.schemas import (
+    ArtifactOut,
+    ModelOut,
+    ModelSummary,
+    VersionMetadata,
+    VersionOut,
+    check_model_name,
+    check_variant,
+    check_version,
+    target_path,
+)
+from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion, VersionStatus
+from server.db import after_commit, on_rollback, utcnow
+from server.errors import Conflict, Invalid, NotFound
+
+if TYPE_CHECKING:
+    from server.context import ServerContext
+
+log = logging.getLogger(__name__)
+
+#: onnxruntime tensor type -> numpy dtype name
+ORT_DTYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+VALIDATION_SEED = 20240601
+MAX_VALIDATION_ELEMENTS = 16 * 1024 * 1024
+
+
+# -- ONNX inspection and validation vectors (pure helpers, no database) --------------------------
+@dataclass(frozen=True)
+class LoadedModel:
+    """An uploaded model loaded by onnxruntime, with its signature."""
+
+    session: Any  # onnxruntime.InferenceSession
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def _spec(arg: Any, what: str) -> TensorSpec:
+    dtype = ORT_DTYPES.get(arg.type)
+    if dtype is None:
+        raise Invalid(f"{what} {arg.name!r} has unsupported type {arg.type}; only numeric tensors")
+    shape = [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None) for d in arg.shape]
+    return TensorSpec(name=arg.name, dtype=dtype, shape=shape)
+
+
+def load_onnx(path: Path) -> LoadedModel:
+    """Load ``path`` with onnxruntime (CPU, one thread); :class:`Invalid` if it is not a model."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.load_model_format", "ONNX")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise Invalid(f"the uploaded file is not a loadable ONNX model: {first}") from None
+    inputs = [_spec(a, "input") for a in session.get_inputs()]
+    outputs = [_spec(a, "output") for a in session.get_outputs()]
+    if not inputs or not outputs:
+        raise Invalid("the model must have at least one input and one output")
+    return LoadedModel(session=session, inputs=inputs, outputs=outputs)
+
+
+def generate_inputs(inputs: Sequence[TensorSpec], seed: int = VALIDATION_SEED) -> dict[str, np.ndarray]:
+    """Deterministic validation inputs for a signature: dynamic dims -> 1, floats in [0, 1)."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+        if int(np.prod(shape, dtype=np.int64)) > MAX_VALIDATION_ELEMENTS:
+            raise Invalid(f"input {spec.name!r} is too large to generate validation data; upload some")
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.random(shape, dtype=np.float64).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        else:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+    return feeds
+
+
+def read_validation_inputs(
+    path: Path, inputs: Sequence[TensorSpec]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The ``inputs/<name>`` arrays (and any ``outputs/<name>``) of an uploaded ``.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise Invalid(f"validation file is not a readable .npz: {exc}") from None
+    wanted = {f"inputs/{s.name}" for s in inputs}
+    unexpected = [k for k in arrays if k not in wanted and not k.startswith("outputs/")]
+    if unexpected:
+        raise Invalid(f"validation .npz has unexpected keys {sorted(unexpected)}; use inputs/<name>")
+    feeds: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        arr = arrays.get(f"inputs/{spec.name}")
+        if arr is None:
+            raise Invalid(f"validation .npz lacks inputs/{spec.name}")
+        if arr.dtype != np.dtype(spec.dtype):
+            raise Invalid(f"validation input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
+        if arr.ndim != len(spec.shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(spec.shape, arr.shape, strict=True)
+        ):
+            raise Invalid(
+                f"validation input {spec.name!r} has shape {list(arr.shape)}, expected {spec.shape}"
+            )
+        feeds[spec.name] = arr
+    expected = {k.removeprefix("outputs/"): v for k, v in arrays.items() if k.startswith("outputs/")}
+    return feeds, expected
+
+
+def run_validation(
+    model: LoadedModel,
+    feeds: dict[str, np.ndarray],
+    spec: ValidationSpec,
+    expected: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run the model on ``feeds``; outputs by name. Checks finiteness and any expected outputs."""
+    try:
+        values = model.session.run(None, feeds)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise Invalid(f"the model fails on its validation inputs: {first}") from None
+    outputs = {o.name: np.asarray(v) for o, v in zip(model.outputs, values, strict=True)}
+    for name, arr in outputs.items():
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise Invalid(f"output {name!r} is not finite on the validation inputs")
+    for name, want in (expected or {}).items():
+        if name not in outputs:
+            raise Invalid(f"validation .npz has outputs/{name}, but the model has no output {name!r}")
+        got = outputs[name]
+        same_shape = got.shape == want.shape
+        if not same_shape or not np.allclose(got, want, rtol=spec.rtol, atol=spec.atol):
+            raise Invalid(
+                f"output {name!r} differs from the uploaded outputs/{name} beyond rtol={spec.rtol}, "
+                f"atol={spec.atol}"
+            )
+    return outputs
+
+
+def write_validation(path: Path, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    arrays = {f"inputs/{k}": v for k, v in feeds.items()} | {f"outputs/{k}": v for k, v in outputs.items()}
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def parse_metadata(text: str | None) -> VersionMetadata:
+    if not text:
+        return VersionMetadata()
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise Invalid(f"metadata is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise Invalid("metadata must be a JSON object")
+    try:
+        return VersionMetadata.model_validate(raw)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'metadata'}: {e['msg']}" for e in exc.errors()
+        )
+        raise Invalid(f"invalid metadata: {errors}") from None
+
+
+# -- the service -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PushUpload:
+    """A parsed push request: form fields plus the uploaded files, in ``work_dir``."""
+
+    version: str
+    variant: str
+    metadata: str | None
+    model_file: Path
+    validation_file: Path | None
+    work_dir: Path
+
+
+def version_out(v: ModelVersion) -> VersionOut:
+    return VersionOut(
+        model=v.model.name,
+        version=v.version,
+        release=v.release,
+        status=v.status,
+        created_at=v.created_at,
+        created_by=v.created_by,
+        revoked_at=v.revoked_at,
+        variants=[ArtifactOut.model_validate(a) for a in sorted(v.artifacts, key=lambda a: a.variant)],
+    )
+
+
+class CatalogService:
+    def __init__(self, session: Session, ctx: ServerContext) -> None:
+        self.session = session
+        self.ctx = ctx
+        self.catalog = CatalogRepository(session)
+
+    # -- reads -------------------------------------------------------------------------------
+    def _model(self, name: str) -> CatalogModel:
+        model = self.catalog.get_model(name)
+        if model is None:
+            raise NotFound(f"no model {name!r}")
+        return model
+
+    def _summary(self, m: CatalogModel, count: int, latest: ModelVersion | None) -> ModelSummary:
+        return ModelSummary(
+            name=m.name,
+            created_at=m.created_at,
+            last_release=m.last_release,
+            version_count=count,
+            latest_version=latest.version if latest else None,
+            latest_release=latest.release if latest else None,
+        )
+
+    def list_models(self) -> list[ModelSummary]:
+        counts = self.catalog.version_counts()
+        latest = self.catalog.latest_active()
+        return [self._summary(m, counts.get(m.id, 0), latest.get(m.id)) for m in self.catalog.list_models()]
+
+    def get_model(self, name: str) -> ModelOut:
+        model = self._model(name)
+        versions = self.catalog.list_versions(model.id)
+        active = [v for v in versions if v.status == VersionStatus.active]
+        summary = self._summary(model, len(versions), active[0] if active else None)
+        return ModelOut(**summary.model_dump(), versions=[version_out(v) for v in versions])
+
+    def list_versions(self, name: str) -> list[VersionOut]:
+        return [version_out(v) for v in self.catalog.list_versions(self._model(name).id)]
+
+    def get_version_row(self, name: str, version: str) -> ModelVersion:
+        row = self.catalog.get_version(self._model(name).id, version)
+        if row is None:
+            raise NotFound(f"model {name!r} has no version {version!r}")
+        return row
+
+    def get_version(self, name: str, version: str) -> VersionOut:
+        return version_out(self.get_version_row(name, version))
+
+    # -- push --------------------------------------------------------------------------------
+    def push(self, name: str, upload: PushUpload, by: Principal) -> VersionOut:
+        """Validate, bundle and publish one variant of one version (see the module docstring)."""
+        check_model_name(name)
+        version = check_version(upload.version)
+        variant = check_variant(upload.variant)
+        meta = parse_metadata(upload.metadata)
+
+        model = load_onnx(upload.model_file)
+        if upload.validation_file is not None:
+            feeds, expected = read_validation_inputs(upload.validation_file, model.inputs)
+        else:
+            feeds, expected = generate_inputs(model.inputs), {}
+        outputs = run_validation(model, feeds, meta.validation, expected)
+        validation_file = upload.work_dir / VALIDATION_MEMBER
+        write_validation(validation_file, feeds, outputs)
+
+        row = self.catalog.get_or_create_model_locked(name)
+        existing = self.catalog.get_version(row.id, version)
+        if existing is not None and existing.status == VersionStatus.revoked:
+            raise Conflict(f"{name} {version} was revoked; push a new version number")
+        if existing is not None and any(a.variant == variant for a in existing.artifacts):
+            raise Conflict(f"{name} {version} already has a {variant!r} variant")
+        if existing is None:
+            release = row.last_release + 1
+            row.last_release = release
+            version_row = ModelVersion(model=row, version=version, release=release, created_by=by.actor)
+        else:
+            version_row = existing
+        path = target_path(name, version, variant)
+
+        bundle = upload.work_dir / "bundle.tar"
+        build_bundle(
+            bundle,
+            {
+                "name": name,
+                "version": version,
+                "release": version_row.release,
+                "variant": variant,
+                "inputs": model.inputs,
+                "outputs": model.outputs,
+                "preprocessing": meta.preprocessing,
+                "validation": meta.validation,
+                "created_at": utcnow(),
+            },
+            {MODEL_MEMBER: upload.model_file, VALIDATION_MEMBER: validation_file},
+        )
+        length, sha256 = file_sha256(bundle)
+        constraints = meta.constraints.to_dict()
+        artifact = ModelArtifact(
+            version=version_row,
+            variant=variant,
+            target_path=path,
+            length=length,
+            sha256=sha256,
+            inputs=[s.model_dump() for s in model.inputs],
+            outputs=[s.model_dump() for s in model.outputs],
+            constraints=constraints,
+        )
+        self.session.add(version_row)
+        self.session.add(artifact)
+        try:
+            self.session.flush()
+        except sa.exc.IntegrityError:
+            raise Conflict(f"{name} {version} ({variant}) was pushed concurrently") from None
+        audit(
+            self.session,
+            by,
+            "model.push",
+            "model_version",
+            f"{name}@{version}",
+            {
+                "release": version_row.release,
+                "variant": variant,
+                "target": path,
+                "length": length,
+                "sha256": sha256,
+                "description": meta.description,
+            },
+        )
+        self.session.flush()
+
+        custom = {
+            "model": name,
+            "version": version,
+            "release": version_row.release,
+            "variant": variant,
+            "constraints": constraints,
+        }
+        # the database rows hold the uniqueness of this path; a listed target here can only be an
+        # orphan of a failed compensation, so it is replaced
+        info = self.ctx.repo.add_target(path, bundle, custom, replace=True)
+        on_rollback(self.session, lambda: self._unpublish(path))
+        if info.length != length or info.hashes.get("sha256") != sha256:  # pragma: no cover - paranoia
+            raise RuntimeError(f"published {path} does not match the bundle just built")
+        log.info("pushed %s %s (%s) as release %d", name, version, variant, version_row.release)
+        return version_out(version_row)
+
+    def _unpublish(self, path: str) -> None:
+        """Compensation of a publish whose transaction did not commit."""
+        try:
+            self.ctx.repo.remove_target(path)
+            log.warning("un-published %s: its transaction rolled back", path)
+        except Exception:
+            log.exception("could not un-publish %s after a rollback; revoke it by hand", path)
+
+    # -- revoke ------------------------------------------------------------------------------
+    def revoke(self, name: str, version: str, by: Principal) -> VersionOut:
+        """Revoke a version: status ``revoked`` and every target out of the signed metadata."""
+        model = self.catalog.get_model_locked(name)  # serialises with pushes of this model
+        if model is None:
+            raise NotFound(f"no model {name!r}")
+        row = self.catalog.get_version(model.id, version)
+        if row is None:
+            raise NotFound(f"model {name!r} has no version {version!r}")
+        if row.status == VersionStatus.revoked:
+            return version_out(row)
+        row.status = VersionStatus.revoked
+        row.revoked_at = utcnow()
+        self.session.flush()
+        audit(
+            self.session,
+            by,
+            "model.revoke",
+            "model_version",
+            f"{name}@{version}",
+            {"release": row.release, "targets": [a.target_path for a in row.artifacts]},
+        )
+        self.session.flush()
+        repo = self.ctx.repo
+        removed: list[TargetFile] = []
+        try:
+            for artifact in row.artifacts:
+                info = repo.remove_target(artifact.target_path, delete_file=False)
+                if info is not None:
+                    removed.append(info)
+        finally:
+            # registered even if a removal failed half-way, so the ones done are restored
+            on_rollback(self.session, lambda: self._restore(removed))
+            after_commit(self.session, lambda: self._purge(removed))
+        return version_out(row)
+
+    def _restore(self, removed: list[TargetFile]) -> None:
+        for info in removed:
+            try:
+                self.ctx.repo.restore_target(info)
+                log.warning("re-listed %s: its revocation rolled back", info.path)
+            except Exception:
+                log.exception("could not re-list %s after a failed revocation", info.path)
+
+    def _purge(self, removed: list[TargetFile]) -> None:
+        for info in removed:
+            try:
+                self.ctx.repo.purge_target_file(info)
+            except Exception:
+                log.exception("could not delete the file of revoked target %s", info.path)
