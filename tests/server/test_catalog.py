@@ -440,3 +440,34 @@ def test_failed_revocation_relists_the_targets(app_client, operator_headers, ctx
         app_client.get("/api/v1/models/resnet/versions/1.0.0", headers=operator_headers).json()["status"]
         == "active"
     )
+
+
+def test_concurrent_pushes_get_distinct_releases(ctx, onnx_model, tmp_path):
+    """Pushes of one model from several threads: the row lock hands out releases one at a time."""
+    import threading
+
+    model = onnx_model()
+    uploads = [_upload(ctx, tmp_path, model, f"1.{i}.0") for i in range(4)]
+    results: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def run(upload: PushUpload) -> None:
+        try:
+            with ctx.db.session_scope() as session:
+                results[upload.version] = (
+                    CatalogService(session, ctx).push("busy", upload, CLI_PRINCIPAL).release
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(u,)) for u in uploads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(results.values()) == [1, 2, 3, 4]
+    listed = ctx.repo.list_targets()
+    assert {t.custom["version"]: t.custom["release"] for t in listed.values()} == results
+    with ctx.db.session_scope() as s:
+        assert s.query(CatalogModel).one().last_release == 4

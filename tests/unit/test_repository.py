@@ -334,3 +334,20 @@ def test_remove_keep_file_then_restore_or_purge(repo: ImageRepository, tmp_path:
     assert not stored.exists()
     with pytest.raises(RepositoryError):
         repo.restore_target(info)
+
+
+def test_leftovers_of_a_crashed_publish_are_harmless(
+    repo: ImageRepository, tmp_path: Path, clock: Clock
+) -> None:
+    """A crash after writing N+1.targets.json (but before the timestamp) leaves an unreferenced
+    file; readers never see it and the next publish overwrites it."""
+    clock.now = datetime.now(UTC).replace(microsecond=0)
+    (repo.metadata_dir / "2.targets.json").write_text("{half written")
+    (repo.metadata_dir / "2.snapshot.json").write_text("{")
+    assert repo.list_targets() == {}
+    assert repo.versions()["targets"] == 1
+    repo.add_target("m/1.0.0/default/bundle.tar", bundle(tmp_path, "a", b"aaa"), CUSTOM)
+    assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 2}
+    up = updater_for(repo, tmp_path)
+    up.refresh()
+    assert up.get_targetinfo("m/1.0.0/default/bundle.tar") is not None
