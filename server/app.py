@@ -11,12 +11,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 
 from server.config import Settings
 from server.context import ServerContext
 from server.http.errors import install_error_handlers
 from server.http.routers import admin, catalog, devices, tuf
+from server.mqtt.runtime import MqttRuntime
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await asyncio.to_thread(ServerContext.open, settings)
         app.state.ctx = ctx
+        app.state.mqtt = MqttRuntime.start(ctx) if settings.mqtt_enabled else None
         # keep a strong reference: the event loop holds tasks only weakly
         app.state.tasks = {asyncio.create_task(_refresh_metadata_forever(ctx), name="tuf-refresh")}
         try:
@@ -49,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in app.state.tasks:
                 task.cancel()
             await asyncio.gather(*app.state.tasks, return_exceptions=True)
+            if app.state.mqtt is not None:
+                await asyncio.to_thread(app.state.mqtt.stop)
             ctx.close()
 
     app = FastAPI(
@@ -64,5 +69,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
+    def metrics(request: Request) -> str:
+        """Prometheus text format: MQTT messages received, rejected (by kind and reason), published."""
+        return request.app.state.ctx.metrics.render()
 
     return app

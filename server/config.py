@@ -38,6 +38,20 @@ class Settings(BaseSettings):
     #: host name devices use for the broker; defaults to the host of ``mqtt_url`` or ``host``
     mqtt_public_host: str = ""
     mosquitto_bin: str = "mosquitto"
+    #: connect the MQTT bridge (consume reports/health/presence, publish desired states)
+    mqtt_enabled: bool = True
+    #: the server's MQTT client identity; default: the files `fleet broker config` wrote in broker_dir
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    #: batch size and maximum delay of the ingest writer
+    ingest_batch_max: int = Field(default=2000, ge=1)
+    ingest_batch_delay_s: float = Field(default=0.2, gt=0)
+
+    #: lifetime of a signed DesiredState; re-signed when a device returns and it expires within
+    #: ``desired_resign_before_s``
+    desired_ttl_s: int = Field(default=7 * 86400, ge=60)
+    desired_resign_before_s: int = Field(default=86400, ge=0)
 
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     enroll_token_ttl_s: int = Field(default=7 * 86400, ge=60)
@@ -63,6 +77,9 @@ class Settings(BaseSettings):
             self.repo_dir = data / "repository"
         if self.broker_dir == Path():
             self.broker_dir = data / "broker"
+        self.mqtt_ca_file = self.mqtt_ca_file or self.broker_dir / "ca.crt"
+        self.mqtt_cert_file = self.mqtt_cert_file or self.broker_dir / "fleet_server.crt"
+        self.mqtt_key_file = self.mqtt_key_file or self.broker_dir / "fleet_server.key"
         if not self.public_url:
             self.public_url = f"http://{self.host}:{self.port}"
         self.public_url = self.public_url.rstrip("/")
@@ -80,6 +97,15 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+    def mqtt_connect_endpoint(self) -> tuple[str, int]:
+        """(host, port) the server itself connects to."""
+        from urllib.parse import urlsplit
+
+        if self.mqtt_url:
+            parts = urlsplit(self.mqtt_url)
+            return parts.hostname or "127.0.0.1", parts.port or 8883
+        return ("127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host), self.mqtt_port  # noqa: S104
 
     def mqtt_endpoint(self) -> tuple[str, int]:
         """(host, port) devices connect to."""

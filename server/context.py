@@ -6,10 +6,11 @@ Built once in the app lifespan (or by a CLI command); never a module global.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.config import Settings
 from server.db import Database
+from server.metrics import Metrics
 from server.migrate import upgrade_head
 from server.trust.director import Director
 from server.trust.pki import FleetCA
@@ -25,6 +26,7 @@ class ServerContext:
     ca: FleetCA
     director: Director
     repo: ImageRepository
+    metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> ServerContext:

@@ -32,6 +32,9 @@ TABLE_MODULES = (
     "server.admin.tables",
     "server.devices.tables",
     "server.catalog.tables",
+    "server.rollouts.tables",
+    "server.health.tables",
+    "server.mqtt.tables",
 )
 
 
@@ -113,6 +116,9 @@ def _run_hooks(session: Session, key: str) -> None:
         fn()
 
 
+OUTBOX_DIRTY = "fleet_outbox_dirty"
+
+
 class Database:
     """Engine plus session factory; the only place sessions are committed."""
 
@@ -120,6 +126,8 @@ class Database:
         self.url = url
         self.engine = create_db_engine(url)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        #: called after a commit that wrote outbox rows (the MQTT outbox publisher's kick)
+        self.outbox_listener: Callable[[], None] | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -138,7 +146,10 @@ class Database:
             _run_hooks(session, _ON_ROLLBACK)
             raise
         else:
+            dirty = session.info.pop(OUTBOX_DIRTY, False)
             _run_hooks(session, _AFTER_COMMIT)
+            if dirty and self.outbox_listener is not None:
+                self.outbox_listener()
         finally:
             session.close()
 

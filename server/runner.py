@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
+
+if TYPE_CHECKING:
+    from server.mqtt.broker import MosquittoProcess
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +35,29 @@ def check_bind(settings: Settings) -> None:
         )
 
 
+def start_embedded_broker(settings: Settings) -> MosquittoProcess:
+    """Generate the broker config from the fleet CA in ``key_dir`` (created on first use) and start
+    Mosquitto on ``mqtt_port`` as a child process."""
+    from server.mqtt.broker import MosquittoProcess, write_broker_config
+    from server.trust.pki import FleetCA
+
+    settings.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = write_broker_config(
+        FleetCA(settings.key_dir), settings.broker_dir, port=settings.mqtt_port, bind=settings.host
+    )
+    broker = MosquittoProcess(files, settings.mosquitto_bin).start()
+    log.info("embedded Mosquitto listening on %s:%d (mTLS)", settings.host, settings.mqtt_port)
+    return broker
+
+
 def run_server(overrides: dict[str, Any] | None = None) -> None:
     import uvicorn
 
     from server.app import create_app
-    from server.mqtt.broker import MosquittoProcess, write_broker_config
-    from server.trust.pki import FleetCA
 
     settings = Settings(**(overrides or {}))
     check_bind(settings)
-    broker = None
-    if settings.embedded_broker:
-        files = write_broker_config(
-            FleetCA(settings.key_dir), settings.broker_dir, port=settings.mqtt_port, bind=settings.host
-        )
-        broker = MosquittoProcess(files, settings.mosquitto_bin).start()
-        log.info("embedded Mosquitto listening on %s:%d (mTLS)", settings.host, settings.mqtt_port)
+    broker = start_embedded_broker(settings) if settings.embedded_broker and settings.mqtt_enabled else None
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     finally:

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.helpers.onnx_models import make_model
+from tests.helpers.tokens import create_admin_token
 
 pytest_plugins = ["tests.helpers.mosquitto"]
 
@@ -59,6 +60,7 @@ def settings(database_url: str, tmp_path: Path):
         public_url="http://testserver",
         max_upload_bytes=4 * 1024 * 1024,
         metadata_refresh_interval_s=3600,
+        mqtt_enabled=False,
     )
 
 
@@ -81,14 +83,7 @@ def ctx(app_client):
 @pytest.fixture
 def make_token(ctx) -> Callable[[str], str]:
     """Create an admin token of the given role directly in the database; return the bearer."""
-    from server.admin.service import CLI_PRINCIPAL, AdminService
-    from server.admin.tables import Role
-
-    def make(role: str = "admin") -> str:
-        with ctx.db.session_scope() as session:
-            return AdminService(session).create_token(f"test-{role}", Role(role), CLI_PRINCIPAL).token
-
-    return make
+    return lambda role="admin": create_admin_token(ctx, role)
 
 
 @pytest.fixture

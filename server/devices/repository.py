@@ -8,7 +8,14 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from server.devices.tables import Device, DeviceStatus, DeviceTag, EnrollmentToken, RevokedCertificate
+from server.devices.tables import (
+    Device,
+    DeviceEvent,
+    DeviceStatus,
+    DeviceTag,
+    EnrollmentToken,
+    RevokedCertificate,
+)
 
 
 class DeviceRepository:
@@ -49,6 +56,15 @@ class DeviceRepository:
                     DeviceTag.device_id == Device.id, DeviceTag.key == key, DeviceTag.value == value
                 )
             )
+        return self.session.scalars(q).all()
+
+    def events(self, device_id: str, limit: int) -> Sequence[DeviceEvent]:
+        q = (
+            sa.select(DeviceEvent)
+            .where(DeviceEvent.device_id == device_id)
+            .order_by(DeviceEvent.seq.desc())
+            .limit(limit)
+        )
         return self.session.scalars(q).all()
 
 

@@ -9,15 +9,20 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from device_client.protocol.enrollment import EnrollRequest, EnrollResponse, MqttEndpoint
+from device_client.protocol.messages import DeploymentPhase, Probation, ServeMode
 from device_client.protocol.topics import is_valid_device_id
 from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.db import after_commit, utcnow
 from server.devices.repository import DeviceRepository, EnrollmentTokenRepository, RevocationRepository
 from server.devices.schemas import (
+    DesiredAssign,
+    DesiredOut,
+    DeviceEventOut,
     DeviceOut,
     DevicePage,
     EnrollTokenCreate,
@@ -249,6 +254,60 @@ class DeviceService:
         if revoked is None:
             revoked = RevocationRepository(self.session).all()
         self.ctx.ca.write_crl(self.ctx.settings.broker_dir / CRL_FILE, revoked)
+
+    def assign_desired(self, device_id: str, body: DesiredAssign, by: Principal) -> DesiredOut:
+        """Sign and publish a DesiredState pinning one device to a version (direct deployment)."""
+        from server.rollouts.desired import DesiredStateService
+        from server.rollouts.repository import DeploymentRepository
+        from server.rollouts.tables import Deployment
+
+        device = self.get(device_id)
+        try:
+            probation = Probation.model_validate(body.probation)
+        except ValidationError as exc:
+            raise Invalid(f"invalid probation: {exc.errors()[0]['msg']}") from None
+        previous = (device.serving or {}).get(body.model)
+        record = DesiredStateService(self.session, self.ctx).assign(
+            device,
+            body.model,
+            body.version,
+            variant=body.variant,
+            mode=ServeMode(body.mode),
+            probation=probation,
+        )
+        DeploymentRepository(self.session).add(
+            Deployment(
+                device_id=device.id,
+                model=body.model,
+                version=body.version,
+                previous_version=previous,
+                phase=DeploymentPhase.notified,
+                desired_seq=record.seq,
+                notified_at=utcnow(),
+            )
+        )
+        audit(
+            self.session,
+            by,
+            "device.assign",
+            "device",
+            device_id,
+            {"model": body.model, "version": body.version, "seq": record.seq},
+        )
+        return DesiredOut.model_validate(record)
+
+    def get_desired(self, device_id: str) -> DesiredOut:
+        from server.rollouts.repository import DesiredRepository
+
+        self.get(device_id)
+        record = DesiredRepository(self.session).get(device_id)
+        if record is None:
+            raise NotFound(f"device {device_id!r} has no desired state")
+        return DesiredOut.model_validate(record)
+
+    def events(self, device_id: str, limit: int) -> list[DeviceEventOut]:
+        self.get(device_id)
+        return [DeviceEventOut.model_validate(e) for e in self.devices.events(device_id, limit)]
 
     def authenticate_device(self, bearer: str) -> Device:
         parsed = parse_token(bearer, DEVICE_PREFIX)

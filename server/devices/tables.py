@@ -36,6 +36,12 @@ class Device(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     decommissioned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: what the device reports it serves (from presence and reports)
+    serving: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+    #: highest report seq processed (reports are deduplicated by device-monotonic seq)
+    last_report_seq: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    #: seq of the last DesiredState signed for this device; strictly increasing
+    desired_seq: Mapped[int] = mapped_column(sa.Integer, default=0)
 
     tags: Mapped[list[DeviceTag]] = relationship(
         back_populates="device", cascade="all, delete-orphan", lazy="selectin", order_by="DeviceTag.key"
@@ -78,3 +84,23 @@ class RevokedCertificate(Base):
     serial: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
     device_id: Mapped[str] = mapped_column(sa.String(63), index=True)
     revoked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeviceEvent(Base):
+    """The log of a device's reports (phase changes), deduplicated by (device_id, seq)."""
+
+    __tablename__ = "device_events"
+    __table_args__ = (sa.UniqueConstraint("device_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(sa.ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    phase: Mapped[str] = mapped_column(sa.String(16))
+    rollout_id: Mapped[str | None] = mapped_column(sa.String(16))
+    desired_seq: Mapped[int | None] = mapped_column(sa.Integer)
+    model: Mapped[str | None] = mapped_column(sa.String(64))
+    version: Mapped[str | None] = mapped_column(sa.String(64))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

@@ -10,6 +10,9 @@ from device_client.protocol.enrollment import EnrollRequest, EnrollResponse
 from server.admin.schemas import Principal
 from server.devices.repository import RevocationRepository
 from server.devices.schemas import (
+    DesiredAssign,
+    DesiredOut,
+    DeviceEventOut,
     DeviceOut,
     DevicePage,
     EnrollTokenCreate,
@@ -94,6 +97,37 @@ def decommission(
     device_id: str, request: Request, session: Session = SessionDep, who: Principal = Admin
 ) -> DeviceOut:
     return _service(request, session).decommission(device_id, who)
+
+
+@router.put("/devices/{device_id}/desired")
+def assign_desired(
+    device_id: str,
+    body: DesiredAssign,
+    request: Request,
+    session: Session = SessionDep,
+    who: Principal = Operator,
+) -> DesiredOut:
+    """Pin a device to a model version: signs a DesiredState and publishes it (retained, QoS 1)."""
+    return _service(request, session).assign_desired(device_id, body, who)
+
+
+@router.get("/devices/{device_id}/desired")
+def get_desired(
+    device_id: str, request: Request, session: Session = SessionDep, _: Principal = Viewer
+) -> DesiredOut:
+    return _service(request, session).get_desired(device_id)
+
+
+@router.get("/devices/{device_id}/events")
+def device_events(
+    device_id: str,
+    request: Request,
+    limit: int = Query(default=100, ge=1, le=1000),
+    session: Session = SessionDep,
+    _: Principal = Viewer,
+) -> list[DeviceEventOut]:
+    """The device's reports (deployment phase changes), newest first."""
+    return _service(request, session).events(device_id, limit)
 
 
 @router.get("/pki/ca.pem", response_class=PlainTextResponse)

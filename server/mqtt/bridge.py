@@ -1,0 +1,124 @@
+"""The server's MQTT link (paho-mqtt 2.x): mTLS client, shared subscriptions, per-topic callbacks.
+
+It subscribes in ``on_connect`` (so every reconnect re-subscribes) to
+``$share/fleet-server/fleet/v1/d/+/{report,health,presence}``, so several server replicas split
+the device traffic. The session is persistent (MQTT 5 ``clean_start=False`` with a session expiry)
+so QoS 1 messages that arrive while this replica restarts are delivered when it returns.
+Incoming messages are handed to a callback without any parsing: the ingest worker does that.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_client.protocol.topics import DEVICE_TO_SERVER, PREFIX, server_subscriptions
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[[str, bytes, datetime], None]
+
+
+class MqttLink:
+    def __init__(
+        self, settings: Settings, on_message: OnMessage, *, client_id: str | None = None, shared: bool = True
+    ) -> None:
+        self.settings = settings
+        self.on_message = on_message
+        self.shared = shared
+        self.client_id = client_id or f"fleet-server-{socket.gethostname()}-{settings.port}"
+        self._connected = threading.Event()
+        self.subscribed = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        c.tls_set(
+            ca_certs=str(settings.mqtt_ca_file),
+            certfile=str(settings.mqtt_cert_file),
+            keyfile=str(settings.mqtt_key_file),
+        )
+        c.max_inflight_messages_set(200)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=15)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        for kind in DEVICE_TO_SERVER:
+            c.message_callback_add(f"{PREFIX}/+/{kind.value}", self._on_device_message)
+        self.client = c
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        host, port = self.settings.mqtt_connect_endpoint()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect_async(host, port, keepalive=30, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout) and self.subscribed.wait(timeout)
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> mqtt.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise RuntimeError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        return info
+
+    # -- paho callbacks (network thread) -----------------------------------------------------------
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: mqtt.ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT connect refused: %s", reason_code)
+            return
+        log.info("MQTT connected as %s (session present: %s)", self.client_id, flags.session_present)
+        self._connected.set()
+        client.subscribe([(f, 1) for f in server_subscriptions(self.shared)])
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[mqtt.ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("MQTT subscription refused: %s", failed)
+        else:
+            self.subscribed.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: mqtt.ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        self.subscribed.clear()
+        log.warning("MQTT disconnected: %s", reason_code)
+
+    def _on_device_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self.on_message(msg.topic, msg.payload, datetime.now(UTC))

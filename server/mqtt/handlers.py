@@ -1,0 +1,307 @@
+"""Ingest of device messages: parse, validate, deduplicate, and write in batches.
+
+The paho thread only enqueues raw messages. :class:`IngestWorker` drains the queue in batches
+(up to ``ingest_batch_max`` messages or ``ingest_batch_delay_s``) and writes each batch in ONE
+transaction: presence coalesced per device, reports deduplicated by the device-monotonic ``seq``
+and applied to deployments through the pure deployment state machine, health windows inserted with
+``ON CONFLICT DO NOTHING``. Every rejection (bad topic, bad JSON, wrong schema, device id mismatch,
+unknown or decommissioned device, stale report) is counted in ``fleet_mqtt_rejected_total`` and
+logged; nothing here can take the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from device_client.protocol import (
+    HealthWindow,
+    InvalidPayload,
+    InvalidTopic,
+    Presence,
+    Report,
+    TopicKind,
+    parse_payload,
+    parse_topic,
+)
+from server.db import utcnow
+from server.devices.tables import Device, DeviceEvent, DeviceStatus
+from server.health.tables import HealthSample
+from server.metrics import Metrics
+from server.rollouts.desired import DesiredStateService
+from server.rollouts.machine import IllegalTransition, deployment_transition
+from server.rollouts.repository import DeploymentRepository
+
+if TYPE_CHECKING:
+    from server.context import ServerContext
+
+log = logging.getLogger(__name__)
+
+REJECTED = "fleet_mqtt_rejected_total"
+RECEIVED = "fleet_mqtt_received_total"
+_MODELS = {TopicKind.report: Report, TopicKind.health: HealthWindow, TopicKind.presence: Presence}
+
+
+@dataclass
+class Batch:
+    presence: list[Presence]
+    reports: list[Report]
+    health: list[HealthWindow]
+
+
+def insert_ignore(
+    session: Session, table: sa.Table, rows: Sequence[dict[str, object]], keys: list[str]
+) -> None:
+    """Multi-row INSERT that skips rows violating the unique ``keys`` (PostgreSQL and SQLite)."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    session.execute(ins.on_conflict_do_nothing(index_elements=keys), list(rows))
+
+
+class IngestWorker:
+    def __init__(
+        self, ctx: ServerContext, metrics: Metrics, on_batch: Callable[[Batch], None] | None = None
+    ) -> None:
+        self.ctx = ctx
+        self.metrics = metrics
+        self.queue: queue.Queue[tuple[str, bytes, datetime]] = queue.Queue()
+        self.batch_max = ctx.settings.ingest_batch_max
+        self.batch_delay = ctx.settings.ingest_batch_delay_s
+        self.on_batch = on_batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def submit(self, topic: str, payload: bytes, received_at: datetime) -> None:
+        self._idle.clear()
+        self.queue.put((topic, payload, received_at))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything submitted so far has been written (for tests and shutdown)."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.queue.empty():
+                    self._idle.set()
+                continue
+            items = [first]
+            deadline = time.monotonic() + self.batch_delay
+            while len(items) < self.batch_max:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(self.queue.get(timeout=remaining))
+                except queue.Empty:
+                    break
+            self.process(items)
+            if self.queue.empty():
+                self._idle.set()
+
+    def reject(self, kind: str, reason: str, detail: str) -> None:
+        self.metrics.inc(REJECTED, kind=kind, reason=reason, help="device messages rejected")
+        log.warning("rejected %s message: %s: %s", kind, reason, detail)
+
+    # -- parsing -------------------------------------------------------------------------------
+    def parse(self, items: Sequence[tuple[str, bytes, datetime]]) -> Batch:
+        batch = Batch([], [], [])
+        for topic, payload, _ in items:
+            try:
+                device_id, kind = parse_topic(topic)
+            except InvalidTopic as exc:
+                self.reject("unknown", exc.code, str(exc))
+                continue
+            self.metrics.inc(RECEIVED, kind=kind.value, help="device messages received")
+            if kind not in _MODELS:
+                self.reject(kind.value, "unexpected_topic", topic)
+                continue
+            try:
+                msg = parse_payload(payload, _MODELS[kind])
+            except InvalidPayload as exc:
+                self.reject(kind.value, exc.code, str(exc))
+                continue
+            if msg.device_id != device_id:  # type: ignore[attr-defined]
+                self.reject(kind.value, "device_mismatch", f"{msg.device_id} on {topic}")  # type: ignore[attr-defined]
+                continue
+            getattr(
+                batch, {"report": "reports", "health": "health", "presence": "presence"}[kind.value]
+            ).append(msg)
+        return batch
+
+    def process(self, items: Sequence[tuple[str, bytes, datetime]]) -> None:
+        batch = self.parse(items)
+        if not (batch.presence or batch.reports or batch.health):
+            return
+        for attempt in range(6):
+            try:
+                with self.ctx.db.session_scope() as session:
+                    self.write(session, batch)
+                break
+            except OperationalError as exc:  # connection dropped, database locked: retry the batch
+                if attempt == 5:
+                    self.reject("batch", "db_error", str(exc).splitlines()[0])
+                    return
+                log.warning("ingest write failed (%s); retrying", str(exc).splitlines()[0])
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+            except Exception:
+                log.exception("ingest batch failed; dropped %d messages", len(items))
+                self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
+                return
+        if self.on_batch is not None:
+            self.on_batch(batch)
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, session: Session, batch: Batch) -> None:
+        ids = {m.device_id for m in (*batch.presence, *batch.reports, *batch.health)}
+        devices = {d.id: d for d in session.scalars(sa.select(Device).where(Device.id.in_(ids)))}
+
+        def known(kind: str, device_id: str) -> Device | None:
+            device = devices.get(device_id)
+            if device is None or device.status == DeviceStatus.decommissioned:
+                self.reject(kind, "unknown_device", device_id)
+                return None
+            return device
+
+        came_online: list[Device] = []
+        latest_presence: dict[str, Presence] = {}
+        for p in batch.presence:
+            latest_presence[p.device_id] = p  # coalesce: the last one in the batch wins
+        for p in latest_presence.values():
+            device = known("presence", p.device_id)
+            if device is None:
+                continue
+            was_online = device.status == DeviceStatus.online
+            device.status = DeviceStatus.online if p.status == "online" else DeviceStatus.offline
+            device.last_seen_at = p.at or utcnow()
+            if p.serving:
+                device.serving = dict(p.serving)
+            if p.hardware is not None:
+                device.hardware = p.hardware.model_dump(mode="json")
+            if p.status == "online" and not was_online:
+                came_online.append(device)
+
+        self._write_reports(session, batch.reports, known)
+
+        health_rows = []
+        for h in batch.health:
+            if known("health", h.device_id) is None:
+                continue
+            health_rows.append(
+                {
+                    "device_id": h.device_id,
+                    "seq": h.seq,
+                    "at": h.at,
+                    "window_s": h.window_s,
+                    "model": h.model,
+                    "version": h.version,
+                    "mode": h.mode.value,
+                    "requests": h.requests,
+                    "errors": h.errors,
+                    "p50_ms": h.p50_ms,
+                    "p95_ms": h.p95_ms,
+                    "p99_ms": h.p99_ms,
+                    "shadow_requests": h.shadow_requests,
+                    "agreement": h.agreement,
+                    "shadow_p95_ms": h.shadow_p95_ms,
+                }
+            )
+        insert_ignore(session, HealthSample.__table__, health_rows, ["device_id", "seq"])  # type: ignore[arg-type]
+
+        if came_online:
+            resigned = DesiredStateService(session, self.ctx).resign_expiring(came_online)
+            if resigned:
+                log.info("re-signed %d expiring desired states for returning devices", resigned)
+
+    def _write_reports(
+        self, session: Session, reports: list[Report], known: Callable[[str, str], Device | None]
+    ) -> None:
+        per_device: dict[str, list[Report]] = defaultdict(list)
+        for r in reports:
+            per_device[r.device_id].append(r)
+        fresh: list[Report] = []
+        for device_id, items in per_device.items():
+            device = known("report", device_id)
+            if device is None:
+                continue
+            items.sort(key=lambda r: r.seq)
+            for r in items:
+                if r.seq <= device.last_report_seq:
+                    self.metrics.inc(
+                        "fleet_mqtt_duplicates_total", kind="report", help="duplicate device messages ignored"
+                    )
+                    continue
+                device.last_report_seq = r.seq
+                fresh.append(r)
+                if r.serving:
+                    device.serving = dict(r.serving)
+                device.last_seen_at = r.at
+                if device.status != DeviceStatus.online:
+                    device.status = DeviceStatus.online
+        insert_ignore(
+            session,
+            DeviceEvent.__table__,
+            [  # type: ignore[arg-type]
+                {
+                    "device_id": r.device_id,
+                    "seq": r.seq,
+                    "at": r.at,
+                    "received_at": utcnow(),
+                    "phase": r.phase.value,
+                    "rollout_id": r.rollout_id,
+                    "desired_seq": r.desired_seq,
+                    "model": r.model,
+                    "version": r.version,
+                    "reason": r.reason,
+                    "details": r.details,
+                }
+                for r in fresh
+            ],
+            ["device_id", "seq"],
+        )
+        pairs = [(r.device_id, r.desired_seq) for r in fresh if r.desired_seq is not None]
+        deployments = DeploymentRepository(session).for_desired(pairs)  # type: ignore[arg-type]
+        for r in fresh:
+            dep = deployments.get((r.device_id, r.desired_seq or 0))
+            if dep is None or dep.phase == r.phase:
+                continue
+            try:
+                dep.phase = deployment_transition(dep.phase, r.phase)
+            except IllegalTransition as exc:
+                self.metrics.inc(
+                    REJECTED, kind="report", reason="stale_report", help="device messages rejected"
+                )
+                log.info("ignored report for deployment %s: %s", dep.id, exc)
+                continue
+            if r.reason:
+                dep.reason = r.reason
+            if r.details:
+                dep.details = {**(dep.details or {}), **r.details}

@@ -1,0 +1,154 @@
+"""The transactional outbox and its publisher.
+
+A state change that must reach a device (a new signed DesiredState) writes an ``mqtt_outbox`` row
+in the same transaction. After the commit, the publisher is kicked; it publishes pending rows in
+id order, waits for the broker's PUBACK and only then marks them published. A crash between commit
+and publish therefore loses nothing: the rows are still pending when the server comes back (the
+publisher also sweeps on a timer). Several replicas may run publishers: on PostgreSQL each batch
+is claimed with ``FOR UPDATE SKIP LOCKED``; a message published twice is harmless (devices ignore a
+DesiredState whose seq they have already accepted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from server.db import OUTBOX_DIRTY, Database, utcnow
+from server.metrics import Metrics
+from server.mqtt.tables import OutboxMessage
+
+log = logging.getLogger(__name__)
+
+
+def enqueue(
+    session: Session, topic: str, payload: dict[str, Any] | bytes, *, qos: int = 1, retain: bool = False
+) -> None:
+    """Queue an MQTT message in the caller's transaction."""
+    data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+    session.add(OutboxMessage(topic=topic, payload=data, qos=qos, retain=retain))
+    session.info[OUTBOX_DIRTY] = True
+
+
+class OutboxRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def claim_pending(self, limit: int) -> Sequence[OutboxMessage]:
+        q = (
+            sa.select(OutboxMessage)
+            .where(OutboxMessage.published_at.is_(None))
+            .order_by(OutboxMessage.id)
+            .limit(limit)
+        )
+        if self.session.get_bind().dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        return self.session.scalars(q).all()
+
+    def pending_count(self) -> int:
+        q = sa.select(sa.func.count()).select_from(OutboxMessage).where(OutboxMessage.published_at.is_(None))
+        return int(self.session.scalar(q) or 0)
+
+    def prune_published(self, older_than: timedelta) -> int:
+        q = sa.delete(OutboxMessage).where(OutboxMessage.published_at < utcnow() - older_than)
+        return self.session.execute(q).rowcount or 0
+
+
+class Publisher(Protocol):
+    connected: bool
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any: ...
+
+
+class OutboxPublisher:
+    """Publishes outbox rows through ``link`` on a background thread."""
+
+    def __init__(
+        self,
+        db: Database,
+        link: Publisher,
+        metrics: Metrics,
+        *,
+        batch: int = 1000,
+        sweep_s: float = 1.0,
+        ack_timeout_s: float = 10.0,
+    ) -> None:
+        self.db = db
+        self.link = link
+        self.metrics = metrics
+        self.batch = batch
+        self.sweep_s = sweep_s
+        self.ack_timeout_s = ack_timeout_s
+        self._kick = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._flushes = 0
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def start(self) -> None:
+        self.db.outbox_listener = self.kick
+        self._thread = threading.Thread(target=self._run, name="mqtt-outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kick.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.db.outbox_listener == self.kick:
+            self.db.outbox_listener = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._kick.wait(self.sweep_s)
+            self._kick.clear()
+            if self._stop.is_set() or not self.link.connected:
+                continue
+            try:
+                while self.flush() == self.batch and not self._stop.is_set():
+                    pass
+            except Exception:
+                log.exception("outbox flush failed; retrying")
+                self._stop.wait(1.0)
+
+    def flush(self) -> int:
+        """Publish one batch of pending rows; return how many were confirmed by the broker."""
+        done = 0
+        with self.db.session_scope() as session:
+            repo = OutboxRepository(session)
+            rows = repo.claim_pending(self.batch)
+            infos = []
+            for row in rows:
+                try:
+                    infos.append((row, self.link.publish(row.topic, bytes(row.payload), row.qos, row.retain)))
+                except Exception as exc:  # not connected, queue full: retry the rest later
+                    log.warning("outbox publish of %s failed: %s", row.topic, exc)
+                    break
+            now = utcnow()
+            for row, info in infos:
+                row.attempts += 1
+                try:
+                    info.wait_for_publish(self.ack_timeout_s)
+                except (RuntimeError, ValueError):
+                    break
+                if not info.is_published():
+                    break
+                row.published_at = now
+                done += 1
+            self._flushes += 1
+            if self._flushes % 100 == 0:
+                repo.prune_published(timedelta(hours=1))
+        if done:
+            self.metrics.inc(
+                "fleet_mqtt_published_total", done, help="MQTT messages published from the outbox"
+            )
+        return done

@@ -1,0 +1,145 @@
+"""Signing and publishing each device's DesiredState (through the transactional outbox).
+
+A DesiredState is bound to one device: ``seq`` is ``devices.desired_seq + 1`` (strictly
+increasing), it expires after ``desired_ttl_s``, and it names one TUF target (the artifact of the
+version's variant that fits the device). The signed envelope is stored in ``desired_states`` and an
+outbox row (QoS 1, retained, on ``fleet/v1/d/{id}/desired``) is written in the same transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from device_client.protocol.messages import DesiredState, Probation, ServeMode
+from device_client.protocol.topics import TopicKind, device_topic
+from server.catalog.tables import ModelArtifact
+from server.db import utcnow
+from server.devices.tables import Device, DeviceStatus
+from server.errors import Conflict, Invalid, NotFound
+from server.mqtt.outbox import enqueue
+from server.rollouts.repository import CatalogLookup, DesiredRepository
+from server.rollouts.tables import DesiredRecord
+
+if TYPE_CHECKING:
+    from server.context import ServerContext
+
+
+def artifact_fits(artifact: ModelArtifact, device: Device) -> bool:
+    """Whether a variant's hardware constraints admit the device."""
+    c = artifact.constraints or {}
+    hw = device.hardware or {}
+    if c.get("arch") and c["arch"] != device.arch:
+        return False
+    if c.get("min_ram_mb") and int(hw.get("ram_mb", 0)) < int(c["min_ram_mb"]):
+        return False
+    providers = c.get("providers") or []
+    return all(p in (hw.get("execution_providers") or []) for p in providers)
+
+
+def pick_artifact(artifacts: list[ModelArtifact], device: Device, variant: str | None) -> ModelArtifact:
+    """The named variant, or the first constrained variant that fits, or ``default``."""
+    if variant is not None:
+        for a in artifacts:
+            if a.variant == variant:
+                if not artifact_fits(a, device):
+                    raise Invalid(f"variant {variant!r} does not fit device {device.id!r}")
+                return a
+        raise NotFound(f"no variant {variant!r}")
+    fitting = [a for a in artifacts if artifact_fits(a, device)]
+    specific = [a for a in fitting if a.constraints]
+    for candidate in (specific, [a for a in fitting if a.variant == "default"], fitting):
+        if candidate:
+            return candidate[0]
+    raise Invalid(f"no variant of this version fits device {device.id!r} ({device.arch})")
+
+
+class DesiredStateService:
+    def __init__(self, session: Session, ctx: ServerContext) -> None:
+        self.session = session
+        self.ctx = ctx
+        self.records = DesiredRepository(session)
+        self.catalog = CatalogLookup(session)
+
+    def assign(
+        self,
+        device: Device,
+        model: str,
+        version: str,
+        *,
+        variant: str | None = None,
+        mode: ServeMode = ServeMode.serve,
+        probation: Probation | None = None,
+        rollout_id: str | None = None,
+    ) -> DesiredRecord:
+        """Sign a new DesiredState for ``device`` and queue it for publishing."""
+        if device.status == DeviceStatus.decommissioned:
+            raise Conflict(f"device {device.id!r} is decommissioned")
+        mv = self.catalog.active_version(model, version)
+        if mv is None:
+            raise NotFound(f"no active version {version!r} of model {model!r}")
+        artifact = pick_artifact(list(self.catalog.artifacts(mv.id)), device, variant)
+        fields: dict[str, Any] = {
+            "rollout_id": rollout_id,
+            "model": model,
+            "version": version,
+            "release": mv.release,
+            "target": artifact.target_path,
+            "length": artifact.length,
+            "hashes": {"sha256": artifact.sha256},
+            "variant": artifact.variant,
+            "mode": mode,
+            "probation": probation or Probation(),
+        }
+        return self._sign_and_queue(device, fields)
+
+    def resign(self, device: Device, record: DesiredRecord) -> DesiredRecord:
+        """Re-issue the same target with a new seq and expiry (a device back after a long absence)."""
+        fields = {
+            k: v
+            for k, v in record.envelope["signed"].items()
+            if k not in ("schema", "device_id", "seq", "issued_at", "expires_at")
+        }
+        return self._sign_and_queue(device, fields)
+
+    def _sign_and_queue(self, device: Device, fields: dict[str, Any]) -> DesiredRecord:
+        now = utcnow()
+        device.desired_seq += 1
+        desired = DesiredState.build(
+            device_id=device.id,
+            seq=device.desired_seq,
+            issued_at=now,
+            expires_at=now + timedelta(seconds=self.ctx.settings.desired_ttl_s),
+            **fields,
+        )
+        envelope = self.ctx.director.sign(desired)
+        record = self.records.upsert(
+            DesiredRecord(
+                device_id=device.id,
+                seq=desired.seq,
+                rollout_id=desired.rollout_id,
+                model=desired.model,
+                version=desired.version,
+                release=desired.release,
+                variant=desired.variant,
+                mode=desired.mode.value,
+                probation=desired.probation.model_dump(mode="json"),
+                issued_at=desired.issued_at,
+                expires_at=desired.expires_at,
+                envelope=envelope,
+            )
+        )
+        enqueue(self.session, device_topic(device.id, TopicKind.desired), envelope, qos=1, retain=True)
+        return record
+
+    def resign_expiring(self, devices: list[Device]) -> int:
+        """Re-sign the DesiredStates of ``devices`` that expired or expire soon; return how many."""
+        soon = utcnow() + timedelta(seconds=self.ctx.settings.desired_resign_before_s)
+        by_id = {d.id: d for d in devices if d.status != DeviceStatus.decommissioned}
+        count = 0
+        for record in self.records.expiring(list(by_id), soon):
+            self.resign(by_id[record.device_id], record)
+            count += 1
+        return count

@@ -1,0 +1,51 @@
+"""Fixtures for end-to-end tests: a server with its MQTT bridge against a private Mosquitto."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from server.mqtt.broker import free_port
+from tests.helpers.tokens import create_admin_token
+
+
+@pytest.fixture
+def mqtt_settings(settings):
+    """Server settings with the MQTT bridge on and an embedded-style broker on a free port."""
+    return settings.model_copy(
+        update={"mqtt_enabled": True, "mqtt_port": free_port(), "ingest_batch_delay_s": 0.05}
+    )
+
+
+@pytest.fixture
+def broker_process(mqtt_settings) -> Iterator[object]:
+    from server.runner import start_embedded_broker
+
+    broker = start_embedded_broker(mqtt_settings)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def mqtt_app(mqtt_settings, broker_process):
+    """(TestClient, ServerContext, MqttRuntime) with the bridge connected and subscribed."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    with TestClient(create_app(mqtt_settings)) as client:
+        runtime = client.app.state.mqtt
+        assert runtime.link.wait_connected(10), "server did not connect to the broker"
+        yield client, client.app.state.ctx, runtime
+
+
+@pytest.fixture
+def mqtt_ctx(mqtt_app):
+    return mqtt_app[1]
+
+
+@pytest.fixture
+def mqtt_token(mqtt_ctx):
+    """Create an admin token of the given role in the MQTT-enabled server's database."""
+    return lambda role="admin": create_admin_token(mqtt_ctx, role)
