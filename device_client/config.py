@@ -44,6 +44,8 @@ class DeviceSettings(BaseSettings):
     # onnxruntime host (runtime.py)
     intra_op_threads: int = Field(default=1, ge=1)
     warmup_runs: int = Field(default=3, ge=0)
+    #: nice increment of the thread that loads, validates and warms a model (0: same priority)
+    load_nice: int = Field(default=10, ge=0, le=19)
     #: keep exactly one previous model loaded so that rollback is a reference flip
     keep_previous_warm: bool = True
     shadow_sample_rate: float = Field(default=0.1, ge=0, le=1)

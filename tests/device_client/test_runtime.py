@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import numpy as np
 import pytest
 
@@ -261,3 +265,21 @@ def test_outputs_agree_rules() -> None:
     assert outputs_agree([v], [v + 1e-6], rtol=1e-3, atol=1e-4)
     assert not outputs_agree([v], [v * 2], rtol=1e-3, atol=1e-4)
     assert not outputs_agree([v], [v[:1]], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux-only")
+def test_load_runs_at_lower_cpu_priority(make_slot) -> None:
+    seen: list[int] = []
+
+    def loader(path):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return load_slot(path)
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    host = ModelHost("clf", loader=loader, load_nice=5)
+    host.install(make_slot())
+    assert seen == [min(mine + 5, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # caller untouched
+    host.load_nice = 0
+    host.load(make_slot("1.1.0"))
+    assert seen[-1] == mine
