@@ -9,7 +9,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion, VersionStatus
-from server.rollouts.tables import Deployment, DesiredRecord
+from server.devices.tables import Device, DeviceStatus, DeviceTag
+from server.health.tables import HealthSample
+from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 
 
 class DesiredRepository:
@@ -83,3 +85,147 @@ class DeploymentRepository:
             .limit(1)
         )
         return self.session.scalars(q).first()
+
+
+class RolloutRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, rollout: Rollout) -> Rollout:
+        self.session.add(rollout)
+        self.session.flush()
+        return rollout
+
+    def get(self, rollout_id: str, *, for_update: bool = False) -> Rollout | None:
+        q = sa.select(Rollout).where(Rollout.id == rollout_id)
+        if for_update:
+            q = q.with_for_update()
+        return self.session.scalars(q).first()
+
+    def list(self, status: Sequence[RolloutStatus] | None = None, limit: int = 100) -> Sequence[Rollout]:
+        q = sa.select(Rollout).order_by(Rollout.created_at.desc()).limit(limit)
+        if status:
+            q = q.where(Rollout.status.in_(list(status)))
+        return self.session.scalars(q).all()
+
+    def active_ids(self) -> list[str]:
+        q = sa.select(Rollout.id).where(
+            Rollout.status.in_([RolloutStatus.running, RolloutStatus.rolling_back])
+        )
+        return list(self.session.scalars(q))
+
+    def lock_for_tick(self, rollout_id: str, skip_locked: bool) -> Rollout | None:
+        """The rollout row locked for this transaction; None if another server holds it
+        (PostgreSQL ``SKIP LOCKED``; SQLite serialises writers anyway)."""
+        q = sa.select(Rollout).where(
+            Rollout.id == rollout_id,
+            Rollout.status.in_([RolloutStatus.running, RolloutStatus.rolling_back]),
+        )
+        if skip_locked:
+            q = q.with_for_update(skip_locked=True)
+        return self.session.scalars(q).first()
+
+    def conflicting(self, model: str, device_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """(rollout id, device id) pairs of running/paused/draft rollouts of ``model`` on these devices."""
+        if not device_ids:
+            return []
+        q = (
+            sa.select(Deployment.rollout_id, Deployment.device_id)
+            .join(Rollout, Rollout.id == Deployment.rollout_id)
+            .where(
+                Rollout.model == model,
+                Rollout.status.in_(
+                    [
+                        RolloutStatus.draft,
+                        RolloutStatus.running,
+                        RolloutStatus.paused,
+                        RolloutStatus.rolling_back,
+                    ]
+                ),
+                Deployment.device_id.in_(list(device_ids)),
+            )
+            .limit(5)
+        )
+        return [(r, d) for r, d in self.session.execute(q)]
+
+    def deployments(self, rollout_id: str) -> list[tuple[Deployment, DeviceStatus, dict[str, str]]]:
+        """Every deployment of a rollout with its device's status and what it serves."""
+        q = (
+            sa.select(Deployment, Device.status, Device.serving)
+            .join(Device, Device.id == Deployment.device_id)
+            .where(Deployment.rollout_id == rollout_id)
+            .order_by(Deployment.id)
+        )
+        return [(d, s, serving or {}) for d, s, serving in self.session.execute(q)]
+
+    def phase_counts(self, rollout_id: str) -> dict[tuple[int, str], int]:
+        q = (
+            sa.select(Deployment.stage, Deployment.phase, sa.func.count())
+            .where(Deployment.rollout_id == rollout_id)
+            .group_by(Deployment.stage, Deployment.phase)
+        )
+        return {
+            (stage, phase.value if hasattr(phase, "value") else str(phase)): n
+            for stage, phase, n in self.session.execute(q)
+        }
+
+
+class SelectorRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def candidates(
+        self, tags: dict[str, str], device_ids: Sequence[str], arch: str | None
+    ) -> Sequence[Device]:
+        q = sa.select(Device).where(Device.status != DeviceStatus.decommissioned).order_by(Device.id)
+        if device_ids:
+            q = q.where(Device.id.in_(list(device_ids)))
+        if arch:
+            q = q.where(Device.arch == arch)
+        for key, value in tags.items():
+            q = q.where(
+                sa.exists().where(
+                    DeviceTag.device_id == Device.id, DeviceTag.key == key, DeviceTag.value == value
+                )
+            )
+        return self.session.scalars(q).all()
+
+
+class HealthRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def windows(
+        self,
+        device_ids: Sequence[str],
+        model: str,
+        *,
+        version: str | None = None,
+        not_version: str | None = None,
+        mode: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[tuple[int, int, float | None, int | None, float | None]]:
+        """(requests, errors, p95_ms, shadow_requests, agreement) of matching health windows."""
+        if not device_ids:
+            return []
+        q = sa.select(
+            HealthSample.requests,
+            HealthSample.errors,
+            HealthSample.p95_ms,
+            HealthSample.shadow_requests,
+            HealthSample.agreement,
+        ).where(HealthSample.model == model)
+        if len(device_ids) <= 5000:
+            q = q.where(HealthSample.device_id.in_(list(device_ids)))
+        if version is not None:
+            q = q.where(HealthSample.version == version)
+        if not_version is not None:
+            q = q.where(HealthSample.version != not_version)
+        if mode is not None:
+            q = q.where(HealthSample.mode == mode)
+        if since is not None:
+            q = q.where(HealthSample.at >= since)
+        if until is not None:
+            q = q.where(HealthSample.at < until)
+        return [tuple(r) for r in self.session.execute(q)]  # type: ignore[misc]

@@ -1,0 +1,204 @@
+"""Pure rollout policy: stage membership, stage sizes, and gate evaluation (DESIGN.md section 7).
+
+Nothing here touches the database or the clock; the engine feeds it numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Stage(BaseModel):
+    """One stage: a cumulative share (``percent``) or number (``count``) of the selected devices."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    percent: float | None = Field(default=None, gt=0, le=100)
+    count: int | None = Field(default=None, ge=1)
+    soak_s: float = Field(default=60.0, ge=0, le=30 * 86400)
+    #: the new model runs beside the serving one and never answers; gated on agreement
+    shadow: bool = False
+
+    @model_validator(mode="after")
+    def _one_size(self) -> Stage:
+        if (self.percent is None) == (self.count is None):
+            raise ValueError("a stage needs exactly one of percent or count")
+        return self
+
+    def size(self, total: int) -> int:
+        if self.count is not None:
+            return min(self.count, total)
+        assert self.percent is not None
+        return min(total, max(1, math.ceil(total * self.percent / 100)))
+
+
+class Gates(BaseModel):
+    """Health gates checked at the end of each stage's soak."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_failure_ratio: float = Field(default=0.1, ge=0, le=1)
+    max_error_rate: float | None = Field(default=0.05, ge=0, le=1)
+    max_p95_ms: float | None = Field(default=None, gt=0)
+    max_p95_ratio: float | None = Field(default=1.5, gt=0)
+    min_agreement: float | None = Field(default=0.95, ge=0, le=1)
+    #: windows with fewer requests than this in total are not enough to judge health
+    min_requests: int = Field(default=1, ge=0)
+
+
+def check_stages(stages: Sequence[Stage], total: int) -> list[int]:
+    """Cumulative device counts per stage; raises ValueError unless they strictly grow."""
+    if not stages:
+        raise ValueError("a rollout needs at least one stage")
+    sizes = [s.size(total) for s in stages]
+    for i in range(1, len(sizes)):
+        if sizes[i] <= sizes[i - 1]:
+            raise ValueError(
+                f"stages must grow: stage {i + 1} covers {sizes[i]} device(s), "
+                f"not more than stage {i}'s {sizes[i - 1]} (of {total} selected)"
+            )
+    return sizes
+
+
+def membership_order(rollout_id: str, device_ids: Iterable[str]) -> list[str]:
+    """Devices ordered by sha256(rollout_id/device_id): stable for a rollout, random across rollouts."""
+    return sorted(device_ids, key=lambda d: hashlib.sha256(f"{rollout_id}/{d}".encode()).digest())
+
+
+def assign_stages(rollout_id: str, device_ids: Iterable[str], sizes: Sequence[int]) -> dict[str, int]:
+    """device id -> index of the first stage that includes it."""
+    order = membership_order(rollout_id, device_ids)
+    result: dict[str, int] = {}
+    start = 0
+    for stage, end in enumerate(sizes):
+        for d in order[start:end]:
+            result[d] = stage
+        start = end
+    return result
+
+
+@dataclass(frozen=True)
+class HealthAggregate:
+    """Health of a set of devices over a time span (sums and request-weighted means)."""
+
+    requests: int = 0
+    errors: int = 0
+    p95_ms: float | None = None
+    shadow_requests: int = 0
+    agreement: float | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+
+def aggregate(windows: Iterable[tuple[int, int, float | None, int | None, float | None]]) -> HealthAggregate:
+    """Aggregate ``(requests, errors, p95_ms, shadow_requests, agreement)`` windows.
+
+    p95 is the request-weighted mean of the windows' p95 (a window p95 is all a device reports);
+    agreement is weighted by shadow requests.
+    """
+    req = err = sreq = 0
+    p95_sum = p95_w = agree_sum = 0.0
+    for requests, errors, p95, shadow_requests, agreement in windows:
+        req += requests
+        err += errors
+        if p95 is not None and requests:
+            p95_sum += p95 * requests
+            p95_w += requests
+        if shadow_requests and agreement is not None:
+            sreq += shadow_requests
+            agree_sum += agreement * shadow_requests
+    return HealthAggregate(
+        requests=req,
+        errors=err,
+        p95_ms=p95_sum / p95_w if p95_w else None,
+        shadow_requests=sreq,
+        agreement=agree_sum / sreq if sreq else None,
+    )
+
+
+@dataclass(frozen=True)
+class StageCounts:
+    """Deployments of a stage by outcome (offline devices that have not moved are excluded)."""
+
+    total: int
+    succeeded: int
+    failed: int  # failed + rolled_back + timed_out
+    in_flight: int
+    offline_waiting: int = 0
+
+    @property
+    def settled(self) -> bool:
+        return self.in_flight == 0
+
+    @property
+    def failure_ratio(self) -> float:
+        judged = self.succeeded + self.failed
+        return self.failed / judged if judged else 0.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    numbers: dict[str, float | int | None] = field(default_factory=dict)
+
+
+def evaluate_stage(
+    gates: Gates,
+    counts: StageCounts,
+    health: HealthAggregate,
+    baseline: HealthAggregate,
+    *,
+    shadow: bool,
+) -> Verdict:
+    """Whether a settled, soaked stage may be promoted."""
+    reasons: list[str] = []
+    numbers: dict[str, float | int | None] = {
+        "devices": counts.total,
+        "succeeded": counts.succeeded,
+        "failed": counts.failed,
+        "offline_waiting": counts.offline_waiting,
+        "failure_ratio": round(counts.failure_ratio, 4),
+        "requests": health.requests,
+        "error_rate": None if health.error_rate is None else round(health.error_rate, 4),
+        "p95_ms": None if health.p95_ms is None else round(health.p95_ms, 3),
+        "baseline_p95_ms": None if baseline.p95_ms is None else round(baseline.p95_ms, 3),
+        "agreement": None if health.agreement is None else round(health.agreement, 4),
+    }
+    if counts.succeeded + counts.failed == 0 and counts.total > counts.offline_waiting:
+        reasons.append("no device of the stage finished")
+    if counts.failure_ratio > gates.max_failure_ratio:
+        reasons.append(f"failure ratio {counts.failure_ratio:.3f} > {gates.max_failure_ratio}")
+    if health.requests < gates.min_requests and counts.succeeded:
+        reasons.append(f"only {health.requests} requests observed (< {gates.min_requests})")
+    if (
+        gates.max_error_rate is not None
+        and health.error_rate is not None
+        and health.error_rate > gates.max_error_rate
+    ):
+        reasons.append(f"error rate {health.error_rate:.4f} > {gates.max_error_rate}")
+    if gates.max_p95_ms is not None and health.p95_ms is not None and health.p95_ms > gates.max_p95_ms:
+        reasons.append(f"p95 {health.p95_ms:.2f} ms > {gates.max_p95_ms} ms")
+    if gates.max_p95_ratio is not None and health.p95_ms is not None and baseline.p95_ms:
+        ratio = health.p95_ms / baseline.p95_ms
+        numbers["p95_ratio"] = round(ratio, 3)
+        if ratio > gates.max_p95_ratio:
+            reasons.append(f"p95 {ratio:.2f}x the same devices' baseline > {gates.max_p95_ratio}x")
+    if shadow and gates.min_agreement is not None:
+        if health.agreement is None:
+            reasons.append("no shadow agreement reported")
+        elif health.agreement < gates.min_agreement:
+            reasons.append(f"shadow agreement {health.agreement:.3f} < {gates.min_agreement}")
+    return Verdict(passed=not reasons, reasons=reasons, numbers=numbers)
+
+
+def early_trip(gates: Gates, counts: StageCounts, stage_size: int) -> bool:
+    """Trip before the soak ends once failures alone already exceed the gate for the whole stage."""
+    return stage_size > 0 and counts.failed / stage_size > gates.max_failure_ratio

@@ -1,0 +1,95 @@
+"""API schemas of rollouts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from device_client.protocol.messages import Probation
+from server.rollouts.policy import Gates, Stage
+from server.rollouts.tables import RolloutStatus
+
+
+class HardwareSelector(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str | None = None
+    min_ram_mb: int | None = Field(default=None, ge=0)
+    providers: list[str] = Field(default_factory=list)
+
+
+class Selector(BaseModel):
+    """Which devices a rollout targets; every given criterion must hold (AND)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: dict[str, str] = Field(default_factory=dict)
+    device_ids: list[str] = Field(default_factory=list, max_length=100_000)
+    hardware: HardwareSelector = Field(default_factory=HardwareSelector)
+
+
+class RolloutCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    version: str
+    selector: Selector = Field(default_factory=Selector)
+    stages: list[Stage] = Field(min_length=1, max_length=20)
+    gates: Gates = Field(default_factory=Gates)
+    probation: Probation = Field(default_factory=Probation)
+    on_failure: Literal["pause", "rollback"] = "pause"
+    max_concurrent_downloads: int = Field(default=50, ge=1, le=100_000)
+    device_timeout_s: int = Field(default=900, ge=10, le=7 * 86400)
+    #: start immediately (default) or stay a draft until ``POST .../start``
+    start: bool = True
+
+    @field_validator("stages")
+    @classmethod
+    def _shadow_first(cls, stages: list[Stage]) -> list[Stage]:
+        seen_serve = False
+        for s in stages:
+            if s.shadow and seen_serve:
+                raise ValueError("shadow stages must come before serving stages")
+            seen_serve = seen_serve or not s.shadow
+        return stages
+
+
+class StageView(BaseModel):
+    index: int
+    devices: int
+    shadow: bool
+    soak_s: float
+    phases: dict[str, int]
+    health: dict[str, Any]
+
+
+class RolloutOut(BaseModel):
+    id: str
+    model: str
+    version: str
+    status: RolloutStatus
+    selector: dict[str, Any]
+    stages: list[dict[str, Any]]
+    gates: dict[str, Any]
+    probation: dict[str, Any]
+    on_failure: str
+    max_concurrent_downloads: int
+    device_timeout_s: int
+    current_stage: int
+    stage_started_at: datetime | None
+    soak_until: datetime | None
+    reason: str | None
+    verdict: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    created_by: str | None
+
+
+class RolloutDetail(RolloutOut):
+    devices: int
+    phases: dict[str, int]
+    stage_views: list[StageView]
+    baseline: dict[str, Any]
