@@ -17,8 +17,9 @@ from fastapi.responses import PlainTextResponse
 from server.config import Settings
 from server.context import ServerContext
 from server.http.errors import install_error_handlers
-from server.http.routers import admin, catalog, devices, tuf
+from server.http.routers import admin, catalog, devices, rollouts, tuf
 from server.mqtt.runtime import MqttRuntime
+from server.rollouts.engine import RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctx = await asyncio.to_thread(ServerContext.open, settings)
         app.state.ctx = ctx
         app.state.mqtt = MqttRuntime.start(ctx) if settings.mqtt_enabled else None
+        app.state.engine = RolloutEngine(ctx, settings.rollout_tick_s) if settings.rollout_engine else None
+        if app.state.engine is not None:
+            app.state.engine.start()
         # keep a strong reference: the event loop holds tasks only weakly
         app.state.tasks = {asyncio.create_task(_refresh_metadata_forever(ctx), name="tuf-refresh")}
         try:
@@ -52,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in app.state.tasks:
                 task.cancel()
             await asyncio.gather(*app.state.tasks, return_exceptions=True)
+            if app.state.engine is not None:
+                await asyncio.to_thread(app.state.engine.stop)
             if app.state.mqtt is not None:
                 await asyncio.to_thread(app.state.mqtt.stop)
             ctx.close()
@@ -63,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (admin, devices, catalog, tuf):
+    for module in (admin, devices, catalog, rollouts, tuf):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])

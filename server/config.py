@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     ingest_batch_max: int = Field(default=2000, ge=1)
     ingest_batch_delay_s: float = Field(default=0.2, gt=0)
 
+    #: run the rollout engine in this process, ticking every ``rollout_tick_s``
+    rollout_engine: bool = True
+    rollout_tick_s: float = Field(default=1.0, gt=0)
+
     #: lifetime of a signed DesiredState; re-signed when a device returns and it expires within
     #: ``desired_resign_before_s``
     desired_ttl_s: int = Field(default=7 * 86400, ge=60)

@@ -61,6 +61,7 @@ def settings(database_url: str, tmp_path: Path):
         max_upload_bytes=4 * 1024 * 1024,
         metadata_refresh_interval_s=3600,
         mqtt_enabled=False,
+        rollout_engine=False,
     )
 
 

@@ -31,7 +31,10 @@ def artifact_fits(artifact: ModelArtifact, device: Device) -> bool:
     """Whether a variant's hardware constraints admit the device."""
     c = artifact.constraints or {}
     hw = device.hardware or {}
-    if c.get("arch") and c["arch"] != device.arch:
+    arches = c.get("arch") or []
+    if isinstance(arches, str):
+        arches = [arches]
+    if arches and device.arch not in arches:
         return False
     if c.get("min_ram_mb") and int(hw.get("ram_mb", 0)) < int(c["min_ram_mb"]):
         return False

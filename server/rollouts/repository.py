@@ -158,6 +158,11 @@ class RolloutRepository:
         )
         return [(d, s, serving or {}) for d, s, serving in self.session.execute(q)]
 
+    def devices(self, device_ids: Sequence[str]) -> Sequence[Device]:
+        if not device_ids:
+            return []
+        return self.session.scalars(sa.select(Device).where(Device.id.in_(list(device_ids)))).all()
+
     def phase_counts(self, rollout_id: str) -> dict[tuple[int, str], int]:
         q = (
             sa.select(Deployment.stage, Deployment.phase, sa.func.count())

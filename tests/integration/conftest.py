@@ -14,7 +14,13 @@ from tests.helpers.tokens import create_admin_token
 def mqtt_settings(settings):
     """Server settings with the MQTT bridge on and an embedded-style broker on a free port."""
     return settings.model_copy(
-        update={"mqtt_enabled": True, "mqtt_port": free_port(), "ingest_batch_delay_s": 0.05}
+        update={
+            "mqtt_enabled": True,
+            "mqtt_port": free_port(),
+            "ingest_batch_delay_s": 0.05,
+            "rollout_engine": True,
+            "rollout_tick_s": 0.2,
+        }
     )
 
 

@@ -1,0 +1,282 @@
+"""The rollout engine: advances every running (or rolling-back) rollout, one tick at a time.
+
+Each tick handles each active rollout in its own transaction, holding the rollout's row lock
+(``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two server processes never advance the
+same rollout at once: the second one skips it for that tick. All state is in the database, so a
+restarted server resumes every rollout where it was.
+
+A tick of a running rollout:
+
+1. times out online devices that made no progress within ``device_timeout_s``;
+2. notifies the current stage's pending devices: a signed DesiredState each (through the outbox),
+   online devices within ``max_concurrent_downloads``, offline ones at once (the retained message
+   brings them along when they return, and they do not block the stage);
+3. trips early when failures alone already breach ``max_failure_ratio`` for the whole stage;
+4. once every online device of the stage has finished, starts the soak; when the soak ends,
+   evaluates the gates (:func:`server.rollouts.policy.evaluate_stage`) and promotes to the next
+   stage, completes, or applies ``on_failure`` (pause, or roll every touched device back).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session
+
+from device_client.protocol.messages import DeploymentPhase as P
+from device_client.protocol.messages import Probation, ServeMode
+from server.admin.service import audit
+from server.db import utcnow
+from server.devices.tables import Device, DeviceStatus
+from server.errors import FleetError
+from server.rollouts.desired import DesiredStateService
+from server.rollouts.policy import Stage, StageCounts, aggregate, early_trip, evaluate_stage
+from server.rollouts.repository import HealthRepository, RolloutRepository
+from server.rollouts.service import BASELINE_WINDOW, RolloutService, gates_of, settle_phase
+from server.rollouts.tables import Deployment, Rollout, RolloutStatus
+
+if TYPE_CHECKING:
+    from server.context import ServerContext
+
+log = logging.getLogger(__name__)
+
+ENGINE = "engine"
+IN_FLIGHT = frozenset({P.notified, P.downloading, P.verifying, P.installing, P.probation})
+FAILED = frozenset({P.failed, P.rolled_back, P.timed_out})
+
+
+class RolloutEngine:
+    def __init__(self, ctx: ServerContext, tick_s: float = 1.0) -> None:
+        self.ctx = ctx
+        self.tick_s = tick_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ticks = 0
+
+    # -- background loop -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("rollout engine tick failed; retrying next tick")
+
+    # -- one tick ------------------------------------------------------------------------------
+    def tick(self, now: datetime | None = None) -> int:
+        """Advance every active rollout once; return how many were advanced by this process."""
+        with self.ctx.db.session_scope() as session:
+            ids = RolloutRepository(session).active_ids()
+        advanced = 0
+        for rollout_id in ids:
+            try:
+                with self.ctx.db.session_scope() as session:
+                    repo = RolloutRepository(session)
+                    rollout = repo.lock_for_tick(rollout_id, skip_locked=not self.ctx.db.is_sqlite)
+                    if rollout is None:
+                        continue  # another server holds it, or it stopped being active
+                    self.advance(session, rollout, now or utcnow())
+                    advanced += 1
+            except Exception:
+                log.exception("advancing rollout %s failed", rollout_id)
+        self.ticks += 1
+        return advanced
+
+    def advance(self, session: Session, rollout: Rollout, now: datetime) -> None:
+        if rollout.status == RolloutStatus.running:
+            self._advance_running(session, rollout, now)
+        elif rollout.status == RolloutStatus.rolling_back:
+            self._advance_rollback(session, rollout, now)
+
+    # -- running -------------------------------------------------------------------------------
+    def _advance_running(self, session: Session, rollout: Rollout, now: datetime) -> None:
+        repo = RolloutRepository(session)
+        stages = [Stage.model_validate(s) for s in rollout.stages]
+        idx = rollout.current_stage
+        stage = stages[idx]
+        mode = ServeMode.shadow if stage.shadow else ServeMode.serve
+        rows = repo.deployments(rollout.id)
+        timeout = timedelta(seconds=rollout.device_timeout_s)
+
+        for dep, status, _ in rows:
+            if (
+                dep.phase in IN_FLIGHT
+                and status == DeviceStatus.online
+                and dep.notified_at is not None
+                and now - dep.notified_at > timeout
+            ):
+                settle_phase(dep, P.timed_out)
+                dep.reason = f"no progress within {rollout.device_timeout_s}s"
+
+        members = [(d, s) for d, s, _ in rows if d.stage <= idx]
+        busy = sum(1 for d, s, _ in rows if d.phase in IN_FLIGHT and s == DeviceStatus.online)
+        budget = rollout.max_concurrent_downloads - busy
+        to_notify: list[Deployment] = []
+        for dep, status in members:
+            stale_shadow = (
+                mode == ServeMode.serve
+                and dep.phase == P.succeeded
+                and (dep.details or {}).get("mode") == "shadow"
+            )
+            if dep.phase != P.pending and not stale_shadow:
+                continue
+            if status == DeviceStatus.online:
+                if budget <= 0:
+                    continue
+                budget -= 1
+            to_notify.append(dep)
+        if to_notify:
+            self._notify(session, rollout, to_notify, mode, now)
+
+        counts = self._counts(members, mode)
+        gates = gates_of(rollout)
+        service = RolloutService(session, self.ctx)
+        if early_trip(gates, counts, len(members)):
+            self._fail(
+                service,
+                rollout,
+                f"stage {idx + 1}: {counts.failed} of {len(members)} devices failed",
+                {"stage": idx, "passed": False, "numbers": asdict(counts)},
+            )
+            return
+        if not counts.settled:
+            return
+        if rollout.soak_until is None:
+            rollout.soak_until = now + timedelta(seconds=stage.soak_s)
+            log.info("rollout %s stage %d settled; soaking %.0fs", rollout.id, idx + 1, stage.soak_s)
+            return
+        if now < rollout.soak_until:
+            return
+
+        ids = [d.device_id for d, _ in members]
+        health_repo = HealthRepository(session)
+        soak_start = rollout.soak_until - timedelta(seconds=stage.soak_s)
+        health = aggregate(
+            health_repo.windows(
+                ids,
+                rollout.model,
+                version=rollout.version,
+                mode=mode.value,
+                since=soak_start,
+            )
+        )
+        baseline = aggregate(health_repo.windows(
+            ids, rollout.model, not_version=rollout.version, mode="serve",
+            since=rollout.created_at - BASELINE_WINDOW, until=rollout.created_at,
+        ))  # fmt: skip
+        verdict = evaluate_stage(gates, counts, health, baseline, shadow=stage.shadow)
+        record = {
+            "stage": idx,
+            "passed": verdict.passed,
+            "reasons": verdict.reasons,
+            "numbers": verdict.numbers,
+        }
+        if not verdict.passed:
+            self._fail(
+                service, rollout, f"stage {idx + 1} gates failed: " + "; ".join(verdict.reasons), record
+            )
+            return
+        rollout.verdict = record
+        if idx + 1 == len(stages):
+            service._set_status(rollout, RolloutStatus.completed, ENGINE, "rollout.complete", record)
+            log.info("rollout %s completed", rollout.id)
+            return
+        rollout.current_stage = idx + 1
+        rollout.stage_started_at = now
+        rollout.soak_until = None
+        audit(session, ENGINE, "rollout.promote", "rollout", rollout.id, record)
+        log.info("rollout %s promoted to stage %d", rollout.id, idx + 2)
+
+    @staticmethod
+    def _counts(members: list[tuple[Deployment, DeviceStatus]], mode: ServeMode) -> StageCounts:
+        succeeded = failed = in_flight = offline = 0
+        for dep, status in members:
+            online = status == DeviceStatus.online
+            stale_shadow = mode == ServeMode.serve and (dep.details or {}).get("mode") == "shadow"
+            if dep.phase == P.succeeded and not stale_shadow:
+                succeeded += 1
+            elif dep.phase in FAILED:
+                failed += 1
+            elif dep.phase == P.cancelled:
+                continue
+            elif online:
+                in_flight += 1
+            else:
+                offline += 1
+        return StageCounts(
+            total=len(members),
+            succeeded=succeeded,
+            failed=failed,
+            in_flight=in_flight,
+            offline_waiting=offline,
+        )
+
+    def _notify(
+        self, session: Session, rollout: Rollout, deps: list[Deployment], mode: ServeMode, now: datetime
+    ) -> None:
+        repo = RolloutRepository(session)
+        devices: dict[str, Device] = {d.id: d for d in repo.devices([dep.device_id for dep in deps])}
+        desired = DesiredStateService(session, self.ctx)
+        probation = Probation.model_validate(rollout.probation)
+        for dep in deps:
+            try:
+                record = desired.assign(
+                    devices[dep.device_id],
+                    rollout.model,
+                    rollout.version,
+                    mode=mode,
+                    probation=probation,
+                    rollout_id=rollout.id,
+                )
+            except FleetError as exc:
+                dep.phase = P.failed
+                dep.reason = f"not notified: {exc.message}"
+                continue
+            # a shadow deployment that passed is re-armed to serve: an explicit engine decision,
+            # not a device-reported transition, so it bypasses the deployment machine on purpose
+            dep.phase = P.notified
+            dep.desired_seq = record.seq
+            dep.notified_at = now
+            dep.details = {**(dep.details or {}), "mode": mode.value}
+
+    def _fail(self, service: RolloutService, rollout: Rollout, reason: str, verdict: dict) -> None:
+        log.warning("rollout %s: %s (on_failure=%s)", rollout.id, reason, rollout.on_failure)
+        if rollout.on_failure == "rollback":
+            service.begin_rollback(rollout, ENGINE, reason, verdict)
+            rollout.stage_started_at = utcnow()
+        else:
+            service._set_status(rollout, RolloutStatus.paused, ENGINE, "rollout.pause", {"reason": reason})
+            rollout.reason = reason
+            rollout.verdict = verdict
+
+    # -- rolling back --------------------------------------------------------------------------
+    def _advance_rollback(self, session: Session, rollout: Rollout, now: datetime) -> None:
+        rows = RolloutRepository(session).deployments(rollout.id)
+        waiting = 0
+        for dep, status, serving in rows:
+            if "rollback_seq" not in (dep.details or {}):
+                continue
+            if serving.get(rollout.model) == dep.previous_version:
+                if settle_phase(dep, P.rolled_back):
+                    dep.reason = dep.reason or "returned to the previous version by the rollout"
+            elif status == DeviceStatus.online and dep.phase != P.rolled_back:
+                waiting += 1
+        started = rollout.stage_started_at or rollout.updated_at
+        overdue = now - started > timedelta(seconds=rollout.device_timeout_s)
+        if waiting == 0 or overdue:
+            service = RolloutService(session, self.ctx)
+            details = {"unconfirmed_devices": waiting} if waiting else {}
+            service._set_status(rollout, RolloutStatus.rolled_back, ENGINE, "rollout.rolled_back", details)
+            log.info("rollout %s rolled back%s", rollout.id, f" ({waiting} unconfirmed)" if waiting else "")

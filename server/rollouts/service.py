@@ -1,0 +1,299 @@
+"""Rollouts: creation (with validation), operator actions, and the status view."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from device_client.protocol.messages import DeploymentPhase
+from server.admin.schemas import Principal
+from server.admin.service import audit
+from server.db import utcnow
+from server.devices.schemas import check_tags
+from server.devices.tables import Device
+from server.errors import Conflict, Invalid, NotFound
+from server.rollouts.desired import DesiredStateService
+from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
+from server.rollouts.policy import Gates, Stage, aggregate, assign_stages, check_stages
+from server.rollouts.repository import (
+    CatalogLookup,
+    DeploymentRepository,
+    HealthRepository,
+    RolloutRepository,
+    SelectorRepository,
+)
+from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutOut, Selector, StageView
+from server.rollouts.tables import Deployment, Rollout, RolloutStatus
+from server.security import new_id
+
+if TYPE_CHECKING:
+    from server.context import ServerContext
+
+#: how far back health windows count as a device's pre-rollout baseline
+BASELINE_WINDOW = timedelta(minutes=15)
+#: phases of a device that has been sent the new version and may run it
+TOUCHED = frozenset({
+    DeploymentPhase.notified, DeploymentPhase.downloading, DeploymentPhase.verifying,
+    DeploymentPhase.installing, DeploymentPhase.probation, DeploymentPhase.succeeded,
+    DeploymentPhase.timed_out,
+})  # fmt: skip
+
+
+def rollout_out(r: Rollout) -> RolloutOut:
+    return RolloutOut(
+        id=r.id, model=r.model, version=r.version, status=r.status, selector=r.selector, stages=r.stages,
+        gates=r.gates, probation=r.probation, on_failure=r.on_failure,
+        max_concurrent_downloads=r.max_concurrent_downloads, device_timeout_s=r.device_timeout_s,
+        current_stage=r.current_stage, stage_started_at=r.stage_started_at, soak_until=r.soak_until,
+        reason=r.reason, verdict=r.verdict or {}, created_at=r.created_at, updated_at=r.updated_at,
+        finished_at=r.finished_at, created_by=r.created_by,
+    )  # fmt: skip
+
+
+def select_devices(session: Session, selector: Selector) -> list[Device]:
+    """Devices (not decommissioned) matching every criterion of ``selector``."""
+    check_tags(selector.tags)
+    hw = selector.hardware
+    devices = SelectorRepository(session).candidates(selector.tags, selector.device_ids, hw.arch)
+    result = []
+    for d in devices:
+        facts = d.hardware or {}
+        if hw.min_ram_mb is not None and int(facts.get("ram_mb", 0)) < hw.min_ram_mb:
+            continue
+        if any(p not in (facts.get("execution_providers") or []) for p in hw.providers):
+            continue
+        result.append(d)
+    return result
+
+
+class RolloutService:
+    def __init__(self, session: Session, ctx: ServerContext) -> None:
+        self.session = session
+        self.ctx = ctx
+        self.rollouts = RolloutRepository(session)
+
+    # -- create --------------------------------------------------------------------------------
+    def create(self, body: RolloutCreate, by: Principal) -> RolloutDetail:
+        if CatalogLookup(self.session).active_version(body.model, body.version) is None:
+            raise NotFound(f"no active version {body.version!r} of model {body.model!r}")
+        devices = select_devices(self.session, body.selector)
+        if not devices:
+            raise Invalid("the selector matches no device")
+        try:
+            sizes = check_stages(body.stages, len(devices))
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        conflicts = self.rollouts.conflicting(body.model, [d.id for d in devices])
+        if conflicts:
+            rid, did = conflicts[0]
+            raise Conflict(
+                f"device {did!r} is already in rollout {rid} of model {body.model!r}; "
+                "finish, abort or roll back that rollout first"
+            )
+        rollout = self.rollouts.add(
+            Rollout(
+                id=new_id(), model=body.model, version=body.version, status=RolloutStatus.draft,
+                selector=body.selector.model_dump(mode="json"),
+                stages=[s.model_dump(mode="json") for s in body.stages],
+                gates=body.gates.model_dump(mode="json"), probation=body.probation.model_dump(mode="json"),
+                on_failure=body.on_failure, max_concurrent_downloads=body.max_concurrent_downloads,
+                device_timeout_s=body.device_timeout_s, created_by=by.actor, verdict={},
+            )
+        )  # fmt: skip
+        stage_of = assign_stages(rollout.id, [d.id for d in devices], sizes)
+        deployments = DeploymentRepository(self.session)
+        for d in devices:
+            deployments.add(
+                Deployment(
+                    rollout_id=rollout.id, device_id=d.id, stage=stage_of[d.id], model=body.model,
+                    version=body.version, previous_version=(d.serving or {}).get(body.model),
+                    phase=DeploymentPhase.pending, details={},
+                )
+            )  # fmt: skip
+        self.session.flush()
+        audit(
+            self.session,
+            by,
+            "rollout.create",
+            "rollout",
+            rollout.id,
+            {"model": body.model, "version": body.version, "devices": len(devices), "stage_sizes": sizes},
+        )
+        if body.start:
+            self._set_status(rollout, RolloutStatus.running, by, "rollout.start")
+            rollout.stage_started_at = utcnow()
+        return self.detail(rollout.id)
+
+    # -- actions -------------------------------------------------------------------------------
+    def get(self, rollout_id: str, *, for_update: bool = False) -> Rollout:
+        rollout = self.rollouts.get(rollout_id, for_update=for_update)
+        if rollout is None:
+            raise NotFound(f"no rollout {rollout_id!r}")
+        return rollout
+
+    def _set_status(
+        self,
+        rollout: Rollout,
+        status: RolloutStatus,
+        by: Principal | str,
+        action: str,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            rollout.status = rollout_transition(rollout.status, status)
+        except IllegalTransition as exc:
+            raise Conflict(f"rollout {rollout.id} is {exc.src}: cannot go to {exc.dst}") from None
+        if status in (RolloutStatus.completed, RolloutStatus.aborted, RolloutStatus.rolled_back):
+            rollout.finished_at = utcnow()
+        audit(self.session, by, action, "rollout", rollout.id, details or {})
+
+    def start(self, rollout_id: str, by: Principal) -> RolloutDetail:
+        rollout = self.get(rollout_id, for_update=True)
+        self._set_status(rollout, RolloutStatus.running, by, "rollout.start")
+        rollout.stage_started_at = utcnow()
+        return self.detail(rollout_id)
+
+    def pause(self, rollout_id: str, by: Principal, reason: str = "paused by operator") -> RolloutDetail:
+        rollout = self.get(rollout_id, for_update=True)
+        self._set_status(rollout, RolloutStatus.paused, by, "rollout.pause")
+        rollout.reason = reason
+        return self.detail(rollout_id)
+
+    def resume(self, rollout_id: str, by: Principal) -> RolloutDetail:
+        rollout = self.get(rollout_id, for_update=True)
+        self._set_status(rollout, RolloutStatus.running, by, "rollout.resume")
+        rollout.reason = None
+        rollout.soak_until = None  # re-soak the current stage
+        return self.detail(rollout_id)
+
+    def promote(self, rollout_id: str, by: Principal) -> RolloutDetail:
+        """Skip the rest of the current stage's soak (the gates are still evaluated)."""
+        rollout = self.get(rollout_id, for_update=True)
+        if rollout.status != RolloutStatus.running:
+            raise Conflict(
+                f"rollout {rollout.id} is {rollout.status.value}: only a running rollout can be promoted"
+            )
+        if rollout.soak_until is None:
+            raise Conflict("the current stage has not settled yet: devices are still updating")
+        rollout.soak_until = utcnow()
+        audit(self.session, by, "rollout.promote", "rollout", rollout.id, {"stage": rollout.current_stage})
+        return self.detail(rollout_id)
+
+    def abort(self, rollout_id: str, by: Principal) -> RolloutDetail:
+        """Stop here: pending devices are cancelled; devices keep what they have."""
+        rollout = self.get(rollout_id, for_update=True)
+        self._set_status(rollout, RolloutStatus.aborted, by, "rollout.abort")
+        for dep, _, _ in self.rollouts.deployments(rollout.id):
+            if dep.phase == DeploymentPhase.pending:
+                dep.phase = DeploymentPhase.cancelled
+        return self.detail(rollout_id)
+
+    def rollback(
+        self,
+        rollout_id: str,
+        by: Principal | str,
+        reason: str = "rolled back by operator",
+        verdict: dict[str, Any] | None = None,
+    ) -> RolloutDetail:
+        rollout = self.get(rollout_id, for_update=True)
+        self.begin_rollback(rollout, by, reason, verdict)
+        return self.detail(rollout_id)
+
+    def begin_rollback(
+        self, rollout: Rollout, by: Principal | str, reason: str, verdict: dict[str, Any] | None = None
+    ) -> int:
+        """Send every touched device back to its previous version; cancel the untouched."""
+        self._set_status(rollout, RolloutStatus.rolling_back, by, "rollout.rollback", {"reason": reason})
+        rollout.reason = reason
+        if verdict is not None:
+            rollout.verdict = verdict
+        desired = DesiredStateService(self.session, self.ctx)
+        sent = 0
+        devices = {
+            d.id: d
+            for d in self.session.query(Device).filter(
+                Device.id.in_([dep.device_id for dep, _, _ in self.rollouts.deployments(rollout.id)])
+            )
+        }
+        for dep, _, _ in self.rollouts.deployments(rollout.id):
+            if dep.phase == DeploymentPhase.pending:
+                dep.phase = DeploymentPhase.cancelled
+                continue
+            if dep.phase not in TOUCHED:
+                continue
+            if not dep.previous_version:
+                dep.details = {**(dep.details or {}), "rollback": "no previous version to return to"}
+                continue
+            try:
+                record = desired.assign(
+                    devices[dep.device_id], rollout.model, dep.previous_version, rollout_id=rollout.id
+                )
+            except (NotFound, Invalid, Conflict) as exc:
+                dep.details = {**(dep.details or {}), "rollback": f"cannot roll back: {exc.message}"}
+                continue
+            dep.details = {**(dep.details or {}), "rollback_seq": record.seq}
+            sent += 1
+        return sent
+
+    # -- views ---------------------------------------------------------------------------------
+    def list(self, status: list[RolloutStatus] | None, limit: int) -> list[RolloutOut]:
+        return [rollout_out(r) for r in self.rollouts.list(status, limit)]
+
+    def detail(self, rollout_id: str) -> RolloutDetail:
+        rollout = self.get(rollout_id)
+        self.session.flush()
+        rows = self.rollouts.deployments(rollout.id)
+        health = HealthRepository(self.session)
+        stages = [Stage.model_validate(s) for s in rollout.stages]
+        all_ids = [d.device_id for d, _, _ in rows]
+        baseline = aggregate(health.windows(
+            all_ids, rollout.model, not_version=rollout.version, mode="serve",
+            since=rollout.created_at - BASELINE_WINDOW, until=rollout.created_at,
+        ))  # fmt: skip
+        views = []
+        for i, stage in enumerate(stages):
+            members = [d for d, _, _ in rows if d.stage <= i]
+            ids = [d.device_id for d in members]
+            since = rollout.stage_started_at if i == rollout.current_stage else rollout.created_at
+            agg = aggregate(
+                health.windows(
+                    ids,
+                    rollout.model,
+                    version=rollout.version,
+                    mode="shadow" if stage.shadow else "serve",
+                    since=since,
+                )
+            )
+            views.append(StageView(
+                index=i, devices=len(members), shadow=stage.shadow, soak_s=stage.soak_s,
+                phases=dict(Counter(d.phase.value for d in members)),
+                health={"requests": agg.requests, "errors": agg.errors, "error_rate": agg.error_rate,
+                        "p95_ms": agg.p95_ms, "agreement": agg.agreement},
+            ))  # fmt: skip
+        return RolloutDetail(
+            **rollout_out(rollout).model_dump(),
+            devices=len(rows),
+            phases=dict(Counter(d.phase.value for d, _, _ in rows)),
+            stage_views=views,
+            baseline={
+                "requests": baseline.requests,
+                "error_rate": baseline.error_rate,
+                "p95_ms": baseline.p95_ms,
+            },
+        )
+
+
+def gates_of(rollout: Rollout) -> Gates:
+    return Gates.model_validate(rollout.gates)
+
+
+def settle_phase(dep: Deployment, phase: DeploymentPhase) -> bool:
+    """Move ``dep`` to ``phase`` if the deployment machine allows it."""
+    if dep.phase == phase or not can_deploy(dep.phase, phase):
+        return False
+    dep.phase = deployment_transition(dep.phase, phase)
+    return True
+

@@ -1,0 +1,142 @@
+"""An in-memory fleet for rollout tests: simulated devices that speak the real protocol.
+
+Each :class:`SimDevice` reads the signed DesiredState the server holds for it, verifies the
+director's signature, and answers with real ``fleet.report/1``, ``fleet.health/1`` and
+``fleet.presence/1`` payloads, which go through the server's real ingest path
+(:class:`server.mqtt.handlers.IngestWorker`) without a broker. How a version behaves on a device
+(install failure, error rate, latency, shadow agreement) is a :class:`Behaviour`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from device_client.protocol import DesiredState, HealthWindow, Presence, Report, validate_payload
+from device_client.protocol.messages import utcnow
+from device_client.protocol.signing import verify_envelope
+from server.mqtt.handlers import IngestWorker
+from server.rollouts.tables import DesiredRecord
+
+
+@dataclass
+class Behaviour:
+    install_fails: bool = False
+    error_rate: float = 0.0
+    p95_ms: float = 5.0
+    agreement: float = 1.0
+
+
+@dataclass
+class SimDevice:
+    device_id: str
+    serving: dict[str, str] = field(default_factory=dict)
+    online: bool = True
+    seq: int = 0
+    health_seq: int = 0
+    handled_desired: int = 0
+    shadow: dict[str, str] = field(default_factory=dict)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+class SimFleet:
+    def __init__(
+        self,
+        ctx,
+        device_ids: list[str],
+        *,
+        model: str = "det",
+        behaviours: dict[str, Behaviour] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.model = model
+        self.devices = {d: SimDevice(d) for d in device_ids}
+        self.behaviours = behaviours or {}
+        self.ingest = IngestWorker(ctx, ctx.metrics)
+        self.director = ctx.director.key.public_key()
+
+    def _send(self, messages: list[tuple[str, str, bytes]]) -> None:
+        now = utcnow()
+        self.ingest.process([(f"fleet/v1/d/{d}/{kind}", payload, now) for d, kind, payload in messages])
+
+    def presence(self, device_id: str, online: bool = True) -> None:
+        dev = self.devices[device_id]
+        dev.online = online
+        self._send([(device_id, "presence", Presence.build(
+            device_id=device_id, status="online" if online else "offline", at=utcnow(), serving=dev.serving,
+        ).to_json())])  # fmt: skip
+
+    def start(self, serving_version: str | None = None) -> None:
+        for dev in self.devices.values():
+            if serving_version:
+                dev.serving = {self.model: serving_version}
+            self.presence(dev.device_id, True)
+
+    def health(self, *, at_offset_s: float = 0.0, requests: int = 100) -> None:
+        """One health window per online device for what it serves (and shadows)."""
+        msgs = []
+        at = utcnow() + timedelta(seconds=at_offset_s)
+        for dev in self.devices.values():
+            if not dev.online:
+                continue
+            for mode, table in (("serve", dev.serving), ("shadow", dev.shadow)):
+                version = table.get(self.model)
+                if version is None:
+                    continue
+                b = self.behaviours.get(version, Behaviour())
+                dev.health_seq += 1
+                extra = {}
+                if mode == "shadow":
+                    extra = {"shadow_requests": requests, "agreement": b.agreement, "shadow_p95_ms": b.p95_ms}
+                msgs.append((dev.device_id, "health", HealthWindow.build(
+                    device_id=dev.device_id, seq=dev.health_seq, at=at, window_s=10, model=self.model,
+                    version=version, mode=mode, requests=requests, errors=round(requests * b.error_rate),
+                    p50_ms=b.p95_ms / 2, p95_ms=b.p95_ms, p99_ms=b.p95_ms * 1.2, **extra,
+                ).to_json()))  # fmt: skip
+        self._send(msgs)
+
+    def step(self) -> int:
+        """Every online device acts on a new DesiredState (install, probation, verdict); returns how many."""
+        acted = 0
+        with self.ctx.db.session_scope() as s:
+            records = {
+                r.device_id: r.envelope
+                for r in s.query(DesiredRecord).filter(DesiredRecord.device_id.in_(list(self.devices)))
+            }
+        msgs = []
+        for dev in self.devices.values():
+            env = records.get(dev.device_id)
+            if env is None or not dev.online:
+                continue
+            desired = validate_payload(verify_envelope(env, [self.director]), DesiredState)
+            if desired.seq <= dev.handled_desired:
+                continue
+            dev.handled_desired = desired.seq
+            acted += 1
+            b = self.behaviours.get(desired.version, Behaviour())
+
+            def report(phase, reason=None, d=desired, dev=dev):
+                return (dev.device_id, "report", Report.build(
+                    device_id=dev.device_id, seq=dev.next_seq(), at=utcnow(), phase=phase, desired_seq=d.seq,
+                    rollout_id=d.rollout_id, model=d.model, version=d.version, reason=reason,
+                    serving=dict(dev.serving),
+                ).to_json())  # fmt: skip
+
+            msgs += [report("downloading"), report("verifying"), report("installing")]
+            if b.install_fails:
+                msgs.append(report("failed", "validation vectors do not match"))
+                continue
+            if desired.mode.value == "shadow":
+                dev.shadow = {desired.model: desired.version}
+                msgs.append(report("probation"))
+                msgs.append(report("succeeded"))
+                continue
+            dev.shadow = {}
+            dev.serving = {desired.model: desired.version}
+            msgs.append(report("probation"))
+            msgs.append(report("succeeded"))
+        self._send(msgs)
+        return acted

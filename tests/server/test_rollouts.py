@@ -1,0 +1,304 @@
+"""Rollouts driven by the real engine over an in-memory simulated fleet (tests/helpers/fleet_sim.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from server.rollouts.engine import RolloutEngine
+from server.rollouts.tables import Deployment, DesiredRecord
+from tests.helpers.fleet_sim import Behaviour, SimFleet
+from tests.helpers.pki import HARDWARE, make_csr
+
+
+def enroll_many(client, headers, prefix: str, n: int, tags: dict[str, str] | None = None) -> list[str]:
+    token = client.post("/api/v1/enroll-tokens", json={"uses": n, "tags": tags or {}}, headers=headers).json()
+    ids = []
+    for i in range(n):
+        csr, _ = make_csr(f"{prefix}-{i:02d}")
+        r = client.post(
+            "/api/v1/enroll", json={"token": token["token"], "csr_pem": csr, "hardware": HARDWARE}
+        )
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["device_id"])
+    return ids
+
+
+def push(client, headers, onnx_model, version: str) -> None:
+    path = onnx_model(f"det-{version}.onnx", scale=float(version.split(".")[0]))
+    with open(path, "rb") as fh:
+        r = client.post(
+            "/api/v1/models/det/versions",
+            data={"version": version},
+            files={"file": ("m.onnx", fh, "application/octet-stream")},
+            headers=headers,
+        )
+    assert r.status_code == 201, r.text
+
+
+def rollout_body(version: str, **over) -> dict:
+    body = {
+        "model": "det", "version": version, "selector": {"tags": {"site": "lab"}},
+        "stages": [{"percent": 10, "soak_s": 0}, {"percent": 50, "soak_s": 0}, {"percent": 100, "soak_s": 0}],
+        "gates": {"max_failure_ratio": 0.2, "max_error_rate": 0.05, "max_p95_ratio": 1.5,
+                  "min_agreement": 0.9},
+        "on_failure": "rollback",
+    }  # fmt: skip
+    body.update(over)
+    return body
+
+
+def drive(
+    engine: RolloutEngine, fleet: SimFleet, client, headers, rollout_id: str, max_ticks: int = 60
+) -> dict:
+    """Tick the engine and let the fleet act until the rollout stops moving."""
+    for _ in range(max_ticks):
+        engine.tick()
+        fleet.step()
+        fleet.health()
+        state = client.get(f"/api/v1/rollouts/{rollout_id}", headers=headers).json()
+        if state["status"] in ("completed", "paused", "rolled_back", "aborted"):
+            return state
+    raise AssertionError(f"rollout did not finish: {state['status']} {state['phases']}")
+
+
+@pytest.fixture
+def lab(app_client, admin_headers, ctx, onnx_model):
+    ids = enroll_many(app_client, admin_headers, "lab", 10, {"site": "lab"})
+    for v in ("1.0.0", "2.0.0", "3.0.0"):
+        push(app_client, admin_headers, onnx_model, v)
+    fleet = SimFleet(ctx, ids, behaviours={"3.0.0": Behaviour(error_rate=0.3)})
+    fleet.start(serving_version="1.0.0")
+    fleet.health(at_offset_s=-60)  # pre-rollout baseline on 1.0.0
+    return fleet
+
+
+def test_rollout_completes_in_stages(app_client, admin_headers, ctx, lab):
+    r = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0"), headers=admin_headers)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["status"] == "running"
+    assert created["devices"] == 10
+    assert [v["devices"] for v in created["stage_views"]] == [1, 5, 10]
+
+    engine = RolloutEngine(ctx)
+    engine.tick()
+    with ctx.db.session_scope() as s:  # only the canary has been told
+        assert s.scalar(sa.select(sa.func.count()).select_from(DesiredRecord)) == 1
+    final = drive(engine, lab, app_client, admin_headers, created["id"])
+    assert final["status"] == "completed", final["reason"]
+    assert final["phases"] == {"succeeded": 10}
+    assert all(d.serving == {"det": "2.0.0"} for d in lab.devices.values())
+    with ctx.db.session_scope() as s:  # each device was told exactly once
+        assert set(s.scalars(sa.select(DesiredRecord.seq))) == {1}
+    actions = [
+        e["action"] for e in app_client.get("/api/v1/audit?limit=50", headers=admin_headers).json()["items"]
+    ]
+    assert {"rollout.create", "rollout.start", "rollout.promote", "rollout.complete"} <= set(actions)
+
+
+def test_bad_version_trips_canary_and_rolls_back(app_client, admin_headers, ctx, lab):
+    engine = RolloutEngine(ctx)
+    first = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0"), headers=admin_headers).json()
+    assert drive(engine, lab, app_client, admin_headers, first["id"])["status"] == "completed"
+    lab.health(at_offset_s=1)  # baseline of 2.0.0 before the next rollout
+    bad = app_client.post("/api/v1/rollouts", json=rollout_body("3.0.0"), headers=admin_headers).json()
+    final = drive(engine, lab, app_client, admin_headers, bad["id"])
+    assert final["status"] == "rolled_back"
+    assert "error rate" in final["reason"]
+    assert final["verdict"]["numbers"]["error_rate"] == pytest.approx(0.3)
+    # the canary went back to 2.0.0, every other device was never touched
+    assert {d.serving["det"] for d in lab.devices.values()} == {"2.0.0"}
+    assert final["phases"] == {"rolled_back": 1, "cancelled": 9}
+
+
+def test_failure_pauses_when_asked_and_operator_actions(app_client, admin_headers, ctx, lab):
+    lab.behaviours["2.0.0"] = Behaviour(install_fails=True)
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", on_failure="pause")
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "paused"
+    assert "failed" in final["reason"]
+    r = app_client.post(f"/api/v1/rollouts/{rid}/promote", headers=admin_headers)
+    assert r.status_code == 409
+    assert (
+        app_client.post(f"/api/v1/rollouts/{rid}/resume", headers=admin_headers).json()["status"] == "running"
+    )
+    assert (
+        app_client.post(f"/api/v1/rollouts/{rid}/abort", headers=admin_headers).json()["status"] == "aborted"
+    )
+    r = app_client.post(f"/api/v1/rollouts/{rid}/resume", headers=admin_headers)
+    assert r.status_code == 409
+    assert "aborted" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("over", "status", "message"),
+    [
+        ({"version": "9.9.9"}, 404, "no active version"),
+        ({"model": "nope"}, 404, "no active version"),
+        ({"selector": {"tags": {"site": "mars"}}}, 422, "matches no device"),
+        ({"stages": [{"percent": 50}, {"percent": 50}]}, 422, "stages must grow"),
+        ({"stages": [{"percent": 50}, {"count": 3}]}, 422, "stages must grow"),
+        ({"stages": []}, 422, None),
+        ({"stages": [{"percent": 150}]}, 422, None),
+        ({"stages": [{"percent": 10, "count": 2}]}, 422, "exactly one"),
+        ({"gates": {"max_error_rate": 2}}, 422, None),
+        ({"gates": {"max_failure_ratio": -0.1}}, 422, None),
+        ({"on_failure": "explode"}, 422, None),
+        (
+            {"stages": [{"percent": 10}, {"percent": 20, "shadow": True}]},
+            422,
+            "shadow stages must come before",
+        ),
+    ],
+)
+def test_bad_rollouts_are_refused_without_change(app_client, admin_headers, ctx, lab, over, status, message):
+    r = app_client.post("/api/v1/rollouts", json={**rollout_body("2.0.0"), **over}, headers=admin_headers)
+    assert r.status_code == status, r.text
+    if message:
+        assert message in str(r.json()["detail"])
+    assert app_client.get("/api/v1/rollouts", headers=admin_headers).json() == []
+
+
+def test_second_rollout_on_same_devices_is_refused(app_client, admin_headers, lab):
+    assert (
+        app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0"), headers=admin_headers).status_code
+        == 201
+    )
+    r = app_client.post("/api/v1/rollouts", json=rollout_body("3.0.0"), headers=admin_headers)
+    assert r.status_code == 409
+    assert "already in rollout" in r.json()["detail"]
+
+
+def test_offline_devices_do_not_block_and_catch_up(app_client, admin_headers, ctx, lab):
+    offline = sorted(lab.devices)[:3]
+    for d in offline:
+        lab.presence(d, online=False)
+    engine = RolloutEngine(ctx)
+    rid = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0"), headers=admin_headers).json()["id"]
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed"
+    assert final["phases"]["succeeded"] == 7
+    with ctx.db.session_scope() as s:  # the offline ones were told too: their retained state waits
+        assert s.scalar(sa.select(sa.func.count()).select_from(DesiredRecord)) == 10
+    for d in offline:
+        lab.presence(d, online=True)
+    lab.step()
+    assert all(lab.devices[d].serving == {"det": "2.0.0"} for d in offline)
+
+
+def test_concurrency_limit_and_operator_rollback(app_client, admin_headers, ctx, lab):
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 3600}], max_concurrent_downloads=3)
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    engine.tick()
+    with ctx.db.session_scope() as s:
+        phases = s.scalars(sa.select(Deployment.phase)).all()
+    assert sorted(p.value for p in phases).count("notified") == 3
+    for _ in range(6):
+        lab.step()
+        engine.tick()
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["phases"] == {"succeeded": 10}
+    assert state["status"] == "running"  # soaking for an hour
+    assert state["soak_until"] is not None
+    r = app_client.post(f"/api/v1/rollouts/{rid}/rollback", headers=admin_headers)
+    assert r.json()["status"] == "rolling_back"
+    for _ in range(3):
+        lab.step()
+        engine.tick()
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["status"] == "rolled_back"
+    assert {d.serving["det"] for d in lab.devices.values()} == {"1.0.0"}
+
+
+def test_shadow_stage_gates_on_agreement(app_client, admin_headers, ctx, lab):
+    lab.behaviours["2.0.0"] = Behaviour(agreement=0.5)
+    engine = RolloutEngine(ctx)
+    body = rollout_body(
+        "2.0.0",
+        stages=[{"percent": 30, "soak_s": 0, "shadow": True}, {"percent": 100, "soak_s": 0}],
+        on_failure="pause",
+    )
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "paused"
+    assert "shadow agreement 0.500 < 0.9" in final["reason"]
+    # shadowing never changed what devices serve
+    assert {d.serving["det"] for d in lab.devices.values()} == {"1.0.0"}
+
+    lab.behaviours["2.0.0"] = Behaviour(agreement=0.99)
+    app_client.post(f"/api/v1/rollouts/{rid}/resume", headers=admin_headers)
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed", final["reason"]
+    assert {d.serving["det"] for d in lab.devices.values()} == {"2.0.0"}
+
+
+def test_restarted_engine_resumes_from_the_database(app_client, admin_headers, ctx, lab, settings):
+    from server.context import ServerContext
+
+    rid = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0"), headers=admin_headers).json()["id"]
+    RolloutEngine(ctx).tick()
+    lab.step()
+    fresh = ServerContext.open(settings)  # a new process's view of the same database and keys
+    try:
+        final = drive(RolloutEngine(fresh), lab, app_client, admin_headers, rid)
+    finally:
+        fresh.close()
+    assert final["status"] == "completed"
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_two_engines_never_advance_the_same_rollout_twice(app_client, admin_headers, ctx, lab, settings):
+    from server.context import ServerContext
+
+    other = ServerContext.open(settings)
+    try:
+        body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 0}])
+        rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+        engines = [RolloutEngine(ctx), RolloutEngine(other)]
+        barrier = threading.Barrier(2)
+        advanced = [0, 0]
+
+        def run(i):
+            for _ in range(15):
+                barrier.wait()
+                advanced[i] += engines[i].tick()
+                if i == 0:
+                    lab.step()
+                    lab.health()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+        assert state["status"] == "completed", (state["reason"], state["verdict"])
+        with ctx.db.session_scope() as s:
+            assert set(s.scalars(sa.select(DesiredRecord.seq))) == {1}  # nobody was notified twice
+        assert all(n > 0 for n in advanced)  # both engines did work
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_engine_skips_a_rollout_another_server_is_advancing(app_client, admin_headers, ctx, lab, settings):
+    from server.context import ServerContext
+    from server.rollouts.repository import RolloutRepository
+
+    rid = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0"), headers=admin_headers).json()["id"]
+    other = ServerContext.open(settings)
+    try:
+        with other.db.session_scope() as s:  # the other server is in the middle of its tick
+            assert RolloutRepository(s).lock_for_tick(rid, skip_locked=True) is not None
+            assert RolloutEngine(ctx).tick() == 0
+            with ctx.db.session_scope() as s2:
+                assert s2.scalar(sa.select(sa.func.count()).select_from(DesiredRecord)) == 0
+        assert RolloutEngine(ctx).tick() == 1
+    finally:
+        other.close()
