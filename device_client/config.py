@@ -68,6 +68,10 @@ class DeviceSettings(BaseSettings):
     download_read_timeout_s: float = Field(default=30.0, gt=0)
     download_chunk_bytes: int = Field(default=256 * 1024, ge=1024)
     download_attempts: int = Field(default=3, ge=1)
+    #: bytes per second a bundle download may use (0: unlimited); keeps the uplink usable
+    download_rate_limit_bps: int = Field(default=0, ge=0)
+    #: free space that must remain on the data directory's file system after download + extraction
+    min_free_bytes: int = Field(default=64 * MIB, ge=0)
     device_token: SecretStr | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
@@ -76,6 +80,8 @@ class DeviceSettings(BaseSettings):
     # update state machine (state.py)
     #: a crash during verify/install restarts it at most this many times, then the update fails
     max_install_attempts: int = Field(default=2, ge=1)
+    #: how often a running probation is evaluated
+    probation_tick_s: float = Field(default=1.0, gt=0)
 
     # MQTT reconnects (mqtt.py)
     reconnect_min_s: float = Field(default=1.0, gt=0)

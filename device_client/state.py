@@ -173,6 +173,11 @@ class DeviceState(BaseModel):
     previous: dict[str, Slot] = Field(default_factory=dict)
     update: InFlightUpdate | None = None
     report_seq: int = 0
+    #: candidates that passed a shadow probation and keep shadowing until the next desired state
+    shadow: dict[str, Slot] = Field(default_factory=dict)
+    #: seq of the last desired state rejected after its signature checked out (a redelivery of the
+    #: retained message is then ignored instead of reported again)
+    last_rejected_seq: int = 0
 
     @property
     def phase(self) -> UpdatePhase:
@@ -185,6 +190,7 @@ class DeviceState(BaseModel):
     def referenced_slot_paths(self) -> set[str]:
         """Slot directories that must not be garbage-collected."""
         paths = {s.path for s in self.current.values()} | {s.path for s in self.previous.values()}
+        paths |= {s.path for s in self.shadow.values()}
         if self.update is not None:
             for slot in (self.update.candidate, self.update.displaced_previous):
                 if slot is not None:

@@ -409,5 +409,9 @@ def model_revoke(url: str, token: str | None, name: str, version: str) -> None:
     click.echo(f"{name} {version}: {v['status']}")
 
 
+from device_client.cli import device as device_cli  # noqa: E402  (device-only deps: click, rich)
+
+main.add_command(device_cli)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

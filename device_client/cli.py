@@ -1,0 +1,112 @@
+"""``fleet device ...``: enroll this device, run the daemon, show its state.
+
+Imports only click, rich and ``device_client`` (never ``server``), so it works with the device-only
+install (``pip install fleetota[device]``). Heavy modules load inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for value in values:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, val = part.partition("=")
+            if not sep or not key or not val:
+                raise click.BadParameter(f"invalid tag {part!r}: expected key=value")
+            tags[key] = val
+    return tags
+
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="FLEET_DEVICE_DATA_DIR",
+    required=True,
+    help="the device's data directory (FLEET_DEVICE_DATA_DIR)",
+)
+
+
+@click.group()
+def device() -> None:
+    """Commands that run on the edge device."""
+
+
+@device.command("enroll")
+@click.option("--server", "server_url", required=True, help="control server URL, e.g. https://fleet.example")
+@click.option("--token", required=True, envvar="FLEET_ENROLL_TOKEN", help="one-time enrollment token")
+@data_dir_option
+@click.option("--device-id", default=None, help="device id (default: a generated dev-<hex>)")
+@click.option("--tags", multiple=True, help="expected tags k=v[,k=v] (the token's tags apply)")
+def enroll_cmd(
+    server_url: str, token: str, data_dir: Path, device_id: str | None, tags: tuple[str, ...]
+) -> None:
+    """Create this device's key, get it certified, and store the identity in DATA_DIR."""
+    from .enroll import EnrollError, enroll
+
+    try:
+        identity = enroll(server_url, token, data_dir, device_id=device_id, tags=_parse_tags(tags))
+    except EnrollError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+    console.print(f"enrolled as [bold]{identity.device_id}[/bold]; identity stored in {identity.data_dir}")
+    if identity.tags:
+        console.print("tags: " + ", ".join(f"{k}={v}" for k, v in sorted(identity.tags.items())))
+
+
+@device.command("run")
+@data_dir_option
+@click.option("-v", "--verbose", is_flag=True)
+def run_cmd(data_dir: Path, verbose: bool) -> None:
+    """Run the device daemon until SIGTERM/SIGINT (settings: FLEET_DEVICE_* variables)."""
+    from .config import DeviceSettings
+    from .daemon import configure_logging, run
+    from .enroll import EnrollError
+
+    configure_logging(verbose)
+    try:
+        run(DeviceSettings(data_dir=data_dir))
+    except EnrollError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+@device.command("status")
+@data_dir_option
+def status_cmd(data_dir: Path) -> None:
+    """Print the persisted state: what serves, the update in flight, release floors."""
+    from .store import StateStore
+
+    if not data_dir.is_dir():
+        err_console.print(f"[red]error:[/red] {data_dir} does not exist")
+        sys.exit(1)
+    loaded = StateStore(data_dir).load()
+    state = loaded.state
+    doc = {
+        "source": loaded.source,
+        "serving": state.serving(),
+        "previous": {k: v.version for k, v in state.previous.items()},
+        "shadow": {k: v.version for k, v in state.shadow.items()},
+        "release_floor": state.release_floor,
+        "last_desired_seq": state.last_desired_seq,
+        "update": None
+        if state.update is None
+        else {
+            "phase": state.update.phase.value,
+            "model": state.update.model,
+            "version": state.update.version,
+            "desired_seq": state.update.desired_seq,
+            "reason": state.update.reason,
+        },
+    }
+    click.echo(json.dumps(doc, indent=2))

@@ -1,0 +1,249 @@
+"""Enrollment: the device makes its own key, asks the server to certify it, and stores its identity.
+
+``enroll(server_url, token, data_dir)``:
+
+1. generates an EC P-256 key on the device (it never leaves it) and a CSR whose CN is the device
+   id (``--device-id``, or a generated ``dev-<12 hex>``);
+2. collects :class:`~device_client.protocol.HardwareFacts` (arch, RAM, CPU count, onnxruntime
+   version and execution providers, OS);
+3. ``POST {server}/api/v1/enroll`` with the one-time enrollment token;
+4. stores in ``data_dir`` (created 0700)::
+
+       identity.json        device id, server/MQTT/TUF endpoints, device token, tags    0600
+       device.key           the private key                                            0600
+       device.crt           the client certificate (CN = device id)                    0644
+       ca.crt               the fleet CA (verifies the broker; trust anchor for mTLS)   0644
+       director.pem         the director's Ed25519 public key (verifies DesiredStates)  0644
+       tuf/root.json        the TUF trusted root the device pins from now on           0644
+
+Every file is written through a temp file, fsync and ``os.replace``. The key is written before the
+request (so a crash cannot leave a certificate without its key) and removed again if enrollment
+fails. An already enrolled directory is refused.
+
+Tags: the server assigns a device's tags from its enrollment token (``EnrollRequest`` has no tags
+field), so ``--tags`` only records the tags the installer expected in ``identity.json`` and warns
+when the server's differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pydantic import ValidationError
+
+from .protocol import HardwareFacts, is_valid_device_id
+from .protocol.enrollment import EnrollRequest, EnrollResponse
+from .protocol.signing import public_key_from_pem
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.json"
+KEY_FILE = "device.key"
+CERT_FILE = "device.crt"
+CA_FILE = "ca.crt"
+DIRECTOR_FILE = "director.pem"
+TUF_DIR = "tuf"
+
+
+class EnrollError(Exception):
+    """Enrollment failed; nothing usable was stored."""
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Identity:
+    """What enrollment stored; the daemon starts from it."""
+
+    device_id: str
+    server_url: str
+    mqtt_host: str
+    mqtt_port: int
+    mqtt_tls: bool
+    tuf_metadata_url: str
+    tuf_targets_url: str
+    device_token: str
+    data_dir: Path
+    tags: dict[str, str] = field(default_factory=dict)
+    requested_tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / KEY_FILE
+
+    @property
+    def cert_file(self) -> Path:
+        return self.data_dir / CERT_FILE
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data_dir / CA_FILE
+
+    @property
+    def director_file(self) -> Path:
+        return self.data_dir / DIRECTOR_FILE
+
+    @property
+    def tuf_dir(self) -> Path:
+        return self.data_dir / TUF_DIR
+
+    def director_keys(self) -> list[Any]:
+        return [public_key_from_pem(self.director_file.read_bytes())]
+
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc.pop("data_dir")
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def load(cls, data_dir: Path) -> Identity:
+        path = Path(data_dir) / IDENTITY_FILE
+        try:
+            doc = json.loads(path.read_bytes())
+            return cls(data_dir=Path(data_dir).absolute(), **doc)
+        except FileNotFoundError:
+            raise EnrollError(f"{path} not found: run `fleet device enroll` first") from None
+        except (ValueError, TypeError) as exc:
+            raise EnrollError(f"{path} is unreadable: {exc}") from None
+
+
+def hardware_facts() -> HardwareFacts:
+    """What this device is: architecture, memory, CPUs and the onnxruntime it runs."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError, AttributeError):
+        ram = 0
+    try:
+        import onnxruntime as ort
+
+        ort_version, providers = ort.__version__, list(ort.get_available_providers())
+    except ImportError:  # pragma: no cover - the device extra installs it
+        ort_version, providers = "none", []
+    return HardwareFacts(
+        arch=(platform.machine() or "unknown")[:32],
+        ram_mb=max(int(ram), 0),
+        cpu_count=os.cpu_count() or 1,
+        onnxruntime_version=ort_version[:32],
+        execution_providers=providers[:32],
+        os=f"{platform.system()} {platform.release()}"[:64],
+    )
+
+
+def new_device_id() -> str:
+    return f"dev-{secrets.token_hex(6)}"
+
+
+def make_csr(device_id: str, key: ec.EllipticCurvePrivateKey) -> str:
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def enroll(
+    server_url: str,
+    token: str,
+    data_dir: Path,
+    *,
+    device_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    timeout_s: float = 30.0,
+    verify: Any = True,
+) -> Identity:
+    """Enroll this device with ``server_url`` and store its identity in ``data_dir``."""
+    data_dir = Path(data_dir).absolute()
+    device_id = device_id or new_device_id()
+    if not is_valid_device_id(device_id):
+        raise EnrollError(f"invalid device id {device_id!r}: use [a-z0-9][a-z0-9-]{{0,62}}")
+    if (data_dir / IDENTITY_FILE).exists():
+        raise EnrollError(f"{data_dir} is already enrolled ({IDENTITY_FILE} exists)")
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data_dir, 0o700)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write(data_dir / KEY_FILE, key_pem, 0o600)
+    try:
+        request = EnrollRequest(token=token, csr_pem=make_csr(device_id, key), hardware=hardware_facts())
+        url = server_url.rstrip("/") + "/api/v1/enroll"
+        try:
+            r = httpx.post(url, json=request.model_dump(mode="json"), timeout=timeout_s, verify=verify)
+        except httpx.HTTPError as exc:
+            raise EnrollError(f"cannot reach {url}: {exc}") from None
+        if r.status_code != 201:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise EnrollError(f"enrollment refused ({r.status_code}): {detail}")
+        try:
+            resp = EnrollResponse.model_validate(r.json())
+        except (ValueError, ValidationError) as exc:
+            raise EnrollError(f"unexpected enrollment response: {exc}") from None
+        if resp.device_id != device_id:
+            raise EnrollError(f"server enrolled {resp.device_id!r}, expected {device_id!r}")
+        cert = x509.load_pem_x509_certificate(resp.certificate_pem.encode())
+        if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+            raise EnrollError("the issued certificate is not for this device's key")
+        public_key_from_pem(resp.director_public_key_pem)  # refuse an unusable director key now
+
+        _write(data_dir / CERT_FILE, resp.certificate_pem.encode(), 0o644)
+        _write(data_dir / CA_FILE, resp.ca_certificate_pem.encode(), 0o644)
+        _write(data_dir / DIRECTOR_FILE, resp.director_public_key_pem.encode(), 0o644)
+        tuf_dir = data_dir / TUF_DIR
+        tuf_dir.mkdir(exist_ok=True, mode=0o700)
+        _write(tuf_dir / "root.json", json.dumps(resp.tuf_root).encode(), 0o644)
+        identity = Identity(
+            device_id=device_id,
+            server_url=server_url.rstrip("/"),
+            mqtt_host=resp.mqtt.host,
+            mqtt_port=resp.mqtt.port,
+            mqtt_tls=resp.mqtt.tls,
+            tuf_metadata_url=resp.tuf_metadata_url,
+            tuf_targets_url=resp.tuf_targets_url,
+            device_token=resp.device_token,
+            data_dir=data_dir,
+            tags=dict(resp.tags),
+            requested_tags=dict(tags or {}),
+        )
+        if tags and dict(tags) != dict(resp.tags):
+            log.warning(
+                "requested tags %s differ from the enrollment token's %s (the token's tags apply)",
+                tags,
+                resp.tags,
+            )
+        _write(data_dir / IDENTITY_FILE, identity.to_json(), 0o600)
+        log.info("enrolled as %s with %s", device_id, server_url)
+        return identity
+    except BaseException:
+        (data_dir / KEY_FILE).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,283 @@
+"""Trust decisions of the device: is a DesiredState genuine, current, and backed by the image repo?
+
+Two independent keys must agree before anything is installed (DESIGN.md section 4, Uptane-style):
+
+1. :func:`verify_desired` (pure: bytes in, a :class:`DesiredState` or a :class:`Rejected` out)
+   checks the director's envelope: well-formed JSON, signed by a trusted director key, addressed
+   to this device, ``seq`` strictly greater than the last accepted one, not expired.
+2. :class:`TufVerifier` refreshes the TUF image repository with ``tuf.ngclient`` (through the
+   project's bounded :class:`~device_client.fetcher.HttpxFetcher`, carrying the device token) and
+   checks that the repository lists the same target with the same length and hashes, and that its
+   custom fields name the same model, version, release and variant. A target that is not listed
+   (never published, or revoked) is refused, so a stolen director key alone cannot install an
+   unlisted or revoked model.
+3. :func:`check_release_floor`: ``release >= floor[model]``, except a rollback to the exact
+   version the device itself ran before (its ``previous`` slot).
+
+Rejection codes (``Rejected.code``) are short and stable; reports carry ``"<code>: <message>"``.
+
+* ``malformed`` not JSON, not an envelope, not a DesiredState;
+* ``unsigned`` no signature at all; ``bad_signature`` no valid signature by a trusted key;
+* ``wrong_device`` addressed to another device;
+* ``duplicate`` the seq already accepted (a redelivered retained message: ignored, not reported);
+* ``replayed`` an older seq; ``expired`` past ``expires_at``;
+* ``target_not_listed``, ``target_mismatch`` (length, hashes or custom fields differ),
+  ``repository_error`` (TUF refresh failed: bad metadata signatures, rollback or freeze attack;
+  :class:`RepositoryUnavailable` when the repository simply could not be reached, which is worth a
+  retry), ``release_floor``.
+
+Trusted root policy: the enrollment root is written as ``root.json`` into the TUF metadata
+directory and used as the trust anchor (``bootstrap=None``: ngclient then keeps ``root.json``
+pointing at the newest root it verified, so root rotations persist across restarts). A fresh
+``Updater`` is built for every check because ngclient refreshes only once per instance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import Updater, UpdaterConfig
+
+from .fetcher import HttpSettings, HttpxFetcher
+from .protocol import DesiredState, InvalidPayload, SignatureError, validate_payload
+from .protocol.messages import MAX_PAYLOAD_BYTES
+from .protocol.signing import verify_envelope
+from .state import Slot
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """A desired state the device refuses; ``code`` is a stable machine-readable reason."""
+
+    code = "rejected"
+
+    def __init__(self, message: str, *, seq: int | None = None, authentic: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        #: the seq the message claims (None when it could not be read)
+        self.seq = seq
+        #: whether the director's signature checked out (then the rejection concerns that seq)
+        self.authentic = authentic
+
+    @property
+    def reason(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class Malformed(Rejected):
+    code = "malformed"
+
+
+class Unsigned(Rejected):
+    code = "unsigned"
+
+
+class BadSignature(Rejected):
+    code = "bad_signature"
+
+
+class WrongDevice(Rejected):
+    code = "wrong_device"
+
+
+class Duplicate(Rejected):
+    code = "duplicate"
+
+
+class Replayed(Rejected):
+    code = "replayed"
+
+
+class Expired(Rejected):
+    code = "expired"
+
+
+class TargetNotListed(Rejected):
+    code = "target_not_listed"
+
+
+class TargetMismatch(Rejected):
+    code = "target_mismatch"
+
+
+class RepositoryError(Rejected):
+    code = "repository_error"
+
+
+class RepositoryUnavailable(RepositoryError):
+    """The repository could not be reached (network, timeout, HTTP 5xx): retry later."""
+
+    code = "repository_unavailable"
+
+
+class ReleaseFloor(Rejected):
+    code = "release_floor"
+
+
+def _claimed_seq(signed: Any) -> int | None:
+    if isinstance(signed, dict) and isinstance(signed.get("seq"), int):
+        return signed["seq"]
+    return None
+
+
+def verify_desired(
+    envelope_bytes: bytes,
+    director_keys: list[Ed25519PublicKey],
+    device_id: str,
+    last_seq: int,
+    now: datetime,
+) -> DesiredState:
+    """The DesiredState inside ``envelope_bytes`` if it is acceptable; else raise :class:`Rejected`."""
+    if len(envelope_bytes) > MAX_PAYLOAD_BYTES:
+        raise Malformed(f"message of {len(envelope_bytes)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        envelope = json.loads(envelope_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Malformed(f"not JSON: {exc}") from None
+    signed = envelope.get("signed") if isinstance(envelope, dict) else None
+    seq = _claimed_seq(signed)
+    if isinstance(envelope, dict) and envelope.get("signatures") == []:
+        raise Unsigned("the envelope carries no signature", seq=seq)
+    try:
+        body = verify_envelope(envelope, director_keys)
+    except InvalidPayload as exc:
+        raise Malformed(str(exc), seq=seq) from None
+    except SignatureError as exc:
+        raise BadSignature(str(exc), seq=seq) from None
+    try:
+        desired = validate_payload(body, DesiredState)
+    except InvalidPayload as exc:
+        raise Malformed(str(exc), seq=seq) from None
+    if desired.device_id != device_id:
+        raise WrongDevice(f"addressed to {desired.device_id!r}, this is {device_id!r}", seq=desired.seq)
+    if desired.seq == last_seq:
+        raise Duplicate(f"seq {desired.seq} was already accepted", seq=desired.seq)
+    if desired.seq < last_seq:
+        raise Replayed(f"seq {desired.seq} is older than the accepted {last_seq}", seq=desired.seq)
+    if desired.expires_at <= now:
+        raise Expired(f"expired at {desired.expires_at.isoformat()}", seq=desired.seq)
+    if desired.expires_at <= desired.issued_at:
+        raise Malformed("expires_at is not after issued_at", seq=desired.seq)
+    sha = desired.hashes.get("sha256", "")
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise Malformed("hashes must include a lowercase hex sha256", seq=desired.seq)
+    return desired
+
+
+def check_release_floor(desired: DesiredState, floor: int, previous: Slot | None) -> None:
+    """Refuse a release below ``floor`` unless it is the device's own previous version."""
+    if desired.release >= floor:
+        return
+    if (
+        previous is not None
+        and previous.model == desired.model
+        and previous.version == desired.version
+        and previous.release == desired.release
+        and previous.variant == desired.variant
+    ):
+        return
+    raise ReleaseFloor(
+        f"release {desired.release} of {desired.model} is below the floor {floor}"
+        " and is not the version this device ran before",
+        seq=desired.seq,
+        authentic=True,
+    )
+
+
+def target_url(targets_url: str, target: str, sha256: str) -> str:
+    """The consistent-snapshot URL of ``target`` (``<dir>/<sha256>.<basename>``)."""
+    directory, base = posixpath.split(target)
+    name = f"{sha256}.{base}"
+    return targets_url.rstrip("/") + "/" + (f"{directory}/{name}" if directory else name)
+
+
+class TufVerifier:
+    """Checks a DesiredState against the TUF image repository (see the module docstring)."""
+
+    def __init__(
+        self,
+        metadata_dir: Path,
+        metadata_url: str,
+        targets_url: str,
+        http: HttpSettings,
+        *,
+        max_metadata_bytes: int = 16 * 1024 * 1024,
+        deadline_s: float = 60.0,
+    ) -> None:
+        self.metadata_dir = Path(metadata_dir)
+        self.metadata_url = metadata_url
+        self.targets_url = targets_url
+        self.http = http
+        self.max_metadata_bytes = max_metadata_bytes
+        self.deadline_s = deadline_s
+
+    def lookup(self, target: str) -> TargetFile | None:
+        """Refresh the metadata and return the listed TargetFile of ``target`` (None: unlisted)."""
+        fetcher = HttpxFetcher(self.http, deadline_s=self.deadline_s, max_bytes=self.max_metadata_bytes)
+        try:
+            updater = Updater(
+                str(self.metadata_dir),
+                self.metadata_url,
+                target_base_url=self.targets_url,
+                fetcher=fetcher,
+                config=UpdaterConfig(prefix_targets_with_hash=True),
+                bootstrap=None,
+            )
+            updater.refresh()
+            return updater.get_targetinfo(target)
+        except tuf_exc.DownloadError as exc:
+            # a 404 of metadata that the chain says must exist is an attack or a broken repo;
+            # timeouts, refused connections and 5xx are an outage worth retrying
+            status = getattr(exc, "status_code", None)
+            if status is not None and status < 500:
+                raise RepositoryError(f"metadata download failed: {exc}") from None
+            raise RepositoryUnavailable(f"repository unreachable: {exc}") from None
+        except (tuf_exc.RepositoryError, OSError, ValueError) as exc:
+            raise RepositoryError(f"TUF refresh failed: {exc.__class__.__name__}: {exc}") from None
+        finally:
+            fetcher.close()
+
+    def check(self, desired: DesiredState) -> TargetFile:
+        """The repository's TargetFile for ``desired.target`` if it matches; else :class:`Rejected`."""
+        try:
+            info = self.lookup(desired.target)
+        except Rejected as exc:
+            exc.seq, exc.authentic = desired.seq, True
+            raise
+        if info is None:
+            raise TargetNotListed(
+                f"{desired.target!r} is not listed by the image repository (unpublished or revoked)",
+                seq=desired.seq,
+                authentic=True,
+            )
+        problems: list[str] = []
+        if info.length != desired.length:
+            problems.append(f"length {info.length} != {desired.length}")
+        if info.hashes.get("sha256") != desired.hashes.get("sha256"):
+            problems.append("sha256 differs")
+        for algo, value in desired.hashes.items():
+            if algo in info.hashes and info.hashes[algo] != value:
+                problems.append(f"{algo} differs")
+        custom = info.custom if isinstance(info.custom, dict) else {}
+        for field in ("model", "version", "release", "variant"):
+            if custom.get(field) != getattr(desired, field):
+                problems.append(f"custom {field} {custom.get(field)!r} != {getattr(desired, field)!r}")
+        if problems:
+            raise TargetMismatch(
+                f"{desired.target!r}: the image repository disagrees: " + "; ".join(sorted(set(problems))),
+                seq=desired.seq,
+                authentic=True,
+            )
+        return info
+
+    def url(self, desired: DesiredState) -> str:
+        return target_url(self.targets_url, desired.target, desired.hashes["sha256"])

@@ -1,0 +1,117 @@
+"""A real device daemon against a real server and a real Mosquitto (mTLS): enroll, install v1,
+upgrade to v2, refuse a v3 that fails validation (kept on v2), automatically revert a v3.1 that
+passes validation but breaches probation in the field, shadow a candidate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device_client.daemon import Daemon
+from device_client.protocol.bundle import MODEL_MEMBER
+from tests.device_client.bundles import make_bundle
+from tests.helpers.device_fleet import (
+    assign,
+    device_settings,
+    enroll_device,
+    events,
+    infer,
+    outcome_for,
+    push_model,
+    replace_bundle,
+    serving_version,
+    wait_for,
+)
+from tests.helpers.onnx_models import make_model, reference_output
+
+pytestmark = pytest.mark.mqtt
+
+QUICK = {"seconds": 0.3, "min_requests": 0}
+X = np.random.default_rng(5).random((2, 4), dtype=np.float32)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_install_upgrade_bad_validation_and_probation_revert(live_server, tmp_path):
+    live = live_server
+    ident = enroll_device(live, tmp_path / "dev", "edge-1")
+    assert (tmp_path / "dev" / "device.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "dev").stat().st_mode & 0o777 == 0o700
+    assert ident.device_id == "edge-1"
+    onnx = tmp_path / "onnx"
+    push_model(live, "clf", "1.0.0", make_model(onnx / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(onnx / "v2.onnx", scale=2.0))
+
+    daemon = Daemon(device_settings(tmp_path / "dev")).start()
+    try:
+        api = daemon.api.url
+        assert daemon.link is not None
+        assert daemon.link.wait_connected(10)
+
+        # v1: first install
+        seq1 = assign(live, "edge-1", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-1", seq1)["phase"] == "succeeded"
+        status, body = infer(api, X)
+        assert status == 200
+        assert body["version"] == "1.0.0"
+        np.testing.assert_allclose(body["outputs"]["y"], reference_output(X, scale=1.0), rtol=1e-5)
+        phases = [e["phase"] for e in events(live, "edge-1") if e["desired_seq"] == seq1]
+        assert phases == ["downloading", "verifying", "installing", "probation", "succeeded"]
+
+        # v2: upgrade, the hot-swap serves the new outputs
+        seq2 = assign(live, "edge-1", "clf", "2.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-1", seq2)["phase"] == "succeeded"
+        status, body = infer(api, X)
+        assert body["version"] == "2.0.0"
+        np.testing.assert_allclose(body["outputs"]["y"], reference_output(X, scale=2.0), rtol=1e-5)
+        assert daemon.state.previous["clf"].version == "1.0.0"
+        assert daemon.state.release_floor["clf"] == 2
+
+        # v3: a signed, listed bundle whose model does not reproduce its validation vectors
+        push_model(live, "clf", "3.0.0", make_model(onnx / "v3.onnx", scale=3.0))
+        bad, _ = make_bundle(
+            tmp_path / "crafted",
+            name="clf",
+            version="3.0.0",
+            release=3,
+            model_file=make_model(tmp_path / "crafted" / MODEL_MEMBER, scale=3.0),
+            perturb_validation=0.5,
+        )
+        replace_bundle(live, "clf", "3.0.0", bad)
+        seq3 = assign(live, "edge-1", "clf", "3.0.0", probation=QUICK)["seq"]
+        out = outcome_for(live, "edge-1", seq3)
+        assert out["phase"] == "failed"
+        assert out["reason"].startswith("model_rejected: validation output 'y' differs")
+        assert serving_version(api) == "2.0.0"
+        assert infer(api, X)[1]["version"] == "2.0.0"
+
+        # v3.1: passes validation (inputs in [0, 1)) but yields NaN on negative inputs in the field
+        push_model(live, "clf", "3.1.0", make_model(onnx / "v31.onnx", scale=2.0, nan_on_negative=True))
+        probation = {"seconds": 60, "min_requests": 5, "max_error_rate": 0.05}
+        seq31 = assign(live, "edge-1", "clf", "3.1.0", probation=probation)["seq"]
+        wait_for(lambda: serving_version(api) == "3.1.0", what="v3.1 swapped in")
+        negative = -np.ones((1, 4), np.float32)
+        sent = 0
+
+        def reverted() -> bool:
+            nonlocal sent
+            if serving_version(api) == "2.0.0":
+                return True
+            infer(api, negative)
+            sent += 1
+            return False
+
+        wait_for(reverted, timeout=20, what="automatic revert")
+        out = outcome_for(live, "edge-1", seq31)
+        assert out["phase"] == "rolled_back"
+        assert out["reason"].startswith("probation_failed:")
+        assert "errors" in out["reason"]
+        numbers = out["details"]["probation"]
+        assert numbers["errors"] >= 2
+        assert numbers["requests"] == numbers["errors"]
+        status, body = infer(api, X)
+        assert (status, body["version"]) == (200, "2.0.0")
+        assert daemon.state.current["clf"].version == "2.0.0"
+        assert daemon.state.previous["clf"].version == "1.0.0"
+        assert daemon.state.release_floor["clf"] == 2
+    finally:
+        daemon.stop()
