@@ -413,5 +413,191 @@ from device_client.cli import device as device_cli  # noqa: E402  (device-only d
 
 main.add_command(device_cli)
 
+# -- rollouts -------------------------------------------------------------------------------------
+EXIT_BY_STATUS = {"completed": 0, "paused": 2, "aborted": 3, "rolled_back": 3}
+
+
+def _parse_gates(items: tuple[str, ...]) -> dict[str, float]:
+    gates: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"invalid gate {item!r}: expected name=value")
+        try:
+            gates[key.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"gate {key!r} needs a number, got {value!r}") from None
+    return gates
+
+
+def rollout_table(state: dict[str, Any]) -> Table:
+    """Per-stage progress of a rollout as a rich table."""
+    title = f"rollout {state['id']}: {state['model']} {state['version']} [{state['status']}]"
+    table = Table(
+        "stage", "devices", "succeeded", "failed", "in progress", "errors", "p95 ms", "agreement", title=title
+    )
+    for v in state["stage_views"]:
+        ph = v["phases"]
+        failed = sum(ph.get(k, 0) for k in ("failed", "rolled_back", "timed_out"))
+        busy = sum(
+            ph.get(k, 0)
+            for k in ("pending", "notified", "downloading", "verifying", "installing", "probation")
+        )
+        h = v["health"]
+        marker = " <" if v["index"] == state["current_stage"] and state["status"] == "running" else ""
+        table.add_row(
+            f"{v['index'] + 1}{' (shadow)' if v['shadow'] else ''}{marker}",
+            str(v["devices"]),
+            str(ph.get("succeeded", 0)),
+            str(failed),
+            str(busy),
+            "" if h["error_rate"] is None else f"{h['error_rate']:.2%}",
+            "" if h["p95_ms"] is None else f"{h['p95_ms']:.1f}",
+            "" if h["agreement"] is None else f"{h['agreement']:.3f}",
+        )
+    if state.get("reason"):
+        table.caption = state["reason"]
+    return table
+
+
+@main.group(cls=ApiGroup)
+def rollout() -> None:
+    """Staged rollouts gated on inference health."""
+
+
+@rollout.command("start")
+@api_options
+@click.argument("model_name")
+@click.argument("version")
+@click.option("--stages", default="1,10,50,100", show_default=True, help="cumulative percents")
+@click.option("--soak", type=float, default=60, show_default=True, help="soak seconds per stage")
+@click.option("--shadow", is_flag=True, help="run the first stage in shadow mode (gated on agreement)")
+@click.option("--on-failure", type=click.Choice(["pause", "rollback"]), default="pause", show_default=True)
+@click.option("--gate", "gates", multiple=True, help="name=value, e.g. max_error_rate=0.02 (repeatable)")
+@click.option("--tag", "tag_exprs", multiple=True, help="select devices with key=value (repeat to AND)")
+@click.option("--device", "device_ids", multiple=True, help="select these device ids")
+@click.option("--arch", default=None, help="select devices of this architecture")
+@click.option("--probation", "probation_s", type=float, default=None, help="device probation seconds")
+@click.option("--max-concurrent", type=int, default=50, show_default=True, help="concurrent downloads")
+@click.option("--device-timeout", type=int, default=900, show_default=True)
+@click.option(
+    "--wait", is_flag=True, help="follow progress; exit 0 completed, 2 paused, 3 rolled back/aborted"
+)
+def rollout_start(
+    url: str,
+    token: str | None,
+    model_name: str,
+    version: str,
+    stages: str,
+    soak: float,
+    shadow: bool,
+    on_failure: str,
+    gates: tuple[str, ...],
+    tag_exprs: tuple[str, ...],
+    device_ids: tuple[str, ...],
+    arch: str | None,
+    probation_s: float | None,
+    max_concurrent: int,
+    device_timeout: int,
+    wait: bool,
+) -> None:
+    """Start a staged rollout of MODEL_NAME VERSION."""
+    try:
+        percents = [float(p) for p in stages.split(",") if p.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--stages must be comma-separated percents, got {stages!r}") from None
+    body: dict[str, Any] = {
+        "model": model_name,
+        "version": version,
+        "selector": {
+            "tags": _parse_tags(",".join(tag_exprs)),
+            "device_ids": list(device_ids),
+            "hardware": {"arch": arch} if arch else {},
+        },
+        "stages": [
+            {"percent": p, "soak_s": soak, "shadow": shadow and i == 0} for i, p in enumerate(percents)
+        ],
+        "gates": _parse_gates(gates),
+        "on_failure": on_failure,
+        "max_concurrent_downloads": max_concurrent,
+        "device_timeout_s": device_timeout,
+    }
+    if probation_s is not None:
+        body["probation"] = {"seconds": probation_s}
+    with _client(url, token) as client:
+        state = client.create_rollout(body)
+        console.print(
+            f"rollout [bold]{state['id']}[/bold] started: {state['devices']} devices in "
+            f"{len(state['stage_views'])} stages"
+        )
+        if wait:
+            state = follow_rollout(client, state["id"])
+    if wait:
+        sys.exit(EXIT_BY_STATUS.get(state["status"], 1))
+
+
+def follow_rollout(client: FleetClient, rollout_id: str, poll_s: float = 1.0) -> dict[str, Any]:
+    """Live per-stage progress until the rollout stops; returns its final state."""
+    from rich.live import Live
+
+    with Live(console=console, refresh_per_second=4) as live:
+        state = client.wait_rollout(
+            rollout_id, poll_s=poll_s, on_update=lambda s: live.update(rollout_table(s))
+        )
+    colour = "green" if state["status"] == "completed" else "red"
+    console.print(f"[{colour}]rollout {rollout_id} {state['status']}[/{colour}]")
+    return state
+
+
+@rollout.command("status")
+@api_options
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True)
+def rollout_status(url: str, token: str | None, rollout_id: str, as_json: bool) -> None:
+    with _client(url, token) as client:
+        state = client.get_rollout(rollout_id)
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+    else:
+        console.print(rollout_table(state))
+
+
+@rollout.command("ls")
+@api_options
+def rollout_ls(url: str, token: str | None) -> None:
+    table = Table("id", "model", "version", "status", "stage", "created")
+    with _client(url, token) as client:
+        for r in client.list_rollouts():
+            table.add_row(
+                r["id"],
+                r["model"],
+                r["version"],
+                r["status"],
+                f"{r['current_stage'] + 1}/{len(r['stages'])}",
+                str(r["created_at"])[:19],
+            )
+    console.print(table)
+
+
+def _rollout_action(action: str, doc: str) -> None:
+    @rollout.command(action, help=doc)
+    @api_options
+    @click.argument("rollout_id")
+    def command(url: str, token: str | None, rollout_id: str) -> None:
+        with _client(url, token) as client:
+            state = client.rollout_action(rollout_id, action)
+        click.echo(f"rollout {rollout_id}: {state['status']}")
+
+
+for _action, _doc in (
+    ("pause", "Pause: no new devices are notified."),
+    ("resume", "Resume a paused rollout."),
+    ("abort", "Abort: pending devices are cancelled."),
+    ("rollback", "Return every touched device to its previous version."),
+    ("promote", "Skip the rest of the current soak."),
+):
+    _rollout_action(_action, _doc)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

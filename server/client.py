@@ -182,3 +182,45 @@ class FleetClient:
 
     def revoke_version(self, name: str, version: str) -> dict[str, Any]:
         return self._call("DELETE", f"/api/v1/models/{name}/versions/{version}")
+
+    # -- rollouts -----------------------------------------------------------------------------
+    def create_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/rollouts", json=body)
+
+    def get_rollout(self, rollout_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/rollouts/{rollout_id}")
+
+    def list_rollouts(self, status: list[str] | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: list[tuple[str, Any]] = [("limit", limit)] + [("status", s) for s in status or []]
+        return self._call("GET", "/api/v1/rollouts", params=params)
+
+    def rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
+        """``action`` is one of start, pause, resume, abort, rollback, promote."""
+        return self._call("POST", f"/api/v1/rollouts/{rollout_id}/{action}")
+
+    def wait_rollout(
+        self,
+        rollout_id: str,
+        *,
+        poll_s: float = 1.0,
+        timeout_s: float | None = None,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the rollout stops (completed, paused, aborted, rolled_back) and return it."""
+        import time
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = self.get_rollout(rollout_id)
+            if on_update is not None:
+                on_update(state)
+            if state["status"] in ("completed", "paused", "aborted", "rolled_back"):
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"rollout {rollout_id} still {state['status']} after {timeout_s}s")
+            time.sleep(poll_s)
+
+    def assign_desired(self, device_id: str, model: str, version: str, **extra: Any) -> dict[str, Any]:
+        return self._call(
+            "PUT", f"/api/v1/devices/{device_id}/desired", json={"model": model, "version": version, **extra}
+        )
