@@ -418,7 +418,7 @@ class Daemon:
         except Rejected as exc:
             self._reject(exc)
             return
-        if desired.seq <= state.last_rejected_seq:
+        if desired.seq == state.last_rejected_seq:  # the rejected retained message, redelivered
             log.debug("desired state %d was already rejected", desired.seq)
             return
         upd = state.update
@@ -481,7 +481,7 @@ class Daemon:
         if exc.authentic and exc.seq is not None:
             self._commit(
                 self.state.model_copy(
-                    update={"last_rejected_seq": max(self.state.last_rejected_seq, exc.seq)}
+                    update={"last_rejected_seq": exc.seq}
                 )
             )
         self._send_report(

@@ -175,7 +175,7 @@ class DeviceState(BaseModel):
     report_seq: int = 0
     #: candidates that passed a shadow probation and keep shadowing until the next desired state
     shadow: dict[str, Slot] = Field(default_factory=dict)
-    #: seq of the last desired state rejected after its signature checked out (a redelivery of the
+    #: seq of the last desired state rejected after its signature checked out (a redelivery of that
     #: retained message is then ignored instead of reported again)
     last_rejected_seq: int = 0
 
