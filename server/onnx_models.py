@@ -1,5 +1,8 @@
 """Build small, real ONNX models with chosen shapes and behaviour (``onnx.helper``).
 
+Used by ``fleet demo`` (its v1/v2/v3 models) and by the tests. Needs the ``onnx`` package (in the
+``server`` and ``dev`` extras).
+
 ``make_model`` writes a model computing ``y = x @ W * scale + bias`` (W deterministic from
 ``seed``), optionally
 

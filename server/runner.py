@@ -63,3 +63,52 @@ def run_server(overrides: dict[str, Any] | None = None) -> None:
     finally:
         if broker is not None:
             broker.stop()
+
+
+class ServerThread:
+    """The app under uvicorn in a background thread (``fleet demo`` and the integration tests)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from server.app import create_app
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app, host=settings.host, port=settings.port, log_level="warning", lifespan="on"
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    @property
+    def ctx(self) -> Any:
+        return self.app.state.ctx
+
+    @property
+    def mqtt(self) -> Any:
+        return self.app.state.mqtt
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        if self.mqtt is not None and not self.mqtt.link.wait_connected(timeout):
+            raise RuntimeError("the server did not connect to the MQTT broker")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from server.mqtt.broker import free_port
+from server.runner import ServerThread
 from tests.helpers.tokens import create_admin_token
 
 
@@ -57,51 +58,8 @@ def mqtt_token(mqtt_ctx):
     return lambda role="admin": create_admin_token(mqtt_ctx, role)
 
 
-class LiveServer:
+class LiveServer(ServerThread):
     """The real app under uvicorn on a free loopback port (devices need real sockets)."""
-
-    def __init__(self, settings) -> None:
-        import threading
-
-        import uvicorn
-
-        from server.app import create_app
-
-        self.settings = settings
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.port}"
-
-    @property
-    def ctx(self):
-        return self.app.state.ctx
-
-    @property
-    def mqtt(self):
-        return self.app.state.mqtt
-
-    def start(self, timeout: float = 20.0) -> LiveServer:
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        if self.mqtt is not None:
-            assert self.mqtt.link.wait_connected(10), "server did not connect to the broker"
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
     def token(self, role: str = "admin") -> str:
         return create_admin_token(self.ctx, role)
