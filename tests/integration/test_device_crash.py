@@ -1,0 +1,162 @@
+"""kill -9 of a real daemon process (``python -m device_client.daemon``) mid-download and
+mid-probation: the restarted daemon resumes the download with an HTTP Range request, and reverts a
+model that was on probation to the last known good one, reporting ``rolled_back``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from device_client.store import StateStore
+from server.mqtt.broker import free_port
+from tests.helpers.device_fleet import (
+    assign,
+    daemon_env,
+    enroll_device,
+    events,
+    infer,
+    outcome_for,
+    push_model,
+    serving_version,
+    wait_event,
+    wait_for,
+)
+from tests.helpers.onnx_models import make_model
+
+pytestmark = pytest.mark.mqtt
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = {"seconds": 0.2, "min_requests": 0}
+
+
+class DaemonProcess:
+    def __init__(self, data_dir: Path, log: Path, **overrides) -> None:
+        self.port = free_port()
+        env = {**os.environ, **daemon_env(data_dir, self.port, **overrides)}
+        self.log = log
+        with open(log, "ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "device_client.daemon", "--data-dir", str(data_dir)],
+                cwd=REPO,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+        def up() -> bool:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                return httpx.get(self.url + "/v1/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=30, interval=0.1, what="daemon API up")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_kill9_mid_download_resumes_with_range(live_server, tmp_path):
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-dl")
+    # a ~2 MB bundle (a 4 x 100000 weight matrix), downloaded at 300 kB/s: several seconds
+    push_model(live, "big", "1.0.0", make_model(tmp_path / "big.onnx", out_dim=100_000))
+    first = DaemonProcess(data, tmp_path / "run1.log", download_rate_limit_bps=300_000)
+    try:
+        seq = assign(live, "edge-dl", "big", "1.0.0", probation=QUICK)["seq"]
+        wait_event(live, "edge-dl", lambda e: e["desired_seq"] == seq and e["phase"] == "downloading")
+        downloads = data / "downloads"
+
+        def partial_size() -> int:
+            return sum(p.stat().st_size for p in downloads.glob("*.partial"))
+
+        wait_for(lambda: partial_size() > 400_000, timeout=20, what="partial download")
+        first.kill9()
+    finally:
+        first.terminate()
+    kept = partial_size()
+    length = next(i.length for p, i in live.ctx.repo.list_targets().items() if p.startswith("big/"))
+    assert 400_000 < kept < length
+
+    second = DaemonProcess(data, tmp_path / "run2.log")
+    try:
+        out = outcome_for(live, "edge-dl", seq, timeout=30)
+        assert out["phase"] == "succeeded", out
+        verifying = next(
+            e for e in events(live, "edge-dl") if e["desired_seq"] == seq and e["phase"] == "verifying"
+        )
+        download = verifying["details"]["download"]
+        assert download["resumed_from"] >= kept  # buffered bytes may have landed after the size was read
+        assert download["http_status"] == 206
+        assert download["content_range"] == f"bytes {download['resumed_from']}-{length - 1}/{length}"
+        assert (
+            f"resuming download of big/1.0.0/default/bundle.tar at byte {download['resumed_from']}"
+            in (tmp_path / "run2.log").read_text()
+        )
+        status, body = infer(second.url, np.ones((1, 4), np.float32))
+        assert (status, body["version"]) == (200, "1.0.0")
+        assert len(body["outputs"]["y"][0]) == 100_000
+        # one report of each phase: the restart did not start the update over
+        phases = [e["phase"] for e in events(live, "edge-dl") if e["desired_seq"] == seq]
+        assert phases == ["downloading", "verifying", "installing", "probation", "succeeded"]
+    finally:
+        second.terminate()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_kill9_mid_probation_reverts_to_last_known_good(live_server, tmp_path):
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-pr")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
+    first = DaemonProcess(data, tmp_path / "run1.log")
+    try:
+        seq1 = assign(live, "edge-pr", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-pr", seq1)["phase"] == "succeeded"
+        seq2 = assign(live, "edge-pr", "clf", "2.0.0", probation={"seconds": 3600})["seq"]
+        wait_event(live, "edge-pr", lambda e: e["desired_seq"] == seq2 and e["phase"] == "probation")
+        assert serving_version(first.url) == "2.0.0"
+        first.kill9()
+    finally:
+        first.terminate()
+
+    second = DaemonProcess(data, tmp_path / "run2.log")
+    try:
+        # the API comes up already serving the last known good model
+        assert serving_version(second.url) == "1.0.0"
+        out = outcome_for(live, "edge-pr", seq2)
+        assert out["phase"] == "rolled_back"
+        assert out["reason"] == "crashed during probation"
+        status, body = infer(second.url, np.ones((1, 4), np.float32))
+        assert (status, body["version"]) == (200, "1.0.0")
+        # the retained desired state (seq2) is not re-applied after the revert
+        second.terminate()
+        state = StateStore(data).load().state
+        assert (state.update, state.last_desired_seq) == (None, seq2)
+        assert state.current["clf"].version == "1.0.0"
+        assert state.release_floor["clf"] == 1
+        phases = [e["phase"] for e in events(live, "edge-pr") if e["desired_seq"] == seq2]
+        assert phases == ["downloading", "verifying", "installing", "probation", "rolled_back"]
+    finally:
+        second.terminate()
