@@ -115,3 +115,58 @@ def test_install_upgrade_bad_validation_and_probation_revert(live_server, tmp_pa
         assert daemon.state.release_floor["clf"] == 2
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_shadow_candidate_never_answers_and_publishes_shadow_windows(live_server, tmp_path):
+    import sqlalchemy as sa
+
+    from server.health.tables import HealthSample
+
+    live = live_server
+    enroll_device(live, tmp_path / "dev", "edge-sh")
+    onnx = tmp_path / "onnx"
+    push_model(live, "clf", "1.0.0", make_model(onnx / "v1.onnx"))
+    push_model(live, "clf", "1.1.0", make_model(onnx / "v11.onnx", slow_factor=2))  # same answers
+    daemon = Daemon(device_settings(tmp_path / "dev", shadow_sample_rate=1.0)).start()
+    try:
+        api = daemon.api.url
+        seq1 = assign(live, "edge-sh", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-sh", seq1)["phase"] == "succeeded"
+        probation = {"seconds": 0.5, "min_requests": 5}
+        seq2 = assign(live, "edge-sh", "clf", "1.1.0", mode="shadow", probation=probation)["seq"]
+        wait_for(lambda: daemon.api.health()["models"]["clf"]["shadow"] == "1.1.0", what="shadow loaded")
+
+        def shadowed_enough() -> bool:
+            status, body = infer(api, X)
+            assert (status, body["version"]) == (200, "1.0.0")  # the candidate never answers
+            return daemon.state.update is None
+
+        wait_for(shadowed_enough, what="shadow probation over")
+        out = outcome_for(live, "edge-sh", seq2)
+        assert out["phase"] == "succeeded", out
+        assert out["details"]["probation"]["agreement"] == 1.0
+        assert daemon.state.shadow["clf"].version == "1.1.0"
+        assert daemon.state.current["clf"].version == "1.0.0"
+
+        def shadow_windows() -> list:
+            with live.ctx.db.session_scope() as s:
+                return list(
+                    s.execute(
+                        sa.select(HealthSample.version, HealthSample.requests, HealthSample.agreement)
+                        .where(HealthSample.device_id == "edge-sh", HealthSample.mode == "shadow")
+                        .where(HealthSample.requests > 0)
+                    )
+                )
+
+        rows = wait_for(shadow_windows, what="shadow health windows")
+        assert all(v == "1.1.0" and a == 1.0 for v, _, a in rows)
+
+        # the next desired state (serve the candidate) ends the shadow and swaps it in
+        seq3 = assign(live, "edge-sh", "clf", "1.1.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-sh", seq3)["phase"] == "succeeded"
+        assert infer(api, X)[1]["version"] == "1.1.0"
+        assert daemon.api.health()["models"]["clf"]["shadow"] is None
+        assert daemon.state.shadow == {}
+    finally:
+        daemon.stop()
