@@ -599,5 +599,30 @@ for _action, _doc in (
     _rollout_action(_action, _doc)
 
 
+# -- demo -----------------------------------------------------------------------------------------
+@main.command("demo")
+@click.option(
+    "--devices",
+    "n_devices",
+    type=click.IntRange(1, 50),
+    default=4,
+    show_default=True,
+    help="real device daemons to run (each a process with onnxruntime)",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="keep everything here (default: a temporary directory, removed afterwards)",
+)
+def demo_cmd(n_devices: int, workdir: Path | None) -> None:
+    """Server + Mosquitto + real device daemons: roll out a good version in stages, then a bad one
+    whose canary trips and is rolled back automatically."""
+    from server.demo import demo
+
+    logging.getLogger().setLevel(logging.WARNING)
+    sys.exit(demo(n_devices, workdir))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -55,6 +55,8 @@ class DeviceOut(BaseModel):
     arch: str
     hardware: dict[str, Any]
     tags: dict[str, str]
+    #: what the device reports it serves: {model: version}
+    serving: dict[str, str]
     created_at: datetime
     last_seen_at: datetime | None
     decommissioned_at: datetime | None

@@ -50,6 +50,7 @@ def device_out(d: Device) -> DeviceOut:
         arch=d.arch,
         hardware=d.hardware,
         tags=d.tag_dict(),
+        serving=dict(d.serving or {}),
         created_at=d.created_at,
         last_seen_at=d.last_seen_at,
         decommissioned_at=d.decommissioned_at,

@@ -118,7 +118,10 @@ class MqttLink:
     ) -> None:
         self._connected.clear()
         self.subscribed.clear()
-        log.warning("MQTT disconnected: %s", reason_code)
+        if reason_code.is_failure:
+            log.warning("MQTT disconnected: %s (reconnecting)", reason_code)
+        else:
+            log.info("MQTT disconnected: %s", reason_code)
 
     def _on_device_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self.on_message(msg.topic, msg.payload, datetime.now(UTC))

@@ -144,11 +144,14 @@ class RolloutEngine:
         gates = gates_of(rollout)
         service = RolloutService(session, self.ctx)
         if early_trip(gates, counts, len(members)):
+            why = sorted(
+                {f"{d.device_id}: {d.phase.value}: {d.reason}" for d, _ in members if d.phase in FAILED}
+            )
             self._fail(
                 service,
                 rollout,
-                f"stage {idx + 1}: {counts.failed} of {len(members)} devices failed",
-                {"stage": idx, "passed": False, "numbers": asdict(counts)},
+                f"stage {idx + 1}: {counts.failed} of {len(members)} devices failed ({'; '.join(why[:3])})",
+                {"stage": idx, "passed": False, "numbers": asdict(counts), "devices": why[:20]},
             )
             return
         if not counts.settled:
