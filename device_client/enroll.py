@@ -45,6 +45,7 @@ from pydantic import ValidationError
 
 from .protocol import HardwareFacts, is_valid_device_id
 from .protocol.enrollment import EnrollRequest, EnrollResponse
+from .protocol.fsutil import atomic_write
 from .protocol.signing import public_key_from_pem
 
 log = logging.getLogger(__name__)
@@ -59,21 +60,6 @@ TUF_DIR = "tuf"
 
 class EnrollError(Exception):
     """Enrollment failed; nothing usable was stored."""
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -191,7 +177,7 @@ def enroll(
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write(data_dir / KEY_FILE, key_pem, 0o600)
+    atomic_write(data_dir / KEY_FILE, key_pem, 0o600)
     try:
         request = EnrollRequest(token=token, csr_pem=make_csr(device_id, key), hardware=hardware_facts())
         url = server_url.rstrip("/") + "/api/v1/enroll"
@@ -216,12 +202,12 @@ def enroll(
             raise EnrollError("the issued certificate is not for this device's key")
         public_key_from_pem(resp.director_public_key_pem)  # refuse an unusable director key now
 
-        _write(data_dir / CERT_FILE, resp.certificate_pem.encode(), 0o644)
-        _write(data_dir / CA_FILE, resp.ca_certificate_pem.encode(), 0o644)
-        _write(data_dir / DIRECTOR_FILE, resp.director_public_key_pem.encode(), 0o644)
+        atomic_write(data_dir / CERT_FILE, resp.certificate_pem.encode(), 0o644)
+        atomic_write(data_dir / CA_FILE, resp.ca_certificate_pem.encode(), 0o644)
+        atomic_write(data_dir / DIRECTOR_FILE, resp.director_public_key_pem.encode(), 0o644)
         tuf_dir = data_dir / TUF_DIR
         tuf_dir.mkdir(exist_ok=True, mode=0o700)
-        _write(tuf_dir / "root.json", json.dumps(resp.tuf_root).encode(), 0o644)
+        atomic_write(tuf_dir / "root.json", json.dumps(resp.tuf_root).encode(), 0o644)
         identity = Identity(
             device_id=device_id,
             server_url=server_url.rstrip("/"),
@@ -241,7 +227,7 @@ def enroll(
                 tags,
                 resp.tags,
             )
-        _write(data_dir / IDENTITY_FILE, identity.to_json(), 0o600)
+        atomic_write(data_dir / IDENTITY_FILE, identity.to_json(), 0o600)
         log.info("enrolled as %s with %s", device_id, server_url)
         return identity
     except BaseException:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import ssl
 import threading
 from collections.abc import Callable
@@ -42,17 +41,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .protocol.fsutil import atomic_write
+
 log = logging.getLogger(__name__)
 
 MessageCallback = Callable[[str, bytes], None]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -81,14 +74,8 @@ class ReportJournal:
         with self._lock:
             if path.exists():
                 return False
-            tmp = path.with_suffix(".tmp")
             doc = json.dumps({"seq": seq, "topic": topic, "payload": payload.decode("utf-8")}).encode()
-            with open(tmp, "wb") as fh:
-                fh.write(doc)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.dir)
+            atomic_write(path, doc, mode=0o600)
             return True
 
     def remove(self, seq: int) -> None:

@@ -58,25 +58,16 @@ from pydantic import ValidationError
 
 from .config import DeviceSettings
 from .health import HealthRecorder
-from .protocol.bundle import MANIFEST_MEMBER, MODEL_MEMBER, VALIDATION_MEMBER, BundleManifest, TensorSpec
+from .protocol.bundle import (
+    MANIFEST_MEMBER,
+    MODEL_MEMBER,
+    ORT_DTYPES,
+    VALIDATION_MEMBER,
+    BundleManifest,
+    TensorSpec,
+)
 
 log = logging.getLogger(__name__)
-
-#: onnxruntime element types <-> the dtype strings used in bundle.json
-ORT_TYPES: dict[str, str] = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(uint8)": "uint8",
-    "tensor(uint16)": "uint16",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-    "tensor(bool)": "bool",
-}
 
 
 class ModelRejected(Exception):
@@ -184,7 +175,7 @@ def _check_signature(kind: str, specs: list[TensorSpec], args: list[Any]) -> Non
             want = np.dtype(spec.dtype)
         except TypeError:
             raise ModelRejected(f"bundle.json {kind} {spec.name!r}: unknown dtype {spec.dtype!r}") from None
-        have = ORT_TYPES.get(arg.type)
+        have = ORT_DTYPES.get(arg.type)
         if have is None or np.dtype(have) != want:
             raise ModelRejected(f"{kind} {spec.name!r} is {arg.type}, bundle.json says {spec.dtype}")
         shape = list(arg.shape)
@@ -194,9 +185,7 @@ def _check_signature(kind: str, specs: list[TensorSpec], args: list[Any]) -> Non
             )
         for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
             if isinstance(got, int) and isinstance(want, int) and got != want:
-                raise ModelRejected(
-                    f"{kind} {spec.name!r} axis {axis} is {got}, bundle.json says {want}"
-                )
+                raise ModelRejected(f"{kind} {spec.name!r} axis {axis} is {got}, bundle.json says {want}")
 
 
 def outputs_agree(

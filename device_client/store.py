@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from .protocol import BundleError
 from .protocol.bundle import MANIFEST_MEMBER, BundleManifest, extract_bundle
+from .protocol.fsutil import fsync_dir
 from .protocol.signing import canonical_json
 from .state import DeviceState, Slot
 
@@ -74,15 +75,6 @@ def _disk_errors(what: str) -> Iterator[None]:
         if exc.errno in _DISK_FULL:
             raise DiskFull(what, exc) from exc
         raise
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a rename inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def encode_state(state: DeviceState) -> bytes:

@@ -32,6 +32,22 @@ DEFAULT_MAX_MEMBER_BYTES = 2 * 1024**3
 DEFAULT_MAX_TOTAL_BYTES = 4 * 1024**3
 _CHUNK = 1024 * 1024
 
+#: onnxruntime tensor types -> the dtype strings of TensorSpec (numpy dtype names)
+ORT_DTYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
 
 class TensorSpec(BaseModel):
     """One input or output of the model: name, element type, shape (None/str = dynamic)."""

@@ -41,6 +41,7 @@ from tuf.api.metadata import TargetFile
 
 from device_client.protocol.bundle import (
     MODEL_MEMBER,
+    ORT_DTYPES,
     VALIDATION_MEMBER,
     TensorSpec,
     ValidationSpec,
@@ -70,21 +71,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: onnxruntime tensor type -> numpy dtype name
-ORT_DTYPES: dict[str, str] = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(uint8)": "uint8",
-    "tensor(uint16)": "uint16",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-    "tensor(bool)": "bool",
-}
 VALIDATION_SEED = 20240601
 MAX_VALIDATION_ELEMENTS = 16 * 1024 * 1024
 
