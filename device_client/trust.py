@@ -235,10 +235,11 @@ class TufVerifier:
             updater.refresh()
             return updater.get_targetinfo(target)
         except tuf_exc.DownloadError as exc:
-            # a 404 of metadata that the chain says must exist is an attack or a broken repo;
-            # timeouts, refused connections and 5xx are an outage worth retrying
+            # a 404 of metadata that the chain says must exist, or metadata longer than its cap
+            # (ngclient's max length or ours), is an attack or a broken repo; timeouts, refused
+            # connections and 5xx are an outage worth retrying
             status = getattr(exc, "status_code", None)
-            if status is not None and status < 500:
+            if isinstance(exc, tuf_exc.DownloadLengthMismatchError) or (status is not None and status < 500):
                 raise RepositoryError(f"metadata download failed: {exc}") from None
             raise RepositoryUnavailable(f"repository unreachable: {exc}") from None
         except (tuf_exc.RepositoryError, OSError, ValueError) as exc:
