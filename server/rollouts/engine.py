@@ -193,7 +193,7 @@ class RolloutEngine:
             return
         rollout.verdict = record
         if idx + 1 == len(stages):
-            service._set_status(rollout, RolloutStatus.completed, ENGINE, "rollout.complete", record)
+            service.transition(rollout, RolloutStatus.completed, ENGINE, "rollout.complete", record)
             log.info("rollout %s completed", rollout.id)
             return
         rollout.current_stage = idx + 1
@@ -260,7 +260,7 @@ class RolloutEngine:
             service.begin_rollback(rollout, ENGINE, reason, verdict)
             rollout.stage_started_at = utcnow()
         else:
-            service._set_status(rollout, RolloutStatus.paused, ENGINE, "rollout.pause", {"reason": reason})
+            service.transition(rollout, RolloutStatus.paused, ENGINE, "rollout.pause", {"reason": reason})
             rollout.reason = reason
             rollout.verdict = verdict
 
@@ -281,5 +281,5 @@ class RolloutEngine:
         if waiting == 0 or overdue:
             service = RolloutService(session, self.ctx)
             details = {"unconfirmed_devices": waiting} if waiting else {}
-            service._set_status(rollout, RolloutStatus.rolled_back, ENGINE, "rollout.rolled_back", details)
+            service.transition(rollout, RolloutStatus.rolled_back, ENGINE, "rollout.rolled_back", details)
             log.info("rollout %s rolled back%s", rollout.id, f" ({waiting} unconfirmed)" if waiting else "")

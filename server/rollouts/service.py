@@ -123,7 +123,7 @@ class RolloutService:
             {"model": body.model, "version": body.version, "devices": len(devices), "stage_sizes": sizes},
         )
         if body.start:
-            self._set_status(rollout, RolloutStatus.running, by, "rollout.start")
+            self.transition(rollout, RolloutStatus.running, by, "rollout.start")
             rollout.stage_started_at = utcnow()
         return self.detail(rollout.id)
 
@@ -134,7 +134,7 @@ class RolloutService:
             raise NotFound(f"no rollout {rollout_id!r}")
         return rollout
 
-    def _set_status(
+    def transition(
         self,
         rollout: Rollout,
         status: RolloutStatus,
@@ -152,19 +152,19 @@ class RolloutService:
 
     def start(self, rollout_id: str, by: Principal) -> RolloutDetail:
         rollout = self.get(rollout_id, for_update=True)
-        self._set_status(rollout, RolloutStatus.running, by, "rollout.start")
+        self.transition(rollout, RolloutStatus.running, by, "rollout.start")
         rollout.stage_started_at = utcnow()
         return self.detail(rollout_id)
 
     def pause(self, rollout_id: str, by: Principal, reason: str = "paused by operator") -> RolloutDetail:
         rollout = self.get(rollout_id, for_update=True)
-        self._set_status(rollout, RolloutStatus.paused, by, "rollout.pause")
+        self.transition(rollout, RolloutStatus.paused, by, "rollout.pause")
         rollout.reason = reason
         return self.detail(rollout_id)
 
     def resume(self, rollout_id: str, by: Principal) -> RolloutDetail:
         rollout = self.get(rollout_id, for_update=True)
-        self._set_status(rollout, RolloutStatus.running, by, "rollout.resume")
+        self.transition(rollout, RolloutStatus.running, by, "rollout.resume")
         rollout.reason = None
         rollout.soak_until = None  # re-soak the current stage
         return self.detail(rollout_id)
@@ -185,7 +185,7 @@ class RolloutService:
     def abort(self, rollout_id: str, by: Principal) -> RolloutDetail:
         """Stop here: pending devices are cancelled; devices keep what they have."""
         rollout = self.get(rollout_id, for_update=True)
-        self._set_status(rollout, RolloutStatus.aborted, by, "rollout.abort")
+        self.transition(rollout, RolloutStatus.aborted, by, "rollout.abort")
         for dep, _, _ in self.rollouts.deployments(rollout.id):
             if dep.phase == DeploymentPhase.pending:
                 dep.phase = DeploymentPhase.cancelled
@@ -206,7 +206,7 @@ class RolloutService:
         self, rollout: Rollout, by: Principal | str, reason: str, verdict: dict[str, Any] | None = None
     ) -> int:
         """Send every touched device back to its previous version; cancel the untouched."""
-        self._set_status(rollout, RolloutStatus.rolling_back, by, "rollout.rollback", {"reason": reason})
+        self.transition(rollout, RolloutStatus.rolling_back, by, "rollout.rollback", {"reason": reason})
         rollout.reason = reason
         if verdict is not None:
             rollout.verdict = verdict
