@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -39,6 +40,8 @@ from server.trust.pki import parse_csr, serial_hex
 
 if TYPE_CHECKING:
     from server.context import ServerContext
+
+log = logging.getLogger(__name__)
 
 CRL_FILE = "crl.pem"
 
@@ -251,10 +254,16 @@ class DeviceService:
         return device_out(device)
 
     def write_crl(self, revoked: list[tuple[str, datetime]] | None = None) -> None:
-        """Write the CRL the broker loads (``crlfile`` in the generated mosquitto.conf)."""
+        """Write the CRL the broker loads (``crlfile`` in the generated mosquitto.conf) and make a
+        local broker running that configuration re-read it (see :mod:`server.mqtt.reload`)."""
+        from server.mqtt.reload import reload_local_brokers
+
         if revoked is None:
             revoked = RevocationRepository(self.session).all()
-        self.ctx.ca.write_crl(self.ctx.settings.broker_dir / CRL_FILE, revoked)
+        broker_dir = self.ctx.settings.broker_dir
+        self.ctx.ca.write_crl(broker_dir / CRL_FILE, revoked)
+        if not reload_local_brokers(broker_dir / "mosquitto.conf"):
+            log.info("no local broker runs %s; reload the broker to apply the new CRL", broker_dir)
 
     def assign_desired(self, device_id: str, body: DesiredAssign, by: Principal) -> DesiredOut:
         """Sign and publish a DesiredState pinning one device to a version (direct deployment)."""
