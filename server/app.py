@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse
 
 from server.config import Settings
 from server.context import ServerContext
-from server.http.errors import install_error_handlers
+from server.http.errors import ERROR_RESPONSES, install_error_handlers
 from server.http.routers import admin, catalog, devices, rollouts, tuf
 from server.mqtt.runtime import MqttRuntime
 from server.rollouts.engine import RolloutEngine
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     for module in (admin, devices, catalog, rollouts, tuf):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:

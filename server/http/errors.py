@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from server.errors import FleetError, Unauthorized
 
 log = logging.getLogger(__name__)
+
+
+class ErrorOut(BaseModel):
+    """An error body: a domain error's message and code, or FastAPI's list of validation errors."""
+
+    detail: str | list[dict[str, Any]]
+    code: str | None = None
+
+
+#: documented on every route, so that a domain 422 (``Invalid``) matches the OpenAPI schema too
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorOut, "description": "invalid request (validation or domain error)"}
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
