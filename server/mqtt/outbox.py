@@ -37,6 +37,23 @@ def enqueue(
     session.info[OUTBOX_DIRTY] = True
 
 
+def enqueue_many(
+    session: Session, messages: Sequence[tuple[str, dict[str, Any]]], *, qos: int = 1, retain: bool = True
+) -> None:
+    """Queue many messages (topic, JSON payload) with one multi-row INSERT in the caller's
+    transaction (the rollout engine notifies thousands of devices at once)."""
+    if not messages:
+        return
+    now = utcnow()
+    rows = [
+        {"topic": topic, "payload": json.dumps(payload, separators=(",", ":")).encode(), "qos": qos,
+         "retain": retain, "created_at": now, "attempts": 0}
+        for topic, payload in messages
+    ]  # fmt: skip
+    session.execute(sa.insert(OutboxMessage.__table__), rows)  # type: ignore[arg-type]
+    session.info[OUTBOX_DIRTY] = True
+
+
 class OutboxRepository:
     def __init__(self, session: Session) -> None:
         self.session = session

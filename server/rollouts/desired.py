@@ -19,7 +19,7 @@ from server.catalog.tables import ModelArtifact
 from server.db import utcnow
 from server.devices.tables import Device, DeviceStatus
 from server.errors import Conflict, Invalid, NotFound
-from server.mqtt.outbox import enqueue
+from server.mqtt.outbox import enqueue, enqueue_many
 from server.rollouts.repository import CatalogLookup, DesiredRepository
 from server.rollouts.tables import DesiredRecord
 
@@ -65,6 +65,38 @@ class DesiredStateService:
         self.ctx = ctx
         self.records = DesiredRepository(session)
         self.catalog = CatalogLookup(session)
+        #: (model, version) -> (version row, its artifacts), looked up once per service instance
+        self._versions: dict[tuple[str, str], tuple[Any, list[ModelArtifact]]] = {}
+        #: current records of prefetched devices (None = known to have none): no SELECT per device
+        self._prefetched: dict[str, DesiredRecord | None] = {}
+        #: bulk mode (after :meth:`prefetch`): new records and outbox rows, written by :meth:`flush_bulk`
+        self._new: dict[str, dict[str, Any]] = {}
+        self._outbox: list[tuple[str, dict[str, Any]]] = []
+
+    def prefetch(self, device_ids: list[str]) -> None:
+        """Bulk mode for signing many DesiredStates in one transaction (the engine notifies
+        thousands of devices per tick): the devices' current records are loaded at once, and new
+        records and outbox rows are written with one multi-row INSERT each by :meth:`flush_bulk`."""
+        found = {r.device_id: r for r in self.records.for_devices(device_ids)}
+        for device_id in device_ids:
+            self._prefetched[device_id] = found.get(device_id)
+
+    def flush_bulk(self) -> None:
+        if self._new:
+            self.records.insert_many(list(self._new.values()))
+            self._new.clear()
+        if self._outbox:
+            enqueue_many(self.session, self._outbox)
+            self._outbox.clear()
+
+    def _version(self, model: str, version: str) -> tuple[Any, list[ModelArtifact]]:
+        key = (model, version)
+        if key not in self._versions:
+            mv = self.catalog.active_version(model, version)
+            if mv is None:
+                raise NotFound(f"no active version {version!r} of model {model!r}")
+            self._versions[key] = (mv, list(self.catalog.artifacts(mv.id)))
+        return self._versions[key]
 
     def assign(
         self,
@@ -80,10 +112,8 @@ class DesiredStateService:
         """Sign a new DesiredState for ``device`` and queue it for publishing."""
         if device.status == DeviceStatus.decommissioned:
             raise Conflict(f"device {device.id!r} is decommissioned")
-        mv = self.catalog.active_version(model, version)
-        if mv is None:
-            raise NotFound(f"no active version {version!r} of model {model!r}")
-        artifact = pick_artifact(list(self.catalog.artifacts(mv.id)), device, variant)
+        mv, artifacts = self._version(model, version)
+        artifact = pick_artifact(artifacts, device, variant)
         fields: dict[str, Any] = {
             "rollout_id": rollout_id,
             "model": model,
@@ -118,22 +148,33 @@ class DesiredStateService:
             **fields,
         )
         envelope = self.ctx.director.sign(desired)
-        record = self.records.upsert(
-            DesiredRecord(
-                device_id=device.id,
-                seq=desired.seq,
-                rollout_id=desired.rollout_id,
-                model=desired.model,
-                version=desired.version,
-                release=desired.release,
-                variant=desired.variant,
-                mode=desired.mode.value,
-                probation=desired.probation.model_dump(mode="json"),
-                issued_at=desired.issued_at,
-                expires_at=desired.expires_at,
-                envelope=envelope,
-            )
-        )
+        values: dict[str, Any] = {
+            "device_id": device.id,
+            "seq": desired.seq,
+            "rollout_id": desired.rollout_id,
+            "model": desired.model,
+            "version": desired.version,
+            "release": desired.release,
+            "variant": desired.variant,
+            "mode": desired.mode.value,
+            "probation": desired.probation.model_dump(mode="json"),
+            "issued_at": desired.issued_at,
+            "expires_at": desired.expires_at,
+            "envelope": envelope,
+        }
+        topic = device_topic(device.id, TopicKind.desired)
+        if device.id in self._prefetched:
+            record = self._prefetched[device.id]
+            if record is None or device.id in self._new:
+                self._new[device.id] = values
+                record = DesiredRecord(**values)  # transient: inserted by flush_bulk
+                self._prefetched[device.id] = record
+            else:
+                for key, value in values.items():
+                    setattr(record, key, value)
+            self._outbox.append((topic, envelope))
+            return record
+        record = self.records.upsert(DesiredRecord(**values))
         enqueue(self.session, device_topic(device.id, TopicKind.desired), envelope, qos=1, retain=True)
         return record
 

@@ -232,6 +232,7 @@ class RolloutEngine:
         repo = RolloutRepository(session)
         devices: dict[str, Device] = {d.id: d for d in repo.devices([dep.device_id for dep in deps])}
         desired = DesiredStateService(session, self.ctx)
+        desired.prefetch(list(devices))
         probation = Probation.model_validate(rollout.probation)
         for dep in deps:
             try:
@@ -253,6 +254,7 @@ class RolloutEngine:
             dep.desired_seq = record.seq
             dep.notified_at = now
             dep.details = {**(dep.details or {}), "mode": mode.value}
+        desired.flush_bulk()
 
     def _fail(self, service: RolloutService, rollout: Rollout, reason: str, verdict: dict) -> None:
         log.warning("rollout %s: %s (on_failure=%s)", rollout.id, reason, rollout.on_failure)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -23,6 +24,18 @@ class DesiredRepository:
 
     def upsert(self, record: DesiredRecord) -> DesiredRecord:
         return self.session.merge(record)
+
+    def insert_many(self, rows: list[dict[str, Any]]) -> None:
+        """One multi-row INSERT of new records (no ORM objects: the engine signs thousands)."""
+        if rows:
+            self.session.execute(sa.insert(DesiredRecord.__table__), rows)  # type: ignore[arg-type]
+
+    def for_devices(self, device_ids: Sequence[str], chunk: int = 500) -> list[DesiredRecord]:
+        out: list[DesiredRecord] = []
+        for i in range(0, len(device_ids), chunk):
+            q = sa.select(DesiredRecord).where(DesiredRecord.device_id.in_(list(device_ids[i : i + chunk])))
+            out.extend(self.session.scalars(q))
+        return out
 
     def expiring(self, device_ids: Sequence[str], before: datetime) -> Sequence[DesiredRecord]:
         if not device_ids:
