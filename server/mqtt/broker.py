@@ -141,6 +141,7 @@ def write_broker_config(
     ips: tuple[str, ...] = ("127.0.0.1",),
     revoked: list[tuple[str, datetime]] | None = None,
     user: str | None = None,
+    max_connections: int = -1,
 ) -> BrokerFiles:
     """Write mosquitto.conf, certificates, CRL and ACL into ``outdir``.
 
@@ -159,7 +160,8 @@ def write_broker_config(
     if revoked is not None or not (outdir / CRL_FILE).exists():
         ca.write_crl(outdir / CRL_FILE, revoked or [])
     atomic_write(outdir / ACL_FILE, acl_text().encode())
-    atomic_write(outdir / CONF_FILE, conf_text(outdir, port, bind, user or getpass.getuser()).encode())
+    conf = conf_text(outdir, port, bind, user or getpass.getuser(), max_connections)
+    atomic_write(outdir / CONF_FILE, conf.encode())
     return BrokerFiles(outdir=outdir, port=port)
 
 
