@@ -141,7 +141,7 @@ def verify_desired(
         raise Malformed(f"message of {len(envelope_bytes)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
         envelope = json.loads(envelope_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise Malformed(f"not JSON: {exc}") from None
     signed = envelope.get("signed") if isinstance(envelope, dict) else None
     seq = _claimed_seq(signed)

@@ -200,7 +200,7 @@ def parse_payload(data: bytes | str, model: type[P]) -> P:
         raise InvalidPayload(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise InvalidPayload(f"not JSON: {exc}") from None
     return validate_payload(obj, model)
 

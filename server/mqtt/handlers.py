@@ -123,7 +123,11 @@ class IngestWorker:
                     items.append(self.queue.get(timeout=remaining))
                 except queue.Empty:
                     break
-            self.process(items)
+            try:
+                self.process(items)
+            except Exception:  # never let one bad batch stop the ingest thread
+                log.exception("ingest batch failed; dropped %d messages", len(items))
+                self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
             if self.queue.empty():
                 self._idle.set()
 
