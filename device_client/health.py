@@ -192,6 +192,14 @@ class HealthRecorder:
             win, self._win = self._win, _Acc(now)
         return win.stats(now)
 
+    def reset_shadow_window(self) -> None:
+        """Drop the current window's shadow comparisons (a new candidate starts: the window is
+        published under the candidate shadowing at that time, so it must hold only its samples)."""
+        with self._lock:
+            win = self._win
+            win.shadow_latencies = []
+            win.shadow_requests = win.shadow_agreed = win.shadow_errors = win.shadow_dropped = 0
+
     def mark(self) -> None:
         """Start a new period (at a swap): ``since_mark`` then covers only the new model."""
         with self._lock:

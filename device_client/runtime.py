@@ -521,6 +521,7 @@ class ModelHost:
             raise ValueError(f"model {candidate.name!r} cannot shadow {self.name!r}")
         self.stop_shadow()
         self.health.mark()
+        self.health.reset_shadow_window()  # the previous candidate's comparisons are not this one's
         self._shadow = _ShadowRunner(
             candidate,
             self.health,

@@ -233,6 +233,23 @@ def test_shadow_different_model_low_agreement_candidate_never_answers(make_slot)
     assert p.agreement < 0.7
 
 
+def test_a_new_shadow_candidate_starts_a_clean_shadow_window(make_slot) -> None:
+    """Windows are published under the candidate shadowing at publish time: when the candidate
+    changes mid-window, the previous one's comparisons must not count for the new one."""
+    host = ModelHost("clf", shadow_queue_size=1000)
+    host.install(make_slot("1.0.0", seed=0))
+    host.start_shadow(host.load(make_slot("2.0.0", scale=-1.0)), sample_rate=1.0)  # never agrees
+    for _ in range(20):
+        host.infer({"x": X})
+    host.start_shadow(host.load(make_slot("1.1.0")), sample_rate=1.0)  # same answers
+    for _ in range(10):
+        host.infer({"x": X})
+    host.stop_shadow()
+    window = host.health.snapshot_and_reset()
+    assert (window.shadow_requests, window.agreement) == (10, 1.0)
+    assert window.requests == 30  # the serving model's own counts are untouched
+
+
 def test_shadow_drops_samples_instead_of_blocking(make_slot) -> None:
     host = ModelHost("clf", shadow_queue_size=1)
     host.install(make_slot("1.0.0"))
