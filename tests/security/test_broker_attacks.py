@@ -1,0 +1,258 @@
+"""Attacks on the MQTT broker: a device is confined to its own topics (ACL ``pattern`` on ``%u``),
+and only current certificates of the fleet CA get in (mTLS, CRL).
+
+Devices are enrolled through the real enrollment endpoint; the broker is the embedded one
+(``start_embedded_broker``: the config, CA and CRL of the server's ``broker_dir``), so a
+decommission through the admin API writes the very CRL this broker loads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from server.mqtt.broker import BrokerFiles, free_port, issue_client_files
+from server.trust.keys import atomic_write, private_key_pem
+from server.trust.pki import FleetCA, cert_pem
+from tests.helpers.mosquitto import Broker, ConnectFailed, mqtt_connect
+from tests.helpers.pki import HARDWARE, key_pem, make_csr
+
+pytestmark = pytest.mark.mqtt
+
+NOT_AUTHORIZED = 135  # MQTT 5 reason code of a PUBACK the ACL refused
+
+
+@pytest.fixture
+def fleet(settings, tmp_path) -> Iterator[tuple]:
+    """(TestClient, ServerContext, settings) of a server without the MQTT bridge."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    s = settings.model_copy(update={"mqtt_port": free_port()})
+    with TestClient(create_app(s)) as client:
+        yield client, client.app.state.ctx, s
+
+
+@pytest.fixture
+def embedded(fleet) -> Iterator[Broker]:
+    """The embedded broker of ``fleet``; ``restart()`` starts it again (re-reading the CRL)."""
+    from server.runner import start_embedded_broker
+
+    _, ctx, s = fleet
+    proc = start_embedded_broker(s)
+    broker = Broker(
+        ca=ctx.ca, files=BrokerFiles(s.broker_dir, s.mqtt_port), process=proc, workdir=s.broker_dir
+    )
+    yield broker
+    broker.process.stop()
+
+
+def _admin(fleet) -> dict[str, str]:
+    from tests.helpers.tokens import create_admin_token
+
+    return {"Authorization": f"Bearer {create_admin_token(fleet[1], 'admin')}"}
+
+
+def _enroll(fleet, device_id: str, tmp_path: Path) -> tuple[Path, Path]:
+    client = fleet[0]
+    token = client.post("/api/v1/enroll-tokens", json={}, headers=_admin(fleet)).json()["token"]
+    csr, key = make_csr(device_id)
+    r = client.post("/api/v1/enroll", json={"token": token, "csr_pem": csr, "hardware": HARDWARE})
+    assert r.status_code == 201, r.text
+    cert, keyfile = tmp_path / f"{device_id}.crt", tmp_path / f"{device_id}.key"
+    atomic_write(cert, r.json()["certificate_pem"].encode())
+    atomic_write(keyfile, key_pem(key), mode=0o600)
+    return cert, keyfile
+
+
+class Listener:
+    """A connected client that records what it receives and the reason code of its publishes."""
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self.client = client
+        self.got: list[tuple[str, bytes]] = []
+        self.acks: dict[int, int] = {}
+        self.cond = threading.Condition()
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+
+    def _on_message(self, c, u, msg) -> None:
+        with self.cond:
+            self.got.append((msg.topic, msg.payload))
+            self.cond.notify_all()
+
+    def _on_publish(self, c, u, mid, reason_code, props) -> None:
+        with self.cond:
+            self.acks[mid] = reason_code.value
+            self.cond.notify_all()
+
+    def _on_subscribe(self, c, u, mid, codes, props) -> None:
+        with self.cond:
+            self.acks[-mid] = max(rc.value for rc in codes)
+            self.cond.notify_all()
+
+    def subscribe(self, *filters: str) -> None:
+        _, mid = self.client.subscribe([(f, 1) for f in filters])
+        with self.cond:
+            assert self.cond.wait_for(lambda: -mid in self.acks, 5)
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        """Publish at QoS 1; return the broker's PUBACK reason code."""
+        mid = self.client.publish(topic, payload, qos=1).mid
+        with self.cond:
+            assert self.cond.wait_for(lambda: mid in self.acks, 5)
+            return self.acks[mid]
+
+    def wait_for(self, payload: bytes, timeout: float = 5.0) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(p == payload for _, p in self.got), timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def clients(fleet, embedded, tmp_path) -> Iterator[dict[str, Listener]]:
+    a = Listener(mqtt_connect(embedded, *_enroll(fleet, "dev-a", tmp_path)))
+    b = Listener(mqtt_connect(embedded, *_enroll(fleet, "dev-b", tmp_path)))
+    server = Listener(mqtt_connect(embedded, embedded.files.server_cert, embedded.files.server_key))
+    server.subscribe("fleet/v1/d/#")
+    yield {"a": a, "b": b, "server": server}
+    for c in (a, b, server):
+        c.close()
+
+
+def test_device_cannot_publish_on_another_devices_topics(clients):
+    # protection: ACL `pattern write fleet/v1/d/%u/{report,health,presence}`; `desired` is the
+    # server's alone. Every forged publish gets a "not authorized" PUBACK and reaches nobody.
+    a, server = clients["a"], clients["server"]
+    for kind in ("report", "health", "presence", "desired"):
+        assert a.publish(f"fleet/v1/d/dev-b/{kind}", b"forged") == NOT_AUTHORIZED, kind
+    assert a.publish("fleet/v1/d/dev-a/desired", b"self-desired") == NOT_AUTHORIZED
+    assert a.publish("fleet/v1/d/dev-a/report", b"fence") == 0
+    server.wait_for(b"fence")  # a later publish arrived, so the forged ones were not merely slow
+    assert [t for t, p in server.got if p in (b"forged", b"self-desired")] == []
+
+
+def test_device_cannot_subscribe_to_another_devices_topics(clients):
+    # protection: ACL `pattern read fleet/v1/d/%u/desired`: mosquitto grants wildcard filters but
+    # delivers only what the ACL lets this client read
+    a, b, server = clients["a"], clients["b"], clients["server"]
+    b.subscribe("fleet/v1/d/dev-a/desired", "fleet/v1/d/+/desired", "fleet/v1/d/#", "#")
+    a.subscribe("fleet/v1/d/dev-a/desired")
+    assert server.publish("fleet/v1/d/dev-a/desired", b"for-a") == 0
+    assert a.publish("fleet/v1/d/dev-a/report", b"a-report") == 0
+    assert server.publish("fleet/v1/d/dev-b/desired", b"for-b") == 0
+    a.wait_for(b"for-a")
+    b.wait_for(b"for-b")
+    time.sleep(0.2)
+    assert {p for _, p in b.got} == {b"for-b"}
+
+
+def test_certificate_from_another_ca_is_refused(fleet, embedded, tmp_path):
+    # protection: `require_certificate true` with the fleet CA as the only `cafile`
+    rogue = FleetCA(tmp_path / "rogue-ca")
+    cert, key = tmp_path / "rogue.crt", tmp_path / "rogue.key"
+    issue_client_files(rogue, "dev-a", cert, key)
+    with pytest.raises(ConnectFailed):
+        mqtt_connect(embedded, cert, key)
+
+
+def test_decommissioned_certificate_refused_by_a_broker_started_afterwards(fleet, tmp_path):
+    # protection: decommission puts the serial on the CRL that the broker loads (`crlfile`)
+    from server.runner import start_embedded_broker
+
+    _, ctx, s = fleet
+    cert, key = _enroll(fleet, "dev-gone", tmp_path)
+    other = _enroll(fleet, "dev-stays", tmp_path)
+    r = fleet[0].post("/api/v1/devices/dev-gone/decommission", headers=_admin(fleet))
+    assert r.status_code == 200, r.text
+    broker = Broker(
+        ca=ctx.ca,
+        files=BrokerFiles(s.broker_dir, s.mqtt_port),
+        process=start_embedded_broker(s),
+        workdir=s.broker_dir,
+    )
+    try:
+        with pytest.raises(ConnectFailed):
+            mqtt_connect(broker, cert, key)
+        mqtt_connect(broker, *other).disconnect()  # the CRL revokes that one certificate only
+    finally:
+        broker.process.stop()
+
+
+def test_decommissioned_certificate_refused_by_the_running_broker(fleet, embedded, tmp_path):
+    # protection: after writing the CRL, decommission makes the local broker re-read it (SIGHUP);
+    # without that, mosquitto keeps the CRL it read at start and lets the revoked device back in.
+    # A connection open at decommission time is not cut (see README "Security model").
+    cert, key = _enroll(fleet, "dev-gone", tmp_path)
+    mqtt_connect(embedded, cert, key, client_id="before").disconnect()
+    r = fleet[0].post("/api/v1/devices/dev-gone/decommission", headers=_admin(fleet))
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 5
+    while True:  # the reload is asynchronous in mosquitto; give it a moment
+        try:
+            c = mqtt_connect(embedded, cert, key, client_id=f"after-{time.monotonic()}")
+        except ConnectFailed:
+            break
+        c.disconnect()
+        c.loop_stop()
+        assert time.monotonic() < deadline, "the running broker still accepts a revoked certificate"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("cn", ["+", "#", "dev-a/#", "dev+x"])
+def test_ca_refuses_a_wildcard_common_name(fleet, cn):
+    # protection: parse_csr accepts only CNs matching the device id pattern
+    client = fleet[0]
+    token = client.post("/api/v1/enroll-tokens", json={}, headers=_admin(fleet)).json()["token"]
+    csr, _ = make_csr(cn)
+    r = client.post("/api/v1/enroll", json={"token": token, "csr_pem": csr, "hardware": HARDWARE})
+    assert r.status_code == 422
+    assert r.json()["detail"] == f"CSR CN {cn!r} is not a valid device id ([a-z0-9][a-z0-9-]{{0,62}})"
+
+
+@pytest.mark.parametrize("cn", ["+", "#"])
+def test_hand_made_wildcard_cn_cannot_exploit_the_pattern_acl(fleet, clients, embedded, tmp_path, cn):
+    # Suppose the fleet CA key itself signs a certificate with CN "+" or "#" (the CA refuses, see
+    # above; this is a stolen-CA-key or a bug scenario). With `%u` substituted, the pattern ACL
+    # would read `fleet/v1/d/+/desired` and allow `fleet/v1/d/+/report`: every device's topics.
+    # protection: mosquitto (>= 1.4.12, CVE-2017-7650) denies pattern ACLs to a username holding
+    # a wildcard. The client connects but reads and writes nothing.
+    ctx = fleet[1]
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "wild.crt", tmp_path / "wild.key"
+    atomic_write(cert_path, cert_pem(ctx.ca.issue_client(csr, cn, 1)).encode())
+    atomic_write(key_path, private_key_pem(key), mode=0o600)
+    wild = Listener(mqtt_connect(embedded, cert_path, key_path, client_id="wild"))
+    try:
+        wild.subscribe("fleet/v1/d/+/desired", "fleet/v1/d/dev-a/desired")
+        assert wild.publish("fleet/v1/d/dev-a/report", b"spoofed") == NOT_AUTHORIZED
+        server = clients["server"]
+        clients["a"].subscribe("fleet/v1/d/dev-a/desired")
+        assert server.publish("fleet/v1/d/dev-a/desired", b"for-a") == 0
+        clients["a"].wait_for(b"for-a")  # it was delivered, to dev-a only
+        assert clients["a"].publish("fleet/v1/d/dev-a/report", b"fence") == 0
+        server.wait_for(b"fence")
+        time.sleep(0.2)
+        assert wild.got == []
+        assert [p for _, p in server.got if p == b"spoofed"] == []
+    finally:
+        wild.close()
