@@ -57,7 +57,7 @@ def mqtt_connect(
     *,
     ca_file: Path | None = None,
     client_id: str | None = None,
-    timeout: float = 5.0,
+    timeout: float = 20.0,
 ) -> mqtt.Client:
     """A connected, looping paho client (MQTT 5) using ``cert``/``key``; raises ConnectFailed if the
     broker refuses the TLS handshake or the CONNECT."""

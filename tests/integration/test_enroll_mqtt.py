@@ -75,16 +75,16 @@ def test_acl_confines_device_to_its_own_topics(app_client, admin_headers, ctx, b
     server.subscribe("fleet/v1/d/+/desired", qos=1)
 
     # dev-a forges a desired state for dev-b: the broker drops it
-    a.publish("fleet/v1/d/dev-b/desired", b'{"forged": true}', qos=1).wait_for_publish(5)
+    a.publish("fleet/v1/d/dev-b/desired", b'{"forged": true}', qos=1).wait_for_publish(20)
     # dev-a publishes its own report: only the server gets it, not dev-b
-    a.publish("fleet/v1/d/dev-a/report", b'{"own": true}', qos=1).wait_for_publish(5)
-    assert events["server"].wait(5)
+    a.publish("fleet/v1/d/dev-a/report", b'{"own": true}', qos=1).wait_for_publish(20)
+    assert events["server"].wait(20)
     # the server may publish a desired state to dev-b, which receives it
-    server.publish("fleet/v1/d/dev-b/desired", b'{"from": "server"}', qos=1).wait_for_publish(5)
-    assert events["b"].wait(5)
+    server.publish("fleet/v1/d/dev-b/desired", b'{"from": "server"}', qos=1).wait_for_publish(20)
+    assert events["b"].wait(20)
     # a publish arriving after both proves earlier ones were not merely slow
-    server.publish("fleet/v1/d/dev-a/desired", b'{"fence": 1}', qos=1).wait_for_publish(5)
-    assert events["a"].wait(5)
+    server.publish("fleet/v1/d/dev-a/desired", b'{"fence": 1}', qos=1).wait_for_publish(20)
+    assert events["a"].wait(20)
 
     assert inbox["b"] == [("fleet/v1/d/dev-b/desired", b'{"from": "server"}')]
     assert ("fleet/v1/d/dev-a/report", b'{"own": true}') in inbox["server"]

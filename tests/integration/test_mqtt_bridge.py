@@ -181,10 +181,10 @@ def test_malformed_messages_are_counted_and_do_not_stop_ingest(mqtt_app, mqtt_to
         ("report", b"\x00" * 70000),
     ]
     for kind, payload in bad:
-        device.publish(f"fleet/v1/d/fuzz-1/{kind}", payload, qos=1).wait_for_publish(5)
+        device.publish(f"fleet/v1/d/fuzz-1/{kind}", payload, qos=1).wait_for_publish(20)
     device.publish(
         "fleet/v1/d/fuzz-1/presence", Presence.build(device_id="fuzz-1", status="online").to_json(), qos=1
-    ).wait_for_publish(5)
+    ).wait_for_publish(20)
 
     def online():
         with ctx.db.session_scope() as s:
