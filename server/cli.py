@@ -3,8 +3,9 @@
 Operator commands (``enroll-token``, ``devices``, ``model``) talk to the admin REST API through
 :class:`server.client.FleetClient`: point them at a server with ``--url``/``FLEET_URL`` and a
 bearer token with ``--token``/``FLEET_TOKEN``. Commands that run on the server host itself
-(``server run``, ``admin token ...``, ``broker config``) use the server's ``Settings`` (``FLEET_*``
-environment) and its database and key directory directly: that is how the first admin token is made.
+(``server run``, ``admin token ...``, ``broker config``, ``keys ...``) use the server's ``Settings``
+(``FLEET_*`` environment) and its database and key directory directly: that is how the first
+admin token is made.
 
 Heavy imports (FastAPI, SQLAlchemy, onnxruntime) happen inside the commands, so the device-only
 install (``pip install fleetota[device]``) can run ``fleet device ...``.
@@ -599,6 +600,139 @@ for _action, _doc in (
     _rollout_action(_action, _doc)
 
 
+# -- keys -----------------------------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """TUF and director keys on the server host: status, rotation, moving keys offline (docs/keys.md)."""
+
+
+_KEY_PATH = click.Path(dir_okay=False, path_type=Path)
+
+
+def _local_repo() -> Any:
+    """The server's image repository from FLEET_* settings (no database needed)."""
+    from server.config import Settings
+    from server.trust.repository import ImageRepository
+    from server.trust.rotation import finish_pending
+
+    settings = Settings()
+    repo = ImageRepository(
+        settings.repo_dir,
+        settings.key_dir,
+        root_expiry_s=settings.root_expiry_s,
+        targets_expiry_s=settings.targets_expiry_s,
+        snapshot_expiry_s=settings.snapshot_expiry_s,
+        timestamp_expiry_s=settings.timestamp_expiry_s,
+    )
+    if not (settings.repo_dir / "metadata").is_dir():
+        _fail(f"no image repository in {settings.repo_dir} (start the server once, or set FLEET_DATA_DIR)")
+    for message in finish_pending(repo):
+        err_console.print(f"[yellow]{message}[/yellow]")
+    return repo
+
+
+def _keys_errors(fn: Any) -> Any:
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from server.trust.repository import RepositoryError
+        from server.trust.rotation import RotationError
+
+        try:
+            return fn(*args, **kwargs)
+        except (RotationError, RepositoryError, ValueError, OSError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+@keys.command("status")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@_keys_errors
+def keys_status(as_json: bool) -> None:
+    """Roles, key ids, versions, expiries, and which private keys are online in the key directory."""
+    from server.trust.rotation import status
+
+    st = status(_local_repo())
+    if as_json:
+        click.echo(json.dumps(st.to_json(), indent=1))
+        return
+    table = Table("role", "key ids", "version", "expires", "private key")
+    for r in st.roles:
+        where = "online (key_dir)" if r.online else "offline"
+        if r.problem:
+            where += f" [red]{r.problem}[/red]"
+        table.add_row(
+            r.role,
+            "\n".join(k[:16] for k in r.keyids),
+            "" if r.version is None else str(r.version),
+            f"{r.expires:%Y-%m-%d %H:%M}" if r.expires else "",
+            where,
+        )
+    console.print(table)
+    if st.director_list_version is None:
+        console.print("director key list: not published (devices trust their enrollment pin)")
+    else:
+        ids = ", ".join(k[:16] for k in st.director_list)
+        console.print(f"director key list v{st.director_list_version}: {ids} (first = signing key)")
+    for path in st.pending:
+        console.print(f"[yellow]pending key file {path}[/yellow]")
+
+
+@keys.command("rotate")
+@click.argument("role", type=click.Choice(["root", "targets", "snapshot", "timestamp", "director"]))
+@click.option("--root-key", type=_KEY_PATH, help="the current root key, when it is not in the key directory")
+@click.option("--targets-key", type=_KEY_PATH, help="the current targets key, when it is offline")
+@click.option("--out", type=_KEY_PATH, help="write the new private key here instead of the key directory")
+@_keys_errors
+def keys_rotate(role: str, root_key: Path | None, targets_key: Path | None, out: Path | None) -> None:
+    """Replace the key of ROLE; devices follow without re-enrolling."""
+    from server.trust.rotation import rotate_director, rotate_tuf_role
+
+    repo = _local_repo()
+    if role == "director":
+        if root_key is not None or out is not None:
+            raise click.BadParameter("the director key stays online: only --targets-key applies")
+        done = rotate_director(repo, targets_key=targets_key)
+        click.echo(f"director key rotated: now signing with {done.new_keyid}")
+        old = ", ".join(done.old_keyids)
+        click.echo(f"published director key list v{done.director_list_version}: [new, {old}]")
+        click.echo(f"retire the old key later with: fleet keys retire-director {done.old_keyids[0][:16]}")
+        return
+    done = rotate_tuf_role(repo, role, root_key=root_key, targets_key=targets_key, out=out)
+    click.echo(f"{role} key rotated: root v{done.root_version} lists {done.new_keyid}")
+    click.echo(f"new private key: {done.new_key_file} (0600)")
+    for path in done.removed:
+        click.echo(f"old key removed from {path}")
+    if root_key is not None or (role == "targets" and targets_key is not None):
+        click.echo("the old offline key file was not touched: destroy it once the new one is stored safely")
+
+
+@keys.command("retire-director")
+@click.argument("keyid")
+@click.option("--targets-key", type=_KEY_PATH, help="the current targets key, when it is offline")
+@_keys_errors
+def keys_retire_director(keyid: str, targets_key: Path | None) -> None:
+    """Remove an old director key (KEYID, 8+ hex digits) from the published list."""
+    from server.trust.rotation import retire_director_key
+
+    listed = retire_director_key(_local_repo(), keyid, targets_key=targets_key)
+    click.echo(f"published director key list v{listed.version}: {', '.join(listed.keyids)}")
+
+
+@keys.command("export")
+@click.argument("role", type=click.Choice(["root", "targets"]))
+@click.option("--out", type=_KEY_PATH, required=True, help="where to write the private key (0600)")
+@_keys_errors
+def keys_export(role: str, out: Path) -> None:
+    """Move the private key of ROLE offline: write it to --out, then delete it from the key directory."""
+    from server.trust.rotation import export_key
+
+    path = export_key(_local_repo(), role, out)
+    click.echo(f"{role} key written to {path} and removed from the key directory")
+
+
 # -- demo -----------------------------------------------------------------------------------------
 @main.command("demo")
 @click.option(
@@ -622,6 +756,39 @@ def demo_cmd(n_devices: int, workdir: Path | None) -> None:
 
     logging.getLogger().setLevel(logging.WARNING)
     sys.exit(demo(n_devices, workdir))
+
+
+# -- simulate -------------------------------------------------------------------------------------
+@main.command("simulate")
+@click.option("--devices", "n_devices", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--server", "server_url", default=None, help="server URL; omit to run an embedded server")
+@click.option("--token", envvar="FLEET_TOKEN", help="operator/admin token of --server (FLEET_TOKEN)")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="keep identities here (reused on the next run against the same server)")  # fmt: skip
+@click.option("--processes", type=int, default=0, help="worker processes (default: one per 2,500 devices)")
+@click.option("--prefix", default="sim", show_default=True, help="device ids are PREFIX-00000, ...")
+@click.option("--tags", default=None, help="tags of the simulated devices, k=v,k2=v2")
+@click.option("--serving", multiple=True, help="model=version every device serves at start (repeatable)")
+@click.option("--profile", "profiles", multiple=True,
+              help="VERSION:key=value,... behaviour of a version (* for all), e.g. "
+                   "2.0.0:download=3,install=1,fail=0.05,errors=0.01,p95=12")  # fmt: skip
+@click.option("--health-window", type=float, default=10.0, show_default=True, help="seconds; 0 = none")
+@click.option("--duration", type=float, default=0.0, help="stop after this many seconds (0 = Ctrl-C)")
+def simulate_cmd(
+    n_devices: int, server_url: str | None, token: str | None, workdir: Path | None, processes: int,
+    prefix: str, tags: str | None, serving: tuple[str, ...], profiles: tuple[str, ...], health_window: float,
+    duration: float,
+) -> None:  # fmt: skip
+    """N simulated devices over real MQTT (own identity and mTLS connection each), speaking the real
+    protocol; against --server, or an embedded server + Mosquitto."""
+    from server.sim.run import simulate
+
+    logging.getLogger().setLevel(logging.WARNING)
+    sys.exit(simulate(
+        n_devices, server_url=server_url, token=token, workdir=workdir, processes=processes, prefix=prefix,
+        tags=_parse_tags(tags), serving=_parse_tags(",".join(serving)), profiles=list(profiles),
+        health_window_s=health_window, duration_s=duration,
+    ))  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover
