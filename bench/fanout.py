@@ -1,0 +1,283 @@
+"""Rollout fan-out to 10,000 simulated devices over real MQTT connections (DESIGN.md section 8).
+
+    .venv/bin/python bench/fanout.py [--devices 10000] [--processes 2] [--postgres URL]
+
+Starts Mosquitto (generated mTLS config, ``max_connections`` sized for the fleet) and the control
+server (SQLite in a temp dir, or PostgreSQL with ``--postgres``/``FLEET_BENCH_POSTGRES_URL``),
+enrolls N devices through ``POST /api/v1/enroll`` (one enrollment token with N uses), connects them
+with the simulator (each its own mTLS connection, multiplexed over worker processes), then starts a
+one-stage rollout of a new version to all of them and samples the deployments' phases every 0.1 s.
+
+Prints:
+
+* time from the rollout's start to every device having acknowledged its signed DesiredState (the
+  server holds a report for it; target <= 10 s), and to every device having succeeded;
+* the server's publish rate of desired states / ``mosquitto_pub`` -> ``mosquitto_sub`` rate of the
+  same number of same-sized QoS 1 messages on the same broker (a baseline measured in the same run).
+
+Writes bench/results/fanout.json and bench/results/fanout.png (devices per phase over time).
+Times are measured, never asserted; the script exits 0 either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import RESULTS, ratio_line, write_result
+
+ACKED_NOT = ("pending", "notified")
+PHASES = (
+    "pending",
+    "notified",
+    "downloading",
+    "verifying",
+    "installing",
+    "probation",
+    "succeeded",
+    "failed",
+    "rolled_back",
+    "timed_out",
+)
+
+
+def phase_counts(ctx, rollout_id: str) -> dict[str, int]:
+    import sqlalchemy as sa
+
+    from server.rollouts.tables import Deployment
+
+    with ctx.db.session_scope() as s:
+        rows = s.execute(
+            sa.select(Deployment.phase, sa.func.count())
+            .where(Deployment.rollout_id == rollout_id)
+            .group_by(Deployment.phase)
+        )
+        return {(p.value if hasattr(p, "value") else str(p)): n for p, n in rows}
+
+
+def mosquitto_baseline(broker_dir: Path, port: int, n: int, size: int) -> float:
+    """Messages/s of ``mosquitto_pub -l`` (QoS 1) -> ``mosquitto_sub -C n`` on the same broker."""
+    tls = [
+        "--cafile",
+        str(broker_dir / "ca.crt"),
+        "--cert",
+        str(broker_dir / "fleet_server.crt"),
+        "--key",
+        str(broker_dir / "fleet_server.key"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    topic = "fleet/v1/d/bench-baseline/desired"
+    sub = subprocess.Popen(
+        ["mosquitto_sub", *tls, "-q", "1", "-t", topic, "-C", str(n), "-i", "bench-sub"],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)
+    line = ("x" * (size - 1) + "\n").encode()
+    t0 = time.monotonic()
+    pub = subprocess.Popen(
+        ["mosquitto_pub", *tls, "-q", "1", "-t", topic, "-l", "-i", "bench-pub"], stdin=subprocess.PIPE
+    )
+    assert pub.stdin is not None
+    pub.stdin.write(line * n)
+    pub.stdin.close()
+    sub.wait(timeout=300)
+    elapsed = time.monotonic() - t0
+    pub.wait(timeout=30)
+    return n / elapsed
+
+
+def plot(timeline: list[tuple[float, dict[str, int]]], path: Path, n: int, acked_s: float | None) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no plot)")
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ts = [t for t, _ in timeline]
+    for phase in PHASES:
+        ys = [c.get(phase, 0) for _, c in timeline]
+        if any(ys):
+            ax.plot(ts, ys, label=phase)
+    acked = [sum(v for k, v in c.items() if k not in ACKED_NOT) for _, c in timeline]
+    ax.plot(ts, acked, "k--", label="acknowledged (any report)")
+    if acked_s is not None:
+        ax.axvline(acked_s, color="grey", linestyle=":")
+    ax.axvline(10.0, color="red", linestyle=":", label="target 10 s")
+    ax.set_xlabel("seconds since rollout start")
+    ax.set_ylabel("devices")
+    ax.set_title(f"Rollout fan-out to {n:,} simulated devices (real MQTT, mTLS)")
+    ax.legend(loc="center right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--processes", type=int, default=0)
+    ap.add_argument("--postgres", default=os.environ.get("FLEET_BENCH_POSTGRES_URL", ""))
+    ap.add_argument("--health-window", type=float, default=60.0)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    args = ap.parse_args()
+    n = args.devices
+
+    from server.client import FleetClient
+    from server.onnx_models import make_model
+    from server.sim.embedded import start_embedded
+    from server.sim.fleet import SimOptions, Simulator
+    from server.sim.profiles import Profile
+    from server.sim.provision import enroll_fleet
+
+    work = Path(tempfile.mkdtemp(prefix="fleet-bench-fanout-"))
+    db_url = ""
+    if args.postgres:
+        import secrets
+
+        import sqlalchemy as sa
+
+        name = f"fleet_bench_{secrets.token_hex(4)}"
+        admin = sa.create_engine(args.postgres, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        db_url = sa.engine.make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
+    print(f"fan-out benchmark: {n} devices, {'PostgreSQL' if db_url else 'SQLite'}, workdir {work}")
+    t = time.monotonic()
+    emb = start_embedded(work, n, database_url=db_url, rollout_tick_s=0.25, ingest_batch_delay_s=0.05)
+    sim = None
+    result: dict = {"devices": n, "database": "postgresql" if db_url else "sqlite"}
+    try:
+        client = FleetClient(emb.url, emb.admin_token)
+        for v, seed in (("1.0.0", 1), ("2.0.0", 2)):
+            client.push_model("det", v, make_model(work / f"det-{v}.onnx", seed=seed))
+        fleet = enroll_fleet(emb.url, emb.admin_token, n, work / "sim", concurrency=16)
+        result["enroll_s"] = round(time.monotonic() - t, 1)
+        print(f"  enrolled {n} devices in {result['enroll_s']} s")
+        t = time.monotonic()
+        opts = SimOptions(
+            processes=args.processes,
+            serving={"det": "1.0.0"},
+            health_window_s=args.health_window,
+            default_profile=Profile(probation_s=0.0),
+        )
+        sim = Simulator(fleet, opts).start()
+        connected = sim.wait_connected(600)
+        result["connect_s"] = round(time.monotonic() - t, 1)
+        print(
+            f"  {sim.connected} devices connected in {result['connect_s']} s over {sim.n_processes} processes"
+        )
+        if not connected:
+            raise SystemExit("not every device connected")
+        import sqlalchemy as sa
+
+        from server.devices.tables import Device, DeviceStatus
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with emb.ctx.db.session_scope() as s:
+                online = s.scalar(sa.select(sa.func.count()).where(Device.status == DeviceStatus.online))
+            if online >= n:
+                break
+            time.sleep(0.2)
+        print(f"  server sees {online} devices online")
+        time.sleep(2.0)
+
+        metrics = emb.ctx.metrics
+        pub0 = metrics.total("fleet_mqtt_published_total")
+        t0 = time.monotonic()
+        rollout = client.create_rollout(
+            {
+                "model": "det",
+                "version": "2.0.0",
+                "stages": [{"percent": 100, "soak_s": 0}],
+                "max_concurrent_downloads": n,
+                "device_timeout_s": 600,
+                "probation": {"seconds": 0},
+                "gates": {"max_p95_ratio": None, "min_agreement": None, "max_error_rate": None},
+            }
+        )
+        t_created = time.monotonic() - t0
+        timeline: list[tuple[float, dict[str, int]]] = []
+        pub_first = pub_last = None
+        acked_s = succeeded_s = None
+        while time.monotonic() - t0 < args.timeout:
+            now = time.monotonic() - t0
+            counts = phase_counts(emb.ctx, rollout["id"])
+            timeline.append((now, counts))
+            published = metrics.total("fleet_mqtt_published_total") - pub0
+            if published > 0 and pub_first is None:
+                pub_first = now
+            if published >= n and pub_last is None:
+                pub_last = now
+            acked = sum(v for k, v in counts.items() if k not in ACKED_NOT)
+            if acked >= n and acked_s is None:
+                acked_s = now
+            if counts.get("succeeded", 0) >= n and succeeded_s is None:
+                succeeded_s = now
+            if acked_s is not None and succeeded_s is not None:
+                break
+            time.sleep(0.1)
+        state = client.get_rollout(rollout["id"])
+        stats = sim.stats()
+        print(f"  rollout created (API) in {t_created:.2f} s; status now {state['status']}")
+        pub_rate = None
+        if pub_first is not None and pub_last is not None:
+            pub_rate = n / max(pub_last - pub_first, 0.1)
+        print(
+            f"  desired states received by devices: {stats.get('desired_received', 0)}, "
+            f"verified and accepted: {stats.get('desired_accepted', 0)}, "
+            f"rejected: {stats.get('desired_rejected', 0)}"
+        )
+        print(
+            f"  all {n} acknowledged after: {acked_s if acked_s is None else round(acked_s, 2)} s"
+            f"   (DESIGN.md target: <= 10 s)"
+        )
+        print(
+            f"  all {n} succeeded after:    {succeeded_s if succeeded_s is None else round(succeeded_s, 2)} s"
+        )
+        base_rate = mosquitto_baseline(emb.settings.broker_dir, emb.settings.mqtt_port, n, 1300)
+        print(f"  server publish rate {pub_rate or 0:.0f} msg/s, mosquitto_pub->sub {base_rate:.0f} msg/s")
+        print(
+            ratio_line(
+                "server publish rate / mosquitto_pub->mosquitto_sub",
+                pub_rate / base_rate if pub_rate else None,
+                "none in DESIGN.md; informative",
+            )
+        )
+        png = RESULTS / "fanout.png"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        if plot(timeline, png, n, acked_s):
+            print(f"  plot: {png}")
+        result.update(
+            {
+                "processes": sim.n_processes,
+                "acked_s": acked_s,
+                "succeeded_s": succeeded_s,
+                "target_acked_s": 10.0,
+                "server_publish_rate": pub_rate,
+                "mosquitto_pub_sub_rate": base_rate,
+                "publish_ratio": (pub_rate / base_rate) if pub_rate else None,
+                "sim_stats": stats,
+                "timeline": [(round(tt, 2), c) for tt, c in timeline],
+            }
+        )
+        print(f"  results: {write_result('fanout', result)}")
+    finally:
+        if sim is not None:
+            sim.stop()
+        emb.stop()
+
+
+if __name__ == "__main__":
+    main()
