@@ -1,0 +1,11 @@
+#!/bin/sh
+# One-shot: migrate the database, create the keys (fleet CA, director, TUF) on the shared volume,
+# write the broker's mTLS config for the `mosquitto` host, and an admin token for the simulator.
+set -eu
+fleet broker config /broker --bind 0.0.0.0 --port 8883 --hostname mosquitto
+# every connection is a file descriptor: size the broker for the fleet
+sed -i 's/^max_connections .*/max_connections 60000/' /broker/mosquitto.conf
+if [ ! -s /shared/admin.token ]; then
+  fleet admin token create --role admin --name compose-simulator > /shared/admin.token
+fi
+echo "init done"
