@@ -111,3 +111,26 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[[FleetCA], Broker]]:
 def mosquitto(broker_factory, tmp_path: Path) -> Broker:
     """A private broker with its own fresh fleet CA."""
     return broker_factory(FleetCA(tmp_path / "mqtt-ca"))
+
+
+def subscribe_sync(client: mqtt.Client, topic: str, qos: int = 1, timeout: float = 20.0) -> list:
+    """Subscribe and wait for the SUBACK (so a publish right after cannot overtake it)."""
+    done = threading.Event()
+    codes: list = []
+    previous = client.on_subscribe
+
+    def on_subscribe(c, userdata, mid, reason_codes, properties):
+        if mid == sent_mid:
+            codes.extend(reason_codes)
+            done.set()
+        elif previous is not None:
+            previous(c, userdata, mid, reason_codes, properties)
+
+    client.on_subscribe = on_subscribe
+    _, sent_mid = client.subscribe(topic, qos=qos)
+    try:
+        if not done.wait(timeout):
+            raise TimeoutError(f"no SUBACK for {topic}")
+    finally:
+        client.on_subscribe = previous
+    return codes

@@ -9,7 +9,7 @@ import pytest
 
 from server.trust.keys import atomic_write
 from server.trust.pki import FleetCA
-from tests.helpers.mosquitto import ConnectFailed, mqtt_connect
+from tests.helpers.mosquitto import ConnectFailed, mqtt_connect, subscribe_sync
 from tests.helpers.pki import HARDWARE, key_pem, make_csr
 
 pytestmark = pytest.mark.mqtt
@@ -68,11 +68,11 @@ def test_acl_confines_device_to_its_own_topics(app_client, admin_headers, ctx, b
     for name, client in (("a", a), ("b", b), ("server", server)):
         client.on_message = collector(name)
     # dev-b tries to eavesdrop on dev-a's reports; the server listens to all reports
-    b.subscribe("fleet/v1/d/dev-a/report", qos=1)
-    b.subscribe("fleet/v1/d/dev-b/desired", qos=1)
-    a.subscribe("fleet/v1/d/dev-a/desired", qos=1)
-    server.subscribe("fleet/v1/d/+/report", qos=1)
-    server.subscribe("fleet/v1/d/+/desired", qos=1)
+    subscribe_sync(b, "fleet/v1/d/dev-a/report")
+    subscribe_sync(b, "fleet/v1/d/dev-b/desired")
+    subscribe_sync(a, "fleet/v1/d/dev-a/desired")
+    subscribe_sync(server, "fleet/v1/d/+/report")
+    subscribe_sync(server, "fleet/v1/d/+/desired")
 
     # dev-a forges a desired state for dev-b: the broker drops it
     a.publish("fleet/v1/d/dev-b/desired", b'{"forged": true}', qos=1).wait_for_publish(20)

@@ -17,7 +17,7 @@ from server.devices.tables import Device, DeviceEvent
 from server.health.tables import HealthSample
 from server.rollouts.tables import Deployment
 from server.trust.keys import atomic_write
-from tests.helpers.mosquitto import Broker, mqtt_connect
+from tests.helpers.mosquitto import Broker, mqtt_connect, subscribe_sync
 from tests.helpers.pki import HARDWARE, key_pem, make_csr
 
 pytestmark = pytest.mark.mqtt
@@ -83,7 +83,7 @@ def test_desired_state_report_health_presence_round_trip(mqtt_app, mqtt_token, o
         arrived.set()
 
     device.on_message = on_message
-    device.subscribe("fleet/v1/d/cam-7/desired", qos=1)
+    subscribe_sync(device, "fleet/v1/d/cam-7/desired")
 
     r = client.put(
         "/api/v1/devices/cam-7/desired", json={"model": "det", "version": "1.0.0"}, headers=headers
