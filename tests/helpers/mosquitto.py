@@ -115,22 +115,21 @@ def mosquitto(broker_factory, tmp_path: Path) -> Broker:
 
 def subscribe_sync(client: mqtt.Client, topic: str, qos: int = 1, timeout: float = 20.0) -> list:
     """Subscribe and wait for the SUBACK (so a publish right after cannot overtake it)."""
-    done = threading.Event()
-    codes: list = []
+    acks: dict[int, list] = {}
+    cond = threading.Condition()
     previous = client.on_subscribe
 
     def on_subscribe(c, userdata, mid, reason_codes, properties):
-        if mid == sent_mid:
-            codes.extend(reason_codes)
-            done.set()
-        elif previous is not None:
-            previous(c, userdata, mid, reason_codes, properties)
+        with cond:
+            acks[mid] = list(reason_codes)
+            cond.notify_all()
 
     client.on_subscribe = on_subscribe
-    _, sent_mid = client.subscribe(topic, qos=qos)
     try:
-        if not done.wait(timeout):
-            raise TimeoutError(f"no SUBACK for {topic}")
+        _, mid = client.subscribe(topic, qos=qos)
+        with cond:
+            if not cond.wait_for(lambda: mid in acks, timeout):
+                raise TimeoutError(f"no SUBACK for {topic}")
+            return acks[mid]
     finally:
         client.on_subscribe = previous
-    return codes
