@@ -106,11 +106,15 @@ from .state import (
 )
 from .store import DiskFull, StateStore
 from .trust import (
+    BadSignature,
+    DirectorKeyring,
     Duplicate,
     Rejected,
     RepositoryUnavailable,
     TufVerifier,
     check_release_floor,
+    check_signer,
+    envelope_keyids,
     target_url,
     verify_desired,
 )
@@ -159,6 +163,7 @@ class Daemon:
             connect_timeout_s=settings.download_connect_timeout_s,
             read_timeout_s=settings.download_read_timeout_s,
         )
+        self.keyring = DirectorKeyring(self.identity.director_file, self.identity.director_keys_file)
         self.tuf = TufVerifier(
             self.identity.tuf_dir,
             self.identity.tuf_metadata_url,
@@ -166,8 +171,8 @@ class Daemon:
             self.http,
             max_metadata_bytes=settings.max_metadata_bytes,
             deadline_s=settings.metadata_deadline_s,
+            keyring=self.keyring,
         )
-        self.director_keys = self.identity.director_keys()
         self.state = DeviceState()
         self.link: MqttLink | None = None
         self._inbox: queue.Queue[bytes] = queue.Queue()
@@ -397,6 +402,34 @@ class Daemon:
 
     # ================================================================ incoming desired states
 
+    @property
+    def director_keys(self) -> list[Any]:
+        """The director public keys trusted now (see :class:`~device_client.trust.DirectorKeyring`)."""
+        return self.keyring.keys
+
+    def _verify_director(self, payload: bytes, last_seq: int) -> DesiredState:
+        """verify_desired, refreshing the director key list through TUF once when the signer is
+        unknown (a rotated key) or trusted but not the current one (perhaps retired since)."""
+        try:
+            desired = verify_desired(payload, self.director_keys, self.device_id, last_seq, utcnow())
+        except BadSignature:
+            if set(envelope_keyids(payload)) & set(self.keyring.keyids):
+                raise  # a known key whose signature fails: forged, a refresh changes nothing
+            if not self._refresh_director_keys():
+                raise
+            return verify_desired(payload, self.director_keys, self.device_id, last_seq, utcnow())
+        if self.keyring.primary not in envelope_keyids(payload) and self._refresh_director_keys():
+            return verify_desired(payload, self.director_keys, self.device_id, last_seq, utcnow())
+        return desired
+
+    def _refresh_director_keys(self) -> bool:
+        """Sync the director key list from the image repository; True if the trusted keys changed."""
+        try:
+            return self.tuf.sync_director_keys()
+        except Rejected as exc:
+            log.warning("could not refresh the director keys: %s", exc.reason)
+            return False
+
     def _on_desired(self, topic: str, payload: bytes) -> None:
         """paho thread: queue it; flag a download to stop if this is a genuine newer state."""
         self._inbox.put(payload)
@@ -409,9 +442,7 @@ class Daemon:
     def _handle_desired(self, payload: bytes) -> None:
         state = self.state
         try:
-            desired = verify_desired(
-                payload, self.director_keys, self.device_id, state.last_desired_seq, utcnow()
-            )
+            desired = self._verify_director(payload, state.last_desired_seq)
         except Duplicate:
             log.debug("redelivered desired state ignored")
             return
@@ -447,6 +478,8 @@ class Daemon:
             return
         try:
             self.tuf.check(desired)
+            # that refresh synced the director key list: the signer must still be trusted
+            check_signer(payload, self.director_keys, desired.seq)
             check_release_floor(
                 desired, state.release_floor.get(desired.model, 0), state.previous.get(desired.model)
             )
@@ -458,7 +491,7 @@ class Daemon:
             timer.start()
             return
         except Rejected as exc:
-            self._reject(exc, desired)
+            self._reject(exc, desired if exc.authentic else None)
             return
         if self.state.update is not None:
             self._cancel_update(f"superseded by desired state {desired.seq}")
@@ -479,11 +512,7 @@ class Daemon:
     def _reject(self, exc: Rejected, desired: DesiredState | None = None) -> None:
         log.warning("desired state rejected: %s", exc.reason)
         if exc.authentic and exc.seq is not None:
-            self._commit(
-                self.state.model_copy(
-                    update={"last_rejected_seq": exc.seq}
-                )
-            )
+            self._commit(self.state.model_copy(update={"last_rejected_seq": exc.seq}))
         self._send_report(
             DeploymentPhase.failed,
             desired_seq=exc.seq if exc.authentic else None,

@@ -14,6 +14,7 @@
        device.crt           the client certificate (CN = device id)                    0644
        ca.crt               the fleet CA (verifies the broker; trust anchor for mTLS)   0644
        director.pem         the director's Ed25519 public key (verifies DesiredStates)  0644
+                            (later superseded by director-keys.json, synced through TUF)
        tuf/root.json        the TUF trusted root the device pins from now on           0644
 
 Every file is written through a temp file, fsync and ``os.replace``. The key is written before the
@@ -55,6 +56,8 @@ KEY_FILE = "device.key"
 CERT_FILE = "device.crt"
 CA_FILE = "ca.crt"
 DIRECTOR_FILE = "director.pem"
+#: the director key list last synced from the image repository (replaces director.pem once present)
+DIRECTOR_KEYS_FILE = "director-keys.json"
 TUF_DIR = "tuf"
 
 
@@ -95,11 +98,18 @@ class Identity:
         return self.data_dir / DIRECTOR_FILE
 
     @property
+    def director_keys_file(self) -> Path:
+        return self.data_dir / DIRECTOR_KEYS_FILE
+
+    @property
     def tuf_dir(self) -> Path:
         return self.data_dir / TUF_DIR
 
     def director_keys(self) -> list[Any]:
-        return [public_key_from_pem(self.director_file.read_bytes())]
+        """The director keys trusted now: the synced list if any, else the enrollment pin."""
+        from .trust import DirectorKeyring
+
+        return DirectorKeyring(self.director_file, self.director_keys_file).keys
 
     def to_json(self) -> bytes:
         doc = asdict(self)

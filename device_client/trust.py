@@ -26,6 +26,15 @@ Rejection codes (``Rejected.code``) are short and stable; reports carry ``"<code
   :class:`RepositoryUnavailable` when the repository simply could not be reached, which is worth a
   retry), ``release_floor``.
 
+Director keys (:class:`DirectorKeyring`): the key pinned at enrollment (``director.pem``) until the
+image repository publishes the director key list (the TUF target ``_fleet/director-keys.json``,
+trusted through root -> targets, not through the director). Every TUF refresh of
+:class:`TufVerifier` also syncs that list and persists it as ``director-keys.json`` in the data
+directory, which from then on replaces the enrollment pin: a rotated key becomes trusted and a
+retired one stops being trusted, without re-enrolling. The daemon refreshes the list on demand
+when a DesiredState is signed by an unknown key or by a trusted key that is not the current one
+(``keys[0]``), and verifies the signature again after the refresh of every install.
+
 Trusted root policy: the enrollment root is written as ``root.json`` into the TUF metadata
 directory and used as the trust anchor (``bootstrap=None``: ngclient then keeps ``root.json``
 pointing at the newest root it verified, so root rotations persist across restarts). A fresh
@@ -34,9 +43,11 @@ pointing at the newest root it verified, so root rotations persist across restar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import posixpath
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,8 +59,15 @@ from tuf.ngclient import Updater, UpdaterConfig
 
 from .fetcher import HttpSettings, HttpxFetcher
 from .protocol import DesiredState, InvalidPayload, SignatureError, validate_payload
+from .protocol.director_keys import (
+    DIRECTOR_KEYS_TARGET,
+    MAX_DIRECTOR_KEYS_BYTES,
+    DirectorKeyList,
+    parse_director_keys,
+)
+from .protocol.fsutil import atomic_write
 from .protocol.messages import MAX_PAYLOAD_BYTES
-from .protocol.signing import verify_envelope
+from .protocol.signing import public_key_from_pem, verify_envelope
 from .state import Slot
 
 log = logging.getLogger(__name__)
@@ -173,6 +191,81 @@ def verify_desired(
     return desired
 
 
+def envelope_keyids(envelope_bytes: bytes) -> list[str]:
+    """The keyids an envelope claims to be signed by (empty when unreadable)."""
+    try:
+        envelope = json.loads(envelope_bytes)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    sigs = envelope.get("signatures") if isinstance(envelope, dict) else None
+    if not isinstance(sigs, list):
+        return []
+    return [str(s.get("keyid")) for s in sigs if isinstance(s, dict) and s.get("keyid")]
+
+
+def check_signer(envelope_bytes: bytes, director_keys: list[Ed25519PublicKey], seq: int | None) -> None:
+    """:class:`BadSignature` unless one of ``director_keys`` signed the envelope (a re-check)."""
+    try:
+        verify_envelope(json.loads(envelope_bytes), director_keys)
+    except (ValueError, InvalidPayload, SignatureError) as exc:
+        raise BadSignature(f"{exc} (after refreshing the director keys)", seq=seq) from None
+
+
+class DirectorKeyring:
+    """The director keys this device trusts (see the module docstring); thread-safe."""
+
+    def __init__(self, enrolled_pem: Path, store: Path) -> None:
+        self.enrolled_pem = Path(enrolled_pem)
+        self.store = Path(store)
+        self._lock = threading.Lock()
+        self._list = self._load()
+
+    def _load(self) -> DirectorKeyList:
+        if self.store.exists():
+            try:
+                return parse_director_keys(self.store.read_bytes())
+            except InvalidPayload as exc:  # a damaged file: fall back to the pin, sync again later
+                log.error("ignoring %s: %s", self.store, exc)
+        return DirectorKeyList(version=0, keys=(public_key_from_pem(self.enrolled_pem.read_bytes()),))
+
+    @property
+    def keys(self) -> list[Ed25519PublicKey]:
+        return list(self._list.keys)
+
+    @property
+    def keyids(self) -> list[str]:
+        return self._list.keyids
+
+    @property
+    def primary(self) -> str:
+        return self._list.primary
+
+    @property
+    def version(self) -> int:
+        return self._list.version
+
+    def stored_sha256(self) -> str | None:
+        try:
+            return hashlib.sha256(self.store.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
+
+    def apply(self, data: bytes) -> bool:
+        """Adopt the (TUF-verified) list ``data``; True if the trusted keys changed."""
+        new = parse_director_keys(data)
+        with self._lock:
+            if new.version < self._list.version:
+                raise InvalidPayload(
+                    f"director key list version {new.version} is older than the trusted {self._list.version}"
+                )
+            changed = new.keyids != self._list.keyids
+            atomic_write(self.store, data, 0o644)
+            self._list = new
+        if changed:
+            log.warning("director keys now %s (list version %d)", [k[:16] for k in new.keyids], new.version)
+        return changed
+
+
 def check_release_floor(desired: DesiredState, floor: int, previous: Slot | None) -> None:
     """Refuse a release below ``floor`` unless it is the device's own previous version."""
     if desired.release >= floor:
@@ -212,7 +305,9 @@ class TufVerifier:
         *,
         max_metadata_bytes: int = 16 * 1024 * 1024,
         deadline_s: float = 60.0,
+        keyring: DirectorKeyring | None = None,
     ) -> None:
+        self.keyring = keyring
         self.metadata_dir = Path(metadata_dir)
         self.metadata_url = metadata_url
         self.targets_url = targets_url
@@ -220,8 +315,55 @@ class TufVerifier:
         self.max_metadata_bytes = max_metadata_bytes
         self.deadline_s = deadline_s
 
+    def sync_director_keys(self) -> bool:
+        """Refresh the metadata and adopt the published director key list; True if keys changed."""
+        changed = False
+
+        def sync(updater: Updater) -> None:
+            nonlocal changed
+            changed = self._sync_keys(updater)
+
+        self._refreshed(sync)
+        return changed
+
+    def _sync_keys(self, updater: Updater) -> bool:
+        """Download the director key list if it changed (ngclient checks its length and hashes)."""
+        if self.keyring is None:
+            return False
+        info = updater.get_targetinfo(DIRECTOR_KEYS_TARGET)
+        if info is None:
+            return False  # never published: the enrollment pin stays
+        if info.length > MAX_DIRECTOR_KEYS_BYTES:
+            raise tuf_exc.RepositoryError(f"director key list of {info.length} bytes is too large")
+        if info.hashes.get("sha256") == self.keyring.stored_sha256():
+            return False
+        tmp = self.keyring.store.with_name(f".{self.keyring.store.name}.download")
+        try:
+            updater.download_target(info, filepath=str(tmp))
+            data = tmp.read_bytes()
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:
+            return self.keyring.apply(data)
+        except InvalidPayload as exc:
+            raise tuf_exc.RepositoryError(f"unusable director key list: {exc}") from None
+
     def lookup(self, target: str) -> TargetFile | None:
-        """Refresh the metadata and return the listed TargetFile of ``target`` (None: unlisted)."""
+        """Refresh the metadata and return the listed TargetFile of ``target`` (None: unlisted).
+
+        The same refresh syncs the director key list (:meth:`sync_director_keys`).
+        """
+        found: list[TargetFile | None] = []
+
+        def get(updater: Updater) -> None:
+            self._sync_keys(updater)
+            found.append(updater.get_targetinfo(target))
+
+        self._refreshed(get)
+        return found[0]
+
+    def _refreshed(self, use: Any) -> None:
+        """Build an Updater, refresh it and call ``use(updater)``, mapping errors to rejections."""
         fetcher = HttpxFetcher(self.http, deadline_s=self.deadline_s, max_bytes=self.max_metadata_bytes)
         try:
             updater = Updater(
@@ -233,7 +375,7 @@ class TufVerifier:
                 bootstrap=None,
             )
             updater.refresh()
-            return updater.get_targetinfo(target)
+            use(updater)
         except tuf_exc.DownloadError as exc:
             # a 404 of metadata that the chain says must exist, or metadata longer than its cap
             # (ngclient's max length or ours), is an attack or a broken repo; timeouts, refused

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from server.errors import FleetError, Unauthorized
+from server.trust.repository import SigningKeyUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,4 +34,12 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         return JSONResponse(
             {"detail": exc.message, "code": exc.code}, status_code=exc.status_code, headers=headers
+        )
+
+    @app.exception_handler(SigningKeyUnavailable)
+    async def _signing_key_offline(request: Request, exc: SigningKeyUnavailable) -> JSONResponse:
+        # the targets (or root) key is kept offline: publishing waits for its publish window
+        return JSONResponse(
+            {"detail": f"{exc}; see docs/keys.md (offline keys)", "code": "signing_key_offline"},
+            status_code=503,
         )

@@ -13,7 +13,15 @@ Keys: one Ed25519 key per top-level role, PEM files 0600 in ``key_dir`` (``tuf-r
 ``tuf-targets.key``, ``tuf-snapshot.key``, ``tuf-timestamp.key``), created on first
 :meth:`ImageRepository.initialize`. The root key (and the targets key) may be moved offline after
 initialisation: reads and timestamp/snapshot refreshes keep working; publishing needs the targets
-key and raises :class:`SigningKeyUnavailable` without it.
+key and raises :class:`SigningKeyUnavailable` without it. An offline key can be lent to the
+repository for one operation with :meth:`ImageRepository.using_keys` (``fleet keys ... --root-key``).
+
+Key rotation (the procedure and the key files are in :mod:`server.trust.rotation`):
+:meth:`ImageRepository.rotate_root` writes ``N+1.root.json`` signed by the old root keys and the new
+one, so clients holding version N walk to N+1; :meth:`ImageRepository.rotate_role` replaces the key
+of targets, snapshot or timestamp: it first re-publishes that role (and the roles above it) signed
+by the old key (when it is here) *and* the new one, then writes the new root naming the new key.
+Every reader thus sees metadata that verifies under whichever root it holds.
 
 Publishing is crash-safe and never shows a reader a half-published state: the target file is
 copied first (under its content-addressed name), then ``N+1.targets.json``, ``M+1.snapshot.json``
@@ -45,13 +53,14 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 from tuf.api.metadata import (
     TOP_LEVEL_ROLE_NAMES,
     Metadata,
@@ -117,6 +126,13 @@ def consistent_target_name(path: str, sha256: str) -> str:
     return f"{parent}{sep}{sha256}.{name}"
 
 
+def as_signer(key: Signer | Ed25519PrivateKey) -> Signer:
+    """A securesystemslib signer for ``key`` (an Ed25519 private key or already a signer)."""
+    if isinstance(key, Signer):
+        return key
+    return CryptoSigner(key, SSlibKey.from_crypto(key.public_key()))
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -166,6 +182,10 @@ class ImageRepository:
         self._lock_depth = 0
         self._lock_fd: int | None = None
         self._serializer = JSONSerializer(compact=False)
+        #: keys lent for one operation (:meth:`using_keys`): offline keys, by role
+        self._lent: dict[str, Signer] = {}
+        #: per-role signer lists that override the single key while a rotation re-signs a role
+        self._transition: dict[str, list[Signer]] = {}
 
     # -- locking -----------------------------------------------------------------------------
     @contextmanager
@@ -195,8 +215,13 @@ class ImageRepository:
     def _key_path(self, role: str) -> Path:
         return self.key_dir / ROLE_KEY_FILES[role]
 
-    def _signer(self, role: str, root: Root) -> CryptoSigner:
+    def _signer(self, role: str, root: Root) -> Signer:
         """The signer of ``role``; :class:`SigningKeyUnavailable` if its key is absent or unknown."""
+        lent = self._lent.get(role)
+        if lent is not None:
+            if lent.public_key.keyid not in root.roles[role].keyids:
+                raise SigningKeyUnavailable(f"the {role} key given is not a {role} key of the current root")
+            return lent
         path = self._key_path(role)
         if not path.exists():
             raise SigningKeyUnavailable(f"the {role} key ({path}) is not on this host")
@@ -207,8 +232,23 @@ class ImageRepository:
         return CryptoSigner(private, public)
 
     def has_key(self, role: str) -> bool:
-        """Whether the key of ``role`` is on this host."""
-        return self._key_path(role).exists()
+        """Whether the key of ``role`` is on this host (or lent with :meth:`using_keys`)."""
+        return role in self._lent or self._key_path(role).exists()
+
+    @contextmanager
+    def using_keys(self, keys: Mapping[str, Signer | Ed25519PrivateKey]) -> Iterator[None]:
+        """Sign with these keys (by role) instead of the files in ``key_dir`` inside the block.
+
+        For keys kept offline: ``with repo.using_keys({"targets": key}): repo.add_target(...)``.
+        Holds the repository lock for the whole block, so no other thread signs with them.
+        """
+        with self._locked():
+            saved = self._lent
+            self._lent = {**saved, **{role: as_signer(key) for role, key in keys.items()}}
+            try:
+                yield
+            finally:
+                self._lent = saved
 
     # -- reading -----------------------------------------------------------------------------
     def _read(self, name: str, cls: type[_S]) -> Metadata[_S]:
@@ -289,13 +329,119 @@ class ImageRepository:
         atomic_write(self.metadata_dir / name, md.to_bytes(self._serializer))
 
     def _sign_and_write(self, md: Metadata[Any], root: Root, name: str) -> None:
-        md.sign(self._signer(md.signed.type, root))
+        signers = self._transition.get(md.signed.type) or [self._signer(md.signed.type, root)]
+        md.signatures.clear()
+        for signer in signers:
+            md.sign(signer, append=True)
         self._write(name, md)
 
     def _write_root(self, md: Metadata[Root]) -> None:
         md.sign(self._signer(Root.type, md.signed))
+        self._write_signed_root(md)
+
+    def _write_signed_root(self, md: Metadata[Root]) -> None:
         self._write(f"{md.signed.version}.root.json", md)
         self._write("root.json", md)
+
+    # -- key rotation ------------------------------------------------------------------------
+    def _next_root(self, current: Metadata[Root], now: datetime) -> Metadata[Root]:
+        nxt = Metadata[Root].from_bytes(current.to_bytes())
+        nxt.signatures.clear()
+        nxt.signed.version += 1
+        nxt.signed.expires = _expiry(now, self.lifetimes[Root.type])
+        return nxt
+
+    @staticmethod
+    def _replace_role_key(root: Root, role: str, key: SSlibKey) -> None:
+        if key.keyid in root.roles[role].keyids:
+            raise ValueError(f"the new {role} key is already a {role} key of the current root")
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+        root.add_key(key, role)
+
+    def rotate_root(
+        self,
+        new_key: Signer | Ed25519PrivateKey,
+        old_keys: Sequence[Signer | Ed25519PrivateKey] = (),
+        *,
+        on_committed: Callable[[], None] | None = None,
+    ) -> int:
+        """Replace the root key: write ``N+1.root.json`` signed by the old root keys and the new one.
+
+        ``old_keys`` default to the root key in ``key_dir`` (or lent by :meth:`using_keys`). The
+        new root must verify both under root N (threshold of the old keys, so clients walk to it)
+        and under itself, as the TUF specification requires. ``on_committed`` runs under the
+        repository lock right after the new root is written (the caller swaps the key files).
+        Returns the new root version.
+        """
+        new_signer = as_signer(new_key)
+        with self._locked():
+            now = self._clock()
+            current = self._root()
+            old_signers = [as_signer(k) for k in old_keys] or [self._signer(Root.type, current.signed)]
+            nxt = self._next_root(current, now)
+            self._replace_role_key(nxt.signed, Root.type, new_signer.public_key)
+            for signer in (*old_signers, new_signer):
+                nxt.sign(signer, append=True)
+            try:
+                current.verify_delegate(Root.type, nxt)
+                nxt.verify_delegate(Root.type, nxt)
+            except Exception as exc:  # tuf raises UnsignedMetadataError; anything else is as bad
+                raise SigningKeyUnavailable(f"the new root does not verify: {exc}") from None
+            self._write_signed_root(nxt)
+            if on_committed is not None:
+                on_committed()
+            log.info("rotated the root key: root v%d", nxt.signed.version)
+            return nxt.signed.version
+
+    def rotate_role(
+        self,
+        role: str,
+        new_key: Signer | Ed25519PrivateKey,
+        *,
+        on_committed: Callable[[], None] | None = None,
+    ) -> int:
+        """Replace the key of ``targets``, ``snapshot`` or ``timestamp``; return the new root version.
+
+        Needs the root key (``key_dir`` or :meth:`using_keys`). Order, so that every reader always
+        finds metadata that verifies under the root it holds:
+
+        1. the role (and the roles above it: targets -> snapshot -> timestamp) is re-published
+           with new versions, signed by the new key and, when it is here, the old key too;
+        2. ``N+1.root.json`` names the new key instead of the old one (signed by root);
+        3. ``on_committed`` (the caller swaps the key files), under the repository lock.
+
+        From then on only the new key signs; metadata signed by the old key alone is refused by
+        every client that has root N+1.
+        """
+        if role not in (Targets.type, Snapshot.type, Timestamp.type):
+            raise ValueError(f"rotate_role rotates targets, snapshot or timestamp, not {role!r}")
+        new_signer = as_signer(new_key)
+        with self._locked():
+            now = self._clock()
+            current = self._root()
+            root_signer = self._signer(Root.type, current.signed)
+            nxt = self._next_root(current, now)
+            self._replace_role_key(nxt.signed, role, new_signer.public_key)
+            nxt.sign(root_signer)
+            current.verify_delegate(Root.type, nxt)
+            nxt.verify_delegate(Root.type, nxt)
+            signers: list[Signer] = [new_signer]
+            try:
+                signers.insert(0, self._signer(role, current.signed))
+            except SigningKeyUnavailable:
+                log.warning("the old %s key is not here: %s is signed by the new key only", role, role)
+            self._transition = {role: signers}
+            try:
+                targets = self._targets() if role == Targets.type else None
+                self._publish(nxt.signed, now, targets, force_snapshot=role != Timestamp.type)
+            finally:
+                self._transition = {}
+            self._write_signed_root(nxt)
+            if on_committed is not None:
+                on_committed()
+            log.info("rotated the %s key: root v%d", role, nxt.signed.version)
+            return nxt.signed.version
 
     def _publish(
         self, root: Root, now: datetime, targets: Metadata[Targets] | None, force_snapshot: bool = True
