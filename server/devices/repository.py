@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -18,12 +20,50 @@ from server.devices.tables import (
 )
 
 
+@dataclass
+class DeviceState:
+    """The columns MQTT ingest reads and writes, without an ORM object (ingest is batched)."""
+
+    id: str
+    status: DeviceStatus
+    last_seen_at: datetime | None
+    serving: dict[str, str]
+    hardware: dict[str, Any]
+    last_report_seq: int
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "last_seen_at": self.last_seen_at,
+            "serving": self.serving,
+            "hardware": self.hardware,
+            "last_report_seq": self.last_report_seq,
+        }
+
+
 class DeviceRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
     def get(self, device_id: str) -> Device | None:
         return self.session.get(Device, device_id)
+
+    def ingest_state(self, device_ids: Iterable[str], chunk: int = 5000) -> dict[str, DeviceState]:
+        """:class:`DeviceState` of each existing device among ``device_ids`` (one SELECT per chunk)."""
+        ids = list(device_ids)
+        out: dict[str, DeviceState] = {}
+        for i in range(0, len(ids), chunk):
+            q = sa.select(
+                Device.id, Device.status, Device.last_seen_at, Device.serving, Device.hardware,
+                Device.last_report_seq,
+            ).where(Device.id.in_(ids[i : i + chunk]))  # fmt: skip
+            for row in self.session.execute(q):
+                out[row.id] = DeviceState(
+                    row.id, row.status, row.last_seen_at, row.serving or {}, row.hardware or {},
+                    row.last_report_seq or 0,
+                )  # fmt: skip
+        return out
 
     def exists(self, device_id: str) -> bool:
         return self.session.scalar(sa.select(sa.literal(1)).where(Device.id == device_id)) is not None

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -36,13 +34,15 @@ from device_client.protocol import (
     parse_payload,
     parse_topic,
 )
+from server.bulk import bulk_update, insert_ignore
 from server.db import utcnow
+from server.devices.repository import DeviceRepository, DeviceState
 from server.devices.tables import Device, DeviceEvent, DeviceStatus
 from server.health.tables import HealthSample
 from server.metrics import Metrics
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, deployment_transition
-from server.rollouts.repository import DeploymentRepository
+from server.rollouts.repository import DeploymentRepository, DeploymentState
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -59,17 +59,6 @@ class Batch:
     presence: list[Presence]
     reports: list[Report]
     health: list[HealthWindow]
-
-
-def insert_ignore(
-    session: Session, table: sa.Table, rows: Sequence[dict[str, object]], keys: list[str]
-) -> None:
-    """Multi-row INSERT that skips rows violating the unique ``keys`` (PostgreSQL and SQLite)."""
-    if not rows:
-        return
-    dialect = session.get_bind().dialect.name
-    ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-    session.execute(ins.on_conflict_do_nothing(index_elements=keys), list(rows))
 
 
 class IngestWorker:
@@ -185,17 +174,22 @@ class IngestWorker:
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, session: Session, batch: Batch) -> None:
+        """Write one batch with a handful of statements whatever its size: one SELECT of the
+        devices, one multi-row INSERT of events and of health windows, one SELECT and one bulk
+        UPDATE of deployments, one bulk UPDATE of devices (coalesced: one row per device)."""
         ids = {m.device_id for m in (*batch.presence, *batch.reports, *batch.health)}
-        devices = {d.id: d for d in session.scalars(sa.select(Device).where(Device.id.in_(ids)))}
+        devices = DeviceRepository(session).ingest_state(ids)
+        now = utcnow()
 
-        def known(kind: str, device_id: str) -> Device | None:
+        def known(kind: str, device_id: str) -> DeviceState | None:
             device = devices.get(device_id)
             if device is None or device.status == DeviceStatus.decommissioned:
                 self.reject(kind, "unknown_device", device_id)
                 return None
             return device
 
-        came_online: list[Device] = []
+        touched: dict[str, DeviceState] = {}
+        came_online: list[str] = []
         latest_presence: dict[str, Presence] = {}
         for p in batch.presence:
             latest_presence[p.device_id] = p  # coalesce: the last one in the batch wins
@@ -205,15 +199,16 @@ class IngestWorker:
                 continue
             was_online = device.status == DeviceStatus.online
             device.status = DeviceStatus.online if p.status == "online" else DeviceStatus.offline
-            device.last_seen_at = p.at or utcnow()
+            device.last_seen_at = p.at or now
             if p.serving:
                 device.serving = dict(p.serving)
             if p.hardware is not None:
                 device.hardware = p.hardware.model_dump(mode="json")
             if p.status == "online" and not was_online:
-                came_online.append(device)
+                came_online.append(device.id)
+            touched[device.id] = device
 
-        self._write_reports(session, batch.reports, known)
+        self._write_reports(session, batch.reports, known, touched, now)
 
         health_rows = []
         for h in batch.health:
@@ -240,13 +235,20 @@ class IngestWorker:
             )
         insert_ignore(session, HealthSample.__table__, health_rows, ["device_id", "seq"])  # type: ignore[arg-type]
 
+        bulk_update(session, Device.__table__, [d.row() for d in touched.values()])  # type: ignore[arg-type]
+
         if came_online:
-            resigned = DesiredStateService(session, self.ctx).resign_expiring(came_online)
+            resigned = DesiredStateService(session, self.ctx).resign_expiring_ids(came_online)
             if resigned:
                 log.info("re-signed %d expiring desired states for returning devices", resigned)
 
     def _write_reports(
-        self, session: Session, reports: list[Report], known: Callable[[str, str], Device | None]
+        self,
+        session: Session,
+        reports: list[Report],
+        known: Callable[[str, str], DeviceState | None],
+        touched: dict[str, DeviceState],
+        now: datetime,
     ) -> None:
         per_device: dict[str, list[Report]] = defaultdict(list)
         for r in reports:
@@ -270,6 +272,7 @@ class IngestWorker:
                 device.last_seen_at = r.at
                 if device.status != DeviceStatus.online:
                     device.status = DeviceStatus.online
+                touched[device.id] = device
         insert_ignore(
             session,
             DeviceEvent.__table__,
@@ -278,7 +281,7 @@ class IngestWorker:
                     "device_id": r.device_id,
                     "seq": r.seq,
                     "at": r.at,
-                    "received_at": utcnow(),
+                    "received_at": now,
                     "phase": r.phase.value,
                     "rollout_id": r.rollout_id,
                     "desired_seq": r.desired_seq,
@@ -292,7 +295,8 @@ class IngestWorker:
             ["device_id", "seq"],
         )
         pairs = [(r.device_id, r.desired_seq) for r in fresh if r.desired_seq is not None]
-        deployments = DeploymentRepository(session).for_desired(pairs)  # type: ignore[arg-type]
+        deployments = DeploymentRepository(session).states_for_desired(pairs)  # type: ignore[arg-type]
+        changed: dict[int, DeploymentState] = {}
         for r in fresh:
             dep = deployments.get((r.device_id, r.desired_seq or 0))
             if dep is None or dep.phase == r.phase:
@@ -309,3 +313,5 @@ class IngestWorker:
                 dep.reason = r.reason
             if r.details:
                 dep.details = {**(dep.details or {}), **r.details}
+            changed[dep.id] = dep
+        DeploymentRepository(session).update_states(list(changed.values()))

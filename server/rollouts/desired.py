@@ -178,6 +178,14 @@ class DesiredStateService:
         enqueue(self.session, device_topic(device.id, TopicKind.desired), envelope, qos=1, retain=True)
         return record
 
+    def resign_expiring_ids(self, device_ids: list[str]) -> int:
+        """:meth:`resign_expiring` by device id: loads only the devices that need a new state."""
+        soon = utcnow() + timedelta(seconds=self.ctx.settings.desired_resign_before_s)
+        expiring = [r.device_id for r in self.records.expiring(device_ids, soon)]
+        if not expiring:
+            return 0
+        return self.resign_expiring(list(self.records.devices(expiring)))
+
     def resign_expiring(self, devices: list[Device]) -> int:
         """Re-sign the DesiredStates of ``devices`` that expired or expire soon; return how many."""
         soon = utcnow() + timedelta(seconds=self.ctx.settings.desired_resign_before_s)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from device_client.protocol.messages import DeploymentPhase
+from server.bulk import bulk_update
 from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion, VersionStatus
 from server.devices.tables import Device, DeviceStatus, DeviceTag
 from server.health.tables import HealthSample
@@ -45,6 +48,11 @@ class DesiredRepository:
         )
         return self.session.scalars(q).all()
 
+    def devices(self, device_ids: Sequence[str]) -> Sequence[Device]:
+        if not device_ids:
+            return []
+        return self.session.scalars(sa.select(Device).where(Device.id.in_(list(device_ids)))).all()
+
 
 class CatalogLookup:
     """Read-only views of the model registry needed to target devices."""
@@ -73,9 +81,48 @@ class CatalogLookup:
         return self.session.scalars(q).all()
 
 
+@dataclass
+class DeploymentState:
+    """The columns a device report changes, without an ORM object (MQTT ingest is batched)."""
+
+    id: int
+    device_id: str
+    desired_seq: int | None
+    phase: DeploymentPhase
+    reason: str | None
+    details: dict[str, Any]
+
+
 class DeploymentRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
+
+    def states_for_desired(
+        self, pairs: Sequence[tuple[str, int]], chunk: int = 2000
+    ) -> dict[tuple[str, int], DeploymentState]:
+        """:class:`DeploymentState` keyed by (device_id, desired_seq)."""
+        out: dict[tuple[str, int], DeploymentState] = {}
+        unique = list(dict.fromkeys(pairs))
+        for i in range(0, len(unique), chunk):
+            q = sa.select(
+                Deployment.id, Deployment.device_id, Deployment.desired_seq, Deployment.phase,
+                Deployment.reason, Deployment.details,
+            ).where(
+                sa.tuple_(Deployment.device_id, Deployment.desired_seq).in_(unique[i : i + chunk])
+            )  # fmt: skip
+            for r in self.session.execute(q):
+                out[(r.device_id, r.desired_seq or 0)] = DeploymentState(
+                    r.id, r.device_id, r.desired_seq, r.phase, r.reason, r.details or {}
+                )
+        return out
+
+    def update_states(self, states: Sequence[DeploymentState]) -> None:
+        """Write the phase, reason and details of many deployments in one bulk UPDATE."""
+        bulk_update(
+            self.session,
+            Deployment.__table__,  # type: ignore[arg-type]
+            [{"id": s.id, "phase": s.phase, "reason": s.reason, "details": s.details} for s in states],
+        )
 
     def add(self, deployment: Deployment) -> Deployment:
         self.session.add(deployment)
