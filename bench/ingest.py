@@ -1,0 +1,184 @@
+"""Health ingest rate through the server's real ingest path / raw batched insert (DESIGN.md section 8).
+
+    .venv/bin/python bench/ingest.py [--devices 2000] [--messages 40000] [--postgres URL]
+
+For each backend (SQLite in a temp dir; PostgreSQL too when ``--postgres``, FLEET_BENCH_POSTGRES_URL
+or FLEET_TEST_POSTGRES_URL gives a server, in a fresh database dropped afterwards):
+
+* **ingest**: N devices are bulk-inserted, then M ``fleet.health/1`` payloads (JSON bytes, as they
+  arrive from the broker) are submitted to a running :class:`server.mqtt.handlers.IngestWorker`,
+  which parses, validates, checks each device, deduplicates and writes them in batches; the rate
+  is M / the time until the worker is idle;
+* **raw**: the same M rows, already built as dicts, inserted into the same (emptied) table by
+  plain multi-row INSERTs of 2,000 rows, one transaction each: the database's own ceiling.
+
+Prints ingest / raw per backend (target >= 0.25) and writes bench/results/ingest.json. Exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from benchlib import ratio_line, write_result
+
+TARGET = ">= 0.25"
+
+
+def fresh_postgres(base_url: str) -> tuple[str, object]:
+    import sqlalchemy as sa
+
+    name = f"fleet_bench_{secrets.token_hex(5)}"
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+def insert_devices(ctx, n: int) -> list[str]:
+    import sqlalchemy as sa
+
+    from server.devices.tables import Device
+
+    now = datetime.now(UTC)
+    ids = [f"bench-{i:06d}" for i in range(n)]
+    rows = [
+        {
+            "id": d, "status": "online", "hardware": {}, "arch": "x86_64", "cert_serial": f"{i:x}",
+            "cert_not_after": now + timedelta(days=365), "token_hash": f"{i:064x}", "created_at": now,
+            "serving": {"det": "1.0.0"}, "last_report_seq": 0, "desired_seq": 0,
+        }
+        for i, d in enumerate(ids)
+    ]  # fmt: skip
+    with ctx.db.session_scope() as s:
+        for i in range(0, n, 2000):
+            s.execute(sa.insert(Device.__table__), rows[i : i + 2000])
+    return ids
+
+
+def messages(ids: list[str], m: int) -> list[tuple[str, bytes, dict]]:
+    from device_client.protocol import HealthWindow
+
+    now = datetime.now(UTC)
+    out = []
+    for k in range(m):
+        device = ids[k % len(ids)]
+        h = HealthWindow.build(
+            device_id=device, seq=k // len(ids) + 1, at=now + timedelta(seconds=k // len(ids)),
+            window_s=10, model="det", version="1.0.0", requests=100 + k % 7, errors=k % 3,
+            p50_ms=1.5, p95_ms=4.0 + (k % 5), p99_ms=9.0,
+        )  # fmt: skip
+        row = {
+            "device_id": h.device_id, "seq": h.seq, "at": h.at, "window_s": h.window_s, "model": h.model,
+            "version": h.version, "mode": h.mode.value, "requests": h.requests, "errors": h.errors,
+            "p50_ms": h.p50_ms, "p95_ms": h.p95_ms, "p99_ms": h.p99_ms, "shadow_requests": None,
+            "agreement": None, "shadow_p95_ms": None,
+        }  # fmt: skip
+        out.append((f"fleet/v1/d/{device}/health", h.to_json(), row))
+    return out
+
+
+def run_backend(name: str, url: str, workdir: Path, n_devices: int, n_messages: int) -> dict:
+    import sqlalchemy as sa
+
+    from server.config import Settings
+    from server.context import ServerContext
+    from server.health.tables import HealthSample
+    from server.mqtt.handlers import IngestWorker
+
+    settings = Settings(
+        data_dir=workdir / name, database_url=url, mqtt_enabled=False, rollout_engine=False,
+        metadata_refresh_interval_s=3600,
+    )  # fmt: skip
+    ctx = ServerContext.open(settings)
+    try:
+        ids = insert_devices(ctx, n_devices)
+        msgs = messages(ids, n_messages)
+        table = HealthSample.__table__
+
+        worker = IngestWorker(ctx, ctx.metrics)
+        now = datetime.now(UTC)
+        t0 = time.perf_counter()
+        for topic, payload, _ in msgs:
+            worker.submit(topic, payload, now)
+        worker.start()
+        while not worker.wait_idle(0.05) or not worker.queue.empty():
+            pass
+        ingest_s = time.perf_counter() - t0
+        worker.stop()
+        with ctx.db.session_scope() as s:
+            stored = s.scalar(sa.select(sa.func.count()).select_from(table))
+            s.execute(sa.delete(table))
+
+        rows = [r for _, _, r in msgs]
+        t0 = time.perf_counter()
+        with ctx.db.engine.connect() as conn:
+            for i in range(0, len(rows), 2000):
+                with conn.begin():
+                    conn.execute(sa.insert(table), rows[i : i + 2000])
+        raw_s = time.perf_counter() - t0
+    finally:
+        ctx.close()
+    ingest_rate = n_messages / ingest_s
+    raw_rate = n_messages / raw_s
+    return {
+        "backend": name,
+        "devices": n_devices,
+        "messages": n_messages,
+        "stored": stored,
+        "ingest_s": round(ingest_s, 3),
+        "ingest_msgs_per_s": round(ingest_rate),
+        "raw_s": round(raw_s, 3),
+        "raw_rows_per_s": round(raw_rate),
+        "ratio": round(ingest_rate / raw_rate, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=2000)
+    ap.add_argument("--messages", type=int, default=40000)
+    ap.add_argument(
+        "--postgres",
+        default=os.environ.get("FLEET_BENCH_POSTGRES_URL") or os.environ.get("FLEET_TEST_POSTGRES_URL", ""),
+    )
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp:
+        work = Path(tmp)
+        results.append(
+            run_backend("sqlite", f"sqlite:///{work / 'ingest.db'}", work, args.devices, args.messages)
+        )
+        if args.postgres:
+            url, drop = fresh_postgres(args.postgres)
+            try:
+                results.append(run_backend("postgres", url, work, args.devices, args.messages))
+            finally:
+                drop()  # type: ignore[operator]
+    print(f"health ingest: {args.messages} windows from {args.devices} devices")
+    for r in results:
+        print(
+            f"  {r['backend']}: ingest {r['ingest_msgs_per_s']} msg/s ({r['stored']} stored), "
+            f"raw batched insert {r['raw_rows_per_s']} rows/s"
+        )
+        print(ratio_line(f"{r['backend']} ingest / raw insert", r["ratio"], TARGET))
+    if not args.postgres:
+        print("  (PostgreSQL skipped: set FLEET_BENCH_POSTGRES_URL or pass --postgres)")
+    path = write_result("ingest", {"target": TARGET, "results": results})
+    print(f"  wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
