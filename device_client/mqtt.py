@@ -222,7 +222,11 @@ class MqttLink:
 
     def _flush(self) -> None:
         """Hand every journaled report not yet handed to paho over, in seq order."""
-        with self._lock:
+        # Lock order: paho's out-message mutex, then ours. paho's network thread holds that mutex
+        # while it calls _on_publish (which takes self._lock); taking ours first and then calling
+        # client.publish (which takes paho's) deadlocked the worker and the network thread whenever
+        # a PUBACK arrived during a flush. It is an RLock, so publish re-enters it.
+        with self.client._out_message_mutex, self._lock:
             for entry in self.journal.pending():
                 if entry.seq in self._handed:
                     continue

@@ -93,6 +93,33 @@ def _report(seq: int) -> bytes:
 
 
 @pytest.mark.mqtt
+def test_a_puback_during_a_flush_cannot_deadlock(mosquitto, tmp_path):
+    """paho calls on_publish holding its out-message mutex; a flush running at that moment (the
+    worker reporting a phase) must not hold the link's lock while it waits for that mutex."""
+    journal = ReportJournal(tmp_path / "outbox")
+    journal.append(1, "fleet/v1/d/dev-1/report", _report(1))
+    link = _link(mosquitto, journal)  # never started: the two threads stand for paho's and ours
+    in_flush = threading.Event()
+    pending = journal.pending
+    journal.pending = lambda: (in_flush.set(), pending())[1]  # type: ignore[method-assign]
+    mutex = link.client._out_message_mutex
+
+    def network_thread() -> None:  # what paho does on a PUBACK
+        with mutex:
+            in_flush.wait(1.0)  # let the flush take whatever it takes before it publishes
+            link._on_publish(link.client, None, 99, None, None)
+
+    threads = [threading.Thread(target=network_thread, daemon=True)]
+    threads[0].start()
+    time.sleep(0.1)  # the network thread holds paho's mutex
+    threads.append(threading.Thread(target=link._flush, daemon=True))
+    threads[1].start()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads), "the flush and the PUBACK callback deadlocked"
+
+
+@pytest.mark.mqtt
 def test_reports_survive_broker_outage_and_restart_in_order(mosquitto, tmp_path):
     journal_dir = tmp_path / "outbox"
     sub = Subscriber(mosquitto)
