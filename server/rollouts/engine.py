@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,18 @@ if TYPE_CHECKING:
     from server.context import ServerContext
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TickCounts:
+    """What one GROUP BY tells a tick: the stage's counts, the rollout's in-flight online devices
+    (the download budget), and the stage's members waiting for a DesiredState."""
+
+    stage: StageCounts
+    busy: int
+    pending_online: int
+    pending_offline: int
+
 
 ENGINE = "engine"
 IN_FLIGHT = frozenset({P.notified, P.downloading, P.verifying, P.installing, P.probation})
@@ -102,55 +114,43 @@ class RolloutEngine:
 
     # -- running -------------------------------------------------------------------------------
     def _advance_running(self, session: Session, rollout: Rollout, now: datetime) -> None:
+        """One tick of a running rollout. The work is proportional to the devices that need
+        action (timeouts, notifications), not to the fleet: counts come from one GROUP BY."""
         repo = RolloutRepository(session)
         stages = [Stage.model_validate(s) for s in rollout.stages]
         idx = rollout.current_stage
         stage = stages[idx]
         mode = ServeMode.shadow if stage.shadow else ServeMode.serve
-        rows = repo.deployments(rollout.id)
+        serve = mode == ServeMode.serve
+
         timeout = timedelta(seconds=rollout.device_timeout_s)
+        for dep in repo.overdue(rollout.id, sorted(IN_FLIGHT), now - timeout):
+            settle_phase(dep, P.timed_out)
+            dep.reason = f"no progress within {rollout.device_timeout_s}s"
 
-        for dep, status, _ in rows:
-            if (
-                dep.phase in IN_FLIGHT
-                and status == DeviceStatus.online
-                and dep.notified_at is not None
-                and now - dep.notified_at > timeout
-            ):
-                settle_phase(dep, P.timed_out)
-                dep.reason = f"no progress within {rollout.device_timeout_s}s"
-
-        members = [(d, s) for d, s, _ in rows if d.stage <= idx]
-        busy = sum(1 for d, s, _ in rows if d.phase in IN_FLIGHT and s == DeviceStatus.online)
-        budget = rollout.max_concurrent_downloads - busy
+        tick = self._counts(repo.tick_counts(rollout.id, idx), mode)  # autoflushes the timeouts
+        budget = rollout.max_concurrent_downloads - tick.busy
         to_notify: list[Deployment] = []
-        for dep, status in members:
-            stale_shadow = (
-                mode == ServeMode.serve
-                and dep.phase == P.succeeded
-                and (dep.details or {}).get("mode") == "shadow"
-            )
-            if dep.phase != P.pending and not stale_shadow:
-                continue
-            if status == DeviceStatus.online:
-                if budget <= 0:
-                    continue
-                budget -= 1
-            to_notify.append(dep)
+        if budget > 0 and tick.pending_online:
+            to_notify += repo.to_notify(rollout.id, idx, serve=serve, online=True, limit=budget)
+        if tick.pending_offline:
+            to_notify += repo.to_notify(rollout.id, idx, serve=serve, online=False)
         if to_notify:
+            to_notify.sort(key=lambda d: d.id)
             self._notify(session, rollout, to_notify, mode, now)
+            tick = self._counts(repo.tick_counts(rollout.id, idx), mode)
+        counts = tick.stage
 
-        counts = self._counts(members, mode)
         gates = gates_of(rollout)
         service = RolloutService(session, self.ctx)
-        if early_trip(gates, counts, len(members)):
+        if early_trip(gates, counts, counts.total):
             why = sorted(
-                {f"{d.device_id}: {d.phase.value}: {d.reason}" for d, _ in members if d.phase in FAILED}
+                {f"{d}: {p.value}: {r}" for d, p, r in repo.member_rows(rollout.id, idx, sorted(FAILED))}
             )
             self._fail(
                 service,
                 rollout,
-                f"stage {idx + 1}: {counts.failed} of {len(members)} devices failed ({'; '.join(why[:3])})",
+                f"stage {idx + 1}: {counts.failed} of {counts.total} devices failed ({'; '.join(why[:3])})",
                 {"stage": idx, "passed": False, "numbers": asdict(counts), "devices": why[:20]},
             )
             return
@@ -163,7 +163,7 @@ class RolloutEngine:
         if now < rollout.soak_until:
             return
 
-        ids = [d.device_id for d, _ in members]
+        ids = [d for d, _, _ in repo.member_rows(rollout.id, idx)]
         health_repo = HealthRepository(session)
         soak_start = rollout.soak_until - timedelta(seconds=stage.soak_s)
         health = aggregate(
@@ -203,28 +203,36 @@ class RolloutEngine:
         log.info("rollout %s promoted to stage %d", rollout.id, idx + 2)
 
     @staticmethod
-    def _counts(members: list[tuple[Deployment, DeviceStatus]], mode: ServeMode) -> StageCounts:
-        succeeded = failed = in_flight = offline = 0
-        for dep, status in members:
+    def _counts(groups: list[tuple[bool, P, DeviceStatus, bool, int]], mode: ServeMode) -> TickCounts:
+        """:class:`TickCounts` from :meth:`RolloutRepository.tick_counts`."""
+        succeeded = failed = in_flight = offline = total = busy = pending_online = pending_offline = 0
+        for member, phase, status, shadow, n in groups:
             online = status == DeviceStatus.online
-            stale_shadow = mode == ServeMode.serve and (dep.details or {}).get("mode") == "shadow"
-            if dep.phase == P.succeeded and not stale_shadow:
-                succeeded += 1
-            elif dep.phase in FAILED:
-                failed += 1
-            elif dep.phase == P.cancelled:
+            if phase in IN_FLIGHT and online:
+                busy += n
+            if not member:
+                continue
+            total += n
+            stale_shadow = mode == ServeMode.serve and shadow
+            if phase == P.pending or (phase == P.succeeded and stale_shadow):
+                if online:
+                    pending_online += n
+                else:
+                    pending_offline += n
+            if phase == P.succeeded and not stale_shadow:
+                succeeded += n
+            elif phase in FAILED:
+                failed += n
+            elif phase == P.cancelled:
                 continue
             elif online:
-                in_flight += 1
+                in_flight += n
             else:
-                offline += 1
-        return StageCounts(
-            total=len(members),
-            succeeded=succeeded,
-            failed=failed,
-            in_flight=in_flight,
-            offline_waiting=offline,
+                offline += n
+        counts = StageCounts(
+            total=total, succeeded=succeeded, failed=failed, in_flight=in_flight, offline_waiting=offline
         )
+        return TickCounts(counts, busy, pending_online, pending_offline)
 
     def _notify(
         self, session: Session, rollout: Rollout, deps: list[Deployment], mode: ServeMode, now: datetime

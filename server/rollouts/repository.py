@@ -223,6 +223,76 @@ class RolloutRepository:
             return []
         return self.session.scalars(sa.select(Device).where(Device.id.in_(list(device_ids)))).all()
 
+    # -- the engine's tick: counts in SQL, rows only for devices that need action -------------------
+    @staticmethod
+    def _shadow_flag() -> sa.ColumnElement[bool]:
+        return sa.func.coalesce(Deployment.details["mode"].as_string(), "") == "shadow"
+
+    def tick_counts(
+        self, rollout_id: str, stage: int
+    ) -> list[tuple[bool, DeploymentPhase, DeviceStatus, bool, int]]:
+        """(member of stages <= ``stage``, phase, device status, last notified in shadow mode, count)
+        of a rollout's deployments: one GROUP BY, whatever the fleet size."""
+        member = (Deployment.stage <= stage).label("member")
+        shadow = self._shadow_flag().label("shadow")
+        q = (
+            sa.select(member, Deployment.phase, Device.status, shadow, sa.func.count())
+            .join(Device, Device.id == Deployment.device_id)
+            .where(Deployment.rollout_id == rollout_id)
+            .group_by(member, Deployment.phase, Device.status, shadow)
+        )
+        return [(bool(m), p, st, bool(sh), n) for m, p, st, sh, n in self.session.execute(q)]
+
+    def overdue(
+        self, rollout_id: str, phases: Sequence[DeploymentPhase], notified_before: datetime
+    ) -> Sequence[Deployment]:
+        """In-flight deployments of online devices notified before ``notified_before``."""
+        q = (
+            sa.select(Deployment)
+            .join(Device, Device.id == Deployment.device_id)
+            .where(
+                Deployment.rollout_id == rollout_id,
+                Deployment.phase.in_(list(phases)),
+                Device.status == DeviceStatus.online,
+                Deployment.notified_at < notified_before,
+            )
+            .order_by(Deployment.id)
+        )
+        return self.session.scalars(q).all()
+
+    def to_notify(
+        self, rollout_id: str, stage: int, *, serve: bool, online: bool, limit: int | None = None
+    ) -> Sequence[Deployment]:
+        """Deployments of stages <= ``stage`` waiting for a DesiredState (pending, or in a serve
+        stage a succeeded shadow deployment to re-arm), of online (or not online) devices, by id."""
+        wanted = Deployment.phase == DeploymentPhase.pending
+        if serve:
+            rearm = sa.and_(Deployment.phase == DeploymentPhase.succeeded, self._shadow_flag())
+            wanted = sa.or_(wanted, rearm)
+        status = Device.status == DeviceStatus.online if online else Device.status != DeviceStatus.online
+        q = (
+            sa.select(Deployment)
+            .join(Device, Device.id == Deployment.device_id)
+            .where(Deployment.rollout_id == rollout_id, Deployment.stage <= stage, wanted, status)
+            .order_by(Deployment.id)
+        )
+        if limit is not None:
+            q = q.limit(limit)
+        return self.session.scalars(q).all()
+
+    def member_rows(
+        self, rollout_id: str, stage: int, phases: Sequence[DeploymentPhase] | None = None
+    ) -> list[tuple[str, DeploymentPhase, str | None]]:
+        """(device id, phase, reason) of the deployments of stages <= ``stage``."""
+        q = (
+            sa.select(Deployment.device_id, Deployment.phase, Deployment.reason)
+            .where(Deployment.rollout_id == rollout_id, Deployment.stage <= stage)
+            .order_by(Deployment.id)
+        )
+        if phases is not None:
+            q = q.where(Deployment.phase.in_(list(phases)))
+        return [(d, p, r) for d, p, r in self.session.execute(q)]
+
     def phase_counts(self, rollout_id: str) -> dict[tuple[int, str], int]:
         q = (
             sa.select(Deployment.stage, Deployment.phase, sa.func.count())
