@@ -82,6 +82,7 @@ def test_batch_statement_count_does_not_grow_with_devices(ctx):
             sa.select(sa.func.count()).select_from(HealthSample).where(HealthSample.device_id.in_(large_ids))
         )
     assert phases == {"installing"}
-    assert all(tuple(d) == ("online", 2, {"det": "1.0.0"}) for d in devices) and len(devices) == 150
+    assert all(tuple(d) == ("online", 2, {"det": "1.0.0"}) for d in devices)
+    assert len(devices) == 150
     assert windows == 150
     assert ctx.metrics.get("fleet_mqtt_duplicates_total", kind="report") == 153
