@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings)``.
 
 The lifespan opens the :class:`~server.context.ServerContext` (database, CA, director, image
-repository) and runs the background job that re-signs online TUF metadata before it expires.
+repository) and runs the background jobs: re-signing online TUF metadata before it expires, and
+folding old health windows into rollups (:mod:`server.health.rollup`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi.responses import PlainTextResponse
 
 from server.config import Settings
 from server.context import ServerContext
+from server.health.rollup import HealthRollupJob
 from server.http.errors import ERROR_RESPONSES, install_error_handlers
 from server.http.routers import admin, catalog, devices, rollouts, tuf
 from server.mqtt.runtime import MqttRuntime
@@ -48,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = RolloutEngine(ctx, settings.rollout_tick_s) if settings.rollout_engine else None
         if app.state.engine is not None:
             app.state.engine.start()
+        app.state.health_rollup = HealthRollupJob(ctx.db, settings)
+        app.state.health_rollup.start()
         # keep a strong reference: the event loop holds tasks only weakly
         app.state.tasks = {asyncio.create_task(_refresh_metadata_forever(ctx), name="tuf-refresh")}
         try:
@@ -56,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in app.state.tasks:
                 task.cancel()
             await asyncio.gather(*app.state.tasks, return_exceptions=True)
+            await asyncio.to_thread(app.state.health_rollup.stop)
             if app.state.engine is not None:
                 await asyncio.to_thread(app.state.engine.stop)
             if app.state.mqtt is not None:

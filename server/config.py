@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     desired_ttl_s: int = Field(default=7 * 86400, ge=60)
     desired_resign_before_s: int = Field(default=86400, ge=0)
 
+    #: raw health windows older than this are folded into hourly rollups (``health_rollups``) by a
+    #: job running every ``health_rollup_interval_s``; rollups older than the last setting are deleted
+    health_raw_retention_s: int = Field(default=86400, ge=60)
+    health_rollup_bucket_s: int = Field(default=3600, ge=60)
+    health_rollup_interval_s: float = Field(default=300.0, gt=0)
+    health_rollup_retention_s: int = Field(default=90 * 86400, ge=3600)
+
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     enroll_token_ttl_s: int = Field(default=7 * 86400, ge=60)
     device_cert_days: int = Field(default=365, ge=1)

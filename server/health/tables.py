@@ -36,3 +36,28 @@ class HealthSample(Base):
     shadow_requests: Mapped[int | None] = mapped_column(sa.Integer)
     agreement: Mapped[float | None] = mapped_column(sa.Float)
     shadow_p95_ms: Mapped[float | None] = mapped_column(sa.Float)
+
+
+class HealthRollup(Base):
+    """Health windows folded per device, model, version, mode and time bucket, with sums so that
+    aggregates over rollups equal aggregates over the raw windows (:mod:`server.health.rollup`)."""
+
+    __tablename__ = "health_rollups"
+    __table_args__ = (sa.Index("ix_health_rollups_model_version_bucket", "model", "version", "bucket"),)
+
+    device_id: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    mode: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    #: start of the bucket; the bucket holds windows with ``bucket <= at < bucket + bucket_s``
+    bucket: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    bucket_s: Mapped[int] = mapped_column(sa.Integer)
+    windows: Mapped[int] = mapped_column(sa.Integer)
+    requests: Mapped[int] = mapped_column(sa.BigInteger)
+    errors: Mapped[int] = mapped_column(sa.BigInteger)
+    #: requests of the windows that reported a p95, and the sum of p95_ms * requests over them
+    p95_requests: Mapped[int] = mapped_column(sa.BigInteger)
+    p95_weighted_ms: Mapped[float] = mapped_column(sa.Float)
+    #: shadow requests of the windows that reported an agreement, and sum of agreement * them
+    shadow_requests: Mapped[int] = mapped_column(sa.BigInteger)
+    agreement_weighted: Mapped[float] = mapped_column(sa.Float)

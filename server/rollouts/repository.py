@@ -14,7 +14,7 @@ from device_client.protocol.messages import DeploymentPhase
 from server.bulk import bulk_update
 from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion, VersionStatus
 from server.devices.tables import Device, DeviceStatus, DeviceTag
-from server.health.tables import HealthSample
+from server.health.tables import HealthRollup, HealthSample
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 
 
@@ -341,7 +341,10 @@ class HealthRepository:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> list[tuple[int, int, float | None, int | None, float | None]]:
-        """(requests, errors, p95_ms, shadow_requests, agreement) of matching health windows."""
+        """(requests, errors, p95_ms, shadow_requests, agreement) of matching health windows: the raw
+        windows, plus the rolled-up ones (:mod:`server.health.rollup`) as equivalent tuples, so
+        :func:`server.rollouts.policy.aggregate` gives the same result before and after a fold.
+        Rolled-up time is filtered by bucket start (its resolution is the bucket)."""
         if not device_ids:
             return []
         q = sa.select(
@@ -363,4 +366,33 @@ class HealthRepository:
             q = q.where(HealthSample.at >= since)
         if until is not None:
             q = q.where(HealthSample.at < until)
-        return [tuple(r) for r in self.session.execute(q)]  # type: ignore[misc]
+        out: list[tuple[int, int, float | None, int | None, float | None]] = [
+            tuple(r)  # type: ignore[misc]
+            for r in self.session.execute(q)
+        ]
+        r = HealthRollup
+        rq = sa.select(
+            r.requests, r.errors, r.p95_requests, r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted
+        ).where(r.model == model)
+        if len(device_ids) <= 5000:
+            rq = rq.where(r.device_id.in_(list(device_ids)))
+        if version is not None:
+            rq = rq.where(r.version == version)
+        if not_version is not None:
+            rq = rq.where(r.version != not_version)
+        if mode is not None:
+            rq = rq.where(r.mode == mode)
+        if since is not None:
+            rq = rq.where(r.bucket >= since)
+        if until is not None:
+            rq = rq.where(r.bucket < until)
+        for requests, errors, p95_req, p95_sum, shadow, agree_sum in self.session.execute(rq):
+            # one tuple carrying the windows that had a p95 (and the errors), one the rest of the
+            # requests: aggregate() weights p95 by the first one's requests only, as it did raw
+            out.append((
+                p95_req, errors, p95_sum / p95_req if p95_req else None,
+                shadow, agree_sum / shadow if shadow else None,
+            ))  # fmt: skip
+            if requests - p95_req:
+                out.append((requests - p95_req, 0, None, None, None))
+        return out

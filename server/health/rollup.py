@@ -1,0 +1,145 @@
+"""Keep ``health_windows`` bounded: fold old raw windows into ``health_rollups``, then delete them.
+
+A rollup holds, per (device, model, version, mode, bucket), the sums that
+:func:`server.rollouts.policy.aggregate` needs (requests, errors, requests with a p95 and the
+request-weighted p95 sum, shadow requests with an agreement and the agreement-weighted sum), so an
+aggregate over rollups equals the aggregate over the raw windows they replace.
+:meth:`server.rollouts.repository.HealthRepository.windows` reads both, so rollout gates and
+baselines keep working past the raw retention (at bucket resolution for rolled-up time).
+
+:func:`fold_health` runs in the server every ``health_rollup_interval_s`` (``HealthRollupJob``).
+Windows are claimed with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas folding at the same
+time split the work and never count a window twice; a window arriving late for an already folded
+bucket is added to the existing rollup (upsert).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from server.db import utcnow
+from server.health.repository import HealthRollupRepository
+
+if TYPE_CHECKING:
+    from server.db import Database
+
+log = logging.getLogger(__name__)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def bucket_of(at: datetime, bucket_s: int) -> datetime:
+    seconds = int((at - EPOCH).total_seconds())
+    return EPOCH + timedelta(seconds=seconds - seconds % bucket_s)
+
+
+@dataclass
+class FoldResult:
+    folded: int = 0
+    rollups: int = 0
+    expired_rollups: int = 0
+
+
+def fold_batch(raw: list[Any], bucket_s: int) -> list[dict[str, Any]]:
+    """Rollup rows (with sums) of raw windows, one per (device, model, version, mode, bucket)."""
+    out: dict[tuple[str, str, str, str, datetime], dict[str, Any]] = {}
+    for w in raw:
+        bucket = bucket_of(w.at, bucket_s)
+        key = (w.device_id, w.model, w.version, w.mode, bucket)
+        r = out.get(key)
+        if r is None:
+            r = out[key] = {
+                "device_id": w.device_id, "model": w.model, "version": w.version, "mode": w.mode,
+                "bucket": bucket, "bucket_s": bucket_s, "windows": 0, "requests": 0, "errors": 0,
+                "p95_requests": 0, "p95_weighted_ms": 0.0, "shadow_requests": 0, "agreement_weighted": 0.0,
+            }  # fmt: skip
+        r["windows"] += 1
+        r["requests"] += w.requests
+        r["errors"] += w.errors
+        if w.p95_ms is not None and w.requests:
+            r["p95_requests"] += w.requests
+            r["p95_weighted_ms"] += w.p95_ms * w.requests
+        if w.shadow_requests and w.agreement is not None:
+            r["shadow_requests"] += w.shadow_requests
+            r["agreement_weighted"] += w.agreement * w.shadow_requests
+    return list(out.values())
+
+
+def fold_health(
+    db: Database,
+    *,
+    raw_retention_s: int,
+    bucket_s: int,
+    rollup_retention_s: int,
+    now: datetime | None = None,
+    batch: int = 20000,
+) -> FoldResult:
+    """Fold every raw window older than the retention (rounded down to a bucket boundary, so only
+    whole buckets are folded) into rollups and delete it; delete expired rollups. One
+    transaction per ``batch`` windows."""
+    now = now or utcnow()
+    cutoff = bucket_of(now - timedelta(seconds=raw_retention_s), bucket_s)
+    result = FoldResult()
+    while True:
+        with db.session_scope() as session:
+            repo = HealthRollupRepository(session)
+            raw = repo.claim_raw(cutoff, batch, skip_locked=not db.is_sqlite)
+            if not raw:
+                break
+            rollups = fold_batch(raw, bucket_s)
+            repo.add_rollups(rollups)
+            repo.delete_raw([w.id for w in raw])
+        result.folded += len(raw)
+        result.rollups += len(rollups)
+        if len(raw) < batch:
+            break
+    with db.session_scope() as session:
+        result.expired_rollups = HealthRollupRepository(session).delete_rollups_before(
+            now - timedelta(seconds=rollup_retention_s)
+        )
+    return result
+
+
+class HealthRollupJob:
+    """:func:`fold_health` every ``interval_s`` in a background thread of the server."""
+
+    def __init__(self, db: Database, settings: Any) -> None:
+        self.db = db
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self, now: datetime | None = None) -> FoldResult:
+        s = self.settings
+        result = fold_health(
+            self.db,
+            raw_retention_s=s.health_raw_retention_s,
+            bucket_s=s.health_rollup_bucket_s,
+            rollup_retention_s=s.health_rollup_retention_s,
+            now=now,
+        )
+        if result.folded or result.expired_rollups:
+            log.info(
+                "health rollup: folded %d windows into %d rollups; deleted %d expired rollups",
+                result.folded, result.rollups, result.expired_rollups,
+            )  # fmt: skip
+        return result
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="health-rollup", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.health_rollup_interval_s):
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("health rollup failed; retrying next interval")

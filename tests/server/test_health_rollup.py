@@ -1,0 +1,120 @@
+"""Old health windows are folded into rollups and deleted; rollout gates read the same numbers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from server.health.rollup import fold_health
+from server.health.tables import HealthRollup, HealthSample
+from server.rollouts.policy import aggregate
+from server.rollouts.repository import HealthRepository
+
+NOW = datetime(2026, 3, 10, 12, 30, tzinfo=UTC)
+DAY = 86400
+
+
+def window(device: str, seq: int, at: datetime, **kw) -> dict:
+    row = {
+        "device_id": device, "seq": seq, "at": at, "window_s": 10.0, "model": "det", "version": "1.0.0",
+        "mode": "serve", "requests": 100, "errors": 1, "p50_ms": 1.0, "p95_ms": 5.0, "p99_ms": 9.0,
+        "shadow_requests": None, "agreement": None, "shadow_p95_ms": None,
+    }  # fmt: skip
+    row.update(kw)
+    return row
+
+
+def fold(ctx, now=NOW):
+    return fold_health(ctx.db, raw_retention_s=DAY, bucket_s=3600, rollup_retention_s=30 * DAY, now=now)
+
+
+def agg(ctx, devices, **kw):
+    with ctx.db.session_scope() as s:
+        return aggregate(HealthRepository(s).windows(devices, "det", **kw))
+
+
+def counts(ctx) -> tuple[int, int]:
+    with ctx.db.session_scope() as s:
+        raw = s.scalar(sa.select(sa.func.count()).select_from(HealthSample))
+        rollups = s.scalar(sa.select(sa.func.count()).select_from(HealthRollup))
+    return raw, rollups
+
+
+def test_fold_keeps_aggregates_exact_and_bounds_the_raw_table(ctx):
+    old = datetime(2026, 3, 7, 10, 0, tzinfo=UTC)  # three days before NOW, on an hour boundary
+    rows = []
+    for d in ("a", "b"):
+        for i in range(30):  # every 3 minutes for 90 minutes: two hourly buckets
+            at = old + timedelta(minutes=i * 3)
+            rows.append(window(d, i, at, requests=100 + i, errors=i % 4, p95_ms=4.0 + i % 7))
+        rows.append(window(d, 100, old, requests=50, p95_ms=None))  # a window without a p95
+        rows.append(window(d, 101, old + timedelta(minutes=5), mode="shadow", version="2.0.0",
+                           shadow_requests=40, agreement=0.9))  # fmt: skip
+        rows.append(window(d, 102, old + timedelta(minutes=6), mode="shadow", version="2.0.0",
+                           shadow_requests=60, agreement=0.5))  # fmt: skip
+        rows.append(window(d, 200, NOW - timedelta(hours=1)))  # recent: stays raw
+    with ctx.db.session_scope() as s:
+        s.execute(sa.insert(HealthSample.__table__), rows)
+
+    queries = [
+        {"version": "1.0.0", "mode": "serve"},
+        {"not_version": "2.0.0", "mode": "serve", "since": old - timedelta(days=1), "until": NOW},
+        {"version": "2.0.0", "mode": "shadow"},
+        {},
+    ]
+    before = [agg(ctx, ["a", "b"], **q) for q in queries]
+    one_device = agg(ctx, ["a"], version="1.0.0")
+    result = fold(ctx)
+    assert result.folded == 2 * 33
+    assert counts(ctx) == (2, 2 * 3)  # recent windows; per device two serve buckets and one shadow
+    after = [agg(ctx, ["a", "b"], **q) for q in queries]
+    for b, a in zip(before, after, strict=True):
+        assert (a.requests, a.errors, a.shadow_requests) == (b.requests, b.errors, b.shadow_requests)
+        assert a.p95_ms == pytest.approx(b.p95_ms)
+        if b.agreement is None:
+            assert a.agreement is None
+        else:
+            assert a.agreement == pytest.approx(b.agreement)
+    assert after[2].agreement == pytest.approx(0.66)
+    alone = agg(ctx, ["a"], version="1.0.0")
+    assert (alone.requests, alone.errors) == (one_device.requests, one_device.errors)
+    assert alone.p95_ms == pytest.approx(one_device.p95_ms)
+    assert fold(ctx).folded == 0  # nothing left to fold
+
+
+def test_late_windows_add_to_their_rollup_and_old_rollups_expire(ctx):
+    old = NOW - timedelta(days=2)
+    with ctx.db.session_scope() as s:
+        s.execute(sa.insert(HealthSample.__table__), [window("a", 1, old, requests=10, errors=1)])
+    fold(ctx)
+    with ctx.db.session_scope() as s:  # a window for the same bucket arrives after the fold
+        late = window("a", 2, old + timedelta(seconds=1), requests=30)
+        s.execute(sa.insert(HealthSample.__table__), [late])
+    fold(ctx)
+    assert counts(ctx) == (0, 1)
+    with ctx.db.session_scope() as s:
+        r = s.scalars(sa.select(HealthRollup)).one()
+        assert (r.windows, r.requests, r.errors, r.p95_requests) == (2, 40, 2, 40)
+    result = fold(ctx, now=NOW + timedelta(days=40))
+    assert result.expired_rollups == 1
+    assert counts(ctx) == (0, 0)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_replicas_folding_at_once_never_fold_a_window_twice(ctx):
+    """A window another server has claimed (row locked) is skipped, not counted again."""
+    from server.health.repository import HealthRollupRepository
+
+    old = NOW - timedelta(days=2)
+    with ctx.db.session_scope() as s:
+        s.execute(sa.insert(HealthSample.__table__), [window("a", i, old, requests=10) for i in range(4)])
+    with ctx.db.session_scope() as other:  # the other replica, mid-fold, holds two windows
+        held = HealthRollupRepository(other).claim_raw(NOW, 2, skip_locked=True)
+        assert len(held) == 2
+        assert fold(ctx).folded == 2
+    assert counts(ctx) == (2, 1)
+    assert fold(ctx).folded == 2
+    with ctx.db.session_scope() as s:
+        assert s.scalars(sa.select(HealthRollup.requests)).one() == 40
