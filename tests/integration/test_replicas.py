@@ -1,0 +1,84 @@
+"""Two server replicas against ONE PostgreSQL database and ONE broker (DESIGN.md section 3: shared
+subscriptions split the device messages; section 7: the rollout engine's row lock means a rollout
+is advanced by one replica at a time). Simulated devices (server/sim) speak the real protocol."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from server.client import FleetClient
+from server.mqtt.broker import free_port
+from server.mqtt.handlers import RECEIVED
+from server.rollouts.tables import Deployment, DesiredRecord
+from server.sim.fleet import SimOptions, Simulator
+from server.sim.profiles import Profile
+from server.sim.provision import enroll_fleet
+from tests.helpers.device_fleet import push_model, wait_for
+from tests.helpers.onnx_models import make_model
+from tests.integration.conftest import LiveServer
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+
+N = 60
+
+
+@pytest.fixture
+def replicas(live_settings, live_server):
+    """(replica A, replica B): the same data_dir (keys, repository, broker files), database and
+    broker; distinct HTTP ports, so distinct MQTT client ids in the shared subscription group."""
+    port = free_port()
+    b = LiveServer(live_settings.model_copy(update={"port": port, "public_url": f"http://127.0.0.1:{port}"}))
+    b.start()
+    yield live_server, b
+    b.stop()
+
+
+def test_two_replicas_share_the_messages_and_advance_a_rollout_once(replicas, tmp_path):
+    a, b = replicas
+    assert a.mqtt.link.client_id != b.mqtt.link.client_id
+    client_a, client_b = FleetClient(a.url, a.token("admin")), FleetClient(b.url, b.token("admin"))
+    for v in ("1.0.0", "2.0.0"):
+        push_model(a, "det", v, make_model(tmp_path / f"det-{v}.onnx", seed=int(v[0])))
+    fleet = enroll_fleet(a.url, a.token("admin"), N, tmp_path / "sim", prefix="rep", tags={"fleet": "r"})
+    opts = SimOptions(
+        processes=1, serving={"det": "1.0.0"}, health_window_s=0.5,
+        profiles={"2.0.0": Profile(download_s=0.1, install_s=0.1, p95_ms=5.0)},
+    )  # fmt: skip
+    sim = Simulator(fleet, opts).start()
+    try:
+        assert sim.wait_connected(60), sim.stats()
+        body = {
+            "model": "det", "version": "2.0.0", "selector": {"tags": {"fleet": "r"}},
+            "stages": [{"percent": p, "soak_s": 1} for p in (20, 60, 100)],
+            "max_concurrent_downloads": 1000, "probation": {"seconds": 0.3}, "on_failure": "pause",
+            "gates": {"max_failure_ratio": 0.1, "max_error_rate": 0.05, "max_p95_ratio": None,
+                      "min_agreement": None, "min_requests": 1},
+        }  # fmt: skip
+        rid = client_b.create_rollout(body)["id"]
+        state = client_a.wait_rollout(rid, poll_s=0.5, timeout_s=180)
+        assert state["status"] == "completed", state
+        assert state["phases"] == {"succeeded": N}, state["phases"]
+
+        # both replicas consumed device messages through the shared subscription
+        wait_for(lambda: a.ctx.metrics.total(RECEIVED) > 0 and b.ctx.metrics.total(RECEIVED) > 0,
+                 30, what="both replicas received messages")  # fmt: skip
+        # both ran the engine, yet every device was notified exactly once
+        assert a.app.state.engine.ticks > 0
+        assert b.app.state.engine.ticks > 0
+        with a.ctx.db.session_scope() as s:
+            seqs = s.execute(sa.select(DesiredRecord.device_id, DesiredRecord.seq)).all()
+            notified = s.scalars(sa.select(Deployment.desired_seq).where(Deployment.rollout_id == rid)).all()
+        assert len(seqs) == N
+        assert {seq for _, seq in seqs} == {1}
+        assert notified == [1] * N
+        stats = sim.stats()
+        assert stats["desired_accepted"] == N
+        assert stats["report_succeeded"] == N
+        # two promotions and one completion in the audit log, whichever replica wrote them
+        promotions = [e for e in client_b.audit(action="rollout.promote") if e["target_id"] == rid]
+        completions = [e for e in client_b.audit(action="rollout.complete") if e["target_id"] == rid]
+        assert (len(promotions), len(completions)) == (2, 1)
+    finally:
+        sim.stop()
+    print(f"received: A {a.ctx.metrics.total(RECEIVED):.0f}, B {b.ctx.metrics.total(RECEIVED):.0f}")
