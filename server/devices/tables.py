@@ -21,13 +21,18 @@ class DeviceStatus(StrEnum):
 
 class Device(Base):
     __tablename__ = "devices"
+    #: the device list filters (status, arch) page in id order: (filter, id) keeps them index-bound
+    __table_args__ = (
+        sa.Index("ix_devices_status_id", "status", "id"),
+        sa.Index("ix_devices_arch_id", "arch", "id"),
+    )
 
     id: Mapped[str] = mapped_column(sa.String(63), primary_key=True)
     status: Mapped[DeviceStatus] = mapped_column(
-        sa.Enum(DeviceStatus, native_enum=False, length=16), default=DeviceStatus.enrolled, index=True
+        sa.Enum(DeviceStatus, native_enum=False, length=16), default=DeviceStatus.enrolled
     )
     hardware: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    arch: Mapped[str] = mapped_column(sa.String(32), index=True)
+    arch: Mapped[str] = mapped_column(sa.String(32))
     cert_serial: Mapped[str] = mapped_column(sa.String(40))
     cert_not_after: Mapped[datetime] = mapped_column(UTCDateTime)
     #: SHA-256 of the device's artifact-download token
