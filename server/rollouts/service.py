@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from device_client.protocol.messages import DeploymentPhase
+from device_client.protocol.messages import DeploymentPhase, Probation
 from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.db import utcnow
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 #: how far back health windows count as a device's pre-rollout baseline
 BASELINE_WINDOW = timedelta(minutes=15)
+#: a rollback returns a device to the version it ran before: judging that known-good version on
+#: probation could only bounce the device back to the bad one, so its probation passes at once
+ROLLBACK_PROBATION = Probation(seconds=0, min_requests=0, max_error_rate=1.0)
 #: phases of a device that has been sent the new version and may run it
 TOUCHED = frozenset({
     DeploymentPhase.notified, DeploymentPhase.downloading, DeploymentPhase.verifying,
@@ -229,7 +232,11 @@ class RolloutService:
                 continue
             try:
                 record = desired.assign(
-                    devices[dep.device_id], rollout.model, dep.previous_version, rollout_id=rollout.id
+                    devices[dep.device_id],
+                    rollout.model,
+                    dep.previous_version,
+                    rollout_id=rollout.id,
+                    probation=ROLLBACK_PROBATION,
                 )
             except (NotFound, Invalid, Conflict) as exc:
                 dep.details = {**(dep.details or {}), "rollback": f"cannot roll back: {exc.message}"}
@@ -296,4 +303,3 @@ def settle_phase(dep: Deployment, phase: DeploymentPhase) -> bool:
         return False
     dep.phase = deployment_transition(dep.phase, phase)
     return True
-

@@ -109,6 +109,9 @@ def test_bad_version_trips_canary_and_rolls_back(app_client, admin_headers, ctx,
     assert final["status"] == "rolled_back"
     assert "error rate" in final["reason"]
     assert final["verdict"]["numbers"]["error_rate"] == pytest.approx(0.3)
+    with ctx.db.session_scope() as s:  # the way back is not judged on probation (it could bounce)
+        back = s.scalars(sa.select(DesiredRecord).where(DesiredRecord.version == "2.0.0")).all()
+        assert [r.probation["seconds"] for r in back if r.rollout_id == bad["id"]] == [0.0]
     # the canary went back to 2.0.0, every other device was never touched
     assert {d.serving["det"] for d in lab.devices.values()} == {"2.0.0"}
     assert final["phases"] == {"rolled_back": 1, "cancelled": 9}
