@@ -47,7 +47,7 @@ router = APIRouter(tags=["tuf"])
 
 METADATA_NAME_RE = re.compile(r"^(?:(?:[1-9][0-9]{0,9})\.(?:root|targets|snapshot)|timestamp|root)\.json$")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 1024 * 1024
 
 
 def _downloader(request: Request, session: Session = SessionDep) -> Device | Principal:
