@@ -65,6 +65,18 @@ class DeviceRepository:
                 )  # fmt: skip
         return out
 
+    def existing(self, device_ids: Sequence[str]) -> set[str]:
+        """Which of ``device_ids`` are taken (enrolled, or decommissioned: ids are never reused)."""
+        out: set[str] = set()
+        for i in range(0, len(device_ids), 1000):
+            chunk = list(device_ids[i : i + 1000])
+            out.update(self.session.scalars(sa.select(Device.id).where(Device.id.in_(chunk))))
+        return out
+
+    def add_all(self, devices: Sequence[Device]) -> None:
+        self.session.add_all(devices)
+        self.session.flush()
+
     def exists(self, device_id: str) -> bool:
         return self.session.scalar(sa.select(sa.literal(1)).where(Device.id == device_id)) is not None
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from device_client.protocol.enrollment import MqttEndpoint
+from device_client.protocol.messages import HardwareFacts
 from server.devices.tables import DeviceStatus
 from server.errors import Invalid
 
@@ -149,3 +151,41 @@ class DeviceEventOut(BaseModel):
     version: str | None
     reason: str | None
     details: dict[str, Any]
+
+
+class BulkEnrollItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    csr_pem: str = Field(min_length=64, max_length=16384, description="PEM CSR; CN is the device id")
+    hardware: HardwareFacts
+
+
+class BulkEnrollRequest(BaseModel):
+    """Many devices at once (a provisioning line, the fleet simulator): one enrollment token with
+    at least as many uses left as there are CSRs; all are enrolled or none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=8, max_length=256, description="one enrollment token")
+    devices: list[BulkEnrollItem] = Field(min_length=1, max_length=1000)
+
+
+class BulkEnrolled(BaseModel):
+    device_id: str
+    certificate_pem: str
+    #: bearer token bound to this device, for artifact downloads (stored hashed on the server)
+    device_token: str
+
+
+class BulkEnrollResponse(BaseModel):
+    """What every device of the batch shares (as in a single enrollment's answer), once, and each
+    device's own certificate and token."""
+
+    ca_certificate_pem: str
+    mqtt: MqttEndpoint
+    tuf_root: dict[str, Any]
+    tuf_metadata_url: str
+    tuf_targets_url: str
+    director_public_key_pem: str
+    tags: dict[str, str] = Field(default_factory=dict)
+    devices: list[BulkEnrolled]

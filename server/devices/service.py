@@ -21,6 +21,9 @@ from server.admin.service import audit
 from server.db import after_commit, utcnow
 from server.devices.repository import DeviceRepository, EnrollmentTokenRepository, RevocationRepository
 from server.devices.schemas import (
+    BulkEnrolled,
+    BulkEnrollRequest,
+    BulkEnrollResponse,
     DesiredAssign,
     DesiredOut,
     DeviceEventOut,
@@ -120,7 +123,7 @@ class DeviceService:
             audit(self.session, by, "enroll_token.revoke", "enroll_token", token_id)
         return EnrollTokenOut.model_validate(row)
 
-    def _consume_enroll_token(self, token: str) -> EnrollmentToken:
+    def _consume_enroll_token(self, token: str, uses: int = 1) -> EnrollmentToken:
         parsed = parse_token(token, ENROLL_PREFIX)
         if parsed is None:
             raise Unauthorized("malformed enrollment token")
@@ -134,7 +137,9 @@ class DeviceService:
             raise Forbidden("enrollment token has expired")
         if row.uses_left <= 0:
             raise Forbidden("enrollment token has already been used")
-        row.uses_left -= 1
+        if row.uses_left < uses:
+            raise Forbidden(f"enrollment token has {row.uses_left} uses left, not {uses}")
+        row.uses_left -= uses
         return row
 
     # -- enrollment --------------------------------------------------------------------------
@@ -178,6 +183,56 @@ class DeviceService:
             director_public_key_pem=self.ctx.director.public_key_pem,
             device_token=device_token,
             tags=dict(token.tags),
+        )
+
+    def enroll_many(self, req: BulkEnrollRequest, by: Principal) -> BulkEnrollResponse:
+        """Enroll many devices in one transaction (all or none): each still has its own key,
+        CSR (CN = device id), certificate, device token and audit entry, exactly as
+        :meth:`enroll` would give it; the token's uses are consumed together."""
+        parsed = [(parse_csr(item.csr_pem), item) for item in req.devices]
+        ids = [device_id for (_, device_id), _ in parsed]
+        if len(set(ids)) != len(ids):
+            raise Invalid("the batch names a device id more than once")
+        token = self._consume_enroll_token(req.token, uses=len(parsed))
+        taken = self.devices.existing(ids)
+        if taken:
+            raise Conflict(f"device id {sorted(taken)[0]!r} is already enrolled (or was decommissioned)")
+        settings = self.ctx.settings
+        out: list[BulkEnrolled] = []
+        devices: list[Device] = []
+        for (csr, device_id), item in parsed:
+            cert = self.ctx.ca.issue_client(csr, device_id, settings.device_cert_days)
+            device_token, token_hash = new_token(DEVICE_PREFIX, device_id)
+            device = Device(
+                id=device_id, status=DeviceStatus.enrolled, hardware=item.hardware.model_dump(mode="json"),
+                arch=item.hardware.arch, cert_serial=serial_hex(cert),
+                cert_not_after=cert.not_valid_after_utc, token_hash=token_hash, enrolled_with=token.id,
+                tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
+            )  # fmt: skip
+            devices.append(device)
+            audit(
+                self.session, by, "device.enroll", "device", device_id,
+                {"enroll_token": token.id, "arch": item.hardware.arch, "cert_serial": device.cert_serial,
+                 "bulk": True},
+            )  # fmt: skip
+            out.append(
+                BulkEnrolled(
+                    device_id=device_id,
+                    certificate_pem=cert.public_bytes(Encoding.PEM).decode("ascii"),
+                    device_token=device_token,
+                )
+            )
+        self.devices.add_all(devices)
+        host, port = settings.mqtt_endpoint()
+        return BulkEnrollResponse(
+            ca_certificate_pem=self.ctx.ca.cert_pem,
+            mqtt=MqttEndpoint(host=host, port=port, tls=True),
+            tuf_root=self.ctx.repo.trusted_root(),
+            tuf_metadata_url=f"{settings.public_url}/tuf/metadata/",
+            tuf_targets_url=f"{settings.public_url}/tuf/targets/",
+            director_public_key_pem=self.ctx.director.public_key_pem,
+            tags=dict(token.tags),
+            devices=out,
         )
 
     # -- registry ----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from device_client.protocol.enrollment import EnrollRequest, EnrollResponse
 from server.admin.schemas import Principal
 from server.devices.repository import RevocationRepository
 from server.devices.schemas import (
+    BulkEnrollRequest,
+    BulkEnrollResponse,
     DesiredAssign,
     DesiredOut,
     DeviceEventOut,
@@ -51,6 +53,15 @@ def revoke_enroll_token(
     token_id: str, request: Request, session: Session = SessionDep, who: Principal = Operator
 ) -> EnrollTokenOut:
     return _service(request, session).revoke_enroll_token(token_id, who)
+
+
+@router.post("/enroll/bulk", status_code=201)
+def enroll_bulk(
+    body: BulkEnrollRequest, request: Request, session: Session = SessionDep, who: Principal = Operator
+) -> BulkEnrollResponse:
+    """Enroll up to 1,000 devices at once (each its own CSR; all or none). For provisioning lines
+    and the fleet simulator: an operator token AND an enrollment token with enough uses."""
+    return _service(request, session).enroll_many(body, who)
 
 
 @router.post("/enroll", status_code=201)
