@@ -586,9 +586,21 @@ class Daemon:
             elif upd.phase in OUTCOMES:
                 self._finish_outcome()
         except _StepFailed as exc:
-            self._advance(fail(self.state, utcnow(), exc.reason), exc.details)
+            self._fail_update(exc.reason, exc.details)
         except DiskFull as exc:
-            self._advance(fail(self.state, utcnow(), f"disk_full: {exc}"))
+            self._fail_update(f"disk_full: {exc}")
+
+    def _fail_update(self, reason: str, details: dict[str, Any] | None = None) -> None:
+        """Fail the update in flight. On a full disk, first give back the space the update took (its
+        partial or complete download): persisting the failure and journaling its report need a few
+        kilobytes, and the download is garbage once the update has failed anyway."""
+        upd = self.state.update
+        if upd is not None and reason.startswith("disk_full"):
+            for rel in (upd.partial_path, upd.bundle_path):
+                if rel:  # "" stands for a reused slot, which is not ours to delete
+                    with contextlib.suppress(OSError):
+                        (self.data_dir / rel).unlink(missing_ok=True)
+        self._advance(fail(self.state, utcnow(), reason), details)
 
     def _desired(self) -> DesiredState:
         assert self.state.update is not None
