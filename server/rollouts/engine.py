@@ -23,7 +23,7 @@ import logging
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -31,13 +31,12 @@ from device_client.protocol.messages import DeploymentPhase as P
 from device_client.protocol.messages import Probation, ServeMode
 from server.admin.service import audit
 from server.db import utcnow
-from server.devices.tables import Device, DeviceStatus
-from server.errors import FleetError
-from server.rollouts.desired import DesiredStateService
+from server.devices.tables import DeviceStatus
+from server.rollouts.desired import DesiredStateService, DeviceTarget
 from server.rollouts.policy import Stage, StageCounts, aggregate, early_trip, evaluate_stage
-from server.rollouts.repository import HealthRepository, RolloutRepository
+from server.rollouts.repository import DeploymentRepository, HealthRepository, RolloutRepository
 from server.rollouts.service import BASELINE_WINDOW, RolloutService, gates_of, settle_phase
-from server.rollouts.tables import Deployment, Rollout, RolloutStatus
+from server.rollouts.tables import Rollout, RolloutStatus
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -57,6 +56,9 @@ class TickCounts:
 
 
 ENGINE = "engine"
+#: most DesiredStates one tick signs; a tick that hits it ticks again at once (after its commit, so
+#: devices receive the first thousands while the next are being signed)
+NOTIFY_CHUNK = 2000
 IN_FLIGHT = frozenset({P.notified, P.downloading, P.verifying, P.installing, P.probation})
 FAILED = frozenset({P.failed, P.rolled_back, P.timed_out})
 
@@ -68,6 +70,7 @@ class RolloutEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ticks = 0
+        self._more = False
 
     # -- background loop -----------------------------------------------------------------------
     def start(self) -> None:
@@ -80,7 +83,8 @@ class RolloutEngine:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        while not self._stop.wait(0 if self._more else self.tick_s):
+            self._more = False
             try:
                 self.tick()
             except Exception:
@@ -129,15 +133,18 @@ class RolloutEngine:
             dep.reason = f"no progress within {rollout.device_timeout_s}s"
 
         tick = self._counts(repo.tick_counts(rollout.id, idx), mode)  # autoflushes the timeouts
-        budget = rollout.max_concurrent_downloads - tick.busy
-        to_notify: list[Deployment] = []
+        budget = min(rollout.max_concurrent_downloads - tick.busy, NOTIFY_CHUNK)
+        to_notify: list[Any] = []
         if budget > 0 and tick.pending_online:
             to_notify += repo.to_notify(rollout.id, idx, serve=serve, online=True, limit=budget)
         if tick.pending_offline:
-            to_notify += repo.to_notify(rollout.id, idx, serve=serve, online=False)
+            room = NOTIFY_CHUNK - len(to_notify)
+            to_notify += repo.to_notify(rollout.id, idx, serve=serve, online=False, limit=max(room, 0))
         if to_notify:
             to_notify.sort(key=lambda d: d.id)
             self._notify(session, rollout, to_notify, mode, now)
+            if len(to_notify) >= NOTIFY_CHUNK:
+                self._more = True  # the rest in the next tick, at once: this one commits first
             tick = self._counts(repo.tick_counts(rollout.id, idx), mode)
         counts = tick.stage
 
@@ -235,34 +242,31 @@ class RolloutEngine:
         return TickCounts(counts, busy, pending_online, pending_offline)
 
     def _notify(
-        self, session: Session, rollout: Rollout, deps: list[Deployment], mode: ServeMode, now: datetime
+        self, session: Session, rollout: Rollout, rows: list[Any], mode: ServeMode, now: datetime
     ) -> None:
-        repo = RolloutRepository(session)
-        devices: dict[str, Device] = {d.id: d for d in repo.devices([dep.device_id for dep in deps])}
-        desired = DesiredStateService(session, self.ctx)
-        desired.prefetch(list(devices))
+        """Sign a DesiredState for each deployment row (:meth:`RolloutRepository.to_notify`) and
+        mark them notified: a few bulk statements, no ORM object per device."""
         probation = Probation.model_validate(rollout.probation)
-        for dep in deps:
-            try:
-                record = desired.assign(
-                    devices[dep.device_id],
-                    rollout.model,
-                    rollout.version,
-                    mode=mode,
-                    probation=probation,
-                    rollout_id=rollout.id,
+        targets = [
+            DeviceTarget(r.device_id, r.status, r.arch, r.hardware or {}, r.desired_seq or 0) for r in rows
+        ]
+        seqs, errors = DesiredStateService(session, self.ctx).assign_many(
+            targets, rollout.model, rollout.version, mode=mode, probation=probation, rollout_id=rollout.id
+        )
+        notified, failed = [], []
+        for row in rows:
+            if row.device_id in errors:
+                failed.append(
+                    {"id": row.id, "phase": P.failed, "reason": f"not notified: {errors[row.device_id]}"}
                 )
-            except FleetError as exc:
-                dep.phase = P.failed
-                dep.reason = f"not notified: {exc.message}"
                 continue
             # a shadow deployment that passed is re-armed to serve: an explicit engine decision,
             # not a device-reported transition, so it bypasses the deployment machine on purpose
-            dep.phase = P.notified
-            dep.desired_seq = record.seq
-            dep.notified_at = now
-            dep.details = {**(dep.details or {}), "mode": mode.value}
-        desired.flush_bulk()
+            details = {**(row.details or {}), "mode": mode.value}
+            notified.append({"id": row.id, "phase": P.notified, "desired_seq": seqs[row.device_id],
+                             "notified_at": now, "details": details})  # fmt: skip
+        DeploymentRepository(session).update_many(notified)
+        DeploymentRepository(session).update_many(failed)
 
     def _fail(self, service: RolloutService, rollout: Rollout, reason: str, verdict: dict) -> None:
         log.warning("rollout %s: %s (on_failure=%s)", rollout.id, reason, rollout.on_failure)

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from device_client.protocol.messages import DeploymentPhase
@@ -32,6 +33,28 @@ class DesiredRepository:
         """One multi-row INSERT of new records (no ORM objects: the engine signs thousands)."""
         if rows:
             self.session.execute(sa.insert(DesiredRecord.__table__), rows)  # type: ignore[arg-type]
+
+    def upsert_many(self, rows: list[dict[str, Any]]) -> None:
+        """Insert or replace many devices' records (one prepared upsert, executemany)."""
+        if not rows:
+            return
+        table = DesiredRecord.__table__
+        dialect = self.session.get_bind().dialect.name
+        ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        columns = [c for c in rows[0] if c != "device_id"]
+        stmt = ins.on_conflict_do_update(
+            index_elements=["device_id"],
+            set_={c: getattr(ins.excluded, c) for c in columns},  # type: ignore[attr-defined]
+        )
+        self.session.execute(stmt, rows)
+
+    def set_device_seqs(self, seqs: dict[str, int]) -> None:
+        """``devices.desired_seq`` of many devices (the seq of the state just signed for each)."""
+        bulk_update(
+            self.session,
+            Device.__table__,
+            [{"id": d, "desired_seq": s} for d, s in seqs.items()],  # type: ignore[arg-type]
+        )
 
     def for_devices(self, device_ids: Sequence[str], chunk: int = 500) -> list[DesiredRecord]:
         out: list[DesiredRecord] = []
@@ -116,6 +139,10 @@ class DeploymentRepository:
                 )
         return out
 
+    def update_many(self, rows: list[dict[str, Any]]) -> None:
+        """Bulk UPDATE of deployments by id (every dict with the same columns)."""
+        bulk_update(self.session, Deployment.__table__, rows)  # type: ignore[arg-type]
+
     def update_states(self, states: Sequence[DeploymentState]) -> None:
         """Write the phase, reason and details of many deployments in one bulk UPDATE."""
         bulk_update(
@@ -127,6 +154,11 @@ class DeploymentRepository:
     def add(self, deployment: Deployment) -> Deployment:
         self.session.add(deployment)
         return deployment
+
+    def insert_many(self, rows: list[dict[str, Any]]) -> None:
+        """One multi-row INSERT of new deployments (a rollout creates one per selected device)."""
+        if rows:
+            self.session.execute(sa.insert(Deployment.__table__), rows)  # type: ignore[arg-type]
 
     def for_desired(self, pairs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Deployment]:
         """Deployments keyed by (device_id, desired_seq)."""
@@ -262,23 +294,28 @@ class RolloutRepository:
 
     def to_notify(
         self, rollout_id: str, stage: int, *, serve: bool, online: bool, limit: int | None = None
-    ) -> Sequence[Deployment]:
+    ) -> list[Any]:
         """Deployments of stages <= ``stage`` waiting for a DesiredState (pending, or in a serve
-        stage a succeeded shadow deployment to re-arm), of online (or not online) devices, by id."""
+        stage a succeeded shadow deployment to re-arm), of online (or not online) devices, by id:
+        rows of the deployment's id, device_id and details with the device's status, arch,
+        hardware and desired_seq (what signing needs; no ORM objects)."""
         wanted = Deployment.phase == DeploymentPhase.pending
         if serve:
             rearm = sa.and_(Deployment.phase == DeploymentPhase.succeeded, self._shadow_flag())
             wanted = sa.or_(wanted, rearm)
         status = Device.status == DeviceStatus.online if online else Device.status != DeviceStatus.online
         q = (
-            sa.select(Deployment)
+            sa.select(
+                Deployment.id, Deployment.device_id, Deployment.details, Device.status, Device.arch,
+                Device.hardware, Device.desired_seq,
+            )
             .join(Device, Device.id == Deployment.device_id)
             .where(Deployment.rollout_id == rollout_id, Deployment.stage <= stage, wanted, status)
             .order_by(Deployment.id)
-        )
+        )  # fmt: skip
         if limit is not None:
             q = q.limit(limit)
-        return self.session.scalars(q).all()
+        return list(self.session.execute(q))
 
     def member_rows(
         self, rollout_id: str, stage: int, phases: Sequence[DeploymentPhase] | None = None
@@ -292,6 +329,15 @@ class RolloutRepository:
         if phases is not None:
             q = q.where(Deployment.phase.in_(list(phases)))
         return [(d, p, r) for d, p, r in self.session.execute(q)]
+
+    def member_stages(self, rollout_id: str) -> list[tuple[str, int, DeploymentPhase]]:
+        """(device id, stage, phase) of every deployment of a rollout, by id (no ORM objects)."""
+        q = (
+            sa.select(Deployment.device_id, Deployment.stage, Deployment.phase)
+            .where(Deployment.rollout_id == rollout_id)
+            .order_by(Deployment.id)
+        )
+        return [(d, st, p) for d, st, p in self.session.execute(q)]
 
     def phase_counts(self, rollout_id: str) -> dict[tuple[int, str], int]:
         q = (
@@ -309,10 +355,14 @@ class SelectorRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def candidates(
-        self, tags: dict[str, str], device_ids: Sequence[str], arch: str | None
-    ) -> Sequence[Device]:
-        q = sa.select(Device).where(Device.status != DeviceStatus.decommissioned).order_by(Device.id)
+    def candidates(self, tags: dict[str, str], device_ids: Sequence[str], arch: str | None) -> list[Any]:
+        """Rows (id, hardware, serving) of the devices matching, by id (no ORM objects: a rollout
+        may select 100,000 devices)."""
+        q = (
+            sa.select(Device.id, Device.hardware, Device.serving)
+            .where(Device.status != DeviceStatus.decommissioned)
+            .order_by(Device.id)
+        )
         if device_ids:
             q = q.where(Device.id.in_(list(device_ids)))
         if arch:
@@ -323,7 +373,7 @@ class SelectorRepository:
                     DeviceTag.device_id == Device.id, DeviceTag.key == key, DeviceTag.value == value
                 )
             )
-        return self.session.scalars(q).all()
+        return list(self.session.execute(q))
 
 
 class HealthRepository:

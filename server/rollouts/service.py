@@ -56,8 +56,9 @@ def rollout_out(r: Rollout) -> RolloutOut:
     )  # fmt: skip
 
 
-def select_devices(session: Session, selector: Selector) -> list[Device]:
-    """Devices (not decommissioned) matching every criterion of ``selector``."""
+def select_devices(session: Session, selector: Selector) -> list[Any]:
+    """Rows (id, hardware, serving) of the devices (not decommissioned) matching every criterion
+    of ``selector``, by id."""
     check_tags(selector.tags)
     hw = selector.hardware
     devices = SelectorRepository(session).candidates(selector.tags, selector.device_ids, hw.arch)
@@ -107,16 +108,13 @@ class RolloutService:
             )
         )  # fmt: skip
         stage_of = assign_stages(rollout.id, [d.id for d in devices], sizes)
-        deployments = DeploymentRepository(self.session)
-        for d in devices:
-            deployments.add(
-                Deployment(
-                    rollout_id=rollout.id, device_id=d.id, stage=stage_of[d.id], model=body.model,
-                    version=body.version, previous_version=(d.serving or {}).get(body.model),
-                    phase=DeploymentPhase.pending, details={},
-                )
-            )  # fmt: skip
-        self.session.flush()
+        now = utcnow()
+        DeploymentRepository(self.session).insert_many([
+            {"rollout_id": rollout.id, "device_id": d.id, "stage": stage_of[d.id], "model": body.model,
+             "version": body.version, "previous_version": (d.serving or {}).get(body.model),
+             "phase": DeploymentPhase.pending, "details": {}, "created_at": now, "updated_at": now}
+            for d in devices
+        ])  # fmt: skip
         audit(
             self.session,
             by,
@@ -252,18 +250,18 @@ class RolloutService:
     def detail(self, rollout_id: str) -> RolloutDetail:
         rollout = self.get(rollout_id)
         self.session.flush()
-        rows = self.rollouts.deployments(rollout.id)
+        rows = self.rollouts.member_stages(rollout.id)
         health = HealthRepository(self.session)
         stages = [Stage.model_validate(s) for s in rollout.stages]
-        all_ids = [d.device_id for d, _, _ in rows]
+        all_ids = [d for d, _, _ in rows]
         baseline = aggregate(health.windows(
             all_ids, rollout.model, not_version=rollout.version, mode="serve",
             since=rollout.created_at - BASELINE_WINDOW, until=rollout.created_at,
         ))  # fmt: skip
         views = []
         for i, stage in enumerate(stages):
-            members = [d for d, _, _ in rows if d.stage <= i]
-            ids = [d.device_id for d in members]
+            members = [(d, p) for d, st, p in rows if st <= i]
+            ids = [d for d, _ in members]
             since = rollout.stage_started_at if i == rollout.current_stage else rollout.created_at
             agg = aggregate(
                 health.windows(
@@ -276,14 +274,14 @@ class RolloutService:
             )
             views.append(StageView(
                 index=i, devices=len(members), shadow=stage.shadow, soak_s=stage.soak_s,
-                phases=dict(Counter(d.phase.value for d in members)),
+                phases=dict(Counter(p.value for _, p in members)),
                 health={"requests": agg.requests, "errors": agg.errors, "error_rate": agg.error_rate,
                         "p95_ms": agg.p95_ms, "agreement": agg.agreement},
             ))  # fmt: skip
         return RolloutDetail(
             **rollout_out(rollout).model_dump(),
             devices=len(rows),
-            phases=dict(Counter(d.phase.value for d, _, _ in rows)),
+            phases=dict(Counter(p.value for _, _, p in rows)),
             stage_views=views,
             baseline={
                 "requests": baseline.requests,
