@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     mosquitto_bin: str = "mosquitto"
     #: connect the MQTT bridge (consume reports/health/presence, publish desired states)
     mqtt_enabled: bool = True
+    #: consume through ``$share/fleet-server/...`` so replicas split the load. Default: on with an
+    #: external broker (``FLEET_MQTT_URL``), off with the embedded one (a single server: Mosquitto
+    #: 2.0 does not restore shared subscriptions of a persistent session after a broker restart,
+    #: plain ones it does, so a lone server loses nothing across a broker restart)
+    mqtt_shared_subscriptions: bool | None = None
     #: the server's MQTT client identity; default: the files `fleet broker config` wrote in broker_dir
     mqtt_ca_file: Path | None = None
     mqtt_cert_file: Path | None = None
@@ -99,6 +104,12 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return not self.mqtt_url
+
+    @property
+    def shared_subscriptions(self) -> bool:
+        if self.mqtt_shared_subscriptions is not None:
+            return self.mqtt_shared_subscriptions
+        return not self.embedded_broker
 
     @property
     def is_loopback(self) -> bool:

@@ -2,8 +2,11 @@
 
 It subscribes in ``on_connect`` (so every reconnect re-subscribes) to
 ``$share/fleet-server/fleet/v1/d/+/{report,health,presence}``, so several server replicas split
-the device traffic. The session is persistent (MQTT 5 ``clean_start=False`` with a session expiry)
-so QoS 1 messages that arrive while this replica restarts are delivered when it returns.
+the device traffic (``Settings.shared_subscriptions``; a lone server with the embedded broker
+subscribes without ``$share``, because Mosquitto 2.0 restores only plain subscriptions of a
+persistent session after a broker restart). The session is persistent (MQTT 5
+``clean_start=False`` with a session expiry) so QoS 1 messages that arrive while this replica
+restarts are delivered when it returns.
 Incoming messages are handed to a callback without any parsing: the ingest worker does that.
 """
 

@@ -22,7 +22,7 @@ class MqttRuntime:
     @classmethod
     def start(cls, ctx: ServerContext) -> MqttRuntime:
         ingest = IngestWorker(ctx, ctx.metrics)
-        link = MqttLink(ctx.settings, ingest.submit)
+        link = MqttLink(ctx.settings, ingest.submit, shared=ctx.settings.shared_subscriptions)
         outbox = OutboxPublisher(ctx.db, link, ctx.metrics)
         ingest.start()
         outbox.start()

@@ -37,6 +37,8 @@ def replicas(live_settings, live_server):
 def test_two_replicas_share_the_messages_and_advance_a_rollout_once(replicas, tmp_path):
     a, b = replicas
     assert a.mqtt.link.client_id != b.mqtt.link.client_id
+    assert a.mqtt.link.shared
+    assert b.mqtt.link.shared
     client_a, client_b = FleetClient(a.url, a.token("admin")), FleetClient(b.url, b.token("admin"))
     for v in ("1.0.0", "2.0.0"):
         push_model(a, "det", v, make_model(tmp_path / f"det-{v}.onnx", seed=int(v[0])))
@@ -82,3 +84,9 @@ def test_two_replicas_share_the_messages_and_advance_a_rollout_once(replicas, tm
     finally:
         sim.stop()
     print(f"received: A {a.ctx.metrics.total(RECEIVED):.0f}, B {b.ctx.metrics.total(RECEIVED):.0f}")
+
+
+@pytest.fixture
+def live_settings(live_settings):
+    """Replicas consume through the shared subscription (the default with an external broker)."""
+    return live_settings.model_copy(update={"mqtt_shared_subscriptions": True})
