@@ -10,7 +10,8 @@ A tick of a running rollout:
 1. times out online devices that made no progress within ``device_timeout_s``;
 2. notifies the current stage's pending devices: a signed DesiredState each (through the outbox),
    online devices within ``max_concurrent_downloads``, offline ones at once (the retained message
-   brings them along when they return, and they do not block the stage);
+   brings them along when they return, and they do not block the stage — unless they had begun
+   the update before going quiet: those block it until they report or time out);
 3. trips early when failures alone already breach ``max_failure_ratio`` for the whole stage;
 4. once every online device of the stage has finished, starts the soak; when the soak ends,
    evaluates the gates (:func:`server.rollouts.policy.evaluate_stage`) and promotes to the next
@@ -60,6 +61,8 @@ ENGINE = "engine"
 #: devices receive the first thousands while the next are being signed)
 NOTIFY_CHUNK = 2000
 IN_FLIGHT = frozenset({P.notified, P.downloading, P.verifying, P.installing, P.probation})
+#: phases a device reaches only by reporting: it has begun the update
+STARTED = frozenset({P.downloading, P.verifying, P.installing, P.probation})
 FAILED = frozenset({P.failed, P.rolled_back, P.timed_out})
 
 
@@ -128,7 +131,7 @@ class RolloutEngine:
         serve = mode == ServeMode.serve
 
         timeout = timedelta(seconds=rollout.device_timeout_s)
-        for dep in repo.overdue(rollout.id, sorted(IN_FLIGHT), now - timeout):
+        for dep in repo.overdue(rollout.id, sorted(IN_FLIGHT), now - timeout, sorted(STARTED)):
             settle_phase(dep, P.timed_out)
             dep.reason = f"no progress within {rollout.device_timeout_s}s"
 
@@ -232,7 +235,9 @@ class RolloutEngine:
                 failed += n
             elif phase == P.cancelled:
                 continue
-            elif online:
+            elif online or phase in STARTED:
+                # a device that began the update and then looks offline (its will fired, the broker
+                # restarted) is still updating: it blocks the stage until it reports or times out
                 in_flight += n
             else:
                 offline += n

@@ -276,16 +276,23 @@ class RolloutRepository:
         return [(bool(m), p, st, bool(sh), n) for m, p, st, sh, n in self.session.execute(q)]
 
     def overdue(
-        self, rollout_id: str, phases: Sequence[DeploymentPhase], notified_before: datetime
+        self,
+        rollout_id: str,
+        phases: Sequence[DeploymentPhase],
+        notified_before: datetime,
+        started: Sequence[DeploymentPhase] = (),
     ) -> Sequence[Deployment]:
-        """In-flight deployments of online devices notified before ``notified_before``."""
+        """In-flight deployments notified before ``notified_before``: of online devices in
+        ``phases``, and of any device in ``started`` (it began the update, then went quiet)."""
         q = (
             sa.select(Deployment)
             .join(Device, Device.id == Deployment.device_id)
             .where(
                 Deployment.rollout_id == rollout_id,
-                Deployment.phase.in_(list(phases)),
-                Device.status == DeviceStatus.online,
+                sa.or_(
+                    sa.and_(Deployment.phase.in_(list(phases)), Device.status == DeviceStatus.online),
+                    Deployment.phase.in_(list(started)),
+                ),
                 Deployment.notified_at < notified_before,
             )
             .order_by(Deployment.id)

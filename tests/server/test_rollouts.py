@@ -305,3 +305,47 @@ def test_engine_skips_a_rollout_another_server_is_advancing(app_client, admin_he
         assert RolloutEngine(ctx).tick() == 1
     finally:
         other.close()
+
+
+def test_a_device_that_started_then_went_quiet_blocks_its_stage_until_timeout(
+    app_client, admin_headers, ctx, lab
+):
+    """Wills fire for a whole fleet when the broker stops: an offline device that began the update
+    must not let a stage pass on nobody's evidence; it blocks until it reports or times out."""
+    from datetime import timedelta
+
+    from device_client.protocol import Report
+    from device_client.protocol.messages import utcnow
+
+    engine = RolloutEngine(ctx)
+    body = rollout_body(
+        "2.0.0", stages=[{"count": 1, "soak_s": 0}, {"percent": 100, "soak_s": 0}], device_timeout_s=60
+    )
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    engine.tick()
+    with ctx.db.session_scope() as s:
+        canary = s.scalars(sa.select(Deployment).where(Deployment.phase == "notified")).one()
+        canary_id, seq = canary.device_id, canary.desired_seq
+    dev = lab.devices[canary_id]
+    lab._send(
+        [
+            (
+                canary_id,
+                "report",
+                Report.build(
+                    device_id=canary_id, seq=dev.next_seq(), at=utcnow(), phase="downloading", desired_seq=seq
+                ).to_json(),
+            )
+        ]
+    )
+    lab.presence(canary_id, online=False)
+    for _ in range(3):
+        engine.tick()
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["status"] == "running"
+    assert state["current_stage"] == 0
+    assert state["soak_until"] is None  # not settled: the canary is still updating
+    engine.tick(now=utcnow() + timedelta(seconds=120))  # past the device timeout
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["status"] == "rolling_back"
+    assert "timed_out" in state["reason"]
