@@ -42,7 +42,9 @@ def test_two_replicas_share_the_messages_and_advance_a_rollout_once(replicas, tm
     client_a, client_b = FleetClient(a.url, a.token("admin")), FleetClient(b.url, b.token("admin"))
     for v in ("1.0.0", "2.0.0"):
         push_model(a, "det", v, make_model(tmp_path / f"det-{v}.onnx", seed=int(v[0])))
-    fleet = enroll_fleet(a.url, a.token("admin"), N, tmp_path / "sim", prefix="rep", tags={"fleet": "r"})
+    fleet = enroll_fleet(  # the simulator's bulk path (POST /api/v1/enroll/bulk)
+        a.url, a.token("admin"), N, tmp_path / "sim", prefix="rep", tags={"fleet": "r"}, bulk=True
+    )
     opts = SimOptions(
         processes=1, serving={"det": "1.0.0"}, health_window_s=0.5,
         profiles={"2.0.0": Profile(download_s=0.1, install_s=0.1, p95_ms=5.0)},
