@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from server.client import FleetClient
+from server.devices.tables import DeviceEvent
 from server.mqtt.broker import free_port
 from server.mqtt.handlers import RECEIVED
 from server.rollouts.tables import Deployment, DesiredRecord
@@ -64,9 +65,16 @@ def test_two_replicas_share_the_messages_and_advance_a_rollout_once(replicas, tm
         assert state["status"] == "completed", state
         assert state["phases"] == {"succeeded": N}, state["phases"]
 
-        # both replicas consumed device messages through the shared subscription
+        # both replicas consumed device messages through the shared subscription, which split
+        # them: each report reached one replica (plain subscriptions would give both every one)
         wait_for(lambda: a.ctx.metrics.total(RECEIVED) > 0 and b.ctx.metrics.total(RECEIVED) > 0,
                  30, what="both replicas received messages")  # fmt: skip
+        with a.ctx.db.session_scope() as s:
+            stored = s.scalar(sa.select(sa.func.count()).select_from(DeviceEvent))
+        got = [r.ctx.metrics.get(RECEIVED, kind="report") for r in (a, b)]
+        assert stored >= 3 * N  # phase reports, several per device
+        assert min(got) > 0
+        assert sum(got) < 1.5 * stored, (got, stored)
         # both ran the engine, yet every device was notified exactly once
         assert a.app.state.engine.ticks > 0
         assert b.app.state.engine.ticks > 0
