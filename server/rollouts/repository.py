@@ -404,51 +404,42 @@ class HealthRepository:
         Rolled-up time is filtered by bucket start (its resolution is the bucket)."""
         if not device_ids:
             return []
-        q = sa.select(
-            HealthSample.requests,
-            HealthSample.errors,
-            HealthSample.p95_ms,
-            HealthSample.shadow_requests,
-            HealthSample.agreement,
-        ).where(HealthSample.model == model)
+        h, r = HealthSample, HealthRollup
+        raw = sa.select(
+            h.requests.label("requests"), h.errors.label("errors"), h.p95_ms.label("p95"),
+            h.shadow_requests.label("shadow"), h.agreement.label("agreement"),
+            sa.cast(sa.null(), sa.BigInteger).label("p95_requests"), sa.literal(0).label("rollup"),
+        ).where(h.model == model)  # fmt: skip
+        rolled = sa.select(
+            r.requests, r.errors, r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.p95_requests,
+            sa.literal(1),
+        ).where(r.model == model)  # fmt: skip
         if len(device_ids) <= 5000:
-            q = q.where(HealthSample.device_id.in_(list(device_ids)))
+            raw = raw.where(h.device_id.in_(list(device_ids)))
+            rolled = rolled.where(r.device_id.in_(list(device_ids)))
         if version is not None:
-            q = q.where(HealthSample.version == version)
+            raw, rolled = raw.where(h.version == version), rolled.where(r.version == version)
         if not_version is not None:
-            q = q.where(HealthSample.version != not_version)
+            raw, rolled = raw.where(h.version != not_version), rolled.where(r.version != not_version)
         if mode is not None:
-            q = q.where(HealthSample.mode == mode)
+            raw, rolled = raw.where(h.mode == mode), rolled.where(r.mode == mode)
         if since is not None:
-            q = q.where(HealthSample.at >= since)
+            raw, rolled = raw.where(h.at >= since), rolled.where(r.bucket >= since)
         if until is not None:
-            q = q.where(HealthSample.at < until)
-        out: list[tuple[int, int, float | None, int | None, float | None]] = [
-            tuple(r)  # type: ignore[misc]
-            for r in self.session.execute(q)
-        ]
-        r = HealthRollup
-        rq = sa.select(
-            r.requests, r.errors, r.p95_requests, r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted
-        ).where(r.model == model)
-        if len(device_ids) <= 5000:
-            rq = rq.where(r.device_id.in_(list(device_ids)))
-        if version is not None:
-            rq = rq.where(r.version == version)
-        if not_version is not None:
-            rq = rq.where(r.version != not_version)
-        if mode is not None:
-            rq = rq.where(r.mode == mode)
-        if since is not None:
-            rq = rq.where(r.bucket >= since)
-        if until is not None:
-            rq = rq.where(r.bucket < until)
-        for requests, errors, p95_req, p95_sum, shadow, agree_sum in self.session.execute(rq):
-            # one tuple carrying the windows that had a p95 (and the errors), one the rest of the
-            # requests: aggregate() weights p95 by the first one's requests only, as it did raw
+            raw, rolled = raw.where(h.at < until), rolled.where(r.bucket < until)
+        out: list[tuple[int, int, float | None, int | None, float | None]] = []
+        for requests, errors, p95, shadow, agreement, p95_req, rollup in self.session.execute(
+            sa.union_all(raw, rolled)
+        ):
+            if not rollup:
+                out.append((requests, errors, p95, shadow, agreement))
+                continue
+            # a rollup (p95 and agreement columns hold weighted sums) as two equivalent windows: one
+            # with the requests that had a p95 (and the errors), one with the rest, so aggregate()
+            # weights p95 by the first one's requests only, as it did over the raw windows
             out.append((
-                p95_req, errors, p95_sum / p95_req if p95_req else None,
-                shadow, agree_sum / shadow if shadow else None,
+                p95_req, errors, p95 / p95_req if p95_req else None,
+                shadow, agreement / shadow if shadow else None,
             ))  # fmt: skip
             if requests - p95_req:
                 out.append((requests - p95_req, 0, None, None, None))
