@@ -50,8 +50,10 @@ def build_slot(work: Path, version: str, scale: float, slow_factor: int) -> Path
         src / MODEL_MEMBER, in_dim=IN_DIM, out_dim=OUT_DIM, scale=scale, slow_factor=slow_factor
     )
     x = np.random.default_rng(0).random((8, IN_DIM), dtype=np.float32)
-    np.savez(src / VALIDATION_MEMBER, **{"inputs/x": x, "outputs/y": reference_output(
-        x, in_dim=IN_DIM, out_dim=OUT_DIM, scale=scale)})
+    np.savez(
+        src / VALIDATION_MEMBER,
+        **{"inputs/x": x, "outputs/y": reference_output(x, in_dim=IN_DIM, out_dim=OUT_DIM, scale=scale)},
+    )
     tar = work / f"clf-{version}.tar"
     build_bundle(
         tar,
@@ -101,8 +103,10 @@ def main() -> int:
     def client(seed: int) -> None:
         rng = np.random.default_rng(seed)
         xs = [rng.random((1, IN_DIM), dtype=np.float32) for _ in range(64)]
-        refs = {v: [reference_output(x, in_dim=IN_DIM, out_dim=OUT_DIM, scale=s) for x in xs]
-                for v, s in scales.items()}
+        refs = {
+            v: [reference_output(x, in_dim=IN_DIM, out_dim=OUT_DIM, scale=s) for x in xs]
+            for v, s in scales.items()
+        }
         local: list[tuple[float, float]] = []
         i = 0
         while not stop.is_set():
@@ -190,21 +194,30 @@ def main() -> int:
     lat_ratio = w99 / s99
     rb_ratio = statistics.median(rollback_ms) / statistics.median(forward_ms)
     tp_ratio = statistics.median(mon_rates) / statistics.median(bare_rates)
-    print(f"fleetota bench/swap.py: {args.swaps} hot-swaps, 2 client threads, model ~{bare_us:.0f} us/run,"
-          f" loader nice +{args.load_nice}")
+    print(
+        f"fleetota bench/swap.py: {args.swaps} hot-swaps, 2 client threads, model ~{bare_us:.0f} us/run,"
+        f" loader nice +{args.load_nice}"
+    )
     print(f"  requests during swaps: {swap_requests}, steady: {len(steady)}")
-    print(f"  failed or wrong requests during hot-swaps   {len(failures):>10d}   target 0       "
-          f"{verdict(not failures)}")
-    print(f"  p99 swap window / steady p99                {lat_ratio:>10.3f}   target <= 1.5  "
-          f"{verdict(lat_ratio <= 1.5)}   ({w99:.3f} ms / {s99:.3f} ms)")
-    print(f"    (only +-50 ms around the rebind)          {f99 / s99:>10.3f}                  "
-          f"({f99:.3f} ms)")
-    print(f"  rollback / forward swap (load+validate+warm){rb_ratio:>10.4f}   target <= 0.05 "
-          f"{verdict(rb_ratio <= 0.05)}   ({statistics.median(rollback_ms) * 1000:.1f} us / "
-          f"{statistics.median(forward_ms):.1f} ms)")
-    print(f"  monitored / bare session.run throughput     {tp_ratio:>10.3f}   target >= 0.95 "
-          f"{verdict(tp_ratio >= 0.95)}   ({statistics.median(mon_rates):.0f} / "
-          f"{statistics.median(bare_rates):.0f} req/s)")
+    print(
+        f"  failed or wrong requests during hot-swaps   {len(failures):>10d}   target 0       "
+        f"{verdict(not failures)}"
+    )
+    print(
+        f"  p99 swap window / steady p99                {lat_ratio:>10.3f}   target <= 1.5  "
+        f"{verdict(lat_ratio <= 1.5)}   ({w99:.3f} ms / {s99:.3f} ms)"
+    )
+    print(f"    (only +-50 ms around the rebind)          {f99 / s99:>10.3f}                  ({f99:.3f} ms)")
+    print(
+        f"  rollback / forward swap (load+validate+warm){rb_ratio:>10.4f}   target <= 0.05 "
+        f"{verdict(rb_ratio <= 0.05)}   ({statistics.median(rollback_ms) * 1000:.1f} us / "
+        f"{statistics.median(forward_ms):.1f} ms)"
+    )
+    print(
+        f"  monitored / bare session.run throughput     {tp_ratio:>10.3f}   target >= 0.95 "
+        f"{verdict(tp_ratio >= 0.95)}   ({statistics.median(mon_rates):.0f} / "
+        f"{statistics.median(bare_rates):.0f} req/s)"
+    )
     if failures:
         print("  first failures:", failures[:3])
     return 0
