@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from device_client.state import DeviceState
 from device_client.store import STATE_FILE, CorruptState, decode_state
 from server.mqtt.broker import MosquittoProcess, free_port
-from tests.helpers.device_fleet import daemon_env, wait_for
+from tests.helpers.device_fleet import wait_for
 from tests.helpers.tokens import create_admin_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,58 +81,6 @@ def running_rig(root: Path, database_url: str | None = None, **overrides: Any) -
             live.stop()
     finally:
         broker.stop()
-
-
-class DaemonProcess:
-    """``python -m device_client.daemon`` on an enrolled data directory, killable with SIGKILL."""
-
-    def __init__(self, data_dir: Path, log: Path, **overrides: Any) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.log = log
-        env = {**os.environ, **daemon_env(data_dir, self.port, **overrides)}
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "device_client.daemon", "--data-dir", str(data_dir)],
-                cwd=REPO,
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-            )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_api(self, timeout: float = 30.0) -> None:
-        def up() -> bool:
-            assert self.proc.poll() is None, f"daemon exited: {self.log_tail()}"
-            try:
-                return httpx.get(self.url + "/v1/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=timeout, interval=0.05, what="daemon API up")
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
 
 def peek_state(data_dir: Path) -> DeviceState | None:

@@ -35,8 +35,9 @@ import pytest
 
 from device_client.state import OUTCOMES, UpdatePhase
 from device_client.store import StateStore
-from tests.chaos.harness import TERMINAL, DaemonProcess, Rig, peek_state, running_rig
+from tests.chaos.harness import TERMINAL, Rig, peek_state, running_rig
 from tests.helpers.device_fleet import (
+    DaemonProcess,
     assign,
     enroll_device,
     events,

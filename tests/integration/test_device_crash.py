@@ -4,21 +4,13 @@ model that was on probation to the last known good one, reporting ``rolled_back`
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
-import httpx
 import numpy as np
 import pytest
 
 from device_client.store import StateStore
-from server.mqtt.broker import free_port
 from tests.helpers.device_fleet import (
+    DaemonProcess,
     assign,
-    daemon_env,
     enroll_device,
     events,
     infer,
@@ -32,46 +24,7 @@ from tests.helpers.onnx_models import make_model
 
 pytestmark = pytest.mark.mqtt
 
-REPO = Path(__file__).resolve().parents[2]
 QUICK = {"seconds": 0.2, "min_requests": 0}
-
-
-class DaemonProcess:
-    def __init__(self, data_dir: Path, log: Path, **overrides) -> None:
-        self.port = free_port()
-        env = {**os.environ, **daemon_env(data_dir, self.port, **overrides)}
-        self.log = log
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "device_client.daemon", "--data-dir", str(data_dir)],
-                cwd=REPO,
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-            )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-        def up() -> bool:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                return httpx.get(self.url + "/v1/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=30, interval=0.1, what="daemon API up")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -82,6 +35,7 @@ def test_kill9_mid_download_resumes_with_range(live_server, tmp_path):
     # a ~2 MB bundle (a 4 x 100000 weight matrix), downloaded at 300 kB/s: several seconds
     push_model(live, "big", "1.0.0", make_model(tmp_path / "big.onnx", out_dim=100_000))
     first = DaemonProcess(data, tmp_path / "run1.log", download_rate_limit_bps=300_000)
+    first.wait_api()
     try:
         seq = assign(live, "edge-dl", "big", "1.0.0", probation=QUICK)["seq"]
         wait_event(live, "edge-dl", lambda e: e["desired_seq"] == seq and e["phase"] == "downloading")
@@ -99,6 +53,7 @@ def test_kill9_mid_download_resumes_with_range(live_server, tmp_path):
     assert 400_000 < kept < length
 
     second = DaemonProcess(data, tmp_path / "run2.log")
+    second.wait_api()
     try:
         out = outcome_for(live, "edge-dl", seq, timeout=30)
         assert out["phase"] == "succeeded", out
@@ -131,6 +86,7 @@ def test_kill9_mid_probation_reverts_to_last_known_good(live_server, tmp_path):
     push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
     push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
     first = DaemonProcess(data, tmp_path / "run1.log")
+    first.wait_api()
     try:
         seq1 = assign(live, "edge-pr", "clf", "1.0.0", probation=QUICK)["seq"]
         assert outcome_for(live, "edge-pr", seq1)["phase"] == "succeeded"
@@ -142,6 +98,7 @@ def test_kill9_mid_probation_reverts_to_last_known_good(live_server, tmp_path):
         first.terminate()
 
     second = DaemonProcess(data, tmp_path / "run2.log")
+    second.wait_api()
     try:
         # the API comes up already serving the last known good model
         assert serving_version(second.url) == "1.0.0"
