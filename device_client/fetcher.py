@@ -58,6 +58,10 @@ class HashMismatch(tuf_exc.DownloadError):
     """The complete download's SHA-256 differs from the expected one."""
 
 
+#: server answers that say "try again" rather than "no": retried like a broken connection
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
 class Interrupted(tuf_exc.DownloadError):
     """The connection broke or stalled mid-body; the partial file is kept for a resume."""
 
@@ -123,8 +127,9 @@ class _Deadline:
         )
 
 
-def _send(client: httpx.Client, url: str, headers: Mapping[str, str], deadline: _Deadline,
-          http: HttpSettings) -> httpx.Response:
+def _send(
+    client: httpx.Client, url: str, headers: Mapping[str, str], deadline: _Deadline, http: HttpSettings
+) -> httpx.Response:
     deadline.check(url)
     request = client.build_request("GET", url, headers=dict(headers), timeout=deadline.timeout(http))
     try:
@@ -306,6 +311,9 @@ def _one_pass(
             log.info("%s: range %d- not satisfiable; restarting from zero", url, start)
             allow_range = False
             continue
+        if status in TRANSIENT_STATUSES:
+            response.close()
+            raise Interrupted(f"{url}: HTTP {status} (transient; retried within the deadline)")
         if status >= 400:
             response.close()
             raise tuf_exc.DownloadHTTPError(f"{url}: HTTP {status}", status)

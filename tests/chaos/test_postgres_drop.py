@@ -138,17 +138,19 @@ def test_postgres_connection_drops_lose_nothing(tmp_path: Path, database_url: st
             headers = {"Authorization": f"Bearer {rig.token('viewer')}"}
 
             reporter = Reporter(rig, tmp_path / "devices" / LOADER, LOADER)
-            with reporter, Dropper(database_url) as dropper:
-                # the admin API answers right after a drop (dead pooled connections are replaced)
-                for _ in range(5):
-                    assert dropper.drop_once() >= 1
-                    r = httpx.get(f"{rig.url}/api/v1/rollouts/{rollout_id}", headers=headers, timeout=10)
-                    assert r.status_code == 200, r.text
-                # keep dropping while the whole rollout runs (a request whose connection is killed
-                # under it may fail: only the next one must work)
+            dropper = Dropper(database_url)
+            # the admin API answers right after a drop (dead pooled connections are replaced);
+            # checked before the background dropper starts, so nothing kills the request itself
+            for _ in range(5):
+                assert dropper.drop_once() >= 1
+                r = httpx.get(f"{rig.url}/api/v1/rollouts/{rollout_id}", headers=headers, timeout=10)
+                assert r.status_code == 200, r.text
+            with reporter, dropper:
+                # keep dropping while the whole rollout runs, and for at least 20 rounds (a request
+                # whose connection is killed under it may fail: only the next one must work)
                 deadline = time.monotonic() + 90
                 status = "running"
-                while status == "running" and time.monotonic() < deadline:
+                while (status == "running" or dropper.rounds < 20) and time.monotonic() < deadline:
                     time.sleep(0.2)
                     r = httpx.get(f"{rig.url}/api/v1/rollouts/{rollout_id}", headers=headers, timeout=10)
                     if r.status_code == 200:

@@ -25,6 +25,9 @@ class Behaviour:
     force_416: int = 0
     require_token: str | None = None
     status: int | None = None
+    #: answer the next N requests with ``status_once`` (a transient server error), then normally
+    status_once: int = 503
+    fail_next: int = 0
     #: announce this Content-Length instead of the real one
     fake_length: int | None = None
     #: send no Content-Length: the body ends when the connection closes
@@ -49,6 +52,9 @@ def _handler(b: Behaviour) -> type[BaseHTTPRequestHandler]:
                 return self._plain(401, b"unauthorised")
             if b.status is not None:
                 return self._plain(b.status, b"nope")
+            if b.fail_next > 0:
+                b.fail_next -= 1
+                return self._plain(b.status_once, b"try again")
             body, status, extra = b.content, 200, {}
             m = _RANGE_RE.match(rng or "")
             if m and b.honour_range:

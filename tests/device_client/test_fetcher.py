@@ -216,3 +216,23 @@ def test_http_settings_from_device_settings() -> None:
     http = HttpSettings.from_device_settings(s)
     assert http.headers()["Authorization"] == "Bearer secret-token"
     assert http.read_timeout_s == 7
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
+def test_transient_server_errors_are_retried_within_the_attempts(tmp_path: Path, status: int) -> None:
+    partial = tmp_path / "b.tar.partial"
+    partial.write_bytes(CONTENT[:3000])
+    b = Behaviour(content=CONTENT, fail_next=1, status_once=status)
+    with serve(b) as url:
+        final = dl(url, partial, attempts=2)
+    assert final.read_bytes() == CONTENT
+    assert [s["range"] for s in b.seen] == ["bytes=3000-", "bytes=3000-"]  # the partial was kept
+
+
+def test_transient_errors_beyond_the_attempts_and_permanent_errors_fail(tmp_path: Path) -> None:
+    with serve(Behaviour(content=CONTENT, fail_next=5)) as url, pytest.raises(Interrupted, match="HTTP 503"):
+        dl(url, tmp_path / "a.partial", attempts=2)
+    b = Behaviour(content=CONTENT, status=404)
+    with serve(b) as url, pytest.raises(tuf_exc.DownloadHTTPError, match="HTTP 404"):
+        dl(url, tmp_path / "b.partial", attempts=3)
+    assert len(b.seen) == 1  # a "no" is not retried
