@@ -236,7 +236,9 @@ class MqttLink:
                     break
                 self._handed.add(entry.seq)
                 self._inflight[info.mid] = entry.seq
-                if info.is_published():  # PUBACK may already have been processed
+                # PUBACK may already have been processed; while disconnected (NO_CONN) paho keeps
+                # the message for the next connection and is_published() would raise
+                if info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published():
                     self._acked(info.mid)
 
     def _acked(self, mid: int) -> None:
