@@ -9,6 +9,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
+from typing import TypeVar
+
+from server.errors import Unauthorized
+
+T = TypeVar("T")
 
 ADMIN_PREFIX = "fa"
 ENROLL_PREFIX = "fe"
@@ -39,3 +45,22 @@ def parse_token(token: str, prefix: str) -> tuple[str, str] | None:
     if len(parts) != 3 or parts[0] != prefix or not parts[1] or len(parts[2]) < 16:
         return None
     return parts[1], parts[2]
+
+
+def authenticate_token(
+    token: str, prefix: str, kind: str, lookup: Callable[[str], T | None], secret_hash: Callable[[T], str]
+) -> T:
+    """The row a ``<prefix>.<id>.<secret>`` bearer names, if the secret matches its stored hash.
+
+    ``lookup(id)`` fetches the row, ``secret_hash(row)`` its stored hash; a malformed token or an
+    unknown id/secret is :class:`Unauthorized` (``"malformed {kind} token"`` /
+    ``"unknown {kind} token"``). Revocation and other state checks are the caller's.
+    """
+    parsed = parse_token(token, prefix)
+    if parsed is None:
+        raise Unauthorized(f"malformed {kind} token")
+    ident, secret = parsed
+    row = lookup(ident)
+    if row is None or not verify_secret(secret, secret_hash(row)):
+        raise Unauthorized(f"unknown {kind} token")
+    return row

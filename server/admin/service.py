@@ -11,7 +11,7 @@ from server.admin.schemas import AuditOut, AuditPage, Principal, TokenCreated, T
 from server.admin.tables import AdminToken, AuditEntry, Role
 from server.db import utcnow
 from server.errors import Invalid, NotFound, Unauthorized
-from server.security import ADMIN_PREFIX, new_id, new_token, parse_token, verify_secret
+from server.security import ADMIN_PREFIX, authenticate_token, new_id, new_token
 
 #: the principal of commands run on the server host itself (``fleet admin token create``)
 CLI_PRINCIPAL = Principal(actor="cli", role=Role.admin)
@@ -65,13 +65,7 @@ class AdminService:
 
     def authenticate(self, bearer: str) -> Principal:
         """The principal of a bearer token; :class:`Unauthorized` if unknown, malformed or revoked."""
-        parsed = parse_token(bearer, ADMIN_PREFIX)
-        if parsed is None:
-            raise Unauthorized("malformed admin token")
-        token_id, secret = parsed
-        row = self.tokens.get(token_id)
-        if row is None or not verify_secret(secret, row.secret_hash):
-            raise Unauthorized("unknown admin token")
+        row = authenticate_token(bearer, ADMIN_PREFIX, "admin", self.tokens.get, lambda t: t.secret_hash)
         if row.revoked_at is not None:
             raise Unauthorized("admin token has been revoked")
         now = utcnow()

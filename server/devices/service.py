@@ -37,8 +37,8 @@ from server.devices.schemas import (
     check_tags,
 )
 from server.devices.tables import Device, DeviceStatus, DeviceTag, EnrollmentToken
-from server.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
-from server.security import DEVICE_PREFIX, ENROLL_PREFIX, new_id, new_token, parse_token, verify_secret
+from server.errors import Conflict, Forbidden, Invalid, NotFound
+from server.security import DEVICE_PREFIX, ENROLL_PREFIX, authenticate_token, new_id, new_token
 from server.trust.pki import parse_csr, serial_hex
 
 if TYPE_CHECKING:
@@ -124,13 +124,9 @@ class DeviceService:
         return EnrollTokenOut.model_validate(row)
 
     def _consume_enroll_token(self, token: str, uses: int = 1) -> EnrollmentToken:
-        parsed = parse_token(token, ENROLL_PREFIX)
-        if parsed is None:
-            raise Unauthorized("malformed enrollment token")
-        token_id, secret = parsed
-        row = self.tokens.get_for_update(token_id)
-        if row is None or not verify_secret(secret, row.secret_hash):
-            raise Unauthorized("unknown enrollment token")
+        row = authenticate_token(
+            token, ENROLL_PREFIX, "enrollment", self.tokens.get_for_update, lambda t: t.secret_hash
+        )
         if row.revoked_at is not None:
             raise Forbidden("enrollment token has been revoked")
         if row.expires_at <= utcnow():
@@ -375,13 +371,7 @@ class DeviceService:
         return [DeviceEventOut.model_validate(e) for e in self.devices.events(device_id, limit)]
 
     def authenticate_device(self, bearer: str) -> Device:
-        parsed = parse_token(bearer, DEVICE_PREFIX)
-        if parsed is None:
-            raise Unauthorized("malformed device token")
-        device_id, secret = parsed
-        device = self.devices.get(device_id)
-        if device is None or not verify_secret(secret, device.token_hash):
-            raise Unauthorized("unknown device token")
+        device = authenticate_token(bearer, DEVICE_PREFIX, "device", self.devices.get, lambda d: d.token_hash)
         if device.status == DeviceStatus.decommissioned:
-            raise Forbidden(f"device {device_id!r} is decommissioned")
+            raise Forbidden(f"device {device.id!r} is decommissioned")
         return device
