@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from device_client.state import DeviceState
 from device_client.store import STATE_FILE, CorruptState, decode_state
 from server.mqtt.broker import MosquittoProcess, free_port
-from tests.helpers.device_fleet import wait_for
+from tests.helpers.device_fleet import stop_process, wait_for
 from tests.helpers.tokens import create_admin_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,13 +246,8 @@ class ServerProcess:
         self.proc.wait(10)
 
     def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def log_tail(self, n: int = 40) -> str:
         try:

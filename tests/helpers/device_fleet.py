@@ -202,6 +202,17 @@ class ServerPublisher:
 REPO = Path(__file__).resolve().parents[2]
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within 20 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class DaemonProcess:
     """``python -m device_client.daemon`` on an enrolled data directory, killable with SIGKILL."""
 
@@ -239,13 +250,7 @@ class DaemonProcess:
         self.proc.wait(10)
 
     def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def log_tail(self, n: int = 40) -> str:
         try:
