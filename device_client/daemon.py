@@ -841,10 +841,23 @@ class Daemon:
         topic = self._topic(TopicKind.health)
         for name, host in list(self.hosts.items()):
             serving = host.serving
+            closed = host.health.drain_closed()  # the parts of this window served by replaced models
             stats = host.health.snapshot_and_reset()
-            if serving is None or link is None:
+            if link is None:
                 continue
             at = utcnow()
+            for version, segment in closed:
+                part = segment.to_health_window(
+                    device_id=self.device_id,
+                    seq=self._next_health_seq(),
+                    at=at,
+                    model=name,
+                    version=version,
+                    mode=ServeMode.serve,
+                )
+                link.publish(topic, part.to_json(), qos=0)
+            if serving is None:
+                continue
             window = stats.to_health_window(
                 device_id=self.device_id,
                 seq=self._next_health_seq(),

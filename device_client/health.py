@@ -5,7 +5,10 @@ lock, one list append, two counters, and a reservoir-sample update (about a micr
 well under 5% of a 0.1 ms inference). Every request is timed, errors included (an error is an
 exception or a non-finite output). It keeps two views:
 
-* a *window* (``snapshot_and_reset``), published every ``health_window_s`` as a HealthWindow;
+* a *window* (``snapshot_and_reset``), published every ``health_window_s`` as a HealthWindow; a
+  swap cuts it (``mark(cut=old_version)``): the part served by the replaced model is kept as a closed
+  segment (``drain_closed``) and published under that model's version, so no window mixes two
+  versions' requests (a baseline or a gate never counts the old model's requests as the new one's);
 * a *period since* :meth:`HealthRecorder.mark` (``since_mark``), which the daemon marks at every
   swap and evaluates during probation. Its counts are exact; its percentiles come from a uniform
   reservoir sample of ``reservoir_size`` latencies, so memory stays bounded however long it runs.
@@ -43,6 +46,8 @@ from enum import StrEnum
 from .protocol import HealthWindow, Probation, ServeMode
 
 MIN_SAMPLE = 20
+#: closed window segments (cut at swaps) kept until the next health publication
+MAX_CLOSED = 16
 
 
 def percentile_ms(sorted_ns: list[int], q: float) -> float | None:
@@ -147,6 +152,7 @@ class HealthRecorder:
         now = clock()
         self._win = _Acc(now)
         self._period = _Acc(now)
+        self._closed: list[tuple[str, WindowStats]] = []
 
     def _sample(self, reservoir: list[int], seen: int, value: int) -> None:
         # Algorithm R: after ``seen`` items, each is in the reservoir with probability cap/seen
@@ -200,10 +206,31 @@ class HealthRecorder:
             win.shadow_latencies = []
             win.shadow_requests = win.shadow_agreed = win.shadow_errors = win.shadow_dropped = 0
 
-    def mark(self) -> None:
-        """Start a new period (at a swap): ``since_mark`` then covers only the new model."""
+    def mark(self, cut: str | None = None) -> None:
+        """Start a new period (at a swap): ``since_mark`` then covers only the new model.
+
+        ``cut``: the version that served until now. The window's served requests so far are closed
+        into a segment labelled ``cut`` (see :meth:`drain_closed`); its shadow comparisons stay in
+        the window (they belong to the shadow candidate, which a swap does not change). At most
+        :data:`MAX_CLOSED` segments wait to be drained; older ones are dropped (windows are QoS 0)."""
         with self._lock:
-            self._period = _Acc(self._clock())
+            now = self._clock()
+            self._period = _Acc(now)
+            if cut is None:
+                return
+            win = self._win
+            if win.requests:
+                served = _Acc(win.started, win.latencies, win.requests, win.errors)
+                self._closed.append((cut, served.stats(now)))
+                del self._closed[:-MAX_CLOSED]
+            win.started, win.latencies, win.requests, win.errors = now, [], 0, 0
+
+    def drain_closed(self) -> list[tuple[str, WindowStats]]:
+        """The segments cut at swaps since the last call: (version that served, its stats), oldest
+        first."""
+        with self._lock:
+            closed, self._closed = self._closed, []
+        return closed
 
     def since_mark(self) -> WindowStats:
         """Stats of the period since the last :meth:`mark` (percentiles from a reservoir sample)."""

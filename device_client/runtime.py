@@ -482,7 +482,7 @@ class ModelHost:
             if old is not None and old is not new:
                 self._previous = old if self.keep_previous_warm else None
                 self._previous_path = old.path
-            self.health.mark()
+            self.health.mark(cut=old.version if old is not None and old is not new else None)
             log.info("%s: now serving %s", self.name, new.version)
             return old
 
@@ -500,10 +500,11 @@ class ModelHost:
                 if self._previous_path is None:
                     raise NoModel(f"{self.name}: no previous model to roll back to")
                 prev = self.load(self._previous_path)  # cold previous: reload and re-validate
+            cut = self._serving.version if self._serving is not None else None
             self._serving = prev
             self._previous = None
             self._previous_path = None
-            self.health.mark()
+            self.health.mark(cut=cut)
             log.info("%s: rolled back to %s", self.name, prev.version)
             return prev
 

@@ -215,3 +215,38 @@ def test_all_breaches_reported_together() -> None:
     v = evaluate_probation(stats(200, 50, p95=100.0), P, baseline_p95_ms=10.0, elapsed_s=5)
     assert v.outcome is ProbationOutcome.failed
     assert len(v.reasons) == 3
+
+
+def test_a_cut_closes_the_served_part_of_the_window_under_the_old_version() -> None:
+    clock = Clock()
+    rec = HealthRecorder(clock=clock)
+    for _ in range(3):
+        rec.record(MS)
+    rec.record(2 * MS, ok=False)
+    rec.record_shadow(MS, agreed=True)
+    clock.t += 2
+    rec.mark(cut="1.0.0")  # the swap: 1.0.0 served the window so far
+    rec.record(5 * MS)
+    clock.t += 3
+    closed = rec.drain_closed()
+    assert [(v, s.requests, s.errors, s.window_s, s.p95_ms) for v, s in closed] == [("1.0.0", 4, 1, 2.0, 2.0)]
+    assert rec.drain_closed() == []
+    w = rec.snapshot_and_reset()  # only the new model's requests; shadow comparisons stay
+    assert (w.requests, w.errors, w.window_s, w.p95_ms) == (1, 0, 3.0, 5.0)
+    assert (w.shadow_requests, w.shadow_agreed) == (1, 1)
+    assert rec.since_mark().requests == 1  # the period restarted at the cut too
+
+
+def test_cuts_without_requests_close_nothing_and_are_bounded() -> None:
+    from device_client.health import MAX_CLOSED
+
+    rec = HealthRecorder()
+    rec.mark(cut="1.0.0")
+    assert rec.drain_closed() == []
+    for i in range(MAX_CLOSED + 5):
+        rec.record(MS)
+        rec.mark(cut=f"v{i}")
+    closed = rec.drain_closed()
+    assert len(closed) == MAX_CLOSED
+    assert closed[0][0] == "v5"
+    assert closed[-1][0] == f"v{MAX_CLOSED + 4}"

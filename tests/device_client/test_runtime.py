@@ -178,6 +178,19 @@ def test_rollback_is_a_reference_flip_to_the_warm_previous(make_slot) -> None:
         host.rollback()
 
 
+def test_swaps_cut_the_health_window_by_serving_version(make_slot) -> None:
+    host = ModelHost("clf")
+    host.install(make_slot("1.0.0", scale=1.0))
+    host.infer({"x": X})
+    host.infer({"x": X})
+    host.install(make_slot("2.0.0", scale=2.0))
+    host.infer({"x": X})
+    host.rollback()
+    host.infer({"x": X})
+    assert [(v, s.requests) for v, s in host.health.drain_closed()] == [("1.0.0", 2), ("2.0.0", 1)]
+    assert host.health.snapshot_and_reset().requests == 1  # served by 1.0.0 again
+
+
 def test_rollback_without_warm_previous_reloads(make_slot) -> None:
     host = ModelHost("clf", keep_previous_warm=False)
     v1 = host.install(make_slot("1.0.0", scale=1.0))

@@ -127,6 +127,27 @@ class Fleet:
             )
             return {d: (stage, phase.value, prev) for d, stage, phase, prev in rows}
 
+    def wait_health(self, version: str, ids: Iterable[str] | None = None, timeout: float = 20.0) -> None:
+        """Until the server holds a health window with requests answered by ``version`` from each
+        device (windows travel at QoS 0 every ``health_window_s``: answered requests alone do not
+        mean the server has seen them yet)."""
+        from server.health.tables import HealthSample
+
+        ids = set(self.running if ids is None else ids)
+
+        def reported() -> set[str]:
+            with self.live.ctx.db.session_scope() as s:
+                rows = s.execute(
+                    sa.select(HealthSample.device_id)
+                    .where(HealthSample.model == MODEL, HealthSample.version == version)
+                    .where(HealthSample.requests > 0, HealthSample.device_id.in_(ids))
+                    .distinct()
+                )
+                return {d for (d,) in rows}
+
+        what = f"{version} health from {sorted(ids)}"
+        wait_for(lambda: reported() == ids, timeout=timeout, interval=0.2, what=what)
+
     def desired_versions(self) -> dict[str, tuple[int, str, str]]:
         """device id -> (seq, version, mode) of the DesiredState the server holds for it."""
         from server.rollouts.tables import DesiredRecord

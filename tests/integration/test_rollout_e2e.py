@@ -76,7 +76,8 @@ def test_rollout_over_ten_devices_in_three_stages_completes(fleet_of, models):
     fleet.start()
     fleet.install("1.0.0")
     with Traffic(fleet) as traffic:
-        wait_requests(traffic, fleet.ids, 5)  # a pre-rollout baseline on 1.0.0
+        wait_requests(traffic, fleet.ids, 5)
+        fleet.wait_health("1.0.0")  # a pre-rollout baseline on 1.0.0 the server has seen
         created = fleet.client.create_rollout(rollout_body("2.0.0", THREE_STAGES))
         assert created["status"] == "running"
         assert created["devices"] == 10
