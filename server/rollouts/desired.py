@@ -143,15 +143,6 @@ class DesiredStateService:
         }
         return self._sign_and_queue(device, fields)
 
-    def resign(self, device: Device, record: DesiredRecord) -> DesiredRecord:
-        """Re-issue the same target with a new seq and expiry (a device back after a long absence)."""
-        fields = {
-            k: v
-            for k, v in record.envelope["signed"].items()
-            if k not in ("schema", "device_id", "seq", "issued_at", "expires_at")
-        }
-        return self._sign_and_queue(device, fields)
-
     def _sign_and_queue(self, device: Device, fields: dict[str, Any]) -> DesiredRecord:
         now = utcnow()
         device.desired_seq += 1
@@ -249,19 +240,41 @@ class DesiredStateService:
         return seqs, errors
 
     def resign_expiring_ids(self, device_ids: list[str]) -> int:
-        """:meth:`resign_expiring` by device id: loads only the devices that need a new state."""
+        """Re-sign the DesiredStates of ``device_ids`` that expired or expire soon (devices coming
+        back online; MQTT ingest calls it once per batch): the same target with a new seq and
+        expiry. A few statements however many devices: one SELECT of the expiring records with
+        their devices' seq, one upsert of the records, one bulk UPDATE of the devices' seq and one
+        outbox INSERT. Returns how many were re-signed."""
         soon = utcnow() + timedelta(seconds=self.ctx.settings.desired_resign_before_s)
-        expiring = [r.device_id for r in self.records.expiring(device_ids, soon)]
+        expiring = self.records.expiring_with_seq(device_ids, soon)
         if not expiring:
             return 0
-        return self.resign_expiring(list(self.records.devices(expiring)))
-
-    def resign_expiring(self, devices: list[Device]) -> int:
-        """Re-sign the DesiredStates of ``devices`` that expired or expire soon; return how many."""
-        soon = utcnow() + timedelta(seconds=self.ctx.settings.desired_resign_before_s)
-        by_id = {d.id: d for d in devices if d.status != DeviceStatus.decommissioned}
-        count = 0
-        for record in self.records.expiring(list(by_id), soon):
-            self.resign(by_id[record.device_id], record)
-            count += 1
-        return count
+        now = utcnow()
+        expires = now + timedelta(seconds=self.ctx.settings.desired_ttl_s)
+        records: list[dict[str, Any]] = []
+        outbox: list[tuple[str, dict[str, Any]]] = []
+        seqs: dict[str, int] = {}
+        for device_id, envelope, desired_seq in expiring:
+            fields = {
+                k: v
+                for k, v in envelope["signed"].items()
+                if k not in ("schema", "device_id", "seq", "issued_at", "expires_at")
+            }
+            seq = (desired_seq or 0) + 1
+            desired = DesiredState.build(
+                device_id=device_id, seq=seq, issued_at=now, expires_at=expires, **fields
+            )
+            signed = self.ctx.director.sign(desired)
+            records.append({
+                "device_id": device_id, "seq": seq, "rollout_id": desired.rollout_id,
+                "model": desired.model, "version": desired.version, "release": desired.release,
+                "variant": desired.variant, "mode": desired.mode.value,
+                "probation": desired.probation.model_dump(mode="json"), "issued_at": now,
+                "expires_at": expires, "envelope": signed,
+            })  # fmt: skip
+            outbox.append((device_topic(device_id, TopicKind.desired), signed))
+            seqs[device_id] = seq
+        self.records.upsert_many(records)
+        self.records.set_device_seqs(seqs)
+        enqueue_many(self.session, outbox)
+        return len(records)

@@ -63,18 +63,24 @@ class DesiredRepository:
             out.extend(self.session.scalars(q))
         return out
 
-    def expiring(self, device_ids: Sequence[str], before: datetime) -> Sequence[DesiredRecord]:
+    def expiring_with_seq(
+        self, device_ids: Sequence[str], before: datetime
+    ) -> list[tuple[str, dict[str, Any], int]]:
+        """(device id, envelope, ``devices.desired_seq``) of the records of ``device_ids`` (not
+        decommissioned) that expire by ``before``: one SELECT, no ORM objects."""
         if not device_ids:
             return []
-        q = sa.select(DesiredRecord).where(
-            DesiredRecord.device_id.in_(device_ids), DesiredRecord.expires_at <= before
+        q = (
+            sa.select(DesiredRecord.device_id, DesiredRecord.envelope, Device.desired_seq)
+            .join(Device, Device.id == DesiredRecord.device_id)
+            .where(
+                DesiredRecord.device_id.in_(list(device_ids)),
+                DesiredRecord.expires_at <= before,
+                Device.status != DeviceStatus.decommissioned,
+            )
+            .order_by(DesiredRecord.device_id)
         )
-        return self.session.scalars(q).all()
-
-    def devices(self, device_ids: Sequence[str]) -> Sequence[Device]:
-        if not device_ids:
-            return []
-        return self.session.scalars(sa.select(Device).where(Device.id.in_(list(device_ids)))).all()
+        return [(r.device_id, r.envelope, r.desired_seq or 0) for r in self.session.execute(q)]
 
 
 class CatalogLookup:

@@ -1,88 +1,167 @@
-"""MQTT ingest writes a batch with a fixed number of statements, however many devices it holds."""
+"""MQTT ingest writes a batch with a fixed number of SQL statements, however many devices it holds.
+
+Each kind of message (presence, reports, health windows) and a mix of all three is ingested once
+for 3 devices and once for 1,000 devices, on SQLite and on PostgreSQL, counting the statements
+sent to the database driver (every ``cursor.execute``/``executemany``). The counts must be equal:
+any work done per device, per message or per chunk of devices adds statements as the batch grows.
+Then the 1,000-device batch is checked to have been written completely.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from device_client.protocol import HealthWindow, Presence, Report
-from server.devices.tables import Device
+from device_client.protocol import DesiredState, HealthWindow, Presence, Report, validate_payload
+from device_client.protocol.signing import verify_envelope
+from server.devices.tables import Device, DeviceEvent
 from server.health.tables import HealthSample
 from server.mqtt.handlers import IngestWorker
-from server.rollouts.tables import Deployment
+from server.mqtt.tables import OutboxMessage
+from server.rollouts.tables import Deployment, DesiredRecord
+
+SMALL, LARGE = 3, 1000
+KINDS = ("presence", "reports", "health", "mixed")
 
 
 def _devices(ctx, prefix: str, n: int) -> list[str]:
+    """``n`` enrolled devices, each with a notified deployment (desired seq 1) and a signed
+    DesiredState; every other device's state expires within the re-sign window, so coming online
+    re-signs it (the presence path)."""
     now = datetime.now(UTC)
     ids = [f"{prefix}-{i:04d}" for i in range(n)]
+    states = []
+    for i, d in enumerate(ids):
+        expires = now + (timedelta(hours=1) if i % 2 == 0 else timedelta(days=6))
+        desired = DesiredState.build(
+            device_id=d, seq=1, issued_at=now - timedelta(days=1), expires_at=expires, model="det",
+            version="2.0.0", release=1, target="det/2.0.0/default/bundle.tar", length=100,
+            hashes={"sha256": "ab" * 32},
+        )  # fmt: skip
+        states.append({
+            "device_id": d, "seq": 1, "rollout_id": None, "model": "det", "version": "2.0.0", "release": 1,
+            "variant": "default", "mode": "serve", "probation": {}, "issued_at": desired.issued_at,
+            "expires_at": expires, "envelope": ctx.director.sign(desired),
+        })  # fmt: skip
     with ctx.db.session_scope() as s:
         s.execute(sa.insert(Device.__table__), [
             {"id": d, "status": "enrolled", "hardware": {}, "arch": "x86_64", "cert_serial": d,
-             "cert_not_after": now + timedelta(days=1), "token_hash": f"{prefix[0]}{i:063d}",
+             "cert_not_after": now + timedelta(days=1), "token_hash": hashlib.sha256(d.encode()).hexdigest(),
              "created_at": now, "serving": {}, "last_report_seq": 0, "desired_seq": 1}
-            for i, d in enumerate(ids)
+            for d in ids
         ])  # fmt: skip
         s.execute(sa.insert(Deployment.__table__), [
             {"rollout_id": None, "device_id": d, "stage": 0, "model": "det", "version": "2.0.0",
              "phase": "notified", "desired_seq": 1, "details": {}, "created_at": now, "updated_at": now}
             for d in ids
         ])  # fmt: skip
+        s.execute(sa.insert(DesiredRecord.__table__), states)
     return ids
 
 
-def _messages(ids: list[str]) -> list[tuple[str, bytes, datetime]]:
+def _messages(ids: list[str], kind: str) -> list[tuple[str, bytes, datetime]]:
+    """Several messages per device, duplicates included (what a real batch holds)."""
     now = datetime.now(UTC)
     out = []
     for d in ids:
-        out.append((f"fleet/v1/d/{d}/presence", Presence.build(device_id=d, status="online").to_json(), now))
-        for seq, phase in ((1, "downloading"), (2, "installing"), (2, "installing")):
-            report = Report.build(
-                device_id=d, seq=seq, at=now, phase=phase, desired_seq=1, model="det", version="2.0.0",
-                serving={"det": "1.0.0"},
-            )  # fmt: skip
-            out.append((f"fleet/v1/d/{d}/report", report.to_json(), now))
-        health = HealthWindow.build(
-            device_id=d, seq=1, at=now, window_s=10, model="det", version="1.0.0", requests=10, errors=0,
-            p50_ms=1.0, p95_ms=2.0, p99_ms=3.0,
-        )  # fmt: skip
-        out.append((f"fleet/v1/d/{d}/health", health.to_json(), now))
+        if kind in ("presence", "mixed"):
+            # coalesced per device: the last presence of the batch wins
+            for status in ("offline", "online"):
+                p = Presence.build(device_id=d, status=status, at=now, serving={"det": "1.0.0"})
+                out.append((f"fleet/v1/d/{d}/presence", p.to_json(), now))
+        if kind in ("reports", "mixed"):
+            for seq, phase in ((1, "downloading"), (2, "installing"), (2, "installing")):  # one duplicate
+                report = Report.build(
+                    device_id=d, seq=seq, at=now, phase=phase, desired_seq=1, model="det", version="2.0.0",
+                    serving={"det": "1.0.0"},
+                )  # fmt: skip
+                out.append((f"fleet/v1/d/{d}/report", report.to_json(), now))
+        if kind in ("health", "mixed"):
+            for seq in (1, 2, 2):  # one duplicate window
+                health = HealthWindow.build(
+                    device_id=d, seq=seq, at=now, window_s=10, model="det", version="1.0.0", requests=10,
+                    errors=seq - 1, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0,
+                )  # fmt: skip
+                out.append((f"fleet/v1/d/{d}/health", health.to_json(), now))
     return out
 
 
-def _statements(ctx, ids: list[str]) -> int:
+def _statements(ctx, messages: list[tuple[str, bytes, datetime]]) -> list[str]:
+    """The SQL statements the driver executes while one batch is ingested."""
     worker = IngestWorker(ctx, ctx.metrics)
-    count = 0
+    seen: list[str] = []
 
-    def on_execute(*_args) -> None:
-        nonlocal count
-        count += 1
+    def on_execute(_conn, _cursor, statement, _params, _context, _executemany) -> None:
+        seen.append(" ".join(statement.split()[:4]))
 
     event.listen(ctx.db.engine, "before_cursor_execute", on_execute)
     try:
-        worker.process(_messages(ids))
+        worker.process(messages)
     finally:
         event.remove(ctx.db.engine, "before_cursor_execute", on_execute)
-    return count
+    return seen
 
 
-def test_batch_statement_count_does_not_grow_with_devices(ctx):
-    small = _statements(ctx, _devices(ctx, "small", 3))
-    large_ids = _devices(ctx, "large", 150)
-    large = _statements(ctx, large_ids)
-    assert large == small, f"{small} statements for 3 devices, {large} for 150"
-
+def _rows(ctx, model, *where) -> int:
     with ctx.db.session_scope() as s:
-        phases = set(s.scalars(sa.select(Deployment.phase).where(Deployment.device_id.in_(large_ids))))
-        devices = s.execute(
-            sa.select(Device.status, Device.last_report_seq, Device.serving).where(Device.id.in_(large_ids))
-        ).all()
-        windows = s.scalar(
-            sa.select(sa.func.count()).select_from(HealthSample).where(HealthSample.device_id.in_(large_ids))
-        )
-    assert phases == {"installing"}
-    assert all(tuple(d) == ("online", 2, {"det": "1.0.0"}) for d in devices)
-    assert len(devices) == 150
-    assert windows == 150
-    assert ctx.metrics.get("fleet_mqtt_duplicates_total", kind="report") == 153
+        return int(s.scalar(sa.select(sa.func.count()).select_from(model).where(*where)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_statements_per_batch_stay_constant_from_3_to_1000_devices(ctx, kind):
+    small_ids = _devices(ctx, f"s{kind}", SMALL)
+    large_ids = _devices(ctx, f"l{kind}", LARGE)
+    small = _statements(ctx, _messages(small_ids, kind))
+    duplicates = ctx.metrics.get("fleet_mqtt_duplicates_total", kind="report")
+    outbox_before = _rows(ctx, OutboxMessage)
+    large = _statements(ctx, _messages(large_ids, kind))
+    grown = {k: (Counter(small)[k], n) for k, n in Counter(large).items() if n != Counter(small)[k]}
+    assert len(large) == len(small), (
+        f"{kind}: {len(small)} statements for {SMALL} devices, {len(large)} for {LARGE}; grown: {grown}"
+    )
+    assert small, "the batch wrote nothing"
+
+    # and the large batch was written completely
+    with ctx.db.session_scope() as s:
+        devices = {r.id: r for r in s.execute(sa.select(Device).where(Device.id.in_(large_ids))).scalars()}
+        phases = Counter(s.scalars(sa.select(Deployment.phase).where(Deployment.device_id.in_(large_ids))))
+        records = {
+            r.device_id: r
+            for r in s.scalars(sa.select(DesiredRecord).where(DesiredRecord.device_id.in_(large_ids)))
+        }
+    assert len(devices) == LARGE
+    if kind in ("presence", "reports", "mixed"):
+        assert {d.status for d in devices.values()} == {"online"}
+        assert {tuple(d.serving.items()) for d in devices.values()} == {(("det", "1.0.0"),)}
+    if kind in ("presence", "mixed"):
+        # every other device's state was about to expire: re-signed (seq 2), signed by the director
+        resigned = large_ids[0::2]
+        assert [d for d in large_ids if records[d].seq == 2] == resigned
+        assert all(devices[d].desired_seq == (2 if i % 2 == 0 else 1) for i, d in enumerate(large_ids))
+        public = ctx.director.key.public_key()
+        for d in resigned:
+            desired = validate_payload(verify_envelope(records[d].envelope, [public]), DesiredState)
+            assert (desired.device_id, desired.seq, desired.target) == (d, 2, "det/2.0.0/default/bundle.tar")
+            assert desired.expires_at > datetime.now(UTC) + timedelta(days=6)
+        assert _rows(ctx, OutboxMessage) - outbox_before == len(resigned)
+    else:
+        assert all(r.seq == 1 for r in records.values())
+        assert _rows(ctx, OutboxMessage) == outbox_before == 0
+    if kind in ("reports", "mixed"):
+        assert phases == {"installing": LARGE}
+        assert {d.last_report_seq for d in devices.values()} == {2}
+        assert _rows(ctx, DeviceEvent, DeviceEvent.device_id.in_(large_ids)) == 2 * LARGE
+        assert ctx.metrics.get("fleet_mqtt_duplicates_total", kind="report") - duplicates == LARGE
+    else:
+        assert phases == {"notified": LARGE}
+    if kind in ("health", "mixed"):
+        windows = _rows(ctx, HealthSample, HealthSample.device_id.in_(large_ids))
+        errors = _rows(ctx, HealthSample, HealthSample.device_id.in_(large_ids), HealthSample.errors == 1)
+        assert (windows, errors) == (2 * LARGE, LARGE)
+    else:
+        assert _rows(ctx, HealthSample, HealthSample.device_id.in_(large_ids)) == 0
