@@ -129,6 +129,20 @@ class EnrollmentTokenRepository:
         q = sa.select(EnrollmentToken).where(EnrollmentToken.id == token_id).with_for_update()
         return self.session.scalars(q).first()
 
+    def consume(self, token_id: str, uses: int) -> bool:
+        """Take ``uses`` of the token's uses if it still has them, in one conditional UPDATE.
+
+        Atomic on SQLite too, where ``FOR UPDATE`` does nothing: a read-then-write there lost the
+        decrement of a concurrent enrollment (two bulk batches both read 50 uses left), so a token
+        admitted more devices than it had uses."""
+        q = (
+            sa.update(EnrollmentToken)
+            .where(EnrollmentToken.id == token_id, EnrollmentToken.uses_left >= uses)
+            .values(uses_left=EnrollmentToken.uses_left - uses)
+            .execution_options(synchronize_session=False)
+        )
+        return (self.session.execute(q).rowcount or 0) == 1
+
     def get(self, token_id: str) -> EnrollmentToken | None:
         return self.session.get(EnrollmentToken, token_id)
 

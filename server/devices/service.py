@@ -135,7 +135,12 @@ class DeviceService:
             raise Forbidden("enrollment token has already been used")
         if row.uses_left < uses:
             raise Forbidden(f"enrollment token has {row.uses_left} uses left, not {uses}")
-        row.uses_left -= uses
+        if not self.tokens.consume(row.id, uses):  # a concurrent enrollment took them meanwhile
+            raise Forbidden(
+                "enrollment token has already been used"
+                if uses == 1
+                else f"enrollment token has fewer than {uses} uses left"
+            )
         return row
 
     # -- enrollment --------------------------------------------------------------------------

@@ -3,12 +3,19 @@ operator holding an enrollment token with enough uses; each device as a single e
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from sqlalchemy import event
 
+from device_client.protocol.enrollment import EnrollRequest
 from server.admin.tables import AuditEntry
+from server.devices.service import DeviceService
 from server.devices.tables import Device, EnrollmentToken
+from server.errors import Forbidden
 from tests.helpers.pki import HARDWARE, make_csr
 
 
@@ -84,3 +91,64 @@ def test_bulk_enrollment_is_all_or_nothing_and_needs_an_operator(app_client, ctx
     assert _count(ctx, Device) == 1
     with ctx.db.session_scope() as s:
         assert sorted(s.scalars(sa.select(EnrollmentToken.uses_left))) == [1, 5]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("uses", [1, 2])
+def test_concurrent_enrollments_never_share_a_token_use(app_client, ctx, make_token, uses):
+    """Two enrollments read the token while both its uses (or its last one) look free; the second
+    takes its use only after the first committed. On SQLite, where ``FOR UPDATE`` does nothing, a
+    read-then-write token decrement lost the first one's use: a 1-use token enrolled two devices.
+    (On PostgreSQL the row lock serializes the reads themselves, so this interleaving cannot occur.)"""
+    token = _token(app_client, {"Authorization": f"Bearer {make_token('operator')}"}, uses)
+    first_in, second_read = threading.Event(), threading.Event()
+
+    def signal_token_read(_conn, _cursor, statement, *_args) -> None:
+        if threading.current_thread() is second_thread and "FROM enrollment_tokens" in statement:
+            second_read.set()
+
+    def enroll(device_id: str, *, before_commit=None) -> None:
+        req = EnrollRequest(token=token, csr_pem=make_csr(device_id)[0], hardware=HARDWARE)
+        with ctx.db.session_scope() as s:
+            DeviceService(s, ctx).enroll(req)
+            if before_commit is not None:
+                before_commit()
+
+    outcome: dict[str, object] = {}
+
+    def run(name: str, fn) -> None:
+        try:
+            fn()
+            outcome[name] = "enrolled"
+        except Exception as exc:  # recorded and asserted below
+            outcome[name] = exc
+
+    def first() -> None:
+        # enrolled, then held open until the second enrollment has read the token
+        enroll("race-1", before_commit=lambda: (first_in.set(), second_read.wait(10)))
+
+    def later() -> None:
+        first_in.wait(10)
+        enroll("race-2")
+
+    event.listen(ctx.db.engine, "after_cursor_execute", signal_token_read)
+    try:
+        first_thread = threading.Thread(target=run, args=("race-1", first))
+        second_thread = threading.Thread(target=run, args=("race-2", later))
+        first_thread.start()
+        second_thread.start()
+        first_thread.join(30)
+        second_thread.join(30)
+    finally:
+        event.remove(ctx.db.engine, "after_cursor_execute", signal_token_read)
+    assert second_read.is_set()
+    assert outcome["race-1"] == "enrolled"
+    with ctx.db.session_scope() as s:
+        enrolled = sorted(s.scalars(sa.select(Device.id)))
+        left = s.scalar(sa.select(EnrollmentToken.uses_left))
+    if uses == 2:
+        assert outcome["race-2"] == "enrolled"
+        assert (enrolled, left) == (["race-1", "race-2"], 0)
+    else:
+        assert isinstance(outcome["race-2"], Forbidden), outcome["race-2"]
+        assert (enrolled, left) == (["race-1"], 0)
