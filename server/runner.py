@@ -105,7 +105,7 @@ class ServerThread:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the server did not start")
             time.sleep(0.02)
-        if self.mqtt is not None and not self.mqtt.link.wait_connected(timeout):
+        if self.mqtt is not None and not self.mqtt.wait_connected(timeout):
             raise RuntimeError("the server did not connect to the MQTT broker")
         return self
 

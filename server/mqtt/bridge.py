@@ -7,7 +7,15 @@ subscribes without ``$share``, because Mosquitto 2.0 restores only plain subscri
 persistent session after a broker restart). The session is persistent (MQTT 5
 ``clean_start=False`` with a session expiry) so QoS 1 messages that arrive while this replica
 restarts are delivered when it returns.
-Incoming messages are handed to a callback without any parsing: the ingest worker does that.
+Incoming messages are handed to a callback without any parsing (one ``on_message`` for every
+device topic; the ingest worker parses the topic anyway, so paho's per-topic matcher would only
+cost time on the hottest path).
+
+The server opens TWO links (:class:`server.mqtt.runtime.MqttRuntime`): this consuming one, and a
+publish-only one (``subscribe=False``, clean session) for the outbox. On one connection the
+broker's PUBACKs for the server's DesiredStates queue behind the flood of device reports those
+very DesiredStates cause, so the outbox publishes no faster than the server reads reports; on
+their own connection they come back at once (the 10,000-device fan-out, ``bench/fanout.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_client.protocol.topics import DEVICE_TO_SERVER, PREFIX, server_subscriptions
+from device_client.protocol.topics import server_subscriptions
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -30,14 +38,26 @@ log = logging.getLogger(__name__)
 OnMessage = Callable[[str, bytes, datetime], None]
 
 
+def server_client_id(settings: Settings) -> str:
+    return f"fleet-server-{socket.gethostname()}-{settings.port}"
+
+
 class MqttLink:
+    """One MQTT connection of the server. ``on_message=None``: publish only (no subscriptions, a
+    clean session: what it has in flight when it drops is still pending in the outbox)."""
+
     def __init__(
-        self, settings: Settings, on_message: OnMessage, *, client_id: str | None = None, shared: bool = True
+        self,
+        settings: Settings,
+        on_message: OnMessage | None,
+        *,
+        client_id: str | None = None,
+        shared: bool = True,
     ) -> None:
         self.settings = settings
         self.on_message = on_message
         self.shared = shared
-        self.client_id = client_id or f"fleet-server-{socket.gethostname()}-{settings.port}"
+        self.client_id = client_id or server_client_id(settings)
         self._connected = threading.Event()
         self.subscribed = threading.Event()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
@@ -52,8 +72,8 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
-        for kind in DEVICE_TO_SERVER:
-            c.message_callback_add(f"{PREFIX}/+/{kind.value}", self._on_device_message)
+        if on_message is not None:
+            c.on_message = self._on_device_message
         self.client = c
 
     @property
@@ -63,8 +83,9 @@ class MqttLink:
     def start(self) -> None:
         host, port = self.settings.mqtt_connect_endpoint()
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-        self.client.connect_async(host, port, keepalive=30, clean_start=False, properties=props)
+        persistent = self.on_message is not None
+        props.SessionExpiryInterval = 3600 if persistent else 0
+        self.client.connect_async(host, port, keepalive=30, clean_start=not persistent, properties=props)
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -95,6 +116,9 @@ class MqttLink:
             return
         log.info("MQTT connected as %s (session present: %s)", self.client_id, flags.session_present)
         self._connected.set()
+        if self.on_message is None:
+            self.subscribed.set()  # publish only: nothing to wait for
+            return
         client.subscribe([(f, 1) for f in server_subscriptions(self.shared)])
 
     def _on_subscribe(
@@ -127,4 +151,5 @@ class MqttLink:
             log.info("MQTT disconnected: %s", reason_code)
 
     def _on_device_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        assert self.on_message is not None
         self.on_message(msg.topic, msg.payload, datetime.now(UTC))

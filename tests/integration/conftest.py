@@ -43,7 +43,7 @@ def mqtt_app(mqtt_settings, broker_process):
 
     with TestClient(create_app(mqtt_settings)) as client:
         runtime = client.app.state.mqtt
-        assert runtime.link.wait_connected(10), "server did not connect to the broker"
+        assert runtime.wait_connected(10), "server did not connect to the broker"
         yield client, client.app.state.ctx, runtime
 
 
