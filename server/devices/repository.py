@@ -49,15 +49,25 @@ class DeviceRepository:
     def get(self, device_id: str) -> Device | None:
         return self.session.get(Device, device_id)
 
-    def ingest_state(self, device_ids: Iterable[str], chunk: int = 5000) -> dict[str, DeviceState]:
-        """:class:`DeviceState` of each existing device among ``device_ids`` (one SELECT per chunk)."""
-        ids = list(device_ids)
+    def ingest_state(
+        self, device_ids: Iterable[str], chunk: int = 5000, *, lock: bool = False
+    ) -> dict[str, DeviceState]:
+        """:class:`DeviceState` of each existing device among ``device_ids`` (one SELECT per chunk).
+
+        ``lock``: on PostgreSQL, lock the rows (``FOR UPDATE``, in id order so two lockers cannot
+        deadlock) until the transaction ends. Replicas sharing a subscription each get some of a
+        device's reports; without the lock two of them could read the same ``last_report_seq`` and
+        deployment phase and the later commit would overwrite the other's (a lost update)."""
+        ids = sorted(set(device_ids))
+        locking = lock and self.session.get_bind().dialect.name == "postgresql"
         out: dict[str, DeviceState] = {}
         for i in range(0, len(ids), chunk):
             q = sa.select(
                 Device.id, Device.status, Device.last_seen_at, Device.serving, Device.hardware,
                 Device.last_report_seq,
             ).where(Device.id.in_(ids[i : i + chunk]))  # fmt: skip
+            if locking:
+                q = q.order_by(Device.id).with_for_update()
             for row in self.session.execute(q):
                 out[row.id] = DeviceState(
                     row.id, row.status, row.last_seen_at, row.serving or {}, row.hardware or {},

@@ -4,9 +4,11 @@ The paho thread only enqueues raw messages. :class:`IngestWorker` drains the que
 (up to ``ingest_batch_max`` messages or ``ingest_batch_delay_s``) and writes each batch in ONE
 transaction: presence coalesced per device, reports deduplicated by the device-monotonic ``seq``
 and applied to deployments through the pure deployment state machine, health windows inserted with
-``ON CONFLICT DO NOTHING``. Every rejection (bad topic, bad JSON, wrong schema, device id mismatch,
-unknown or decommissioned device, stale report) is counted in ``fleet_mqtt_rejected_total`` and
-logged; nothing here can take the server down.
+``ON CONFLICT DO NOTHING``. On PostgreSQL the batch locks its devices' rows first (in id order),
+so replicas that each received some of one device's reports apply them one batch after the other
+instead of overwriting each other's phase and ``last_report_seq``. Every rejection (bad topic,
+bad JSON, wrong schema, device id mismatch, unknown or decommissioned device, stale report) is
+counted in ``fleet_mqtt_rejected_total`` and logged; nothing here can take the server down.
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ class IngestWorker:
         devices, one multi-row INSERT of events and of health windows, one SELECT and one bulk
         UPDATE of deployments, one bulk UPDATE of devices (coalesced: one row per device)."""
         ids = {m.device_id for m in (*batch.presence, *batch.reports, *batch.health)}
-        devices = DeviceRepository(session).ingest_state(ids)
+        # locked (PostgreSQL) until commit: replicas sharing the subscription serialize per device
+        devices = DeviceRepository(session).ingest_state(ids, lock=True)
         now = utcnow()
 
         def known(kind: str, device_id: str) -> DeviceState | None:
@@ -235,7 +238,8 @@ class IngestWorker:
             )
         insert_ignore(session, HealthSample.__table__, health_rows, ["device_id", "seq"])  # type: ignore[arg-type]
 
-        bulk_update(session, Device.__table__, [d.row() for d in touched.values()])  # type: ignore[arg-type]
+        rows = [touched[k].row() for k in sorted(touched)]  # id order, as the locks were taken
+        bulk_update(session, Device.__table__, rows)  # type: ignore[arg-type]
 
         if came_online:
             resigned = DesiredStateService(session, self.ctx).resign_expiring_ids(came_online)
@@ -314,4 +318,4 @@ class IngestWorker:
             if r.details:
                 dep.details = {**(dep.details or {}), **r.details}
             changed[dep.id] = dep
-        DeploymentRepository(session).update_states(list(changed.values()))
+        DeploymentRepository(session).update_states([changed[k] for k in sorted(changed)])
