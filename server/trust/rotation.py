@@ -39,7 +39,7 @@ from device_client.protocol.director_keys import (
     parse_director_keys,
 )
 from device_client.protocol.signing import key_id
-from server.trust.director import DIRECTOR_KEY_FILE
+from server.trust.director import DIRECTOR_KEY_FILE, key_replaced
 from server.trust.keys import load_private_key, write_private_key
 from server.trust.repository import ROLE_KEY_FILES, ImageRepository, SigningKeyUnavailable
 
@@ -191,6 +191,8 @@ def finish_pending(repo: ImageRepository) -> list[str]:
             adopted = tuf_keyid(key) in root.roles[role].keyids
         if adopted:
             os.replace(pending, dest)
+            if role == DIRECTOR:
+                key_replaced()
             messages.append(f"completed the interrupted {role} rotation: {pending.name} -> {dest.name}")
         else:
             pending.unlink()
@@ -309,8 +311,9 @@ def publish_director_keys(
 def rotate_director(repo: ImageRepository, *, targets_key: Path | None = None) -> Rotated:
     """Make a new director key, publish [new, old, ...] (overlap), then switch signing to it.
 
-    The running server picks the new ``director.key`` up on its next signature
-    (:class:`server.trust.director.Director` reloads a replaced key file). Devices that see a
+    A server in this process picks the new ``director.key`` up on its next signature, one in
+    another process within a second (:class:`server.trust.director.Director` reloads a replaced
+    key file, checking it at most every ``CHECK_INTERVAL_S``). Devices that see a
     DesiredState signed by the new key refresh the list through TUF and trust it from then on.
     """
     dest = key_file(repo.key_dir, DIRECTOR)
@@ -329,6 +332,7 @@ def rotate_director(repo: ImageRepository, *, targets_key: Path | None = None) -
         pending.unlink(missing_ok=True)
         raise
     os.replace(pending, dest)
+    key_replaced()  # this process's directors switch at once; others within their check interval
     return Rotated(
         role=DIRECTOR,
         old_keyids=[key_id(k) for k in keys],
