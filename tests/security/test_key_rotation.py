@@ -135,7 +135,8 @@ def test_director_rotation_without_reenrolling_and_retired_key_refused(live_serv
         late = Daemon(device_settings(tmp_path / "late")).start()
         assert late.keyring.keyids == [old_id]
         since = _last_event_seq(live, "edge-late")
-        publisher.publish("edge-late", _signed_by(old_key, live, "edge-late", 10**6, "3.0.0"))
+        # retained: the daemon may not have subscribed yet (start() returns before it connects)
+        publisher.publish("edge-late", _signed_by(old_key, live, "edge-late", 10**6, "3.0.0"), retain=True)
         event = _bad_signature(live, "edge-late", since)
         assert "after refreshing the director keys" in event["reason"]
         assert late.keyring.keyids == [done.new_keyid]
