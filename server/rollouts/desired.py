@@ -209,15 +209,21 @@ class DesiredStateService:
         expires = now + timedelta(seconds=self.ctx.settings.desired_ttl_s)
         records: list[dict[str, Any]] = []
         outbox: list[tuple[str, bytes]] = []
+        # the variant depends only on what artifact_fits reads: pick once per kind of hardware
+        picked: dict[tuple[Any, ...], ModelArtifact | None] = {}
         for device in devices:
             if device.status == DeviceStatus.decommissioned:
                 errors[device.id] = f"device {device.id!r} is decommissioned"
                 continue
-            try:
-                artifact = pick_artifact(artifacts, device, None)
-            except (Invalid, NotFound) as exc:
-                errors[device.id] = exc.message
-                continue
+            hw = device.hardware or {}
+            kind = (device.arch, hw.get("ram_mb"), tuple(hw.get("execution_providers") or ()))
+            artifact = picked.get(kind)
+            if artifact is None:
+                try:
+                    artifact = picked[kind] = pick_artifact(artifacts, device, None)
+                except (Invalid, NotFound) as exc:  # (no variant fits: rare, the message names the device)
+                    errors[device.id] = exc.message
+                    continue
             seq = (device.desired_seq or 0) + 1
             desired = DesiredState.build(
                 device_id=device.id, seq=seq, issued_at=now, expires_at=expires, rollout_id=rollout_id,

@@ -102,6 +102,8 @@ def test_desired_state_report_health_presence_round_trip(mqtt_app, mqtt_token, o
             return s.scalar(sa.text("select count(*) from mqtt_outbox where published_at is null")) == 0
 
     wait_for(outbox_drained)
+    with ctx.db.session_scope() as s:  # each row published once, on its first attempt
+        assert s.execute(sa.text("select distinct attempts from mqtt_outbox")).scalars().all() == [1]
 
     # the device reports progress (one duplicate), health and presence
     def report(seq, phase, **kw):
