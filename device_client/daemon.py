@@ -59,11 +59,11 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from tuf.api import exceptions as tuf_exc
 
 from .api import InferenceServer
@@ -641,9 +641,9 @@ class Daemon:
         url = target_url(self.identity.tuf_targets_url, d.target, d.hashes["sha256"])
         seen: dict[str, Any] = {"resumed_from": have}
 
-        def on_response(response: httpx.Response) -> None:
-            seen["http_status"] = response.status_code
-            seen["content_range"] = response.headers.get("content-range")
+        def on_response(status: int, headers: Mapping[str, str]) -> None:
+            seen["http_status"] = status
+            seen["content_range"] = headers.get("content-range")
 
         rate = self.settings.download_rate_limit_bps
         started = time.monotonic()
@@ -663,8 +663,9 @@ class Daemon:
         self._supersede.clear()
         if have:
             log.info("resuming download of %s at byte %d of %d (Range request)", d.target, have, d.length)
-        client = self.http.client()
-        client.event_hooks["response"] = [on_response]
+        read_bytes = self.settings.download_chunk_bytes
+        if rate:  # reads of ~0.1 s of the budget keep the limiter smooth
+            read_bytes = max(min(read_bytes, rate // 10), 1024)
         try:
             download_resumable(
                 url,
@@ -674,10 +675,11 @@ class Daemon:
                 max_bytes=self.settings.max_bundle_bytes,
                 deadline_s=self.settings.download_deadline_s,
                 http=self.http,
-                client=client,
                 attempts=self.settings.download_attempts,
                 final_path=final,
                 on_progress=on_progress,
+                on_response=on_response,
+                read_bytes=read_bytes,
             )
         except _Interrupted:
             log.info("download of %s interrupted at %d bytes", d.target, _size(partial))
@@ -688,8 +690,6 @@ class Daemon:
             if exc.errno in _DISK_FULL:
                 raise _StepFailed(f"disk_full: while downloading: {exc}", seen) from None
             raise _StepFailed(f"download_failed: {exc}", seen) from None
-        finally:
-            client.close()
         log.info("downloaded %s (%s)", d.target, seen)
         self._advance(downloaded(self.state, utcnow(), self.store.relpath(final)), {"download": seen})
 

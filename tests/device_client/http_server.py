@@ -1,10 +1,11 @@
-"""A real local HTTP server for download tests: Range support, mid-body cuts, slow drips."""
+"""A real local HTTP(S) server for download tests: Range support, mid-body cuts, slow drips, chunked."""
 
 from __future__ import annotations
 
 import contextlib
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -30,8 +31,13 @@ class Behaviour:
     fail_next: int = 0
     #: announce this Content-Length instead of the real one
     fake_length: int | None = None
+    #: bytes sent after the body (counted in Content-Length, not in Content-Range)
+    extra: bytes = b""
     #: send no Content-Length: the body ends when the connection closes
     no_length: bool = False
+    #: send the body with ``Transfer-Encoding: chunked`` (chunks of ``chunk`` bytes)
+    chunked: bool = False
+    chunk: int = 64 * 1024
     seen: list[dict[str, str | None]] = field(default_factory=list)
 
 
@@ -68,13 +74,15 @@ def _handler(b: Behaviour) -> type[BaseHTTPRequestHandler]:
             if b.no_length:
                 self.send_header("Connection", "close")
                 self.close_connection = True
+            elif b.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
             else:
-                self.send_header("Content-Length", str(b.fake_length or len(body)))
+                self.send_header("Content-Length", str(b.fake_length or len(body) + len(b.extra)))
             self.send_header("Accept-Ranges", "bytes")
             for k, v in extra.items():
                 self.send_header(k, v)
             self.end_headers()
-            to_send = body
+            to_send = body + b.extra
             cut = b.cut_after is not None and b.cuts > 0
             if cut:
                 b.cuts -= 1
@@ -86,6 +94,13 @@ def _handler(b: Behaviour) -> type[BaseHTTPRequestHandler]:
                         self.wfile.write(to_send[i : i + step])
                         self.wfile.flush()
                         time.sleep(pause)
+                elif b.chunked:
+                    for i in range(0, len(to_send), b.chunk):
+                        piece = to_send[i : i + b.chunk]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    if not cut:
+                        self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
                 else:
                     self.wfile.write(to_send)
                     self.wfile.flush()
@@ -107,15 +122,31 @@ def _handler(b: Behaviour) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _TLSServer(ThreadingHTTPServer):
+    tls: ssl.SSLContext
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = super().get_request()
+        sock.settimeout(10)  # the handshake runs in the handler's thread, on first read
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client refusing the certificate (the point of some tests) is no server error
+
+
 @contextlib.contextmanager
-def serve(behaviour: Behaviour) -> Iterator[str]:
-    """Run a server on 127.0.0.1:<ephemeral>; yield its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(behaviour))
+def serve(behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """Run a server on 127.0.0.1:<ephemeral> (HTTPS with ``tls``); yield its base URL."""
+    if tls is None:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(behaviour))
+    else:
+        server = _TLSServer(("127.0.0.1", 0), _handler(behaviour))
+        server.tls = tls
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

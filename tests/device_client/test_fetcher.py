@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import ssl
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -236,3 +241,244 @@ def test_transient_errors_beyond_the_attempts_and_permanent_errors_fail(tmp_path
     with serve(b) as url, pytest.raises(tuf_exc.DownloadHTTPError, match="HTTP 404"):
         dl(url, tmp_path / "b.partial", attempts=3)
     assert len(b.seen) == 1  # a "no" is not retried
+
+
+# --------------------------------------------------------------------------- the bundle reader
+# The bundle download reads the socket straight into a pool of 1 MiB blocks and hashes and writes
+# them on threads of their own; these cover what that changes: spans crossing blocks, resumes in
+# the middle of a block, bodies without a Content-Length or chunked, small reads, callbacks, TLS,
+# and errors raised on the write thread.
+
+BIG = os.urandom(3 * 1024 * 1024 + 12_345)  # several blocks and a ragged end
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+
+
+def dl_big(url: str, partial: Path, **kw) -> Path:
+    return dl(url, partial, expected_length=len(BIG), expected_sha256=BIG_SHA, **kw)
+
+
+def test_multi_block_download_and_resume_mid_block(tmp_path: Path) -> None:
+    partial = tmp_path / "b.tar.partial"
+    cut = 1024 * 1024 + 777_777  # the second attempt starts inside the second block
+    b = Behaviour(content=BIG, cut_after=cut, cuts=1)
+    with serve(b) as url:
+        with pytest.raises(Interrupted, match="connection broke: closed .* before the announced end"):
+            dl_big(url, partial)
+        kept = partial.stat().st_size
+        assert 0 < kept <= cut
+        assert partial.read_bytes() == BIG[:kept]  # everything received was written, in order
+        final = dl_big(url, partial)
+    assert final.read_bytes() == BIG
+    assert b.seen[1]["range"] == f"bytes={kept}-"
+
+
+@pytest.mark.parametrize("read_bytes", [1024, 5000, 1024 * 1024])
+def test_read_size_bounds_every_read_and_progress_is_monotonic(tmp_path: Path, read_bytes: int) -> None:
+    progress: list[int] = []
+    partial = tmp_path / "b.tar.partial"
+    with serve(Behaviour(content=BIG)) as url:
+        final = dl_big(url, partial, read_bytes=read_bytes, on_progress=lambda n, _: progress.append(n))
+    assert final.read_bytes() == BIG
+    steps = [b - a for a, b in zip([0, *progress], progress, strict=False)]
+    assert all(0 < s <= read_bytes for s in steps)
+    assert progress[-1] == len(BIG)
+
+
+def test_on_response_sees_status_and_headers(tmp_path: Path) -> None:
+    partial = tmp_path / "b.tar.partial"
+    partial.write_bytes(CONTENT[:4096])
+    seen: list[tuple[int, str | None]] = []
+    with serve(Behaviour(content=CONTENT, fail_next=1)) as url:
+        dl(url, partial, attempts=2, on_response=lambda s, h: seen.append((s, h.get("content-range"))))
+    assert seen == [(503, None), (206, f"bytes 4096-{len(CONTENT) - 1}/{len(CONTENT)}")]
+
+
+def test_on_progress_raising_stops_and_keeps_what_arrived(tmp_path: Path) -> None:
+    class Stop(Exception):
+        pass
+
+    def stop_after_a_megabyte(received: int, total: int) -> None:
+        if received >= 1024 * 1024:
+            raise Stop
+
+    partial = tmp_path / "b.tar.partial"
+    with serve(Behaviour(content=BIG)) as url:
+        with pytest.raises(Stop):
+            dl_big(url, partial, read_bytes=64 * 1024, on_progress=stop_after_a_megabyte)
+        kept = partial.stat().st_size
+        assert kept >= 1024 * 1024  # written before the call returned
+        assert partial.read_bytes() == BIG[:kept]
+        assert dl_big(url, partial).read_bytes() == BIG
+
+
+def test_body_without_length_is_read_to_the_end_and_capped(tmp_path: Path) -> None:
+    with serve(Behaviour(content=BIG, no_length=True)) as url:
+        assert dl_big(url, tmp_path / "a.tar.partial").read_bytes() == BIG
+    # one byte more than expected, with nothing announced: stopped at the cap and deleted
+    with serve(Behaviour(content=BIG + b"!", no_length=True)) as url, pytest.raises(TooLarge):
+        dl_big(url, tmp_path / "b.tar.partial")
+    assert not (tmp_path / "b.tar.partial").exists()
+    assert not (tmp_path / "b.tar").exists()
+
+
+def test_bytes_beyond_the_declared_length_are_not_read(tmp_path: Path) -> None:
+    # Content-Length says the expected size; whatever follows it on the connection is not the body
+    with serve(Behaviour(content=CONTENT + b"garbage", fake_length=len(CONTENT))) as url:
+        assert dl(url, tmp_path / "b.tar.partial").read_bytes() == CONTENT
+
+
+def test_partial_response_running_past_the_expected_length_is_capped(tmp_path: Path) -> None:
+    partial = tmp_path / "b.tar.partial"
+    partial.write_bytes(CONTENT[:1000])
+    # a 206 with the right Content-Range whose body (and Content-Length) runs 5 bytes past the end
+    b = Behaviour(content=CONTENT, extra=b"extra")
+    with serve(b) as url, pytest.raises(TooLarge, match="more than the expected"):
+        dl(url, partial)
+    assert b.seen[0]["range"] == "bytes=1000-"
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("chunk", [1000, 200_000])
+def test_chunked_body(tmp_path: Path, chunk: int) -> None:
+    with serve(Behaviour(content=BIG, chunked=True, chunk=chunk)) as url:
+        assert dl_big(url, tmp_path / "b.tar.partial").read_bytes() == BIG
+    with serve(Behaviour(content=CONTENT + b"x", chunked=True, chunk=chunk)) as url, pytest.raises(TooLarge):
+        dl(url, tmp_path / "c.tar.partial")
+
+
+def test_chunked_body_cut_resumes(tmp_path: Path) -> None:
+    b = Behaviour(content=BIG, chunked=True, cut_after=2_000_000, cuts=1)
+    with serve(b) as url:
+        final = dl_big(url, tmp_path / "b.tar.partial", attempts=2)
+    assert final.read_bytes() == BIG
+    assert b.seen[1]["range"] is not None
+
+
+def test_stall_beyond_the_read_timeout_is_an_interruption(tmp_path: Path) -> None:
+    partial = tmp_path / "b.tar.partial"
+    b = Behaviour(content=CONTENT, drip=(50_000, 1.0))  # 50 kB, then a second of silence
+    with serve(b) as url, pytest.raises(Interrupted, match="stalled"):
+        dl(url, partial, http=HttpSettings(read_timeout_s=0.3))
+    assert partial.read_bytes() == CONTENT[: partial.stat().st_size]
+    assert partial.stat().st_size >= 50_000
+
+
+def test_connection_refused_and_bad_urls_are_download_errors(tmp_path: Path) -> None:
+    for url in ("http://127.0.0.1:9", "ftp://127.0.0.1", "http://127.0.0.1:99999"):
+        with pytest.raises(tuf_exc.DownloadError) as info:
+            dl(url, tmp_path / "b.tar.partial", attempts=3)
+        assert not isinstance(info.value, Interrupted)  # not a broken transfer to resume
+    assert not (tmp_path / "b.tar.partial").exists()
+
+
+@contextlib.contextmanager
+def tiny_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``path`` (skips where mounting is not permitted)."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc}): a real ENOSPC needs a small file system")
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("mib", [3, 9])
+def test_disk_full_on_the_write_thread_raises_enospc(tmp_path: Path, mib: int) -> None:
+    # 3 MiB: the failed write thread's error is raised when the body is complete; 9 MiB: the
+    # receiver runs out of blocks first and gets it while waiting for one (it does not hang)
+    content = os.urandom(mib * 1024 * 1024)
+    with tiny_filesystem(tmp_path / "small", "1m") as small, serve(Behaviour(content=content)) as url:
+        partial = small / "b.tar.partial"
+        with pytest.raises(OSError) as info:
+            download_resumable(
+                url + "/bundle.tar",
+                partial,
+                expected_length=len(content),
+                expected_sha256=hashlib.sha256(content).hexdigest(),
+                max_bytes=len(content),
+                deadline_s=30,
+                attempts=3,
+            )
+        assert info.value.errno == errno.ENOSPC
+        assert not isinstance(info.value, tuf_exc.DownloadError)  # the daemon reports disk_full
+        kept = partial.stat().st_size
+        assert 0 < kept < len(content)
+        assert partial.read_bytes() == content[:kept]
+        assert not (small / "b.tar").exists()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A fleet CA, a server certificate for 127.0.0.1 and a device client certificate."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import load_pem_x509_csr
+
+    from server.trust.pki import FleetCA
+    from tests.helpers.pki import key_pem, make_csr
+
+    root = tmp_path_factory.mktemp("pki")
+    ca = FleetCA(root / "ca")
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = ca.issue_server(server_key.public_key(), "test server", ["localhost"], ["127.0.0.1"])
+    csr_pem, device_key = make_csr("dev-1")
+    device_cert = ca.issue_client(load_pem_x509_csr(csr_pem.encode()), "dev-1", days=1)
+    other = FleetCA(root / "other")  # a CA the device does not trust
+    files = {
+        "ca": (root / "ca.pem", ca.cert_pem.encode()),
+        "other_ca": (root / "other.pem", other.cert_pem.encode()),
+        "server_cert": (root / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM)),
+        "server_key": (root / "server.key", key_pem(server_key)),
+        "device_cert": (root / "device.pem", device_cert.public_bytes(serialization.Encoding.PEM)),
+        "device_key": (root / "device.key", key_pem(device_key)),
+    }
+    for path, data in files.values():
+        path.write_bytes(data)
+    return {name: path for name, (path, _) in files.items()}
+
+
+def server_tls(pki: dict[str, Path], *, require_client_cert: bool = False) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["server_cert"], pki["server_key"])
+    if require_client_cert:
+        ctx.load_verify_locations(pki["ca"])
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def test_https_with_the_fleet_ca_and_a_client_certificate(tmp_path: Path, pki: dict[str, Path]) -> None:
+    http = HttpSettings(
+        token="tok", ca_cert=pki["ca"], client_cert=pki["device_cert"], client_key=pki["device_key"]
+    )
+    b = Behaviour(content=BIG, require_token="tok", cut_after=1_500_000, cuts=1)
+    with serve(b, tls=server_tls(pki, require_client_cert=True)) as url:
+        assert url.startswith("https://")
+        final = dl_big(url, tmp_path / "b.tar.partial", http=http, attempts=2)
+    assert final.read_bytes() == BIG
+    assert [s["range"] is not None for s in b.seen] == [False, True]
+
+
+def test_https_refuses_a_server_outside_the_fleet_ca(tmp_path: Path, pki: dict[str, Path]) -> None:
+    b = Behaviour(content=CONTENT)
+    with serve(b, tls=server_tls(pki)) as url:
+        with pytest.raises(tuf_exc.DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+            dl(url, tmp_path / "a.tar.partial", http=HttpSettings(ca_cert=pki["other_ca"]))
+        # without a fleet CA, the public CAs (certifi, as httpx) do not vouch for it either
+        with pytest.raises(tuf_exc.DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+            dl(url, tmp_path / "b.tar.partial")
+    assert b.seen == []
+    assert not (tmp_path / "a.tar").exists()
