@@ -110,6 +110,65 @@ def mosquitto_baseline(broker_dir: Path, port: int, n: int, size: int) -> float:
     return n / elapsed
 
 
+def start_replica(emb, index: int, db_url: str, env_over: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Server replica ``index`` in its own process (its own GIL): same data dir (keys, image
+    repository, broker files), same database and broker, its own HTTP port and MQTT client ids."""
+    import sys
+
+    import httpx
+
+    from server.mqtt.broker import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLEET_DATA_DIR": str(emb.settings.data_dir),
+        "FLEET_DATABASE_URL": db_url,
+        "FLEET_PORT": str(port),
+        "FLEET_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "FLEET_MQTT_URL": f"mqtts://127.0.0.1:{emb.settings.mqtt_port}",
+        "FLEET_MQTT_SHARED_SUBSCRIPTIONS": "true",
+        "FLEET_METADATA_REFRESH_INTERVAL_S": "3600",
+        "FLEET_LOG_LEVEL": "WARNING",
+        **env_over,
+    }
+    log = open(emb.settings.data_dir / f"replica-{index}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from server.runner import run_server; run_server()"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"replica {index} did not start (see {log.name})")
+
+
+def publish_rate(ctx, since) -> float | None:
+    """DesiredStates published per second by all replicas (the outbox rows' published_at)."""
+    import sqlalchemy as sa
+
+    from server.mqtt.tables import OutboxMessage
+
+    with ctx.db.session_scope() as s:
+        first, last, count = s.execute(
+            sa.select(
+                sa.func.min(OutboxMessage.published_at),
+                sa.func.max(OutboxMessage.published_at),
+                sa.func.count(OutboxMessage.published_at),
+            ).where(OutboxMessage.created_at >= since)
+        ).one()
+    if not count or first is None or last is None:
+        return None
+    return count / max((last - first).total_seconds(), 0.1)
+
+
 def plot(timeline: list[tuple[float, dict[str, int]]], path: Path, n: int, acked_s: float | None) -> bool:
     try:
         import matplotlib
@@ -147,8 +206,19 @@ def main() -> None:
     ap.add_argument("--postgres", default=os.environ.get("FLEET_BENCH_POSTGRES_URL", ""))
     ap.add_argument("--health-window", type=float, default=60.0)
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument(
+        "--download-s", type=float, default=5.0,
+        help="simulated bundle download time (0: every device sends all its reports at once)",
+    )  # fmt: skip
+    ap.add_argument("--install-s", type=float, default=0.5, help="simulated install time")
+    ap.add_argument(
+        "--replicas", type=int, default=1,
+        help="server replicas (processes) sharing the device traffic; more than one needs --postgres",
+    )  # fmt: skip
     args = ap.parse_args()
     n = args.devices
+    if args.replicas > 1 and not args.postgres:
+        raise SystemExit("--replicas > 1 needs --postgres (or FLEET_BENCH_POSTGRES_URL): one SQLite file")
 
     from server.client import FleetClient
     from server.onnx_models import make_model
@@ -169,12 +239,25 @@ def main() -> None:
         with admin.connect() as c:
             c.execute(sa.text(f'CREATE DATABASE "{name}"'))
         db_url = sa.engine.make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
-    print(f"fan-out benchmark: {n} devices, {'PostgreSQL' if db_url else 'SQLite'}, workdir {work}")
+    print(
+        f"fan-out benchmark: {n} devices, {'PostgreSQL' if db_url else 'SQLite'}, "
+        f"{args.replicas} server replica(s), workdir {work}"
+    )
     t = time.monotonic()
-    emb = start_embedded(work, n, database_url=db_url, rollout_tick_s=0.25, ingest_batch_delay_s=0.05)
+    tuning = {"rollout_tick_s": 0.25, "ingest_batch_delay_s": 0.05}
+    shared = {"mqtt_shared_subscriptions": True} if args.replicas > 1 else {}
+    emb = start_embedded(work, n, database_url=db_url, **tuning, **shared)
     sim = None
-    result: dict = {"devices": n, "database": "postgresql" if db_url else "sqlite"}
+    replicas: list[subprocess.Popen] = []
+    result: dict = {
+        "devices": n, "database": "postgresql" if db_url else "sqlite", "replicas": args.replicas,
+    }  # fmt: skip
     try:
+        env_tuning = {f"FLEET_{k.upper()}": str(v) for k, v in tuning.items()}
+        for i in range(1, args.replicas):
+            proc, url = start_replica(emb, i, db_url, env_tuning)
+            replicas.append(proc)
+            print(f"  replica {i} up at {url}")
         client = FleetClient(emb.url, emb.admin_token)
         for v, seed in (("1.0.0", 1), ("2.0.0", 2)):
             client.push_model("det", v, make_model(work / f"det-{v}.onnx", seed=seed))
@@ -186,7 +269,7 @@ def main() -> None:
             processes=args.processes,
             serving={"det": "1.0.0"},
             health_window_s=args.health_window,
-            default_profile=Profile(probation_s=0.0),
+            default_profile=Profile(download_s=args.download_s, install_s=args.install_s, probation_s=0.0),
         )
         sim = Simulator(fleet, opts).start()
         connected = sim.wait_connected(600)
@@ -210,8 +293,9 @@ def main() -> None:
         print(f"  server sees {online} devices online")
         time.sleep(2.0)
 
-        metrics = emb.ctx.metrics
-        pub0 = metrics.total("fleet_mqtt_published_total")
+        from server.db import utcnow
+
+        created_since = utcnow()
         t0 = time.monotonic()
         rollout = client.create_rollout(
             {
@@ -226,17 +310,11 @@ def main() -> None:
         )
         t_created = time.monotonic() - t0
         timeline: list[tuple[float, dict[str, int]]] = []
-        pub_first = pub_last = None
         acked_s = succeeded_s = None
         while time.monotonic() - t0 < args.timeout:
             now = time.monotonic() - t0
             counts = phase_counts(emb.ctx, rollout["id"])
             timeline.append((now, counts))
-            published = metrics.total("fleet_mqtt_published_total") - pub0
-            if published > 0 and pub_first is None:
-                pub_first = now
-            if published >= n and pub_last is None:
-                pub_last = now
             acked = sum(v for k, v in counts.items() if k not in ACKED_NOT)
             if acked >= n and acked_s is None:
                 acked_s = now
@@ -248,9 +326,7 @@ def main() -> None:
         state = client.get_rollout(rollout["id"])
         stats = sim.stats()
         print(f"  rollout created (API) in {t_created:.2f} s; status now {state['status']}")
-        pub_rate = None
-        if pub_first is not None and pub_last is not None:
-            pub_rate = n / max(pub_last - pub_first, 0.1)
+        pub_rate = publish_rate(emb.ctx, created_since)
         print(
             f"  desired states received by devices: {stats.get('desired_received', 0)}, "
             f"verified and accepted: {stats.get('desired_accepted', 0)}, "
@@ -293,6 +369,13 @@ def main() -> None:
     finally:
         if sim is not None:
             sim.stop()
+        for proc in replicas:
+            proc.terminate()
+        for proc in replicas:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         emb.stop()
 
 
