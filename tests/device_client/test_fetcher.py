@@ -262,7 +262,7 @@ def test_multi_block_download_and_resume_mid_block(tmp_path: Path) -> None:
     cut = 1024 * 1024 + 777_777  # the second attempt starts inside the second block
     b = Behaviour(content=BIG, cut_after=cut, cuts=1)
     with serve(b) as url:
-        with pytest.raises(Interrupted, match="connection broke: closed .* before the announced end"):
+        with pytest.raises(Interrupted, match=r"connection broke: closed .* before the announced end"):
             dl_big(url, partial)
         kept = partial.stat().st_size
         assert 0 < kept <= cut
