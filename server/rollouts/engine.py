@@ -34,7 +34,7 @@ from server.admin.service import audit
 from server.db import utcnow
 from server.devices.tables import DeviceStatus
 from server.rollouts.desired import DesiredStateService, DeviceTarget
-from server.rollouts.policy import Stage, StageCounts, aggregate, early_trip, evaluate_stage
+from server.rollouts.policy import Gates, Stage, StageCounts, aggregate, early_trip, evaluate_stage
 from server.rollouts.repository import DeploymentRepository, HealthRepository, RolloutRepository
 from server.rollouts.service import BASELINE_WINDOW, RolloutService, gates_of, settle_phase
 from server.rollouts.tables import Rollout, RolloutStatus
@@ -136,6 +136,10 @@ class RolloutEngine:
             dep.reason = f"no progress within {rollout.device_timeout_s}s"
 
         tick = self._counts(repo.tick_counts(rollout.id, idx), mode)  # autoflushes the timeouts
+        gates = gates_of(rollout)
+        service = RolloutService(session, self.ctx)
+        if self._tripped(repo, service, rollout, idx, gates, tick.stage):
+            return  # judged before notifying more: a failing stage stops growing at once
         budget = min(rollout.max_concurrent_downloads - tick.busy, NOTIFY_CHUNK)
         to_notify: list[Any] = []
         if budget > 0 and tick.pending_online:
@@ -147,23 +151,13 @@ class RolloutEngine:
             to_notify.sort(key=lambda d: d.id)
             self._notify(session, rollout, to_notify, mode, now)
             if len(to_notify) >= NOTIFY_CHUNK:
-                self._more = True  # the rest in the next tick, at once: this one commits first
-            tick = self._counts(repo.tick_counts(rollout.id, idx), mode)
+                # the rest in the next tick, at once. Commit now: the devices get these while the
+                # next chunk is signed, and on SQLite the write lock is held no longer than needed
+                # (the stage cannot settle while devices are still pending; the next tick judges it)
+                self._more = True
+                return
+            tick = self._counts(repo.tick_counts(rollout.id, idx), mode)  # (notifying fails nobody)
         counts = tick.stage
-
-        gates = gates_of(rollout)
-        service = RolloutService(session, self.ctx)
-        if early_trip(gates, counts, counts.total):
-            why = sorted(
-                {f"{d}: {p.value}: {r}" for d, p, r in repo.member_rows(rollout.id, idx, sorted(FAILED))}
-            )
-            self._fail(
-                service,
-                rollout,
-                f"stage {idx + 1}: {counts.failed} of {counts.total} devices failed ({'; '.join(why[:3])})",
-                {"stage": idx, "passed": False, "numbers": asdict(counts), "devices": why[:20]},
-            )
-            return
         if not counts.settled:
             return
         if rollout.soak_until is None:
@@ -211,6 +205,28 @@ class RolloutEngine:
         rollout.soak_until = None
         audit(session, ENGINE, "rollout.promote", "rollout", rollout.id, record)
         log.info("rollout %s promoted to stage %d", rollout.id, idx + 2)
+
+    def _tripped(
+        self,
+        repo: RolloutRepository,
+        service: RolloutService,
+        rollout: Rollout,
+        idx: int,
+        gates: Gates,
+        counts: StageCounts,
+    ) -> bool:
+        """Fail the rollout if the stage's failures already exceed what its gates allow."""
+        if not early_trip(gates, counts, counts.total):
+            return False
+        failed = repo.member_rows(rollout.id, idx, sorted(FAILED))
+        why = sorted({f"{d}: {p.value}: {r}" for d, p, r in failed})
+        self._fail(
+            service,
+            rollout,
+            f"stage {idx + 1}: {counts.failed} of {counts.total} devices failed ({'; '.join(why[:3])})",
+            {"stage": idx, "passed": False, "numbers": asdict(counts), "devices": why[:20]},
+        )
+        return True
 
     @staticmethod
     def _counts(groups: list[tuple[bool, P, DeviceStatus, bool, int]], mode: ServeMode) -> TickCounts:
