@@ -127,3 +127,36 @@ def test_a_4500_device_stage_is_signed_in_chunks_of_2000(app_client, admin_heade
         envelope = json.loads(payload)
         assert envelope == records[device_id].envelope
         assert verify_envelope(envelope, [director])["seq"] == before[device_id] + 1
+
+
+def test_a_failing_first_chunk_stops_the_stage_before_the_next_chunk(
+    app_client, admin_headers, ctx, onnx_model
+):
+    """The early-trip gate is judged before each chunk is signed: once the devices of the first
+    chunk fail beyond ``max_failure_ratio``, no further device of the stage is told."""
+    push(app_client, admin_headers, onnx_model, "2.0.0")
+    _fleet(ctx)
+    body = {
+        "model": "det", "version": "2.0.0", "selector": {"tags": {"fleet": "big"}},
+        "stages": [{"percent": 100, "soak_s": 0}], "max_concurrent_downloads": 10_000,
+        "gates": {"max_failure_ratio": 0.05}, "on_failure": "pause",
+    }  # fmt: skip
+    r = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers)
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    engine = RolloutEngine(ctx)
+    engine.tick()
+    assert len(_outbox(ctx)) == NOTIFY_CHUNK
+    assert engine._more  # a next chunk is due at once...
+    with ctx.db.session_scope() as s:  # ...but 10% of the stage fails meanwhile
+        told = sa.select(Deployment.id).where(Deployment.rollout_id == rid, Deployment.phase == "notified")
+        failing = s.scalars(told.limit(450)).all()
+        s.execute(
+            sa.update(Deployment).where(Deployment.id.in_(failing)).values(phase="failed", reason="boom")
+        )
+    engine._more = False
+    engine.tick()
+    assert len(_outbox(ctx)) == NOTIFY_CHUNK  # nobody else was told
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["status"] == "paused", state["reason"]
+    assert "450 of 4500 devices failed" in state["reason"]
