@@ -454,6 +454,8 @@ class Daemon:
             return
         upd = state.update
         if upd is not None and self._same_target(upd.desired, desired):
+            if not self._signer_current(payload, desired):
+                return
             log.info("desired state %d re-issues the update in flight; continuing", desired.seq)
             self._commit(state.model_copy(update={"last_desired_seq": desired.seq}))
             return
@@ -466,6 +468,8 @@ class Daemon:
             == (desired.version, desired.variant, desired.release)
             and desired.model not in state.shadow
         ):
+            if not self._signer_current(payload, desired):
+                return
             self._commit(state.model_copy(update={"last_desired_seq": desired.seq}))
             self._send_report(
                 DeploymentPhase.succeeded,
@@ -500,6 +504,21 @@ class Daemon:
             desired.model, desired.version, desired.variant, desired.hashes["sha256"]
         )
         self._advance(accept(self.state, desired, utcnow(), self.store.relpath(partial)))
+
+    def _signer_current(self, payload: bytes, desired: DesiredState) -> bool:
+        """For the shortcuts that install nothing (the version already served, the update already
+        in flight) and so skip the TUF check whose refresh syncs the director keys: sync them here
+        and re-check the signer. Otherwise a device that slept through a rotation and the
+        retirement of its only key would let that stolen key raise its ``last_desired_seq``, and
+        the genuine director's next DesiredStates would look stale. A repository that cannot be
+        reached keeps the keys the device has (as everywhere else)."""
+        self._refresh_director_keys()
+        try:
+            check_signer(payload, self.director_keys, desired.seq)
+        except Rejected as exc:
+            self._reject(exc, desired if exc.authentic else None)
+            return False
+        return True
 
     @staticmethod
     def _same_target(old: dict[str, Any], new: DesiredState) -> bool:

@@ -151,3 +151,47 @@ def test_director_rotation_without_reenrolling_and_retired_key_refused(live_serv
         daemon.stop()
         if late is not None:
             late.stop()
+
+
+def test_retired_key_cannot_bump_the_seq_of_a_device_that_slept_through_rotation(
+    live_server,  # noqa: F811
+    tmp_path,
+):
+    """The shortcut for a DesiredState of the version a device already serves installs nothing and
+    so skips the TUF check; it must still sync the director keys first. Otherwise a stolen retired
+    key, the only one a device that was offline through rotation and retirement knows, could raise
+    the device's last DesiredState seq, and the genuine director's next states would look stale."""
+    live = live_server
+    enroll_device(live, tmp_path / "dev", "edge-sleepy")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "onnx" / "v1.onnx", scale=1.0))
+    daemon = Daemon(device_settings(tmp_path / "dev")).start()
+    try:
+        seq1 = assign(live, "edge-sleepy", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-sleepy", seq1)["phase"] == "succeeded"
+    finally:
+        daemon.stop()
+    old_key = live.ctx.director.key
+    old_id = key_id(old_key.public_key())
+    done = rotate_director(live.ctx.repo)  # while the device is offline...
+    retire_director_key(live.ctx.repo, old_id)  # ...and the old key is retired
+
+    publisher = ServerPublisher(live)
+    daemon = Daemon(device_settings(tmp_path / "dev")).start()
+    try:
+        assert daemon.keyring.keyids == [old_id]  # it knows only the retired key
+        before = daemon.state.last_desired_seq
+        since = _last_event_seq(live, "edge-sleepy")
+        forged = _signed_by(old_key, live, "edge-sleepy", before + 1000, "1.0.0")  # the version it serves
+        publisher.publish("edge-sleepy", forged, retain=True)
+        event = _bad_signature(live, "edge-sleepy", since)
+        assert "after refreshing the director keys" in event["reason"]
+        assert daemon.keyring.keyids == [done.new_keyid]
+        assert daemon.state.last_desired_seq == before  # not raised by the stolen key
+        # the genuine director's next DesiredState (new key, next seq) is still accepted
+        seq2 = assign(live, "edge-sleepy", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert seq2 < before + 1000
+        out = outcome_for(live, "edge-sleepy", seq2)
+        assert (out["phase"], out["reason"]) == ("succeeded", "already serving this version")
+    finally:
+        publisher.close()
+        daemon.stop()
