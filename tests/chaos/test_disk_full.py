@@ -10,10 +10,7 @@ model must keep serving. Once space is available again, the next update installs
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,32 +29,12 @@ from tests.helpers.device_fleet import (
     serving_version,
     wait_for,
 )
+from tests.helpers.fs import tiny_filesystem
 from tests.helpers.onnx_models import make_model
 
 pytestmark = pytest.mark.mqtt
 
 QUICK = {"seconds": 0.2, "min_requests": 0}
-
-
-@contextlib.contextmanager
-def tiny_filesystem(path: Path, size: str = "2m") -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here ({exc}): a real ENOSPC needs a small file system")
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
 def fill(directory: Path) -> Path:

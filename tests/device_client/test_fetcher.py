@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import ssl
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ from device_client.fetcher import (
     download_resumable,
 )
 from tests.device_client.http_server import Behaviour, serve
+from tests.helpers.fs import tiny_filesystem
 
 CONTENT = os.urandom(300_000)
 SHA = hashlib.sha256(CONTENT).hexdigest()
@@ -369,28 +367,6 @@ def test_connection_refused_and_bad_urls_are_download_errors(tmp_path: Path) -> 
             dl(url, tmp_path / "b.tar.partial", attempts=3)
         assert not isinstance(info.value, Interrupted)  # not a broken transfer to resume
     assert not (tmp_path / "b.tar.partial").exists()
-
-
-@contextlib.contextmanager
-def tiny_filesystem(path: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of ``size`` at ``path`` (skips where mounting is not permitted)."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here ({exc}): a real ENOSPC needs a small file system")
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
 @pytest.mark.parametrize("mib", [3, 9])
