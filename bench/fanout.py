@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -225,6 +226,7 @@ def main() -> None:
         help="simulated bundle download time (0: every device sends all its reports at once)",
     )  # fmt: skip
     ap.add_argument("--install-s", type=float, default=0.5, help="simulated install time")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory and PostgreSQL database")
     ap.add_argument(
         "--replicas", type=int, default=1,
         help="server replicas (processes) sharing the device traffic; more than one needs --postgres",
@@ -391,6 +393,11 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
         emb.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)  # 10,000 identities and a database
+            if db_url:
+                with admin.connect() as c:
+                    c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 if __name__ == "__main__":
