@@ -30,8 +30,10 @@ devices send all five reports within the same seconds (~55,000 inbound messages)
 Measured on the 2-core dev machine, quiet, this session (server, broker and simulator on the same
 two cores; numbers also in bench/results/fanout.json):
 
-* SQLite, one server process: all 10,000 acknowledged in 5.6-7.8 s (target 10 s: met); all
-  succeeded in 12.4-13.8 s. Stress case: 12.4-12.8 s (not met).
+* SQLite, one server process: all 10,000 acknowledged in 5.6-8.5 s over six runs (target 10 s:
+  met; two more runs gave 9.2 and 10.3 s while earlier runs' work directories were piling up in
+  /tmp, which the script now removes); all succeeded in 12.4-16.1 s. Stress case: 12.4-14.2 s
+  (not met).
 * PostgreSQL, one server process: 11.9-14.2 s; two replicas in separate processes (``--replicas
   2``): 13.9 s. On two cores the replicas, PostgreSQL, the broker and the simulator compete for
   the same CPU: replicas are for more cores or more machines, not for this box.
