@@ -213,7 +213,8 @@ class HealthRecorder:
         into a segment labelled ``cut`` (see :meth:`drain_closed`); its shadow comparisons stay in
         the window (they belong to the shadow candidate, which a swap does not change). At most
         :data:`MAX_CLOSED` segments wait to be drained; older ones are dropped (windows are QoS 0)."""
-        with self._lock:
+        served: _Acc | None = None
+        with self._lock:  # O(1) under the lock: requests record under it, and this is a swap
             now = self._clock()
             self._period = _Acc(now)
             if cut is None:
@@ -221,9 +222,12 @@ class HealthRecorder:
             win = self._win
             if win.requests:
                 served = _Acc(win.started, win.latencies, win.requests, win.errors)
-                self._closed.append((cut, served.stats(now)))
-                del self._closed[:-MAX_CLOSED]
             win.started, win.latencies, win.requests, win.errors = now, [], 0, 0
+        if served is not None:
+            stats = served.stats(now)  # sorts the latencies: outside the lock
+            with self._lock:
+                self._closed.append((cut, stats))
+                del self._closed[:-MAX_CLOSED]
 
     def drain_closed(self) -> list[tuple[str, WindowStats]]:
         """The segments cut at swaps since the last call: (version that served, its stats), oldest
