@@ -164,7 +164,7 @@ def main() -> None:
             try:
                 results += run_backend("postgres", url, work, args.devices)
             finally:
-                drop()  # type: ignore[operator]
+                drop()
     for r in results:
         print(f"  {r['backend']} {r['shape']}: API {r['api_ms']:.2f} ms, bare SQL {r['bare_sql_ms']:.2f} ms")
         print(ratio_line(f"{r['backend']} {r['shape']} API / bare SQL", r["ratio"], TARGET))

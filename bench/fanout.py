@@ -63,6 +63,7 @@ import time
 from pathlib import Path
 
 from benchlib import RESULTS, ratio_line, write_result
+from ingest import fresh_postgres
 
 ACKED_NOT = ("pending", "notified")
 PHASES = (
@@ -246,17 +247,7 @@ def main() -> None:
     from server.sim.provision import enroll_fleet
 
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-fanout-"))
-    db_url = ""
-    if args.postgres:
-        import secrets
-
-        import sqlalchemy as sa
-
-        name = f"fleet_bench_{secrets.token_hex(4)}"
-        admin = sa.create_engine(args.postgres, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        db_url = sa.engine.make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
+    db_url, drop_db = fresh_postgres(args.postgres) if args.postgres else ("", None)
     print(
         f"fan-out benchmark: {n} devices, {'PostgreSQL' if db_url else 'SQLite'}, "
         f"{args.replicas} server replica(s), workdir {work}"
@@ -397,9 +388,8 @@ def main() -> None:
         emb.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)  # 10,000 identities and a database
-            if db_url:
-                with admin.connect() as c:
-                    c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            if drop_db is not None:
+                drop_db()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from benchlib import ratio_line, write_result
 TARGET = ">= 0.25"
 
 
-def fresh_postgres(base_url: str) -> tuple[str, object]:
+def fresh_postgres(base_url: str) -> tuple[str, Callable[[], None]]:
     import sqlalchemy as sa
 
     name = f"fleet_bench_{secrets.token_hex(5)}"
@@ -166,7 +167,7 @@ def main() -> None:
             try:
                 results.append(run_backend("postgres", url, work, args.devices, args.messages))
             finally:
-                drop()  # type: ignore[operator]
+                drop()
     print(f"health ingest: {args.messages} windows from {args.devices} devices")
     for r in results:
         print(
