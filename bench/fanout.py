@@ -229,6 +229,10 @@ def main() -> None:
         help="simulated bundle download time (0: every device sends all its reports at once)",
     )  # fmt: skip
     ap.add_argument("--install-s", type=float, default=0.5, help="simulated install time")
+    ap.add_argument(
+        "--ingest-processes", type=int, default=1,
+        help="server ingest worker processes (FLEET_INGEST_PROCESSES; 0: a thread of the server process)",
+    )  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work directory and PostgreSQL database")
     ap.add_argument(
         "--replicas", type=int, default=1,
@@ -253,7 +257,7 @@ def main() -> None:
         f"{args.replicas} server replica(s), workdir {work}"
     )
     t = time.monotonic()
-    tuning = {"rollout_tick_s": 0.25, "ingest_batch_delay_s": 0.05}
+    tuning = {"rollout_tick_s": 0.25, "ingest_batch_delay_s": 0.05, "ingest_processes": args.ingest_processes}
     shared = {"mqtt_shared_subscriptions": True} if args.replicas > 1 else {}
     emb = start_embedded(work, n, database_url=db_url, **tuning, **shared)
     sim = None

@@ -4,16 +4,86 @@ Each helper is ONE prepared statement executed for many rows inside the caller's
 on PostgreSQL SQLAlchemy turns an INSERT executemany into multi-row ``INSERT ... VALUES ... ON
 CONFLICT`` ("insertmanyvalues") and psycopg 3 pipelines UPDATE executemany; on SQLite (WAL) it is
 ``executemany`` in one transaction. Callers pass plain dicts: no ORM objects, no unit of work.
+
+On SQLite, :func:`execute_many` hands the rows to the driver itself: it compiles the statement once,
+applies each column type's bind processor (the same ones SQLAlchemy would) and Python-side column
+defaults, and runs ``cursor.executemany`` through ``exec_driver_sql``. SQLAlchemy's own executemany
+spends ~25 us a row building each row's parameters (``construct_params``), several times what
+SQLite spends writing it; at 10,000 devices a rollout and its reports are hundreds of thousands of
+rows, all on the server's one GIL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+
+def execute_many(session: Session, stmt: sa.Executable, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``session.execute(stmt, rows)``, faster on SQLite (see the module docstring).
+
+    Every row has the same keys. A statement the fast path does not cover (a SQL-expression or
+    sequence default, a dialect with another parameter style) runs through SQLAlchemy unchanged.
+    """
+    if not rows:
+        return
+    conn = session.connection()
+    dialect = conn.dialect
+    plan = _driver_plan(stmt, dialect, list(rows[0])) if dialect.paramstyle == "qmark" else None
+    if plan is None:
+        session.execute(stmt, list(rows))
+        return
+    sql, columns = plan
+    params = [
+        tuple(
+            (conv(row[name]) if conv is not None else row[name]) if fixed is _FROM_ROW else fixed
+            for name, conv, fixed in columns
+        )
+        for row in rows
+    ]
+    conn.exec_driver_sql(sql, params)  # type: ignore[arg-type]
+
+
+_FROM_ROW = object()
+
+
+def _driver_plan(
+    stmt: sa.Executable, dialect: sa.Dialect, keys: list[str]
+) -> tuple[str, list[tuple[str, Callable[[Any], Any] | None, Any]]] | None:
+    """(SQL, [(bind name, bind processor, fixed value or _FROM_ROW)] in parameter order), or None."""
+    compiled = stmt.compile(dialect=dialect, column_keys=keys)  # type: ignore[attr-defined]
+    fixed: dict[str, Any] = {}
+    for cols, attr in ((compiled.insert_prefetch, "default"), (compiled.update_prefetch, "onupdate")):
+        for col in cols:
+            default = getattr(col, attr)
+            if default is None:
+                fixed[col.key] = None
+            elif default.is_scalar:
+                fixed[col.key] = default.arg
+            elif default.is_callable:
+                fixed[col.key] = default.arg(None)  # utcnow, dict: one value for the whole batch
+            else:
+                return None
+    if compiled.postfetch or compiled.positiontup is None:
+        return None
+    columns: list[tuple[str, Callable[[Any], Any] | None, Any]] = []
+    for name in compiled.positiontup:
+        bind = compiled.binds[name]
+        conv = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if name in keys:
+            columns.append((name, conv, _FROM_ROW))
+        elif name in fixed:
+            columns.append((name, None, conv(fixed[name]) if conv is not None else fixed[name]))
+        elif bind.value is not None or not bind.required:
+            value = bind.effective_value
+            columns.append((name, None, conv(value) if conv is not None else value))
+        else:
+            return None
+    return compiled.string, columns
 
 
 def insert_ignore(
@@ -25,7 +95,7 @@ def insert_ignore(
     dialect = session.get_bind().dialect.name
     ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     # executemany: SQLAlchemy batches it into multi-row VALUES ("insertmanyvalues") on PostgreSQL
-    session.execute(ins.on_conflict_do_nothing(index_elements=keys), list(rows))
+    execute_many(session, ins.on_conflict_do_nothing(index_elements=keys), rows)
 
 
 def bulk_update(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]], key: str = "id") -> int:
@@ -45,5 +115,5 @@ def bulk_update(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]
         .where(table.c[key] == sa.bindparam("k__"))
         .values({c: sa.bindparam(f"v__{c}", type_=table.c[c].type) for c in columns})
     )
-    session.execute(stmt, [{"k__": r[key], **{f"v__{c}": r[c] for c in columns}} for r in rows])
+    execute_many(session, stmt, [{"k__": r[key], **{f"v__{c}": r[c] for c in columns}} for r in rows])
     return len(rows)

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     #: batch size and maximum delay of the ingest writer
     ingest_batch_max: int = Field(default=2000, ge=1)
     ingest_batch_delay_s: float = Field(default=0.2, gt=0)
+    #: consume device traffic in this many worker processes of their own (0: a thread of the
+    #: server process); see server/mqtt/workers.py. More than one needs shared subscriptions.
+    ingest_processes: int = Field(default=0, ge=0, le=64)
 
     #: run the rollout engine in this process, ticking every ``rollout_tick_s``
     rollout_engine: bool = True

@@ -53,5 +53,17 @@ class ServerContext:
             repo=repo,
         )
 
+    @classmethod
+    def attach(cls, settings: Settings) -> ServerContext:
+        """The context of a worker process beside a running server (:mod:`server.mqtt.workers`):
+        the same database and keys, nothing created, migrated or re-signed (the server did that)."""
+        return cls(
+            settings=settings,
+            db=Database(settings.database_url),
+            ca=FleetCA(settings.key_dir),
+            director=Director(settings.key_dir),
+            repo=ImageRepository(settings.repo_dir, settings.key_dir),
+        )
+
     def close(self) -> None:
         self.db.dispose()

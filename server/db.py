@@ -8,11 +8,13 @@ session dependency built on it) commits.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
@@ -85,13 +87,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def json_dumps(value: Any) -> str:
+    """JSON columns' encoder: orjson (a rollout writes tens of thousands of JSON values a second;
+    the stdlib encoder was the largest cost of signing DesiredStates in bulk), falling back to the
+    stdlib for what orjson refuses (integers past 64 bits), so anything json.dumps accepted still
+    works."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value)
+
+
 def create_db_engine(url: str) -> Engine:
     """An engine for ``url`` with the settings each backend needs."""
+    codec: dict[str, Any] = {"json_serializer": json_dumps, "json_deserializer": orjson.loads}
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **codec)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **codec)
 
 
 _AFTER_COMMIT = "fleet_after_commit"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -17,6 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import InvalidPayload, SignatureError
+
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -49,13 +52,24 @@ def public_key_from_pem(pem: str | bytes) -> Ed25519PublicKey:
 
 def sign_envelope(signed: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
     """Wrap ``signed`` (a JSON-ready dict) in an envelope signed by ``private_key``."""
-    sig = private_key.sign(canonical_json(signed))
-    return {
-        "signed": signed,
-        "signatures": [
-            {"keyid": key_id(private_key.public_key()), "sig": base64.b64encode(sig).decode("ascii")}
-        ],
-    }
+    return sign_envelope_json(signed, private_key, key_id(private_key.public_key()))[0]
+
+
+def sign_envelope_json(
+    signed: dict[str, Any], private_key: Ed25519PrivateKey, keyid: str
+) -> tuple[dict[str, Any], bytes]:
+    """The envelope of ``signed`` and its JSON bytes, serialised once.
+
+    ``keyid`` must be :func:`key_id` of ``private_key`` (a caller signing thousands of states keeps
+    it instead of hashing the public key per signature). The bytes reuse the canonical JSON the
+    signature covers, so the bulk signer encodes each DesiredState once, not twice.
+    """
+    message = canonical_json(signed)
+    sig = base64.b64encode(private_key.sign(message))
+    if not _HEX.fullmatch(keyid):
+        raise ValueError(f"key id {keyid!r} is not hex")
+    data = b'{"signed":%s,"signatures":[{"keyid":"%s","sig":"%s"}]}' % (message, keyid.encode(), sig)
+    return {"signed": signed, "signatures": [{"keyid": keyid, "sig": sig.decode("ascii")}]}, data
 
 
 def verify_envelope(envelope: Any, trusted_keys: list[Ed25519PublicKey]) -> dict[str, Any]:

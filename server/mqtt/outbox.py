@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from server.bulk import execute_many
 from server.db import OUTBOX_DIRTY, Database, utcnow
 from server.metrics import Metrics
 from server.mqtt.tables import OutboxMessage
@@ -32,25 +33,33 @@ def enqueue(
     session: Session, topic: str, payload: dict[str, Any] | bytes, *, qos: int = 1, retain: bool = False
 ) -> None:
     """Queue an MQTT message in the caller's transaction."""
-    data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+    data = payload if isinstance(payload, bytes) else _json_bytes(payload)
     session.add(OutboxMessage(topic=topic, payload=data, qos=qos, retain=retain))
     session.info[OUTBOX_DIRTY] = True
 
 
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 def enqueue_many(
-    session: Session, messages: Sequence[tuple[str, dict[str, Any]]], *, qos: int = 1, retain: bool = True
+    session: Session,
+    messages: Sequence[tuple[str, dict[str, Any] | bytes]],
+    *,
+    qos: int = 1,
+    retain: bool = True,
 ) -> None:
-    """Queue many messages (topic, JSON payload) with one multi-row INSERT in the caller's
-    transaction (the rollout engine notifies thousands of devices at once)."""
+    """Queue many messages (topic, JSON payload or its bytes) with one multi-row INSERT in the
+    caller's transaction (the rollout engine notifies thousands of devices at once)."""
     if not messages:
         return
     now = utcnow()
     rows = [
-        {"topic": topic, "payload": json.dumps(payload, separators=(",", ":")).encode(), "qos": qos,
-         "retain": retain, "created_at": now, "attempts": 0}
+        {"topic": topic, "qos": qos, "retain": retain, "created_at": now, "attempts": 0,
+         "payload": payload if isinstance(payload, bytes) else _json_bytes(payload)}
         for topic, payload in messages
     ]  # fmt: skip
-    session.execute(sa.insert(OutboxMessage.__table__), rows)  # type: ignore[arg-type]
+    execute_many(session, sa.insert(OutboxMessage.__table__), rows)
     session.info[OUTBOX_DIRTY] = True
 
 

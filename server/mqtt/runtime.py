@@ -1,5 +1,6 @@
-"""The MQTT side of a running server: the consuming link and the ingest worker, the publish-only
-link and the outbox publisher, started together (two connections: see :mod:`server.mqtt.bridge`)."""
+"""The MQTT side of a running server: the consuming link and the ingest worker (on a thread here,
+or in worker processes: :mod:`server.mqtt.workers`), the publish-only link and the outbox
+publisher, started together (two connections: see :mod:`server.mqtt.bridge`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 from server.mqtt.bridge import MqttLink, server_client_id
 from server.mqtt.handlers import IngestWorker
 from server.mqtt.outbox import OutboxPublisher
+from server.mqtt.workers import IngestProcesses
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -16,29 +18,53 @@ if TYPE_CHECKING:
 
 @dataclass
 class MqttRuntime:
-    link: MqttLink
+    #: the consuming link and its ingest worker, or None with ``ingest_processes`` > 0
+    link: MqttLink | None
+    ingest: IngestWorker | None
+    #: the ingest worker processes, or None when ingest runs on a thread of this process
+    workers: IngestProcesses | None
     publisher: MqttLink
-    ingest: IngestWorker
     outbox: OutboxPublisher
 
     @classmethod
     def start(cls, ctx: ServerContext) -> MqttRuntime:
-        ingest = IngestWorker(ctx, ctx.metrics)
-        link = MqttLink(ctx.settings, ingest.submit, shared=ctx.settings.shared_subscriptions)
         publisher = MqttLink(ctx.settings, None, client_id=f"{server_client_id(ctx.settings)}-pub")
         outbox = OutboxPublisher(ctx.db, publisher, ctx.metrics)
-        ingest.start()
+        link = ingest = workers = None
+        if ctx.settings.ingest_processes:
+            workers = IngestProcesses(ctx, ctx.settings.ingest_processes)
+        else:
+            ingest = IngestWorker(ctx, ctx.metrics)
+            link = MqttLink(ctx.settings, ingest.submit, shared=ctx.settings.shared_subscriptions)
+            ingest.start()
         outbox.start()
         publisher.start()
-        link.start()
-        return cls(link=link, publisher=publisher, ingest=ingest, outbox=outbox)
+        if link is not None:
+            link.start()
+        if workers is not None:
+            workers.start()
+        return cls(link=link, ingest=ingest, workers=workers, publisher=publisher, outbox=outbox)
+
+    @property
+    def connected(self) -> bool:
+        if self.link is not None:
+            return self.link.connected and self.publisher.connected
+        return self.workers is not None and self.workers.connected and self.publisher.connected
 
     def wait_connected(self, timeout: float) -> bool:
-        """Both connections up and the consuming one subscribed."""
-        return self.link.wait_connected(timeout) and self.publisher.wait_connected(timeout)
+        """Both connections up and the consuming one(s) subscribed."""
+        if self.workers is not None and not self.workers.wait_connected(timeout):
+            return False
+        if self.link is not None and not self.link.wait_connected(timeout):
+            return False
+        return self.publisher.wait_connected(timeout)
 
     def stop(self) -> None:
-        self.link.stop()
+        if self.link is not None:
+            self.link.stop()
+        if self.workers is not None:
+            self.workers.stop()
         self.outbox.stop()
         self.publisher.stop()
-        self.ingest.stop()
+        if self.ingest is not None:
+            self.ingest.stop()

@@ -86,7 +86,7 @@ class DesiredStateService:
         self._prefetched: dict[str, DesiredRecord | None] = {}
         #: bulk mode (after :meth:`prefetch`): new records and outbox rows, written by :meth:`flush_bulk`
         self._new: dict[str, dict[str, Any]] = {}
-        self._outbox: list[tuple[str, dict[str, Any]]] = []
+        self._outbox: list[tuple[str, dict[str, Any] | bytes]] = []
 
     def prefetch(self, device_ids: list[str]) -> None:
         """Bulk mode for signing many DesiredStates in one transaction (the engine notifies
@@ -153,7 +153,7 @@ class DesiredStateService:
             expires_at=now + timedelta(seconds=self.ctx.settings.desired_ttl_s),
             **fields,
         )
-        envelope = self.ctx.director.sign(desired)
+        envelope, data = self.ctx.director.sign_json(desired)
         values: dict[str, Any] = {
             "device_id": device.id,
             "seq": desired.seq,
@@ -178,10 +178,10 @@ class DesiredStateService:
             else:
                 for key, value in values.items():
                     setattr(record, key, value)
-            self._outbox.append((topic, envelope))
+            self._outbox.append((topic, data))
             return record
         record = self.records.upsert(DesiredRecord(**values))
-        enqueue(self.session, device_topic(device.id, TopicKind.desired), envelope, qos=1, retain=True)
+        enqueue(self.session, topic, data, qos=1, retain=True)
         return record
 
     def assign_many(
@@ -208,7 +208,7 @@ class DesiredStateService:
         now = utcnow()
         expires = now + timedelta(seconds=self.ctx.settings.desired_ttl_s)
         records: list[dict[str, Any]] = []
-        outbox: list[tuple[str, bytes]] = []
+        outbox: list[tuple[str, dict[str, Any] | bytes]] = []
         # the variant depends only on what artifact_fits reads: pick once per kind of hardware
         picked: dict[tuple[Any, ...], ModelArtifact | None] = {}
         for device in devices:
@@ -231,14 +231,14 @@ class DesiredStateService:
                 length=artifact.length, hashes={"sha256": artifact.sha256}, variant=artifact.variant,
                 mode=mode, probation=probation,
             )  # fmt: skip
-            envelope = self.ctx.director.sign(desired)
+            envelope, data = self.ctx.director.sign_json(desired)
             records.append({
                 "device_id": device.id, "seq": seq, "rollout_id": rollout_id, "model": model,
                 "version": version, "release": mv.release, "variant": artifact.variant, "mode": mode.value,
                 "probation": probation.model_dump(mode="json"), "issued_at": now, "expires_at": expires,
                 "envelope": envelope,
             })  # fmt: skip
-            outbox.append((device_topic(device.id, TopicKind.desired), envelope))
+            outbox.append((device_topic(device.id, TopicKind.desired), data))
             seqs[device.id] = seq
         self.records.upsert_many(records)
         self.records.set_device_seqs(seqs)
@@ -258,7 +258,7 @@ class DesiredStateService:
         now = utcnow()
         expires = now + timedelta(seconds=self.ctx.settings.desired_ttl_s)
         records: list[dict[str, Any]] = []
-        outbox: list[tuple[str, dict[str, Any]]] = []
+        outbox: list[tuple[str, dict[str, Any] | bytes]] = []
         seqs: dict[str, int] = {}
         for device_id, envelope, desired_seq in expiring:
             fields = {
@@ -270,7 +270,7 @@ class DesiredStateService:
             desired = DesiredState.build(
                 device_id=device_id, seq=seq, issued_at=now, expires_at=expires, **fields
             )
-            signed = self.ctx.director.sign(desired)
+            signed, data = self.ctx.director.sign_json(desired)
             records.append({
                 "device_id": device_id, "seq": seq, "rollout_id": desired.rollout_id,
                 "model": desired.model, "version": desired.version, "release": desired.release,
@@ -278,7 +278,7 @@ class DesiredStateService:
                 "probation": desired.probation.model_dump(mode="json"), "issued_at": now,
                 "expires_at": expires, "envelope": signed,
             })  # fmt: skip
-            outbox.append((device_topic(device_id, TopicKind.desired), signed))
+            outbox.append((device_topic(device_id, TopicKind.desired), data))
             seqs[device_id] = seq
         self.records.upsert_many(records)
         self.records.set_device_seqs(seqs)

@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from device_client.protocol.messages import DeploymentPhase
-from server.bulk import bulk_update
+from server.bulk import bulk_update, execute_many
 from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion, VersionStatus
 from server.devices.tables import Device, DeviceStatus, DeviceTag
 from server.health.tables import HealthRollup, HealthSample
@@ -46,7 +46,7 @@ class DesiredRepository:
             index_elements=["device_id"],
             set_={c: getattr(ins.excluded, c) for c in columns},  # type: ignore[attr-defined]
         )
-        self.session.execute(stmt, rows)
+        execute_many(self.session, stmt, rows)
 
     def set_device_seqs(self, seqs: dict[str, int]) -> None:
         """``devices.desired_seq`` of many devices (the seq of the state just signed for each)."""
@@ -163,8 +163,7 @@ class DeploymentRepository:
 
     def insert_many(self, rows: list[dict[str, Any]]) -> None:
         """One multi-row INSERT of new deployments (a rollout creates one per selected device)."""
-        if rows:
-            self.session.execute(sa.insert(Deployment.__table__), rows)  # type: ignore[arg-type]
+        execute_many(self.session, sa.insert(Deployment.__table__), rows)
 
     def for_desired(self, pairs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Deployment]:
         """Deployments keyed by (device_id, desired_seq)."""

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_client.protocol.messages import DesiredState
-from device_client.protocol.signing import key_id, public_key_to_pem, sign_envelope
+from device_client.protocol.signing import key_id, public_key_to_pem, sign_envelope_json
 from server.trust.keys import load_or_create_ed25519
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ class Director:
         self._clock = clock
         self._lock = threading.Lock()
         self._generation = _generation
-        self._key = load_or_create_ed25519(self.path)
+        key = load_or_create_ed25519(self.path)
+        #: (key, key id), replaced as one reference so a signer never pairs a key with another's id
+        self._signing = (key, key_id(key.public_key()))
         self._stamp = self._file_stamp()
         self._next_check = clock() + check_interval_s
 
@@ -71,8 +73,12 @@ class Director:
     def key(self) -> Ed25519PrivateKey:
         """The current director key, reloaded if ``director.key`` was replaced: checked when this
         process replaced a key file since the last check, else at most every ``check_interval_s``."""
+        return self._current()[0]
+
+    def _current(self) -> tuple[Ed25519PrivateKey, str]:
+        """(key, key id), reloaded as :attr:`key` says; the two always belong together."""
         if _generation == self._generation and self._clock() < self._next_check:
-            return self._key
+            return self._signing
         with self._lock:
             self._generation = _generation  # read before the stat: a later bump checks again
             self._next_check = self._clock() + self.check_interval_s
@@ -83,12 +89,12 @@ class Director:
                 except (OSError, ValueError) as exc:
                     log.error("cannot reload %s, still signing with key %s: %s", self.path, self._kid(), exc)
                 else:
-                    self._key, self._stamp = key, stamp
+                    self._signing, self._stamp = (key, key_id(key.public_key())), stamp
                     log.warning("director key replaced on disk: now signing with %s", self._kid())
-            return self._key
+            return self._signing
 
     def _kid(self) -> str:
-        return key_id(self._key.public_key())[:16]
+        return self._signing[1][:16]
 
     @property
     def public_key_pem(self) -> str:
@@ -96,8 +102,13 @@ class Director:
 
     @property
     def key_id(self) -> str:
-        return key_id(self.key.public_key())
+        return self._current()[1]
 
     def sign(self, desired: DesiredState) -> dict[str, Any]:
         """The signed envelope of ``desired``, ready to publish as JSON."""
-        return sign_envelope(desired.to_dict(), self.key)
+        return self.sign_json(desired)[0]
+
+    def sign_json(self, desired: DesiredState) -> tuple[dict[str, Any], bytes]:
+        """The signed envelope of ``desired`` and the JSON bytes to publish (serialised once)."""
+        key, keyid = self._current()
+        return sign_envelope_json(desired.to_dict(), key, keyid)

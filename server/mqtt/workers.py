@@ -1,0 +1,245 @@
+"""MQTT ingest in worker processes of its own (``Settings.ingest_processes``, ``FLEET_INGEST_PROCESSES``).
+
+With ``ingest_processes = 0`` (the default) the server consumes device traffic on a thread of its
+own process: the paho network thread and the batched ingest writer share one GIL with the rollout
+engine, the outbox publisher and the API. At thousands of devices that GIL is the server's
+ceiling: a 10,000-device fan-out keeps it busy ~80% of the time, and the engine signing the next
+chunk, the outbox publishing the last one and the ingest writing the reports they cause wait on
+one another (``bench/fanout.py``). With ``ingest_processes = N`` each of N child processes runs
+its own consuming MQTT link and :class:`~server.mqtt.handlers.IngestWorker` (parsing, dedup,
+batched writes, re-signing returning devices' expiring states) against the same database, and
+the server process keeps the engine, the outbox and the API.
+
+The children are supervised here:
+
+* each child's MQTT client id is stable across restarts (one child: the id the in-process link
+  uses, so switching modes keeps the broker's persistent session and its queued reports; several:
+  that id with ``-ingest-N``), so QoS 1 reports published while a child restarts wait in the
+  broker for it;
+* more than one child needs shared subscriptions (``$share/fleet-server/...``): with plain ones
+  every child would get every message;
+* a child that dies is restarted (after a short back-off); a child whose parent dies exits
+  (its end of the pipe closes);
+* a child's counters (messages received, rejected, duplicates) come back over the pipe every
+  ``REPORT_S`` and are merged into the server's ``/metrics``; a restarted child's counts are added
+  to those of its predecessor, so counters never go down;
+* re-signed DesiredStates written by a child are published by the server's outbox: the child
+  kicks it over the pipe (and the outbox sweeps pending rows every second anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any
+
+from server.config import Settings
+from server.metrics import Snapshot
+
+if TYPE_CHECKING:
+    from server.context import ServerContext
+
+log = logging.getLogger(__name__)
+
+#: how often (seconds) a child sends its counters and connection state
+REPORT_S = 0.5
+#: back-off before restarting a child that died
+RESTART_DELAY_S = 1.0
+
+
+def worker_client_id(settings: Settings, index: int, count: int) -> str:
+    from server.mqtt.bridge import server_client_id
+
+    base = server_client_id(settings)
+    return base if count == 1 else f"{base}-ingest-{index}"
+
+
+class IngestProcesses:
+    """N supervised ingest child processes (see the module docstring)."""
+
+    def __init__(self, ctx: ServerContext, count: int) -> None:
+        if count > 1 and not ctx.settings.shared_subscriptions:
+            raise ValueError(
+                "ingest_processes > 1 needs shared subscriptions (FLEET_MQTT_SHARED_SUBSCRIPTIONS=true): "
+                "with plain ones every ingest process would get every message"
+            )
+        self.ctx = ctx
+        self.count = count
+        self._mp = multiprocessing.get_context("spawn")  # no fork of a threaded server
+        self._procs: list[BaseProcess | None] = [None] * count
+        self._conns: list[Connection | None] = [None] * count
+        self._ready = [False] * count
+        self._ready_changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> IngestProcesses:
+        for i in range(self.count):
+            self._spawn(i)
+        self._thread = threading.Thread(target=self._supervise, name="ingest-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for conn in self._conns:
+            if conn is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    conn.send(("stop",))
+        deadline = time.monotonic() + timeout
+        for i, proc in enumerate(self._procs):
+            if proc is None:
+                continue
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("ingest process %d did not stop; terminating it", i)
+                proc.terminate()
+                proc.join(5)
+            self._drain(i)  # its last counters
+            self._retire(i)
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once every child's link is connected and subscribed."""
+        deadline = time.monotonic() + timeout
+        with self._ready_changed:
+            while not all(self._ready):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._ready_changed.wait(left)
+        return True
+
+    @property
+    def connected(self) -> bool:
+        return all(self._ready)
+
+    def pids(self) -> list[int | None]:
+        return [p.pid if p is not None else None for p in self._procs]
+
+    # -- supervision ---------------------------------------------------------------------------
+    def _spawn(self, i: int) -> None:
+        parent, child = self._mp.Pipe()
+        proc = self._mp.Process(
+            target=child_main,
+            args=(self.ctx.settings.model_dump(), i, self.count, child),
+            name=f"fleet-ingest-{i}",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        self._procs[i], self._conns[i] = proc, parent
+        log.info("ingest process %d started (pid %s)", i, proc.pid)
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            conns = [c for c in self._conns if c is not None]
+            for conn in wait(conns, timeout=REPORT_S) if conns else ():
+                self._drain(self._conns.index(conn))  # type: ignore[arg-type]
+            for i, proc in enumerate(self._procs):
+                if proc is not None and not proc.is_alive() and not self._stop.is_set():
+                    log.error("ingest process %d exited (code %s); restarting it", i, proc.exitcode)
+                    self._drain(i)
+                    self._retire(i)
+                    self.restarts += 1
+                    self.ctx.metrics.inc(
+                        "fleet_ingest_process_restarts_total", help="ingest worker processes restarted"
+                    )
+                    self._stop.wait(RESTART_DELAY_S)
+                    if not self._stop.is_set():
+                        self._spawn(i)
+
+    def _drain(self, i: int) -> None:
+        conn = self._conns[i]
+        if conn is None:
+            return
+        try:
+            while conn.poll():
+                self._handle(i, conn.recv())
+        except (EOFError, OSError):
+            pass
+
+    def _handle(self, i: int, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "metrics":
+            self.ctx.metrics.merge_source(f"ingest-{i}", msg[1])
+        elif kind == "ready":
+            with self._ready_changed:
+                self._ready[i] = bool(msg[1])
+                self._ready_changed.notify_all()
+        elif kind == "kick" and self.ctx.db.outbox_listener is not None:
+            self.ctx.db.outbox_listener()
+
+    def _retire(self, i: int) -> None:
+        """Child ``i`` is gone: keep its counts (a successor starts from zero), forget its state."""
+        self.ctx.metrics.retire_source(f"ingest-{i}")
+        with self._ready_changed:
+            self._ready[i] = False
+            self._ready_changed.notify_all()
+        conn, self._conns[i], self._procs[i] = self._conns[i], None, None
+        if conn is not None:
+            conn.close()
+
+
+def child_main(values: dict[str, Any], index: int, count: int, conn: Connection) -> None:
+    """Entry point of one ingest process: a consuming link and an ingest worker until told to
+    stop or until the server process goes away."""
+    from server.context import ServerContext
+    from server.mqtt.bridge import MqttLink
+    from server.mqtt.handlers import IngestWorker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    settings = Settings(**values)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s ingest-{index} %(levelname)s %(name)s: %(message)s",
+    )
+    ctx = ServerContext.attach(settings)
+    kick = threading.Event()
+    ctx.db.outbox_listener = kick.set
+    ingest = IngestWorker(ctx, ctx.metrics)
+    link = MqttLink(
+        settings,
+        ingest.submit,
+        client_id=worker_client_id(settings, index, count),
+        shared=settings.shared_subscriptions,
+    )
+    ingest.start()
+    link.start()
+    ready: bool | None = None
+    last: Snapshot | None = None
+    try:
+        while True:
+            if conn.poll(REPORT_S):
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    break
+            now_ready = link.connected and link.subscribed.is_set()
+            if now_ready != ready:
+                ready = now_ready
+                conn.send(("ready", ready))
+            snap = ctx.metrics.snapshot()
+            if snap != last:
+                last = snap
+                conn.send(("metrics", snap))
+            if kick.is_set():
+                kick.clear()
+                conn.send(("kick",))
+    except (EOFError, OSError):  # the server process is gone
+        pass
+    finally:
+        link.stop()
+        ingest.wait_idle(10)  # what the link delivered is written before we go
+        ingest.stop()
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("metrics", ctx.metrics.snapshot()))
+        ctx.close()
