@@ -85,7 +85,9 @@ class Payload(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
+        """Compact JSON, serialised by pydantic-core in one step (a device's reports and health
+        windows, a simulator's tens of thousands); :meth:`to_dict` gives the same values."""
+        return self.model_dump_json(by_alias=True).encode("utf-8")
 
     @classmethod
     def build(cls, **fields: Any) -> Self:

@@ -24,7 +24,14 @@ The children are supervised here:
   ``REPORT_S`` and are merged into the server's ``/metrics``; a restarted child's counts are added
   to those of its predecessor, so counters never go down;
 * re-signed DesiredStates written by a child are published by the server's outbox: the child
-  kicks it over the pipe (and the outbox sweeps pending rows every second anyway).
+  kicks it over the pipe after the commit (and the outbox sweeps pending rows every second).
+
+What it does not change: the link acknowledges a QoS 1 message (PUBACK) once it is queued for
+the batched write, as the in-process link does, so messages received but not yet written when a
+process is killed are lost: a lost health window leaves a gap, a lost report leaves its
+deployment where it was until the device's next report or the rollout's ``device_timeout_s``.
+Acknowledging only after the commit (paho's ``manual_ack``) needs the broker to allow thousands
+of messages in flight to the server, not the ~100 a device gets; that is left to do.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class IngestProcesses:
         self._procs: list[BaseProcess | None] = [None] * count
         self._conns: list[Connection | None] = [None] * count
         self._ready = [False] * count
+        #: children whose pipe reached end-of-file (exited, not yet reaped)
+        self._eof: set[int] = set()
         self._ready_changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,14 +146,22 @@ class IngestProcesses:
         )
         proc.start()
         child.close()
+        self._eof.discard(i)
         self._procs[i], self._conns[i] = proc, parent
         log.info("ingest process %d started (pid %s)", i, proc.pid)
 
     def _supervise(self) -> None:
+        respawn_at: dict[int, float] = {}
         while not self._stop.is_set():
-            conns = [c for c in self._conns if c is not None]
-            for conn in wait(conns, timeout=REPORT_S) if conns else ():
-                self._drain(self._conns.index(conn))  # type: ignore[arg-type]
+            live = [c for i, c in enumerate(self._conns) if c is not None and i not in self._eof]
+            timeout = REPORT_S
+            if respawn_at:
+                timeout = max(0.0, min(timeout, min(respawn_at.values()) - time.monotonic()))
+            if live:
+                for conn in wait(live, timeout=timeout):
+                    self._drain(self._conns.index(conn))  # type: ignore[arg-type]
+            else:
+                self._stop.wait(timeout)
             for i, proc in enumerate(self._procs):
                 if proc is not None and not proc.is_alive() and not self._stop.is_set():
                     log.error("ingest process %d exited (code %s); restarting it", i, proc.exitcode)
@@ -154,19 +171,25 @@ class IngestProcesses:
                     self.ctx.metrics.inc(
                         "fleet_ingest_process_restarts_total", help="ingest worker processes restarted"
                     )
-                    self._stop.wait(RESTART_DELAY_S)
-                    if not self._stop.is_set():
+                    respawn_at[i] = time.monotonic() + RESTART_DELAY_S
+            for i, due in list(respawn_at.items()):
+                if due <= time.monotonic() and not self._stop.is_set():
+                    try:
                         self._spawn(i)
+                        del respawn_at[i]
+                    except Exception:  # e.g. out of memory or processes: try again later
+                        log.exception("cannot start ingest process %d; retrying", i)
+                        respawn_at[i] = time.monotonic() + RESTART_DELAY_S * 5
 
     def _drain(self, i: int) -> None:
         conn = self._conns[i]
-        if conn is None:
+        if conn is None or i in self._eof:
             return
         try:
             while conn.poll():
                 self._handle(i, conn.recv())
-        except (EOFError, OSError):
-            pass
+        except (EOFError, OSError):  # the child is gone (its exit is handled by _supervise)
+            self._eof.add(i)
 
     def _handle(self, i: int, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
@@ -204,8 +227,17 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
         format=f"%(asctime)s ingest-{index} %(levelname)s %(name)s: %(message)s",
     )
     ctx = ServerContext.attach(settings)
-    kick = threading.Event()
-    ctx.db.outbox_listener = kick.set
+    send_lock = threading.Lock()  # the ingest thread sends kicks, this one the rest
+
+    def send(msg: tuple[Any, ...]) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    def kick() -> None:  # re-signed DesiredStates committed: the server's outbox publishes them now
+        with contextlib.suppress(OSError, ValueError):
+            send(("kick",))
+
+    ctx.db.outbox_listener = kick
     ingest = IngestWorker(ctx, ctx.metrics)
     link = MqttLink(
         settings,
@@ -226,14 +258,11 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
             now_ready = link.connected and link.subscribed.is_set()
             if now_ready != ready:
                 ready = now_ready
-                conn.send(("ready", ready))
+                send(("ready", ready))
             snap = ctx.metrics.snapshot()
             if snap != last:
                 last = snap
-                conn.send(("metrics", snap))
-            if kick.is_set():
-                kick.clear()
-                conn.send(("kick",))
+                send(("metrics", snap))
     except (EOFError, OSError):  # the server process is gone
         pass
     finally:
@@ -241,5 +270,5 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
         ingest.wait_idle(10)  # what the link delivered is written before we go
         ingest.stop()
         with contextlib.suppress(OSError, ValueError):
-            conn.send(("metrics", ctx.metrics.snapshot()))
+            send(("metrics", ctx.metrics.snapshot()))
         ctx.close()

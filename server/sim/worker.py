@@ -108,6 +108,10 @@ class Mux:
         self.sched = Scheduler()
         self._loop_thread = threading.get_ident()
         self._ops: deque[tuple[str, mqtt.Client, Any]] = deque()
+        #: clients with output queued on the loop thread, written at the end of the loop pass
+        self._dirty: dict[mqtt.Client, None] = {}
+        #: clients whose socket is registered for WRITE (their last write did not finish)
+        self._wait_write: set[mqtt.Client] = set()
 
     # -- paho socket callbacks (possibly on a connect thread: queue them) ------------------------
     def attach(self, client: mqtt.Client) -> None:
@@ -117,20 +121,44 @@ class Mux:
         client.on_socket_unregister_write = lambda c, u, s: self._op("w-", c, s)
 
     def _op(self, op: str, client: mqtt.Client, sock: Any) -> None:
-        if threading.get_ident() == self._loop_thread:
-            self._apply(op, client, sock)
-        else:
+        if threading.get_ident() != self._loop_thread:
             self._ops.append((op, client, sock))
+        elif op == "w+":
+            # output queued by a callback on the loop thread (a report, a PUBACK): written after
+            # this pass, with no selector change; most writes finish at once, and asking epoll
+            # for WRITE and back cost two system calls per message
+            self._dirty[client] = None
+        elif op == "w-":
+            if client in self._wait_write:
+                self._apply(op, client, sock)
+        else:
+            self._apply(op, client, sock)
+
+    def _flush(self) -> None:
+        """Write what callbacks queued; wait for WRITE only where the socket did not take it all."""
+        while self._dirty:
+            client = next(iter(self._dirty))
+            del self._dirty[client]
+            sock = client.socket()
+            if sock is None:
+                continue
+            client.loop_write()
+            if client.want_write() and client.socket() is sock and client not in self._wait_write:
+                self._apply("w+", client, sock)
 
     def _apply(self, op: str, client: mqtt.Client, sock: Any) -> None:
         try:
             if op == "open":
                 self.sel.register(sock, READ, client)
             elif op == "close":
+                self._dirty.pop(client, None)
+                self._wait_write.discard(client)
                 self.sel.unregister(sock)
             elif op == "w+":
+                self._wait_write.add(client)
                 self.sel.modify(sock, READ | WRITE, client)
             else:
+                self._wait_write.discard(client)
                 self.sel.modify(sock, READ, client)
         except (KeyError, ValueError, OSError):
             pass  # a socket closed before its registration was applied
@@ -140,6 +168,7 @@ class Mux:
         while self._ops:
             self._apply(*self._ops.popleft())
         timeout = self.sched.run_due()
+        self._flush()  # what the timers published
         if not self.sel.get_map():
             time.sleep(timeout)
             return
@@ -154,6 +183,7 @@ class Mux:
                     client.loop_read()
             if mask & WRITE and client.socket() is sock:
                 client.loop_write()
+        self._flush()
 
 
 class SimDevice:
