@@ -258,7 +258,7 @@ def main() -> None:
     )
     t = time.monotonic()
     tuning = {"rollout_tick_s": 0.25, "ingest_batch_delay_s": 0.05, "ingest_processes": args.ingest_processes}
-    shared = {"mqtt_shared_subscriptions": True} if args.replicas > 1 else {}
+    shared = {"mqtt_shared_subscriptions": True} if args.replicas > 1 or args.ingest_processes > 1 else {}
     emb = start_embedded(work, n, database_url=db_url, **tuning, **shared)
     sim = None
     replicas: list[subprocess.Popen] = []

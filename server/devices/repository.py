@@ -68,7 +68,8 @@ class DeviceRepository:
             ).where(Device.id.in_(ids[i : i + chunk]))  # fmt: skip
             if locking:
                 q = q.order_by(Device.id).with_for_update()
-            for row in self.session.execute(q):
+            # the connection, not the session: plain rows, none of the ORM result machinery
+            for row in self.session.connection().execute(q):
                 out[row.id] = DeviceState(
                     row.id, row.status, row.last_seen_at, row.serving or {}, row.hardware or {},
                     row.last_report_seq or 0,

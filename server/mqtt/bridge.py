@@ -20,11 +20,13 @@ their own connection they come back at once (the 10,000-device fan-out, ``bench/
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -36,6 +38,43 @@ from server.config import Settings
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[str, bytes, datetime], None]
+
+
+_PUBACK = 0x40
+
+
+class CoalescingClient(mqtt.Client):
+    """A paho client that writes a run of queued PUBACKs with one ``send``.
+
+    paho writes every queued packet with its own ``socket.send``: on TLS one record, one
+    encryption and one system call per PUBACK, and as many reads for the broker. The server's
+    consuming link acknowledges every device report and health window (tens of thousands a
+    minute in a large rollout), so before paho writes, consecutive PUBACKs waiting at the head of
+    its queue are joined into one packet. PUBACKs carry no completion callback, so nothing but
+    the number of writes changes. This relies on paho's ``_out_packet`` queue of packet dicts
+    (paho-mqtt 2.x); if that ever changes shape, the join is skipped and paho writes as before.
+    """
+
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        queue = getattr(self, "_out_packet", None)
+        if queue is not None and len(queue) > 1:
+            with contextlib.suppress(KeyError, TypeError, IndexError):
+                self._join_pubacks(queue)
+        return super()._packet_write()
+
+    @staticmethod
+    def _join_pubacks(queue: Any) -> None:
+        n = 0  # length of the run of unstarted PUBACKs at the head (by index: others may append)
+        while n < len(queue) and queue[n]["command"] == _PUBACK and queue[n]["pos"] == 0:
+            n += 1
+        if n > 1:
+            data = b"".join([queue.popleft()["packet"] for _ in range(n)])
+            queue.appendleft(_puback_packet(data))
+
+
+def _puback_packet(data: bytes) -> dict[str, Any]:
+    return {"command": _PUBACK, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data), "packet": data,
+            "info": None}  # fmt: skip
 
 
 def server_client_id(settings: Settings) -> str:
@@ -60,7 +99,7 @@ class MqttLink:
         self.client_id = client_id or server_client_id(settings)
         self._connected = threading.Event()
         self.subscribed = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        c = CoalescingClient(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         c.tls_set(
             ca_certs=str(settings.mqtt_ca_file),
             certfile=str(settings.mqtt_cert_file),

@@ -80,7 +80,7 @@ class OutboxRepository:
         )
         if self.session.get_bind().dialect.name == "postgresql":
             q = q.with_for_update(skip_locked=True)
-        return self.session.execute(q).all()
+        return self.session.connection().execute(q).all()
 
     def mark(self, published: Sequence[int], attempted: Sequence[int], at: datetime) -> None:
         """One UPDATE per set: ``published`` rows get ``published_at``; every row in ``attempted``

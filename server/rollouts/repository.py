@@ -139,7 +139,8 @@ class DeploymentRepository:
             ).where(
                 sa.tuple_(Deployment.device_id, Deployment.desired_seq).in_(unique[i : i + chunk])
             )  # fmt: skip
-            for r in self.session.execute(q):
+            # the connection, not the session: plain rows, none of the ORM result machinery
+            for r in self.session.connection().execute(q):
                 out[(r.device_id, r.desired_seq or 0)] = DeploymentState(
                     r.id, r.device_id, r.desired_seq, r.phase, r.reason, r.details or {}
                 )
@@ -327,7 +328,7 @@ class RolloutRepository:
         )  # fmt: skip
         if limit is not None:
             q = q.limit(limit)
-        return list(self.session.execute(q))
+        return list(self.session.connection().execute(q))
 
     def member_rows(
         self, rollout_id: str, stage: int, phases: Sequence[DeploymentPhase] | None = None
