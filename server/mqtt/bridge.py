@@ -6,7 +6,11 @@ the device traffic (``Settings.shared_subscriptions``; a lone server with the em
 subscribes without ``$share``, because Mosquitto 2.0 restores only plain subscriptions of a
 persistent session after a broker restart). The session is persistent (MQTT 5
 ``clean_start=False`` with a session expiry) so QoS 1 messages that arrive while this replica
-restarts are delivered when it returns.
+restarts are delivered when it returns. The consuming link acknowledges a message (PUBACK) only
+once the ingest batch holding it is committed (or it was rejected as bad input): a crash of the
+process at any point leaves the unwritten messages unacknowledged, and the broker delivers them
+again (the ingest deduplicates by seq). MQTT 5's Receive Maximum (:data:`RECEIVE_MAXIMUM`) lets the
+broker keep a fleet's worth of messages in flight meanwhile.
 Incoming messages are handed to a callback without any parsing (one ``on_message`` for every
 device topic; the ingest worker parses the topic anyway, so paho's per-topic matcher would only
 cost time on the hottest path).
@@ -26,6 +30,7 @@ import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -37,7 +42,15 @@ from server.config import Settings
 
 log = logging.getLogger(__name__)
 
-OnMessage = Callable[[str, bytes, datetime], None]
+#: (topic, payload, received at, ack): ``ack()`` sends the message's PUBACK; call it once the
+#: message is settled (written or rejected), never before
+OnMessage = Callable[[str, bytes, datetime, Callable[[], object]], None]
+
+#: QoS 1 messages the broker may send the consuming link before it acknowledges any (MQTT 5
+#: Receive Maximum, the protocol's largest). The link acknowledges a message only after the
+#: ingest batch holding it is committed, so the window must hold what arrives during a batch at
+#: fleet scale; Mosquitto honours it for MQTT 5 clients instead of its max_inflight_messages.
+RECEIVE_MAXIMUM = 65535
 
 
 _PUBACK = 0x40
@@ -99,7 +112,14 @@ class MqttLink:
         self.client_id = client_id or server_client_id(settings)
         self._connected = threading.Event()
         self.subscribed = threading.Event()
-        c = CoalescingClient(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        #: bumped on every connect: acknowledgements are only sent on the connection they belong to
+        self._session = 0
+        c = CoalescingClient(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=on_message is not None,  # PUBACK after the commit (see OnMessage)
+        )
         c.tls_set(
             ca_certs=str(settings.mqtt_ca_file),
             certfile=str(settings.mqtt_cert_file),
@@ -124,6 +144,8 @@ class MqttLink:
         props = Properties(PacketTypes.CONNECT)
         persistent = self.on_message is not None
         props.SessionExpiryInterval = 3600 if persistent else 0
+        if persistent:
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
         self.client.connect_async(host, port, keepalive=30, clean_start=not persistent, properties=props)
         self.client.loop_start()
 
@@ -154,6 +176,7 @@ class MqttLink:
             log.error("MQTT connect refused: %s", reason_code)
             return
         log.info("MQTT connected as %s (session present: %s)", self.client_id, flags.session_present)
+        self._session += 1
         self._connected.set()
         if self.on_message is None:
             self.subscribed.set()  # publish only: nothing to wait for
@@ -191,4 +214,11 @@ class MqttLink:
 
     def _on_device_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         assert self.on_message is not None
-        self.on_message(msg.topic, msg.payload, datetime.now(UTC))
+        ack = partial(self._ack, self._session, msg.mid, msg.qos)
+        self.on_message(msg.topic, msg.payload, datetime.now(UTC), ack)
+
+    def _ack(self, session: int, mid: int, qos: int) -> None:
+        """PUBACK ``mid`` if the connection that delivered it is still the current one: after a
+        reconnect the broker delivers unacknowledged messages again (and may reuse packet ids)."""
+        if session == self._session and qos > 0:
+            self.client.ack(mid, qos)

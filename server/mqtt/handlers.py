@@ -69,7 +69,7 @@ class IngestWorker:
     ) -> None:
         self.ctx = ctx
         self.metrics = metrics
-        self.queue: queue.Queue[tuple[str, bytes, datetime]] = queue.Queue()
+        self.queue: queue.Queue[tuple[str, bytes, datetime, Callable[[], object] | None]] = queue.Queue()
         self.batch_max = ctx.settings.ingest_batch_max
         self.batch_delay = ctx.settings.ingest_batch_delay_s
         self.on_batch = on_batch
@@ -79,9 +79,14 @@ class IngestWorker:
         self._idle.set()
 
     # -- plumbing ------------------------------------------------------------------------------
-    def submit(self, topic: str, payload: bytes, received_at: datetime) -> None:
+    def submit(
+        self, topic: str, payload: bytes, received_at: datetime, ack: Callable[[], object] | None = None
+    ) -> None:
+        """Queue one message; ``ack`` (the link's PUBACK for it) is called once its batch is
+        settled: written, or rejected as bad input. Until then the broker holds the message, so
+        a crash before the commit loses nothing: the broker delivers it again."""
         self._idle.clear()
-        self.queue.put((topic, payload, received_at))
+        self.queue.put((topic, payload, received_at, ack))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mqtt-ingest", daemon=True)
@@ -115,10 +120,15 @@ class IngestWorker:
                 except queue.Empty:
                     break
             try:
-                self.process(items)
+                settled = self.process([item[:3] for item in items])
             except Exception:  # never let one bad batch stop the ingest thread
                 log.exception("ingest batch failed; dropped %d messages", len(items))
                 self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
+                settled = True
+            if settled:  # in arrival order, as MQTT wants PUBACKs
+                for item in items:
+                    if item[3] is not None:
+                        item[3]()
             if self.queue.empty():
                 self._idle.set()
 
@@ -152,27 +162,36 @@ class IngestWorker:
             ).append(msg)
         return batch
 
-    def process(self, items: Sequence[tuple[str, bytes, datetime]]) -> None:
+    def process(self, items: Sequence[tuple[str, bytes, datetime]]) -> bool:
+        """Parse and write one batch. True once it is settled (written, or rejected as bad
+        input); False only if the worker was stopped while the database stayed unreachable: the
+        batch is not acknowledged and the broker delivers it again. A database error (connection
+        dropped, database locked) is retried with a growing pause, however long it lasts, so an
+        outage holds messages in the broker instead of dropping them."""
         batch = self.parse(items)
         if not (batch.presence or batch.reports or batch.health):
-            return
-        for attempt in range(6):
+            return True
+        attempt = 0
+        while True:
             try:
                 with self.ctx.db.session_scope() as session:
                     self.write(session, batch)
                 break
             except OperationalError as exc:  # connection dropped, database locked: retry the batch
-                if attempt == 5:
-                    self.reject("batch", "db_error", str(exc).splitlines()[0])
-                    return
-                log.warning("ingest write failed (%s); retrying", str(exc).splitlines()[0])
-                time.sleep(min(0.2 * 2**attempt, 5.0))
+                attempt += 1
+                self.metrics.inc(
+                    "fleet_ingest_retries_total", help="ingest batches retried after a database error"
+                )
+                log.warning("ingest write failed (%s); retry %d", str(exc).splitlines()[0], attempt)
+                if self._stop.wait(min(0.2 * 2 ** min(attempt - 1, 5), 5.0)):
+                    return False
             except Exception:
                 log.exception("ingest batch failed; dropped %d messages", len(items))
                 self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
-                return
+                return True
         if self.on_batch is not None:
             self.on_batch(batch)
+        return True
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, session: Session, batch: Batch) -> None:

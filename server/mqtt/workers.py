@@ -26,12 +26,9 @@ The children are supervised here:
 * re-signed DesiredStates written by a child are published by the server's outbox: the child
   kicks it over the pipe after the commit (and the outbox sweeps pending rows every second).
 
-What it does not change: the link acknowledges a QoS 1 message (PUBACK) once it is queued for
-the batched write, as the in-process link does, so messages received but not yet written when a
-process is killed are lost: a lost health window leaves a gap, a lost report leaves its
-deployment where it was until the device's next report or the rollout's ``device_timeout_s``.
-Acknowledging only after the commit (paho's ``manual_ack``) needs the broker to allow thousands
-of messages in flight to the server, not the ~100 a device gets; that is left to do.
+A child killed at any point loses nothing: its link acknowledges a message only after the batch
+holding it is committed, so whatever it had received but not written is delivered again to its
+successor (same client id, persistent session) and deduplicated by seq.
 """
 
 from __future__ import annotations

@@ -57,6 +57,8 @@ def start_embedded(workdir: Path, n_devices: int, *, database_url: str = "", **o
         "rollout_tick_s": 0.5,
         "metadata_refresh_interval_s": 3600,
         "log_level": "WARNING",
+        # a fleet in the thousands keeps one GIL busy: consume it in a process of its own
+        "ingest_processes": 1 if n_devices >= 1000 else 0,
     }
     values.update(overrides)
     settings = Settings(**values)

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -185,3 +186,73 @@ def test_several_ingest_processes_need_shared_subscriptions(mqtt_settings):
     workers = IngestProcesses(Ctx(), 2)  # type: ignore[arg-type]
     assert workers.count == 2
     assert workers.pids() == [None, None]
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_messages_a_killed_ingest_process_had_not_written_are_delivered_again(
+    live_settings, broker_process, tmp_path
+):
+    """The consuming link acknowledges a message only after its batch is committed. A device
+    publishes 200 health windows (QoS 1); the ingest child receives them and waits out a long
+    batch delay (3 s) before writing; it is killed half a second in; 200 more follow. Every one of
+    the 400 windows is stored: the broker delivered the unwritten ones again to the restarted child
+    (acknowledging on receipt, as paho does by default, loses the first 200)."""
+    import ssl
+    from datetime import UTC, datetime
+
+    import paho.mqtt.client as mqtt
+
+    from device_client.protocol import HealthWindow
+    from tests.integration.conftest import LiveServer
+
+    live = LiveServer(live_settings.model_copy(update={"ingest_batch_delay_s": 3.0})).start()
+    try:
+        workers = live.mqtt.workers
+        assert workers is not None
+        assert live.mqtt.wait_connected(10)
+        [pid] = workers.pids()
+        fleet = enroll_fleet(live.url, live.token("admin"), 1, tmp_path / "sim", prefix="ack", bulk=True)
+        dev = fleet.devices[0]
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(fleet.ca_file))
+        ctx.load_cert_chain(fleet.cert_file(dev.device_id), fleet.key_file(dev.device_id))
+        device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=dev.device_id, protocol=mqtt.MQTTv5)
+        device.tls_set_context(ctx)
+        device.max_inflight_messages_set(1000)
+        device.connect(fleet.mqtt_host, fleet.mqtt_port)
+        device.loop_start()
+
+        def publish(seqs: range) -> None:
+            now = datetime.now(UTC)
+            infos = [
+                device.publish(f"fleet/v1/d/{dev.device_id}/health", HealthWindow.build(
+                    device_id=dev.device_id, seq=seq, at=now, window_s=1, model="det", version="1.0.0",
+                    requests=10, errors=0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0,
+                ).to_json(), qos=1)
+                for seq in seqs
+            ]  # fmt: skip
+            for info in infos:
+                info.wait_for_publish(10)
+
+        def stored() -> int:
+            return count(live, HealthSample, HealthSample.device_id == dev.device_id)
+
+        try:
+            publish(range(1, 201))  # the broker has them (PUBACKed to the device)
+            # the broker hands them to the child at once; it holds them for its 3 s batch delay
+            # (nothing the parent can observe: the child counts a message when it parses the batch)
+            time.sleep(0.5)
+            assert stored() == 0
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: (p := workers.pids()[0]) not in (None, pid) and p, 15, interval=0.05,
+                     what="a new ingest process")  # fmt: skip
+            publish(range(201, 401))
+            wait_for(lambda: stored() == 400, 20, interval=0.1, what="all 400 health windows stored")
+            with live.ctx.db.session_scope() as s:
+                q = sa.select(HealthSample.seq).where(HealthSample.device_id == dev.device_id)
+                seqs = set(s.scalars(q))
+            assert seqs == set(range(1, 401))
+        finally:
+            device.loop_stop()
+            device.disconnect()
+    finally:
+        live.stop()
