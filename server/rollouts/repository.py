@@ -129,21 +129,29 @@ class DeploymentRepository:
     def states_for_desired(
         self, pairs: Sequence[tuple[str, int]], chunk: int = 2000
     ) -> dict[tuple[str, int], DeploymentState]:
-        """:class:`DeploymentState` keyed by (device_id, desired_seq)."""
+        """:class:`DeploymentState` keyed by (device_id, desired_seq).
+
+        Matched as ``device_id IN (...) AND desired_seq IN (...)`` (the device index), the exact
+        pairs picked out here: PostgreSQL plans a row-value ``(device_id, desired_seq) IN (...)``
+        of 2,000 pairs as a filter over the table, ~200 ms a batch at 10,000 deployments."""
         out: dict[tuple[str, int], DeploymentState] = {}
         unique = list(dict.fromkeys(pairs))
         for i in range(0, len(unique), chunk):
+            wanted = set(unique[i : i + chunk])
             q = sa.select(
                 Deployment.id, Deployment.device_id, Deployment.desired_seq, Deployment.phase,
                 Deployment.reason, Deployment.details,
             ).where(
-                sa.tuple_(Deployment.device_id, Deployment.desired_seq).in_(unique[i : i + chunk])
+                Deployment.device_id.in_(sorted({d for d, _ in wanted})),
+                Deployment.desired_seq.in_(sorted({seq for _, seq in wanted})),
             )  # fmt: skip
             # the connection, not the session: plain rows, none of the ORM result machinery
             for r in self.session.connection().execute(q):
-                out[(r.device_id, r.desired_seq or 0)] = DeploymentState(
-                    r.id, r.device_id, r.desired_seq, r.phase, r.reason, r.details or {}
-                )
+                key = (r.device_id, r.desired_seq or 0)
+                if key in wanted:
+                    out[key] = DeploymentState(
+                        r.id, r.device_id, r.desired_seq, r.phase, r.reason, r.details or {}
+                    )
         return out
 
     def update_many(self, rows: list[dict[str, Any]]) -> None:
@@ -165,15 +173,6 @@ class DeploymentRepository:
     def insert_many(self, rows: list[dict[str, Any]]) -> None:
         """One multi-row INSERT of new deployments (a rollout creates one per selected device)."""
         execute_many(self.session, sa.insert(Deployment.__table__), rows)
-
-    def for_desired(self, pairs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Deployment]:
-        """Deployments keyed by (device_id, desired_seq)."""
-        if not pairs:
-            return {}
-        q = sa.select(Deployment).where(
-            sa.tuple_(Deployment.device_id, Deployment.desired_seq).in_(list(pairs))
-        )
-        return {(d.device_id, d.desired_seq or 0): d for d in self.session.scalars(q)}
 
     def latest_for_device(self, device_id: str) -> Deployment | None:
         q = (
