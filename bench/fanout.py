@@ -1,7 +1,7 @@
 """Rollout fan-out to 10,000 simulated devices over real MQTT connections (DESIGN.md section 8).
 
     .venv/bin/python bench/fanout.py [--devices 10000] [--processes 2] [--postgres URL] [--replicas N]
-        [--download-s 5] [--install-s 0.5]
+        [--download-s 5] [--install-s 0.5] [--ingest-processes 1]
 
 Starts Mosquitto (generated mTLS config, ``max_connections`` sized for the fleet) and the control
 server (SQLite in a temp dir, or PostgreSQL with ``--postgres``/``FLEET_BENCH_POSTGRES_URL``),
@@ -27,29 +27,42 @@ a device acknowledges at once and sends its later reports over the next seconds,
 downloading a bundle does; ``--download-s 0 --install-s 0`` is the stress case where all 10,000
 devices send all five reports within the same seconds (~55,000 inbound messages).
 
-Measured on the 2-core dev machine, quiet, this session (server, broker and simulator on the same
-two cores; numbers also in bench/results/fanout.json):
+The server consumes device traffic in one ingest process of its own (``--ingest-processes 1``,
+``FLEET_INGEST_PROCESSES``; server/mqtt/workers.py); ``--ingest-processes 0`` measures the
+in-process consumer.
 
-* SQLite, one server process: all 10,000 acknowledged in 5.6-8.5 s over six runs (target 10 s:
-  met; two more runs gave 9.2 and 10.3 s while earlier runs' work directories were piling up in
-  /tmp, which the script now removes); all succeeded in 12.4-16.1 s. Stress case: 12.4-14.2 s
-  (not met).
-* PostgreSQL, one server process: 11.9-14.2 s; two replicas in separate processes (``--replicas
-  2``): 13.9 s. On two cores the replicas, PostgreSQL, the broker and the simulator compete for
-  the same CPU: replicas are for more cores or more machines, not for this box.
+Measured on the 2-core dev machine, quiet, session 3 (server, its ingest process, broker,
+simulator and PostgreSQL all on the same two cores; numbers also in bench/results/fanout.json):
 
-History, honestly: the previous measurement (33-45 s) was of the stress profile, then the only
-one; at the start of this session the same code measured 12.5-17 s for it on this machine. This
-session's server changes (the outbox on its own MQTT connection, so its PUBACKs no longer queue
-behind device reports; a broker queue deep enough that the server's messages are not dropped past
-10,000; paho's topic matcher off the hot path; ORM-free outbox rows; variant choice per kind of
-hardware; each full engine chunk committed at once) tripled the publish rate (0.04-0.06 of
-``mosquitto_pub``->``mosquitto_sub`` to 0.12-0.15) and removed a loss of reports, but did not move
-the stress case. Where its time goes (py-spy, GIL holders): the server process holds the GIL ~70%
-of the run; while the engine signs (2,000 per ~1.2 s) the ingest, the paho thread, the outbox and
-the engine share that one GIL, and the ingest then works through ~55,000 reports at 5-10,000
-messages/s. Faster needs work off that GIL: an ingest process of its own (on PostgreSQL; on SQLite
-two writer processes meet SQLite's busy sleeps), or replicas on more cores.
+* SQLite, one ingest process: all 10,000 acknowledged in 5.7-6.3 s over five runs (target 10 s:
+  met); all succeeded in 12-13 s. In-process consumer: 8.4 s. Stress case: 10.7-12.7 s over four
+  runs (not met).
+* PostgreSQL, one ingest process: 10.1-10.9 s in the last runs (not met, by ~1 s); stress case
+  23 s (before the batch lookup fix).
+* Server publish rate / ``mosquitto_pub``->``mosquitto_sub``: 0.13-0.17.
+
+History, honestly: session 1 measured 33-45 s (stress profile); session 2 12.4-14.2 s (stress),
+5.6-8.5 s (this profile) on a faster day; at the start of session 3 the same code measured 17-20 s
+(stress) and 11-16 s (this profile) on this machine, PostgreSQL 13-17 s. What moved it:
+
+* the GIL. One server process held it ~80% of the run, and I/O threads starve beside busy
+  threads (a paho publisher beside one spinning thread: 6,400 -> 130 messages/s). The MQTT ingest
+  now runs in a process of its own;
+* bulk signing encoded every DesiredState five times as JSON (canonical form, outbox payload and
+  three JSON columns); now once (the payload reuses the signed canonical bytes) plus orjson for
+  the columns, and the director's key id is cached;
+* SQLAlchemy's per-row parameter building (~25 us a row) on every bulk statement: rows now go to
+  the driver pre-processed (server/bulk.py ``execute_many``);
+* PostgreSQL planned the ingest's ``(device_id, desired_seq) IN (2,000 pairs)`` as a filter over
+  the deployments (~200 ms a batch, 5.7 s of PostgreSQL CPU in one run): now two plain IN lists;
+* one TLS record per PUBACK on the server's consuming link: now one per run of PUBACKs;
+* two epoll changes per simulated-device message: the simulator writes after each loop pass.
+
+What remains (py-spy, /proc CPU times): the two cores are saturated. In a 12 s stress window the
+simulator takes ~8.5 core-seconds (10,000 Ed25519 verifications, 50,000 paho publishes), the
+ingest process ~6.8, the server process ~3.8, Mosquitto ~2; PostgreSQL adds ~3-5 more. Past
+this, more cores (replicas, ``--ingest-processes 2`` with shared subscriptions) or the simulator on
+another machine; on one 2-core box, only less CPU per message.
 """
 
 from __future__ import annotations
