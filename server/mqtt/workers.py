@@ -18,8 +18,8 @@ The children are supervised here:
   broker for it;
 * more than one child needs shared subscriptions (``$share/fleet-server/...``): with plain ones
   every child would get every message;
-* a child that dies is restarted (after a short back-off); a child whose parent dies exits
-  (its end of the pipe closes);
+* a child that dies is restarted (after 1 s, doubling up to 30 s while it keeps dying young); a
+  child whose parent dies exits (its end of the pipe closes);
 * a child's counters (messages received, rejected, duplicates) come back over the pipe every
   ``REPORT_S`` and are merged into the server's ``/metrics``; a restarted child's counts are added
   to those of its predecessor, so counters never go down;
@@ -53,8 +53,12 @@ log = logging.getLogger(__name__)
 
 #: how often (seconds) a child sends its counters and connection state
 REPORT_S = 0.5
-#: back-off before restarting a child that died
+#: back-off before restarting a child that died; doubled for each quick death in a row (a child
+#: that crashes at start, say on a bad database URL), up to RESTART_DELAY_MAX_S
 RESTART_DELAY_S = 1.0
+RESTART_DELAY_MAX_S = 30.0
+#: a child that ran this long before dying starts the back-off again from RESTART_DELAY_S
+STABLE_S = 60.0
 
 
 def worker_client_id(settings: Settings, index: int, count: int) -> str:
@@ -81,6 +85,8 @@ class IngestProcesses:
         self._ready = [False] * count
         #: children whose pipe reached end-of-file (exited, not yet reaped)
         self._eof: set[int] = set()
+        self._started = [0.0] * count
+        self._delay = [RESTART_DELAY_S] * count
         self._ready_changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -144,6 +150,7 @@ class IngestProcesses:
         proc.start()
         child.close()
         self._eof.discard(i)
+        self._started[i] = time.monotonic()
         self._procs[i], self._conns[i] = proc, parent
         log.info("ingest process %d started (pid %s)", i, proc.pid)
 
@@ -168,7 +175,7 @@ class IngestProcesses:
                     self.ctx.metrics.inc(
                         "fleet_ingest_process_restarts_total", help="ingest worker processes restarted"
                     )
-                    respawn_at[i] = time.monotonic() + RESTART_DELAY_S
+                    respawn_at[i] = time.monotonic() + self._backoff(i)
             for i, due in list(respawn_at.items()):
                 if due <= time.monotonic() and not self._stop.is_set():
                     try:
@@ -176,7 +183,16 @@ class IngestProcesses:
                         del respawn_at[i]
                     except Exception:  # e.g. out of memory or processes: try again later
                         log.exception("cannot start ingest process %d; retrying", i)
-                        respawn_at[i] = time.monotonic() + RESTART_DELAY_S * 5
+                        respawn_at[i] = time.monotonic() + self._backoff(i)
+
+    def _backoff(self, i: int) -> float:
+        """Seconds to wait before restarting child ``i``: RESTART_DELAY_S after a long life,
+        doubling with each quick death in a row."""
+        if time.monotonic() - self._started[i] >= STABLE_S:
+            self._delay[i] = RESTART_DELAY_S
+        delay = self._delay[i]
+        self._delay[i] = min(delay * 2, RESTART_DELAY_MAX_S)
+        return delay
 
     def _drain(self, i: int) -> None:
         conn = self._conns[i]
