@@ -34,11 +34,11 @@ in-process consumer.
 Measured on the 2-core dev machine, quiet, session 3 (server, its ingest process, broker,
 simulator and PostgreSQL all on the same two cores; numbers also in bench/results/fanout.json):
 
-* SQLite, one ingest process: all 10,000 acknowledged in 5.7-6.3 s over five runs (target 10 s:
+* SQLite, one ingest process: all 10,000 acknowledged in 5.7-6.6 s over six runs (target 10 s:
   met); all succeeded in 12-13 s. In-process consumer: 8.4 s. Stress case: 10.7-12.7 s over four
   runs (not met).
-* PostgreSQL, one ingest process: 10.1-10.9 s in the last runs (not met, by ~1 s); stress case
-  23 s (before the batch lookup fix).
+* PostgreSQL, one ingest process: 10.1-12.1 s over three runs (not met, by 1-2 s); stress case
+  17 s.
 * Server publish rate / ``mosquitto_pub``->``mosquitto_sub``: 0.13-0.17.
 
 History, honestly: session 1 measured 33-45 s (stress profile); session 2 12.4-14.2 s (stress),
