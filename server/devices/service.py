@@ -306,12 +306,21 @@ class DeviceService:
                 {"cert_serial": device.cert_serial},
             )
             revoked = revocations.all()
-            after_commit(self.session, lambda: self.write_crl(revoked))
+            after_commit(self.session, lambda: self._revoke_on_broker(device_id, revoked))
         return device_out(device)
 
-    def write_crl(self, revoked: list[tuple[str, datetime]] | None = None) -> None:
+    def _revoke_on_broker(self, device_id: str, revoked: list[tuple[str, datetime]]) -> None:
+        """After the commit: the new CRL, then the device's open connection cut (a revoked
+        certificate only stops new handshakes; see :mod:`server.mqtt.kick`)."""
+        from server.mqtt.kick import kick_device
+
+        if self.write_crl(revoked) or self.ctx.settings.mqtt_enabled:
+            kick_device(self.ctx.settings, device_id)
+
+    def write_crl(self, revoked: list[tuple[str, datetime]] | None = None) -> bool:
         """Write the CRL the broker loads (``crlfile`` in the generated mosquitto.conf) and make a
-        local broker running that configuration re-read it (see :mod:`server.mqtt.reload`)."""
+        local broker running that configuration re-read it (see :mod:`server.mqtt.reload`).
+        True if a local broker was told to."""
         from server.mqtt.reload import reload_local_brokers
 
         if revoked is None:
@@ -320,6 +329,8 @@ class DeviceService:
         self.ctx.ca.write_crl(broker_dir / CRL_FILE, revoked)
         if not reload_local_brokers(broker_dir / "mosquitto.conf"):
             log.info("no local broker runs %s; reload the broker to apply the new CRL", broker_dir)
+            return False
+        return True
 
     def assign_desired(self, device_id: str, body: DesiredAssign, by: Principal) -> DesiredOut:
         """Sign and publish a DesiredState pinning one device to a version (direct deployment)."""

@@ -196,7 +196,7 @@ def test_decommissioned_certificate_refused_by_a_broker_started_afterwards(fleet
 def test_decommissioned_certificate_refused_by_the_running_broker(fleet, embedded, tmp_path):
     # protection: after writing the CRL, decommission makes the local broker re-read it (SIGHUP);
     # without that, mosquitto keeps the CRL it read at start and lets the revoked device back in.
-    # A connection open at decommission time is not cut (see README "Security model").
+    # (A connection open at decommission time: the next test.)
     cert, key = _enroll(fleet, "dev-gone", tmp_path)
     mqtt_connect(embedded, cert, key, client_id="before").disconnect()
     r = fleet[0].post("/api/v1/devices/dev-gone/decommission", headers=_admin(fleet))
@@ -211,6 +211,41 @@ def test_decommissioned_certificate_refused_by_the_running_broker(fleet, embedde
         c.loop_stop()
         assert time.monotonic() < deadline, "the running broker still accepts a revoked certificate"
         time.sleep(0.2)
+
+
+def test_a_connection_open_at_decommission_is_cut_and_stays_out(fleet, embedded, tmp_path):
+    # protection: TLS checks the CRL at the handshake only, so decommission also takes the
+    # device's session over (server/mqtt/kick.py): the broker closes the open connection
+    # ("session taken over"), and the device's reconnects meet the reloaded CRL. Without the
+    # takeover the connection stays up and the device keeps reading its topics.
+    from server.mqtt.kick import SECOND_KICK_S
+
+    cert, key = _enroll(fleet, "dev-open", tmp_path)
+    client = mqtt_connect(embedded, cert, key)  # client id = device id, as a real device
+    reasons: list[int] = []
+    cut = threading.Event()
+
+    def on_disconnect(c, u, flags, reason_code, props) -> None:
+        reasons.append(reason_code.value)
+        cut.set()
+
+    client.on_disconnect = on_disconnect
+    client.reconnect_delay_set(min_delay=1, max_delay=1)  # paho keeps trying to come back
+    try:
+        assert client.is_connected()
+        r = fleet[0].post("/api/v1/devices/dev-open/decommission", headers=_admin(fleet))
+        assert r.status_code == 200, r.text
+        assert cut.wait(5), "the open connection of a decommissioned device was not cut"
+        # MQTT 5 says "session taken over" (142); Mosquitto 2.0 just closes the socket (paho: 128)
+        assert reasons[0] in (128, 142)
+        time.sleep(SECOND_KICK_S + 1.5)  # past the second takeover and a reconnect attempt
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # and it stays out: every reconnect is refused
+            assert not client.is_connected(), "the revoked device got back in"
+            time.sleep(0.1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 @pytest.mark.parametrize("cn", ["+", "#", "dev-a/#", "dev+x"])
