@@ -64,10 +64,10 @@ def sign_envelope_json(
     it instead of hashing the public key per signature). The bytes reuse the canonical JSON the
     signature covers, so the bulk signer encodes each DesiredState once, not twice.
     """
+    if not _HEX.fullmatch(keyid):  # it goes into the bytes as is
+        raise ValueError(f"key id {keyid!r} is not hex")
     message = canonical_json(signed)
     sig = base64.b64encode(private_key.sign(message))
-    if not _HEX.fullmatch(keyid):
-        raise ValueError(f"key id {keyid!r} is not hex")
     data = b'{"signed":%s,"signatures":[{"keyid":"%s","sig":"%s"}]}' % (message, keyid.encode(), sig)
     return {"signed": signed, "signatures": [{"keyid": keyid, "sig": sig.decode("ascii")}]}, data
 

@@ -162,3 +162,19 @@ def test_envelope_signature_checks():
 
 def test_canonical_json_is_order_independent():
     assert canonical_json({"b": 1, "a": [1, {"y": 2, "x": 1}]}) == b'{"a":[1,{"x":1,"y":2}],"b":1}'
+
+
+def test_sign_envelope_json_bytes_are_the_envelope_and_verify():
+    # the bulk signer publishes these bytes as they are: they must parse to the very envelope
+    # stored beside them and verify like any envelope, non-ASCII text and floats included
+    import json
+
+    from device_client.protocol.signing import key_id, sign_envelope_json
+
+    key = Ed25519PrivateKey.generate()
+    signed = {"schema": "fleet.desired/1", "seq": 3, "note": "Zürich", "ratio": 0.05, "x": None}
+    envelope, data = sign_envelope_json(signed, key, key_id(key.public_key()))
+    assert json.loads(data) == envelope
+    assert verify_envelope(json.loads(data), [key.public_key()]) == signed
+    with pytest.raises(ValueError, match="not hex"):
+        sign_envelope_json(signed, key, 'ab","sig":"forged')
