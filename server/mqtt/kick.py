@@ -15,55 +15,30 @@ from __future__ import annotations
 
 import logging
 import threading
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+import time
 
 from server.config import Settings
+from server.mqtt.bridge import MqttLink
 
 log = logging.getLogger(__name__)
 
-#: seconds after the first takeover to take the session over again
+#: delay of the first takeover after the CRL was written, and of the second after the first
 FIRST_KICK_S = 0.2
 SECOND_KICK_S = 3.0
 
 
 def take_over_session(settings: Settings, client_id: str, timeout: float = 5.0) -> bool:
     """Connect as ``client_id`` with the server's identity and leave at once: the broker closes
-    any connection holding that client id. True if the broker accepted the connection."""
-    done = threading.Event()
-    accepted: list[bool] = []
+    any connection holding that client id. True if the broker accepted the connection.
 
-    def on_connect(
-        client: mqtt.Client, userdata: object, flags: object, rc: mqtt.ReasonCode, props: object
-    ) -> None:
-        accepted.append(not rc.is_failure)
-        done.set()
-
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    c.tls_set(
-        ca_certs=str(settings.mqtt_ca_file),
-        certfile=str(settings.mqtt_cert_file),
-        keyfile=str(settings.mqtt_key_file),
-    )
-    c.on_connect = on_connect
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 0
-    host, port = settings.mqtt_connect_endpoint()
+    A publish-only :class:`~server.mqtt.bridge.MqttLink` is exactly that connection: clean
+    start, no session kept."""
+    link = MqttLink(settings, None, client_id=client_id, shared=False)
+    link.start()
     try:
-        c.connect(host, port, keepalive=10, clean_start=True, properties=props)
-    except (OSError, ValueError) as exc:
-        log.info("cannot reach the broker to cut %s's connection: %s", client_id, exc)
-        return False
-    c.loop_start()
-    try:
-        done.wait(timeout)
-        if accepted and accepted[0]:
-            c.disconnect()
-        return bool(accepted and accepted[0])
+        return link.wait_connected(timeout)
     finally:
-        c.loop_stop()
+        link.stop()
 
 
 def kick_device(settings: Settings, device_id: str) -> threading.Thread:
@@ -71,9 +46,8 @@ def kick_device(settings: Settings, device_id: str) -> threading.Thread:
     background thread (decommission answers at once)."""
 
     def run() -> None:
-        stop = threading.Event()
         for delay in (FIRST_KICK_S, SECOND_KICK_S):
-            stop.wait(delay)
+            time.sleep(delay)
             try:
                 if take_over_session(settings, device_id):
                     log.info("cut any open MQTT connection of decommissioned device %s", device_id)
