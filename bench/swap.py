@@ -8,8 +8,9 @@ Builds two real ONNX models (same signature, different weights), serves one from
 * requests failed or wrong during swaps (target 0): a request fails if it raises or if its answer
   does not match the reference output of the version that claims to have answered;
 * p99 latency in the swap windows / steady p99 (target <= 1.5). A swap window runs from the start
-  of the load (load + validate + warm-up, which competes for the same CPU cores; the host runs it at
-  a lower CPU priority, ``--load-nice``) until 50 ms after the reference rebind. Steady p99 comes
+  of the load (load + validate + warm-up, which competes for the same CPU cores; the host runs it
+  under ``SCHED_IDLE``, or at ``--load-nice`` with ``--no-load-idle``) until 50 ms after the
+  reference rebind. Steady p99 comes
   from the 3 s before the swaps and the gaps between swap windows (interleaved, so that background
   load on a shared machine hits both sides alike). The ratio for +-50 ms around the rebind only is
   printed too;
@@ -86,12 +87,20 @@ def main() -> int:
     ap.add_argument("--slow-factor", type=int, default=2, help="model cost: chained 256x256 MatMuls")
     ap.add_argument("--steady-s", type=float, default=3.0)
     ap.add_argument("--load-nice", type=int, default=10, help="nice increment of the loader thread")
+    ap.add_argument(
+        "--load-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the loader thread under SCHED_IDLE (the device default)",
+    )
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-swap-"))
     scales = {"1.0.0": 1.0, "2.0.0": 2.0}
     slots = {v: build_slot(work, v, s, args.slow_factor) for v, s in scales.items()}
-    host = ModelHost("clf", intra_op_threads=1, warmup_runs=3, load_nice=args.load_nice)
+    host = ModelHost(
+        "clf", intra_op_threads=1, warmup_runs=3, load_nice=args.load_nice, load_idle=args.load_idle
+    )
     host.install(slots["1.0.0"])
 
     # ------------------------------------------------------------ load + swaps
@@ -196,7 +205,7 @@ def main() -> int:
     tp_ratio = statistics.median(mon_rates) / statistics.median(bare_rates)
     print(
         f"fleetota bench/swap.py: {args.swaps} hot-swaps, 2 client threads, model ~{bare_us:.0f} us/run,"
-        f" loader nice +{args.load_nice}"
+        f" loader {'SCHED_IDLE' if args.load_idle else f'nice +{args.load_nice}'}"
     )
     print(f"  requests during swaps: {swap_requests}, steady: {len(steady)}")
     print(

@@ -46,6 +46,9 @@ class DeviceSettings(BaseSettings):
     warmup_runs: int = Field(default=3, ge=0)
     #: nice increment of the thread that loads, validates and warms a model (0: same priority)
     load_nice: int = Field(default=10, ge=0, le=19)
+    #: run that thread under Linux SCHED_IDLE (CPU only when no normal thread wants it); load_nice
+    #: applies where SCHED_IDLE is unavailable or off
+    load_idle: bool = True
     #: keep exactly one previous model loaded so that rollback is a reference flip
     keep_previous_warm: bool = True
     shadow_sample_rate: float = Field(default=0.1, ge=0, le=1)

@@ -104,6 +104,7 @@ def _start_daemon(device: DemoDevice, logs: Path) -> None:
         "FLEET_DEVICE_HEALTH_WINDOW_S": "1",
         "FLEET_DEVICE_PROBATION_TICK_S": "0.2",
         "FLEET_DEVICE_LOAD_NICE": "5",
+        "FLEET_DEVICE_LOAD_IDLE": "false",  # four daemons and the server share two cores: keep loads moving
     }
     log = open(logs / f"{device.device_id}.log", "ab")  # noqa: SIM115 - owned by the child
     device.proc = subprocess.Popen(

@@ -306,10 +306,28 @@ def test_load_runs_at_lower_cpu_priority(make_slot) -> None:
         return load_slot(path)
 
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    host = ModelHost("clf", loader=loader, load_nice=5)
+    host = ModelHost("clf", loader=loader, load_nice=5, load_idle=False)
     host.install(make_slot())
     assert seen == [min(mine + 5, 19)]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # caller untouched
     host.load_nice = 0
     host.load(make_slot("1.1.0"))
     assert seen[-1] == mine
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux-only")
+def test_load_runs_under_sched_idle_by_default_and_the_caller_keeps_its_policy(make_slot) -> None:
+    policies: list[int] = []
+
+    def loader(path):
+        policies.append(os.sched_getscheduler(0))  # 0: the calling thread
+        return load_slot(path)
+
+    mine = os.sched_getscheduler(0)
+    host = ModelHost("clf", loader=loader)
+    host.install(make_slot())
+    assert policies == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) == mine == os.SCHED_OTHER
+    host.load_idle, host.load_nice = False, 0
+    host.load(make_slot("1.1.0"))
+    assert policies[-1] == os.SCHED_OTHER
