@@ -257,6 +257,7 @@ def main() -> None:
         raise SystemExit("--replicas > 1 needs --postgres (or FLEET_BENCH_POSTGRES_URL): one SQLite file")
 
     from server.client import FleetClient
+    from server.gctune import tune_gc
     from server.onnx_models import make_model
     from server.sim.embedded import start_embedded
     from server.sim.fleet import SimOptions, Simulator
@@ -288,6 +289,7 @@ def main() -> None:
         for v, seed in (("1.0.0", 1), ("2.0.0", 2)):
             client.push_model("det", v, make_model(work / f"det-{v}.onnx", seed=seed))
         fleet = enroll_fleet(emb.url, emb.admin_token, n, work / "sim", concurrency=16)
+        tune_gc()  # this process also holds the fleet's identities: freeze them with the server's state
         result["enroll_s"] = round(time.monotonic() - t, 1)
         print(f"  enrolled {n} devices in {result['enroll_s']} s")
         t = time.monotonic()

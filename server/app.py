@@ -17,6 +17,7 @@ from fastapi.responses import PlainTextResponse
 
 from server.config import Settings
 from server.context import ServerContext
+from server.gctune import tune_gc
 from server.health.rollup import HealthRollupJob
 from server.http.errors import ERROR_RESPONSES, install_error_handlers
 from server.http.routers import admin, catalog, devices, rollouts, tuf
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.health_rollup.start()
         # keep a strong reference: the event loop holds tasks only weakly
         app.state.tasks = {asyncio.create_task(_refresh_metadata_forever(ctx), name="tuf-refresh")}
+        if settings.gc_tuning:
+            tune_gc()  # start-up state is built: never walk it again (server/gctune.py)
         try:
             yield
         finally:

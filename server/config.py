@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     #: server process); see server/mqtt/workers.py. More than one needs shared subscriptions.
     ingest_processes: int = Field(default=0, ge=0, le=64)
 
+    #: after start-up, collect once, freeze what is alive and raise the young-generation threshold
+    #: (server/gctune.py) in the server process and each ingest process
+    gc_tuning: bool = True
+
     #: run the rollout engine in this process, ticking every ``rollout_tick_s``
     rollout_engine: bool = True
     rollout_tick_s: float = Field(default=1.0, gt=0)

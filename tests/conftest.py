@@ -62,6 +62,7 @@ def settings(database_url: str, tmp_path: Path):
         metadata_refresh_interval_s=3600,
         mqtt_enabled=False,
         rollout_engine=False,
+        gc_tuning=False,  # many apps start in one test process: no collect + freeze per app
     )
 
 

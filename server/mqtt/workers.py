@@ -260,6 +260,10 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
     )
     ingest.start()
     link.start()
+    if settings.gc_tuning:
+        from server.gctune import tune_gc
+
+        tune_gc()
     ready: bool | None = None
     last: Snapshot | None = None
     try:

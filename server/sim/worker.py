@@ -37,6 +37,7 @@ from device_client.protocol.messages import DeploymentPhase as P
 from device_client.protocol.messages import HardwareFacts, ServeMode
 from device_client.protocol.signing import public_key_from_pem, verify_envelope
 from device_client.protocol.topics import TopicKind, device_topic
+from server.gctune import tune_gc
 from server.sim.profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -435,6 +436,7 @@ class Worker:
         self.pool = ThreadPoolExecutor(spec.connect_threads, thread_name_prefix="sim-connect")
         self._soon: deque[Callable[[], None]] = deque()
         self.devices = [SimDevice(d, self) for d in spec.devices]
+        self._frozen = False
 
     def profile(self, version: str) -> Profile:
         return self.spec.profiles.get(version, self.spec.default_profile)
@@ -449,9 +451,15 @@ class Worker:
         return snap
 
     def _misc(self) -> None:
+        connected = 0
         for d in self.devices:
             if d.connected and not d.connecting:
                 d.client.loop_misc()
+                connected += 1
+        if not self._frozen and connected == len(self.devices):
+            # every device's client, socket and TLS state is built: never walk them again
+            self._frozen = True
+            tune_gc()
         if not self.stopping:
             self.mux.sched.call_later(1.0, self._misc)
 
@@ -506,6 +514,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
     logging.basicConfig(level=logging.WARNING, format=f"sim-worker-{spec.index} %(levelname)s %(message)s")
     raise_open_files(len(spec.devices) * 2 + 256)
+    tune_gc(freeze=False)  # young-generation threshold now; freeze once every device is connected
     with contextlib.suppress(KeyboardInterrupt):
         Worker(spec, conn).run()
 
