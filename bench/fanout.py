@@ -75,7 +75,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RESULTS, ratio_line, write_result
+from benchlib import RESULTS, python_loop_s, ratio_line, write_result
 from ingest import fresh_postgres
 
 ACKED_NOT = ("pending", "notified")
@@ -270,6 +270,7 @@ def main() -> None:
         f"fan-out benchmark: {n} devices, {'PostgreSQL' if db_url else 'SQLite'}, "
         f"{args.replicas} server replica(s), workdir {work}"
     )
+    print(f"  this machine: {python_loop_s():.2f} s per 10**7 pure-Python loop iterations (see benchlib)")
     t = time.monotonic()
     tuning = {"rollout_tick_s": 0.25, "ingest_batch_delay_s": 0.05, "ingest_processes": args.ingest_processes}
     shared = {"mqtt_shared_subscriptions": True} if args.replicas > 1 or args.ingest_processes > 1 else {}

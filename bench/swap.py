@@ -25,6 +25,7 @@ Times are measured, never asserted; the script exits 0 either way.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchlib import write_result  # noqa: E402
 
 from device_client.protocol.bundle import MODEL_MEMBER, VALIDATION_MEMBER, build_bundle, extract_bundle  # noqa: E402
 from device_client.runtime import ModelHost  # noqa: E402
@@ -229,6 +232,23 @@ def main() -> int:
     )
     if failures:
         print("  first failures:", failures[:3])
+    path = write_result(
+        "swap",
+        {
+            "swaps": args.swaps, "loader": "SCHED_IDLE" if args.load_idle else f"nice +{args.load_nice}",
+            "failed_requests": len(failures), "swap_requests": swap_requests, "steady_requests": len(steady),
+            "p99_window_ms": round(w99, 3), "p99_steady_ms": round(s99, 3), "p99_ratio": round(lat_ratio, 3),
+            "p99_near_flip_ratio": round(f99 / s99, 3),
+            "rollback_ms": round(statistics.median(rollback_ms), 4),
+            "forward_ms": round(statistics.median(forward_ms), 2), "rollback_ratio": round(rb_ratio, 5),
+            "throughput_ratio": round(tp_ratio, 3),
+            "targets": {
+                "failed_requests": 0, "p99_ratio": 1.5, "rollback_ratio": 0.05, "throughput_ratio": 0.95
+            },
+        },
+    )  # fmt: skip
+    print(f"  wrote {path}")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -16,13 +17,34 @@ if str(ROOT) not in sys.path:
 RESULTS = ROOT / "bench" / "results"
 
 
+def python_loop_s(n: int = 2_000_000) -> float:
+    """Seconds per 10**7 iterations of a pure-Python add loop on this machine (best of 3 of ``n``).
+
+    A yardstick for comparing runs across machines: the simulator, the ingest and the engine are
+    mostly Python, so their times scale with it far more than with the hashing speed openssl
+    shows (session 4's 2-core VM: ~0.6 s, with openssl hashing SHA-256 at ~1,000 MB/s)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return best * 10_000_000 / n
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
-    """bench/results/<name>.json (gitignored), with when and where it ran."""
+    """bench/results/<name>.json (gitignored), with when and where it ran (and how fast Python is
+    there: :func:`python_loop_s`)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "bench": name,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+        "host": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "python_loop_1e7_s": round(python_loop_s(), 3),
+        },
         **data,
     }
     path = RESULTS / f"{name}.json"
