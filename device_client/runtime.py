@@ -485,9 +485,13 @@ class ModelHost:
 
     # ---------------------------------------------------------------- admin path
 
-    def load(self, slot_dir: Path) -> LoadedModel:
-        """Load + validate + warm a slot (does not serve it); raises :class:`ModelRejected`."""
-        if (self.load_nice > 0 or self.load_idle) and sys.platform.startswith("linux"):
+    def load(self, slot_dir: Path, *, urgent: bool = False) -> LoadedModel:
+        """Load + validate + warm a slot (does not serve it); raises :class:`ModelRejected`.
+
+        At low CPU priority unless ``urgent`` (a cold rollback: the model serving now misbehaves,
+        so getting away from it matters more than the latency of the requests it answers)."""
+        low = (self.load_nice > 0 or self.load_idle) and not urgent
+        if low and sys.platform.startswith("linux"):
             model = _run_low_priority(self._loader, Path(slot_dir), self.load_nice, self.load_idle)
         else:
             model = self._loader(Path(slot_dir))
@@ -522,7 +526,7 @@ class ModelHost:
             if prev is None:
                 if self._previous_path is None:
                     raise NoModel(f"{self.name}: no previous model to roll back to")
-                prev = self.load(self._previous_path)  # cold previous: reload and re-validate
+                prev = self.load(self._previous_path, urgent=True)  # cold: reload and re-validate
             cut = self._serving.version if self._serving is not None else None
             self._serving = prev
             self._previous = None

@@ -331,3 +331,18 @@ def test_load_runs_under_sched_idle_by_default_and_the_caller_keeps_its_policy(m
     host.load_idle, host.load_nice = False, 0
     host.load(make_slot("1.1.0"))
     assert policies[-1] == os.SCHED_OTHER
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux-only")
+def test_a_cold_rollback_loads_at_normal_priority(make_slot) -> None:
+    policies: list[int] = []
+
+    def loader(path):
+        policies.append(os.sched_getscheduler(0))
+        return load_slot(path)
+
+    host = ModelHost("clf", loader=loader, keep_previous_warm=False)
+    host.install(make_slot())
+    host.install(make_slot("1.1.0"))
+    assert host.rollback().version == "1.0.0"
+    assert policies == [os.SCHED_IDLE, os.SCHED_IDLE, os.SCHED_OTHER]  # the rollback is urgent
