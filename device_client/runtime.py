@@ -488,9 +488,10 @@ class ModelHost:
     def load(self, slot_dir: Path, *, urgent: bool = False) -> LoadedModel:
         """Load + validate + warm a slot (does not serve it); raises :class:`ModelRejected`.
 
-        At low CPU priority unless ``urgent`` (a cold rollback: the model serving now misbehaves,
-        so getting away from it matters more than the latency of the requests it answers)."""
-        low = (self.load_nice > 0 or self.load_idle) and not urgent
+        At low CPU priority while a model serves requests, unless ``urgent`` (a cold rollback: the
+        model serving now misbehaves, so getting away from it matters more than the latency of the
+        requests it answers). With nothing serving yet (start-up) there is nothing to protect."""
+        low = (self.load_nice > 0 or self.load_idle) and not urgent and self._serving is not None
         if low and sys.platform.startswith("linux"):
             model = _run_low_priority(self._loader, Path(slot_dir), self.load_nice, self.load_idle)
         else:

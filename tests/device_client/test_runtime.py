@@ -307,8 +307,9 @@ def test_load_runs_at_lower_cpu_priority(make_slot) -> None:
 
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     host = ModelHost("clf", loader=loader, load_nice=5, load_idle=False)
-    host.install(make_slot())
-    assert seen == [min(mine + 5, 19)]
+    host.install(make_slot())  # nothing serves yet: nothing to protect, normal priority
+    host.install(make_slot("1.0.1"))
+    assert seen == [mine, min(mine + 5, 19)]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # caller untouched
     host.load_nice = 0
     host.load(make_slot("1.1.0"))
@@ -325,8 +326,9 @@ def test_load_runs_under_sched_idle_by_default_and_the_caller_keeps_its_policy(m
 
     mine = os.sched_getscheduler(0)
     host = ModelHost("clf", loader=loader)
-    host.install(make_slot())
-    assert policies == [os.SCHED_IDLE]
+    host.install(make_slot())  # start-up: nothing serves yet
+    host.install(make_slot("1.0.1"))
+    assert policies == [os.SCHED_OTHER, os.SCHED_IDLE]
     assert os.sched_getscheduler(0) == mine == os.SCHED_OTHER
     host.load_idle, host.load_nice = False, 0
     host.load(make_slot("1.1.0"))
@@ -345,4 +347,4 @@ def test_a_cold_rollback_loads_at_normal_priority(make_slot) -> None:
     host.install(make_slot())
     host.install(make_slot("1.1.0"))
     assert host.rollback().version == "1.0.0"
-    assert policies == [os.SCHED_IDLE, os.SCHED_IDLE, os.SCHED_OTHER]  # the rollback is urgent
+    assert policies == [os.SCHED_OTHER, os.SCHED_IDLE, os.SCHED_OTHER]  # start-up, update, rollback
