@@ -29,6 +29,7 @@ from server.sim.profiles import Profile
 from server.sim.provision import enroll_fleet
 from tests.helpers.device_fleet import push_model, wait_for
 from tests.helpers.onnx_models import make_model
+from tests.helpers.sim_rollout import sim_rollout_body
 
 pytestmark = pytest.mark.mqtt
 
@@ -98,13 +99,7 @@ def test_ingest_child_process_serves_a_fleet_and_survives_sigkill(live_server, t
         wait_for(lambda: count(live, Device, Device.status == DeviceStatus.online) == N, 20,
                  interval=0.1, what=f"{N} online")  # fmt: skip
 
-        body = {
-            "model": "det", "version": "2.0.0", "selector": {"tags": {"fleet": "ip"}},
-            "stages": [{"percent": 100, "soak_s": 0.5}],
-            "max_concurrent_downloads": 1000, "probation": {"seconds": 0.3}, "on_failure": "pause",
-            "gates": {"max_failure_ratio": 0.1, "max_error_rate": 0.05, "max_p95_ratio": None,
-                      "min_agreement": None, "min_requests": 1},
-        }  # fmt: skip
+        body = sim_rollout_body("ip", stages=[{"percent": 100, "soak_s": 0.5}])
         rid = client.create_rollout(body)["id"]
         state = client.wait_rollout(rid, poll_s=0.3, timeout_s=60)
         assert state["status"] == "completed", state

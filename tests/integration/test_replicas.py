@@ -17,6 +17,7 @@ from server.sim.profiles import Profile
 from server.sim.provision import enroll_fleet
 from tests.helpers.device_fleet import push_model, wait_for
 from tests.helpers.onnx_models import make_model
+from tests.helpers.sim_rollout import sim_rollout_body
 from tests.integration.conftest import LiveServer
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
@@ -53,13 +54,7 @@ def test_two_replicas_share_the_messages_and_advance_a_rollout_once(replicas, tm
     sim = Simulator(fleet, opts).start()
     try:
         assert sim.wait_connected(60), sim.stats()
-        body = {
-            "model": "det", "version": "2.0.0", "selector": {"tags": {"fleet": "r"}},
-            "stages": [{"percent": p, "soak_s": 1} for p in (20, 60, 100)],
-            "max_concurrent_downloads": 1000, "probation": {"seconds": 0.3}, "on_failure": "pause",
-            "gates": {"max_failure_ratio": 0.1, "max_error_rate": 0.05, "max_p95_ratio": None,
-                      "min_agreement": None, "min_requests": 1},
-        }  # fmt: skip
+        body = sim_rollout_body("r", stages=[{"percent": p, "soak_s": 1} for p in (20, 60, 100)])
         rid = client_b.create_rollout(body)["id"]
         state = client_a.wait_rollout(rid, poll_s=0.5, timeout_s=180)
         assert state["status"] == "completed", state

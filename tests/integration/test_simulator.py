@@ -21,6 +21,7 @@ from server.sim.profiles import Profile
 from server.sim.provision import enroll_fleet
 from tests.helpers.device_fleet import device_settings, enroll_device, push_model, wait_for
 from tests.helpers.onnx_models import make_model
+from tests.helpers.sim_rollout import sim_rollout_body
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
 
@@ -31,15 +32,9 @@ def count(live, *where) -> int:
 
 
 def rollout(client: FleetClient, version: str, **over) -> dict:
-    body = {
-        "model": "det", "version": version, "selector": {"tags": {"fleet": "sim"}},
-        "stages": [{"percent": 10, "soak_s": 2}, {"percent": 100, "soak_s": 2}],
-        "max_concurrent_downloads": 1000, "probation": {"seconds": 0.5}, "on_failure": "rollback",
-        "gates": {"max_failure_ratio": 0.1, "max_error_rate": 0.05, "max_p95_ratio": None,
-                  "min_agreement": None, "min_requests": 1},
-    }  # fmt: skip
-    body.update(over)
-    return client.create_rollout(body)
+    stages = [{"percent": 10, "soak_s": 2}, {"percent": 100, "soak_s": 2}]
+    body = sim_rollout_body("sim", version, stages=stages, probation={"seconds": 0.5}, on_failure="rollback")
+    return client.create_rollout({**body, **over})
 
 
 def test_500_simulated_devices_complete_a_staged_rollout(live_server, tmp_path):
