@@ -10,10 +10,9 @@ Builds two real ONNX models (same signature, different weights), serves one from
 * p99 latency in the swap windows / steady p99 (target <= 1.5). A swap window runs from the start
   of the load (load + validate + warm-up, which competes for the same CPU cores; the host runs it
   under ``SCHED_IDLE``, or at ``--load-nice`` with ``--no-load-idle``) until 50 ms after the
-  reference rebind. Steady p99 comes
-  from the 3 s before the swaps and the gaps between swap windows (interleaved, so that background
-  load on a shared machine hits both sides alike). The ratio for +-50 ms around the rebind only is
-  printed too;
+  reference rebind. Steady p99 comes from the 3 s before the swaps and the gaps between swap
+  windows (interleaved, so that background load on a shared machine hits both sides alike). The
+  ratio for +-50 ms around the rebind only is printed too;
 * rollback time (warm previous, a reference flip) / forward swap time including load, validation and
   warm-up (target <= 0.05), medians;
 * inference throughput through ``ModelHost.infer`` (health monitoring on) / bare ``session.run`` on

@@ -10,7 +10,7 @@ built) survive a young collection or two and push a full one every second or two
 ~1.5 s at 120-340 ms each (about a fifth of its time), the server process stopped for 300-640 ms at
 a time, and the simulator workers for 400-670 ms.
 
-:func:`tune_gc` is the usual cure (as in gunicorn's ``preload`` + ``gc.freeze`` pattern):
+:func:`tune_gc` applies the two usual remedies:
 
 * ``gc.freeze()`` after start-up moves everything alive at that point into the permanent
   generation, which collections never walk again (those objects live as long as the process
