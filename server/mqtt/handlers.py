@@ -257,7 +257,7 @@ class IngestWorker:
             )
         insert_ignore(session, HealthSample.__table__, health_rows, ["device_id", "seq"])  # type: ignore[arg-type]
 
-        rows = [touched[k].row() for k in sorted(touched)]  # id order, as the locks were taken
+        rows = [touched[k].changes() for k in sorted(touched)]  # id order, as the locks were taken
         bulk_update(session, Device.__table__, rows)  # type: ignore[arg-type]
 
         if came_online:

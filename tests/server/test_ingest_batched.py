@@ -165,3 +165,33 @@ def test_statements_per_batch_stay_constant_from_3_to_1000_devices(ctx, kind):
         assert (windows, errors) == (2 * LARGE, LARGE)
     else:
         assert _rows(ctx, HealthSample, HealthSample.device_id.in_(large_ids)) == 0
+
+
+def test_a_report_batch_sets_only_the_device_columns_that_changed(ctx):
+    ids = _devices(ctx, "chg", 4)
+    # online, serving 1.0.0 and known hardware already: what a report moves is seen-at and seq
+    _statements(ctx, _messages(ids, "presence"))
+    updates: list[str] = []
+
+    def on_execute(_conn, _cursor, statement, _params, _context, _executemany) -> None:
+        if statement.lstrip().upper().startswith("UPDATE DEVICES"):
+            updates.append(statement)
+
+    worker = IngestWorker(ctx, ctx.metrics)
+    event.listen(ctx.db.engine, "before_cursor_execute", on_execute)
+    try:
+        worker.process(_messages(ids, "reports"))
+    finally:
+        event.remove(ctx.db.engine, "before_cursor_execute", on_execute)
+    assert len(updates) == 1, updates
+    set_clause = updates[0].split("WHERE")[0]
+    assert "last_report_seq" in set_clause
+    assert "last_seen_at" in set_clause
+    for unchanged in ("status", "serving", "hardware"):
+        assert unchanged not in set_clause, set_clause
+    with ctx.db.session_scope() as s:
+        q = sa.select(Device.status, Device.serving, Device.last_report_seq).where(Device.id.in_(ids))
+        rows = s.execute(q)
+        assert {(r.status, tuple(r.serving.items()), r.last_report_seq) for r in rows} == {
+            ("online", (("det", "1.0.0"),), 2)
+        }
