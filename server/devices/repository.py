@@ -42,7 +42,8 @@ class DeviceState:
     def changes(self) -> dict[str, Any]:
         """``id`` plus the columns whose values differ from those read: what an UPDATE must set.
         A report batch mostly moves ``last_seen_at`` and ``last_report_seq``; rewriting the
-        unchanged JSON columns and the indexed ``status`` cost ~40% more per batch on SQLite."""
+        unchanged JSON columns and the indexed ``status`` too made the UPDATE about twice as dear
+        on SQLite (2,000 devices: ~80 ms against 31-48 ms)."""
         row: dict[str, Any] = {"id": self.id}
         for name, old in zip(_INGEST_COLUMNS, self.loaded, strict=True):
             value = getattr(self, name)
