@@ -18,7 +18,7 @@ to take the disk out and see the CPU-bound figure.
 Prints download+verify MB/s / openssl MB/s (target >= 0.85) and writes
 bench/results/download.json. Exits 0.
 
-Session 4's machine (openssl ~1,000 MB/s, a disk that takes ~525 MB/s durably): 0.48-0.53 in
+Session 4's machine (openssl ~1,000 MB/s, a disk that takes 470-525 MB/s durably): 0.42-0.53 in
 /tmp, where the download ran at the disk's ceiling (525 MB/s against 526 MB/s written with one
 fsync: the disk is the limit, not the download); 0.67-0.70 on tmpfs, where the server and the
 receiving threads share the two cores (per 210 MB: server ~0.19 core-s, receiver ~0.40 core-s

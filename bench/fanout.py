@@ -69,7 +69,7 @@ bench now prints swung between 0.38 and 0.71 s per 10**7 iterations from run to 
 code measured 22.7 and 24.8 s for this profile. Full garbage collections were part of it (the
 ingest process ran one every ~1.5 s at 120-340 ms, the server stopped for up to 640 ms, the
 simulator for up to 670 ms); with the collector tuned (server/gctune.py) and the ingest's device
-UPDATE narrowed to the columns that changed, 15.9-22.3 s; stress 22.4 s, PostgreSQL 37 s. Both
+UPDATE narrowed to the columns that changed, 14.8-22.3 s; stress 22.4 s, PostgreSQL 37 s. Both
 cores stay busy throughout; the numbers from different sessions compare machines as much as code.
 """
 
