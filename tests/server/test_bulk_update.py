@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
 from server.bulk import bulk_update
 from server.devices.tables import Device
+from tests.helpers.device_rows import device_row
 
 
 def test_rows_setting_different_columns_are_each_updated_with_their_own_values(ctx):
     now = datetime.now(UTC)
     ids = [f"bu-{i}" for i in range(5)]
     with ctx.db.session_scope() as s:
-        s.execute(sa.insert(Device.__table__), [
-            {"id": d, "status": "enrolled", "hardware": {}, "arch": "x86_64", "cert_serial": d,
-             "cert_not_after": now + timedelta(days=1), "token_hash": hashlib.sha256(d.encode()).hexdigest(),
-             "created_at": now, "serving": {}, "last_report_seq": 0, "desired_seq": 0}
-            for d in ids
-        ])  # fmt: skip
+        s.execute(sa.insert(Device.__table__), [device_row(d, now) for d in ids])
     statements: list[str] = []
 
     def on_execute(_conn, _cursor, statement, _params, _context, _executemany) -> None:

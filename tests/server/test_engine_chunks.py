@@ -10,7 +10,6 @@ outbox message carrying it: no device signed twice, none skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,7 @@ from server.devices.tables import Device, DeviceTag
 from server.mqtt.tables import OutboxMessage
 from server.rollouts.engine import NOTIFY_CHUNK, RolloutEngine
 from server.rollouts.tables import Deployment, DesiredRecord
+from tests.helpers.device_rows import device_row
 from tests.server.test_rollouts import push
 
 N = 4500
@@ -43,11 +43,11 @@ def _fleet(ctx) -> dict[str, int]:
     ).to_dict()  # fmt: skip
     with ctx.db.session_scope() as s:
         s.execute(sa.insert(Device.__table__), [
-            {"id": d, "status": "online" if i < ONLINE else ("offline" if i % 2 else "enrolled"),
-             "hardware": {"ram_mb": 2048}, "arch": ("x86_64", "aarch64")[i % 2], "cert_serial": d,
-             "cert_not_after": now + timedelta(days=365),
-             "token_hash": hashlib.sha256(d.encode()).hexdigest(), "created_at": now,
-             "serving": {"det": "1.0.0"}, "last_report_seq": 0, "desired_seq": seqs[d]}
+            device_row(
+                d, now, status="online" if i < ONLINE else ("offline" if i % 2 else "enrolled"),
+                hardware={"ram_mb": 2048}, arch=("x86_64", "aarch64")[i % 2],
+                cert_not_after=now + timedelta(days=365), serving={"det": "1.0.0"}, desired_seq=seqs[d],
+            )
             for i, d in enumerate(ids)
         ])  # fmt: skip
         s.execute(

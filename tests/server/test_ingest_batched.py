@@ -9,7 +9,6 @@ Then the 1,000-device batch is checked to have been written completely.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +23,7 @@ from server.health.tables import HealthSample
 from server.mqtt.handlers import IngestWorker
 from server.mqtt.tables import OutboxMessage
 from server.rollouts.tables import Deployment, DesiredRecord
+from tests.helpers.device_rows import device_row
 
 SMALL, LARGE = 3, 1000
 KINDS = ("presence", "reports", "health", "mixed")
@@ -49,12 +49,7 @@ def _devices(ctx, prefix: str, n: int) -> list[str]:
             "expires_at": expires, "envelope": ctx.director.sign(desired),
         })  # fmt: skip
     with ctx.db.session_scope() as s:
-        s.execute(sa.insert(Device.__table__), [
-            {"id": d, "status": "enrolled", "hardware": {}, "arch": "x86_64", "cert_serial": d,
-             "cert_not_after": now + timedelta(days=1), "token_hash": hashlib.sha256(d.encode()).hexdigest(),
-             "created_at": now, "serving": {}, "last_report_seq": 0, "desired_seq": 1}
-            for d in ids
-        ])  # fmt: skip
+        s.execute(sa.insert(Device.__table__), [device_row(d, now, desired_seq=1) for d in ids])
         s.execute(sa.insert(Deployment.__table__), [
             {"rollout_id": None, "device_id": d, "stage": 0, "model": "det", "version": "2.0.0",
              "phase": "notified", "desired_seq": 1, "details": {}, "created_at": now, "updated_at": now}
