@@ -69,7 +69,7 @@ from tuf.api import exceptions as tuf_exc
 from .api import InferenceServer
 from .config import DeviceSettings
 from .enroll import Identity
-from .fetcher import HttpSettings, download_resumable
+from .fetcher import HttpSettings, download_resumable, url_origin
 from .health import ProbationOutcome, WindowStats, evaluate_probation
 from .mqtt import MqttEndpointConfig, MqttLink, ReportJournal
 from .protocol import (
@@ -159,6 +159,8 @@ class Daemon:
         )
         self.http = HttpSettings(
             token=self.identity.device_token,
+            # the token is for the server; bundles may come from a static server or CDN
+            token_origin=url_origin(self.identity.tuf_metadata_url),
             ca_cert=settings.ca_cert,
             connect_timeout_s=settings.download_connect_timeout_s,
             read_timeout_s=settings.download_read_timeout_s,

@@ -95,6 +95,9 @@ class HttpSettings:
     """How the device talks HTTP(S) to the server's repository and artifact endpoints."""
 
     token: str | None = None
+    #: send ``token`` only to URLs of this origin (:func:`url_origin`; the daemon sets the server's),
+    #: so a static server or CDN serving the targets never sees it; None: to every URL
+    token_origin: str | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
     ca_cert: Path | None = None
@@ -113,9 +116,10 @@ class HttpSettings:
             read_timeout_s=s.download_read_timeout_s,
         )
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, url: str) -> dict[str, str]:
+        """Request headers for ``url``: the bearer token only where :attr:`token_origin` allows."""
         h = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
-        if self.token:
+        if self.token and (self.token_origin is None or url_origin(url) == self.token_origin):
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
@@ -130,9 +134,19 @@ class HttpSettings:
         return ctx
 
     def client(self) -> httpx.Client:
-        return httpx.Client(
-            verify=self.ssl_context(), headers=self.headers(), follow_redirects=False, trust_env=False
-        )
+        return httpx.Client(verify=self.ssl_context(), follow_redirects=False, trust_env=False)
+
+
+def url_origin(url: str) -> str:
+    """``scheme://host:port`` of ``url`` (host in lower case, the scheme's default port made
+    explicit), for comparing where two URLs point."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port or {'http': 80, 'https': 443}.get(scheme, 0)}"
 
 
 class _Deadline:
@@ -212,7 +226,7 @@ class HttpxFetcher(FetcherInterface):
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         deadline = _Deadline(self.deadline_s)
-        response = _send(self._client, url, self.http.headers(), deadline, self.http)
+        response = _send(self._client, url, self.http.headers(url), deadline, self.http)
         if response.status_code >= 400:
             response.close()
             raise tuf_exc.DownloadHTTPError(f"{url}: HTTP {response.status_code}", response.status_code)
@@ -392,7 +406,7 @@ def _one_pass(io: _PassIO, partial: Path, expected_length: int, expected_sha256:
     allow_range = True
     for _ in range(2):  # a second round only after a 416 / unusable 206
         start = have if allow_range else 0
-        headers = io.http.headers()
+        headers = io.http.headers(url)
         if start > 0:
             headers["Range"] = f"bytes={start}-"
         reply = _request(io, headers)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +29,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     #: base URL devices use to reach this server (enrollment, TUF metadata and targets)
     public_url: str = ""
+    #: where devices download bundles from: a static server or CDN serving ``repo_dir/targets``
+    #: as is (consistent-snapshot names, Range requests); empty = this server's ``/tuf/targets/``.
+    #: Handed out at enrollment, so it applies to devices enrolled after it is set
+    targets_url: str = ""
     #: refuse to bind a non-loopback address with development defaults unless this is set
     allow_insecure_bind: bool = False
 
@@ -89,6 +94,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    @field_validator("targets_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         data = self.data_dir
@@ -107,6 +119,11 @@ class Settings(BaseSettings):
             self.public_url = f"http://{self.host}:{self.port}"
         self.public_url = self.public_url.rstrip("/")
         return self
+
+    @property
+    def targets_base_url(self) -> str:
+        """The targets URL devices get at enrollment (``targets_url`` or this server's own)."""
+        return (self.targets_url or f"{self.public_url.rstrip('/')}/tuf/targets").rstrip("/") + "/"
 
     @property
     def embedded_broker(self) -> bool:
@@ -129,8 +146,6 @@ class Settings(BaseSettings):
 
     def mqtt_connect_endpoint(self) -> tuple[str, int]:
         """(host, port) the server itself connects to."""
-        from urllib.parse import urlsplit
-
         if self.mqtt_url:
             parts = urlsplit(self.mqtt_url)
             return parts.hostname or "127.0.0.1", parts.port or 8883
@@ -138,8 +153,6 @@ class Settings(BaseSettings):
 
     def mqtt_endpoint(self) -> tuple[str, int]:
         """(host, port) devices connect to."""
-        from urllib.parse import urlsplit
-
         if self.mqtt_url:
             parts = urlsplit(self.mqtt_url)
             host = self.mqtt_public_host or parts.hostname or "localhost"

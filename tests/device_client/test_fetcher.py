@@ -22,6 +22,7 @@ from device_client.fetcher import (
     LengthMismatch,
     TooLarge,
     download_resumable,
+    url_origin,
 )
 from tests.device_client.http_server import Behaviour, serve
 from tests.helpers.fs import tiny_filesystem
@@ -50,6 +51,30 @@ def test_plain_download_with_token(tmp_path: Path) -> None:
     assert final.read_bytes() == CONTENT
     assert not (tmp_path / "b.tar.partial").exists()
     assert b.seen[0]["auth"] == "Bearer tok-123"
+
+
+def test_the_token_goes_only_to_its_origin(tmp_path: Path) -> None:
+    """A device's token is for the fleet server: a static server or CDN holding the bundles (another
+    origin) gets the download request without it; the server's own origin (default port spelled
+    or not, host in any case) gets it, for the bundle download and for metadata alike."""
+    b = Behaviour(content=CONTENT)
+    with serve(b) as url:
+        elsewhere = HttpSettings(token="tok-1", token_origin="http://fleet.example:80")
+        dl(url, tmp_path / "a.tar.partial", http=elsewhere)
+        fetcher = HttpxFetcher(elsewhere, deadline_s=5, max_bytes=1_000_000)
+        try:
+            assert fetcher.download_bytes(url + "/bundle.tar", len(CONTENT)) == CONTENT
+        finally:
+            fetcher.close()
+        dl(url, tmp_path / "b.tar.partial", http=HttpSettings(token="tok-1", token_origin=url_origin(url)))
+    assert [s["auth"] for s in b.seen] == [None, None, "Bearer tok-1"]
+    assert (
+        url_origin("HTTP://Fleet.Example/tuf/")
+        == url_origin("http://fleet.example:80/x")
+        == ("http://fleet.example:80")
+    )
+    assert url_origin("https://fleet.example/") == "https://fleet.example:443"
+    assert url_origin("https://fleet.example:8443/") != url_origin("https://fleet.example/")
 
 
 def test_wrong_token_is_an_http_error(tmp_path: Path) -> None:
@@ -217,7 +242,7 @@ def test_connection_refused_is_a_download_error() -> None:
 def test_http_settings_from_device_settings() -> None:
     s = DeviceSettings(device_token="secret-token", download_read_timeout_s=7)
     http = HttpSettings.from_device_settings(s)
-    assert http.headers()["Authorization"] == "Bearer secret-token"
+    assert http.headers("http://server.example/tuf/targets/x")["Authorization"] == "Bearer secret-token"
     assert http.read_timeout_s == 7
 
 
