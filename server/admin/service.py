@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -12,6 +13,23 @@ from server.admin.tables import AdminToken, AuditEntry, Role
 from server.db import utcnow
 from server.errors import Invalid, NotFound, Unauthorized
 from server.security import ADMIN_PREFIX, authenticate_token, new_id, new_token
+
+#: the largest id (exclusive) a 64-bit signed INTEGER column holds, on SQLite and PostgreSQL alike
+MAX_ID = 2**63
+_ID_CURSOR_RE = re.compile(r"[0-9]{1,19}")
+
+
+def parse_id_cursor(cursor: str, what: str) -> int:
+    """A numeric paging cursor (a row id): ASCII digits only, ``0 < n < 2**63``; :class:`Invalid` else.
+
+    ``int()`` alone would accept ``-5``, ``1_000``, non-ASCII digits and values too large for the
+    database driver (SQLite raises OverflowError, a 500, for ints beyond 64 bits).
+    """
+    value = int(cursor) if _ID_CURSOR_RE.fullmatch(cursor) else 0
+    if not 0 < value < MAX_ID:
+        raise Invalid(f"malformed {what} {cursor[:40]!r}: expected an integer between 1 and {MAX_ID - 1}")
+    return value
+
 
 #: the principal of commands run on the server host itself (``fleet admin token create``)
 CLI_PRINCIPAL = Principal(actor="cli", role=Role.admin)
@@ -77,12 +95,7 @@ class AdminService:
     def audit_page(
         self, cursor: str | None, limit: int, action: str | None, target_id: str | None
     ) -> AuditPage:
-        before = None
-        if cursor:
-            try:
-                before = int(cursor)
-            except ValueError:
-                raise Invalid("malformed audit cursor") from None
+        before = parse_id_cursor(cursor, "audit cursor") if cursor else None
         rows = AuditRepository(self.session).page(
             before_id=before, limit=limit, action=action, target_id=target_id
         )

@@ -79,3 +79,33 @@ def test_audit_pagination(app_client, admin_headers):
     assert len(ids) == 4
     assert ids == sorted(ids, reverse=True)
     assert app_client.get("/api/v1/audit?cursor=abc", headers=admin_headers).status_code == 422
+
+
+def test_audit_cursor_out_of_range_or_not_numeric_is_422(app_client, admin_headers):
+    # regression: int(cursor) let 10**23 through to SQLite (OverflowError, a 500), and accepted
+    # "-5", "1_000" and non-ASCII digits
+    for bad in ("99999999999999999999999", str(2**63), "0", "-5", "+5", "1_000", "\u0661", "abc", " 7"):
+        r = app_client.get("/api/v1/audit", params={"cursor": bad}, headers=admin_headers)
+        assert r.status_code == 422, (bad, r.status_code, r.text)
+        body = r.json()
+        assert body["code"] == "invalid"
+        assert "malformed audit cursor" in body["detail"]
+        assert "between 1 and 9223372036854775807" in body["detail"]
+    r = app_client.get("/api/v1/audit", params={"cursor": str(2**63 - 1)}, headers=admin_headers)
+    assert r.status_code == 200
+    assert r.json()["items"]  # every id is below the largest cursor
+
+
+def test_integer_query_parameters_are_bounded(app_client, admin_headers):
+    """Every integer query parameter refuses huge values with a 4xx, never a 500."""
+    huge = "99999999999999999999999"
+    for url in (
+        f"/api/v1/audit?limit={huge}",
+        f"/api/v1/rollouts?limit={huge}",
+        f"/api/v1/devices?limit={huge}",
+        f"/api/v1/devices?cursor={huge}",
+        f"/api/v1/devices/nope/events?limit={huge}",
+        "/api/v1/rollouts?limit=0",
+    ):
+        r = app_client.get(url, headers=admin_headers)
+        assert r.status_code == 422, (url, r.status_code, r.text)

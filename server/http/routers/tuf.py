@@ -46,7 +46,9 @@ from server.trust.repository import InvalidTargetPath, check_target_path
 router = APIRouter(tags=["tuf"])
 
 METADATA_NAME_RE = re.compile(r"^(?:(?:[1-9][0-9]{0,9})\.(?:root|targets|snapshot)|timestamp|root)\.json$")
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+#: byte positions past this are all "beyond any file"; bounds int() (4,300-digit limit, a 500)
+_RANGE_POS_CAP = 2**63
 CHUNK_BYTES = 1024 * 1024
 
 
@@ -96,6 +98,12 @@ def _resolve_target(targets_dir: Path, path: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+def _range_pos(digits: str) -> int:
+    """A Range byte position; absurdly long ones saturate at :data:`_RANGE_POS_CAP`."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else _RANGE_POS_CAP
+
+
 class RangeNotSatisfiable(Exception):
     """The requested range starts beyond the end of the file (416)."""
 
@@ -115,12 +123,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first and not last:
         return None
     if not first:  # suffix range: the last N bytes
-        n = int(last)
+        n = _range_pos(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable
         return max(0, size - n), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _range_pos(first)
+    end = _range_pos(last) if last else size - 1
     if last and end < start:
         return None  # syntactically invalid: ignore (RFC 9110 14.1.1)
     if start >= size:
