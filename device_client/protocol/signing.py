@@ -87,7 +87,10 @@ def verify_envelope(envelope: Any, trusted_keys: list[Ed25519PublicKey]) -> dict
     if not signatures:
         raise SignatureError("envelope is unsigned")
     by_id = {key_id(k): k for k in trusted_keys}
-    message = canonical_json(signed)
+    try:
+        message = canonical_json(signed)
+    except UnicodeError as exc:  # a lone surrogate (valid JSON escape, not encodable as UTF-8)
+        raise InvalidPayload(f"signed part is not encodable as UTF-8: {exc}") from None
     for entry in signatures:
         if not isinstance(entry, dict):
             continue

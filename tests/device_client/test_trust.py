@@ -93,6 +93,16 @@ def test_malformed_and_unsigned_and_forged(data, exc, needle):
     assert not info.value.authentic
 
 
+def test_lone_surrogate_in_the_payload_is_malformed():
+    # valid JSON (an escaped lone surrogate) whose canonical form cannot be encoded as UTF-8
+    data = b'{"signed": {"seq": 6, "model": "\\ud800"}, "signatures": [{"keyid": "ab", "sig": "AA=="}]}'
+    with pytest.raises(Malformed) as info:
+        verify(data)
+    assert "UTF-8" in info.value.message
+    assert info.value.seq == 6
+    assert not info.value.authentic
+
+
 def test_tampered_signed_body_fails_the_signature():
     env = sign_envelope(desired_dict(), KEY)
     env["signed"]["version"] = "9.9.9"
