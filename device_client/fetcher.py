@@ -87,7 +87,8 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class Interrupted(tuf_exc.DownloadError):
-    """The connection broke or stalled mid-body; the partial file is kept for a resume."""
+    """The connection failed (refused, reset, timed out, TLS handshake broken) or broke or stalled
+    mid-body; the partial file is kept for a resume."""
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def download_resumable(
     """Download ``url`` into ``dest_partial`` (resuming it), verify, and rename to the final path.
 
     The final path is ``final_path`` or ``dest_partial`` without its ``.partial`` suffix. Up to
-    ``attempts`` passes are made when the connection breaks or stalls, all within ``deadline_s``.
+    ``attempts`` passes are made when the connection fails, breaks or stalls, all within ``deadline_s``.
     ``on_response(status, headers)`` sees every response (header names in lower case);
     ``on_progress(received, expected_length)`` is called after every socket read, which takes at
     most ``read_bytes``. Both run on the calling thread and may raise to abandon the download (the
@@ -376,11 +377,16 @@ def _request(io: _PassIO, headers: Mapping[str, str]) -> _Reply:
         sock.settimeout(min(http.read_timeout_s, max(deadline.remaining(), 0.001)))
         conn.request("GET", path, headers=dict(headers))
         response = conn.getresponse()
-    except TimeoutError as exc:
+    except ssl.SSLCertVerificationError as exc:  # the peer is not trusted: no retry changes that
+        conn.close()
+        raise tuf_exc.DownloadError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
+    except (OSError, HTTPException) as exc:
+        # refused, reset, a broken TLS handshake, a connect or header timeout: the connection broke
+        # before the body, so it is resumed like a cut mid-body (within the attempts and deadline)
         conn.close()
         deadline.check(url)
-        raise tuf_exc.SlowRetrievalError(f"{url}: {exc.__class__.__name__}") from exc
-    except (OSError, HTTPException, ValueError) as exc:
+        raise Interrupted(f"{url}: connection failed: {exc.__class__.__name__}: {exc}") from exc
+    except ValueError as exc:
         conn.close()
         raise tuf_exc.DownloadError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
     reply = _Reply(conn, sock, response, response.status, {k.lower(): v for k, v in response.getheaders()})

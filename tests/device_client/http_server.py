@@ -38,6 +38,11 @@ class Behaviour:
     #: send the body with ``Transfer-Encoding: chunked`` (chunks of ``chunk`` bytes)
     chunked: bool = False
     chunk: int = 64 * 1024
+    #: close the next N connections without answering (the request was read, no status line sent)
+    drop_next: int = 0
+    #: answer the next N requests only after ``stall_s`` seconds of silence (before the status line)
+    stall_next: int = 0
+    stall_s: float = 1.0
     seen: list[dict[str, str | None]] = field(default_factory=list)
 
 
@@ -54,6 +59,15 @@ def _handler(b: Behaviour) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             rng = self.headers.get("Range")
             b.seen.append({"path": self.path, "range": rng, "auth": self.headers.get("Authorization")})
+            if b.drop_next > 0:
+                b.drop_next -= 1
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if b.stall_next > 0:
+                b.stall_next -= 1
+                time.sleep(b.stall_s)
             if b.require_token and self.headers.get("Authorization") != f"Bearer {b.require_token}":
                 return self._plain(401, b"unauthorised")
             if b.status is not None:

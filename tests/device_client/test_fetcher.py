@@ -386,12 +386,40 @@ def test_stall_beyond_the_read_timeout_is_an_interruption(tmp_path: Path) -> Non
     assert partial.stat().st_size >= 50_000
 
 
-def test_connection_refused_and_bad_urls_are_download_errors(tmp_path: Path) -> None:
-    for url in ("http://127.0.0.1:9", "ftp://127.0.0.1", "http://127.0.0.1:99999"):
+def test_bad_urls_are_download_errors(tmp_path: Path) -> None:
+    for url in ("ftp://127.0.0.1", "http://127.0.0.1:99999"):
         with pytest.raises(tuf_exc.DownloadError) as info:
             dl(url, tmp_path / "b.tar.partial", attempts=3)
-        assert not isinstance(info.value, Interrupted)  # not a broken transfer to resume
+        assert not isinstance(info.value, Interrupted)  # nothing a retry could change
     assert not (tmp_path / "b.tar.partial").exists()
+
+
+def test_connection_refused_is_retried_within_the_attempts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="device_client.fetcher")
+    with pytest.raises(Interrupted, match="connection failed: ConnectionRefusedError"):
+        dl("http://127.0.0.1:9", tmp_path / "b.tar.partial", attempts=3)
+    assert "resuming (attempt 3)" in caplog.text
+    assert not (tmp_path / "b.tar.partial").exists()
+
+
+def test_connection_dropped_before_the_headers_is_resumed(tmp_path: Path) -> None:
+    b = Behaviour(content=CONTENT, drop_next=2)
+    with serve(b) as url:
+        with pytest.raises(Interrupted, match="connection failed"):
+            dl(url, tmp_path / "a.tar.partial", attempts=1)
+        final = dl(url, tmp_path / "b.tar.partial", attempts=2)
+    assert final.read_bytes() == CONTENT
+    assert len(b.seen) == 3
+
+
+def test_no_status_line_within_the_read_timeout_is_resumed(tmp_path: Path) -> None:
+    b = Behaviour(content=CONTENT, stall_next=1, stall_s=1.0)
+    with serve(b) as url:
+        final = dl(url, tmp_path / "b.tar.partial", attempts=2, http=HttpSettings(read_timeout_s=0.3))
+    assert final.read_bytes() == CONTENT
+    assert len(b.seen) == 2
 
 
 @pytest.mark.parametrize("mib", [3, 9])
