@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from server.client import DEFAULT_URL, FleetAPIError, FleetClient
+from server.client import DEFAULT_URL, UPLOAD_TIMEOUT_S, FleetAPIError, FleetClient
 
 console = Console()
 err_console = Console(stderr=True)
@@ -55,8 +57,21 @@ class ApiGroup(click.Group):
             return super().invoke(ctx)
         except FleetAPIError as exc:
             _fail(f"server answered {exc.status_code}: {exc.detail}")
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # refused, timed out, TLS, bad --url ...
+            _fail(_transport_error(exc))
         except OSError as exc:
             _fail(str(exc))
+
+
+def _transport_error(exc: httpx.HTTPError | httpx.InvalidURL) -> str:
+    """One line for a request that got no answer: what failed, against which URL."""
+    try:
+        where = f" ({exc.request.method} {exc.request.url})" if isinstance(exc, httpx.HTTPError) else ""
+    except RuntimeError:  # no request attached
+        where = ""
+    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "request failed"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return escape(f"{kind}{where}: {reason}")
 
 
 def api_options(fn: Any) -> Any:
@@ -67,10 +82,10 @@ def api_options(fn: Any) -> Any:
     return fn
 
 
-def _client(url: str, token: str | None) -> FleetClient:
+def _client(url: str, token: str | None, **options: Any) -> FleetClient:
     if not token:
         _fail("no admin token: pass --token or set FLEET_TOKEN (create one with `fleet admin token create`)")
-    return FleetClient(url, token)
+    return FleetClient(url, token, **options)
 
 
 @click.group()
@@ -324,6 +339,14 @@ def model() -> None:
     default=None,
     help=".npz of validation inputs (inputs/<name>)",
 )
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=UPLOAD_TIMEOUT_S,
+    show_default=True,
+    help="read/write timeout of the upload in seconds (the answer comes after validation and signing)",
+)
 def model_push(
     url: str,
     token: str | None,
@@ -333,8 +356,12 @@ def model_push(
     variant: str,
     metadata: str | None,
     validation: Path | None,
+    timeout_s: float,
 ) -> None:
-    """Upload an ONNX model; the server validates, bundles, signs and publishes it."""
+    """Upload an ONNX model; the server validates, bundles, signs and publishes it.
+
+    Should the upload time out, the server may still publish the version: check with
+    ``fleet model ls NAME`` before pushing again (the same version twice is a 409)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     meta = None
@@ -345,7 +372,7 @@ def model_push(
             raise click.BadParameter(f"--metadata is not JSON: {exc}") from None
     size = os.path.getsize(file)
     with (
-        _client(url, token) as client,
+        _client(url, token, upload_timeout=timeout_s) as client,
         Progress(
             "[progress.description]{task.description}",
             BarColumn(),

@@ -20,6 +20,13 @@ from typing import Any, BinaryIO
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+#: read/write/pool timeout of ordinary API calls, seconds
+DEFAULT_TIMEOUT_S = 60.0
+#: connecting must be quick whatever the call: an unreachable server fails fast
+CONNECT_TIMEOUT_S = 10.0
+#: read/write timeout of model uploads: sending a large file over a slow link, then the server's
+#: validation, bundling and signing, can take far longer than an ordinary call
+UPLOAD_TIMEOUT_S = 1800.0
 
 
 class FleetAPIError(Exception):
@@ -48,12 +55,19 @@ class FleetClient:
         base_url: str = DEFAULT_URL,
         token: str | None = None,
         *,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        upload_timeout: float = UPLOAD_TIMEOUT_S,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        """``timeout`` bounds each read/write of ordinary calls, ``upload_timeout`` those of
+        :meth:`push_model` (whose answer only comes once the server has validated, bundled and
+        signed the model), ``connect_timeout`` every connection attempt."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout = httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
+        self.upload_timeout = httpx.Timeout(upload_timeout, connect=min(connect_timeout, upload_timeout))
         self.http = httpx.Client(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+            base_url=base_url.rstrip("/"), headers=headers, timeout=self.timeout, transport=transport
         )
 
     def __enter__(self) -> FleetClient:
@@ -158,6 +172,11 @@ class FleetClient:
         validation: Path | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
+        """Upload and publish a model version, with the long ``upload_timeout``.
+
+        Should it still time out, the server may yet commit the version: look before retrying
+        (``get_version``), since a second push of the same version is a 409.
+        """
         data = {"version": version, "variant": variant}
         if metadata:
             data["metadata"] = json.dumps(metadata)
@@ -166,7 +185,9 @@ class FleetClient:
             files: dict[str, Any] = {"file": (file.name, reader, "application/octet-stream")}
             if validation is not None:
                 files["validation"] = (validation.name, validation.read_bytes(), "application/octet-stream")
-            return self._call("POST", f"/api/v1/models/{name}/versions", data=data, files=files)
+            return self._call(
+                "POST", f"/api/v1/models/{name}/versions", data=data, files=files, timeout=self.upload_timeout
+            )
 
     def list_models(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/v1/models")
