@@ -433,12 +433,17 @@ class Daemon:
             return False
 
     def _on_desired(self, topic: str, payload: bytes) -> None:
-        """paho thread: queue it; flag a download to stop if this is a genuine newer state."""
+        """paho thread: queue it; flag a download to stop if this is a genuine newer state.
+
+        Newer than the last *accepted* seq, not the update's own: after a same-target re-issue the
+        two differ, and the retained re-issue redelivered on every reconnect must not restart the
+        download's connection."""
         self._inbox.put(payload)
-        upd = self.state.update
+        state = self.state
+        upd = state.update
         if upd is not None and upd.phase is UpdatePhase.downloading:
             with contextlib.suppress(Rejected):
-                verify_desired(payload, self.director_keys, self.device_id, upd.desired_seq, utcnow())
+                verify_desired(payload, self.director_keys, self.device_id, state.last_desired_seq, utcnow())
                 self._supersede.set()
 
     def _handle_desired(self, payload: bytes) -> None:
