@@ -109,14 +109,28 @@ def server() -> None:
 @click.option("--port", type=int, default=None, help="port (FLEET_PORT, default 8080)")
 def server_run(host: str | None, port: int | None) -> None:
     """Start the API server; without FLEET_MQTT_URL also start Mosquitto as a child process."""
+    from pydantic import ValidationError
+
     from server.runner import run_server
 
     overrides: dict[str, Any] = {}
-    if host:
+    if host is not None:
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    run_server(overrides)
+    try:
+        run_server(overrides)
+    except ValidationError as exc:  # FLEET_* settings, before anything is started
+        _fail(_settings_error(exc), code=2)
+
+
+def _settings_error(exc: Any) -> str:
+    """A pydantic ``ValidationError`` of ``Settings`` as one line per bad setting."""
+    lines = []
+    for err in exc.errors():
+        name = "FLEET_" + "_".join(str(part) for part in err["loc"]).upper()
+        lines.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
+    return "invalid settings: " + "; ".join(lines)
 
 
 # -- admin ----------------------------------------------------------------------------------------

@@ -94,6 +94,19 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    @field_validator("host")
+    @classmethod
+    def _bind_host(cls, value: str) -> str:
+        # uvicorn (and Mosquitto) bind "" to every interface, and public_url would be http://:8080:
+        # an empty FLEET_HOST must not pass for loopback and slip past the insecure-bind check
+        value = value.strip()
+        if not value:
+            raise ValueError(
+                "must not be empty (that would listen on all interfaces): give the address to listen "
+                "on, e.g. 127.0.0.1 (this host only, the default) or 0.0.0.0 (all interfaces)"
+            )
+        return value
+
     @field_validator("targets_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -116,7 +129,8 @@ class Settings(BaseSettings):
         self.mqtt_cert_file = self.mqtt_cert_file or self.broker_dir / "fleet_server.crt"
         self.mqtt_key_file = self.mqtt_key_file or self.broker_dir / "fleet_server.key"
         if not self.public_url:
-            self.public_url = f"http://{self.host}:{self.port}"
+            host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+            self.public_url = f"http://{host}:{self.port}"
         self.public_url = self.public_url.rstrip("/")
         return self
 
@@ -137,7 +151,8 @@ class Settings(BaseSettings):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host in ("localhost", ""):
+        """Whether ``host`` listens on this machine only. Not ``""``: servers bind that to all interfaces."""
+        if self.host.lower() == "localhost":
             return True
         try:
             return ipaddress.ip_address(self.host).is_loopback

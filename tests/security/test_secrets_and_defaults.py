@@ -163,3 +163,24 @@ def test_cli_server_run_on_a_public_address_exits_non_zero(tmp_path):
     assert "refusing to listen on 0.0.0.0 with development defaults" in proc.stderr
     assert "FLEET_ALLOW_INSECURE_BIND=1" in proc.stderr
     assert not (tmp_path / "data" / "keys").exists()  # refused before any key or broker was made
+
+
+def test_cli_server_run_with_an_empty_host_exits_non_zero(tmp_path):
+    # protection: Settings refuses FLEET_HOST="" (uvicorn would listen on every interface, and ""
+    # used to pass for loopback in check_bind)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env["FLEET_DATA_DIR"] = str(tmp_path / "data")
+    env["FLEET_HOST"] = ""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "fleet"), "server", "run", "--port", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 2, proc.stderr
+    stderr = " ".join(proc.stderr.split())
+    assert "error: invalid settings: FLEET_HOST: must not be empty" in stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "keys").exists()  # refused before any key or broker was made
