@@ -7,12 +7,13 @@ inference API serves callers on its own threads and never waits for the worker.
 
 Start-up: load the state (``StateStore``: primary, ``.prev`` copy, or adopt installed slots), keep
 the report seq monotonic (if no state file survived, start it from the wall clock in ms), apply
-crash recovery (``state.recovery_action``: mid-download resumes from the ``.partial`` file,
-mid-verify/install restarts verification from the complete download with bounded attempts and
-discards the half-extracted slot, mid-probation reverts to the last known good model and reports
-``rolled_back``), garbage-collect what the state does not reference, load the serving model of each
-model name (plus the previous one, warm when ``keep_previous_warm``, else cold; plus a shadow that
-passed its probation), start the local API, then connect MQTT.
+crash recovery (``state.recovery_action``: mid-download resumes from the ``.partial`` file, or takes
+the complete file when the kill came between its rename and the commit; mid-verify/install restarts
+verification from the complete download with bounded attempts and discards the half-extracted slot;
+mid-probation reverts to the last known good model and reports ``rolled_back``), garbage-collect
+what the state does not reference, load the serving model of each model name (plus the previous
+one, warm when ``keep_previous_warm``, else cold; plus a shadow that passed its probation), start the
+local API, then connect MQTT.
 
 A DesiredState goes through, persisting the state after every step and reporting every phase:
 
@@ -655,6 +656,13 @@ class Daemon:
             return
         partial = self.data_dir / upd.partial_path
         _, final = self.store.download_paths(d.model, d.version, d.variant, d.hashes["sha256"])
+        if self._complete_download(final, d):
+            log.info("the download of %s completed before a restart; not downloading it again", d.target)
+            self._advance(
+                downloaded(self.state, utcnow(), self.store.relpath(final)),
+                {"download": {"complete_before_restart": True}},
+            )
+            return
         have = partial.stat().st_size if partial.exists() else 0
         need = (d.length - have) + d.length + self.settings.min_free_bytes
         free = shutil.disk_usage(self.store.downloads_dir).free
@@ -718,6 +726,17 @@ class Daemon:
             raise _StepFailed(f"download_failed: {exc}", seen) from None
         log.info("downloaded %s (%s)", d.target, seen)
         self._advance(downloaded(self.state, utcnow(), self.store.relpath(final)), {"download": seen})
+
+    @staticmethod
+    def _complete_download(final: Path, d: DesiredState) -> bool:
+        """Whether ``final`` already holds the desired bundle: the download renamed it there, then
+        the daemon died before it committed ``downloaded``. Anything else there is deleted."""
+        if not final.exists():
+            return False
+        if final.stat().st_size == d.length and file_sha256(final) == (d.length, d.hashes["sha256"]):
+            return True
+        final.unlink(missing_ok=True)
+        return False
 
     # ---------------------------------------------------------------- verifying
 

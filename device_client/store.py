@@ -48,6 +48,7 @@ STATE_FILE = "state.json"
 PREV_FILE = "state.json.prev"
 TMP_FILE = "state.json.tmp"
 FORMAT = "fleet.device-state/1"
+PARTIAL_SUFFIX = ".partial"
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -270,7 +271,7 @@ class StateStore:
     def download_paths(self, model: str, version: str, variant: str, sha256: str) -> tuple[Path, Path]:
         """(``.partial`` path, final path) of one bundle download."""
         stem = f"{model}-{version}-{variant}-{sha256[:16]}"
-        return self.downloads_dir / f"{stem}.tar.partial", self.downloads_dir / f"{stem}.tar"
+        return self.downloads_dir / f"{stem}.tar{PARTIAL_SUFFIX}", self.downloads_dir / f"{stem}.tar"
 
     def relpath(self, path: Path) -> str:
         return Path(path).absolute().relative_to(self.data_dir).as_posix()
@@ -292,6 +293,11 @@ class StateStore:
         wanted: set[str] = set()
         if state.update is not None:
             wanted = {p for p in (state.update.partial_path, state.update.bundle_path) if p}
+            partial = state.update.partial_path
+            if partial and partial.endswith(PARTIAL_SUFFIX):
+                # a kill between the rename of the finished download and the commit of the state
+                # leaves the complete file next to a partial path that no longer exists
+                wanted.add(partial[: -len(PARTIAL_SUFFIX)])
         for item in list(self.downloads_dir.iterdir()):
             if self.relpath(item) not in wanted:
                 item.unlink(missing_ok=True)

@@ -157,6 +157,23 @@ def test_gc_keeps_current_previous_candidate_and_inflight_download(tmp_path: Pat
     assert list(store.staging_dir.iterdir()) == []
 
 
+def test_gc_keeps_a_download_finished_just_before_a_kill(tmp_path: Path) -> None:
+    # kill -9 after the download renamed .partial to its final name, before ``downloaded`` was
+    # committed: the state still names the partial path; the complete file must survive the gc
+    store = StateStore(tmp_path)
+    desired = DesiredState.build(
+        device_id="d1", seq=1, issued_at=T0, expires_at=T0 + timedelta(hours=1), model="clf",
+        version="1.3.0", release=4, target="t", length=6, hashes={"sha256": "a" * 64},
+    )
+    partial, final = store.download_paths("clf", "1.3.0", "default", "a" * 64)
+    st = sm.accept(DeviceState(), desired, T0, store.relpath(partial))
+    final.write_bytes(b"bundle")
+    other = store.downloads_dir / "clf-1.2.0-default-bbbbbbbbbbbbbbbb.tar"
+    other.write_bytes(b"old")
+    assert store.gc(st) == [other]
+    assert final.read_bytes() == b"bundle"
+
+
 class _FullDisk:
     """Make ``os.fsync`` fail like a full file system for the duration of a block."""
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from device_client import daemon as daemon_module
+from device_client.daemon import Daemon
+from device_client.state import UpdatePhase
 from device_client.store import StateStore
 from tests.helpers.device_fleet import (
     DaemonProcess,
     assign,
+    device_settings,
     enroll_device,
     events,
     infer,
@@ -117,3 +121,56 @@ def test_kill9_mid_probation_reverts_to_last_known_good(live_server, tmp_path):
         assert phases == ["downloading", "verifying", "installing", "probation", "rolled_back"]
     finally:
         second.terminate()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_download_finished_just_before_a_crash_is_not_downloaded_again(live_server, tmp_path, monkeypatch):
+    """A kill after the download renamed ``.partial`` to the bundle, before ``downloaded`` was
+    committed: the restarted daemon verifies and installs that file instead of downloading again."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-fin")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    real = daemon_module.download_resumable
+    calls: list[str] = []
+    first = Daemon(device_settings(data))
+
+    def download_then_die(url, *args, **kwargs):
+        calls.append(url)
+        real(url, *args, **kwargs)
+        first._stop.set()  # the process "dies" here: the worker commits nothing more
+        raise daemon_module._Interrupted("killed")
+
+    monkeypatch.setattr(daemon_module, "download_resumable", download_then_die)
+    first.start()
+    try:
+        seq = assign(live, "edge-fin", "clf", "1.0.0", probation=QUICK)["seq"]
+        wait_for(lambda: calls, timeout=20, what="the download")
+        wait_for(lambda: not first._threads[0].is_alive(), timeout=20, what="the worker gone")
+    finally:
+        first.stop()
+    state = StateStore(data).load().state
+    assert state.update is not None
+    assert state.update.phase is UpdatePhase.downloading
+    assert len(list((data / "downloads").glob("*.tar"))) == 1
+    assert not list((data / "downloads").glob("*.partial"))
+
+    calls.clear()
+
+    def download(url, *args, **kwargs):
+        calls.append(url)
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(daemon_module, "download_resumable", download)
+    second = Daemon(device_settings(data)).start()
+    try:
+        out = outcome_for(live, "edge-fin", seq)
+        assert out["phase"] == "succeeded", out
+        assert calls == []
+        verifying = next(
+            e for e in events(live, "edge-fin") if e["desired_seq"] == seq and e["phase"] == "verifying"
+        )
+        assert verifying["details"]["download"] == {"complete_before_restart": True}
+        assert infer(second.api.url, np.ones((1, 4), np.float32))[1]["version"] == "1.0.0"
+    finally:
+        second.stop()
