@@ -584,7 +584,13 @@ class Daemon:
                 self._stop.wait(1.0)
 
     def _next_message(self) -> bytes | None:
+        """The next queued desired state, or None to take a step of the update in flight.
+
+        None while ``installing``: an install cannot be cancelled (no such transition), so a newer
+        desired state stays queued until the update reaches probation, where it supersedes it."""
         upd = self.state.update
+        if upd is not None and upd.phase is UpdatePhase.installing:
+            return None
         if upd is None:
             wait = 0.5
         elif upd.phase is UpdatePhase.probation:

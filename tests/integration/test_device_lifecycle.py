@@ -170,3 +170,45 @@ def test_shadow_candidate_never_answers_and_publishes_shadow_windows(live_server
         assert daemon.state.shadow == {}
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_desired_state_queued_while_installing_is_handled_after_the_install(live_server, tmp_path):
+    """A DesiredState that arrives during verification is still queued when the update enters
+    ``installing`` (which cannot be cancelled): it waits for the install, then supersedes it."""
+    import threading
+
+    live = live_server
+    enroll_device(live, tmp_path / "dev", "edge-q")
+    onnx = tmp_path / "onnx"
+    push_model(live, "clf", "1.0.0", make_model(onnx / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(onnx / "v2.onnx", scale=2.0))
+    daemon = Daemon(device_settings(tmp_path / "dev"))
+    extracting, release = threading.Event(), threading.Event()
+    install_bundle = daemon.store.install_bundle
+
+    def slow_install(*args, **kwargs):
+        extracting.set()
+        release.wait(20)
+        return install_bundle(*args, **kwargs)
+
+    daemon.store.install_bundle = slow_install  # type: ignore[method-assign]
+    daemon.start()
+    try:
+        seq1 = assign(live, "edge-q", "clf", "1.0.0", probation={"seconds": 3600})["seq"]
+        assert extracting.wait(20)
+        seq2 = assign(live, "edge-q", "clf", "2.0.0", probation=QUICK)["seq"]
+        wait_for(lambda: daemon._inbox.qsize() > 0, what="the newer desired state queued")
+        daemon.store.install_bundle = install_bundle  # type: ignore[method-assign]
+        release.set()
+        out2 = outcome_for(live, "edge-q", seq2, timeout=20)
+        assert out2["phase"] == "succeeded", out2
+        out1 = outcome_for(live, "edge-q", seq1)
+        assert out1["phase"] == "cancelled", out1
+        phases = [e["phase"] for e in events(live, "edge-q") if e["desired_seq"] == seq1]
+        assert phases == ["downloading", "verifying", "installing", "probation", "cancelled"]
+        assert infer(daemon.api.url, X)[1]["version"] == "2.0.0"
+        assert daemon.state.last_desired_seq == seq2
+    finally:
+        release.set()
+        daemon.stop()
