@@ -218,8 +218,8 @@ def _validate(model: LoadedModel, slot_dir: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(slot_dir / VALIDATION_MEMBER, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise ModelRejected(f"unreadable {VALIDATION_MEMBER}: {exc}") from None
+    except Exception as exc:  # OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, ...
+        raise ModelRejected(f"unreadable {VALIDATION_MEMBER}: {exc.__class__.__name__}: {exc}") from None
     inputs: dict[str, np.ndarray] = {}
     for spec in manifest.inputs:
         key = f"inputs/{spec.name}"
@@ -291,9 +291,17 @@ def load_slot(slot_dir: Path, *, intra_op_threads: int = 1, warmup_runs: int = 3
         checks=tuple(checks),
         load_ms=0.0,
     )
-    inputs = _validate(model, slot_dir)
-    for _ in range(warmup_runs):
-        model.run(inputs)
+    try:
+        inputs = _validate(model, slot_dir)
+    except ModelRejected:
+        raise
+    except Exception as exc:  # e.g. a comparison the recorded arrays' dtypes do not allow
+        raise ModelRejected(f"validation failed: {exc.__class__.__name__}: {exc}") from None
+    try:
+        for _ in range(warmup_runs):
+            model.run(inputs)
+    except Exception as exc:
+        raise ModelRejected(f"warm-up failed: {exc.__class__.__name__}: {exc}") from None
     load_ms = (time.perf_counter() - started) * 1000
     log.info("loaded %s %s from %s in %.1f ms", manifest.name, manifest.version, slot_dir, load_ms)
     return LoadedModel(**{**model.__dict__, "load_ms": load_ms})

@@ -86,6 +86,38 @@ def test_rejects_missing_validation_key_and_garbage_model(make_slot) -> None:
         load_slot(slot3)
 
 
+def test_corrupt_validation_vectors_are_a_rejection(make_slot) -> None:
+    truncated = make_slot()
+    data = (truncated / "validation.npz").read_bytes()
+    (truncated / "validation.npz").write_bytes(data[: len(data) // 2])  # zipfile.BadZipFile
+    with pytest.raises(ModelRejected, match=r"unreadable validation\.npz"):
+        load_slot(truncated)
+    flipped = make_slot()
+    data = bytearray((flipped / "validation.npz").read_bytes())
+    data[100:110] = bytes(b ^ 0xFF for b in data[100:110])  # inside the first array: bad CRC-32
+    (flipped / "validation.npz").write_bytes(bytes(data))
+    with pytest.raises(ModelRejected, match=r"unreadable validation\.npz"):
+        load_slot(flipped)
+
+
+def test_a_failing_warm_up_is_a_rejection(make_slot, monkeypatch: pytest.MonkeyPatch) -> None:
+    from device_client.runtime import LoadedModel
+
+    slot = make_slot()
+    real = LoadedModel.run
+    runs: list[int] = []
+
+    def run(self: LoadedModel, inputs: dict) -> list[np.ndarray]:
+        runs.append(1)
+        if len(runs) > 1:  # the validation run passes, the warm-up's fail
+            raise RuntimeError("out of memory")
+        return real(self, inputs)
+
+    monkeypatch.setattr(LoadedModel, "run", run)
+    with pytest.raises(ModelRejected, match="warm-up failed: RuntimeError: out of memory"):
+        load_slot(slot, warmup_runs=2)
+
+
 def test_infer_answers_and_times_every_request(make_slot) -> None:
     host = ModelHost("clf")
     with pytest.raises(NoModel):
