@@ -13,10 +13,12 @@ install (``pip install fleetota[device]``) can run ``fleet device ...``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -672,6 +674,43 @@ def _local_repo() -> Any:
     return repo
 
 
+@contextlib.contextmanager
+def _key_audit(action: str, role: str) -> Iterator[dict[str, Any]]:
+    """Record a key change in the server's audit log (actor ``cli``, target ``key``/ROLE).
+
+    The database is the one ``fleet admin token create`` uses (``FLEET_DATABASE_URL``, default
+    SQLite in ``FLEET_DATA_DIR``), opened and migrated the same way and *before* any key changes:
+    when it cannot be opened, the command refuses and nothing is changed. The body fills in the
+    yielded details (role, key ids, versions; never key material or key paths); the row is written
+    once the body has succeeded, and not at all when it fails.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from server.admin.service import CLI_PRINCIPAL, audit
+    from server.config import Settings
+    from server.db import Database
+    from server.migrate import upgrade_head
+
+    url = Settings().database_url
+    where = make_url(url).render_as_string(hide_password=True)
+    try:
+        upgrade_head(url)
+        db = Database(url)
+    except (SQLAlchemyError, OSError) as exc:
+        _fail(f"cannot open the audit database {where}: {exc}. No key was changed.")
+    try:
+        details: dict[str, Any] = {"role": role}
+        yield details
+        try:
+            with db.session_scope() as session:
+                audit(session, CLI_PRINCIPAL, action, "key", role, details)
+        except SQLAlchemyError as exc:
+            _fail(f"the key change is done, but its audit row ({action}) was not written to {where}: {exc}")
+    finally:
+        db.dispose()
+
+
 def _keys_errors(fn: Any) -> Any:
     import functools
 
@@ -732,16 +771,24 @@ def keys_rotate(role: str, root_key: Path | None, targets_key: Path | None, out:
     from server.trust.rotation import rotate_director, rotate_tuf_role
 
     repo = _local_repo()
+    if role == "director" and (root_key is not None or out is not None):
+        raise click.BadParameter("the director key stays online: only --targets-key applies")
+    with _key_audit("key.rotate", role) as details:
+        if role == "director":
+            done = rotate_director(repo, targets_key=targets_key)
+        else:
+            done = rotate_tuf_role(repo, role, root_key=root_key, targets_key=targets_key, out=out)
+        details.update(old_keyids=done.old_keyids, new_keyid=done.new_keyid, offline=out is not None)
+        if done.root_version is not None:
+            details["root_version"] = done.root_version
+        if done.director_list_version is not None:
+            details["director_list_version"] = done.director_list_version
     if role == "director":
-        if root_key is not None or out is not None:
-            raise click.BadParameter("the director key stays online: only --targets-key applies")
-        done = rotate_director(repo, targets_key=targets_key)
         click.echo(f"director key rotated: now signing with {done.new_keyid}")
         old = ", ".join(done.old_keyids)
         click.echo(f"published director key list v{done.director_list_version}: [new, {old}]")
         click.echo(f"retire the old key later with: fleet keys retire-director {done.old_keyids[0][:16]}")
         return
-    done = rotate_tuf_role(repo, role, root_key=root_key, targets_key=targets_key, out=out)
     click.echo(f"{role} key rotated: root v{done.root_version} lists {done.new_keyid}")
     click.echo(f"new private key: {done.new_key_file} (0600)")
     for path in done.removed:
@@ -756,9 +803,16 @@ def keys_rotate(role: str, root_key: Path | None, targets_key: Path | None, out:
 @_keys_errors
 def keys_retire_director(keyid: str, targets_key: Path | None) -> None:
     """Remove an old director key (KEYID, 8+ hex digits) from the published list."""
-    from server.trust.rotation import retire_director_key
+    from server.trust.rotation import published_director_keys, retire_director_key
 
-    listed = retire_director_key(_local_repo(), keyid, targets_key=targets_key)
+    repo = _local_repo()
+    with _key_audit("key.retire_director", "director") as details:
+        before = published_director_keys(repo)
+        listed = retire_director_key(repo, keyid, targets_key=targets_key)
+        retired = sorted(set(before.keyids if before else ()) - set(listed.keyids))
+        details.update(
+            retired_keyids=retired, director_list=list(listed.keyids), director_list_version=listed.version
+        )
     click.echo(f"published director key list v{listed.version}: {', '.join(listed.keyids)}")
 
 
@@ -768,9 +822,13 @@ def keys_retire_director(keyid: str, targets_key: Path | None) -> None:
 @_keys_errors
 def keys_export(role: str, out: Path) -> None:
     """Move the private key of ROLE offline: write it to --out, then delete it from the key directory."""
-    from server.trust.rotation import export_key
+    from server.trust.rotation import export_key, status
 
-    path = export_key(_local_repo(), role, out)
+    repo = _local_repo()
+    with _key_audit("key.export", role) as details:
+        keyids = next(r.keyids for r in status(repo).roles if r.role == role)
+        path = export_key(repo, role, out)
+        details["keyids"] = list(keyids)
     click.echo(f"{role} key written to {path} and removed from the key directory")
 
 
