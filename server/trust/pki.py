@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -65,10 +66,23 @@ def parse_csr(csr_pem: str) -> tuple[x509.CertificateSigningRequest, str]:
         csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:
         raise Invalid(f"CSR is not a PEM certificate signing request: {exc}") from None
-    if not csr.is_signature_valid:
+    # cryptography parses lazily: a key on a curve it does not implement (secp112r1, ...) or a
+    # malformed key or subject only raises here, as UnsupportedAlgorithm/ValueError/TypeError
+    try:
+        signature_ok = csr.is_signature_valid
+    except (UnsupportedAlgorithm, ValueError, TypeError) as exc:
+        raise Invalid(f"CSR signature cannot be checked: {exc}") from None
+    if not signature_ok:
         raise Invalid("CSR signature does not verify")
-    check_public_key(csr.public_key())
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        public_key = csr.public_key()
+    except (UnsupportedAlgorithm, ValueError, TypeError) as exc:
+        raise Invalid(f"CSR public key is not supported: {exc}") from None
+    check_public_key(public_key)
+    try:
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except (ValueError, TypeError) as exc:
+        raise Invalid(f"CSR subject cannot be parsed: {exc}") from None
     if len(cns) != 1:
         raise Invalid("CSR subject must have exactly one CN (the device id)")
     cn = str(cns[0].value)

@@ -190,3 +190,77 @@ def test_tag_and_decommission(app_client, admin_headers, ctx):
         DeviceService(s, ctx).authenticate_device(body["device_token"])
     # a decommissioned id cannot be re-enrolled
     assert enroll(app_client, enroll_token(app_client, admin_headers), "retire-me").status_code == 409
+
+
+#: a CSR on secp112r1, made with `openssl ecparam -name secp112r1 -genkey` + `openssl req -new
+#: -subj /CN=weird-1`: cryptography parses it but cannot use the key (UnsupportedAlgorithm)
+SECP112R1_CSR = """-----BEGIN CERTIFICATE REQUEST-----
+MIGCME0CAQAwEjEQMA4GA1UEAwwHd2VpcmQtMTAyMBAGByqGSM49AgEGBSuBBAAG
+Ax4ABLgHjlST37eVugch2WXEZCow0awLYlBBxD0st7igADAKBggqhkjOPQQDAgMl
+ADAiAg8Arn9I+0j7496MhnQSQa0CDwCZTsn6z/LAIwaf17fxIw==
+-----END CERTIFICATE REQUEST-----
+"""
+
+
+def test_csr_on_an_unsupported_curve_is_422_not_500(app_client, admin_headers):
+    # no valid token is needed to reach the CSR check: it must not be a 500 for anyone
+    for token in ("fe.nothere.AAAAAAAAAAAAAAAAAAAAAAAA", enroll_token(app_client, admin_headers)):
+        r = app_client.post(
+            "/api/v1/enroll", json={"token": token, "csr_pem": SECP112R1_CSR, "hardware": HARDWARE}
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "invalid"
+        assert "CSR signature cannot be checked" in r.json()["detail"]
+        assert "not supported" in r.json()["detail"]
+    r = app_client.post(
+        "/api/v1/enroll/bulk",
+        json={"token": token, "devices": [
+            {"csr_pem": make_csr("fine-1")[0], "hardware": HARDWARE},
+            {"csr_pem": SECP112R1_CSR, "hardware": HARDWARE},
+        ]},
+        headers=admin_headers,
+    )  # fmt: skip
+    assert r.status_code == 422, r.text
+    assert "CSR signature cannot be checked" in r.json()["detail"]
+    assert enroll(app_client, token, "good-one").status_code == 201  # the token was not consumed
+
+
+def test_parse_csr_maps_unusable_keys_to_invalid(monkeypatch):
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    from server.errors import Invalid
+    from server.trust import pki
+
+    csr_pem, _ = make_csr("dev-x")
+    real = x509.load_pem_x509_csr
+
+    class Lazy:
+        """A CSR whose signature verifies but whose key or subject cryptography cannot parse."""
+
+        def __init__(self, fail: str, exc: Exception) -> None:
+            self._csr, self._fail, self._exc = real(csr_pem.encode()), fail, exc
+
+        @property
+        def is_signature_valid(self) -> bool:
+            return self._csr.is_signature_valid
+
+        def public_key(self):
+            if self._fail == "key":
+                raise self._exc
+            return self._csr.public_key()
+
+        @property
+        def subject(self):
+            if self._fail == "subject":
+                raise self._exc
+            return self._csr.subject
+
+    for fail, exc, message in [
+        ("key", UnsupportedAlgorithm("no such curve"), "CSR public key is not supported"),
+        ("key", ValueError("bad point"), "CSR public key is not supported"),
+        ("subject", ValueError("bad string"), "CSR subject cannot be parsed"),
+    ]:
+        monkeypatch.setattr(pki.x509, "load_pem_x509_csr", lambda _b, f=fail, e=exc: Lazy(f, e))
+        with pytest.raises(Invalid, match=message):
+            pki.parse_csr(csr_pem)
+
