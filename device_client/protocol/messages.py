@@ -8,17 +8,24 @@ schema, invalid fields) into :class:`~device_client.protocol.errors.InvalidPaylo
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidPayload
 from .topics import DEVICE_ID_PATTERN
 
 #: no protocol message is anywhere near this; larger ones are rejected before parsing
 MAX_PAYLOAD_BYTES = 64 * 1024
+#: bounds of the server's columns (BIGINT, INTEGER), so that a message the parser accepts can be
+#: stored: a device's message that cannot be is rejected as malformed, not discovered at write time
+MAX_BIGINT = 2**63 - 1
+MAX_INT = 2**31 - 1
+#: model names and versions are at most 64 characters everywhere (MODEL_NAME_PATTERN, columns)
+MAX_NAME = 64
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 VARIANT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,31}$"
@@ -28,6 +35,30 @@ SEMVER_PATTERN = (
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` if it is plain JSON that any JSON reader takes back, else ValueError.
+
+    For free-form fields (``details``, ``serving``): JSON escapes can carry a lone UTF-16
+    surrogate and Python's JSON accepts ``NaN``/``Infinity``; both parse here, but the server's
+    strict JSON reader could not read such a value back once stored."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text holds a lone UTF-16 surrogate") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a JSON number")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            strict_json(k)
+            strict_json(v)
+    elif isinstance(value, list):
+        for v in value:
+            strict_json(v)
+    return value
 
 
 def utcnow() -> datetime:
@@ -133,17 +164,19 @@ class Report(Payload):
     SCHEMA: ClassVar[str] = "fleet.report/1"
 
     device_id: str = Field(pattern=f"^{DEVICE_ID_PATTERN}$")
-    seq: int = Field(ge=1)
-    at: datetime
+    seq: int = Field(ge=1, le=MAX_BIGINT)
+    at: AwareDatetime
     phase: DeploymentPhase
-    desired_seq: int | None = None
-    rollout_id: str | None = None
-    model: str | None = None
-    version: str | None = None
+    desired_seq: int | None = Field(default=None, ge=0, le=MAX_INT)
+    rollout_id: str | None = Field(default=None, max_length=16)
+    model: str | None = Field(default=None, max_length=MAX_NAME)
+    version: str | None = Field(default=None, max_length=MAX_NAME)
     reason: str | None = Field(default=None, max_length=2000)
     details: dict[str, Any] = Field(default_factory=dict)
     #: what the device serves after this change: {model: version}
     serving: dict[str, str] = Field(default_factory=dict)
+
+    _strict = field_validator("details", "serving")(classmethod(lambda cls, v: strict_json(v)))
 
 
 class HealthWindow(Payload):
@@ -152,18 +185,18 @@ class HealthWindow(Payload):
     SCHEMA: ClassVar[str] = "fleet.health/1"
 
     device_id: str = Field(pattern=f"^{DEVICE_ID_PATTERN}$")
-    seq: int = Field(ge=1)
-    at: datetime
+    seq: int = Field(ge=1, le=MAX_BIGINT)
+    at: AwareDatetime
     window_s: float = Field(gt=0)
-    model: str
-    version: str
+    model: str = Field(max_length=MAX_NAME)
+    version: str = Field(max_length=MAX_NAME)
     mode: ServeMode = ServeMode.serve
-    requests: int = Field(ge=0)
-    errors: int = Field(ge=0)
+    requests: int = Field(ge=0, le=MAX_INT)
+    errors: int = Field(ge=0, le=MAX_INT)
     p50_ms: float | None = Field(default=None, ge=0)
     p95_ms: float | None = Field(default=None, ge=0)
     p99_ms: float | None = Field(default=None, ge=0)
-    shadow_requests: int | None = Field(default=None, ge=0)
+    shadow_requests: int | None = Field(default=None, ge=0, le=MAX_INT)
     agreement: float | None = Field(default=None, ge=0, le=1)
     shadow_p95_ms: float | None = Field(default=None, ge=0)
 
@@ -174,11 +207,13 @@ class HardwareFacts(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     arch: str = Field(min_length=1, max_length=32)
-    ram_mb: int = Field(ge=0)
-    cpu_count: int = Field(ge=1)
+    ram_mb: int = Field(ge=0, le=MAX_BIGINT)
+    cpu_count: int = Field(ge=1, le=MAX_INT)
     onnxruntime_version: str = Field(min_length=1, max_length=32)
     execution_providers: list[str] = Field(default_factory=list, max_length=32)
     os: str | None = Field(default=None, max_length=64)
+
+    _strict = field_validator("execution_providers")(classmethod(lambda cls, v: strict_json(v)))
 
 
 class Presence(Payload):
@@ -188,9 +223,11 @@ class Presence(Payload):
 
     device_id: str = Field(pattern=f"^{DEVICE_ID_PATTERN}$")
     status: Literal["online", "offline"]
-    at: datetime | None = None
+    at: AwareDatetime | None = None
     hardware: HardwareFacts | None = None
     serving: dict[str, str] = Field(default_factory=dict)
+
+    _strict = field_validator("serving")(classmethod(lambda cls, v: strict_json(v)))
 
 
 P = TypeVar("P", bound=Payload)

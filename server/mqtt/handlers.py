@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -61,6 +61,22 @@ class Batch:
     presence: list[Presence]
     reports: list[Report]
     health: list[HealthWindow]
+
+    def __len__(self) -> int:
+        return len(self.presence) + len(self.reports) + len(self.health)
+
+    def halves(self) -> tuple[Batch, Batch]:
+        """Two batches of about half the messages each, in write order (presence, reports, health),
+        each list keeping its order: a device's earlier messages land in the first half."""
+        tagged = [*((0, m) for m in self.presence), *((1, m) for m in self.reports),
+                  *((2, m) for m in self.health)]  # fmt: skip
+        out = []
+        for part in (tagged[: len(tagged) // 2], tagged[len(tagged) // 2 :]):
+            lists: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+            for kind, m in part:
+                lists[kind].append(m)
+            out.append(Batch(*lists))
+        return out[0], out[1]
 
 
 class IngestWorker:
@@ -167,16 +183,40 @@ class IngestWorker:
         input); False only if the worker was stopped while the database stayed unreachable: the
         batch is not acknowledged and the broker delivers it again. A database error (connection
         dropped, database locked) is retried with a growing pause, however long it lasts, so an
-        outage holds messages in the broker instead of dropping them."""
+        outage holds messages in the broker instead of dropping them. Any other error is the
+        data's: the batch is split in halves and each written on its own, down to the one message
+        that cannot be stored, which alone is rejected (counted, logged); the rest are written."""
         batch = self.parse(items)
-        if not (batch.presence or batch.reports or batch.health):
+        if not len(batch):
             return True
+        return self._settle(batch)
+
+    def _settle(self, batch: Batch) -> bool:
+        try:
+            if not self._write_retrying(batch):
+                return False
+        except Exception:
+            if len(batch) == 1:
+                kinds = (("presence", batch.presence), ("report", batch.reports), ("health", batch.health))
+                kind, msg = next((k, m) for k, ms in kinds for m in ms)
+                log.exception("rejected %s message of %s: it cannot be stored", kind, msg.device_id)
+                self.metrics.inc(REJECTED, kind=kind, reason="unwritable", help="device messages rejected")
+                return True
+            first, second = batch.halves()
+            return self._settle(first) and self._settle(second)
+        if self.on_batch is not None:
+            self.on_batch(batch)
+        return True
+
+    def _write_retrying(self, batch: Batch) -> bool:
+        """Write ``batch`` in one transaction, retrying database errors until it is written (True)
+        or the worker stops (False). Other exceptions propagate."""
         attempt = 0
         while True:
             try:
                 with self.ctx.db.session_scope() as session:
                     self.write(session, batch)
-                break
+                return True
             except OperationalError as exc:  # connection dropped, database locked: retry the batch
                 attempt += 1
                 self.metrics.inc(
@@ -185,13 +225,6 @@ class IngestWorker:
                 log.warning("ingest write failed (%s); retry %d", str(exc).splitlines()[0], attempt)
                 if self._stop.wait(min(0.2 * 2 ** min(attempt - 1, 5), 5.0)):
                     return False
-            except Exception:
-                log.exception("ingest batch failed; dropped %d messages", len(items))
-                self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
-                return True
-        if self.on_batch is not None:
-            self.on_batch(batch)
-        return True
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, session: Session, batch: Batch) -> None:
@@ -261,6 +294,7 @@ class IngestWorker:
         bulk_update(session, Device.__table__, rows)  # type: ignore[arg-type]
 
         if came_online:
+            DeploymentRepository(session).restart_clocks(sorted(came_online), now)
             resigned = DesiredStateService(session, self.ctx).resign_expiring_ids(came_online)
             if resigned:
                 log.info("re-signed %d expiring desired states for returning devices", resigned)
@@ -318,7 +352,17 @@ class IngestWorker:
             ["device_id", "seq"],
         )
         pairs = [(r.device_id, r.desired_seq) for r in fresh if r.desired_seq is not None]
-        deployments = DeploymentRepository(session).states_for_desired(pairs)  # type: ignore[arg-type]
+        repo = DeploymentRepository(session)
+        deployments = repo.states_for_desired(pairs)  # type: ignore[arg-type]
+        # a seq its deployment left behind (re-signed while the device worked on it), by rollout
+        behind = [r for r in fresh if r.desired_seq is not None and r.rollout_id
+                  and (r.device_id, r.desired_seq) not in deployments]  # fmt: skip
+        if behind:
+            by_rollout = repo.states_for_rollouts([(r.device_id, r.rollout_id) for r in behind])  # type: ignore[misc]
+            for r in behind:
+                dep = by_rollout.get((r.device_id, r.rollout_id))  # type: ignore[arg-type]
+                if dep is not None and r.desired_seq in dep.details.get("resigned_from", ()):
+                    deployments[(r.device_id, r.desired_seq or 0)] = dep
         changed: dict[int, DeploymentState] = {}
         for r in fresh:
             dep = deployments.get((r.device_id, r.desired_seq or 0))
@@ -337,4 +381,4 @@ class IngestWorker:
             if r.details:
                 dep.details = {**(dep.details or {}), **r.details}
             changed[dep.id] = dep
-        DeploymentRepository(session).update_states([changed[k] for k in sorted(changed)])
+        repo.update_states([changed[k] for k in sorted(changed)])

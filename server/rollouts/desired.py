@@ -22,7 +22,7 @@ from server.db import utcnow
 from server.devices.tables import Device, DeviceStatus
 from server.errors import Conflict, Invalid, NotFound
 from server.mqtt.outbox import enqueue, enqueue_many
-from server.rollouts.repository import CatalogLookup, DesiredRepository
+from server.rollouts.repository import CatalogLookup, DeploymentRepository, DesiredRepository
 from server.rollouts.tables import DesiredRecord
 
 if TYPE_CHECKING:
@@ -248,8 +248,9 @@ class DesiredStateService:
     def resign_expiring_ids(self, device_ids: list[str]) -> int:
         """Re-sign the DesiredStates of ``device_ids`` that expired or expire soon (devices coming
         back online; MQTT ingest calls it once per batch): the same target with a new seq and
-        expiry. A few statements however many devices: one SELECT of the expiring records with
-        their devices' seq, one upsert of the records, one bulk UPDATE of the devices' seq and one
+        expiry; the deployments the old states carried follow the new seq. A few statements
+        however many devices: one SELECT of the expiring records with their devices' seq, one
+        upsert of the records, one bulk UPDATE of the devices' seq, one of the deployments' and one
         outbox INSERT. Returns how many were re-signed."""
         soon = utcnow() + timedelta(seconds=self.ctx.settings.desired_resign_before_s)
         expiring = self.records.expiring_with_seq(device_ids, soon)
@@ -260,6 +261,7 @@ class DesiredStateService:
         records: list[dict[str, Any]] = []
         outbox: list[tuple[str, dict[str, Any] | bytes]] = []
         seqs: dict[str, int] = {}
+        moves: list[tuple[str, int, int]] = []
         for device_id, envelope, desired_seq in expiring:
             fields = {
                 k: v
@@ -280,7 +282,9 @@ class DesiredStateService:
             })  # fmt: skip
             outbox.append((device_topic(device_id, TopicKind.desired), data))
             seqs[device_id] = seq
+            moves.append((device_id, envelope["signed"]["seq"], seq))
         self.records.upsert_many(records)
         self.records.set_device_seqs(seqs)
+        DeploymentRepository(self.session).follow_resigned(moves)
         enqueue_many(self.session, outbox)
         return len(records)

@@ -293,7 +293,6 @@ class RolloutEngine:
         log.warning("rollout %s: %s (on_failure=%s)", rollout.id, reason, rollout.on_failure)
         if rollout.on_failure == "rollback":
             service.begin_rollback(rollout, ENGINE, reason, verdict)
-            rollout.stage_started_at = utcnow()
         else:
             service.transition(rollout, RolloutStatus.paused, ENGINE, "rollout.pause", {"reason": reason})
             rollout.reason = reason

@@ -53,7 +53,9 @@ class Gates(BaseModel):
 
 
 def check_stages(stages: Sequence[Stage], total: int) -> list[int]:
-    """Cumulative device counts per stage; raises ValueError unless they strictly grow."""
+    """Cumulative device counts per stage; raises ValueError unless they strictly grow and the
+    last stage takes every selected device (a rollout never leaves part of its selection out:
+    narrow the selector for that)."""
     if not stages:
         raise ValueError("a rollout needs at least one stage")
     sizes = [s.size(total) for s in stages]
@@ -63,6 +65,11 @@ def check_stages(stages: Sequence[Stage], total: int) -> list[int]:
                 f"stages must grow: stage {i + 1} covers {sizes[i]} device(s), "
                 f"not more than stage {i}'s {sizes[i - 1]} (of {total} selected)"
             )
+    if sizes[-1] != total:
+        raise ValueError(
+            f"the last stage covers {sizes[-1]} of the {total} selected devices; it must cover them all "
+            "(percent 100, or a count of at least the selection); narrow the selector to deploy to fewer"
+        )
     return sizes
 
 

@@ -126,6 +126,35 @@ class DeploymentRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
+    def follow_resigned(self, moves: Sequence[tuple[str, int, int]]) -> None:
+        """Deployments carried by a re-signed DesiredState, ``(device id, old seq, new seq)``,
+        now wait for the new seq, and remember the old one in ``details["resigned_from"]``: a
+        device that never took the old state (it had expired) installs the new one and reports
+        under its seq; one that was already working on the old one may still report under that,
+        and the ingest finds those through :meth:`states_for_rollouts`."""
+        new = {(d, o): n for d, o, n in moves}
+        states = self.states_for_desired(list(new))
+        bulk_update(self.session, Deployment.__table__, [  # type: ignore[arg-type]
+            {"id": st.id, "desired_seq": new[key],
+             "details": {**st.details, "resigned_from": [*st.details.get("resigned_from", []), key[1]]}}
+            for key, st in sorted(states.items(), key=lambda kv: kv[1].id)
+        ])  # fmt: skip
+
+    def restart_clocks(self, device_ids: Sequence[str], now: datetime) -> None:
+        """Devices that came back online: their ``notified`` deployments' timeout starts now.
+
+        A device told while offline (its retained DesiredState waits in the broker) has had no
+        chance to make progress; without this it would time out at its first tick back online,
+        and count as a failure, if it was away longer than ``device_timeout_s``."""
+        if device_ids:
+            self.session.execute(
+                sa.update(Deployment)
+                .where(Deployment.device_id.in_(list(device_ids)))
+                .where(Deployment.phase == DeploymentPhase.notified)
+                .values(updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+
     def states_for_desired(
         self, pairs: Sequence[tuple[str, int]], chunk: int = 2000
     ) -> dict[tuple[str, int], DeploymentState]:
@@ -152,6 +181,29 @@ class DeploymentRepository:
                     out[key] = DeploymentState(
                         r.id, r.device_id, r.desired_seq, r.phase, r.reason, r.details or {}
                     )
+        return out
+
+    def states_for_rollouts(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DeploymentState]:
+        """:class:`DeploymentState` keyed by (device_id, rollout_id): a device has one deployment
+        per rollout. For reports that name a seq the deployment has left behind (its DesiredState
+        was re-signed under a new seq while the device worked on the old one: the old seq is in
+        its ``details["resigned_from"]``)."""
+        out: dict[tuple[str, str], DeploymentState] = {}
+        wanted = set(pairs)
+        if not wanted:
+            return out
+        q = sa.select(
+            Deployment.id, Deployment.device_id, Deployment.rollout_id, Deployment.desired_seq,
+            Deployment.phase, Deployment.reason, Deployment.details,
+        ).where(
+            Deployment.device_id.in_(sorted({d for d, _ in wanted})),
+            Deployment.rollout_id.in_(sorted({r for _, r in wanted})),
+        )  # fmt: skip
+        for r in self.session.connection().execute(q):
+            if (r.device_id, r.rollout_id) in wanted:
+                out[(r.device_id, r.rollout_id)] = DeploymentState(
+                    r.id, r.device_id, r.desired_seq, r.phase, r.reason, r.details or {}
+                )
         return out
 
     def update_many(self, rows: list[dict[str, Any]]) -> None:
@@ -284,11 +336,13 @@ class RolloutRepository:
         self,
         rollout_id: str,
         phases: Sequence[DeploymentPhase],
-        notified_before: datetime,
+        quiet_since: datetime,
         started: Sequence[DeploymentPhase] = (),
     ) -> Sequence[Deployment]:
-        """In-flight deployments notified before ``notified_before``: of online devices in
-        ``phases``, and of any device in ``started`` (it began the update, then went quiet)."""
+        """In-flight deployments that made no progress since ``quiet_since`` (their phase last
+        changed before it, or for ``notified`` ones their device came back online before it; see
+        :meth:`DeploymentRepository.restart_clocks`): of online devices in ``phases``, and of any
+        device in ``started`` (it began the update, then went quiet)."""
         q = (
             sa.select(Deployment)
             .join(Device, Device.id == Deployment.device_id)
@@ -298,7 +352,7 @@ class RolloutRepository:
                     sa.and_(Deployment.phase.in_(list(phases)), Device.status == DeviceStatus.online),
                     Deployment.phase.in_(list(started)),
                 ),
-                Deployment.notified_at < notified_before,
+                Deployment.updated_at < quiet_since,
             )
             .order_by(Deployment.id)
         )

@@ -209,6 +209,8 @@ class RolloutService:
         """Send every touched device back to its previous version; cancel the untouched."""
         self.transition(rollout, RolloutStatus.rolling_back, by, "rollout.rollback", {"reason": reason})
         rollout.reason = reason
+        # the devices get device_timeout_s from now to confirm their way back (engine, rolling back)
+        rollout.stage_started_at = utcnow()
         if verdict is not None:
             rollout.verdict = verdict
         desired = DesiredStateService(self.session, self.ctx)

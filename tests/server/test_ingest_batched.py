@@ -190,3 +190,87 @@ def test_a_report_batch_sets_only_the_device_columns_that_changed(ctx):
         assert {(r.status, tuple(r.serving.items()), r.last_report_seq) for r in rows} == {
             ("online", (("det", "1.0.0"),), 2)
         }
+
+
+def test_a_message_that_cannot_be_stored_is_rejected_alone(ctx):
+    """A message that parses but that the database refuses (PostgreSQL refuses a NUL character
+    in text, say; here a write that raises for one report, on both databases) must not drop the
+    rest of its batch: the batch is split until that one message stands alone; it is rejected and
+    counted, every other message is written."""
+
+    class Refusing(IngestWorker):
+        def write(self, session, batch) -> None:
+            if any(r.seq == 7 for r in batch.reports):
+                raise ValueError("the database refuses this value")
+            super().write(session, batch)
+
+    ids = _devices(ctx, "bis", 9)
+    worker = Refusing(ctx, ctx.metrics)
+    items = _messages(ids, "reports") + _messages(ids, "health")
+    now = datetime.now(UTC)
+    bad = Report.build(
+        device_id=ids[4], seq=7, at=now, phase="downloading", desired_seq=1, model="det", version="2.0.0"
+    )
+    items.insert(len(items) // 2, (f"fleet/v1/d/{ids[4]}/report", bad.to_json(), now))
+
+    assert worker.process(items) is True
+    with ctx.db.session_scope() as s:
+        events = s.execute(sa.select(DeviceEvent.device_id, DeviceEvent.seq)).all()
+        windows = s.scalar(sa.select(sa.func.count()).select_from(HealthSample))
+        phases = dict(s.execute(sa.select(Deployment.device_id, Deployment.phase)).all())
+    assert sorted(events) == sorted((d, seq) for d in ids for seq in (1, 2))  # not seq 7
+    assert windows == 2 * len(ids)
+    assert {p.value for p in phases.values()} == {"installing"}, phases
+    assert 'fleet_mqtt_rejected_total{kind="report",reason="unwritable"} 1' in ctx.metrics.render()
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"at": "2026-11-28T10:00:00"}, "timezone"),
+        ({"seq": 2**63}, "less than or equal"),
+        ({"desired_seq": 2**31}, "less than or equal"),
+        ({"model": "m" * 65}, "at most 64"),
+        ({"details": {"note": "\ud800"}}, "lone UTF-16 surrogate"),
+        ({"serving": {"det": "\udfff"}}, "lone UTF-16 surrogate"),
+        ({"details": {"x": float("inf")}}, "not a JSON number"),
+    ],
+)
+def test_reports_the_database_could_not_store_or_read_back_are_malformed(change, why):
+    """Refused at parse time (counted as malformed): values past the columns' bounds, a naive
+    time, and in free-form fields what JSON escapes allow but strict JSON readers refuse (the
+    server reads JSON columns with orjson, which would fail on every later read of the row)."""
+    import json
+
+    from device_client.protocol import InvalidPayload, parse_payload
+
+    now = datetime.now(UTC)
+    good = Report.build(device_id="dev-1", seq=1, at=now, phase="downloading", desired_seq=1)
+    body = {**json.loads(good.to_json()), **change}
+    with pytest.raises(InvalidPayload, match=why):
+        parse_payload(json.dumps(body).encode(), Report)
+
+
+def test_a_resigned_state_carries_its_deployment_along(ctx):
+    """A device back after its DesiredState expired gets it re-signed under a new seq; it installs
+    that one and reports under the new seq, which must still move its deployment."""
+    ids = _devices(ctx, "rs", 2)  # rs-0000's state expires within the re-sign window
+    with ctx.db.session_scope() as s:
+        s.execute(sa.update(Device).values(status="offline"))
+    worker = IngestWorker(ctx, ctx.metrics)
+    now = datetime.now(UTC)
+    online = [
+        (f"fleet/v1/d/{d}/presence", Presence.build(device_id=d, status="online", at=now).to_json(), now)
+        for d in ids
+    ]
+    assert worker.process(online)
+    with ctx.db.session_scope() as s:
+        seqs = dict(s.execute(sa.select(Deployment.device_id, Deployment.desired_seq)).all())
+        records = dict(s.execute(sa.select(DesiredRecord.device_id, DesiredRecord.seq)).all())
+    assert records == {ids[0]: 2, ids[1]: 1}  # only the expiring one was re-signed
+    assert seqs == records
+    report = Report.build(device_id=ids[0], seq=1, at=now, phase="downloading", desired_seq=2)
+    assert worker.process([(f"fleet/v1/d/{ids[0]}/report", report.to_json(), now)])
+    with ctx.db.session_scope() as s:
+        phase = s.scalar(sa.select(Deployment.phase).where(Deployment.device_id == ids[0]))
+    assert phase.value == "downloading"

@@ -149,6 +149,8 @@ def test_failure_pauses_when_asked_and_operator_actions(app_client, admin_header
         ({"stages": []}, 422, None),
         ({"stages": [{"percent": 150}]}, 422, None),
         ({"stages": [{"percent": 10, "count": 2}]}, 422, "exactly one"),
+        ({"stages": [{"percent": 10}, {"percent": 50}]}, 422, "must cover them all"),
+        ({"stages": [{"count": 1}]}, 422, "covers 1 of the 10 selected"),
         ({"gates": {"max_error_rate": 2}}, 422, None),
         ({"gates": {"max_failure_ratio": -0.1}}, 422, None),
         ({"on_failure": "explode"}, 422, None),
@@ -349,3 +351,111 @@ def test_a_device_that_started_then_went_quiet_blocks_its_stage_until_timeout(
     state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
     assert state["status"] == "rolling_back"
     assert "timed_out" in state["reason"]
+
+
+def test_an_operator_rollback_gives_devices_the_full_timeout_to_return(app_client, admin_headers, ctx, lab):
+    """The rollback clock starts at the rollback, not when the stage started: an operator rolling
+    back a rollout whose last stage began long ago must not see it declared rolled back at the
+    next tick with every device "unconfirmed"."""
+    from datetime import timedelta
+
+    from server.db import utcnow
+    from server.rollouts.tables import Rollout
+
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 3600}], device_timeout_s=600)
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    for _ in range(4):
+        engine.tick()
+        lab.step()
+    with ctx.db.session_scope() as s:  # the stage began two hours ago
+        s.get(Rollout, rid).stage_started_at = utcnow() - timedelta(hours=2)
+    assert app_client.post(f"/api/v1/rollouts/{rid}/rollback", headers=admin_headers).status_code == 200
+    engine.tick()  # nobody has returned yet: still rolling back
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["status"] == "rolling_back"
+    lab.step()
+    engine.tick()
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["status"] == "rolled_back"
+    assert state["phases"] == {"rolled_back": 10}
+
+
+def test_a_device_back_after_a_long_absence_is_not_timed_out_at_once(app_client, admin_headers, ctx, lab):
+    """Told while offline (its retained DesiredState waits), a device that returns after more
+    than device_timeout_s gets the whole timeout from its return to make progress: the clock
+    is progress-based, not counted from the notification."""
+    from datetime import timedelta
+
+    from server.db import utcnow
+
+    away = sorted(lab.devices)[:2]
+    for d in away:
+        lab.presence(d, online=False)
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 3600}], device_timeout_s=60)
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    engine.tick()
+    long_ago = utcnow() - timedelta(hours=2)
+    with ctx.db.session_scope() as s:  # told two hours ago, still away
+        s.execute(
+            sa.update(Deployment)
+            .where(Deployment.device_id.in_(away))
+            .values(notified_at=long_ago, updated_at=long_ago)
+        )
+    for d in away:
+        lab.presence(d, online=True)
+    engine.tick()  # back online a moment ago: not overdue
+    with ctx.db.session_scope() as s:
+        phases = dict(s.execute(sa.select(Deployment.device_id, Deployment.phase)).all())
+    assert {phases[d].value for d in away} == {"notified"}
+    for _ in range(4):
+        lab.step()
+        engine.tick()
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["phases"] == {"succeeded": 10}
+
+
+def test_a_device_working_on_a_state_that_was_resigned_is_still_tracked(app_client, admin_headers, ctx, lab):
+    """A device took its DesiredState, went away mid-update and came back as the state neared
+    expiry: the server re-signs it under a new seq (for devices that never took it) and the
+    deployment follows the new seq, yet this device goes on reporting under the old one; those
+    reports must still move the deployment, and the rollout completes."""
+    from datetime import timedelta
+
+    from device_client.protocol import Report
+    from device_client.protocol.messages import utcnow
+
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"count": 1, "soak_s": 0}, {"percent": 100, "soak_s": 0}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    engine.tick()
+    with ctx.db.session_scope() as s:
+        dep = s.scalars(sa.select(Deployment).where(Deployment.phase == "notified")).one()
+        device, old = dep.device_id, dep.desired_seq
+    dev = lab.devices[device]
+
+    def report(phase: str) -> None:
+        msg = Report.build(
+            device_id=device, seq=dev.next_seq(), at=utcnow(), phase=phase, desired_seq=old, rollout_id=rid
+        )
+        lab._send([(device, "report", msg.to_json())])
+
+    report("downloading")
+    lab.presence(device, online=False)
+    with ctx.db.session_scope() as s:  # away until its state is about to expire
+        s.execute(sa.update(DesiredRecord).values(expires_at=utcnow() + timedelta(minutes=5)))
+    lab.presence(device, online=True)
+    with ctx.db.session_scope() as s:
+        dep = s.scalars(sa.select(Deployment).where(Deployment.device_id == device)).one()
+        assert dep.desired_seq == old + 1  # re-signed, and the deployment follows
+        assert dep.details["resigned_from"] == [old]
+    for phase in ("verifying", "installing", "probation", "succeeded"):
+        report(phase)
+    with ctx.db.session_scope() as s:
+        phase = s.scalar(sa.select(Deployment.phase).where(Deployment.device_id == device))
+    assert phase.value == "succeeded"
+    dev.serving = {"det": "2.0.0"}
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed", final["reason"]
+    assert final["phases"] == {"succeeded": 10}
