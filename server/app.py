@@ -1,8 +1,8 @@
 """The FastAPI application: ``create_app(settings)``.
 
 The lifespan opens the :class:`~server.context.ServerContext` (database, CA, director, image
-repository) and runs the background jobs: re-signing online TUF metadata before it expires, and
-folding old health windows into rollups (:mod:`server.health.rollup`).
+repository) and runs the background jobs: re-signing online TUF metadata and the broker's CRL before
+they expire, and folding old health windows into rollups (:mod:`server.health.rollup`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fastapi.responses import PlainTextResponse
 
 from server.config import Settings
 from server.context import ServerContext
+from server.devices.service import refresh_broker_crl
 from server.gctune import tune_gc
 from server.health.rollup import HealthRollupJob
 from server.http.errors import ERROR_RESPONSES, install_error_handlers
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 
 
 async def _refresh_metadata_forever(ctx: ServerContext) -> None:
-    """Keep timestamp/snapshot (and targets, when its key is online) from expiring."""
+    """Keep timestamp/snapshot (and targets, when its key is online) from expiring, and the
+    broker's CRL too (re-issued from the database once less than half its validity is left:
+    past its nextUpdate the broker refuses every TLS handshake)."""
     interval = ctx.settings.metadata_refresh_interval_s
     while True:
         try:
@@ -37,6 +40,10 @@ async def _refresh_metadata_forever(ctx: ServerContext) -> None:
                 log.info("re-signed TUF metadata: %s", ", ".join(refreshed))
         except Exception:
             log.exception("re-signing TUF metadata failed; retrying in %.0fs", interval)
+        try:
+            await asyncio.to_thread(refresh_broker_crl, ctx)
+        except Exception:
+            log.exception("re-issuing the broker CRL failed; retrying in %.0fs", interval)
         await asyncio.sleep(interval)
 
 
@@ -47,6 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await asyncio.to_thread(ServerContext.open, settings)
         app.state.ctx = ctx
+        # the CRL the broker loads, from the database's revocations (before MQTT connects: a stale
+        # one past its nextUpdate would refuse the server's own handshake)
+        try:
+            await asyncio.to_thread(refresh_broker_crl, ctx)
+        except Exception:
+            log.exception("writing the broker CRL failed; the refresh job retries")
         app.state.mqtt = MqttRuntime.start(ctx) if settings.mqtt_enabled else None
         app.state.engine = RolloutEngine(ctx, settings.rollout_tick_s) if settings.rollout_engine else None
         if app.state.engine is not None:

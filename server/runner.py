@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
@@ -35,15 +37,45 @@ def check_bind(settings: Settings) -> None:
         )
 
 
+def stored_revocations(settings: Settings) -> list[tuple[str, datetime]]:
+    """The ``(serial_hex, revoked_at)`` pairs of the database's revoked certificates; none when
+    the database (or its table) does not exist yet (the app's start-up creates and migrates it)."""
+    import sqlalchemy as sa
+
+    from server.db import Database
+    from server.devices.repository import RevocationRepository
+    from server.devices.tables import RevokedCertificate
+
+    url = sa.engine.make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and (
+        not url.database or url.database == ":memory:" or not Path(url.database).exists()
+    ):
+        return []
+    db = Database(settings.database_url)
+    try:
+        if not sa.inspect(db.engine).has_table(RevokedCertificate.__tablename__):
+            return []
+        with db.session_scope() as session:
+            return RevocationRepository(session).all()
+    finally:
+        db.dispose()
+
+
 def start_embedded_broker(settings: Settings) -> MosquittoProcess:
     """Generate the broker config from the fleet CA in ``key_dir`` (created on first use) and start
-    Mosquitto on ``mqtt_port`` as a child process."""
+    Mosquitto on ``mqtt_port`` as a child process. Its CRL is written afresh from the database's
+    revocations: an old file may be near expiry, and a recreated ``broker_dir`` has none (an
+    empty CRL would let decommissioned devices back in)."""
     from server.mqtt.broker import MosquittoProcess, write_broker_config
     from server.trust.pki import FleetCA
 
     settings.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = write_broker_config(
-        FleetCA(settings.key_dir), settings.broker_dir, port=settings.mqtt_port, bind=settings.host
+        FleetCA(settings.key_dir),
+        settings.broker_dir,
+        port=settings.mqtt_port,
+        bind=settings.host,
+        revoked=stored_revocations(settings),
     )
     broker = MosquittoProcess(files, settings.mosquitto_bin).start()
     log.info("embedded Mosquitto listening on %s:%d (mTLS)", settings.host, settings.mqtt_port)

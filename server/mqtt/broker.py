@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from device_client.protocol.topics import PREFIX, SERVER_MQTT_USERNAME
 from server.trust.keys import atomic_write, write_private_key
-from server.trust.pki import FleetCA
+from server.trust.pki import FleetCA, crl_entries
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,9 @@ def write_broker_config(
     """Write mosquitto.conf, certificates, CRL and ACL into ``outdir``.
 
     Existing broker and server-client keys are kept (so re-running only refreshes the config).
+    ``revoked``: the serials the CRL lists (the server passes the database's revocations). Without
+    it an existing CRL is kept, but re-issued with the same entries once it nears its
+    ``nextUpdate`` (an expired CRL makes OpenSSL refuse every handshake).
     """
     outdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (outdir / "data").mkdir(exist_ok=True)
@@ -167,8 +170,12 @@ def write_broker_config(
         atomic_write(outdir / BROKER_CERT, cert.public_bytes(Encoding.PEM))
     if not (outdir / SERVER_CLIENT_KEY).exists():
         issue_client_files(ca, SERVER_MQTT_USERNAME, outdir / SERVER_CLIENT_CERT, outdir / SERVER_CLIENT_KEY)
-    if revoked is not None or not (outdir / CRL_FILE).exists():
-        ca.write_crl(outdir / CRL_FILE, revoked or [])
+    crl_path = outdir / CRL_FILE
+    if revoked is not None:
+        ca.write_crl(crl_path, revoked)
+    elif ca.crl_refresh_reason(crl_path, None) is not None:
+        existing = ca.load_crl(crl_path)
+        ca.write_crl(crl_path, crl_entries(existing) if existing is not None else [])
     atomic_write(outdir / ACL_FILE, acl_text().encode())
     conf = conf_text(outdir, port, bind, user or getpass.getuser(), max_connections)
     atomic_write(outdir / CONF_FILE, conf.encode())
@@ -228,7 +235,7 @@ class MosquittoProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def reload(self) -> None:
-        """SIGHUP: mosquitto re-reads its ACL (and, where supported, config)."""
+        """SIGHUP: mosquitto re-reads its ACL, CRL (and, where supported, config)."""
         if self.running:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGHUP)

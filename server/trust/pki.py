@@ -3,6 +3,10 @@
 Device certificates carry CN = device id and the clientAuth EKU. The CA key lives in the server's
 key directory (0600). Decommissioning a device puts its serial on the CRL, which the broker loads
 (``crlfile`` in the generated mosquitto.conf).
+
+A CRL carries a ``nextUpdate``: past it, OpenSSL refuses *every* handshake of a broker with CRL
+checking ("CRL has expired"), so the CRL file must be re-issued before then (see
+:meth:`FleetCA.crl_refresh_reason` and ``server.devices.service.refresh_broker_crl``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ CA_KEY_FILE = "fleet-ca.key"
 CA_CERT_FILE = "fleet-ca.crt"
 MIN_RSA_BITS = 2048
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
+#: how long a CRL is valid (its ``nextUpdate``); it is re-issued once less than half of this is left
+CRL_VALIDITY = timedelta(days=30)
+#: ``lastUpdate`` is set this far in the past (clock skew between the server and the broker)
+CRL_BACKDATE = timedelta(minutes=5)
 
 
 def _name(cn: str, org: str = "fleetota") -> x509.Name:
@@ -89,6 +97,11 @@ def parse_csr(csr_pem: str) -> tuple[x509.CertificateSigningRequest, str]:
     if not is_valid_device_id(cn):
         raise Invalid(f"CSR CN {cn!r} is not a valid device id ([a-z0-9][a-z0-9-]{{0,62}})")
     return csr, cn
+
+
+def crl_entries(crl: x509.CertificateRevocationList) -> list[tuple[str, datetime]]:
+    """The ``(serial_hex, revoked_at)`` pairs a CRL lists."""
+    return [(format(r.serial_number, "x"), r.revocation_date_utc) for r in crl]
 
 
 class FleetCA:
@@ -171,14 +184,20 @@ class FleetCA:
             .sign(self.key, hashes.SHA256())
         )
 
-    def crl(self, revoked: Iterable[tuple[str, datetime]], days: int = 30) -> x509.CertificateRevocationList:
-        """A CRL listing ``(serial_hex, revoked_at)`` pairs."""
-        now = datetime.now(UTC)
+    def crl(
+        self,
+        revoked: Iterable[tuple[str, datetime]],
+        validity: timedelta = CRL_VALIDITY,
+        *,
+        now: datetime | None = None,
+    ) -> x509.CertificateRevocationList:
+        """A CRL listing ``(serial_hex, revoked_at)`` pairs, valid for ``validity`` from ``now``."""
+        now = now or datetime.now(UTC)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.cert.subject)
-            .last_update(now - timedelta(minutes=5))
-            .next_update(now + timedelta(days=days))
+            .last_update(now - CRL_BACKDATE)
+            .next_update(now + validity)
         )
         for serial, at in revoked:
             builder = builder.add_revoked_certificate(
@@ -186,5 +205,48 @@ class FleetCA:
             )
         return builder.sign(self.key, hashes.SHA256())
 
-    def write_crl(self, path: Path, revoked: Iterable[tuple[str, datetime]]) -> None:
-        atomic_write(path, self.crl(revoked).public_bytes(serialization.Encoding.PEM))
+    def write_crl(
+        self,
+        path: Path,
+        revoked: Iterable[tuple[str, datetime]],
+        validity: timedelta = CRL_VALIDITY,
+        *,
+        now: datetime | None = None,
+    ) -> None:
+        atomic_write(path, self.crl(revoked, validity, now=now).public_bytes(serialization.Encoding.PEM))
+
+    def load_crl(self, path: Path) -> x509.CertificateRevocationList | None:
+        """The CRL at ``path`` if it exists, parses and carries this CA's valid signature."""
+        try:
+            crl = x509.load_pem_x509_crl(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        try:
+            ok = crl.issuer == self.cert.subject and crl.is_signature_valid(self.key.public_key())
+        except (UnsupportedAlgorithm, ValueError, TypeError):
+            ok = False
+        return crl if ok else None
+
+    def crl_refresh_reason(
+        self, path: Path, revoked: Iterable[tuple[str, datetime]] | None, *, now: datetime | None = None
+    ) -> str | None:
+        """Why the CRL at ``path`` must be re-issued, or None if it is current.
+
+        It must be when it is missing, unreadable or not signed by this CA; when less than half
+        of its validity is left (long before OpenSSL refuses every handshake at ``nextUpdate``);
+        and, when ``revoked`` is given, when it does not list exactly those serials."""
+        now = now or datetime.now(UTC)
+        crl = self.load_crl(path)
+        if crl is None:
+            return "missing, unreadable or not signed by the fleet CA"
+        last, nxt = crl.last_update_utc, crl.next_update_utc
+        if nxt is None:
+            return "has no nextUpdate"
+        if nxt - now < (nxt - last) / 2:
+            return f"expires at {nxt.isoformat()} (less than half of its validity left)"
+        if revoked is not None:
+            listed = {r.serial_number for r in crl}
+            wanted = {int(serial, 16) for serial, _ in revoked}
+            if listed != wanted:
+                return f"lists {len(listed)} serials, not the {len(wanted)} revoked in the database"
+        return None

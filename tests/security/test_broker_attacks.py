@@ -291,3 +291,70 @@ def test_hand_made_wildcard_cn_cannot_exploit_the_pattern_acl(fleet, clients, em
         assert [p for _, p in server.got if p == b"spoofed"] == []
     finally:
         wild.close()
+
+
+def test_a_recreated_broker_dir_still_refuses_a_decommissioned_device(fleet, tmp_path):
+    # protection: the embedded broker's CRL is written from the database's revocations when it
+    # starts. Before, a lost broker_dir got an empty CRL, letting every decommissioned device back in.
+    import shutil
+
+    from server.runner import start_embedded_broker
+
+    _, ctx, s = fleet
+    cert, key = _enroll(fleet, "dev-gone", tmp_path)
+    other = _enroll(fleet, "dev-stays", tmp_path)
+    assert fleet[0].post("/api/v1/devices/dev-gone/decommission", headers=_admin(fleet)).status_code == 200
+    shutil.rmtree(s.broker_dir)
+    broker = Broker(
+        ca=ctx.ca, files=BrokerFiles(s.broker_dir, s.mqtt_port), process=start_embedded_broker(s),
+        workdir=s.broker_dir,
+    )  # fmt: skip
+    try:
+        with pytest.raises(ConnectFailed):
+            mqtt_connect(broker, cert, key)
+        mqtt_connect(broker, *other).disconnect()
+    finally:
+        broker.process.stop()
+
+
+def test_an_expired_crl_is_reissued_and_the_running_broker_reloads_it(fleet, embedded, tmp_path):
+    # A CRL past its nextUpdate makes the broker refuse EVERY handshake ("CRL has expired"): the
+    # fleet and the server's own link. protection: refresh_broker_crl (start-up and the periodic
+    # refresh job) re-issues it from the database before then and SIGHUPs the local broker.
+    from datetime import UTC, datetime, timedelta
+
+    from server.devices.repository import RevocationRepository
+    from server.devices.service import refresh_broker_crl
+
+    ctx = fleet[1]
+    cert, key = _enroll(fleet, "dev-gone", tmp_path)
+    other = _enroll(fleet, "dev-ok", tmp_path)
+    assert fleet[0].post("/api/v1/devices/dev-gone/decommission", headers=_admin(fleet)).status_code == 200
+    with ctx.db.session_scope() as session:
+        revoked = RevocationRepository(session).all()
+    ctx.ca.write_crl(embedded.files.crl, revoked, now=datetime.now(UTC) - timedelta(days=31))
+    embedded.process.reload()
+
+    def connects(files: tuple[Path, Path]) -> bool:
+        try:
+            mqtt_connect(embedded, *files, client_id=f"probe-{time.monotonic()}", timeout=5).disconnect()
+        except ConnectFailed:
+            return False
+        return True
+
+    server_identity = (embedded.files.server_cert, embedded.files.server_key)
+    deadline = time.monotonic() + 5
+    while connects(server_identity):  # the reload is asynchronous in mosquitto
+        assert time.monotonic() < deadline, "the broker kept accepting handshakes under an expired CRL"
+        time.sleep(0.2)
+    assert not connects(other)
+
+    written = refresh_broker_crl(ctx)
+    assert written is not None
+    assert written.reloaded >= 1, written
+    deadline = time.monotonic() + 5
+    while not connects(server_identity):
+        assert time.monotonic() < deadline, "the re-issued CRL did not let the server back in"
+        time.sleep(0.2)
+    assert connects(other)
+    assert not connects((cert, key))  # and the re-issued CRL still revokes the decommissioned one
