@@ -110,6 +110,11 @@ class CatalogLookup:
         return self.session.scalars(q).all()
 
 
+#: device ids per health-window query (an IN list; SQLite and PostgreSQL take far more, but
+#: planners like lists in the thousands)
+WINDOW_IDS_CHUNK = 5000
+
+
 @dataclass
 class DeploymentState:
     """The columns a device report changes, without an ORM object (MQTT ingest is batched)."""
@@ -460,9 +465,25 @@ class HealthRepository:
         """(requests, errors, p95_ms, shadow_requests, agreement) of matching health windows: the raw
         windows, plus the rolled-up ones (:mod:`server.health.rollup`) as equivalent tuples, so
         :func:`server.rollouts.policy.aggregate` gives the same result before and after a fold.
-        Rolled-up time is filtered by bucket start (its resolution is the bucket)."""
-        if not device_ids:
-            return []
+        Rolled-up time is filtered by bucket start (its resolution is the bucket). Only the
+        windows of ``device_ids``, however many (the gates compare the same devices)."""
+        ids = list(dict.fromkeys(device_ids))
+        out: list[tuple[int, int, float | None, int | None, float | None]] = []
+        for i in range(0, len(ids), WINDOW_IDS_CHUNK):  # exactly these devices however many: chunks
+            chunk = ids[i : i + WINDOW_IDS_CHUNK]
+            out += self._windows(chunk, model, version, not_version, mode, since, until)
+        return out
+
+    def _windows(
+        self,
+        device_ids: list[str],
+        model: str,
+        version: str | None,
+        not_version: str | None,
+        mode: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> list[tuple[int, int, float | None, int | None, float | None]]:
         h, r = HealthSample, HealthRollup
         raw = sa.select(
             h.requests.label("requests"), h.errors.label("errors"), h.p95_ms.label("p95"),
@@ -473,9 +494,8 @@ class HealthRepository:
             r.requests, r.errors, r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.p95_requests,
             sa.literal(1),
         ).where(r.model == model)  # fmt: skip
-        if len(device_ids) <= 5000:
-            raw = raw.where(h.device_id.in_(list(device_ids)))
-            rolled = rolled.where(r.device_id.in_(list(device_ids)))
+        raw = raw.where(h.device_id.in_(device_ids))
+        rolled = rolled.where(r.device_id.in_(device_ids))
         if version is not None:
             raw, rolled = raw.where(h.version == version), rolled.where(r.version == version)
         if not_version is not None:

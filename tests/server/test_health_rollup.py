@@ -118,3 +118,19 @@ def test_replicas_folding_at_once_never_fold_a_window_twice(ctx):
     assert fold(ctx).folded == 2
     with ctx.db.session_scope() as s:
         assert s.scalars(sa.select(HealthRollup.requests)).one() == 40
+
+
+def test_gates_read_only_the_given_devices_however_many(ctx, monkeypatch):
+    """The stage and baseline numbers cover exactly the devices asked for, also past the size of
+    one IN list (the query is chunked; it used to drop the device filter above 5,000 devices and
+    read every device running the version, healthy devices of earlier rollouts included)."""
+    import server.rollouts.repository as repo_mod
+
+    monkeypatch.setattr(repo_mod, "WINDOW_IDS_CHUNK", 2)
+    at = NOW - timedelta(minutes=5)
+    rows = [window(f"d{i}", 1, at, requests=100, errors=10) for i in range(5)]
+    rows += [window(f"other{i}", 1, at, requests=100, errors=0) for i in range(20)]
+    with ctx.db.session_scope() as s:
+        s.execute(sa.insert(HealthSample.__table__), rows)
+    stage = agg(ctx, [f"d{i}" for i in range(5)] + ["d0"])  # a duplicate id counts once
+    assert (stage.requests, stage.errors) == (500, 50)
