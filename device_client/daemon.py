@@ -44,7 +44,10 @@ A DesiredState goes through, persisting the state after every step and reporting
 Failures at any step (network, hash, unsafe bundle, full disk, rejected model) end in ``failed``
 with the reason while the current model keeps serving. A download interrupted by a stop or by a
 newer desired state keeps its ``.partial`` file. An unreachable repository is retried after a
-backoff. No message and no exception in a step can stop the worker: it logs and carries on.
+backoff. No message and no exception in a step can stop the worker: it logs and carries on; an
+unexpected exception while downloading, verifying or installing fails the update
+(``internal_error: ...``) rather than retrying it unreported. A rollback whose cold previous model no
+longer loads serves nothing for that model (``rollback_error`` in the report's details).
 """
 
 from __future__ import annotations
@@ -123,6 +126,8 @@ from .trust import (
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "outbox"
+#: phases whose unexpected exceptions fail the update (nothing new serves yet)
+_FAILABLE = frozenset({UpdatePhase.downloading, UpdatePhase.verifying, UpdatePhase.installing})
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -622,6 +627,13 @@ class Daemon:
             self._fail_update(exc.reason, exc.details)
         except DiskFull as exc:
             self._fail_update(f"disk_full: {exc}")
+        except Exception as exc:
+            # anything else (EIO/EROFS from the disk, a bug) before the candidate serves: retrying
+            # every second would wedge the update unreported; fail it, the current model serves on
+            if self.state.phase not in _FAILABLE:
+                raise
+            log.exception("unexpected error while %s %s", self.state.phase.value, upd.version)
+            self._fail_update(f"internal_error: {exc.__class__.__name__}: {exc}")
 
     def _fail_update(self, reason: str, details: dict[str, Any] | None = None) -> None:
         """Fail the update in flight. On a full disk, first give back the space the update took (its
@@ -805,7 +817,22 @@ class Daemon:
         else:
             host.swap(candidate)
             self.hosts.setdefault(upd.model, host)
-        self._advance(installed(self.state, utcnow(), baseline), details)
+        try:
+            self._advance(installed(self.state, utcnow(), baseline), details)
+        except BaseException:
+            if self.state.phase is UpdatePhase.installing:  # not persisted: undo the swap
+                self._undo_install(host, upd.model, upd.mode)
+            raise
+
+    def _undo_install(self, host: ModelHost, model: str, mode: ServeMode) -> None:
+        """The candidate serves (or shadows) but ``installed`` could not be persisted: the update
+        is about to fail, so what the state names as current serves again."""
+        if mode is ServeMode.shadow:
+            host.stop_shadow()
+            return
+        self._rollback_host(host, model)
+        if model in self.hosts:
+            self._set_previous(self.hosts[model], self.state.previous.get(model))
 
     # ---------------------------------------------------------------- probation
 
@@ -831,19 +858,29 @@ class Daemon:
         if verdict.outcome is ProbationOutcome.passed:
             self._advance(passed(self.state, now), details)
             return
-        self._rollback_host(host, upd.model)
+        problem = self._rollback_host(host, upd.model)
+        if problem:
+            details["rollback_error"] = problem
         state = revert(self.state, now, f"probation_failed: {verdict.reason}")
         displaced = state.previous.get(upd.model)
         if upd.model in self.hosts:
             self._set_previous(self.hosts[upd.model], displaced)
         self._advance(state, details)
 
-    def _rollback_host(self, host: ModelHost, model: str) -> None:
+    def _rollback_host(self, host: ModelHost, model: str) -> str | None:
+        """Serve the previous model again; if there is none, or it is cold and no longer loads,
+        serve nothing rather than the model being rolled back (returns why, in that case)."""
         try:
             host.rollback()
+            return None
         except NoModel:  # a first install has nothing to go back to: stop serving it
-            self.hosts.pop(model, None)
-            host.close()
+            problem = None
+        except ModelRejected as exc:
+            log.error("%s: the previous model does not load (%s); serving no %s model", model, exc, model)
+            problem = f"the previous model does not load: {exc.reason}"
+        self.hosts.pop(model, None)
+        host.close()
+        return problem
 
     def _shadow_tick(
         self, host: ModelHost, stats: WindowStats, d: DesiredState, elapsed: float, now: datetime

@@ -212,3 +212,69 @@ def test_desired_state_queued_while_installing_is_handled_after_the_install(live
     finally:
         release.set()
         daemon.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_unexpected_error_while_verifying_fails_the_update(live_server, tmp_path, monkeypatch):
+    """An error the steps do not expect (EIO reading the bundle) fails the update with a report
+    instead of retrying it every second forever; the current model keeps serving."""
+    import errno
+
+    from device_client import daemon as daemon_module
+
+    live = live_server
+    enroll_device(live, tmp_path / "dev", "edge-eio")
+    onnx = tmp_path / "onnx"
+    push_model(live, "clf", "1.0.0", make_model(onnx / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(onnx / "v2.onnx", scale=2.0))
+    daemon = Daemon(device_settings(tmp_path / "dev")).start()
+    try:
+        seq1 = assign(live, "edge-eio", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-eio", seq1)["phase"] == "succeeded"
+
+        def eio(path):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+
+        monkeypatch.setattr(daemon_module, "file_sha256", eio)
+        seq2 = assign(live, "edge-eio", "clf", "2.0.0", probation=QUICK)["seq"]
+        out = outcome_for(live, "edge-eio", seq2, timeout=15)
+        assert out["phase"] == "failed", out
+        assert out["reason"].startswith("internal_error: OSError: [Errno 5] Input/output error"), out
+        assert infer(daemon.api.url, X)[1]["version"] == "1.0.0"
+        assert serving_version(daemon.api.url) == "1.0.0"
+        wait_for(lambda: daemon.state.update is None, what="the update cleared")
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cold_previous_that_no_longer_loads_serves_nothing_after_a_probation_breach(live_server, tmp_path):
+    """Probation fails, the previous model is cold and its slot went bad: the rollback cannot load
+    it, so the breaching model stops serving and ``rolled_back`` is reported with why."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-cold")
+    onnx = tmp_path / "onnx"
+    push_model(live, "clf", "1.0.0", make_model(onnx / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(onnx / "v2.onnx", scale=2.0, nan_on_negative=True))
+    daemon = Daemon(device_settings(data, keep_previous_warm=False)).start()
+    try:
+        api = daemon.api.url
+        seq1 = assign(live, "edge-cold", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-cold", seq1)["phase"] == "succeeded"
+        probation = {"seconds": 60, "min_requests": 3, "max_error_rate": 0.05}
+        seq2 = assign(live, "edge-cold", "clf", "2.0.0", probation=probation)["seq"]
+        wait_for(lambda: serving_version(api) == "2.0.0", what="v2 swapped in")
+        npz = data / daemon.state.previous["clf"].path / "validation.npz"
+        npz.write_bytes(npz.read_bytes()[:100])  # the cold previous no longer loads
+        for _ in range(5):
+            infer(api, -np.ones((1, 4), np.float32))
+        out = outcome_for(live, "edge-cold", seq2, timeout=15)
+        assert out["phase"] == "rolled_back", out
+        assert out["reason"].startswith("probation_failed:")
+        assert out["details"]["rollback_error"].startswith("the previous model does not load: unreadable")
+        assert serving_version(api) is None
+        assert infer(api, X)[0] != 200
+        assert daemon.state.current["clf"].version == "1.0.0"
+    finally:
+        daemon.stop()
