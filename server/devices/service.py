@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.serialization import Encoding
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -49,6 +50,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CRL_FILE = "crl.pem"
+#: deployment phases a decommission cancels: the device will never finish them. (A deployment
+#: that already succeeded, failed, timed out or rolled back keeps its outcome.)
+OPEN_PHASES = (
+    DeploymentPhase.pending,
+    DeploymentPhase.notified,
+    DeploymentPhase.downloading,
+    DeploymentPhase.verifying,
+    DeploymentPhase.installing,
+    DeploymentPhase.probation,
+)
+DECOMMISSION_REASON = "device decommissioned"
 
 #: one CRL writer at a time in this process: each reads the committed revocations and writes them,
 #: so a periodic refresh that read before a decommission committed cannot overwrite its CRL
@@ -212,7 +224,7 @@ class DeviceService:
             enrolled_with=token.id,
             tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
         )
-        self.devices.add(device)
+        self._insert([device])
         audit(
             self.session,
             f"device:{device_id}",
@@ -272,7 +284,7 @@ class DeviceService:
                     device_token=device_token,
                 )
             )
-        self.devices.add_all(devices)
+        self._insert(devices)
         host, port = settings.mqtt_endpoint()
         return BulkEnrollResponse(
             ca_certificate_pem=self.ctx.ca.cert_pem,
@@ -284,6 +296,19 @@ class DeviceService:
             tags=dict(token.tags),
             devices=out,
         )
+
+    def _insert(self, devices: list[Device]) -> None:
+        """INSERT new devices. The existence check before is not atomic: a concurrent enrollment
+        of the same id may commit in between, and the primary key then refuses ours (409)."""
+        try:
+            self.devices.add_all(devices)
+        except sa.exc.IntegrityError:
+            ids = ", ".join(repr(d.id) for d in devices[:3]) + (", ..." if len(devices) > 3 else "")
+            raise Conflict(
+                f"device id {ids} was enrolled concurrently (or the batch collides with one)"
+                if len(devices) > 1
+                else f"device id {ids} is already enrolled (a concurrent enrollment took it)"
+            ) from None
 
     # -- registry ----------------------------------------------------------------------------
     def get(self, device_id: str) -> Device:
@@ -338,24 +363,42 @@ class DeviceService:
         return device_out(device)
 
     def decommission(self, device_id: str, by: Principal) -> DeviceOut:
-        """Retire a device: revoke its certificate (CRL) and its download token."""
+        """Retire a device: revoke its certificate (CRL) and its download token, and cancel its
+        unfinished deployments (it will never finish them; a cancelled deployment is no failure
+        of its rollout)."""
         device = self.get(device_id)
         if device.status != DeviceStatus.decommissioned:
             device.status = DeviceStatus.decommissioned
             device.decommissioned_at = utcnow()
             revocations = RevocationRepository(self.session)
             revocations.add(device.cert_serial, device.id)
+            cancelled = self._cancel_deployments(device_id)
             self.session.flush()
-            audit(
-                self.session,
-                by,
-                "device.decommission",
-                "device",
-                device_id,
-                {"cert_serial": device.cert_serial},
-            )
+            details: dict[str, object] = {"cert_serial": device.cert_serial}
+            if cancelled:
+                details["cancelled_deployments"] = cancelled
+            audit(self.session, by, "device.decommission", "device", device_id, details)
             after_commit(self.session, lambda: self._revoke_on_broker(device_id))
         return device_out(device)
+
+    def _cancel_deployments(self, device_id: str) -> list[dict[str, object]]:
+        """Cancel the device's pending and in-flight deployments (rollouts and direct
+        assignments); return what was cancelled (for the audit entry)."""
+        from server.rollouts.machine import deployment_transition
+        from server.rollouts.tables import Deployment
+
+        q = (
+            sa.select(Deployment)
+            .where(Deployment.device_id == device_id, Deployment.phase.in_(OPEN_PHASES))
+            .order_by(Deployment.id)
+            .with_for_update()
+        )
+        out: list[dict[str, object]] = []
+        for dep in self.session.scalars(q):
+            out.append({"id": dep.id, "rollout_id": dep.rollout_id, "phase": dep.phase.value})
+            dep.phase = deployment_transition(dep.phase, DeploymentPhase.cancelled)
+            dep.reason = DECOMMISSION_REASON
+        return out
 
     def _revoke_on_broker(self, device_id: str) -> None:
         """After the commit: the new CRL, then the device's open connection cut (a revoked

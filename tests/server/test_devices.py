@@ -264,3 +264,29 @@ def test_parse_csr_maps_unusable_keys_to_invalid(monkeypatch):
         with pytest.raises(Invalid, match=message):
             pki.parse_csr(csr_pem)
 
+
+def test_concurrent_enrollments_of_one_device_id_end_in_409(app_client, admin_headers, ctx, monkeypatch):
+    """Two enrollments of one id both pass the existence check before either commits; the
+    primary key refuses the second: a 409 like the sequential case, not a 500 IntegrityError."""
+    from server.devices.repository import DeviceRepository
+    from server.devices.tables import Device
+
+    token = enroll_token(app_client, admin_headers, uses=4)
+    assert enroll(app_client, token, "twin").status_code == 201
+    # the other enrollment's row is committed after our check: what the race looks like here
+    monkeypatch.setattr(DeviceRepository, "exists", lambda self, device_id: False)
+    monkeypatch.setattr(DeviceRepository, "existing", lambda self, device_ids: set())
+    r = enroll(app_client, token, "twin")
+    assert r.status_code == 409, r.text
+    assert "already enrolled" in r.json()["detail"]
+    r = app_client.post(
+        "/api/v1/enroll/bulk",
+        json={"token": token, "devices": [{"csr_pem": make_csr(d)[0], "hardware": HARDWARE}
+                                          for d in ("solo", "twin")]},
+        headers=admin_headers,
+    )  # fmt: skip
+    assert r.status_code == 409, r.text
+    assert "concurrently" in r.json()["detail"]
+    with ctx.db.session_scope() as s:  # nothing of the refused enrollments stayed, uses included
+        assert s.get(Device, "solo") is None
+        assert s.get(EnrollmentToken, token.split(".")[1]).uses_left == 3
