@@ -12,8 +12,9 @@ the complete file when the kill came between its rename and the commit; mid-veri
 verification from the complete download with bounded attempts and discards the half-extracted slot;
 mid-probation reverts to the last known good model and reports ``rolled_back``), garbage-collect
 what the state does not reference, load the serving model of each model name (plus the previous
-one, warm when ``keep_previous_warm``, else cold; plus a shadow that passed its probation), start the
-local API, then connect MQTT.
+one, warm when ``keep_previous_warm``, else cold; plus a shadow that passed its probation; a current
+slot that no longer loads falls back to the previous one, which becomes current, else nothing serves
+that model), start the local API, then connect MQTT.
 
 A DesiredState goes through, persisting the state after every step and reporting every phase:
 
@@ -108,7 +109,7 @@ from .state import (
     revert,
     verified,
 )
-from .store import DiskFull, StateStore
+from .store import DiskFull, StateStore, StoreError
 from .trust import (
     BadSignature,
     DirectorKeyring,
@@ -288,21 +289,43 @@ class Daemon:
         state = self.state
         for model, slot in state.current.items():
             host = self._new_host(model)
+            prev = state.previous.get(model)
             try:
                 host.install(self.store.slot_dir(slot))
-            except ModelRejected as exc:
-                log.error("cannot load serving model %s %s: %s", model, slot.version, exc.reason)
-                continue
+            except Exception as exc:  # a damaged slot must not keep the daemon from starting
+                log.error("cannot load serving model %s %s: %s", model, slot.version, exc)
+                if prev is None or prev.path == slot.path or not self._fall_back(host, model, prev):
+                    log.error("no %s model serves", model)
+                    continue
+                prev = None  # it serves now
             self.hosts[model] = host
-            prev = state.previous.get(model)
             if prev is not None and prev.path != slot.path:
                 self._set_previous(host, prev)
             shadow = state.shadow.get(model)
             if shadow is not None:
                 try:
                     host.start_shadow(host.load(self.store.slot_dir(shadow)))
-                except ModelRejected as exc:
-                    log.error("cannot load shadow %s %s: %s", model, shadow.version, exc.reason)
+                except Exception as exc:
+                    log.error("cannot load shadow %s %s: %s", model, shadow.version, exc)
+
+    def _fall_back(self, host: ModelHost, model: str, prev: Slot) -> bool:
+        """At start-up the current slot does not load: serve the previous one (and persist that it
+        is current again, with no previous), as a revert would."""
+        try:
+            host.install(self.store.slot_dir(prev))
+        except Exception as exc:
+            log.error("cannot load the previous model %s %s either: %s", model, prev.version, exc)
+            return False
+        log.warning("serving the previous model %s %s instead", model, prev.version)
+        current = {**self.state.current, model: prev}
+        previous = {k: v for k, v in self.state.previous.items() if k != model}
+        state = self.state.model_copy(update={"current": current, "previous": previous})
+        try:
+            self._commit(state)
+        except (OSError, StoreError) as exc:  # a full disk at boot: serve; persist with the next commit
+            log.error("cannot persist the fallback to %s %s: %s", model, prev.version, exc)
+            self.state = state
+        return True
 
     def _set_previous(self, host: ModelHost, slot: Slot | None) -> None:
         """Warm or cold previous model per ``keep_previous_warm`` (see runtime's docstring)."""

@@ -174,3 +174,34 @@ def test_download_finished_just_before_a_crash_is_not_downloaded_again(live_serv
         assert infer(second.api.url, np.ones((1, 4), np.float32))[1]["version"] == "1.0.0"
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_serving_slot_damaged_while_down_falls_back_to_the_previous_model(live_server, tmp_path):
+    """The current slot no longer loads at start: the daemon starts, serves the previous model and
+    records it as current."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-rot")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
+    first = Daemon(device_settings(data)).start()
+    try:
+        for version in ("1.0.0", "2.0.0"):
+            seq = assign(live, "edge-rot", "clf", version, probation=QUICK)["seq"]
+            assert outcome_for(live, "edge-rot", seq)["phase"] == "succeeded"
+        wait_for(lambda: first.state.update is None, what="the update cleared")
+    finally:
+        first.stop()
+    npz = data / StateStore(data).load().state.current["clf"].path / "validation.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+
+    second = Daemon(device_settings(data)).start()
+    try:
+        assert serving_version(second.api.url) == "1.0.0"
+        assert infer(second.api.url, np.ones((1, 4), np.float32))[1]["version"] == "1.0.0"
+        state = StateStore(data).load().state
+        assert state.current["clf"].version == "1.0.0"
+        assert "clf" not in state.previous
+    finally:
+        second.stop()
