@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.orm.exc import StaleDataError
 
 from server.errors import FleetError, Unauthorized
 from server.trust.repository import SigningKeyUnavailable
@@ -35,6 +36,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"detail": exc.message, "code": exc.code}, status_code=exc.status_code, headers=headers
         )
+
+    @app.exception_handler(StaleDataError)
+    async def _changed_meanwhile(request: Request, exc: StaleDataError) -> JSONResponse:
+        # optimistic concurrency (Rollout.row_version): the engine or another operator changed the
+        # row between this request's read and its write; nothing of this request was written
+        return JSONResponse(
+            {"detail": "the rollout changed while this request ran (the engine or another operator acted); "
+             "read it again and retry", "code": "conflict"},
+            status_code=409,
+        )  # fmt: skip
 
     @app.exception_handler(SigningKeyUnavailable)
     async def _signing_key_offline(request: Request, exc: SigningKeyUnavailable) -> JSONResponse:

@@ -27,6 +27,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import flag_modified
+from sqlalchemy.orm.exc import StaleDataError
 
 from device_client.protocol.messages import DeploymentPhase as P
 from device_client.protocol.messages import Probation, ServeMode
@@ -107,7 +109,15 @@ class RolloutEngine:
                     if rollout is None:
                         continue  # another server holds it, or it stopped being active
                     self.advance(session, rollout, now or utcnow())
+                    # every tick writes the row at its commit, checking the version it read: a
+                    # tick and an operator action that read the same version cannot both commit
+                    # (Rollout.row_version). Last, so that on SQLite the write lock is still taken
+                    # only at the tick's first write, as before
+                    flag_modified(rollout, "updated_at")
                     advanced += 1
+            except StaleDataError:
+                self._more = True
+                log.info("rollout %s changed during the tick (an operator action); ticking again", rollout_id)
             except Exception:
                 log.exception("advancing rollout %s failed", rollout_id)
         self.ticks += 1

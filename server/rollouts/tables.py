@@ -52,6 +52,14 @@ class Rollout(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     created_by: Mapped[str | None] = mapped_column(sa.String(80))
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: optimistic concurrency: every UPDATE of the row checks and bumps it, so an engine tick and
+    #: an operator action that read the same version cannot both write (the later one fails with
+    #: StaleDataError and changes nothing). On SQLite, which has no row locks, this is what keeps a
+    #: tick from notifying devices after a concurrent rollback or abort; on PostgreSQL it also
+    #: covers an API action that read the row while a tick held it
+    row_version: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="1")
+
+    __mapper_args__ = {"version_id_col": row_version}
 
 
 class Deployment(Base):

@@ -459,3 +459,40 @@ def test_a_device_working_on_a_state_that_was_resigned_is_still_tracked(app_clie
     final = drive(engine, lab, app_client, admin_headers, rid)
     assert final["status"] == "completed", final["reason"]
     assert final["phases"] == {"succeeded": 10}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_tick_racing_an_operator_rollback_notifies_nobody(app_client, admin_headers, ctx, lab):
+    """SQLite has no row locks: a tick that read a running rollout while an operator's rollback
+    committed must not go on to notify the devices the rollback just cancelled (they would
+    install the bad version with nothing to bring them back). The tick's write of the rollout
+    row fails its version check and the whole tick rolls back."""
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"count": 2, "soak_s": 0}, {"percent": 100, "soak_s": 0}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    for _ in range(6):  # the canaries pass, stage 2 is about to be notified
+        engine.tick()
+        lab.step()
+        lab.health()
+        state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+        if state["current_stage"] == 1:
+            break
+    assert state["current_stage"] == 1
+    assert state["phases"] == {"succeeded": 2, "pending": 8}
+    real_notify = engine._notify
+
+    def notify_while_an_operator_rolls_back(session, rollout, rows, mode, now) -> None:
+        r = app_client.post(f"/api/v1/rollouts/{rid}/rollback", headers=admin_headers)
+        assert r.status_code == 200, r.text
+        real_notify(session, rollout, rows, mode, now)
+
+    # the tick has read the rollout and the pending devices; the rollback commits before it writes
+    engine._notify = notify_while_an_operator_rolls_back
+    engine.tick()
+    engine._notify = real_notify
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["status"] == "rolling_back"
+    assert state["phases"] == {"succeeded": 2, "cancelled": 8}
+    with ctx.db.session_scope() as s:  # nobody got 2.0.0 after the rollback
+        versions = s.scalars(sa.select(DesiredRecord.version).where(DesiredRecord.seq > 1)).all()
+    assert "2.0.0" not in versions
