@@ -246,8 +246,8 @@ class RolloutEngine:
             online = status == DeviceStatus.online
             if phase in IN_FLIGHT and online:
                 busy += n
-            if not member:
-                continue
+            if not member or phase == P.cancelled:
+                continue  # a cancelled deployment (its device decommissioned) left the stage
             total += n
             stale_shadow = mode == ServeMode.serve and shadow
             if phase == P.pending or (phase == P.succeeded and stale_shadow):
@@ -259,8 +259,6 @@ class RolloutEngine:
                 succeeded += n
             elif phase in FAILED:
                 failed += n
-            elif phase == P.cancelled:
-                continue
             elif online or phase in STARTED:
                 # a device that began the update and then looks offline (its will fired, the broker
                 # restarted) is still updating: it blocks the stage until it reports or times out

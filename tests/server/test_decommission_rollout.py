@@ -85,3 +85,20 @@ def test_decommission_leaves_finished_deployments_alone(app_client, admin_header
         f"/api/v1/audit?action=device.decommission&target_id={device_id}", headers=admin_headers
     ).json()["items"]
     assert "cancelled_deployments" not in audit[0]["details"]
+
+
+def test_a_stage_whose_devices_were_all_decommissioned_passes_empty(app_client, admin_headers, ctx, lab):
+    """Cancelled deployments leave their stage: a canary stage whose every device was retired is
+    an empty stage (nothing to judge), not "no device of the stage finished", a failure."""
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"count": 2, "soak_s": 0}, {"percent": 100, "soak_s": 0}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    engine.tick()
+    canaries = sorted(d for d, (p, _) in _phases(ctx, rid).items() if p == "notified")
+    for device_id in canaries:
+        r = app_client.post(f"/api/v1/devices/{device_id}/decommission", headers=admin_headers)
+        assert r.status_code == 200, r.text
+        del lab.devices[device_id]
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed", final["reason"]
+    assert final["phases"] == {"succeeded": 8, "cancelled": 2}
