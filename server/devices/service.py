@@ -429,7 +429,7 @@ class DeviceService:
     def assign_desired(self, device_id: str, body: DesiredAssign, by: Principal) -> DesiredOut:
         """Sign and publish a DesiredState pinning one device to a version (direct deployment)."""
         from server.rollouts.desired import DesiredStateService
-        from server.rollouts.repository import DeploymentRepository
+        from server.rollouts.repository import DeploymentRepository, RolloutRepository
         from server.rollouts.tables import Deployment
 
         device = self.get(device_id)
@@ -437,6 +437,14 @@ class DeviceService:
             probation = Probation.model_validate(body.probation)
         except ValidationError as exc:
             raise Invalid(f"invalid probation: {exc.errors()[0]['msg']}") from None
+        # a pin would take the device's DesiredState away from a rollout that still counts on it
+        # (its deployment would time out as a failure, or the rollout would override the pin)
+        conflicts = RolloutRepository(self.session).conflicting(body.model, [device.id])
+        if conflicts:
+            raise Conflict(
+                f"device {device.id!r} is in rollout {conflicts[0][0]} of model {body.model!r}; "
+                "finish, abort or roll back that rollout first"
+            )
         previous = (device.serving or {}).get(body.model)
         record = DesiredStateService(self.session, self.ctx).assign(
             device,

@@ -280,7 +280,8 @@ class RolloutRepository:
         return self.session.scalars(q).first()
 
     def conflicting(self, model: str, device_ids: Sequence[str]) -> list[tuple[str, str]]:
-        """(rollout id, device id) pairs of running/paused/draft rollouts of ``model`` on these devices."""
+        """(rollout id, device id) pairs of running/paused/draft/rolling-back rollouts of ``model``
+        on these devices, whose deployment was not cancelled."""
         if not device_ids:
             return []
         q = (
@@ -297,6 +298,7 @@ class RolloutRepository:
                     ]
                 ),
                 Deployment.device_id.in_(list(device_ids)),
+                Deployment.phase != DeploymentPhase.cancelled,  # (a decommission, a rollback) left it
             )
             .limit(5)
         )

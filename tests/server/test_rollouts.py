@@ -496,3 +496,26 @@ def test_a_tick_racing_an_operator_rollback_notifies_nobody(app_client, admin_he
     with ctx.db.session_scope() as s:  # nobody got 2.0.0 after the rollback
         versions = s.scalars(sa.select(DesiredRecord.version).where(DesiredRecord.seq > 1)).all()
     assert "2.0.0" not in versions
+
+
+def test_pinning_a_device_that_a_rollout_counts_on_is_refused(app_client, admin_headers, ctx, lab):
+    """PUT /devices/{id}/desired on a device in an active rollout of that model is a 409 that
+    changes nothing; once the rollout has finished, or for a device the rollout cancelled, the
+    pin goes through."""
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"count": 1, "soak_s": 0}, {"percent": 100, "soak_s": 0}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    engine.tick()
+    device = sorted(lab.devices)[0]
+    with ctx.db.session_scope() as s:
+        before = s.scalar(sa.select(sa.func.count()).select_from(DesiredRecord))
+    r = app_client.put(f"/api/v1/devices/{device}/desired", json={"model": "det", "version": "3.0.0"},
+                       headers=admin_headers)  # fmt: skip
+    assert r.status_code == 409, r.text
+    assert f"is in rollout {rid}" in r.json()["detail"]
+    with ctx.db.session_scope() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(DesiredRecord)) == before
+    assert drive(engine, lab, app_client, admin_headers, rid)["status"] == "completed"
+    r = app_client.put(f"/api/v1/devices/{device}/desired", json={"model": "det", "version": "3.0.0"},
+                       headers=admin_headers)  # fmt: skip
+    assert r.status_code == 200, r.text
