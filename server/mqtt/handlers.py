@@ -245,6 +245,9 @@ class IngestWorker:
 
         touched: dict[str, DeviceState] = {}
         came_online: list[str] = []
+        #: devices that (re)connected: each says so with a presence "online" at every connect, also
+        #: when the server still holds them online (a broker that died fires no wills)
+        connected: list[str] = []
         latest_presence: dict[str, Presence] = {}
         for p in batch.presence:
             latest_presence[p.device_id] = p  # coalesce: the last one in the batch wins
@@ -259,8 +262,10 @@ class IngestWorker:
                 device.serving = dict(p.serving)
             if p.hardware is not None:
                 device.hardware = p.hardware.model_dump(mode="json")
-            if p.status == "online" and not was_online:
-                came_online.append(device.id)
+            if p.status == "online":
+                connected.append(device.id)
+                if not was_online:
+                    came_online.append(device.id)
             touched[device.id] = device
 
         self._write_reports(session, batch.reports, known, touched, now)
@@ -293,6 +298,8 @@ class IngestWorker:
         rows = [touched[k].changes() for k in sorted(touched)]  # id order, as the locks were taken
         bulk_update(session, Device.__table__, rows)  # type: ignore[arg-type]
 
+        if connected:
+            DesiredStateService(session, self.ctx).republish_current(sorted(connected))
         if came_online:
             DeploymentRepository(session).restart_clocks(sorted(came_online), now)
             resigned = DesiredStateService(session, self.ctx).resign_expiring_ids(came_online)

@@ -245,6 +245,17 @@ class DesiredStateService:
         enqueue_many(self.session, outbox)
         return seqs, errors
 
+    def republish_current(self, device_ids: list[str]) -> int:
+        """Publish again, retained, the DesiredState of each device that came back online, unless it
+        expires soon (:meth:`resign_expiring_ids` re-signs and publishes those). The broker should
+        still hold it, but a broker restarted without its persistence file (killed between two
+        autosaves, or a new broker) does not; the device ignores a seq it already has. Returns
+        how many were queued."""
+        soon = utcnow() + timedelta(seconds=self.ctx.settings.desired_resign_before_s)
+        rows = self.records.current_envelopes(device_ids, soon)
+        enqueue_many(self.session, [(device_topic(d, TopicKind.desired), envelope) for d, envelope in rows])
+        return len(rows)
+
     def resign_expiring_ids(self, device_ids: list[str]) -> int:
         """Re-sign the DesiredStates of ``device_ids`` that expired or expire soon (devices coming
         back online; MQTT ingest calls it once per batch): the same target with a new seq and

@@ -63,6 +63,23 @@ class DesiredRepository:
             out.extend(self.session.scalars(q))
         return out
 
+    def current_envelopes(self, device_ids: Sequence[str], valid_after: datetime) -> list[tuple[str, Any]]:
+        """(device id, envelope) of the DesiredStates of ``device_ids`` (not decommissioned) still
+        valid after ``valid_after``: one SELECT, no ORM objects."""
+        if not device_ids:
+            return []
+        q = (
+            sa.select(DesiredRecord.device_id, DesiredRecord.envelope)
+            .join(Device, Device.id == DesiredRecord.device_id)
+            .where(
+                DesiredRecord.device_id.in_(list(device_ids)),
+                DesiredRecord.expires_at > valid_after,
+                Device.status != DeviceStatus.decommissioned,
+            )
+            .order_by(DesiredRecord.device_id)
+        )
+        return [(r.device_id, r.envelope) for r in self.session.execute(q)]
+
     def expiring_with_seq(
         self, device_ids: Sequence[str], before: datetime
     ) -> list[tuple[str, dict[str, Any], int]]:

@@ -9,6 +9,7 @@ Then the 1,000-device batch is checked to have been written completely.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -143,7 +144,21 @@ def test_statements_per_batch_stay_constant_from_3_to_1000_devices(ctx, kind):
             desired = validate_payload(verify_envelope(records[d].envelope, [public]), DesiredState)
             assert (desired.device_id, desired.seq, desired.target) == (d, 2, "det/2.0.0/default/bundle.tar")
             assert desired.expires_at > datetime.now(UTC) + timedelta(days=6)
-        assert _rows(ctx, OutboxMessage) - outbox_before == len(resigned)
+        # every device that connected gets its state published again, retained: re-signed when
+        # about to expire, else as stored (a broker that lost its retained messages gets them back)
+        assert _rows(ctx, OutboxMessage) - outbox_before == LARGE
+        with ctx.db.session_scope() as s:
+            queued = s.execute(
+                sa.select(OutboxMessage.topic, OutboxMessage.payload, OutboxMessage.retain)
+                .where(OutboxMessage.id > outbox_before)
+            ).all()
+        seqs = {}
+        for topic, payload, retain in queued:
+            assert retain
+            desired = validate_payload(verify_envelope(json.loads(payload), [public]), DesiredState)
+            assert topic == f"fleet/v1/d/{desired.device_id}/desired"
+            seqs[desired.device_id] = desired.seq
+        assert seqs == {d: records[d].seq for d in large_ids}
     else:
         assert all(r.seq == 1 for r in records.values())
         assert _rows(ctx, OutboxMessage) == outbox_before == 0
@@ -240,8 +255,6 @@ def test_reports_the_database_could_not_store_or_read_back_are_malformed(change,
     """Refused at parse time (counted as malformed): values past the columns' bounds, a naive
     time, and in free-form fields what JSON escapes allow but strict JSON readers refuse (the
     server reads JSON columns with orjson, which would fail on every later read of the row)."""
-    import json
-
     from device_client.protocol import InvalidPayload, parse_payload
 
     now = datetime.now(UTC)
