@@ -36,8 +36,9 @@ A DesiredState goes through, persisting the state after every step and reporting
    priority); a ``ModelRejected`` fails the update and the current model keeps serving.
 6. ``probation`` (serve): the baseline is the outgoing model's p95 since its own swap; the swap
    is a reference flip; every ``probation_tick_s`` the worker applies ``health.evaluate_probation``
-   to ``HealthRecorder.since_mark``; a breach flips back to the warm previous model and reports
-   ``rolled_back`` with the numbers; a pass reports ``succeeded`` and raises the release floor.
+   to ``HealthRecorder.since_mark``; a breach persists ``rolled_back``, then flips back to the warm
+   previous model and reports it with the numbers (a save that fails changes nothing: the revert is
+   retried, never re-judged); a pass reports ``succeeded`` and raises the release floor.
    Shadow mode loads the candidate beside the serving model (``ModelHost.start_shadow``), judges the
    candidate's own errors and latency (p95 against the serving model's), never swaps, and after a
    pass keeps shadowing (persisted in ``state.shadow``) until the next desired state.
@@ -191,6 +192,10 @@ class Daemon:
         self._hardware: Any = None
         self._health_seq = _now_ms()
         self._started = False
+        #: (reason, details) of a probation breach whose outcome is not persisted yet (retried)
+        self._pending_breach: tuple[str, dict[str, Any]] | None = None
+        #: details of the outcome being reported, kept while its reporting is retried
+        self._outcome_details: dict[str, Any] | None = None
 
     # ================================================================ lifecycle
 
@@ -414,9 +419,14 @@ class Daemon:
             self._report_update(details)
 
     def _finish_outcome(self, details: dict[str, Any] | None = None) -> None:
+        """Report the outcome (under the seq it keeps across retries and restarts) and clear it.
+        A save that fails leaves the outcome in place; the worker retries with the same details."""
         upd = self.state.update
         assert upd is not None
         assert upd.phase in OUTCOMES
+        if details is None:
+            details = self._outcome_details
+        self._outcome_details = details
         seq = upd.outcome_report_seq
         if seq is None:
             state, seq = allocate_report_seq(self.state)
@@ -426,6 +436,7 @@ class Daemon:
             self._commit(state)
         self._report_update(details, seq=seq)
         self._commit(finish(self.state))
+        self._outcome_details = None
         try:
             self.store.gc(self.state)
         except OSError as exc:
@@ -619,6 +630,9 @@ class Daemon:
         upd = self.state.update
         if upd is not None and upd.phase is UpdatePhase.installing:
             return None
+        if self._pending_breach is not None:  # a breach is being reverted: nothing may cancel it
+            self._stop.wait(self.settings.probation_tick_s)
+            return None
         if upd is None:
             wait = 0.5
         elif upd.phase is UpdatePhase.probation:
@@ -648,13 +662,17 @@ class Daemon:
                 self._finish_outcome()
         except _StepFailed as exc:
             self._fail_update(exc.reason, exc.details)
-        except DiskFull as exc:
-            self._fail_update(f"disk_full: {exc}")
         except Exception as exc:
-            # anything else (EIO/EROFS from the disk, a bug) before the candidate serves: retrying
-            # every second would wedge the update unreported; fail it, the current model serves on
+            # In probation or with an outcome to report there is nothing to fail (a serve-mode
+            # probation can only be reverted): the state did not change, the worker retries the
+            # step after a pause (a full disk: until space is free).
             if self.state.phase not in _FAILABLE:
                 raise
+            if isinstance(exc, DiskFull):
+                self._fail_update(f"disk_full: {exc}")
+                return
+            # anything else (EIO/EROFS from the disk, a bug) before the candidate serves: retrying
+            # every second would wedge the update unreported; fail it, the current model serves on
             log.exception("unexpected error while %s %s", self.state.phase.value, upd.version)
             self._fail_update(f"internal_error: {exc.__class__.__name__}: {exc}")
 
@@ -868,7 +886,11 @@ class Daemon:
         now = utcnow()
         elapsed = (now - upd.probation_started_at).total_seconds()
         if host is None:  # cannot happen unless the model vanished; nothing serves it
+            self._pending_breach = None
             self._advance(revert(self.state, now, "probation: the model host is gone"))
+            return
+        if self._pending_breach is not None:  # a breach whose outcome could not be saved yet
+            self._revert_breach(host)
             return
         stats = host.health.since_mark()
         if upd.mode is ServeMode.shadow:
@@ -881,14 +903,39 @@ class Daemon:
         if verdict.outcome is ProbationOutcome.passed:
             self._advance(passed(self.state, now), details)
             return
+        self._pending_breach = (f"probation_failed: {verdict.reason}", details)
+        self._revert_breach(host)
+
+    def _revert_breach(self, host: ModelHost) -> None:
+        """End a probation that breached (``_pending_breach``): persist the outcome FIRST, then act.
+
+        Serve mode commits ``rolled_back`` (current = the last known good model) before the host
+        flips: a crash after the commit is recovered as rolled back, and a save that fails (full
+        disk) changes nothing, so the candidate serves on under probation while state and runtime
+        agree, and the next tick retries this very revert (the verdict is not re-evaluated: after
+        a flip the health window would measure the good model). Shadow mode commits ``failed``
+        before it stops the shadow."""
+        upd = self.state.update
+        assert upd is not None
+        assert self._pending_breach is not None
+        reason, details = self._pending_breach
+        now = utcnow()
+        if upd.mode is ServeMode.shadow:
+            state = fail(self.state, now, reason)
+            self._commit(state)
+            self._pending_breach = None
+            host.stop_shadow()
+            self._finish_outcome(details)
+            return
+        state = revert(self.state, now, reason)
+        self._commit(state)
+        self._pending_breach = None
         problem = self._rollback_host(host, upd.model)
         if problem:
             details["rollback_error"] = problem
-        state = revert(self.state, now, f"probation_failed: {verdict.reason}")
-        displaced = state.previous.get(upd.model)
         if upd.model in self.hosts:
-            self._set_previous(self.hosts[upd.model], displaced)
-        self._advance(state, details)
+            self._set_previous(self.hosts[upd.model], state.previous.get(upd.model))
+        self._finish_outcome(details)
 
     def _rollback_host(self, host: ModelHost, model: str) -> str | None:
         """Serve the previous model again; if there is none, or it is cold and no longer loads,
@@ -930,8 +977,8 @@ class Daemon:
             state = state.model_copy(update={"shadow": {**state.shadow, upd.model: upd.candidate}})
             self._advance(state, details)
             return
-        host.stop_shadow()
-        self._advance(fail(self.state, now, f"shadow_failed: {verdict.reason}"), details)
+        self._pending_breach = (f"shadow_failed: {verdict.reason}", details)
+        self._revert_breach(host)
 
     # ================================================================ health windows
 

@@ -4,6 +4,10 @@ passes validation but breaches probation in the field, shadow a candidate."""
 
 from __future__ import annotations
 
+import errno
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -277,4 +281,71 @@ def test_cold_previous_that_no_longer_loads_serves_nothing_after_a_probation_bre
         assert infer(api, X)[0] != 200
         assert daemon.state.current["clf"].version == "1.0.0"
     finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_probation_breach_on_a_full_disk_reverts_once_the_state_can_be_saved(
+    live_server, tmp_path, monkeypatch
+):
+    """v2 breaches its probation while no state can be saved: the revert is committed before the
+    host flips, so v2 serves on under probation (state and runtime agree) and the revert is retried
+    until the save succeeds; it never turns into a pass of v2 measured on the healthy v1."""
+    from device_client.state import UpdatePhase
+    from device_client.store import DiskFull, StateStore
+
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-fullrev")
+    onnx = tmp_path / "onnx"
+    push_model(live, "clf", "1.0.0", make_model(onnx / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(onnx / "v2.onnx", scale=2.0, nan_on_negative=True))
+    daemon = Daemon(device_settings(data)).start()
+    full = threading.Event()
+    refused: list[str] = []
+    real_save = daemon.store.save
+
+    def save(state):
+        if full.is_set():
+            refused.append(state.phase.value)
+            raise DiskFull("saving state", OSError(errno.ENOSPC, "No space left on device"))
+        real_save(state)
+
+    monkeypatch.setattr(daemon.store, "save", save)
+    try:
+        api = daemon.api.url
+        seq1 = assign(live, "edge-fullrev", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-fullrev", seq1)["phase"] == "succeeded"
+        probation = {"seconds": 1, "min_requests": 3, "max_error_rate": 0.05}
+        seq2 = assign(live, "edge-fullrev", "clf", "2.0.0", probation=probation)["seq"]
+        wait_for(lambda: daemon.state.phase is UpdatePhase.probation, what="v2 on probation")
+        full.set()
+        for _ in range(5):
+            infer(api, -np.ones((1, 4), np.float32))  # NaN outputs: a breach
+        wait_for(lambda: refused.count("rolled_back") >= 2, timeout=15, what="the revert retried")
+        for _ in range(5):
+            infer(api, X)  # healthy answers (from whichever model serves) must not pass v2
+        time.sleep(1.5)
+        assert serving_version(api) == "2.0.0"
+        assert daemon.state.phase is UpdatePhase.probation
+        on_disk = StateStore(data).load().state
+        assert on_disk.current["clf"].version == "2.0.0"
+        assert on_disk.phase is UpdatePhase.probation
+        outcomes = ("succeeded", "rolled_back", "failed")
+        seen = [e["phase"] for e in events(live, "edge-fullrev") if e["desired_seq"] == seq2]
+        assert not set(seen) & set(outcomes), seen
+
+        full.clear()
+        out = outcome_for(live, "edge-fullrev", seq2, timeout=15)
+        assert out["phase"] == "rolled_back", out
+        assert out["reason"].startswith("probation_failed:"), out
+        assert out["details"]["probation"]["errors"] >= 1  # the breach's numbers survived the retries
+        assert serving_version(api) == "1.0.0"
+        assert infer(api, X)[1]["version"] == "1.0.0"
+        wait_for(lambda: daemon.state.update is None, what="the outcome cleared")
+        on_disk = StateStore(data).load().state
+        assert on_disk.current["clf"].version == "1.0.0"
+        assert on_disk.release_floor["clf"] == 1
+    finally:
+        full.clear()
         daemon.stop()
