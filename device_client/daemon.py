@@ -14,7 +14,9 @@ mid-probation reverts to the last known good model and reports ``rolled_back``),
 what the state does not reference, load the serving model of each model name (plus the previous
 one, warm when ``keep_previous_warm``, else cold; plus a shadow that passed its probation; a current
 slot that no longer loads falls back to the previous one, which becomes current, else nothing serves
-that model), start the local API, then connect MQTT.
+that model), start the local API, then connect MQTT. A save that fails at start-up (full disk) does
+not stop the daemon: the state stays in memory and the worker saves it (and reports an outcome the
+recovery left) as soon as it can.
 
 A DesiredState goes through, persisting the state after every step and reporting every phase:
 
@@ -194,6 +196,8 @@ class Daemon:
         self._started = False
         #: (reason, details) of a probation breach whose outcome is not persisted yet (retried)
         self._pending_breach: tuple[str, dict[str, Any]] | None = None
+        #: a start-up commit failed: the state lives in memory only until the worker saves it
+        self._unsaved = False
         #: details of the outcome being reported, kept while its reporting is retried
         self._outcome_details: dict[str, Any] | None = None
 
@@ -222,14 +226,17 @@ class Daemon:
         if action.kind is not RecoveryKind.nothing:
             log.warning("recovering from %s: %s %s", state.phase.value, action.kind.value, action.reason)
         state = apply_recovery(state, action, utcnow())
-        self._commit(state)
+        self._commit_at_start(state, "the recovered state")
         with contextlib.suppress(OSError):
             self.store.gc(state)
         self._load_models()
         self.api.start()
         self._start_mqtt()
         if self.state.update is not None and self.state.update.phase in OUTCOMES:
-            self._finish_outcome({"recovered": action.kind.value} if action.reason else None)
+            try:
+                self._finish_outcome({"recovered": action.kind.value} if action.reason else None)
+            except (OSError, StoreError) as exc:  # the worker reports it once the state can be saved
+                log.error("cannot report the %s outcome yet: %s", self.state.phase.value, exc)
         self._started = True
         for name, target in (("fleet-worker", self._run), ("fleet-health", self._health_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -325,11 +332,7 @@ class Daemon:
         current = {**self.state.current, model: prev}
         previous = {k: v for k, v in self.state.previous.items() if k != model}
         state = self.state.model_copy(update={"current": current, "previous": previous})
-        try:
-            self._commit(state)
-        except (OSError, StoreError) as exc:  # a full disk at boot: serve; persist with the next commit
-            log.error("cannot persist the fallback to %s %s: %s", model, prev.version, exc)
-            self.state = state
+        self._commit_at_start(state, f"the fallback to {model} {prev.version}")
         return True
 
     def _set_previous(self, host: ModelHost, slot: Slot | None) -> None:
@@ -352,6 +355,26 @@ class Daemon:
     def _commit(self, state: DeviceState) -> None:
         self.store.save(state)
         self.state = state
+        self._unsaved = False
+
+    def _commit_at_start(self, state: DeviceState, what: str) -> None:
+        """Commit at start-up, where a failed save (full disk) must not keep the daemon from
+        serving: keep ``state`` in memory and let the worker retry the save (``_save_unsaved``)."""
+        try:
+            self._commit(state)
+        except (OSError, StoreError) as exc:
+            log.error("cannot persist %s at start-up (retrying in the background): %s", what, exc)
+            self.state = state
+            self._unsaved = True
+
+    def _save_unsaved(self) -> None:
+        """Retry the save a start-up commit could not make (quietly: the failure was logged)."""
+        try:
+            self._commit(self.state)
+        except (OSError, StoreError) as exc:
+            log.debug("state still not saved: %s", exc)
+            return
+        log.info("the state is saved again")
 
     def _send_report(
         self,
@@ -613,6 +636,8 @@ class Daemon:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                if self._unsaved:
+                    self._save_unsaved()
                 payload = self._next_message()
                 if payload is not None:
                     self._handle_desired(payload)

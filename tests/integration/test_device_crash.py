@@ -4,13 +4,16 @@ model that was on probation to the last known good one, reporting ``rolled_back`
 
 from __future__ import annotations
 
+import errno
+import threading
+
 import numpy as np
 import pytest
 
 from device_client import daemon as daemon_module
 from device_client.daemon import Daemon
 from device_client.state import UpdatePhase
-from device_client.store import StateStore
+from device_client.store import DiskFull, StateStore
 from tests.helpers.device_fleet import (
     DaemonProcess,
     assign,
@@ -204,4 +207,97 @@ def test_serving_slot_damaged_while_down_falls_back_to_the_previous_model(live_s
         assert state.current["clf"].version == "1.0.0"
         assert "clf" not in state.previous
     finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_restart_mid_probation_on_a_full_disk_starts_serving_and_reports_later(
+    live_server, tmp_path, monkeypatch
+):
+    """No state can be saved at start-up (full disk): the crash recovery's revert and the report of
+    its outcome cannot be persisted, yet the daemon starts and serves the last known good model; the
+    worker saves and reports ``rolled_back`` once space is free."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-bootfull")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
+    first = Daemon(device_settings(data)).start()
+    try:
+        seq1 = assign(live, "edge-bootfull", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-bootfull", seq1)["phase"] == "succeeded"
+        seq2 = assign(live, "edge-bootfull", "clf", "2.0.0", probation={"seconds": 3600})["seq"]
+        wait_for(lambda: first.state.phase is UpdatePhase.probation, what="v2 on probation")
+    finally:
+        first.stop()  # the state file stays mid-probation, as after a kill
+    full = threading.Event()
+    full.set()
+    refused: list[str] = []
+    real_save = StateStore.save
+
+    def save(self, state):
+        if full.is_set():
+            refused.append(state.phase.value)
+            raise DiskFull("saving state", OSError(errno.ENOSPC, "No space left on device"))
+        real_save(self, state)
+
+    monkeypatch.setattr(StateStore, "save", save)
+    second = Daemon(device_settings(data)).start()
+    try:
+        assert refused  # start-up did try to save
+        assert serving_version(second.api.url) == "1.0.0"
+        assert infer(second.api.url, np.ones((1, 4), np.float32))[1]["version"] == "1.0.0"
+        assert StateStore(data).load().state.phase is UpdatePhase.probation  # nothing saved yet
+        full.clear()
+        out = outcome_for(live, "edge-bootfull", seq2)
+        assert (out["phase"], out["reason"]) == ("rolled_back", "crashed during probation"), out
+        assert out["details"] == {"recovered": "revert"}
+        wait_for(lambda: second.state.update is None, what="the outcome cleared")
+        state = StateStore(data).load().state
+        assert (state.update, state.current["clf"].version, state.release_floor["clf"]) == (None, "1.0.0", 1)
+    finally:
+        full.clear()
+        second.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_fallback_not_saved_at_start_up_is_saved_by_the_worker(live_server, tmp_path, monkeypatch):
+    """The current slot does not load and the fallback to the previous model cannot be saved at
+    start-up: the daemon serves the previous model and the worker saves the state once it can."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-fbfull")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
+    first = Daemon(device_settings(data)).start()
+    try:
+        for version in ("1.0.0", "2.0.0"):
+            seq = assign(live, "edge-fbfull", "clf", version, probation=QUICK)["seq"]
+            assert outcome_for(live, "edge-fbfull", seq)["phase"] == "succeeded"
+        wait_for(lambda: first.state.update is None, what="the update cleared")
+    finally:
+        first.stop()
+    npz = data / StateStore(data).load().state.current["clf"].path / "validation.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    full = threading.Event()
+    full.set()
+    real_save = StateStore.save
+
+    def save(self, state):
+        if full.is_set():
+            raise DiskFull("saving state", OSError(errno.ENOSPC, "No space left on device"))
+        real_save(self, state)
+
+    monkeypatch.setattr(StateStore, "save", save)
+    second = Daemon(device_settings(data)).start()
+    try:
+        assert serving_version(second.api.url) == "1.0.0"
+        assert StateStore(data).load().state.current["clf"].version == "2.0.0"
+        full.clear()
+        wait_for(
+            lambda: StateStore(data).load().state.current["clf"].version == "1.0.0",
+            what="the fallback saved",
+        )
+    finally:
+        full.clear()
         second.stop()
