@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -295,6 +296,17 @@ class RolloutRepository:
         if skip_locked:
             q = q.with_for_update(skip_locked=True)
         return self.session.scalars(q).first()
+
+    def serialize_creation(self, model: str) -> None:
+        """Hold, until this transaction ends, the right to create a rollout of ``model``: a
+        transaction-scoped advisory lock on PostgreSQL; on SQLite the database's write lock, taken
+        now by a write that changes nothing (SQLite has one writer at a time)."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            digest = hashlib.sha256(f"fleet.rollout.create/{model}".encode()).digest()
+            key = int.from_bytes(digest[:8], "big", signed=True)
+            self.session.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+        else:
+            self.session.execute(sa.text("UPDATE rollouts SET status = status WHERE 1 = 0"))
 
     def conflicting(self, model: str, device_ids: Sequence[str]) -> list[tuple[str, str]]:
         """(rollout id, device id) pairs of running/paused/draft/rolling-back rollouts of ``model``

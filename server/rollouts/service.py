@@ -90,6 +90,9 @@ class RolloutService:
             sizes = check_stages(body.stages, len(devices))
         except ValueError as exc:
             raise Invalid(str(exc)) from None
+        # two creations for one model (a CLI retry after a timeout, two operators) must not both
+        # pass the conflict check: they take turns from here to their commit
+        self.rollouts.serialize_creation(body.model)
         conflicts = self.rollouts.conflicting(body.model, [d.id for d in devices])
         if conflicts:
             rid, did = conflicts[0]

@@ -519,3 +519,42 @@ def test_pinning_a_device_that_a_rollout_counts_on_is_refused(app_client, admin_
     r = app_client.put(f"/api/v1/devices/{device}/desired", json={"model": "det", "version": "3.0.0"},
                        headers=admin_headers)  # fmt: skip
     assert r.status_code == 200, r.text
+
+
+def test_two_creations_for_one_model_at_once_cannot_both_pass(app_client, admin_headers, ctx, lab):
+    """Two operators (or a CLI retry after a timeout) creating rollouts of one model at the same
+    time: the second waits for the first to commit, then sees it and is refused."""
+    from server.admin.service import CLI_PRINCIPAL
+    from server.errors import Conflict
+    from server.rollouts.schemas import RolloutCreate
+    from server.rollouts.service import RolloutService
+
+    created, release = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def first() -> None:
+        with ctx.db.session_scope() as s:
+            RolloutService(s, ctx).create(RolloutCreate.model_validate(rollout_body("2.0.0")), CLI_PRINCIPAL)
+            created.set()
+            release.wait(10)  # still in its transaction
+
+    def second() -> None:
+        try:
+            with ctx.db.session_scope() as s:
+                body = RolloutCreate.model_validate(rollout_body("3.0.0"))
+                outcome["second"] = RolloutService(s, ctx).create(body, CLI_PRINCIPAL).id
+        except Conflict as exc:
+            outcome["second"] = exc
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert created.wait(10)
+    b = threading.Thread(target=second)
+    b.start()
+    b.join(0.5)
+    assert b.is_alive()  # waiting for the first creation's transaction
+    release.set()
+    a.join(10)
+    b.join(30)
+    assert isinstance(outcome["second"], Conflict), outcome
+    assert len(app_client.get("/api/v1/rollouts", headers=admin_headers).json()) == 1
