@@ -368,7 +368,8 @@ class Daemon:
             self._unsaved = True
 
     def _save_unsaved(self) -> None:
-        """Retry the save a start-up commit could not make (quietly: the failure was logged)."""
+        """Retry a save that failed where nothing else retries it (at start-up, or the report seq
+        of a report journaled before its commit failed); quietly: the failure was logged."""
         try:
             self._commit(self.state)
         except (OSError, StoreError) as exc:
@@ -387,10 +388,46 @@ class Daemon:
         reason: str | None = None,
         details: dict[str, Any] | None = None,
         seq: int | None = None,
+        state: DeviceState | None = None,
     ) -> int:
-        if seq is None:
-            state, seq = allocate_report_seq(self.state)
+        """Report ``phase`` (with ``seq``: an outcome's, already persisted; ``state`` is unused).
+
+        Without ``seq`` a new report seq is allocated and persisted together with ``state``
+        (default: the current state; e.g. the seq of a desired state handled without an update) in
+        ONE commit, made after the report is journaled: a kill before the journal write changes
+        nothing (the retained desired state is handled again after the restart), a kill after it
+        leaves the report in the journal, which is re-sent (and keeps the report seq above it).
+        Committing first would lose the report to such a kill."""
+        assert self.link is not None
+        topic = self._topic(TopicKind.report)
+        fields = (desired_seq, rollout_id, model, version, reason, details)
+        if seq is not None:  # an outcome: its seq is persisted already
+            self.link.publish_report(seq, topic, self._build_report(phase, seq, *fields, self.state))
+            return seq
+        state, seq = allocate_report_seq(self.state if state is None else state)
+        self.journal.append(seq, topic, self._build_report(phase, seq, *fields, state))
+        try:
             self._commit(state)
+        except BaseException:
+            # the journaled report goes out (it may be in flight already): never reuse its seq
+            self.state = self.state.model_copy(update={"report_seq": max(self.state.report_seq, seq)})
+            self._unsaved = True
+            raise
+        self.link.flush()
+        return seq
+
+    def _build_report(
+        self,
+        phase: DeploymentPhase,
+        seq: int,
+        desired_seq: int | None,
+        rollout_id: str | None,
+        model: str | None,
+        version: str | None,
+        reason: str | None,
+        details: dict[str, Any] | None,
+        state: DeviceState,
+    ) -> bytes:
         report = Report.build(
             device_id=self.device_id,
             seq=seq,
@@ -402,7 +439,7 @@ class Daemon:
             version=version,
             reason=reason[:2000] if reason else None,
             details=details or {},
-            serving=self.state.serving(),
+            serving=state.serving(),
         )
         log.info(
             "report %d: %s %s %s desired_seq=%s%s",
@@ -413,9 +450,7 @@ class Daemon:
             desired_seq,
             f" ({reason})" if reason else "",
         )
-        assert self.link is not None
-        self.link.publish_report(seq, self._topic(TopicKind.report), report.to_json())
-        return seq
+        return report.to_json()
 
     def _report_update(self, details: dict[str, Any] | None = None, *, seq: int | None = None) -> None:
         upd = self.state.update
@@ -540,7 +575,6 @@ class Daemon:
         ):
             if not self._signer_current(payload, desired):
                 return
-            self._commit(state.model_copy(update={"last_desired_seq": desired.seq}))
             self._send_report(
                 DeploymentPhase.succeeded,
                 desired_seq=desired.seq,
@@ -548,6 +582,8 @@ class Daemon:
                 model=desired.model,
                 version=desired.version,
                 reason="already serving this version",
+                # persisted with the report's seq, after its journal: a kill never loses the report
+                state=self.state.model_copy(update={"last_desired_seq": desired.seq}),
             )
             return
         try:
@@ -600,8 +636,9 @@ class Daemon:
 
     def _reject(self, exc: Rejected, desired: DesiredState | None = None) -> None:
         log.warning("desired state rejected: %s", exc.reason)
-        if exc.authentic and exc.seq is not None:
-            self._commit(self.state.model_copy(update={"last_rejected_seq": exc.seq}))
+        state = self.state
+        if exc.authentic and exc.seq is not None:  # persisted with the report's seq, after its journal
+            state = state.model_copy(update={"last_rejected_seq": exc.seq})
         self._send_report(
             DeploymentPhase.failed,
             desired_seq=exc.seq if exc.authentic else None,
@@ -610,6 +647,7 @@ class Daemon:
             version=desired.version if desired else None,
             reason=exc.reason,
             details={"code": exc.code, "claimed_seq": exc.seq, "rejected": True},
+            state=state,
         )
 
     def _cancel_update(self, reason: str) -> None:

@@ -217,6 +217,10 @@ class MqttLink:
     def publish_report(self, seq: int, topic: str, payload: bytes) -> None:
         """Journal the report, then send it (now if connected, else at the next connect)."""
         self.journal.append(seq, topic, payload)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the journaled reports not sent yet, if connected (else the next connect does)."""
         if self._connected.is_set():
             self._flush()
 

@@ -301,3 +301,93 @@ def test_fallback_not_saved_at_start_up_is_saved_by_the_worker(live_server, tmp_
     finally:
         full.clear()
         second.stop()
+
+
+def _die_at_journal(daemon: Daemon, marker: bytes, after_write: bool) -> list[int]:
+    """The daemon "dies" (its worker stops, committing nothing more) when the report containing
+    ``marker`` is journaled: just before the journal write, or just after it."""
+    real = daemon.journal.append
+    killed: list[int] = []
+
+    def append(seq, topic, payload):
+        if marker not in payload:
+            return real(seq, topic, payload)
+        if after_write:
+            real(seq, topic, payload)
+        killed.append(seq)
+        daemon._stop.set()
+        raise RuntimeError("killed")
+
+    daemon.journal.append = append  # type: ignore[method-assign]
+    return killed
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("after_write", [False, True], ids=["before_journal", "after_journal"])
+def test_kill_around_the_already_serving_report_still_reports_it(live_server, tmp_path, after_write):
+    """A re-issue of the serving version is answered ``succeeded`` without an update. A kill around
+    that report's journal write must not lose it: its desired seq is persisted only with (after)
+    the journaled report, so the restarted daemon re-sends it or handles the retained message again."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-again")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    first = Daemon(device_settings(data)).start()
+    try:
+        seq1 = assign(live, "edge-again", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-again", seq1)["phase"] == "succeeded"
+        wait_for(lambda: first.state.update is None, what="the update cleared")
+        killed = _die_at_journal(first, b"already serving", after_write)
+        seq2 = assign(live, "edge-again", "clf", "1.0.0", probation=QUICK)["seq"]
+        wait_for(lambda: not first._threads[0].is_alive(), timeout=20, what="the worker gone")
+        assert killed
+    finally:
+        first.stop()
+
+    second = Daemon(device_settings(data)).start()
+    try:
+        out = outcome_for(live, "edge-again", seq2)
+        assert (out["phase"], out["reason"]) == ("succeeded", "already serving this version"), out
+        wait_for(lambda: second.state.last_desired_seq == seq2, what="the desired seq persisted")
+        assert StateStore(data).load().state.last_desired_seq == seq2
+        assert serving_version(second.api.url) == "1.0.0"
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_kill_before_a_rejection_is_journaled_still_reports_it(live_server, tmp_path):
+    """An authentic desired state the image repository contradicts is rejected once (a redelivery
+    of that retained message is then ignored). A kill before the rejection's report is journaled
+    must not leave its seq recorded as rejected: the restarted daemon rejects and reports it."""
+    from device_client.protocol.signing import sign_envelope
+    from tests.helpers.device_fleet import ServerPublisher
+    from tests.integration.test_device_bad_input import _desired
+
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-rej")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    first = Daemon(device_settings(data)).start()
+    publisher = ServerPublisher(live)
+    try:
+        assert first.link is not None
+        assert first.link.wait_connected(10)
+        killed = _die_at_journal(first, b"target_mismatch", after_write=False)
+        seq = 1_000
+        bad = _desired(live, "edge-rej", seq, version="1.0.0", hashes={"sha256": "ab" * 32})
+        publisher.publish("edge-rej", sign_envelope(bad, live.ctx.director.key), retain=True)
+        wait_for(lambda: not first._threads[0].is_alive(), timeout=20, what="the worker gone")
+        assert killed
+    finally:
+        first.stop()
+
+    second = Daemon(device_settings(data)).start()
+    try:
+        out = outcome_for(live, "edge-rej", seq)
+        assert out["phase"] == "failed", out
+        assert out["details"]["code"] == "target_mismatch", out
+        wait_for(lambda: second.state.last_rejected_seq == seq, what="the rejected seq persisted")
+    finally:
+        publisher.close()
+        second.stop()
