@@ -572,6 +572,7 @@ class Daemon:
             and (current.version, current.variant, current.release)
             == (desired.version, desired.variant, desired.release)
             and desired.model not in state.shadow
+            and self._serves(current)
         ):
             if not self._signer_current(payload, desired):
                 return
@@ -610,6 +611,14 @@ class Daemon:
             desired.model, desired.version, desired.variant, desired.hashes["sha256"]
         )
         self._advance(accept(self.state, desired, utcnow(), self.store.relpath(partial)))
+
+    def _serves(self, slot: Slot) -> bool:
+        """Whether ``slot`` really serves now (not only named current: a current slot that did not
+        load at start-up with no previous to fall back to serves nothing; installing it again then
+        reports the truth)."""
+        host = self.hosts.get(slot.model)
+        serving = host.serving if host is not None else None
+        return serving is not None and serving.path == self.store.slot_dir(slot)
 
     def _signer_current(self, payload: bytes, desired: DesiredState) -> bool:
         """For the shortcuts that install nothing (the version already served, the update already

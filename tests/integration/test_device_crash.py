@@ -391,3 +391,36 @@ def test_kill_before_a_rejection_is_journaled_still_reports_it(live_server, tmp_
     finally:
         publisher.close()
         second.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_reissue_of_a_current_version_that_does_not_load_installs_it(live_server, tmp_path):
+    """The only installed slot no longer loads at start-up, so nothing serves although the state
+    names it current. A desired state for that version is not answered "already serving": it is
+    installed again (downloaded, as the slot is damaged) and serves."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-none")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    first = Daemon(device_settings(data)).start()
+    try:
+        seq1 = assign(live, "edge-none", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-none", seq1)["phase"] == "succeeded"
+        wait_for(lambda: first.state.update is None, what="the update cleared")
+    finally:
+        first.stop()
+    (data / StateStore(data).load().state.current["clf"].path / "bundle.json").unlink()
+
+    second = Daemon(device_settings(data)).start()
+    try:
+        assert serving_version(second.api.url) is None
+        seq2 = assign(live, "edge-none", "clf", "1.0.0", probation=QUICK)["seq"]
+        out = outcome_for(live, "edge-none", seq2)
+        assert out["phase"] == "succeeded", out
+        assert out["reason"] != "already serving this version", out
+        phases = [e["phase"] for e in events(live, "edge-none") if e["desired_seq"] == seq2]
+        assert phases == ["downloading", "verifying", "installing", "probation", "succeeded"]
+        assert serving_version(second.api.url) == "1.0.0"
+        assert infer(second.api.url, np.ones((1, 4), np.float32))[1]["version"] == "1.0.0"
+    finally:
+        second.stop()
