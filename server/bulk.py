@@ -22,14 +22,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 
-def execute_many(session: Session, stmt: sa.Executable, rows: Sequence[Mapping[str, Any]]) -> None:
+def execute_many(session: Session, stmt: sa.Executable, rows: Sequence[Mapping[str, Any]]) -> int:
     """``session.execute(stmt, rows)`` without SQLAlchemy's per-row cost (see the module docstring).
 
     Every row has the same keys. A statement the fast path does not cover (a SQL-expression or
     sequence default, a dialect with another parameter style) runs through SQLAlchemy unchanged.
+    Returns the rows the driver reports changed, summed over all rows (sqlite3 and psycopg 3).
     """
     if not rows:
-        return
+        return 0
     conn = session.connection()
     dialect = conn.dialect
     # qmark: SQLite; pyformat: psycopg 3, which pipelines an executemany (10,000 DesiredStates
@@ -37,8 +38,7 @@ def execute_many(session: Session, stmt: sa.Executable, rows: Sequence[Mapping[s
     fast = dialect.paramstyle in ("qmark", "pyformat")
     plan = _driver_plan(stmt, dialect, list(rows[0])) if fast else None
     if plan is None:
-        session.execute(stmt, list(rows))
-        return
+        return session.execute(stmt, list(rows)).rowcount  # type: ignore[attr-defined]
     sql, columns = plan
     if dialect.paramstyle == "qmark":
         params: list[Any] = [
@@ -56,7 +56,7 @@ def execute_many(session: Session, stmt: sa.Executable, rows: Sequence[Mapping[s
             }
             for row in rows
         ]
-    conn.exec_driver_sql(sql, params)
+    return conn.exec_driver_sql(sql, params).rowcount
 
 
 _FROM_ROW = object()

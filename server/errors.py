@@ -29,6 +29,12 @@ class Conflict(FleetError):
     code = "conflict"
 
 
+class SeqRace(Conflict):
+    """Another DesiredState was issued for a device between this transaction's read of its seq
+    and its write: nothing of this transaction may stand (two states would share one seq, and the
+    device would keep whichever arrived first). Retry with a fresh read."""
+
+
 class Unauthorized(FleetError):
     status_code = 401
     code = "unauthorized"

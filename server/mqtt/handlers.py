@@ -40,6 +40,7 @@ from server.bulk import bulk_update, insert_ignore
 from server.db import utcnow
 from server.devices.repository import DeviceRepository, DeviceState
 from server.devices.tables import Device, DeviceEvent, DeviceStatus
+from server.errors import SeqRace
 from server.health.tables import HealthSample
 from server.metrics import Metrics
 from server.rollouts.desired import DesiredStateService
@@ -217,7 +218,8 @@ class IngestWorker:
                 with self.ctx.db.session_scope() as session:
                     self.write(session, batch)
                 return True
-            except OperationalError as exc:  # connection dropped, database locked: retry the batch
+            except (OperationalError, SeqRace) as exc:  # connection dropped, database locked, a
+                # DesiredState issued concurrently for one of the batch's devices: retry the batch
                 attempt += 1
                 self.metrics.inc(
                     "fleet_ingest_retries_total", help="ingest batches retried after a database error"

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from device_client.protocol.messages import DesiredState, Probation, ServeMode
 from device_client.protocol.topics import TopicKind, device_topic
@@ -145,10 +146,12 @@ class DesiredStateService:
 
     def _sign_and_queue(self, device: Device, fields: dict[str, Any]) -> DesiredRecord:
         now = utcnow()
-        device.desired_seq += 1
+        seq = (device.desired_seq or 0) + 1
+        self.records.set_device_seqs({device.id: seq})  # checks that nobody issued seq meanwhile
+        set_committed_value(device, "desired_seq", seq)
         desired = DesiredState.build(
             device_id=device.id,
-            seq=device.desired_seq,
+            seq=seq,
             issued_at=now,
             expires_at=now + timedelta(seconds=self.ctx.settings.desired_ttl_s),
             **fields,

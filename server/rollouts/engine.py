@@ -35,6 +35,7 @@ from device_client.protocol.messages import Probation, ServeMode
 from server.admin.service import audit
 from server.db import utcnow
 from server.devices.tables import DeviceStatus
+from server.errors import SeqRace
 from server.rollouts.desired import DesiredStateService, DeviceTarget
 from server.rollouts.policy import Gates, Stage, StageCounts, aggregate, early_trip, evaluate_stage
 from server.rollouts.repository import DeploymentRepository, HealthRepository, RolloutRepository
@@ -115,9 +116,10 @@ class RolloutEngine:
                     # only at the tick's first write, as before
                     flag_modified(rollout, "updated_at")
                     advanced += 1
-            except StaleDataError:
+            except (StaleDataError, SeqRace) as exc:  # optimistic checks: nothing of the tick stands
                 self._more = True
-                log.info("rollout %s changed during the tick (an operator action); ticking again", rollout_id)
+                what = "an operator action" if isinstance(exc, StaleDataError) else exc.message
+                log.info("rollout %s changed during the tick (%s); ticking again", rollout_id, what)
             except Exception:
                 log.exception("advancing rollout %s failed", rollout_id)
         self.ticks += 1

@@ -16,6 +16,7 @@ from device_client.protocol.messages import DeploymentPhase
 from server.bulk import bulk_update, execute_many
 from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion, VersionStatus
 from server.devices.tables import Device, DeviceStatus, DeviceTag
+from server.errors import SeqRace
 from server.health.tables import HealthRollup, HealthSample
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 
@@ -50,12 +51,25 @@ class DesiredRepository:
         execute_many(self.session, stmt, rows)
 
     def set_device_seqs(self, seqs: dict[str, int]) -> None:
-        """``devices.desired_seq`` of many devices (the seq of the state just signed for each)."""
-        bulk_update(
-            self.session,
-            Device.__table__,
-            [{"id": d, "desired_seq": s} for d, s in seqs.items()],  # type: ignore[arg-type]
+        """``devices.desired_seq`` of many devices: the seq of the state just signed for each,
+        which must be the seq read plus one. A device whose seq moved meanwhile (another state
+        issued for it by a concurrent transaction) raises :class:`SeqRace`: the caller's
+        transaction rolls back instead of publishing a second state under the same seq."""
+        if not seqs:
+            return
+        t = Device.__table__
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == sa.bindparam("d__"))
+            .where(sa.func.coalesce(t.c.desired_seq, 0) == sa.bindparam("old__"))
+            .values(desired_seq=sa.bindparam("new__"))
         )
+        rows = [{"d__": d, "old__": s - 1, "new__": s} for d, s in sorted(seqs.items())]
+        changed = execute_many(self.session, stmt, rows)
+        if changed != len(rows):
+            raise SeqRace(
+                f"{len(rows) - changed} of {len(rows)} devices were issued another desired state meanwhile"
+            )
 
     def for_devices(self, device_ids: Sequence[str], chunk: int = 500) -> list[DesiredRecord]:
         out: list[DesiredRecord] = []

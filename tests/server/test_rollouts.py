@@ -558,3 +558,44 @@ def test_two_creations_for_one_model_at_once_cannot_both_pass(app_client, admin_
     b.join(30)
     assert isinstance(outcome["second"], Conflict), outcome
     assert len(app_client.get("/api/v1/rollouts", headers=admin_headers).json()) == 1
+
+
+def test_a_state_issued_concurrently_makes_the_tick_retry(app_client, admin_headers, ctx, lab):
+    """The engine signs a device's state as seq N+1 while the ingest re-signs that device's
+    expiring state as N+1 too (it came back online): two states under one seq, and the device
+    keeps whichever arrives first. The later writer finds the seq moved, rolls back, and the next
+    tick signs N+2."""
+    from datetime import timedelta
+
+    from server.db import utcnow
+    from server.devices.tables import Device
+    from server.rollouts.desired import DesiredStateService
+
+    device = sorted(lab.devices)[0]
+    with ctx.db.session_scope() as s:  # the device's 1.0.0 state, about to expire
+        record = DesiredStateService(s, ctx).assign(s.get(Device, device), "det", "1.0.0")
+        record.expires_at = utcnow() + timedelta(minutes=1)
+        first = record.seq
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 0}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    real_notify = engine._notify
+
+    def notify_while_the_device_comes_back(session, rollout, rows, mode, now) -> None:
+        with ctx.db.session_scope() as other:  # the ingest, as the device reconnects
+            assert DesiredStateService(other, ctx).resign_expiring_ids([device]) == 1
+        real_notify(session, rollout, rows, mode, now)
+
+    engine._notify = notify_while_the_device_comes_back
+    engine.tick()  # rolled back: nobody notified
+    engine._notify = real_notify
+    with ctx.db.session_scope() as s:
+        assert s.get(DesiredRecord, device).seq == first + 1  # the re-signed 1.0.0 state
+        assert s.get(DesiredRecord, device).version == "1.0.0"
+        assert not s.scalars(sa.select(Deployment).where(Deployment.phase == "notified")).all()
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed", final["reason"]
+    with ctx.db.session_scope() as s:
+        rec = s.get(DesiredRecord, device)
+        dep = s.scalars(sa.select(Deployment).where(Deployment.device_id == device)).one()
+    assert (rec.version, rec.seq, dep.desired_seq) == ("2.0.0", first + 2, first + 2)
