@@ -24,6 +24,10 @@ fsync: the disk is the limit, not the download); 0.67-0.70 on tmpfs, where the s
 receiving threads share the two cores (per 210 MB: server ~0.19 core-s, receiver ~0.40 core-s
 of which the hash ~0.15, against openssl's ~0.2 s on one core).
 
+Session 5's machine (a disk that takes ~2,100 MB/s durably): 0.69-0.82, CPU-bound: per 210 MB the
+receiving process takes 0.25-0.28 core-s (hash ~0.14), the server 0.13-0.16 (4 MiB server reads:
+~0.11, no better ratio), openssl 0.15-0.17 s.
+
 Measured on the 2-core dev machine (loopback; the machine is shared with other jobs, so every
 number below is a range over many runs), openssl 1,500-1,750 MB/s (SHA-NI):
 
