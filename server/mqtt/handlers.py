@@ -270,7 +270,10 @@ class IngestWorker:
                     came_online.append(device.id)
             touched[device.id] = device
 
-        self._write_reports(session, batch.reports, known, touched, now)
+        # a device whose last presence here is its will went offline after these reports were sent
+        # (a reconnecting device says "online" before it reports again): reports do not undo it
+        gone = {d for d, p in latest_presence.items() if p.status == "offline"}
+        self._write_reports(session, batch.reports, known, touched, now, gone)
 
         health_rows = []
         for h in batch.health:
@@ -315,6 +318,7 @@ class IngestWorker:
         known: Callable[[str, str], DeviceState | None],
         touched: dict[str, DeviceState],
         now: datetime,
+        gone: set[str],
     ) -> None:
         per_device: dict[str, list[Report]] = defaultdict(list)
         for r in reports:
@@ -336,7 +340,7 @@ class IngestWorker:
                 if r.serving:
                     device.serving = dict(r.serving)
                 device.last_seen_at = r.at
-                if device.status != DeviceStatus.online:
+                if device.status != DeviceStatus.online and device_id not in gone:
                     device.status = DeviceStatus.online
                 touched[device.id] = device
         insert_ignore(

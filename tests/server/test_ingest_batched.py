@@ -287,3 +287,23 @@ def test_a_resigned_state_carries_its_deployment_along(ctx):
     with ctx.db.session_scope() as s:
         phase = s.scalar(sa.select(Deployment.phase).where(Deployment.device_id == ids[0]))
     assert phase.value == "downloading"
+
+
+def test_a_will_after_reports_in_one_batch_leaves_the_device_offline(ctx):
+    """Reports the device sent just before its connection died, and the will the broker then
+    published, land in one batch: the device is offline (before, the reports, written after the
+    batch's presence, set it back online)."""
+    d = _devices(ctx, "will", 2)[1]  # (its state is not about to expire: no re-sign moves its seq)
+    worker = IngestWorker(ctx, ctx.metrics)
+    now = datetime.now(UTC)
+    online = Presence.build(device_id=d, status="online", at=now)
+    assert worker.process([(f"fleet/v1/d/{d}/presence", online.to_json(), now)])
+    report = Report.build(device_id=d, seq=1, at=now, phase="downloading", desired_seq=1)
+    will = Presence.build(device_id=d, status="offline")
+    assert worker.process([
+        (f"fleet/v1/d/{d}/report", report.to_json(), now), (f"fleet/v1/d/{d}/presence", will.to_json(), now),
+    ])  # fmt: skip
+    with ctx.db.session_scope() as s:
+        device = s.get(Device, d)
+        phase = s.scalar(sa.select(Deployment.phase).where(Deployment.device_id == d))
+    assert (device.status, device.last_report_seq, phase.value) == ("offline", 1, "downloading")
