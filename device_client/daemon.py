@@ -535,14 +535,18 @@ class Daemon:
 
         Newer than the last *accepted* seq, not the update's own: after a same-target re-issue the
         two differ, and the retained re-issue redelivered on every reconnect must not restart the
-        download's connection."""
+        download's connection. Nor must a retained desired state the device already rejected
+        (``last_rejected_seq``): the worker ignores it, so it supersedes nothing."""
         self._inbox.put(payload)
         state = self.state
         upd = state.update
         if upd is not None and upd.phase is UpdatePhase.downloading:
             with contextlib.suppress(Rejected):
-                verify_desired(payload, self.director_keys, self.device_id, state.last_desired_seq, utcnow())
-                self._supersede.set()
+                desired = verify_desired(
+                    payload, self.director_keys, self.device_id, state.last_desired_seq, utcnow()
+                )
+                if desired.seq != state.last_rejected_seq:
+                    self._supersede.set()
 
     def _handle_desired(self, payload: bytes) -> None:
         state = self.state

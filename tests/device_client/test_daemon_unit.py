@@ -59,3 +59,17 @@ def test_redelivered_reissue_does_not_interrupt_the_download() -> None:
     _, newer = signed(7)
     daemon._on_desired("fleet/devices/dev-1/desired", newer)  # a genuinely newer one does interrupt
     assert daemon._supersede.is_set()
+
+
+def test_redelivered_rejected_state_does_not_interrupt_the_download() -> None:
+    first, _ = signed(5)
+    downloading = accept(DeviceState(), first, datetime.now(UTC), "downloads/clf.tar.partial")
+    # seq 7 arrived during the download and was rejected (e.g. a release below the floor)
+    daemon = bare_daemon(downloading.model_copy(update={"last_rejected_seq": 7}))
+    _, rejected = signed(7)
+    daemon._on_desired("fleet/devices/dev-1/desired", rejected)  # the retained copy, after a reconnect
+    assert daemon._inbox.qsize() == 1  # queued: the worker ignores it as already rejected
+    assert not daemon._supersede.is_set()
+    _, newer = signed(8)
+    daemon._on_desired("fleet/devices/dev-1/desired", newer)
+    assert daemon._supersede.is_set()
