@@ -196,6 +196,10 @@ class Daemon:
         self._started = False
         #: (reason, details) of a probation breach whose outcome is not persisted yet (retried)
         self._pending_breach: tuple[str, dict[str, Any]] | None = None
+        #: that breach's host already flipped back to the previous model (only the save is retried)
+        self._breach_flipped = False
+        #: a retry-only step (probation revert, outcome report) failed to save: warned once
+        self._save_warned = False
         #: a start-up commit failed: the state lives in memory only until the worker saves it
         self._unsaved = False
         #: details of the outcome being reported, kept while its reporting is retried
@@ -736,6 +740,9 @@ class Daemon:
                 self._probation_tick()
             elif upd.phase in OUTCOMES:
                 self._finish_outcome()
+            if self._save_warned and not self._unsaved and self._pending_breach is None:
+                self._save_warned = False
+                log.info("the state is saved again")
         except _StepFailed as exc:
             self._fail_update(exc.reason, exc.details)
         except Exception as exc:
@@ -743,8 +750,23 @@ class Daemon:
             # probation can only be reverted): the state did not change, the worker retries the
             # step after a pause (a full disk: until space is free).
             if self.state.phase not in _FAILABLE:
-                raise
-            if isinstance(exc, DiskFull):
+                if not isinstance(exc, (StoreError, OSError)):
+                    raise
+                # a save (or the report journal's write) that fails: retried every tick, so
+                # warned once (not a traceback a second), then quietly until it succeeds
+                if self._save_warned:
+                    log.debug("%s %s: still cannot save: %s", upd.phase.value, upd.version, exc)
+                else:
+                    log.warning(
+                        "%s %s: cannot save the state (retrying until it can): %s",
+                        upd.phase.value,
+                        upd.version,
+                        exc,
+                    )
+                    self._save_warned = True
+                self._stop.wait(1.0)
+                return
+            if isinstance(exc, DiskFull) or (isinstance(exc, OSError) and exc.errno in _DISK_FULL):
                 self._fail_update(f"disk_full: {exc}")
                 return
             # anything else (EIO/EROFS from the disk, a bug) before the candidate serves: retrying
@@ -961,12 +983,11 @@ class Daemon:
         host = self.hosts.get(upd.model)
         now = utcnow()
         elapsed = (now - upd.probation_started_at).total_seconds()
-        if host is None:  # cannot happen unless the model vanished; nothing serves it
-            self._pending_breach = None
-            self._advance(revert(self.state, now, "probation: the model host is gone"))
-            return
         if self._pending_breach is not None:  # a breach whose outcome could not be saved yet
-            self._revert_breach(host)
+            self._revert_breach(host)  # (its flip may have dropped the host: a first install)
+            return
+        if host is None:  # cannot happen unless the model vanished; nothing serves it
+            self._advance(revert(self.state, now, "probation: the model host is gone"))
             return
         stats = host.health.since_mark()
         if upd.mode is ServeMode.shadow:
@@ -982,15 +1003,17 @@ class Daemon:
         self._pending_breach = (f"probation_failed: {verdict.reason}", details)
         self._revert_breach(host)
 
-    def _revert_breach(self, host: ModelHost) -> None:
-        """End a probation that breached (``_pending_breach``): persist the outcome FIRST, then act.
+    def _revert_breach(self, host: ModelHost | None) -> None:
+        """End a probation that breached (``_pending_breach``).
 
-        Serve mode commits ``rolled_back`` (current = the last known good model) before the host
-        flips: a crash after the commit is recovered as rolled back, and a save that fails (full
-        disk) changes nothing, so the candidate serves on under probation while state and runtime
-        agree, and the next tick retries this very revert (the verdict is not re-evaluated: after
-        a flip the health window would measure the good model). Shadow mode commits ``failed``
-        before it stops the shadow."""
+        Serve mode flips the host back to the previous model FIRST, then commits ``rolled_back``
+        (current = the last known good model): the breaching candidate stops answering callers at
+        once, even when the save fails (full disk). A crash between the flip and the commit is
+        recovered as a crash during probation, i.e. reverted as well. A save that fails leaves
+        ``_breach_flipped`` set, and the next tick retries only the save (never the flip: a second
+        rollback would find no previous model and drop the host), never re-evaluating the verdict
+        (the health window would measure the good model). Shadow mode commits ``failed`` before it
+        stops the shadow (the shadow candidate answers no caller)."""
         upd = self.state.update
         assert upd is not None
         assert self._pending_breach is not None
@@ -1000,15 +1023,20 @@ class Daemon:
             state = fail(self.state, now, reason)
             self._commit(state)
             self._pending_breach = None
-            host.stop_shadow()
+            if host is not None:
+                host.stop_shadow()
             self._finish_outcome(details)
             return
+        if not self._breach_flipped:
+            if host is not None:
+                problem = self._rollback_host(host, upd.model)
+                if problem:
+                    details["rollback_error"] = problem
+            self._breach_flipped = True
         state = revert(self.state, now, reason)
         self._commit(state)
         self._pending_breach = None
-        problem = self._rollback_host(host, upd.model)
-        if problem:
-            details["rollback_error"] = problem
+        self._breach_flipped = False
         if upd.model in self.hosts:
             self._set_previous(self.hosts[upd.model], state.previous.get(upd.model))
         self._finish_outcome(details)

@@ -288,9 +288,11 @@ def test_cold_previous_that_no_longer_loads_serves_nothing_after_a_probation_bre
 def test_probation_breach_on_a_full_disk_reverts_once_the_state_can_be_saved(
     live_server, tmp_path, monkeypatch
 ):
-    """v2 breaches its probation while no state can be saved: the revert is committed before the
-    host flips, so v2 serves on under probation (state and runtime agree) and the revert is retried
-    until the save succeeds; it never turns into a pass of v2 measured on the healthy v1."""
+    """v2 (answering NaN) breaches its probation while no state can be saved: the host flips back
+    to v1 at once, so v1 answers callers while the disk is still full; only the save of
+    ``rolled_back`` is retried (never the flip) until it succeeds, and it never turns into a pass
+    of v2 measured on the healthy v1. On disk v2 stays current under probation meanwhile (a crash
+    then is recovered by reverting)."""
     from device_client.state import UpdatePhase
     from device_client.store import DiskFull, StateStore
 
@@ -323,10 +325,12 @@ def test_probation_breach_on_a_full_disk_reverts_once_the_state_can_be_saved(
         for _ in range(5):
             infer(api, -np.ones((1, 4), np.float32))  # NaN outputs: a breach
         wait_for(lambda: refused.count("rolled_back") >= 2, timeout=15, what="the revert retried")
+        assert serving_version(api) == "1.0.0"  # the disk is still full: v1 serves already
+        assert infer(api, -np.ones((1, 4), np.float32))[1]["version"] == "1.0.0"
         for _ in range(5):
-            infer(api, X)  # healthy answers (from whichever model serves) must not pass v2
+            infer(api, X)  # healthy answers from v1 must not pass v2
         time.sleep(1.5)
-        assert serving_version(api) == "2.0.0"
+        assert serving_version(api) == "1.0.0"
         assert daemon.state.phase is UpdatePhase.probation
         on_disk = StateStore(data).load().state
         assert on_disk.current["clf"].version == "2.0.0"
