@@ -95,7 +95,8 @@ def test_a_plain_enospc_oserror_fails_the_update_as_disk_full_and_frees_the_down
 
     daemon._download = download  # type: ignore[method-assign]
     daemon._step()
-    assert advanced and advanced[0].phase is UpdatePhase.failed
+    assert advanced
+    assert advanced[0].phase is UpdatePhase.failed
     assert advanced[0].update.reason.startswith("disk_full"), advanced[0].update.reason
     assert not partial.exists()
 
