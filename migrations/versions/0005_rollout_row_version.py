@@ -22,5 +22,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("rollouts", schema=None) as batch_op:
-        batch_op.drop_column("row_version")
+    if op.get_bind().dialect.name == "sqlite":
+        # not batch mode: it would recreate the table, and with foreign keys on, dropping the old
+        # one cascades into every deployment (SQLite >= 3.35 drops a column in place)
+        op.execute("ALTER TABLE rollouts DROP COLUMN row_version")
+    else:
+        op.drop_column("rollouts", "row_version")

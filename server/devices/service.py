@@ -370,6 +370,9 @@ class DeviceService:
         if device.status != DeviceStatus.decommissioned:
             device.status = DeviceStatus.decommissioned
             device.decommissioned_at = utcnow()
+            # a tick that read the device before this commit and signs a state for it now fails its
+            # seq check (SeqRace) and retries, instead of re-arming the deployment cancelled below
+            device.desired_seq = (device.desired_seq or 0) + 1
             revocations = RevocationRepository(self.session)
             revocations.add(device.cert_serial, device.id)
             cancelled = self._cancel_deployments(device_id)

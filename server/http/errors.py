@@ -42,8 +42,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # optimistic concurrency (Rollout.row_version): the engine or another operator changed the
         # row between this request's read and its write; nothing of this request was written
         return JSONResponse(
-            {"detail": "the rollout changed while this request ran (the engine or another operator acted); "
-             "read it again and retry", "code": "conflict"},
+            {"detail": "what this request changes was changed meanwhile (by the rollout engine or another "
+             "operator); read it again and retry", "code": "conflict"},
             status_code=409,
         )  # fmt: skip
 

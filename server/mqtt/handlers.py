@@ -247,8 +247,8 @@ class IngestWorker:
 
         touched: dict[str, DeviceState] = {}
         came_online: list[str] = []
-        #: devices that (re)connected: each says so with a presence "online" at every connect, also
-        #: when the server still holds them online (a broker that died fires no wills)
+        #: devices that (re)connected: each says so with a fresh presence "online" at every connect,
+        #: also when the server still holds them online (a broker that died fires no wills)
         connected: list[str] = []
         latest_presence: dict[str, Presence] = {}
         for p in batch.presence:
@@ -258,6 +258,9 @@ class IngestWorker:
             if device is None:
                 continue
             was_online = device.status == DeviceStatus.online
+            # a retained presence replayed to the server (it re-subscribed after a restart or a
+            # reconnect) is no newer than what the server has seen of the device since
+            fresh = p.at is None or device.last_seen_at is None or p.at > device.last_seen_at
             device.status = DeviceStatus.online if p.status == "online" else DeviceStatus.offline
             device.last_seen_at = p.at or now
             if p.serving:
@@ -265,7 +268,8 @@ class IngestWorker:
             if p.hardware is not None:
                 device.hardware = p.hardware.model_dump(mode="json")
             if p.status == "online":
-                connected.append(device.id)
+                if fresh:
+                    connected.append(device.id)
                 if not was_online:
                     came_online.append(device.id)
             touched[device.id] = device
@@ -303,11 +307,12 @@ class IngestWorker:
         rows = [touched[k].changes() for k in sorted(touched)]  # id order, as the locks were taken
         bulk_update(session, Device.__table__, rows)  # type: ignore[arg-type]
 
-        if connected:
-            DesiredStateService(session, self.ctx).republish_current(sorted(connected))
         if came_online:
             DeploymentRepository(session).restart_clocks(sorted(came_online), now)
-            resigned = DesiredStateService(session, self.ctx).resign_expiring_ids(came_online)
+        returning = sorted(set(connected) | set(came_online))
+        if returning:
+            DesiredStateService(session, self.ctx).republish_current(returning)
+            resigned = DesiredStateService(session, self.ctx).resign_expiring_ids(returning)
             if resigned:
                 log.info("re-signed %d expiring desired states for returning devices", resigned)
 

@@ -243,8 +243,8 @@ class DesiredStateService:
             })  # fmt: skip
             outbox.append((device_topic(device.id, TopicKind.desired), data))
             seqs[device.id] = seq
-        self.records.upsert_many(records)
-        self.records.set_device_seqs(seqs)
+        self.records.set_device_seqs(seqs)  # first: the seq check, and the devices' rows before the
+        self.records.upsert_many(records)  # records', the order the ingest takes them in
         enqueue_many(self.session, outbox)
         return seqs, errors
 
@@ -297,8 +297,8 @@ class DesiredStateService:
             outbox.append((device_topic(device_id, TopicKind.desired), data))
             seqs[device_id] = seq
             moves.append((device_id, envelope["signed"]["seq"], seq))
-        self.records.upsert_many(records)
         self.records.set_device_seqs(seqs)
+        self.records.upsert_many(records)
         DeploymentRepository(self.session).follow_resigned(moves)
         enqueue_many(self.session, outbox)
         return len(records)

@@ -77,6 +77,8 @@ class RolloutEngine:
         self._thread: threading.Thread | None = None
         self.ticks = 0
         self._more = False
+        #: whether the rollout being advanced had DesiredStates signed in this tick
+        self._signed = False
 
     # -- background loop -----------------------------------------------------------------------
     def start(self) -> None:
@@ -109,12 +111,15 @@ class RolloutEngine:
                     rollout = repo.lock_for_tick(rollout_id, skip_locked=not self.ctx.db.is_sqlite)
                     if rollout is None:
                         continue  # another server holds it, or it stopped being active
+                    self._signed = False
                     self.advance(session, rollout, now or utcnow())
-                    # every tick writes the row at its commit, checking the version it read: a
-                    # tick and an operator action that read the same version cannot both commit
-                    # (Rollout.row_version). Last, so that on SQLite the write lock is still taken
-                    # only at the tick's first write, as before
-                    flag_modified(rollout, "updated_at")
+                    if self._signed:
+                        # a tick that signed DesiredStates writes the row at its commit, checking
+                        # the version it read, so that it cannot commit beside an operator action
+                        # that read the same version (Rollout.row_version); a tick that changes
+                        # the rollout itself is checked anyway. Last, so that on SQLite the write
+                        # lock is still taken at the tick's first write
+                        flag_modified(rollout, "updated_at")
                     advanced += 1
             except (StaleDataError, SeqRace) as exc:  # optimistic checks: nothing of the tick stands
                 self._more = True
@@ -277,6 +282,7 @@ class RolloutEngine:
     ) -> None:
         """Sign a DesiredState for each deployment row (:meth:`RolloutRepository.to_notify`) and
         mark them notified: a few bulk statements, no ORM object per device."""
+        self._signed = True
         probation = Probation.model_validate(rollout.probation)
         targets = [
             DeviceTarget(r.device_id, r.status, r.arch, r.hardware or {}, r.desired_seq or 0) for r in rows

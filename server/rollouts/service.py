@@ -14,7 +14,7 @@ from server.admin.service import audit
 from server.db import utcnow
 from server.devices.schemas import check_tags
 from server.devices.tables import Device
-from server.errors import Conflict, Invalid, NotFound
+from server.errors import Conflict, Invalid, NotFound, SeqRace
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
 from server.rollouts.policy import Gates, Stage, aggregate, assign_stages, check_stages
@@ -241,6 +241,8 @@ class RolloutService:
                     rollout_id=rollout.id,
                     probation=ROLLBACK_PROBATION,
                 )
+            except SeqRace:
+                raise  # a state issued concurrently: the whole rollback retries (409), none skipped
             except (NotFound, Invalid, Conflict) as exc:
                 dep.details = {**(dep.details or {}), "rollback": f"cannot roll back: {exc.message}"}
                 continue

@@ -307,3 +307,29 @@ def test_a_will_after_reports_in_one_batch_leaves_the_device_offline(ctx):
         device = s.get(Device, d)
         phase = s.scalar(sa.select(Deployment.phase).where(Deployment.device_id == d))
     assert (device.status, device.last_report_seq, phase.value) == ("offline", 1, "downloading")
+
+
+def test_only_a_fresh_connect_republishes_and_re_signs(ctx):
+    """A retained presence replayed to the server (it re-subscribed) is no reconnect: nothing is
+    published. A fresh connect of a device the server still holds online (its broker died without
+    firing wills) gets its state again, re-signed when it is about to expire."""
+    d_old, d_keep = _devices(ctx, "fresh", 2)  # d_old's state expires within the hour
+    now = datetime.now(UTC)
+    with ctx.db.session_scope() as s:
+        s.execute(sa.update(Device).values(status="online", last_seen_at=now))
+    worker = IngestWorker(ctx, ctx.metrics)
+    before = _rows(ctx, OutboxMessage)
+
+    def presence(d: str, at: datetime) -> tuple[str, bytes, datetime]:
+        msg = Presence.build(device_id=d, status="online", at=at)
+        return (f"fleet/v1/d/{d}/presence", msg.to_json(), now)
+
+    replayed = now - timedelta(minutes=5)
+    assert worker.process([presence(d_old, replayed), presence(d_keep, replayed)])
+    assert _rows(ctx, OutboxMessage) == before
+    later = now + timedelta(seconds=1)
+    assert worker.process([presence(d_old, later), presence(d_keep, later)])
+    with ctx.db.session_scope() as s:
+        records = dict(s.execute(sa.select(DesiredRecord.device_id, DesiredRecord.seq)).all())
+    assert (records[d_old], records[d_keep]) == (2, 1)  # re-signed though it never looked offline
+    assert _rows(ctx, OutboxMessage) - before == 2

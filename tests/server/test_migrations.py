@@ -27,3 +27,39 @@ def test_upgrade_head_matches_models(database_url):
 def test_upgrade_is_idempotent(database_url):
     upgrade_head(database_url)
     upgrade_head(database_url)
+
+
+def test_downgrading_the_rollout_row_version_keeps_the_deployments(database_url):
+    """0005's downgrade drops one column; on SQLite a batch rebuild of ``rollouts`` would have
+    cascaded (foreign keys on) into every deployment."""
+    from alembic import command
+
+    from server.migrate import alembic_config
+
+    upgrade_head(database_url)
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO rollouts (id, model, version, status, selector, stages, gates, probation, "
+                "on_failure, max_concurrent_downloads, device_timeout_s, current_stage, verdict, "
+                "created_at, updated_at) VALUES ('r1', 'det', '1.0.0', 'running', '{}', '[]', '{}', '{}', "
+                "'pause', 5, 60, 0, '{}', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            ))  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO devices (id, status, hardware, arch, cert_serial, cert_not_after, token_hash, "
+                "created_at, serving, last_report_seq, desired_seq) VALUES ('d1', 'online', '{}', 'x86_64', "
+                "'01', '2027-01-01 00:00:00', 'h', '2026-01-01 00:00:00', '{}', 0, 0)"
+            ))  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO deployments (rollout_id, device_id, stage, model, version, phase, details, "
+                "created_at, updated_at) VALUES ('r1', 'd1', 0, 'det', '1.0.0', 'pending', '{}', "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            ))  # fmt: skip
+        command.downgrade(alembic_config(database_url), "0004")
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT count(*) FROM deployments")) == 1
+            assert "row_version" not in {c["name"] for c in sa.inspect(conn).get_columns("rollouts")}
+        upgrade_head(database_url)
+    finally:
+        engine.dispose()

@@ -599,3 +599,68 @@ def test_a_state_issued_concurrently_makes_the_tick_retry(app_client, admin_head
         rec = s.get(DesiredRecord, device)
         dep = s.scalars(sa.select(Deployment).where(Deployment.device_id == device)).one()
     assert (rec.version, rec.seq, dep.desired_seq) == ("2.0.0", first + 2, first + 2)
+
+
+def test_a_decommission_during_a_tick_is_not_undone(app_client, admin_headers, ctx, lab):
+    """A device decommissioned while a tick signs its state: the tick must not re-arm the
+    cancelled deployment nor send the retired device a state (the decommission moves the device's
+    seq, so the tick's seq check fails and it runs again without it)."""
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 0}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    retired = sorted(lab.devices)[3]
+    real_notify = engine._notify
+
+    def notify_while_retiring(session, rollout, rows, mode, now) -> None:
+        r = app_client.post(f"/api/v1/devices/{retired}/decommission", headers=admin_headers)
+        assert r.status_code == 200, r.text
+        real_notify(session, rollout, rows, mode, now)
+
+    engine._notify = notify_while_retiring
+    engine.tick()
+    engine._notify = real_notify
+    del lab.devices[retired]
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed", final["reason"]
+    assert final["phases"] == {"succeeded": 9, "cancelled": 1}
+    with ctx.db.session_scope() as s:
+        assert s.get(DesiredRecord, retired) is None
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_rollback_racing_a_new_state_is_refused_whole_not_partly(app_client, admin_headers, ctx, lab,
+                                                                   monkeypatch):  # fmt: skip
+    """A state issued for a device while an operator's rollback signs its way back (the ingest
+    re-signing it, say): the rollback must not commit with that device skipped ("cannot roll
+    back") and left on the bad version. It answers 409 and changes nothing; a retry works.
+    (PostgreSQL: on SQLite the rollback holds the write lock by then, so nothing can race it.)"""
+    from server.devices.tables import Device
+    from server.rollouts import service as service_mod
+
+    engine = RolloutEngine(ctx)
+    body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 3600}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    for _ in range(4):
+        engine.tick()
+        lab.step()
+    real_assign = service_mod.DesiredStateService.assign
+    raced: list[str] = []
+
+    def assign_after_a_concurrent_state(self, device, *args, **kw):
+        if not raced:  # another transaction issues this device a state first
+            raced.append(device.id)
+            with ctx.db.session_scope() as other:
+                other.get(Device, device.id).desired_seq += 1
+        return real_assign(self, device, *args, **kw)
+
+    monkeypatch.setattr(service_mod.DesiredStateService, "assign", assign_after_a_concurrent_state)
+    r = app_client.post(f"/api/v1/rollouts/{rid}/rollback", headers=admin_headers)
+    assert r.status_code == 409, r.text
+    assert app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()["status"] == "running"
+    r = app_client.post(f"/api/v1/rollouts/{rid}/rollback", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    for _ in range(3):
+        lab.step()
+        engine.tick()
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert (state["status"], state["phases"]) == ("rolled_back", {"rolled_back": 10})
