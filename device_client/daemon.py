@@ -202,6 +202,9 @@ class Daemon:
         self._save_warned = False
         #: a start-up commit failed: the state lives in memory only until the worker saves it
         self._unsaved = False
+        #: slot paths that did not load at start-up (intact bundle.json, damaged model files):
+        #: never reused by an install of that version, which extracts the bundle over them
+        self._broken_slots: set[str] = set()
         #: details of the outcome being reported, kept while its reporting is retried
         self._outcome_details: dict[str, Any] | None = None
 
@@ -310,6 +313,7 @@ class Daemon:
                 host.install(self.store.slot_dir(slot))
             except Exception as exc:  # a damaged slot must not keep the daemon from starting
                 log.error("cannot load serving model %s %s: %s", model, slot.version, exc)
+                self._broken_slots.add(slot.path)
                 if prev is None or prev.path == slot.path or not self._fall_back(host, model, prev):
                     log.error("no %s model serves", model)
                     continue
@@ -331,6 +335,7 @@ class Daemon:
             host.install(self.store.slot_dir(prev))
         except Exception as exc:
             log.error("cannot load the previous model %s %s either: %s", model, prev.version, exc)
+            self._broken_slots.add(prev.path)
             return False
         log.warning("serving the previous model %s %s instead", model, prev.version)
         current = {**self.state.current, model: prev}
@@ -791,10 +796,12 @@ class Daemon:
         return DesiredState.model_validate(self.state.update.desired)
 
     def _installed_slot(self, d: DesiredState) -> Slot | None:
-        """An intact slot already holding exactly this bundle (e.g. the previous version)."""
+        """An intact slot already holding exactly this bundle (e.g. the previous version); not one
+        that failed to load at start-up (its bundle.json may be intact, its model files are not)."""
         for slot in (self.state.previous.get(d.model), self.state.current.get(d.model)):
             if (
                 slot is not None
+                and slot.path not in self._broken_slots
                 and (slot.version, slot.release, slot.variant) == (d.version, d.release, d.variant)
                 and (self.store.slot_dir(slot) / "bundle.json").exists()
             ):
@@ -926,10 +933,12 @@ class Daemon:
         claimed = (manifest.name, manifest.version, manifest.release, manifest.variant)
         if claimed != (d.model, d.version, d.release, d.variant):
             raise _StepFailed(f"bad_bundle: bundle.json names {claimed}, the desired state {d.target!r}")
+        rel = self.store.slot_relpath(d.model, d.version, d.variant)
         try:
-            slot = self.store.install_bundle(bundle)
+            slot = self.store.install_bundle(bundle, replace=rel in self._broken_slots)
         except BundleError as exc:
             raise _StepFailed(f"bad_bundle: {exc}") from None
+        self._broken_slots.discard(slot.path)  # extracted afresh: whole again
         self._advance(verified(self.state, utcnow(), slot))
 
     # ---------------------------------------------------------------- installing

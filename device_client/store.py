@@ -194,10 +194,13 @@ class StateStore:
         *,
         max_member_bytes: int | None = None,
         max_total_bytes: int | None = None,
+        replace: bool = False,
     ) -> Slot:
         """Extract a verified bundle into its slot directory (staging + rename) and return the slot.
 
-        Re-installing a version whose slot already holds an identical ``bundle.json`` reuses it.
+        Re-installing a version whose slot already holds an identical ``bundle.json`` reuses it,
+        unless ``replace`` (the slot is known damaged: its model files did not load), which
+        extracts the bundle over it.
         """
         staging = self.staging_dir / uuid.uuid4().hex
         caps: dict[str, int] = {}
@@ -221,7 +224,7 @@ class StateStore:
                 target = self.data_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if target.exists():
-                    if _same_manifest(target, staging):
+                    if not replace and _same_manifest(target, staging):
                         shutil.rmtree(staging)
                         return _slot(manifest, rel)
                     old = self.staging_dir / f"old-{uuid.uuid4().hex}"

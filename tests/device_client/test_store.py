@@ -119,6 +119,20 @@ def test_install_bundle_makes_a_slot_and_reuses_identical(tmp_path: Path) -> Non
     assert list(store.staging_dir.iterdir()) == []
 
 
+def test_install_bundle_replace_extracts_over_a_damaged_slot(tmp_path: Path) -> None:
+    """A slot whose bundle.json is intact but whose model file is damaged (it did not load) is
+    extracted afresh with ``replace``, not reused because its manifest matches."""
+    store = StateStore(tmp_path)
+    tar, _ = make_bundle(tmp_path / "src")
+    slot = store.install_bundle(tar)
+    model = store.slot_dir(slot) / "model.onnx"
+    good = model.read_bytes()
+    model.write_bytes(b"damaged")
+    assert store.install_bundle(tar, replace=True) == slot
+    assert model.read_bytes() == good
+    assert list(store.staging_dir.iterdir()) == []
+
+
 def test_install_rejects_bad_bundle_and_cleans_staging(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     tar, _ = make_bundle(tmp_path / "src")

@@ -424,3 +424,43 @@ def test_reissue_of_a_current_version_that_does_not_load_installs_it(live_server
         assert infer(second.api.url, np.ones((1, 4), np.float32))[1]["version"] == "1.0.0"
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_reissue_of_a_current_version_whose_model_file_is_damaged_repairs_the_slot(live_server, tmp_path):
+    """The only installed slot keeps an intact bundle.json but a damaged model.onnx, so it does not
+    load at start-up. Assigning that version again must not reuse the damaged slot (neither as an
+    installed slot nor as an extraction target whose manifest matches): it is downloaded,
+    extracted over the damaged slot and serves."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-dmg")
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    first = Daemon(device_settings(data)).start()
+    try:
+        seq1 = assign(live, "edge-dmg", "clf", "1.0.0", probation=QUICK)["seq"]
+        assert outcome_for(live, "edge-dmg", seq1)["phase"] == "succeeded"
+        wait_for(lambda: first.state.update is None, what="the update cleared")
+    finally:
+        first.stop()
+    slot_dir = data / StateStore(data).load().state.current["clf"].path
+    assert (slot_dir / "bundle.json").exists()
+    (slot_dir / "model.onnx").write_bytes(b"not an onnx model")
+
+    second = Daemon(device_settings(data)).start()
+    try:
+        assert serving_version(second.api.url) is None
+        seq2 = assign(live, "edge-dmg", "clf", "1.0.0", probation=QUICK)["seq"]
+        out = outcome_for(live, "edge-dmg", seq2)
+        assert out["phase"] == "succeeded", out
+        phases = [e["phase"] for e in events(live, "edge-dmg") if e["desired_seq"] == seq2]
+        assert phases == ["downloading", "verifying", "installing", "probation", "succeeded"]
+        assert serving_version(second.api.url) == "1.0.0"
+        assert infer(second.api.url, np.ones((1, 4), np.float32))[1]["version"] == "1.0.0"
+    finally:
+        second.stop()
+    third = Daemon(device_settings(data)).start()  # the repaired slot loads after a restart
+    try:
+        assert serving_version(third.api.url) == "1.0.0"
+    finally:
+        third.stop()
