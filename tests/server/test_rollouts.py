@@ -64,6 +64,23 @@ def drive(
     raise AssertionError(f"rollout did not finish: {state['status']} {state['phases']}")
 
 
+def tick_racing(engine: RolloutEngine, meanwhile) -> None:
+    """One engine tick in which ``meanwhile()`` (another transaction: an operator, the ingest)
+    runs and commits after the tick has read the rollout and its devices, before it signs and
+    writes: the race a concurrent writer can win."""
+    real_notify = engine._notify
+
+    def notify(session, rollout, rows, mode, now) -> None:
+        meanwhile()
+        real_notify(session, rollout, rows, mode, now)
+
+    engine._notify = notify
+    try:
+        engine.tick()
+    finally:
+        engine._notify = real_notify
+
+
 @pytest.fixture
 def lab(app_client, admin_headers, ctx, onnx_model):
     ids = enroll_many(app_client, admin_headers, "lab", 10, {"site": "lab"})
@@ -479,17 +496,12 @@ def test_a_tick_racing_an_operator_rollback_notifies_nobody(app_client, admin_he
             break
     assert state["current_stage"] == 1
     assert state["phases"] == {"succeeded": 2, "pending": 8}
-    real_notify = engine._notify
 
-    def notify_while_an_operator_rolls_back(session, rollout, rows, mode, now) -> None:
+    def operator_rolls_back() -> None:
         r = app_client.post(f"/api/v1/rollouts/{rid}/rollback", headers=admin_headers)
         assert r.status_code == 200, r.text
-        real_notify(session, rollout, rows, mode, now)
 
-    # the tick has read the rollout and the pending devices; the rollback commits before it writes
-    engine._notify = notify_while_an_operator_rolls_back
-    engine.tick()
-    engine._notify = real_notify
+    tick_racing(engine, operator_rolls_back)
     state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
     assert state["status"] == "rolling_back"
     assert state["phases"] == {"succeeded": 2, "cancelled": 8}
@@ -579,16 +591,12 @@ def test_a_state_issued_concurrently_makes_the_tick_retry(app_client, admin_head
     engine = RolloutEngine(ctx)
     body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 0}])
     rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
-    real_notify = engine._notify
 
-    def notify_while_the_device_comes_back(session, rollout, rows, mode, now) -> None:
+    def the_device_comes_back() -> None:
         with ctx.db.session_scope() as other:  # the ingest, as the device reconnects
             assert DesiredStateService(other, ctx).resign_expiring_ids([device]) == 1
-        real_notify(session, rollout, rows, mode, now)
 
-    engine._notify = notify_while_the_device_comes_back
-    engine.tick()  # rolled back: nobody notified
-    engine._notify = real_notify
+    tick_racing(engine, the_device_comes_back)  # rolled back: nobody notified
     with ctx.db.session_scope() as s:
         assert s.get(DesiredRecord, device).seq == first + 1  # the re-signed 1.0.0 state
         assert s.get(DesiredRecord, device).version == "1.0.0"
@@ -609,16 +617,12 @@ def test_a_decommission_during_a_tick_is_not_undone(app_client, admin_headers, c
     body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 0}])
     rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
     retired = sorted(lab.devices)[3]
-    real_notify = engine._notify
 
-    def notify_while_retiring(session, rollout, rows, mode, now) -> None:
+    def operator_retires_it() -> None:
         r = app_client.post(f"/api/v1/devices/{retired}/decommission", headers=admin_headers)
         assert r.status_code == 200, r.text
-        real_notify(session, rollout, rows, mode, now)
 
-    engine._notify = notify_while_retiring
-    engine.tick()
-    engine._notify = real_notify
+    tick_racing(engine, operator_retires_it)
     del lab.devices[retired]
     final = drive(engine, lab, app_client, admin_headers, rid)
     assert final["status"] == "completed", final["reason"]
