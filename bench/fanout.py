@@ -72,9 +72,10 @@ simulator for up to 670 ms); with the collector tuned (server/gctune.py) and the
 UPDATE narrowed to the columns that changed, 14.8-22.3 s; stress 22.4 s, PostgreSQL 37 s. Both
 cores stay busy throughout; the numbers from different sessions compare machines as much as code.
 
-Session 5 got a fast VM again (the loop 0.27-0.46 s): this profile 5.1-7.3 s over twelve runs
+Session 5 got a fast VM again (the loop 0.27-0.46 s): this profile 4.8-7.3 s over fourteen runs
 (met), the same before and after that session's correctness fixes (optimistic row versions,
-conditional seq updates, republishing on connect); stress 12.9-13.4 s; PostgreSQL 11.9-16.6 s.
+conditional seq updates, republishing on connect; 4.8-4.9 s on the final code); stress
+12.9-13.4 s; PostgreSQL 11.9-16.6 s.
 """
 
 from __future__ import annotations
