@@ -106,6 +106,10 @@ class DeviceRepository:
         self.session.flush()
         return device
 
+    #: the columns a device listing shows (DeviceOut, less its tags)
+    _LISTED = ("id", "status", "arch", "hardware", "serving", "created_at", "last_seen_at",
+               "decommissioned_at", "cert_serial", "cert_not_after")  # fmt: skip
+
     def page(
         self,
         *,
@@ -114,22 +118,35 @@ class DeviceRepository:
         tags: Sequence[tuple[str, str]] = (),
         status: DeviceStatus | None = None,
         arch: str | None = None,
-    ) -> Sequence[Device]:
-        """Devices ordered by id, keyset-paginated (``id > after_id``), all filters ANDed."""
-        q = sa.select(Device).order_by(Device.id).limit(limit)
+    ) -> list[dict[str, Any]]:
+        """Devices ordered by id, keyset-paginated (``id > after_id``), all filters ANDed: the
+        listed columns plus ``tags`` ({key: value}) of each, as plain rows (two index-bound
+        queries, no ORM objects: a page holds up to 1,000 devices)."""
+        t = Device.__table__
+        q = sa.select(*(t.c[c] for c in self._LISTED)).order_by(t.c.id).limit(limit)
         if after_id is not None:
-            q = q.where(Device.id > after_id)
+            q = q.where(t.c.id > after_id)
         if status is not None:
-            q = q.where(Device.status == status)
+            q = q.where(t.c.status == status)
         if arch is not None:
-            q = q.where(Device.arch == arch)
+            q = q.where(t.c.arch == arch)
         for key, value in tags:
-            q = q.where(
-                sa.exists().where(
-                    DeviceTag.device_id == Device.id, DeviceTag.key == key, DeviceTag.value == value
-                )
+            tagged = sa.exists().where(DeviceTag.device_id == t.c.id, DeviceTag.key == key)
+            q = q.where(tagged.where(DeviceTag.value == value))
+        rows = [dict(r._mapping) for r in self.session.execute(q)]
+        by_device: dict[str, dict[str, str]] = {r["id"]: {} for r in rows}
+        if rows:
+            tq = (
+                sa.select(DeviceTag.device_id, DeviceTag.key, DeviceTag.value)
+                .where(DeviceTag.device_id.in_(list(by_device)))
+                .order_by(DeviceTag.device_id, DeviceTag.key)
             )
-        return self.session.scalars(q).all()
+            for device_id, key, value in self.session.execute(tq):
+                by_device[device_id][key] = value
+        for r in rows:
+            r["tags"] = by_device[r["id"]]
+            r["serving"] = dict(r["serving"] or {})
+        return rows
 
     def events(self, device_id: str, limit: int) -> Sequence[DeviceEvent]:
         q = (

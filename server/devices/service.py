@@ -333,7 +333,7 @@ class DeviceService:
             status=status,
             arch=arch,
         )
-        items = [device_out(d) for d in rows]
+        items = [DeviceOut(**r) for r in rows]
         return DevicePage(
             items=items, next_cursor=encode_cursor(items[-1].id) if len(items) == limit else None
         )
