@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,25 @@ from tests.helpers.onnx_models import make_model
 pytestmark = pytest.mark.mqtt
 
 QUICK = {"seconds": 0.2, "min_requests": 0}
+
+
+def installed_slot(live, tmp_path: Path, device_id: str, scales: dict[str, float]) -> tuple[Path, Path]:
+    """Enroll ``device_id`` in ``tmp_path / "dev"``, install each version of ``clf`` in turn (its
+    model built with that scale) with a daemon that is then stopped; return the data dir and the
+    current slot's directory."""
+    data = tmp_path / "dev"
+    enroll_device(live, data, device_id)
+    for version, scale in scales.items():
+        push_model(live, "clf", version, make_model(tmp_path / f"v{version}.onnx", scale=scale))
+    first = Daemon(device_settings(data)).start()
+    try:
+        for version in scales:
+            seq = assign(live, device_id, "clf", version, probation=QUICK)["seq"]
+            assert outcome_for(live, device_id, seq)["phase"] == "succeeded"
+        wait_for(lambda: first.state.update is None, what="the update cleared")
+    finally:
+        first.stop()
+    return data, data / StateStore(data).load().state.current["clf"].path
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -183,20 +203,8 @@ def test_download_finished_just_before_a_crash_is_not_downloaded_again(live_serv
 def test_serving_slot_damaged_while_down_falls_back_to_the_previous_model(live_server, tmp_path):
     """The current slot no longer loads at start: the daemon starts, serves the previous model and
     records it as current."""
-    live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-rot")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
-    push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
-    first = Daemon(device_settings(data)).start()
-    try:
-        for version in ("1.0.0", "2.0.0"):
-            seq = assign(live, "edge-rot", "clf", version, probation=QUICK)["seq"]
-            assert outcome_for(live, "edge-rot", seq)["phase"] == "succeeded"
-        wait_for(lambda: first.state.update is None, what="the update cleared")
-    finally:
-        first.stop()
-    npz = data / StateStore(data).load().state.current["clf"].path / "validation.npz"
+    data, slot_dir = installed_slot(live_server, tmp_path, "edge-rot", {"1.0.0": 1.0, "2.0.0": 2.0})
+    npz = slot_dir / "validation.npz"
     npz.write_bytes(npz.read_bytes()[:100])
 
     second = Daemon(device_settings(data)).start()
@@ -264,20 +272,8 @@ def test_restart_mid_probation_on_a_full_disk_starts_serving_and_reports_later(
 def test_fallback_not_saved_at_start_up_is_saved_by_the_worker(live_server, tmp_path, monkeypatch):
     """The current slot does not load and the fallback to the previous model cannot be saved at
     start-up: the daemon serves the previous model and the worker saves the state once it can."""
-    live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-fbfull")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
-    push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
-    first = Daemon(device_settings(data)).start()
-    try:
-        for version in ("1.0.0", "2.0.0"):
-            seq = assign(live, "edge-fbfull", "clf", version, probation=QUICK)["seq"]
-            assert outcome_for(live, "edge-fbfull", seq)["phase"] == "succeeded"
-        wait_for(lambda: first.state.update is None, what="the update cleared")
-    finally:
-        first.stop()
-    npz = data / StateStore(data).load().state.current["clf"].path / "validation.npz"
+    data, slot_dir = installed_slot(live_server, tmp_path, "edge-fbfull", {"1.0.0": 1.0, "2.0.0": 2.0})
+    npz = slot_dir / "validation.npz"
     npz.write_bytes(npz.read_bytes()[:100])
     full = threading.Event()
     full.set()
@@ -399,17 +395,8 @@ def test_reissue_of_a_current_version_that_does_not_load_installs_it(live_server
     names it current. A desired state for that version is not answered "already serving": it is
     installed again (downloaded, as the slot is damaged) and serves."""
     live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-none")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
-    first = Daemon(device_settings(data)).start()
-    try:
-        seq1 = assign(live, "edge-none", "clf", "1.0.0", probation=QUICK)["seq"]
-        assert outcome_for(live, "edge-none", seq1)["phase"] == "succeeded"
-        wait_for(lambda: first.state.update is None, what="the update cleared")
-    finally:
-        first.stop()
-    (data / StateStore(data).load().state.current["clf"].path / "bundle.json").unlink()
+    data, slot_dir = installed_slot(live, tmp_path, "edge-none", {"1.0.0": 1.0})
+    (slot_dir / "bundle.json").unlink()
 
     second = Daemon(device_settings(data)).start()
     try:
@@ -433,17 +420,7 @@ def test_reissue_of_a_current_version_whose_model_file_is_damaged_repairs_the_sl
     installed slot nor as an extraction target whose manifest matches): it is downloaded,
     extracted over the damaged slot and serves."""
     live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-dmg")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
-    first = Daemon(device_settings(data)).start()
-    try:
-        seq1 = assign(live, "edge-dmg", "clf", "1.0.0", probation=QUICK)["seq"]
-        assert outcome_for(live, "edge-dmg", seq1)["phase"] == "succeeded"
-        wait_for(lambda: first.state.update is None, what="the update cleared")
-    finally:
-        first.stop()
-    slot_dir = data / StateStore(data).load().state.current["clf"].path
+    data, slot_dir = installed_slot(live, tmp_path, "edge-dmg", {"1.0.0": 1.0})
     assert (slot_dir / "bundle.json").exists()
     (slot_dir / "model.onnx").write_bytes(b"not an onnx model")
 
