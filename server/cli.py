@@ -669,9 +669,35 @@ def _local_repo() -> Any:
     )
     if not (settings.repo_dir / "metadata").is_dir():
         _fail(f"no image repository in {settings.repo_dir} (start the server once, or set FLEET_DATA_DIR)")
-    for message in finish_pending(repo):
+    messages = finish_pending(repo)
+    for message in messages:
         err_console.print(f"[yellow]{message}[/yellow]")
+    if messages:  # key files changed: recorded like any key change, but never blocking the command
+        _record_key_change("key.rotation_resolved", {"outcomes": messages})
     return repo
+
+
+def _record_key_change(action: str, details: dict[str, Any]) -> None:
+    """One audit row (actor ``cli``, target ``key``) for a change already made to the key files;
+    a database that cannot be written is a warning here, not a failure (the change stands)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from server.admin.service import CLI_PRINCIPAL, audit
+    from server.config import Settings
+    from server.db import Database
+    from server.migrate import upgrade_head
+
+    url = Settings().database_url
+    try:
+        upgrade_head(url)
+        db = Database(url)
+        try:
+            with db.session_scope() as session:
+                audit(session, CLI_PRINCIPAL, action, "key", "interrupted-rotation", details)
+        finally:
+            db.dispose()
+    except (SQLAlchemyError, OSError) as exc:
+        err_console.print(f"[yellow]audit row {action} not written: {exc}[/yellow]")
 
 
 @contextlib.contextmanager

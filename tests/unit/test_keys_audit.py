@@ -124,3 +124,21 @@ def test_no_audit_database_no_key_change(
     assert not (tmp_path / "off" / "root.key").exists()
     fleet(["keys", "rotate", "director"], code=1)
     fleet(["keys", "status"])  # read-only: needs no database
+
+
+def test_an_interrupted_rotation_resolved_by_the_next_command_is_audited(settings: Settings) -> None:
+    """A rotation killed between writing ``<key>.new`` and its rename is completed or discarded
+    by the next `fleet keys` command (`keys status` included): a key change like any other, it
+    gets its audit row."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from server.trust.keys import write_private_key
+
+    stray = settings.key_dir / "tuf-timestamp.key.new"
+    write_private_key(stray, Ed25519PrivateKey.generate())
+    fleet(["keys", "status"])
+    assert not stray.exists()
+    [row] = [r for r in audit_rows(settings) if r.action == "key.rotation_resolved"]
+    assert row.actor == "cli"
+    assert "discarded tuf-timestamp.key.new" in row.details["outcomes"][0]
+    assert not all_keys(settings) & set(json.dumps(row.details).split('"'))
