@@ -677,20 +677,28 @@ def _local_repo() -> Any:
     return repo
 
 
+def _open_audit_db() -> Any:
+    """The database the key commands write their audit rows to: the one ``fleet admin token
+    create`` uses (``FLEET_DATABASE_URL``, default SQLite in ``FLEET_DATA_DIR``), migrated to head.
+    Raises SQLAlchemyError or OSError when it cannot be opened."""
+    from server.config import Settings
+    from server.db import Database
+    from server.migrate import upgrade_head
+
+    url = Settings().database_url
+    upgrade_head(url)
+    return Database(url)
+
+
 def _record_key_change(action: str, details: dict[str, Any]) -> None:
     """One audit row (actor ``cli``, target ``key``) for a change already made to the key files;
     a database that cannot be written is a warning here, not a failure (the change stands)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from server.admin.service import CLI_PRINCIPAL, audit
-    from server.config import Settings
-    from server.db import Database
-    from server.migrate import upgrade_head
 
-    url = Settings().database_url
     try:
-        upgrade_head(url)
-        db = Database(url)
+        db = _open_audit_db()
         try:
             with db.session_scope() as session:
                 audit(session, CLI_PRINCIPAL, action, "key", "interrupted-rotation", details)
@@ -715,14 +723,10 @@ def _key_audit(action: str, role: str) -> Iterator[dict[str, Any]]:
 
     from server.admin.service import CLI_PRINCIPAL, audit
     from server.config import Settings
-    from server.db import Database
-    from server.migrate import upgrade_head
 
-    url = Settings().database_url
-    where = make_url(url).render_as_string(hide_password=True)
+    where = make_url(Settings().database_url).render_as_string(hide_password=True)
     try:
-        upgrade_head(url)
-        db = Database(url)
+        db = _open_audit_db()
     except (SQLAlchemyError, OSError) as exc:
         _fail(f"cannot open the audit database {where}: {exc}. No key was changed.")
     try:
