@@ -46,6 +46,7 @@ and versioned files are immutable once referenced.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -61,6 +62,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
     TOP_LEVEL_ROLE_NAMES,
     Metadata,
@@ -85,6 +87,10 @@ ROLE_KEY_FILES: dict[str, str] = {
     Timestamp.type: "tuf-timestamp.key",
 }
 LOCK_FILE = ".lock"
+#: targets metadata waiting for an offline signature (``fleet model sign``); not under metadata/
+STAGED_TARGETS = "staged/targets.json"
+#: how far beyond the targets lifetime an offline signer may date ``expires`` (clock skew)
+_EXPIRY_SLACK = timedelta(hours=1)
 _ROOT_FILE_RE = re.compile(r"^([1-9][0-9]*)\.root\.json$")
 #: one path segment of a target path: no empty, dot-only or hidden segments, no separators
 _TARGET_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
@@ -104,6 +110,14 @@ class SigningKeyUnavailable(RepositoryError):
 
 class InvalidTargetPath(RepositoryError, ValueError):
     """A target path that is not a safe, relative, ``/``-separated path."""
+
+
+class StagingError(RepositoryError):
+    """Nothing is staged for an offline signature, or what came back is not what is staged."""
+
+
+class SignatureRejected(RepositoryError, ValueError):
+    """Offline-signed metadata that does not verify (or is malformed or wrongly dated)."""
 
 
 class TargetExists(RepositoryError):
@@ -145,6 +159,20 @@ def _expiry(now: datetime, lifetime: timedelta) -> datetime:
 def _needs_refresh(signed: Signed, lifetime: timedelta, now: datetime) -> bool:
     """True when less than half of the role's lifetime is left before it expires."""
     return signed.expires - now < lifetime / 2
+
+
+def sign_staged_targets(
+    staged: Mapping[str, Any], key: Signer | Ed25519PrivateKey, expires: datetime
+) -> bytes:
+    """Date and sign staged targets metadata with an offline targets key (``fleet model sign`` on
+    the signer's workstation); the bytes go back to :meth:`ImageRepository.publish_signed_targets`."""
+    md = Metadata[Targets].from_dict(copy.deepcopy(dict(staged)))
+    if not isinstance(md.signed, Targets):
+        raise SignatureRejected(f"expected targets metadata, got {md.signed.type}")
+    md.signed.expires = expires.astimezone(UTC).replace(microsecond=0)
+    md.signatures.clear()
+    md.sign(as_signer(key))
+    return md.to_bytes(JSONSerializer(compact=False))
 
 
 class ImageRepository:
@@ -434,7 +462,11 @@ class ImageRepository:
             self._transition = {role: signers}
             try:
                 targets = self._targets() if role == Targets.type else None
-                self._publish(nxt.signed, now, targets, force_snapshot=role != Timestamp.type)
+                # staged changes stay staged (renumbered on their next read): a rotation only
+                # re-signs what is published
+                self._publish(
+                    nxt.signed, now, targets, force_snapshot=role != Timestamp.type, keep_stage=True
+                )
             finally:
                 self._transition = {}
             self._write_signed_root(nxt)
@@ -444,16 +476,32 @@ class ImageRepository:
             return nxt.signed.version
 
     def _publish(
-        self, root: Root, now: datetime, targets: Metadata[Targets] | None, force_snapshot: bool = True
+        self,
+        root: Root,
+        now: datetime,
+        targets: Metadata[Targets] | None,
+        force_snapshot: bool = True,
+        *,
+        presigned: bool = False,
+        keep_stage: bool = False,
     ) -> list[str]:
-        """Write new targets (if given), snapshot (if forced) and timestamp, in that order."""
+        """Write new targets (if given), snapshot (if forced) and timestamp, in that order.
+
+        Targets are given a new version and expiry and signed here, unless ``presigned`` (an
+        offline signature: :meth:`publish_signed_targets`). Callers publish the staged targets
+        when there are any (:meth:`_working_targets`), so the stage is dropped once targets are out,
+        unless ``keep_stage`` (a key rotation re-publishes the current targets only).
+        """
         written = []
         timestamp = self._timestamp()
         snapshot = self._snapshot(timestamp.signed)
         if targets is not None:
-            targets.signed.version = snapshot.signed.meta["targets.json"].version + 1
-            targets.signed.expires = _expiry(now, self.lifetimes[Targets.type])
-            self._sign_and_write(targets, root, f"{targets.signed.version}.targets.json")
+            if presigned:  # signed elsewhere (an offline targets key): written as it came
+                self._write(f"{targets.signed.version}.targets.json", targets)
+            else:
+                targets.signed.version = snapshot.signed.meta["targets.json"].version + 1
+                targets.signed.expires = _expiry(now, self.lifetimes[Targets.type])
+                self._sign_and_write(targets, root, f"{targets.signed.version}.targets.json")
             snapshot.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
             written.append(Targets.type)
         if targets is not None or force_snapshot:
@@ -466,6 +514,8 @@ class ImageRepository:
         timestamp.signed.expires = _expiry(now, self.lifetimes[Timestamp.type])
         self._sign_and_write(timestamp, root, "timestamp.json")
         written.append(Timestamp.type)
+        if targets is not None and not keep_stage:
+            self.staged_path.unlink(missing_ok=True)  # published: whatever was staged is in it
         return written
 
     def initialize(self) -> None:
@@ -542,7 +592,7 @@ class ImageRepository:
         with self._locked():
             root = self._root().signed
             self._signer(Targets.type, root)  # fail before copying anything if the key is offline
-            targets = self._targets()
+            targets = self._working_targets()
             old = targets.signed.targets.get(target_path)
             if old is not None and old == info and dest.exists():
                 return old
@@ -570,7 +620,7 @@ class ImageRepository:
         check_target_path(target_path)
         with self._locked():
             root = self._root().signed
-            targets = self._targets()
+            targets = self._working_targets()
             info = targets.signed.targets.pop(target_path, None)
             if info is None:
                 return None
@@ -589,7 +639,7 @@ class ImageRepository:
                 raise RepositoryError(f"cannot restore {info.path}: its stored file is gone or changed")
             root = self._root().signed
             self._signer(Targets.type, root)
-            targets = self._targets()
+            targets = self._working_targets()
             if targets.signed.targets.get(info.path) == info:
                 return
             targets.signed.targets[info.path] = info
@@ -599,14 +649,171 @@ class ImageRepository:
     def purge_target_file(self, info: TargetFile) -> bool:
         """Delete the stored file of a removed target, unless that exact target is listed again."""
         with self._locked():
-            current = self.get_target(info.path)
-            if current is not None and current.hashes == info.hashes:
-                return False
+            staged = self.staged_targets()
+            for listed in (self.get_target(info.path), staged and staged.signed.targets.get(info.path)):
+                if listed is not None and listed.hashes == info.hashes:
+                    return False
             stored = self.targets_dir / consistent_target_name(info.path, info.hashes[_HASH_ALGORITHM])
             if not stored.exists():
                 return False
             stored.unlink()
             return True
+
+    # -- offline targets signing: staged targets metadata ------------------------------------
+    @property
+    def staged_path(self) -> Path:
+        """Where targets metadata waiting for an offline signature is kept (never served)."""
+        return self.repo_dir / STAGED_TARGETS
+
+    def staged_targets(self) -> Metadata[Targets] | None:
+        """The targets metadata staged for an offline signature (unsigned), or None.
+
+        Its version is always the current targets version + 1: a publish or rotation that moved
+        the current version since it was staged re-numbers it here (under the lock).
+        """
+        with self._locked():
+            try:
+                md = Metadata[Targets].from_bytes(self.staged_path.read_bytes())
+            except FileNotFoundError:
+                return None
+            if md.signed.version != self._snapshot().signed.meta["targets.json"].version + 1:
+                self._stage(md)
+            return md
+
+    def _working_targets(self) -> Metadata[Targets]:
+        """What the next targets version starts from: the staged one if any, else the current."""
+        return self.staged_targets() or self._targets()
+
+    def _stage(self, md: Metadata[Targets]) -> None:
+        """Write ``md`` as the staged targets: the next version, a fresh expiry, no signatures."""
+        md.signed.version = self._snapshot().signed.meta["targets.json"].version + 1
+        md.signed.expires = _expiry(self._clock(), self.lifetimes[Targets.type])
+        md.signatures.clear()
+        self.staged_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.staged_path, md.to_bytes(self._serializer))
+
+    def stage_target(
+        self, target_path: str, local_file: Path, custom: dict[str, Any]
+    ) -> tuple[TargetFile, TargetFile | None]:
+        """Store ``local_file`` and stage it as ``target_path`` for an offline targets signature.
+
+        For when the targets key is not here: the bundle is stored under its content-addressed
+        name (downloadable by admins, so the signer can check it, but listed nowhere a device
+        trusts) and the staged targets metadata lists it. Returns the new TargetFile and the one
+        it replaced in the staged metadata (for :meth:`unstage`).
+        """
+        check_target_path(target_path)
+        with open(local_file, "rb") as fh:
+            info = TargetFile.from_data(target_path, fh, [_HASH_ALGORITHM])
+        info.unrecognized_fields["custom"] = dict(custom)
+        dest = self.targets_dir / consistent_target_name(target_path, info.hashes[_HASH_ALGORITHM])
+        with self._locked():
+            base = self._working_targets()
+            old = base.signed.targets.get(target_path)
+            if not (old == info and dest.exists()):
+                self._copy_target(local_file, dest)
+            base.signed.targets[target_path] = info
+            self._stage(base)
+            log.info("staged target %s (%d bytes) for an offline targets signature", target_path, info.length)
+            return info, old
+
+    def stage_removal(self, target_path: str) -> TargetFile | None:
+        """Stage the removal of ``target_path`` (a revocation without the targets key).
+
+        The target stays listed in the signed metadata until the staged version is signed.
+        Returns what was removed from the staged metadata, or None if it was not there.
+        """
+        check_target_path(target_path)
+        with self._locked():
+            base = self._working_targets()
+            info = base.signed.targets.pop(target_path, None)
+            if info is not None:
+                self._stage(base)
+                log.info("staged the removal of target %s", target_path)
+            return info
+
+    def unstage(self, target_path: str, previous: TargetFile | None) -> None:
+        """Undo a staged change of ``target_path`` (its transaction rolled back): the staged entry
+        goes back to ``previous`` (None: not listed). Nothing left to sign drops the stage."""
+        with self._locked():
+            md = self.staged_targets()
+            if md is None:
+                return
+            if previous is None:
+                md.signed.targets.pop(target_path, None)
+            else:
+                md.signed.targets[target_path] = previous
+            current = self._targets().signed
+            renewal_due = _needs_refresh(current, self.lifetimes[Targets.type], self._clock())
+            if md.signed.targets == current.targets and not renewal_due:
+                self.staged_path.unlink(missing_ok=True)
+            else:
+                self._stage(md)
+
+    def stage_renewal(self) -> Metadata[Targets]:
+        """Stage the current targets again with a fresh expiry (unless something is staged already),
+        so that an offline targets key can renew them; returns the staged metadata."""
+        with self._locked():
+            md = self.staged_targets()
+            if md is None:
+                md = self._targets()
+                self._stage(md)
+            return md
+
+    def staged_changes(
+        self, staged: Metadata[Targets]
+    ) -> tuple[dict[str, TargetFile], dict[str, TargetFile]]:
+        """``(listed, unlisted)``: targets the staged metadata lists anew (or with other content)
+        and targets it no longer lists, against the current targets metadata."""
+        current = self._targets().signed.targets
+        proposed = staged.signed.targets
+        listed = {p: t for p, t in proposed.items() if current.get(p) != t}
+        unlisted = {p: t for p, t in current.items() if p not in proposed}
+        return listed, unlisted
+
+    def publish_signed_targets(self, data: bytes) -> tuple[dict[str, TargetFile], dict[str, TargetFile]]:
+        """Publish the staged targets metadata signed elsewhere; returns :meth:`staged_changes`.
+
+        ``data`` must be the staged metadata, unchanged but for its ``expires`` (which the signer
+        sets, within now .. now + the targets lifetime + 1 hour), carrying enough valid signatures
+        of the current root's targets keys. Then new snapshot and timestamp versions are signed
+        here (online keys) and the stage is dropped. :class:`StagingError` when nothing is staged
+        or the metadata is not what is staged, :class:`SignatureRejected` when it does not verify.
+        """
+        try:
+            md = Metadata[Targets].from_bytes(data)
+        except Exception as exc:  # tuf raises DeserializationError; anything unparsable is as bad
+            raise SignatureRejected(f"not a signed targets metadata file: {exc}") from None
+        if not isinstance(md.signed, Targets):
+            raise SignatureRejected(f"expected targets metadata, got {md.signed.type}")
+        with self._locked():
+            staged = self.staged_targets()
+            if staged is None:
+                raise StagingError("nothing is staged for signing")
+            got, want = md.signed.to_dict(), staged.signed.to_dict()
+            got.pop("expires"), want.pop("expires")
+            if got != want:
+                raise StagingError(
+                    "the signed targets metadata is not what is staged (it changed since it was "
+                    "fetched); fetch the staged metadata and sign it again"
+                )
+            now = self._clock()
+            latest = now + self.lifetimes[Targets.type] + _EXPIRY_SLACK
+            if not now < md.signed.expires <= latest:
+                raise SignatureRejected(
+                    f"expires {md.signed.expires.isoformat()} must lie between now and {latest.isoformat()}"
+                )
+            root_md = self._root()
+            try:
+                root_md.verify_delegate(Targets.type, md)
+            except (UnsignedMetadataError, ValueError, KeyError) as exc:  # or a malformed signature
+                raise SignatureRejected(
+                    f"the targets metadata is not signed by the root's targets key: {exc}"
+                ) from None
+            changes = self.staged_changes(staged)
+            self._publish(root_md.signed, now, md, presigned=True)
+            log.info("published offline-signed targets v%d", md.signed.version)
+            return changes
 
     def refresh_expiring(self, now: datetime | None = None) -> list[str]:
         """Re-sign every role with less than half its lifetime left (and the roles above it).
@@ -633,11 +840,17 @@ class ImageRepository:
             snapshot = self._snapshot(timestamp).signed
             targets_md: Metadata[Targets] | None = None
             targets = self._targets(snapshot)
-            if _needs_refresh(targets.signed, self.lifetimes[Targets.type], now):
+            staged = self.staged_path.exists()
+            if staged or _needs_refresh(targets.signed, self.lifetimes[Targets.type], now):
                 if self.has_key(Targets.type):
-                    targets_md = targets
-                else:
-                    log.warning("targets metadata expires at %s; sign it offline", targets.signed.expires)
+                    targets_md = self._working_targets()  # staged changes go out with it
+                elif not staged:
+                    self.stage_renewal()
+                    log.warning(
+                        "targets metadata expires at %s; a renewal is staged: sign it with "
+                        "`fleet model sign` on the targets key's workstation",
+                        targets.signed.expires,
+                    )
             snapshot_due = _needs_refresh(snapshot, self.lifetimes[Snapshot.type], now)
             timestamp_due = _needs_refresh(timestamp, self.lifetimes[Timestamp.type], now)
             if targets_md is not None or snapshot_due or timestamp_due:
