@@ -11,7 +11,9 @@ In-process callers use :meth:`device_client.runtime.ModelHost.infer` directly. O
     is the ``.npy`` of the first output.
 
   Every answer names who answered in ``X-Fleet-Model`` and ``X-Fleet-Model-Version``.
-* ``GET /v1/health``: what serves (version, previous, shadow) per model.
+* ``GET /v1/health``: what serves (version, previous, shadow) per model, and (under a daemon)
+  ``rejected_messages``: how many messages on its MQTT topics it refused since it started, per
+  reason code (``malformed``, ``bad_signature``, ``replayed``, ...).
 
 Status codes: 400 bad input (unknown/missing input, wrong shape or dtype, malformed JSON or npy),
 404 unknown path or model, 411 no Content-Length, 413 body over ``max_body_bytes`` (refused before
@@ -25,7 +27,7 @@ import io
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -66,10 +68,13 @@ class InferenceServer:
         host: str = "127.0.0.1",
         port: int = 8500,
         max_body_bytes: int = DEFAULT_MAX_BODY,
+        extra_health: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.hosts: Mapping[str, ModelHost] = {hosts.name: hosts} if isinstance(hosts, ModelHost) else hosts
         self.bind = (host, port)
         self.max_body_bytes = max_body_bytes
+        #: more fields for ``GET /v1/health`` (the daemon's rejection counters)
+        self.extra_health = extra_health
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -122,7 +127,10 @@ class InferenceServer:
     def health(self) -> dict[str, Any]:
         models = {name: host.status() for name, host in sorted(self.hosts.items())}
         ok = bool(models) and all(m["version"] for m in models.values())
-        return {"status": "ok" if ok else "no_model", "models": models}
+        doc: dict[str, Any] = {"status": "ok" if ok else "no_model", "models": models}
+        if self.extra_health is not None:
+            doc.update(self.extra_health())
+        return doc
 
     def infer(self, host: ModelHost, content_type: str, body: bytes) -> tuple[InferenceResult, bool]:
         """Decode, run, and return (result, answer-as-npy)."""

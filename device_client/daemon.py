@@ -67,6 +67,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -166,6 +167,7 @@ class Daemon:
             host=settings.api_host,
             port=settings.api_port,
             max_body_bytes=settings.api_max_body_bytes,
+            extra_health=lambda: {"rejected_messages": self.rejected_messages()},
         )
         self.http = HttpSettings(
             token=self.identity.device_token,
@@ -188,6 +190,9 @@ class Daemon:
         self.state = DeviceState()
         self.link: MqttLink | None = None
         self._inbox: queue.Queue[bytes] = queue.Queue()
+        #: messages on the device's topics refused since start, per reason code (GET /v1/health)
+        self._rejected: Counter[str] = Counter()
+        self._rejected_lock = threading.Lock()
         self._stop = threading.Event()
         self._supersede = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -656,8 +661,16 @@ class Daemon:
             "probation"
         )
 
+    def rejected_messages(self) -> dict[str, int]:
+        """Messages on this device's MQTT topics refused since the daemon started, per reason code
+        (``malformed``, ``unsigned``, ``bad_signature``, ``wrong_device``, ``replayed``, ...)."""
+        with self._rejected_lock:
+            return dict(sorted(self._rejected.items()))
+
     def _reject(self, exc: Rejected, desired: DesiredState | None = None) -> None:
         log.warning("desired state rejected: %s", exc.reason)
+        with self._rejected_lock:
+            self._rejected[exc.code] += 1
         state = self.state
         if exc.authentic and exc.seq is not None:  # persisted with the report's seq, after its journal
             state = state.model_copy(update={"last_rejected_seq": exc.seq})

@@ -6,7 +6,8 @@ message must be rejected exactly once in ``fleet_mqtt_rejected_total`` (also ser
 
 Device: a real daemon (tests/security/harness.py) gets the corpus on its desired topic, raw and
 inside envelopes signed by the real director key; every message must be answered by one ``failed``
-report (``malformed``), the worker must survive, and the device keeps serving.
+report (``malformed``) and counted once in ``rejected_messages`` of its ``GET /v1/health``, the
+worker must survive, and the device keeps serving.
 
 protection: ``parse_payload`` / ``verify_desired`` turn every decoding failure (including a
 ``RecursionError`` from deeply nested JSON) into a counted rejection.
@@ -17,7 +18,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,10 +111,19 @@ def test_device_desired_topic_survives_malformed_payloads(tmp_path):
             if p.startswith(b"{") and _loads(p) is not None
         ]
         assert len(signed) >= 10
+        health = device.daemon.api.url + "/v1/health"
+        assert httpx.get(health, timeout=5).json()["rejected_messages"] == {}
         for payload in raw + signed:
             report = device.rejection(device.send(payload), timeout=10)
             assert report["details"]["code"] == "malformed", (payload[:200], report)
             assert report["desired_seq"] is None
+        # a well-formed state signed by a key the device does not trust is counted under its own reason
+        forged = device.sign(device.desired("2.0.0"), key=Ed25519PrivateKey.generate())
+        report = device.rejection(device.send(forged), timeout=10)
+        assert report["details"]["code"] == "bad_signature", report
+        # every refusal is counted once, per reason, on the device's health endpoint
+        counts = httpx.get(health, timeout=5).json()["rejected_messages"]
+        assert counts == {"malformed": len(raw) + len(signed), "bad_signature": 1}
         assert all(t.is_alive() for t in device.daemon._threads), "a daemon thread died"
         device.assert_serving("2.0.0")
         device.publish("3.0.0", 3, scale=3.0)
