@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,13 @@ def assign(live, device_id: str, model: str, version: str, **body: Any) -> dict[
         headers=auth(live),
     )
     assert r.status_code == 200, r.text
+    return r.json()
+
+
+def device_record(live, device_id: str) -> dict[str, Any]:
+    """The server's view of one device (``GET /api/v1/devices/{id}``: status, serving, tags, ...)."""
+    r = httpx.get(f"{live.url}/api/v1/devices/{device_id}", headers=auth(live, "viewer"))
+    r.raise_for_status()
     return r.json()
 
 
@@ -216,16 +223,23 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 class DaemonProcess:
-    """``python -m device_client.daemon`` on an enrolled data directory, killable with SIGKILL."""
+    """``python -m device_client.daemon`` on an enrolled data directory, killable with SIGKILL.
 
-    def __init__(self, data_dir: Path, log: Path, **overrides: Any) -> None:
+    ``command`` runs another command line instead (e.g. ``fleet device run --data-dir ...``), with
+    the same ``FLEET_DEVICE_*`` environment."""
+
+    def __init__(
+        self, data_dir: Path, log: Path, *, command: Sequence[str] | None = None, **overrides: Any
+    ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.log = log
         env = {**os.environ, **daemon_env(data_dir, self.port, **overrides)}
+        if command is None:
+            command = [sys.executable, "-m", "device_client.daemon", "--data-dir", str(data_dir)]
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "device_client.daemon", "--data-dir", str(data_dir)],
+                list(command),
                 cwd=REPO,
                 env=env,
                 stdout=fh,

@@ -1,6 +1,7 @@
 """kill -9 of a real daemon process (``python -m device_client.daemon``) mid-download and
 mid-probation: the restarted daemon resumes the download with an HTTP Range request, and reverts a
-model that was on probation to the last known good one, reporting ``rolled_back``."""
+model that was on probation to the last known good one, reporting ``rolled_back``. A killed daemon
+says no goodbye: the broker publishes its MQTT last will and the server marks the device offline."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from device_client.store import DiskFull, StateStore
 from tests.helpers.device_fleet import (
     DaemonProcess,
     assign,
+    device_record,
     device_settings,
     enroll_device,
     events,
@@ -52,6 +54,26 @@ def installed_slot(live, tmp_path: Path, device_id: str, scales: dict[str, float
     finally:
         first.stop()
     return data, data / StateStore(data).load().state.current["clf"].path
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_kill9_leaves_the_device_offline_through_its_last_will(live_server, tmp_path):
+    """SIGKILL leaves the daemon no chance to publish its goodbye presence; the only ``offline``
+    the server can get is the will the daemon registered at connect, which the broker publishes
+    (retained) when the connection drops."""
+    live = live_server
+    data = tmp_path / "dev"
+    enroll_device(live, data, "edge-will")
+    daemon = DaemonProcess(data, tmp_path / "run.log")
+    daemon.wait_api()
+    try:
+        wait_for(lambda: device_record(live, "edge-will")["status"] == "online", what="the device online")
+        daemon.kill9()
+    finally:
+        daemon.terminate()
+    assert daemon.proc.returncode == -9
+    wait_for(lambda: device_record(live, "edge-will")["status"] == "offline", what="offline through the will")
+    assert "device edge-will stopped" not in (tmp_path / "run.log").read_text()  # Daemon.stop never ran
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
