@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from device_client.protocol.messages import DesiredState, Probation, ServeMode
+from device_client.protocol.messages import DeploymentPhase, DesiredState, Probation, ServeMode
 from device_client.protocol.topics import TopicKind, device_topic
 from server.catalog.tables import ModelArtifact
 from server.db import utcnow
@@ -62,6 +62,11 @@ def pick_artifact(
         if candidate:
             return candidate[0]
     raise Invalid(f"no variant of this version fits device {device.id!r} ({device.arch})")
+
+
+#: deployment phases in which the device has given up the version of its DesiredState and runs
+#: the one before: a re-sign must not hand it that version again (:meth:`resign_expiring_ids`)
+GIVEN_UP = frozenset({DeploymentPhase.failed, DeploymentPhase.rolled_back})
 
 
 @dataclass(frozen=True)
@@ -262,12 +267,23 @@ class DesiredStateService:
     def resign_expiring_ids(self, device_ids: list[str]) -> int:
         """Re-sign the DesiredStates of ``device_ids`` that expired or expire soon (devices coming
         back online; MQTT ingest calls it once per batch): the same target with a new seq and
-        expiry; the deployments the old states carried follow the new seq. A few statements
-        however many devices: one SELECT of the expiring records with their devices' seq, one
-        upsert of the records, one bulk UPDATE of the devices' seq, one of the deployments' and one
-        outbox INSERT. Returns how many were re-signed."""
+        expiry; the deployments the old states carried follow the new seq. A state whose
+        deployment ended ``failed`` or ``rolled_back`` (:data:`GIVEN_UP`) is not re-signed: the
+        device runs what it ran before, and a new seq would make it install the version again.
+        A few statements however many devices: one SELECT of the expiring records with their
+        devices' seq, one of the deployments they carry, one upsert of the records, one bulk UPDATE
+        of the devices' seq, one of the deployments' and one outbox INSERT. Returns how many were
+        re-signed."""
         soon = utcnow() + timedelta(seconds=self.ctx.settings.desired_resign_before_s)
         expiring = self.records.expiring_with_seq(device_ids, soon)
+        if not expiring:
+            return 0
+        deployments = DeploymentRepository(self.session)
+        carried = deployments.states_for_desired([(d, env["signed"]["seq"]) for d, env, _ in expiring])
+        # a state whose deployment the device gave up (it reverted in probation, or the install
+        # failed) is left to expire: re-signed, it would look new and be installed again
+        given_up = {key for key, st in carried.items() if st.phase in GIVEN_UP}
+        expiring = [(d, env, seq) for d, env, seq in expiring if (d, env["signed"]["seq"]) not in given_up]
         if not expiring:
             return 0
         now = utcnow()
@@ -299,6 +315,6 @@ class DesiredStateService:
             moves.append((device_id, envelope["signed"]["seq"], seq))
         self.records.set_device_seqs(seqs)
         self.records.upsert_many(records)
-        DeploymentRepository(self.session).follow_resigned(moves)
+        deployments.follow_resigned(moves, carried)
         enqueue_many(self.session, outbox)
         return len(records)

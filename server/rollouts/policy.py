@@ -52,25 +52,47 @@ class Gates(BaseModel):
     min_requests: int = Field(default=0, ge=0)
 
 
-def check_stages(stages: Sequence[Stage], total: int) -> list[int]:
-    """Cumulative device counts per stage; raises ValueError unless they strictly grow and the
-    last stage takes every selected device (a rollout never leaves part of its selection out:
+def check_stages(stages: Sequence[Stage], total: int) -> tuple[list[Stage], list[int]]:
+    """The stages as run on a selection of ``total`` devices and their cumulative device counts.
+
+    Percent stages whose percents grow but that resolve to the same number of devices on this
+    selection (1% and 10% of 8 devices are both 1 device) are merged: the later stage is kept (its
+    percent, soak and shadow flag), the earlier one dropped, so ``1,10,50,100`` runs as one stage
+    on a single device. Anything else raises ValueError unless the counts strictly grow (percents
+    or counts given in an order that does not grow, a count no larger than the stage before) and
+    the last stage takes every selected device (a rollout never leaves part of its selection out:
     narrow the selector for that)."""
     if not stages:
         raise ValueError("a rollout needs at least one stage")
-    sizes = [s.size(total) for s in stages]
-    for i in range(1, len(sizes)):
-        if sizes[i] <= sizes[i - 1]:
-            raise ValueError(
-                f"stages must grow: stage {i + 1} covers {sizes[i]} device(s), "
-                f"not more than stage {i}'s {sizes[i - 1]} (of {total} selected)"
-            )
+    kept: list[Stage] = []
+    sizes: list[int] = []
+    numbers: list[int] = []  # 1-based position of each kept stage in the request, for messages
+    for i, stage in enumerate(stages, start=1):
+        size = stage.size(total)
+        if kept:
+            prev = kept[-1]
+            if (
+                size == sizes[-1]
+                and stage.percent is not None
+                and prev.percent is not None
+                and stage.percent > prev.percent
+            ):
+                kept[-1], numbers[-1] = stage, i  # the same devices: one stage, the later one's
+                continue
+            if size <= sizes[-1]:
+                raise ValueError(
+                    f"stages must grow: stage {i} covers {size} device(s), "
+                    f"not more than stage {numbers[-1]}'s {sizes[-1]} (of {total} selected)"
+                )
+        kept.append(stage)
+        sizes.append(size)
+        numbers.append(i)
     if sizes[-1] != total:
         raise ValueError(
             f"the last stage covers {sizes[-1]} of the {total} selected devices; it must cover them all "
             "(percent 100, or a count of at least the selection); narrow the selector to deploy to fewer"
         )
-    return sizes
+    return kept, sizes
 
 
 def membership_order(rollout_id: str, device_ids: Iterable[str]) -> list[str]:

@@ -134,9 +134,11 @@ class CatalogLookup:
         return self.session.scalars(q).first()
 
     def artifacts(self, version_id: int) -> Sequence[ModelArtifact]:
+        """The version's artifacts listed in the signed targets metadata (not those staged for an
+        offline targets signature: no device would find them)."""
         q = (
             sa.select(ModelArtifact)
-            .where(ModelArtifact.version_id == version_id)
+            .where(ModelArtifact.version_id == version_id, ModelArtifact.published.is_(True))
             .order_by(ModelArtifact.variant)
         )
         return self.session.scalars(q).all()
@@ -163,14 +165,21 @@ class DeploymentRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def follow_resigned(self, moves: Sequence[tuple[str, int, int]]) -> None:
+    def follow_resigned(
+        self,
+        moves: Sequence[tuple[str, int, int]],
+        states: dict[tuple[str, int], DeploymentState] | None = None,
+    ) -> None:
         """Deployments carried by a re-signed DesiredState, ``(device id, old seq, new seq)``,
         now wait for the new seq, and remember the old one in ``details["resigned_from"]``: a
         device that never took the old state (it had expired) installs the new one and reports
         under its seq; one that was already working on the old one may still report under that,
-        and the ingest finds those through :meth:`states_for_rollouts`."""
+        and the ingest finds those through :meth:`states_for_rollouts`. ``states``: what
+        :meth:`states_for_desired` returned for these (device id, old seq), if the caller has it."""
         new = {(d, o): n for d, o, n in moves}
-        states = self.states_for_desired(list(new))
+        if states is None:
+            states = self.states_for_desired(list(new))
+        states = {key: st for key, st in states.items() if key in new}
         bulk_update(self.session, Deployment.__table__, [  # type: ignore[arg-type]
             {"id": st.id, "desired_seq": new[key],
              "details": {**st.details, "resigned_from": [*st.details.get("resigned_from", []), key[1]]}}

@@ -12,8 +12,8 @@ from device_client.protocol.messages import DeploymentPhase, Probation
 from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.db import utcnow
-from server.devices.schemas import check_tags
-from server.devices.tables import Device
+from server.devices.tables import Device, DeviceStatus
+from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
@@ -26,7 +26,7 @@ from server.rollouts.repository import (
     SelectorRepository,
 )
 from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutOut, Selector, StageView
-from server.rollouts.tables import Deployment, Rollout, RolloutStatus
+from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 from server.security import new_id
 
 if TYPE_CHECKING:
@@ -37,7 +37,10 @@ BASELINE_WINDOW = timedelta(minutes=15)
 #: a rollback returns a device to the version it ran before: judging that known-good version on
 #: probation could only bounce the device back to the bad one, so its probation passes at once
 ROLLBACK_PROBATION = Probation(seconds=0, min_requests=0, max_error_rate=1.0)
-#: phases of a device that has been sent the new version and may run it
+#: phases of a device that has been sent the new version and may run it: a rollback sends it back
+#: whatever its DesiredState names now; a device in another phase that was told of the version (it
+#: reverted on its own, failed, was cancelled) runs the previous one, and gets it named again only
+#: if its DesiredState still names the new version (a re-sign would otherwise install that again)
 TOUCHED = frozenset({
     DeploymentPhase.notified, DeploymentPhase.downloading, DeploymentPhase.verifying,
     DeploymentPhase.installing, DeploymentPhase.probation, DeploymentPhase.succeeded,
@@ -87,7 +90,7 @@ class RolloutService:
         if not devices:
             raise Invalid("the selector matches no device")
         try:
-            sizes = check_stages(body.stages, len(devices))
+            stages, sizes = check_stages(body.stages, len(devices))
         except ValueError as exc:
             raise Invalid(str(exc)) from None
         # two creations for one model (a CLI retry after a timeout, two operators) must not both
@@ -104,7 +107,7 @@ class RolloutService:
             Rollout(
                 id=new_id(), model=body.model, version=body.version, status=RolloutStatus.draft,
                 selector=body.selector.model_dump(mode="json"),
-                stages=[s.model_dump(mode="json") for s in body.stages],
+                stages=[s.model_dump(mode="json") for s in stages],
                 gates=body.gates.model_dump(mode="json"), probation=body.probation.model_dump(mode="json"),
                 on_failure=body.on_failure, max_concurrent_downloads=body.max_concurrent_downloads,
                 device_timeout_s=body.device_timeout_s, created_by=by.actor, verdict={},
@@ -118,14 +121,12 @@ class RolloutService:
              "phase": DeploymentPhase.pending, "details": {}, "created_at": now, "updated_at": now}
             for d in devices
         ])  # fmt: skip
-        audit(
-            self.session,
-            by,
-            "rollout.create",
-            "rollout",
-            rollout.id,
-            {"model": body.model, "version": body.version, "devices": len(devices), "stage_sizes": sizes},
-        )
+        details: dict[str, Any] = {
+            "model": body.model, "version": body.version, "devices": len(devices), "stage_sizes": sizes,
+        }  # fmt: skip
+        if len(stages) < len(body.stages):  # percent stages that resolved to the same devices, merged
+            details["stages_requested"] = [s.model_dump(mode="json") for s in body.stages]
+        audit(self.session, by, "rollout.create", "rollout", rollout.id, details)
         if body.start:
             self.transition(rollout, RolloutStatus.running, by, "rollout.start")
             rollout.stage_started_at = utcnow()
@@ -209,7 +210,10 @@ class RolloutService:
     def begin_rollback(
         self, rollout: Rollout, by: Principal | str, reason: str, verdict: dict[str, Any] | None = None
     ) -> int:
-        """Send every touched device back to its previous version; cancel the untouched."""
+        """Send back to its previous version every touched device, and every other device that was
+        told of the rollout's version and whose DesiredState still names it (one that reverted on
+        its own or failed: a re-sign of that state would install the version again); cancel the
+        pending."""
         self.transition(rollout, RolloutStatus.rolling_back, by, "rollout.rollback", {"reason": reason})
         rollout.reason = reason
         # the devices get device_timeout_s from now to confirm their way back (engine, rolling back)
@@ -218,24 +222,28 @@ class RolloutService:
             rollout.verdict = verdict
         desired = DesiredStateService(self.session, self.ctx)
         sent = 0
-        devices = {
-            d.id: d
-            for d in self.session.query(Device).filter(
-                Device.id.in_([dep.device_id for dep, _, _ in self.rollouts.deployments(rollout.id)])
-            )
-        }
-        for dep, _, _ in self.rollouts.deployments(rollout.id):
+        deployments = [dep for dep, _, _ in self.rollouts.deployments(rollout.id)]
+        ids = [dep.device_id for dep in deployments]
+        devices = {d.id: d for d in self.session.query(Device).filter(Device.id.in_(ids))}
+        records = {r.device_id: r for r in desired.records.for_devices(ids)}
+        for dep in deployments:
             if dep.phase == DeploymentPhase.pending:
                 dep.phase = DeploymentPhase.cancelled
                 continue
-            if dep.phase not in TOUCHED:
-                continue
+            if dep.desired_seq is None:
+                continue  # never told of the version (e.g. it could not be signed for the device)
+            device = devices[dep.device_id]
+            if dep.phase not in TOUCHED and (
+                device.status == DeviceStatus.decommissioned
+                or not names_rollout_version(records.get(dep.device_id), rollout)
+            ):
+                continue  # it does not run the version and will not be told to again
             if not dep.previous_version:
                 dep.details = {**(dep.details or {}), "rollback": "no previous version to return to"}
                 continue
             try:
                 record = desired.assign(
-                    devices[dep.device_id],
+                    device,
                     rollout.model,
                     dep.previous_version,
                     rollout_id=rollout.id,
@@ -296,6 +304,16 @@ class RolloutService:
                 "p95_ms": baseline.p95_ms,
             },
         )
+
+
+def names_rollout_version(record: DesiredRecord | None, rollout: Rollout) -> bool:
+    """Whether a device's current DesiredState is the one ``rollout`` issued for its version
+    (first sent or re-signed since), i.e. what a rollback has to replace."""
+    return (
+        record is not None
+        and record.rollout_id == rollout.id
+        and (record.model, record.version) == (rollout.model, rollout.version)
+    )
 
 
 def gates_of(rollout: Rollout) -> Gates:

@@ -22,6 +22,9 @@ from server.rollouts.tables import DesiredRecord
 @dataclass
 class Behaviour:
     install_fails: bool = False
+    #: installed, then reverted in probation: the device serves what it served before and reports
+    #: ``rolled_back`` (a probation breach)
+    reverts: bool = False
     error_rate: float = 0.0
     p95_ms: float = 5.0
     agreement: float = 1.0
@@ -135,8 +138,13 @@ class SimFleet:
                 msgs.append(report("succeeded"))
                 continue
             dev.shadow = {}
+            before = dict(dev.serving)
             dev.serving = {desired.model: desired.version}
             msgs.append(report("probation"))
+            if b.reverts:
+                dev.serving = before
+                msgs.append(report("rolled_back", "probation breached: error rate"))
+                continue
             msgs.append(report("succeeded"))
         self._send(msgs)
         return acted

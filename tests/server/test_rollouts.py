@@ -668,3 +668,114 @@ def test_a_rollback_racing_a_new_state_is_refused_whole_not_partly(app_client, a
         engine.tick()
     state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
     assert (state["status"], state["phases"]) == ("rolled_back", {"rolled_back": 10})
+
+
+def near_expiry_and_back(ctx, lab, device_ids: list[str]) -> None:
+    """The devices' DesiredStates are about to expire as the devices reconnect: the ingest re-signs
+    what is to be re-signed (resign_expiring_ids)."""
+    from datetime import timedelta
+
+    from device_client.protocol.messages import utcnow
+
+    with ctx.db.session_scope() as s:
+        s.execute(sa.update(DesiredRecord).values(expires_at=utcnow() + timedelta(minutes=5)))
+    for d in device_ids:
+        lab.presence(d, online=False)
+        lab.presence(d, online=True)
+
+
+def desired_of(ctx) -> dict[str, tuple[int, str, str | None]]:
+    with ctx.db.session_scope() as s:
+        return {r.device_id: (r.seq, r.version, r.rollout_id) for r in s.scalars(sa.select(DesiredRecord))}
+
+
+def test_a_rollback_also_sends_back_canaries_that_reverted_on_their_own(app_client, admin_headers, ctx, lab):
+    """The canaries revert in probation (deployment rolled_back) and the stage trips the automatic
+    rollback: their DesiredStates, which still named the bad version, now name the previous one,
+    so a re-sign when they reconnect near expiry cannot put them back on the bad version. The
+    devices never told of it get nothing."""
+    lab.behaviours["3.0.0"] = Behaviour(reverts=True)
+    engine = RolloutEngine(ctx)
+    body = rollout_body("3.0.0", stages=[{"count": 2, "soak_s": 0}, {"percent": 100, "soak_s": 0}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "rolled_back"
+    assert final["phases"] == {"rolled_back": 2, "cancelled": 8}
+    desired = desired_of(ctx)
+    assert len(desired) == 2  # only the canaries were ever told anything
+    assert {(v, r) for _, v, r in desired.values()} == {("1.0.0", rid)}
+    lab.step()
+    near_expiry_and_back(ctx, lab, sorted(desired))
+    resigned = desired_of(ctx)
+    assert {d: (v, r) for d, (_, v, r) in resigned.items()} == dict.fromkeys(desired, ("1.0.0", rid))
+    assert all(resigned[d][0] == desired[d][0] + 1 for d in desired)  # re-signed, still the way back
+    assert lab.step() == 2
+    assert {d.serving["det"] for d in lab.devices.values()} == {"1.0.0"}
+
+
+@pytest.mark.parametrize("behaviour", [Behaviour(reverts=True), Behaviour(install_fails=True)])
+def test_a_version_a_device_gave_up_is_not_resigned_and_an_operator_rollback_replaces_it(
+    app_client, admin_headers, ctx, lab, behaviour
+):
+    """A canary that reverted in probation, or whose install failed, still holds the DesiredState
+    naming the bad version while the rollout is paused. Reconnecting near its expiry must not get
+    it re-signed (a new seq the device would install again); an operator rollback then replaces it
+    with the previous version."""
+    lab.behaviours["3.0.0"] = behaviour
+    engine = RolloutEngine(ctx)
+    body = rollout_body(
+        "3.0.0", stages=[{"count": 2, "soak_s": 0}, {"percent": 100, "soak_s": 0}], on_failure="pause"
+    )
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "paused"
+    canaries = desired_of(ctx)
+    assert {(v, r) for _, v, r in canaries.values()} == {("3.0.0", rid)}
+    assert len(canaries) == 2
+    near_expiry_and_back(ctx, lab, sorted(canaries))
+    assert desired_of(ctx) == canaries  # left to expire, not re-signed
+    assert lab.step() == 0  # nothing new to install
+    r = app_client.post(f"/api/v1/rollouts/{rid}/rollback", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    back = desired_of(ctx)
+    assert back == {
+        d: (s + 1, "1.0.0", rid) for d, (s, _, _) in canaries.items()
+    }
+    assert lab.step() == 2
+    engine.tick()
+    state = app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()
+    assert state["status"] == "rolled_back"
+    gave_up = "rolled_back" if behaviour.reverts else "failed"
+    assert state["phases"] == {gave_up: 2, "cancelled": 8}
+    assert {d.serving["det"] for d in lab.devices.values()} == {"1.0.0"}
+
+
+def test_percent_stages_that_cover_the_same_devices_are_merged(app_client, admin_headers, ctx, lab):
+    """1% and 10% of 10 devices are both 1 device: one stage (the later one's soak), not a 422."""
+    stages = [{"percent": 1, "soak_s": 5}, {"percent": 10, "soak_s": 0},
+              {"percent": 50, "soak_s": 0}, {"percent": 100, "soak_s": 0}]  # fmt: skip
+    r = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0", stages=stages), headers=admin_headers)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert [s["percent"] for s in created["stages"]] == [10, 50, 100]
+    assert [v["devices"] for v in created["stage_views"]] == [1, 5, 10]
+    assert created["stage_views"][0]["soak_s"] == 0
+    audit = app_client.get("/api/v1/audit?limit=50", headers=admin_headers).json()["items"]
+    entry = next(e for e in audit if e["action"] == "rollout.create")
+    assert [s["percent"] for s in entry["details"]["stages_requested"]] == [1, 10, 50, 100]
+    final = drive(RolloutEngine(ctx), lab, app_client, admin_headers, created["id"])
+    assert final["status"] == "completed", final["reason"]
+    assert final["phases"] == {"succeeded": 10}
+
+
+def test_the_default_cli_stages_run_on_a_single_device(app_client, admin_headers, ctx, lab):
+    """The quick start: the CLI's default 1,10,50,100 on one device is one stage of 100%."""
+    device = sorted(lab.devices)[0]
+    stages = [{"percent": p, "soak_s": 0} for p in (1, 10, 50, 100)]
+    body = rollout_body("2.0.0", stages=stages, selector={"device_ids": [device]})
+    r = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers)
+    assert r.status_code == 201, r.text
+    assert [s["percent"] for s in r.json()["stages"]] == [100]
+    final = drive(RolloutEngine(ctx), lab, app_client, admin_headers, r.json()["id"])
+    assert (final["status"], final["phases"]) == ("completed", {"succeeded": 1})
+    assert lab.devices[device].serving == {"det": "2.0.0"}

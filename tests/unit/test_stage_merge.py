@@ -1,0 +1,67 @@
+"""check_stages: percent stages that resolve to the same devices on a small selection are merged."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.rollouts.policy import Stage, check_stages
+
+
+def pct(*percents: float, **kw) -> list[Stage]:
+    return [Stage(percent=p, **kw) for p in percents]
+
+
+@pytest.mark.parametrize(
+    ("total", "kept", "sizes"),
+    [
+        (1, [100], [1]),
+        (2, [50, 100], [1, 2]),
+        (8, [10, 50, 100], [1, 4, 8]),
+        (10, [10, 50, 100], [1, 5, 10]),
+        (11, [1, 10, 50, 100], [1, 2, 6, 11]),
+        (1000, [1, 10, 50, 100], [10, 100, 500, 1000]),
+    ],
+)
+def test_the_default_stages_on_any_fleet_size(total, kept, sizes):
+    stages, got = check_stages(pct(1, 10, 50, 100), total)
+    assert [s.percent for s in stages] == kept
+    assert got == sizes
+
+
+def test_the_later_stage_of_a_merged_pair_is_kept_whole():
+    given = [Stage(percent=1, soak_s=600, shadow=True), Stage(percent=20, soak_s=30), Stage(percent=100)]
+    stages, sizes = check_stages(given, 4)
+    assert stages == [given[1], given[2]]
+    assert sizes == [1, 4]
+
+
+def test_merging_follows_a_chain_of_equal_sizes():
+    stages, sizes = check_stages(pct(5, 10, 20, 60, 100), 5)
+    assert [s.percent for s in stages] == [20, 60, 100]
+    assert sizes == [1, 3, 5]
+
+
+@pytest.mark.parametrize(
+    ("given", "total", "message"),
+    [
+        (pct(50, 50, 100), 10, "stage 2 covers 5 device(s), not more than stage 1's 5"),
+        (pct(50, 40, 100), 10, "stage 2 covers 4"),
+        (pct(100, 100), 1, "stage 2 covers 1"),  # equal percents are refused even on one device
+        ([Stage(count=2), Stage(count=2), Stage(percent=100)], 10, "stage 2 covers 2"),
+        ([Stage(percent=10), Stage(count=1), Stage(percent=100)], 10, "stage 2 covers 1"),
+        ([Stage(count=1), Stage(percent=10), Stage(percent=100)], 10, "stage 2 covers 1"),
+        ([Stage(percent=50), Stage(count=3)], 10, "stage 2 covers 3"),
+        (pct(1, 10, 50, 100, 100), 10, "stage 5 covers 10 device(s), not more than stage 4's 10"),
+    ],
+)
+def test_stages_that_do_not_grow_as_given_are_refused(given, total, message):
+    with pytest.raises(ValueError, match="stages must grow") as exc:
+        check_stages(given, total)
+    assert message in str(exc.value)
+
+
+def test_the_last_stage_must_still_cover_the_selection():
+    with pytest.raises(ValueError, match="covers 5 of the 10"):
+        check_stages(pct(10, 50), 10)
+    with pytest.raises(ValueError, match="at least one stage"):
+        check_stages([], 10)
