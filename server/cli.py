@@ -40,15 +40,16 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _parse_tags(text: str | None) -> dict[str, str]:
-    tags: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in (text or "").split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            key, sep, value = part.partition(":")
-        if not sep or not key or not value:
-            raise click.BadParameter(f"invalid tag {part!r}: expected key=value")
-        tags[key] = value
-    return tags
+    """``k=v,k2:v2`` checked against the server's tag syntax (server/devices/tags.py): a bad tag is
+    a one-line error here, before any request."""
+    from server.devices.tags import parse_tags_csv
+    from server.errors import Invalid
+
+    try:
+        return parse_tags_csv(text or "")
+    except Invalid as exc:
+        _fail(escape(exc.message), code=2)
+        raise  # unreachable: _fail exits
 
 
 class ApiGroup(click.Group):

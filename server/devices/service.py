@@ -36,10 +36,9 @@ from server.devices.schemas import (
     EnrollTokenCreated,
     EnrollTokenOut,
     TagUpdate,
-    check_tag,
-    check_tags,
 )
 from server.devices.tables import Device, DeviceStatus, DeviceTag, EnrollmentToken
+from server.devices.tags import check_tag, check_tags
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.security import DEVICE_PREFIX, ENROLL_PREFIX, authenticate_token, new_id, new_token
 from server.trust.pki import CRL_VALIDITY, parse_csr, serial_hex

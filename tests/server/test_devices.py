@@ -21,6 +21,11 @@ def enroll_token(client, headers, **body) -> str:
     return r.json()["token"]
 
 
+def actor_of(headers: dict[str, str]) -> str:
+    """The audit actor of an admin bearer token (``token:<id>``)."""
+    return f"token:{headers['Authorization'].split('.')[1]}"
+
+
 def enroll(client, token: str, cn: str | None, key=None, **kw):
     csr, _ = make_csr(cn, key, **kw)
     return client.post("/api/v1/enroll", json={"token": token, "csr_pem": csr, "hardware": HARDWARE})
@@ -72,10 +77,42 @@ def test_reused_bad_and_expired_tokens_are_refused(app_client, admin_headers, ct
     assert (r.status_code, r.json()["detail"]) == (403, "enrollment token has expired")
 
     revoked = enroll_token(app_client, admin_headers)
-    app_client.delete(f"/api/v1/enroll-tokens/{revoked.split('.')[1]}", headers=admin_headers)
-    assert enroll(app_client, revoked, "dev-e").status_code == 403
+    revoked_id = revoked.split(".")[1]
+    assert app_client.delete(f"/api/v1/enroll-tokens/{revoked_id}", headers=admin_headers).status_code == 200
+    r = enroll(app_client, revoked, "dev-e")
+    assert (r.status_code, r.json()["detail"]) == (403, "enrollment token has been revoked")
+    # the revocation is audited once: revoking it again changes nothing and writes no second row
+    assert app_client.delete(f"/api/v1/enroll-tokens/{revoked_id}", headers=admin_headers).status_code == 200
+    audit = app_client.get("/api/v1/audit?action=enroll_token.revoke", headers=admin_headers).json()["items"]
+    assert [(e["target_type"], e["target_id"], e["actor"]) for e in audit] == [
+        ("enroll_token", revoked_id, actor_of(admin_headers))
+    ]
     devices = app_client.get("/api/v1/devices", headers=admin_headers).json()["items"]
     assert [d["id"] for d in devices] == ["dev-a"]
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ({"Site": "berlin"}, "invalid tag key 'Site'"),  # keys are lowercase
+        ({"_site": "berlin"}, "invalid tag key '_site'"),  # and start with a letter or digit
+        ({"k" * 64: "v"}, "max 63"),
+        ({"site": ""}, "invalid tag value '' for 'site'"),
+        ({"site": "new york"}, "invalid tag value 'new york'"),
+        ({"site": "v" * 129}, "max 128"),
+        ({f"k{i}": "v" for i in range(33)}, "at most 32 tags"),
+    ],
+)
+def test_bad_tags_on_an_enrollment_token_are_422_and_create_nothing(app_client, admin_headers, tags, message):
+    r = app_client.post("/api/v1/enroll-tokens", json={"tags": tags}, headers=admin_headers)
+    assert r.status_code == 422, r.text
+    assert [(e["loc"], message in e["msg"]) for e in r.json()["detail"]] == [(["body", "tags"], True)], r.text
+    assert app_client.get("/api/v1/enroll-tokens", headers=admin_headers).json() == []
+    audit = app_client.get("/api/v1/audit?action=enroll_token.create", headers=admin_headers).json()["items"]
+    assert audit == []
+    # the limits themselves are accepted
+    limits = {"k" * 63: "v" * 128, "0.a_b-c": "A1_.:/-z"}
+    assert enroll_token(app_client, admin_headers, tags=limits)
 
 
 def test_multi_use_token(app_client, admin_headers):
@@ -161,6 +198,41 @@ def test_list_filters_and_cursor_pagination(app_client, admin_headers):
         assert r.status_code == 422, bad
 
 
+def test_status_filter_follows_presence_from_the_ingest_path(app_client, admin_headers, ctx):
+    """``status=online``/``offline`` list what the devices' MQTT presence made them (the ingest
+    worker's real write path: parse, batch, one transaction), combined with the other filters."""
+    from device_client.protocol import Presence
+    from server.mqtt.handlers import IngestWorker
+
+    berlin = enroll_token(app_client, admin_headers, tags={"site": "berlin"}, uses=3)
+    paris = enroll_token(app_client, admin_headers, tags={"site": "paris"}, uses=2)
+    for device_id in ("b-0", "b-1", "b-2"):
+        assert enroll(app_client, berlin, device_id).status_code == 201
+    for device_id in ("p-0", "p-1"):
+        assert enroll(app_client, paris, device_id).status_code == 201
+
+    def ids(query: str) -> list[str]:
+        r = app_client.get(f"/api/v1/devices?{query}", headers=admin_headers)
+        assert r.status_code == 200, r.text
+        return [d["id"] for d in r.json()["items"]]
+
+    assert ids("status=online") == []
+    now = utcnow()
+    presence = [("b-1", "online"), ("p-0", "online"), ("b-2", "online"), ("b-2", "offline")]
+    messages = [
+        (f"fleet/v1/d/{d}/presence", Presence.build(device_id=d, status=st, at=now).to_json(), now)
+        for d, st in presence
+    ]
+    assert IngestWorker(ctx, ctx.metrics).process(messages)
+
+    assert ids("status=online") == ["b-1", "p-0"]
+    assert ids("status=online&tag=site:paris") == ["p-0"]
+    assert ids("status=offline") == ["b-2"]  # the last presence of the batch wins
+    assert ids("status=enrolled") == ["b-0", "p-1"]
+    one = app_client.get("/api/v1/devices/b-1", headers=admin_headers).json()
+    assert (one["status"], one["last_seen_at"] is not None) == ("online", True)
+
+
 def test_tag_and_decommission(app_client, admin_headers, ctx):
     token = enroll_token(app_client, admin_headers, tags={"site": "berlin"})
     body = enroll(app_client, token, "retire-me").json()
@@ -174,6 +246,11 @@ def test_tag_and_decommission(app_client, admin_headers, ctx):
     r = app_client.patch("/api/v1/devices/retire-me/tags", json={"set": {"BAD": "x"}}, headers=admin_headers)
     assert r.status_code == 422
     assert app_client.patch("/api/v1/devices/nobody/tags", json={}, headers=admin_headers).status_code == 404
+    # the change is audited with what was set and removed; the refused ones left no row
+    audit = app_client.get("/api/v1/audit?action=device.tag", headers=admin_headers).json()["items"]
+    assert [(e["target_type"], e["target_id"], e["actor"], e["details"]) for e in audit] == [
+        ("device", "retire-me", actor_of(admin_headers), {"set": {"ring": "canary"}, "remove": ["site"]})
+    ]
 
     with ctx.db.session_scope() as s:
         assert DeviceService(s, ctx).authenticate_device(body["device_token"]).id == "retire-me"

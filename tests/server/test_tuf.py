@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -285,3 +286,48 @@ def test_timestamp_resigned_near_expiry_and_clients_follow(app_client, device, p
     again, _ = updater(app_client, device, tmp_path / "early")
     again.refresh()
     assert again.get_targetinfo(published["1.1.0"]["target_path"]) is not None
+
+
+def test_running_server_resigns_an_expiring_timestamp_by_itself(settings, tmp_path):
+    """The lifespan's refresh job, not a direct call, keeps timestamp.json from expiring: at its
+    first pass after start-up and again later, whenever less than half its lifetime is left."""
+    from fastapi.testclient import TestClient
+    from tuf.api.metadata import Metadata, Root, Timestamp
+
+    from server.app import create_app
+    from server.trust.repository import ImageRepository
+
+    fast = settings.model_copy(update={"metadata_refresh_interval_s": 0.1, "timestamp_expiry_s": 120})
+    # the same repository written 100 s ago: its timestamp has 20 of its 120 s left
+    aged = ImageRepository(
+        fast.repo_dir, fast.key_dir, timestamp_expiry_s=fast.timestamp_expiry_s,
+        clock=lambda: utcnow() - timedelta(seconds=100),
+    )  # fmt: skip
+    aged.initialize()
+    stale = aged.expires()["timestamp"]
+
+    def timestamp(client) -> Timestamp:
+        md = Metadata[Timestamp].from_bytes(client.get("/tuf/metadata/timestamp.json").content)
+        root = Metadata[Root].from_dict(client.app.state.ctx.repo.trusted_root())
+        root.verify_delegate(Timestamp.type, md)  # signed by the timestamp key of the trusted root
+        return md.signed
+
+    def wait_for_version(client, version: int) -> Timestamp:
+        deadline = time.monotonic() + 20
+        while (current := timestamp(client)).version < version:
+            assert time.monotonic() < deadline, f"timestamp.json stayed at version {current.version}"
+            time.sleep(0.05)
+        return current
+
+    with TestClient(create_app(fast)) as client:
+        first = wait_for_version(client, 2)
+        assert first.expires > stale
+        assert first.snapshot_meta.version == 1  # the same snapshot, re-dated
+
+        # later, while it runs: a publish dated 100 s ago leaves another timestamp near expiry
+        bundle = tmp_path / "bundle.bin"
+        bundle.write_bytes(b"bundle")
+        aged.add_target("m/1.0.0/default/bundle.bin", bundle, {})  # timestamp version + 1
+        again = wait_for_version(client, first.version + 2)
+        assert again.expires >= first.expires
+        assert again.snapshot_meta.version == 2  # the snapshot of that publish, re-dated

@@ -97,3 +97,21 @@ def test_model_push_timeout_option(tmp_path: Path, monkeypatch):
     assert "published m 1.0.0 (release 1)" in result.output
     timeout = seen[0].extensions["timeout"]
     assert (timeout["read"], timeout["write"], timeout["connect"]) == (7200, 7200, CONNECT_TIMEOUT_S)
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ("nocolon", "error: invalid tag 'nocolon': expected key:value or key=value"),
+        ("site=lab,=x", "error: invalid tag key '': lowercase letters, digits, '_', '.', '-'; max 63"),
+        ("Site=lab", "error: invalid tag key 'Site': lowercase letters, digits, '_', '.', '-'; max 63"),
+        ("site=", "error: invalid tag value '' for 'site': letters, digits, '_.:/-'; max 128"),
+        ("site=[lab]", "error: invalid tag value '[lab]' for 'site': letters, digits, '_.:/-'; max 128"),
+    ],
+)
+def test_enroll_token_bad_tags_are_a_one_line_error_before_any_request(tags, message):
+    # nothing listens at the URL: a request would end in "request failed", not the tag error
+    result = invoke(["enroll-token", "create", "--url", closed_port_url(), "--tags", tags])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1, result.output  # one line (rich wraps only past 80 columns)
+    assert result.output.strip() == message

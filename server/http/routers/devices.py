@@ -21,10 +21,10 @@ from server.devices.schemas import (
     EnrollTokenCreated,
     EnrollTokenOut,
     TagUpdate,
-    parse_tag_expr,
 )
 from server.devices.service import DeviceService, device_out
 from server.devices.tables import DeviceStatus
+from server.devices.tags import parse_tag_expr
 from server.http.deps import Admin, Operator, SessionDep, Viewer, get_ctx
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
