@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
+from server.catalog.signing import reconcile_published
 from server.config import Settings
 from server.context import ServerContext
 from server.devices.service import refresh_broker_crl
 from server.gctune import tune_gc
 from server.health.rollup import HealthRollupJob
 from server.http.errors import ERROR_RESPONSES, install_error_handlers
-from server.http.routers import admin, catalog, devices, rollouts, tuf
+from server.http.routers import admin, catalog, devices, rollouts, signing, tuf
 from server.mqtt.runtime import MqttRuntime
 from server.rollouts.engine import RolloutEngine
 
@@ -38,6 +39,8 @@ async def _refresh_metadata_forever(ctx: ServerContext) -> None:
             refreshed = await asyncio.to_thread(ctx.repo.refresh_expiring)
             if refreshed:
                 log.info("re-signed TUF metadata: %s", ", ".join(refreshed))
+            if "targets" in refreshed:  # may have published staged pushes (the key is back)
+                await asyncio.to_thread(_reconcile_catalog, ctx)
         except Exception:
             log.exception("re-signing TUF metadata failed; retrying in %.0fs", interval)
         try:
@@ -45,6 +48,12 @@ async def _refresh_metadata_forever(ctx: ServerContext) -> None:
         except Exception:
             log.exception("re-issuing the broker CRL failed; retrying in %.0fs", interval)
         await asyncio.sleep(interval)
+
+
+def _reconcile_catalog(ctx: ServerContext) -> None:
+    """The catalog in line with the signed targets metadata (server/catalog/signing.py)."""
+    with ctx.db.session_scope() as session:
+        reconcile_published(session, ctx.repo)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,6 +69,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(refresh_broker_crl, ctx)
         except Exception:
             log.exception("writing the broker CRL failed; the refresh job retries")
+        try:  # repairs a crash between publishing signed targets and recording it
+            await asyncio.to_thread(_reconcile_catalog, ctx)
+        except Exception:
+            log.exception("reconciling the catalog with the signed targets failed")
         app.state.mqtt = MqttRuntime.start(ctx) if settings.mqtt_enabled else None
         app.state.engine = RolloutEngine(ctx, settings.rollout_tick_s) if settings.rollout_engine else None
         if app.state.engine is not None:
@@ -90,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (admin, devices, catalog, rollouts, tuf):
+    for module in (admin, devices, catalog, signing, rollouts, tuf):
         app.include_router(module.router, responses=ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["meta"])

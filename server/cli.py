@@ -454,6 +454,117 @@ def model_revoke(url: str, token: str | None, name: str, version: str) -> None:
     click.echo(f"{name} {version}: {v['status']}")
 
 
+@model.command("sign")
+@api_options
+@click.option(
+    "--targets-key",
+    "key_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="the offline targets private key (PEM)",
+)
+@click.option(
+    "--renew", is_flag=True, help="when nothing is staged, stage a renewal (same targets, new expiry)"
+)
+@click.option("--no-verify", is_flag=True, help="do not download and check the bundles about to be listed")
+@click.option("--yes", "-y", is_flag=True, help="sign without asking")
+def model_sign(
+    url: str, token: str | None, key_path: Path, renew: bool, no_verify: bool, yes: bool
+) -> None:
+    """Sign the staged targets metadata with the offline targets key (on the signer's workstation).
+
+    While the targets key is not on the server, pushes and revocations are staged; this fetches
+    what is staged, downloads each bundle about to be listed and checks its length, hash and
+    manifest against what is being signed, shows the changes, signs them with --targets-key and
+    publishes them. See docs/keys.md ("Keeping root and targets offline")."""
+    from datetime import UTC, datetime, timedelta
+
+    from securesystemslib.signer import SSlibKey
+
+    from server.trust.keys import load_private_key
+    from server.trust.repository import sign_staged_targets
+
+    try:
+        key = load_private_key(key_path)
+    except Exception as exc:
+        _fail(f"cannot read the targets key {key_path}: {escape(str(exc))}")
+        raise  # unreachable: _fail exits
+    keyid = SSlibKey.from_crypto(key.public_key()).keyid
+    with _client(url, token) as client:
+        staged = client.staged_targets()
+        if staged is None and renew:
+            staged = client.stage_targets_renewal()
+        if staged is None:
+            click.echo("nothing is staged for the targets key (use --renew to renew the current targets)")
+            return
+        root = client.http.get("/tuf/metadata/root.json").json()
+        if keyid not in root["signed"]["roles"]["targets"]["keyids"]:
+            _fail(f"{key_path} is not a targets key of the repository's current root (key id {keyid[:16]})")
+        if not no_verify and staged["listed"]:
+            _check_staged_bundles(client, staged["listed"])
+        table = Table("", "target", "model", "version", "release", "bytes")
+        for sign, items in (("+", staged["listed"]), ("-", staged["unlisted"])):
+            for t in items:
+                c = t.get("custom", {})
+                table.add_row(
+                    sign, t["path"], str(c.get("model", "")), str(c.get("version", "")),
+                    str(c.get("release", "")), str(t["length"]),
+                )
+        expires = datetime.now(UTC) + timedelta(seconds=staged["lifetime_s"])
+        console.print(
+            f"targets v{staged['current_version']} -> v{staged['version']}, "
+            f"expires {expires.isoformat(timespec='seconds')}"
+        )
+        console.print(table)
+        if not yes and not click.confirm("sign and publish?", default=False):
+            _fail("nothing signed", code=1)
+        signed = sign_staged_targets(staged["metadata"], key, expires)
+        result = client.publish_signed_targets(signed)
+    published = ", ".join(result["published"]) or "none"
+    unlisted = ", ".join(result["unlisted"]) or "none"
+    click.echo(
+        f"published targets v{result['version']} (expires {str(result['expires'])[:19]}); "
+        f"now listed: {published}; no longer listed: {unlisted}"
+    )
+
+
+def _check_staged_bundles(client: FleetClient, listed: list[dict[str, Any]]) -> None:
+    """Download each bundle about to be listed and check it against what will be signed: length,
+    sha256, a safe bundle whose members match its manifest, and the manifest's name, version,
+    release and variant against the target's custom fields. Any mismatch: nothing is signed."""
+    import tempfile
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from device_client.protocol.bundle import BundleError, extract_bundle, file_sha256
+
+    with (
+        tempfile.TemporaryDirectory(prefix="fleet-sign-") as tmp,
+        Progress(
+            "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            console=err_console, transient=True,
+        ) as progress,
+    ):
+        for n, target in enumerate(listed):
+            path = Path(tmp) / f"{n}.tar"
+            task = progress.add_task(f"checking {target['path']}", total=target["length"])
+            with open(path, "wb") as fh:
+                client.download_target(target["file"], fh, lambda k, t=task: progress.advance(t, k))
+            if file_sha256(path) != (target["length"], target["sha256"]):
+                _fail(f"{target['path']}: stored bundle differs from its staged length or sha256; not signed")
+            try:
+                manifest = extract_bundle(path, Path(tmp) / f"{n}.d")
+            except BundleError as exc:
+                _fail(f"{target['path']}: not a valid bundle ({escape(str(exc))}); nothing signed")
+                raise  # unreachable: _fail exits
+            custom = target.get("custom", {})
+            got = {"model": manifest.name, "version": manifest.version, "release": manifest.release,
+                   "variant": manifest.variant}
+            want = {k: custom.get(k) for k in got}
+            if got != want:
+                _fail(f"{target['path']}: its manifest says {got}, the target says {want}; nothing signed")
+
+
 from device_client.cli import device as device_cli  # noqa: E402  (device-only deps: click, rich)
 
 main.add_command(device_cli)

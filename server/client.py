@@ -204,6 +204,37 @@ class FleetClient:
     def revoke_version(self, name: str, version: str) -> dict[str, Any]:
         return self._call("DELETE", f"/api/v1/models/{name}/versions/{version}")
 
+    # -- offline targets signing (fleet model sign) ----------------------------------------------
+    def staged_targets(self) -> dict[str, Any] | None:
+        """What waits for the offline targets key, or None when nothing is staged."""
+        try:
+            return self._call("GET", "/api/v1/repository/targets/staged")
+        except FleetAPIError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+
+    def stage_targets_renewal(self) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/repository/targets/staged")
+
+    def publish_signed_targets(self, signed: bytes) -> dict[str, Any]:
+        return self._call(
+            "PUT", "/api/v1/repository/targets", content=signed, headers={"Content-Type": "application/json"}
+        )
+
+    def download_target(
+        self, file: str, dest: BinaryIO, progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Stream the stored target file ``file`` (its consistent-snapshot name) into ``dest``."""
+        with self.http.stream("GET", f"/tuf/targets/{file}", timeout=self.upload_timeout) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise FleetAPIError(r.status_code, r.text)
+            for chunk in r.iter_bytes(1024 * 1024):
+                dest.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+
     # -- rollouts -----------------------------------------------------------------------------
     def create_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/api/v1/rollouts", json=body)

@@ -93,6 +93,8 @@ class ArtifactOut(BaseModel):
     outputs: list[TensorSpec]
     constraints: dict[str, Any]
     created_at: datetime
+    #: listed in the signed targets metadata (false: staged, waiting for ``fleet model sign``)
+    published: bool = True
 
 
 class VersionOut(BaseModel):

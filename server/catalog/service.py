@@ -37,7 +37,7 @@ import numpy as np
 import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import TargetFile, Targets
 
 from device_client.protocol.bundle import (
     MODEL_MEMBER,
@@ -62,6 +62,7 @@ from server.catalog.schemas import (
     check_version,
     target_path,
 )
+from server.catalog.signing import reconcile_published
 from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion, VersionStatus
 from server.db import after_commit, on_rollback, utcnow
 from server.errors import Conflict, Invalid, NotFound
@@ -378,14 +379,38 @@ class CatalogService:
             "variant": variant,
             "constraints": constraints,
         }
-        # the database rows hold the uniqueness of this path; a listed target here can only be an
-        # orphan of a failed compensation, so it is replaced
-        info = self.ctx.repo.add_target(path, bundle, custom, replace=True)
-        on_rollback(self.session, lambda: self._unpublish(path))
+        repo = self.ctx.repo
+        if repo.has_key(Targets.type):
+            folds_stage = repo.staged_path.exists()
+            # the database rows hold the uniqueness of this path; a listed target here can only be
+            # an orphan of a failed compensation, so it is replaced
+            info = repo.add_target(path, bundle, custom, replace=True)
+            on_rollback(self.session, lambda: self._unpublish(path))
+            if folds_stage:  # the key is back: what was staged went out with this publish
+                reconcile_published(self.session, repo, purge_revoked=False)
+        else:
+            # the targets key is offline: stage it for `fleet model sign` (server/catalog/signing.py)
+            info, previous = repo.stage_target(path, bundle, custom)
+            on_rollback(self.session, lambda: self._unstage(path, previous))
+            artifact.published = False
+            if existing is None:
+                version_row.status = VersionStatus.pending
+            self.session.flush()
         if info.length != length or info.hashes.get("sha256") != sha256:  # pragma: no cover - paranoia
             raise RuntimeError(f"published {path} does not match the bundle just built")
-        log.info("pushed %s %s (%s) as release %d", name, version, variant, version_row.release)
+        log.info(
+            "pushed %s %s (%s) as release %d%s", name, version, variant, version_row.release,
+            "" if artifact.published else ", staged for the offline targets signature",
+        )
         return version_out(version_row)
+
+    def _unstage(self, path: str, previous: TargetFile | None) -> None:
+        """Compensation of a staging whose transaction did not commit."""
+        try:
+            self.ctx.repo.unstage(path, previous)
+            log.warning("un-staged %s: its transaction rolled back", path)
+        except Exception:
+            log.exception("could not un-stage %s after a rollback", path)
 
     def _unpublish(self, path: str) -> None:
         """Compensation of a publish whose transaction did not commit."""
@@ -420,6 +445,21 @@ class CatalogService:
         self.session.flush()
         repo = self.ctx.repo
         removed: list[TargetFile] = []
+        if not repo.has_key(Targets.type):
+            # the targets key is offline: the revocation is staged for `fleet model sign`; the
+            # version is revoked here at once (no rollout or assignment can name it), its targets
+            # stay listed in the signed metadata until the signature, and their files go after it
+            unstaged: list[TargetFile] = []
+            try:
+                for artifact in row.artifacts:
+                    info = repo.stage_removal(artifact.target_path)
+                    if info is not None:
+                        unstaged.append(info)
+            finally:
+                on_rollback(self.session, lambda: self._restage(unstaged))
+                after_commit(self.session, lambda: self._purge(unstaged))  # files listed nowhere
+            return version_out(row)
+        folds_stage = repo.staged_path.exists()
         try:
             for artifact in row.artifacts:
                 info = repo.remove_target(artifact.target_path, delete_file=False)
@@ -429,7 +469,16 @@ class CatalogService:
             # registered even if a removal failed half-way, so the ones done are restored
             on_rollback(self.session, lambda: self._restore(removed))
             after_commit(self.session, lambda: self._purge(removed))
+        if folds_stage and removed:  # the key is back: what was staged went out with this publish
+            reconcile_published(self.session, repo, purge_revoked=False)
         return version_out(row)
+
+    def _restage(self, unstaged: list[TargetFile]) -> None:
+        for info in unstaged:
+            try:
+                self.ctx.repo.unstage(info.path, info)
+            except Exception:
+                log.exception("could not re-stage %s after a failed revocation", info.path)
 
     def _restore(self, removed: list[TargetFile]) -> None:
         for info in removed:

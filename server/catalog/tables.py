@@ -16,7 +16,10 @@ from server.db import Base, JSONType, UTCDateTime, utcnow
 
 
 class VersionStatus(StrEnum):
+    #: listed in the signed targets metadata: can be rolled out
     active = "active"
+    #: pushed while the targets key is offline: staged, waiting for ``fleet model sign``
+    pending = "pending"
     revoked = "revoked"
 
 
@@ -74,5 +77,7 @@ class ModelArtifact(Base):
     #: hardware constraints: arch, min_ram_mb, providers
     constraints: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: listed in the signed targets metadata; false while staged for an offline targets signature
+    published: Mapped[bool] = mapped_column(sa.Boolean, default=True, server_default=sa.true())
 
     version: Mapped[ModelVersion] = relationship(back_populates="artifacts", lazy="joined")

@@ -728,7 +728,7 @@ class ImageRepository:
             base = self._working_targets()
             info = base.signed.targets.pop(target_path, None)
             if info is not None:
-                self._stage(base)
+                self._stage_or_drop(base)  # nothing left to sign when it was only staged
                 log.info("staged the removal of target %s", target_path)
             return info
 
@@ -743,12 +743,17 @@ class ImageRepository:
                 md.signed.targets.pop(target_path, None)
             else:
                 md.signed.targets[target_path] = previous
-            current = self._targets().signed
-            renewal_due = _needs_refresh(current, self.lifetimes[Targets.type], self._clock())
-            if md.signed.targets == current.targets and not renewal_due:
-                self.staged_path.unlink(missing_ok=True)
-            else:
-                self._stage(md)
+            self._stage_or_drop(md)
+
+    def _stage_or_drop(self, md: Metadata[Targets]) -> None:
+        """:meth:`_stage` ``md``, or drop the stage when it would change nothing that is signed
+        (same targets, and no renewal due)."""
+        current = self._targets().signed
+        renewal_due = _needs_refresh(current, self.lifetimes[Targets.type], self._clock())
+        if md.signed.targets == current.targets and not renewal_due:
+            self.staged_path.unlink(missing_ok=True)
+        else:
+            self._stage(md)
 
     def stage_renewal(self) -> Metadata[Targets]:
         """Stage the current targets again with a fresh expiry (unless something is staged already),

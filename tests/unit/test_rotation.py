@@ -373,8 +373,9 @@ def test_fleet_keys_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_offline_targets_key_publish_window_through_the_api(
     app_client, ctx, admin_headers, onnx_model, tmp_path
 ):
-    """Push with the targets key offline: a clean 503 and nothing listed; copied in for a publish
-    window, the same push works; exported again afterwards."""
+    """Push with the targets key offline: staged (pending, listed nowhere a device trusts); copied
+    in for a publish window, the next push publishes both; exported again afterwards. (Signing
+    without a window, on a workstation: tests/server/test_offline_signing.py.)"""
     import shutil
 
     vault = tmp_path / "vault" / "targets.key"
@@ -388,15 +389,17 @@ def test_offline_targets_key_publish_window_through_the_api(
         )
 
     r = push("1.0.0")
-    assert r.status_code == 503, r.text
-    assert r.json()["code"] == "signing_key_offline"
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "pending"
     assert ctx.repo.list_targets() == {}
-    # the catalog rolled back with it: no half-registered model
-    assert app_client.get("/api/v1/models/clf/versions", headers=admin_headers).status_code == 404
+    assert ctx.repo.versions()["targets"] == 1
 
     shutil.copy(vault, keyfile(ctx.repo, Targets.type))  # the publish window opens
     keyfile(ctx.repo, Targets.type).chmod(0o600)
-    assert push("1.0.0").status_code == 201
+    assert push("1.1.0").status_code == 201
     export_key(ctx.repo, Targets.type, tmp_path / "vault" / "targets-again.key")  # and closes
     assert not ctx.repo.has_key(Targets.type)
-    assert [p.split("/")[1] for p in ctx.repo.list_targets()] == ["1.0.0"]
+    assert sorted(p.split("/")[1] for p in ctx.repo.list_targets()) == ["1.0.0", "1.1.0"]
+    statuses = {v["version"]: v["status"] for v in app_client.get(
+        "/api/v1/models/clf/versions", headers=admin_headers).json()}
+    assert statuses == {"1.0.0": "active", "1.1.0": "active"}
