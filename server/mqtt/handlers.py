@@ -57,6 +57,13 @@ RECEIVED = "fleet_mqtt_received_total"
 _MODELS = {TopicKind.report: Report, TopicKind.health: HealthWindow, TopicKind.presence: Presence}
 
 
+def _saw(device: DeviceState, at: datetime) -> None:
+    """``last_seen_at`` only moves forward: a will carries the time its connection began, and
+    reports queued on the device while it was offline arrive after its fresh presence."""
+    if device.last_seen_at is None or at > device.last_seen_at:
+        device.last_seen_at = at
+
+
 @dataclass
 class Batch:
     presence: list[Presence]
@@ -262,7 +269,7 @@ class IngestWorker:
             # reconnect) is no newer than what the server has seen of the device since
             fresh = p.at is None or device.last_seen_at is None or p.at > device.last_seen_at
             device.status = DeviceStatus.online if p.status == "online" else DeviceStatus.offline
-            device.last_seen_at = p.at or now
+            _saw(device, p.at or now)
             if p.serving:
                 device.serving = dict(p.serving)
             if p.hardware is not None:
@@ -344,7 +351,7 @@ class IngestWorker:
                 fresh.append(r)
                 if r.serving:
                     device.serving = dict(r.serving)
-                device.last_seen_at = r.at
+                _saw(device, r.at)
                 if device.status != DeviceStatus.online and device_id not in gone:
                     device.status = DeviceStatus.online
                 touched[device.id] = device

@@ -309,6 +309,34 @@ def test_a_will_after_reports_in_one_batch_leaves_the_device_offline(ctx):
     assert (device.status, device.last_report_seq, phase.value) == ("offline", 1, "downloading")
 
 
+def test_last_seen_only_moves_forward(ctx):
+    """A will carries the time its connection began, and reports queued while offline arrive after
+    the fresh presence: neither moves ``last_seen_at`` back."""
+    d = _devices(ctx, "seen", 2)[1]
+    worker = IngestWorker(ctx, ctx.metrics)
+    now = datetime.now(UTC).replace(microsecond=0)
+    connected = now - timedelta(minutes=10)
+    online = Presence.build(device_id=d, status="online", at=connected)
+    report = Report.build(device_id=d, seq=1, at=now, phase="downloading", desired_seq=1)
+    assert worker.process([(f"fleet/v1/d/{d}/presence", online.to_json(), now)])
+    assert worker.process([(f"fleet/v1/d/{d}/report", report.to_json(), now)])
+    will = Presence.build(device_id=d, status="offline", at=connected)  # the will, set at connect
+    assert worker.process([(f"fleet/v1/d/{d}/presence", will.to_json(), now)])
+    with ctx.db.session_scope() as s:
+        device = s.get(Device, d)
+    assert device.status == "offline"
+    assert device.last_seen_at == now
+    back = Presence.build(device_id=d, status="online", at=now + timedelta(minutes=5))
+    queued = Report.build(device_id=d, seq=2, at=now + timedelta(minutes=1), phase="verifying", desired_seq=1)
+    assert worker.process([
+        (f"fleet/v1/d/{d}/presence", back.to_json(), now), (f"fleet/v1/d/{d}/report", queued.to_json(), now),
+    ])  # fmt: skip
+    with ctx.db.session_scope() as s:
+        device = s.get(Device, d)
+    assert (device.status, device.last_report_seq) == ("online", 2)
+    assert device.last_seen_at == now + timedelta(minutes=5)
+
+
 def test_only_a_fresh_connect_republishes_and_re_signs(ctx):
     """A retained presence replayed to the server (it re-subscribed) is no reconnect: nothing is
     published. A fresh connect of a device the server still holds online (its broker died without
