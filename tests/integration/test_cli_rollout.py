@@ -1,0 +1,139 @@
+"""`fleet rollout status|pause|resume|abort|rollback ID` and `fleet rollout start --wait` on a rollout
+that pauses. The CLI talks HTTP to the real app in-process (the TestClient's ASGI transport under
+the CLI's own FleetClient): no uvicorn and no broker needed; the engine and the simulated fleet
+are the real ones of tests/server/test_rollouts.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+import server.cli as cli
+from server.client import FleetClient
+from server.rollouts.engine import RolloutEngine
+from tests.helpers.fleet_sim import Behaviour, SimFleet
+from tests.server.test_rollouts import enroll_many, push, rollout_body
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+BOX = re.compile("[\u2500-\u257f]")
+
+
+@pytest.fixture
+def lab(app_client, admin_headers, ctx, onnx_model) -> SimFleet:
+    """Ten simulated devices serving det 1.0.0, with 2.0.0 published (as in test_rollouts)."""
+    ids = enroll_many(app_client, admin_headers, "lab", 10, {"site": "lab"})
+    for v in ("1.0.0", "2.0.0"):
+        push(app_client, admin_headers, onnx_model, v)
+    fleet = SimFleet(ctx, ids)
+    fleet.start(serving_version="1.0.0")
+    return fleet
+
+
+@pytest.fixture
+def fleet_cli(app_client, monkeypatch, make_token):
+    """Run `fleet ...` against the app; returns its output as words (rich's wrapping and table
+    borders removed)."""
+    transport = app_client._transport  # the real app, in-process
+    monkeypatch.setattr(
+        cli, "_client", lambda url, token, **kw: FleetClient("http://testserver", token, transport=transport)
+    )
+    env = {"FLEET_TOKEN": make_token("operator"), "COLUMNS": "200"}
+
+    def run(*args: str, code: int = 0) -> str:
+        result = CliRunner().invoke(cli.main, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return " ".join(BOX.sub(" ", result.output).split())
+
+    return run
+
+
+def create(app_client, admin_headers, **over) -> str:
+    r = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0", **over), headers=admin_headers)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_status_and_the_operator_actions(app_client, admin_headers, ctx, lab, fleet_cli):
+    engine = RolloutEngine(ctx)
+    rid = create(app_client, admin_headers, stages=[{"count": 2, "soak_s": 0}, {"percent": 100, "soak_s": 0}])
+    engine.tick()
+    out = fleet_cli("rollout", "status", rid)
+    assert f"rollout {rid}: det 2.0.0" in out
+    # one row per stage: index (< marks the current one), devices, succeeded, failed, in progress
+    assert "1 < 2 0 0 2" in out
+    assert "2 10 0 0 10" in out
+    state = json.loads(fleet_cli("rollout", "status", rid, "--json"))
+    assert (state["id"], state["status"], state["phases"]) == (rid, "running", {"notified": 2, "pending": 8})
+
+    assert fleet_cli("rollout", "pause", rid) == f"rollout {rid}: paused"
+    out = fleet_cli("rollout", "status", rid)
+    assert out.endswith("paused by operator")  # the reason is the table's caption
+    assert "1 2 0 0 2" in out  # no longer marked as the stage in progress
+    out = fleet_cli("rollout", "pause", rid, code=1)
+    assert out == f"error: server answered 409: rollout {rid} is paused: cannot go to paused"
+    assert fleet_cli("rollout", "resume", rid) == f"rollout {rid}: running"
+    assert fleet_cli("rollout", "abort", rid) == f"rollout {rid}: aborted"
+    assert app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()["phases"] == {
+        "notified": 2, "cancelled": 8,
+    }  # fmt: skip
+    out = fleet_cli("rollout", "resume", rid, code=1)
+    assert "409" in out
+    assert "aborted" in out
+
+
+def test_rollback_command(app_client, admin_headers, ctx, lab, fleet_cli):
+    engine = RolloutEngine(ctx)
+    rid = create(app_client, admin_headers, stages=[{"percent": 100, "soak_s": 3600}])
+    for _ in range(3):
+        engine.tick()
+        lab.step()
+    assert fleet_cli("rollout", "rollback", rid) == f"rollout {rid}: rolling_back"
+    for _ in range(3):
+        lab.step()
+        engine.tick()
+    assert json.loads(fleet_cli("rollout", "status", rid, "--json"))["status"] == "rolled_back"
+    assert {d.serving["det"] for d in lab.devices.values()} == {"1.0.0"}
+    assert "409" in fleet_cli("rollout", "rollback", rid, code=1)
+
+
+def test_start_wait_exits_2_when_the_rollout_pauses(app_client, admin_headers, ctx, lab, fleet_cli):
+    """`--wait` follows the rollout while the engine runs it; a failing canary pauses it (on-failure
+    pause) and the command exits 2, so a script can tell "needs an operator" from done or undone."""
+    lab.behaviours["2.0.0"] = Behaviour(install_fails=True)
+    engine = RolloutEngine(ctx)
+    stop = threading.Event()
+
+    def run_the_fleet() -> None:
+        while not stop.wait(0.05):
+            engine.tick()
+            lab.step()
+            lab.health()
+
+    runner = threading.Thread(target=run_the_fleet, daemon=True)
+    runner.start()
+    try:
+        out = fleet_cli(
+            "rollout", "start", "det", "2.0.0", "--tag", "site=lab", "--stages", "10,100", "--soak", "0",
+            "--on-failure", "pause", "--wait", code=2,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        runner.join(10)
+    assert "paused" in out
+    rollouts = app_client.get("/api/v1/rollouts", headers=admin_headers).json()
+    assert [(r["status"], r["current_stage"]) for r in rollouts] == [("paused", 0)]
+    assert "failed" in rollouts[0]["reason"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server/cli.py rollout_table writes the status into the title as `[running]`, which rich "
+    "reads as a markup tag and drops: `fleet rollout status` never shows the status (--json does)",
+)
+def test_status_table_names_the_status(app_client, admin_headers, lab, fleet_cli):
+    rid = create(app_client, admin_headers)
+    assert "running" in fleet_cli("rollout", "status", rid)
