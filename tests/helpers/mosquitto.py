@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,7 +50,24 @@ def start_broker(ca: FleetCA, workdir: Path) -> Broker:
 
 
 class ConnectFailed(Exception):
-    pass
+    """The connection did not come up. ``kind`` says how, so a test can tell a refusal from an
+    outage: ``"tls"`` (the TLS handshake failed; ``tls_reason`` is OpenSSL's reason, e.g.
+    ``TLSV1_ALERT_UNKNOWN_CA`` for the broker's alert, or ``TLS_EOF`` when it closed the TLS
+    connection without one),
+    ``"socket"`` (no TCP connection: nothing listening, reset), ``"connack"`` (the broker answered
+    CONNECT with a failure reason code), ``"closed"`` (the connection dropped without a TLS alert
+    or a CONNACK) or ``"timeout"`` (no answer in time)."""
+
+    def __init__(self, kind: str, detail: str, tls_reason: str | None = None) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+        self.tls_reason = tls_reason
+
+
+#: ``tls_reason`` of a TLS connection the broker closed without an alert (ssl.SSLEOFError)
+TLS_EOF = "EOF"
+_SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
 
 
 def mqtt_connect(
@@ -59,13 +79,14 @@ def mqtt_connect(
     client_id: str | None = None,
     timeout: float = 20.0,
 ) -> mqtt.Client:
-    """A connected, looping paho client (MQTT 5) using ``cert``/``key``; raises ConnectFailed if the
-    broker refuses the TLS handshake or the CONNECT."""
+    """A connected, looping paho client (MQTT 5) using ``cert``/``key``; raises ConnectFailed (with
+    its ``kind``) if the connection does not come up."""
     done = threading.Event()
     result: dict[str, object] = {}
+    socket_errors: list[str] = []
 
     def on_connect(client, userdata, flags, reason_code, properties):
-        result["rc"] = reason_code
+        result["rc"] = result["connack"] = reason_code
         done.set()
 
     client = mqtt.Client(
@@ -78,18 +99,70 @@ def mqtt_connect(
         result["disconnected"] = True
         done.set()
 
+    def on_log(client, userdata, level, message):
+        # With TLS 1.3 the broker checks the client certificate after the client's side of the
+        # handshake is done: its alert arrives as the first read fails, which paho only logs.
+        if level == mqtt.MQTT_LOG_ERR:
+            socket_errors.append(message)
+
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
+    client.on_log = on_log
     try:
         client.connect(broker.host, broker.port, keepalive=30)
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise ConnectFailed(f"TLS handshake failed: {exc}") from exc
+    except ssl.SSLError as exc:
+        raise ConnectFailed("tls", str(exc), exc.reason) from exc
+    except OSError as exc:
+        raise ConnectFailed("socket", str(exc)) from exc
     client.loop_start()
-    if not done.wait(timeout) or result.get("disconnected") or getattr(result.get("rc"), "is_failure", True):
-        client.loop_stop()
-        client.disconnect()
-        raise ConnectFailed(f"CONNECT refused: {result.get('rc')}")
-    return client
+    answered = done.wait(timeout)
+    rc = result.get("rc")
+    if answered and not result.get("disconnected") and not getattr(rc, "is_failure", True):
+        client.on_log = None
+        return client
+    client.loop_stop()
+    client.disconnect()
+    if not answered:
+        raise ConnectFailed("timeout", f"no CONNACK within {timeout} s")
+    for message in socket_errors:
+        if m := _SSL_REASON.search(message):
+            raise ConnectFailed("tls", message, m.group(1))
+        if "EOF occurred in violation of protocol" in message:  # ssl.SSLEOFError
+            raise ConnectFailed("tls", message, TLS_EOF)
+    if "connack" in result:
+        raise ConnectFailed("connack", str(result["connack"]))
+    raise ConnectFailed("closed", "; ".join(socket_errors) or str(rc))
+
+
+def tls_refusal(broker: Broker, cert: Path, key: Path, timeout: float = 10.0) -> str | None:
+    """The broker's verdict on ``cert`` in the TLS handshake alone: None if it completes, else
+    OpenSSL's reason for the broker's alert (``TLSV1_ALERT_UNKNOWN_CA``,
+    ``SSLV3_ALERT_CERTIFICATE_REVOKED``, ...). Raises ConnectFailed (``socket``/``timeout``/``closed``)
+    for anything that is not a verdict, such as a broker not listening.
+
+    Pinned to TLS 1.2, where the broker checks the client certificate *before* its Finished, so its
+    alert is part of the handshake. Under TLS 1.3 it checks it after the client's side is done and
+    the alert races the client's first write (it often arrives as a bare EOF or a reset instead)."""
+    ctx = ssl.create_default_context(cafile=str(broker.files.ca))
+    ctx.check_hostname = False
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    try:
+        raw = socket.create_connection((broker.host, broker.port), timeout=timeout)
+    except OSError as exc:
+        raise ConnectFailed("socket", str(exc)) from exc
+    try:
+        with ctx.wrap_socket(raw, server_hostname=broker.host) as tls:
+            tls.settimeout(timeout)
+            return None
+    except ssl.SSLError as exc:
+        if exc.reason is None or isinstance(exc, ssl.SSLEOFError):
+            raise ConnectFailed("closed", str(exc)) from exc
+        return str(exc.reason)
+    except TimeoutError as exc:
+        raise ConnectFailed("timeout", f"no TLS handshake within {timeout} s") from exc
+    except OSError as exc:
+        raise ConnectFailed("closed", str(exc)) from exc
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from server.trust.keys import atomic_write
 from server.trust.pki import FleetCA
-from tests.helpers.mosquitto import ConnectFailed, mqtt_connect, subscribe_sync
+from tests.helpers.mosquitto import ConnectFailed, mqtt_connect, subscribe_sync, tls_refusal
 from tests.helpers.pki import HARDWARE, key_pem, make_csr
 
 pytestmark = pytest.mark.mqtt
@@ -43,8 +43,10 @@ def test_enrolled_certificate_connects_and_foreign_ca_is_refused(
     from server.mqtt.broker import issue_client_files
 
     issue_client_files(rogue, "edge-1", rogue_cert, rogue_key)
-    with pytest.raises(ConnectFailed):
+    assert tls_refusal(broker, rogue_cert, rogue_key) == "TLSV1_ALERT_UNKNOWN_CA"
+    with pytest.raises(ConnectFailed) as failed:
         mqtt_connect(broker, rogue_cert, rogue_key, ca_file=broker.files.ca)
+    assert failed.value.kind == "tls", failed.value
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
