@@ -178,15 +178,26 @@ def _admin_token(ctx: Any) -> str:
         return AdminService(session).create_token("demo", Role.admin, CLI_PRINCIPAL).token
 
 
+#: marks a directory as a demo's work directory, which a later ``--workdir`` run may replace
+WORKDIR_MARKER = ".fleetota-demo"
+
+
 def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) -> int:
     """Run the demo; return the process exit code (0 when everything went as designed)."""
     from device_client.enroll import enroll
     from server.runner import ServerThread, start_embedded_broker
 
     root = workdir or Path(tempfile.mkdtemp(prefix="fleetota-demo-"))
-    if root.exists() and workdir is not None:
-        shutil.rmtree(root)
+    if workdir is not None and workdir.is_dir() and any(workdir.iterdir()):
+        if not (workdir / WORKDIR_MARKER).exists():
+            console.print(
+                f"[red]error:[/red] {workdir} is not empty and not an earlier demo's work directory; "
+                "give a new or empty directory"
+            )
+            return 2
+        shutil.rmtree(workdir)  # an earlier demo's: start afresh
     root.mkdir(parents=True, exist_ok=True)
+    (root / WORKDIR_MARKER).touch()
     logs = root / "logs"
     logs.mkdir()
     port = free_port()
@@ -206,6 +217,8 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
     devices: list[DemoDevice] = []
     traffic: Traffic | None = None
     results: list[dict[str, Any]] = []
+    client: FleetClient | None = None
+    summary_ok = False
     try:
         client = FleetClient(server.url, _admin_token(server.ctx))
         models = _build_models(root)
@@ -239,22 +252,24 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
         results.append(_rollout(client, "3.0.0", [25, 100], soak_s=4))
         time.sleep(2)
     finally:
-        if traffic is not None:
-            traffic.stop()
-        summary_ok = _summary(client if devices else None, devices, results)
-        for d in devices:
-            if d.proc is not None:
-                d.proc.send_signal(signal.SIGTERM)
-        for d in devices:
-            if d.proc is not None:
-                try:
-                    d.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    d.proc.kill()
-        server.stop()
-        broker.stop()
-        if not keep and workdir is None:
-            shutil.rmtree(root, ignore_errors=True)
+        try:
+            if traffic is not None:
+                traffic.stop()
+            summary_ok = _summary(client if devices else None, devices, results)
+        finally:  # whatever failed above: no daemon, server or broker outlives the demo
+            for d in devices:
+                if d.proc is not None:
+                    d.proc.send_signal(signal.SIGTERM)
+            for d in devices:
+                if d.proc is not None:
+                    try:
+                        d.proc.wait(15)
+                    except subprocess.TimeoutExpired:
+                        d.proc.kill()
+            server.stop()
+            broker.stop()
+            if not keep and workdir is None:
+                shutil.rmtree(root, ignore_errors=True)
     return 0 if summary_ok else 1
 
 
