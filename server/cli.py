@@ -588,7 +588,8 @@ def _parse_gates(items: tuple[str, ...]) -> dict[str, float]:
 
 def rollout_table(state: dict[str, Any]) -> Table:
     """Per-stage progress of a rollout as a rich table."""
-    title = f"rollout {state['id']}: {state['model']} {state['version']} [{state['status']}]"
+    # escaped: rich reads "[running]" as a markup tag and drops it
+    title = escape(f"rollout {state['id']}: {state['model']} {state['version']} [{state['status']}]")
     table = Table(
         "stage", "devices", "succeeded", "failed", "in progress", "errors", "p95 ms", "agreement", title=title
     )

@@ -129,11 +129,6 @@ def test_start_wait_exits_2_when_the_rollout_pauses(app_client, admin_headers, c
     assert "failed" in rollouts[0]["reason"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/cli.py rollout_table writes the status into the title as `[running]`, which rich "
-    "reads as a markup tag and drops: `fleet rollout status` never shows the status (--json does)",
-)
 def test_status_table_names_the_status(app_client, admin_headers, lab, fleet_cli):
     rid = create(app_client, admin_headers)
     assert "running" in fleet_cli("rollout", "status", rid)
