@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     targets_url: str = ""
     #: refuse to bind a non-loopback address with development defaults unless this is set
     allow_insecure_bind: bool = False
+    #: serve the API over HTTPS itself (uvicorn ``ssl_certfile``/``ssl_keyfile``): a PEM certificate
+    #: (chain) and its key. Both or neither; empty = plain HTTP (terminate TLS in a proxy in front)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     #: external broker, e.g. ``mqtts://broker.example:8883``; empty = start Mosquitto as a child
     mqtt_url: str = ""
@@ -128,9 +132,12 @@ class Settings(BaseSettings):
         self.mqtt_ca_file = self.mqtt_ca_file or self.broker_dir / "ca.crt"
         self.mqtt_cert_file = self.mqtt_cert_file or self.broker_dir / "fleet_server.crt"
         self.mqtt_key_file = self.mqtt_key_file or self.broker_dir / "fleet_server.key"
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("FLEET_TLS_CERT and FLEET_TLS_KEY go together: set both or neither")
         if not self.public_url:
             host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
-            self.public_url = f"http://{host}:{self.port}"
+            scheme = "https" if self.tls_cert is not None else "http"
+            self.public_url = f"{scheme}://{host}:{self.port}"
         self.public_url = self.public_url.rstrip("/")
         return self
 

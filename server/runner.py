@@ -82,6 +82,14 @@ def start_embedded_broker(settings: Settings) -> MosquittoProcess:
     return broker
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Where and how uvicorn serves the app: the bind, and HTTPS when FLEET_TLS_CERT/KEY are set."""
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port}
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        options.update(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
+    return options
+
+
 def run_server(overrides: dict[str, Any] | None = None) -> None:
     import uvicorn
 
@@ -91,7 +99,7 @@ def run_server(overrides: dict[str, Any] | None = None) -> None:
     check_bind(settings)
     broker = start_embedded_broker(settings) if settings.embedded_broker and settings.mqtt_enabled else None
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(create_app(settings), log_level="info", **uvicorn_options(settings))
     finally:
         if broker is not None:
             broker.stop()
@@ -110,15 +118,14 @@ class ServerThread:
         self.settings = settings
         self.app = create_app(settings)
         self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.app, host=settings.host, port=settings.port, log_level="warning", lifespan="on"
-            )
+            uvicorn.Config(self.app, log_level="warning", lifespan="on", **uvicorn_options(settings))
         )
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.host}:{self.settings.port}"
+        scheme = "https" if self.settings.tls_cert is not None else "http"
+        return f"{scheme}://{self.settings.host}:{self.settings.port}"
 
     @property
     def ctx(self) -> Any:
