@@ -326,7 +326,7 @@ class RolloutEngine:
                     dep.reason = dep.reason or "returned to the previous version by the rollout"
             elif status == DeviceStatus.online and dep.phase != P.rolled_back:
                 waiting += 1
-        started = rollout.stage_started_at or rollout.updated_at
+        started = rollout.rollback_started_at or rollout.updated_at
         overdue = now - started > timedelta(seconds=rollout.device_timeout_s)
         if waiting == 0 or overdue:
             service = RolloutService(session, self.ctx)

@@ -79,6 +79,7 @@ class RolloutOut(BaseModel):
     device_timeout_s: int
     current_stage: int
     stage_started_at: datetime | None
+    rollback_started_at: datetime | None = None
     soak_until: datetime | None
     reason: str | None
     verdict: dict[str, Any]

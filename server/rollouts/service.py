@@ -53,7 +53,8 @@ def rollout_out(r: Rollout) -> RolloutOut:
         id=r.id, model=r.model, version=r.version, status=r.status, selector=r.selector, stages=r.stages,
         gates=r.gates, probation=r.probation, on_failure=r.on_failure,
         max_concurrent_downloads=r.max_concurrent_downloads, device_timeout_s=r.device_timeout_s,
-        current_stage=r.current_stage, stage_started_at=r.stage_started_at, soak_until=r.soak_until,
+        current_stage=r.current_stage, stage_started_at=r.stage_started_at,
+        rollback_started_at=r.rollback_started_at, soak_until=r.soak_until,
         reason=r.reason, verdict=r.verdict or {}, created_at=r.created_at, updated_at=r.updated_at,
         finished_at=r.finished_at, created_by=r.created_by,
     )  # fmt: skip
@@ -217,7 +218,7 @@ class RolloutService:
         self.transition(rollout, RolloutStatus.rolling_back, by, "rollout.rollback", {"reason": reason})
         rollout.reason = reason
         # the devices get device_timeout_s from now to confirm their way back (engine, rolling back)
-        rollout.stage_started_at = utcnow()
+        rollout.rollback_started_at = utcnow()
         if verdict is not None:
             rollout.verdict = verdict
         desired = DesiredStateService(self.session, self.ctx)

@@ -43,6 +43,9 @@ class Rollout(Base):
     device_timeout_s: Mapped[int] = mapped_column(sa.Integer, default=900)
     current_stage: Mapped[int] = mapped_column(sa.Integer, default=0)
     stage_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: when the rollback began: its devices get device_timeout_s from then to confirm their way
+    #: back (the stage keeps its own start, so its health still covers the stage that failed)
+    rollback_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: when the current stage's soak ends (None until its devices have settled)
     soak_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: why the rollout paused, failed or rolled back; the numbers behind the verdict

@@ -85,6 +85,9 @@ def test_p95_gates_judge_the_stage_against_its_devices_baseline(
     else:  # the canary went back to 1.0.0
         assert final["phases"] == {"rolled_back": 1, "cancelled": 9}
         assert {d.serving["det"] for d in lab.devices.values()} == {"1.0.0"}
+        # the failed stage still shows its health (the rollback runs on a clock of its own)
+        assert final["stage_views"][0]["health"]["p95_ms"] == pytest.approx(p95)
+        assert final["rollback_started_at"] >= final["stage_started_at"]
 
 
 # -- operator actions --------------------------------------------------------------------------------
