@@ -576,6 +576,17 @@ class ImageRepository:
             tmp.unlink(missing_ok=True)
             raise
 
+    def _describe_target(
+        self, target_path: str, local_file: Path, custom: dict[str, Any]
+    ) -> tuple[TargetFile, Path]:
+        """The TargetFile of ``local_file`` as ``target_path`` (hashed, with ``custom``) and where it
+        is stored (its consistent-snapshot name)."""
+        check_target_path(target_path)
+        with open(local_file, "rb") as fh:
+            info = TargetFile.from_data(target_path, fh, [_HASH_ALGORITHM])
+        info.unrecognized_fields["custom"] = dict(custom)
+        return info, self.targets_dir / consistent_target_name(target_path, info.hashes[_HASH_ALGORITHM])
+
     def add_target(
         self, target_path: str, local_file: Path, custom: dict[str, Any], *, replace: bool = False
     ) -> TargetFile:
@@ -584,11 +595,7 @@ class ImageRepository:
         Re-adding identical content and custom fields is a no-op. A different target already at
         ``target_path`` raises :class:`TargetExists` unless ``replace`` (the old file is deleted).
         """
-        check_target_path(target_path)
-        with open(local_file, "rb") as fh:
-            info = TargetFile.from_data(target_path, fh, [_HASH_ALGORITHM])
-        info.unrecognized_fields["custom"] = dict(custom)
-        dest = self.targets_dir / consistent_target_name(target_path, info.hashes[_HASH_ALGORITHM])
+        info, dest = self._describe_target(target_path, local_file, custom)
         with self._locked():
             root = self._root().signed
             self._signer(Targets.type, root)  # fail before copying anything if the key is offline
@@ -702,11 +709,7 @@ class ImageRepository:
         trusts) and the staged targets metadata lists it. Returns the new TargetFile and the one
         it replaced in the staged metadata (for :meth:`unstage`).
         """
-        check_target_path(target_path)
-        with open(local_file, "rb") as fh:
-            info = TargetFile.from_data(target_path, fh, [_HASH_ALGORITHM])
-        info.unrecognized_fields["custom"] = dict(custom)
-        dest = self.targets_dir / consistent_target_name(target_path, info.hashes[_HASH_ALGORITHM])
+        info, dest = self._describe_target(target_path, local_file, custom)
         with self._locked():
             base = self._working_targets()
             old = base.signed.targets.get(target_path)
