@@ -16,7 +16,7 @@ import server.cli as cli
 from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
 from tests.helpers.fleet_sim import Behaviour, SimFleet
-from tests.server.test_rollouts import enroll_many, push, rollout_body
+from tests.server.test_rollouts import make_lab, rollout_body
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 BOX = re.compile("[\u2500-\u257f]")
@@ -24,13 +24,8 @@ BOX = re.compile("[\u2500-\u257f]")
 
 @pytest.fixture
 def lab(app_client, admin_headers, ctx, onnx_model) -> SimFleet:
-    """Ten simulated devices serving det 1.0.0, with 2.0.0 published (as in test_rollouts)."""
-    ids = enroll_many(app_client, admin_headers, "lab", 10, {"site": "lab"})
-    for v in ("1.0.0", "2.0.0"):
-        push(app_client, admin_headers, onnx_model, v)
-    fleet = SimFleet(ctx, ids)
-    fleet.start(serving_version="1.0.0")
-    return fleet
+    """Ten simulated devices serving det 1.0.0, with 2.0.0 published."""
+    return make_lab(app_client, admin_headers, ctx, onnx_model, baseline=False)
 
 
 @pytest.fixture

@@ -12,19 +12,13 @@ from device_client.protocol.messages import utcnow
 from server.rollouts.engine import RolloutEngine
 from server.rollouts.tables import Deployment
 from tests.helpers.fleet_sim import SimFleet
-from tests.server.test_rollouts import drive, enroll_many, push, rollout_body
+from tests.server.test_rollouts import drive, make_lab, rollout_body
 
 
 @pytest.fixture
 def lab(app_client, admin_headers, ctx, onnx_model) -> SimFleet:
-    """Ten simulated devices serving det 1.0.0, with 2.0.0 published (as in test_rollouts)."""
-    ids = enroll_many(app_client, admin_headers, "lab", 10, {"site": "lab"})
-    for v in ("1.0.0", "2.0.0"):
-        push(app_client, admin_headers, onnx_model, v)
-    fleet = SimFleet(ctx, ids)
-    fleet.start(serving_version="1.0.0")
-    fleet.health(at_offset_s=-60)  # pre-rollout baseline on 1.0.0
-    return fleet
+    """Ten simulated devices serving det 1.0.0 with a stored baseline, 2.0.0 published."""
+    return make_lab(app_client, admin_headers, ctx, onnx_model)
 
 
 def _phases(ctx, rid: str) -> dict[str, tuple[str, str | None]]:

@@ -12,19 +12,13 @@ from server.rollouts.engine import RolloutEngine
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout
 from tests.helpers.fleet_sim import Behaviour, SimFleet
 from tests.helpers.pki import HARDWARE, make_csr
-from tests.server.test_rollouts import drive, enroll_many, push, rollout_body
+from tests.server.test_rollouts import drive, make_lab, push, rollout_body
 
 
 @pytest.fixture
 def lab(app_client, admin_headers, ctx, onnx_model) -> SimFleet:
-    """Ten simulated devices serving det 1.0.0 (5 ms p95), with 2.0.0 published (as in test_rollouts)."""
-    ids = enroll_many(app_client, admin_headers, "lab", 10, {"site": "lab"})
-    for v in ("1.0.0", "2.0.0"):
-        push(app_client, admin_headers, onnx_model, v)
-    fleet = SimFleet(ctx, ids)
-    fleet.start(serving_version="1.0.0")
-    fleet.health(at_offset_s=-60)  # the stored pre-rollout baseline on 1.0.0
-    return fleet
+    """Ten simulated devices serving det 1.0.0 (5 ms p95) with a stored baseline, 2.0.0 published."""
+    return make_lab(app_client, admin_headers, ctx, onnx_model)
 
 
 def get(client, headers, rid: str) -> dict:

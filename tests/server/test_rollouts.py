@@ -83,12 +83,31 @@ def tick_racing(engine: RolloutEngine, meanwhile) -> None:
 
 @pytest.fixture
 def lab(app_client, admin_headers, ctx, onnx_model):
+    return make_lab(
+        app_client, admin_headers, ctx, onnx_model, ("1.0.0", "2.0.0", "3.0.0"),
+        behaviours={"3.0.0": Behaviour(error_rate=0.3)},
+    )
+
+
+def make_lab(
+    app_client,
+    admin_headers,
+    ctx,
+    onnx_model,
+    versions: tuple[str, ...] = ("1.0.0", "2.0.0"),
+    *,
+    behaviours: dict[str, Behaviour] | None = None,
+    baseline: bool = True,
+) -> SimFleet:
+    """Ten simulated devices tagged site=lab serving det 1.0.0, with ``versions`` published and,
+    with ``baseline``, a stored pre-rollout health baseline on 1.0.0 (the lab fixtures' setup)."""
     ids = enroll_many(app_client, admin_headers, "lab", 10, {"site": "lab"})
-    for v in ("1.0.0", "2.0.0", "3.0.0"):
+    for v in versions:
         push(app_client, admin_headers, onnx_model, v)
-    fleet = SimFleet(ctx, ids, behaviours={"3.0.0": Behaviour(error_rate=0.3)})
+    fleet = SimFleet(ctx, ids, behaviours=behaviours)
     fleet.start(serving_version="1.0.0")
-    fleet.health(at_offset_s=-60)  # pre-rollout baseline on 1.0.0
+    if baseline:
+        fleet.health(at_offset_s=-60)  # pre-rollout baseline on 1.0.0
     return fleet
 
 
