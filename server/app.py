@@ -39,8 +39,9 @@ async def _refresh_metadata_forever(ctx: ServerContext) -> None:
             refreshed = await asyncio.to_thread(ctx.repo.refresh_expiring)
             if refreshed:
                 log.info("re-signed TUF metadata: %s", ", ".join(refreshed))
-            if "targets" in refreshed:  # may have published staged pushes (the key is back)
-                await asyncio.to_thread(_reconcile_catalog, ctx)
+            # staged pushes the returning key published, or a signature whose commit failed;
+            # revoked files are only swept when targets changed
+            await asyncio.to_thread(_reconcile_catalog, ctx, "targets" in refreshed)
         except Exception:
             log.exception("re-signing TUF metadata failed; retrying in %.0fs", interval)
         try:
@@ -50,10 +51,10 @@ async def _refresh_metadata_forever(ctx: ServerContext) -> None:
         await asyncio.sleep(interval)
 
 
-def _reconcile_catalog(ctx: ServerContext) -> None:
+def _reconcile_catalog(ctx: ServerContext, purge_revoked: bool = True) -> None:
     """The catalog in line with the signed targets metadata (server/catalog/signing.py)."""
     with ctx.db.session_scope() as session:
-        reconcile_published(session, ctx.repo)
+        reconcile_published(session, ctx.repo, purge_revoked=purge_revoked)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

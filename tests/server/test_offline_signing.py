@@ -5,6 +5,7 @@ reflected in the catalog; a real ngclient installs what was signed."""
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from tuf.api.metadata import Targets
 
 import server.cli as cli
 from server.client import FleetClient
-from server.trust.keys import write_private_key
+from server.trust.keys import load_private_key, write_private_key
 from server.trust.repository import ROLE_KEY_FILES, sign_staged_targets
 from server.trust.rotation import export_key
 from tests.server.test_catalog import audit_actions, push
@@ -146,8 +147,6 @@ def test_wrong_key_stale_and_malformed_signatures_are_refused(
     assert "is not a targets key of the repository's current root" in " ".join(result.output.split())
 
     staged = app_client.get("/api/v1/repository/targets/staged", headers=admin_headers).json()
-    from datetime import UTC, datetime, timedelta
-
     expires = datetime.now(UTC) + timedelta(days=1)
     r = app_client.put(
         "/api/v1/repository/targets",
@@ -158,8 +157,6 @@ def test_wrong_key_stale_and_malformed_signatures_are_refused(
     assert "not signed by the root's targets key" in r.json()["detail"]
     r = app_client.put("/api/v1/repository/targets", content=b"{]", headers=admin_headers)
     assert r.status_code == 422, r.text
-    from server.trust.keys import load_private_key
-
     signed = sign_staged_targets(staged["metadata"], load_private_key(vault), expires)
     assert push(app_client, admin_headers, "clf", "1.1.0", onnx_model("b.onnx", seed=2)).status_code == 201
     r = app_client.put("/api/v1/repository/targets", content=signed, headers=admin_headers)
@@ -231,3 +228,20 @@ def test_a_staged_variant_of_an_active_version_is_not_assigned_until_signed(
     r = app_client.put("/api/v1/devices/cam-001/desired", json=want, headers=admin_headers)
     assert r.status_code == 200, r.text
     assert r.json()["variant"] == "small"
+
+
+def test_a_signature_published_without_its_database_write_is_reconciled(
+    app_client, admin_headers, ctx, onnx_model, vault
+):
+    """The metadata went out but the catalog's commit did not (a crash in between): the refresh
+    job (and start-up) bring the catalog in line with what is signed."""
+    from server.app import _reconcile_catalog
+
+    assert push(app_client, admin_headers, "clf", "1.0.0", onnx_model()).status_code == 201
+    staged = app_client.get("/api/v1/repository/targets/staged", headers=admin_headers).json()
+    expires = datetime.now(UTC) + timedelta(days=1)
+    signed = sign_staged_targets(staged["metadata"], load_private_key(vault), expires)
+    ctx.repo.publish_signed_targets(signed)  # straight to the repository: no catalog update
+    assert versions(app_client, admin_headers, "clf")["1.0.0"]["status"] == "pending"
+    _reconcile_catalog(ctx, False)
+    assert versions(app_client, admin_headers, "clf")["1.0.0"]["status"] == "active"
