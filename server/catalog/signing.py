@@ -15,8 +15,9 @@ The server publishes it only if it is exactly what is staged and verifies under 
 (new snapshot and timestamp are signed with the online keys), then :func:`reconcile_published`
 brings the catalog in line: staged artifacts now listed become published (their pending versions
 active), and the files of revoked targets no longer listed anywhere are deleted. The same
-reconciliation runs at start-up and after a publish with the key present (which folds any stage in),
-so a crash between the metadata and the database write is repaired.
+reconciliation runs at start-up, in every round of the refresh job (server/app.py) and after a
+publish with the key present (which folds any stage in), so a crash between the metadata and the
+database write is repaired.
 
 A renewal (targets close to expiry, nothing to change) is staged by the server on its own when the
 key is not here, or on request (``POST /api/v1/repository/targets/staged``).
