@@ -110,17 +110,24 @@ def server() -> None:
 @server.command("run")
 @click.option("--host", default=None, help="bind address (FLEET_HOST, default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (FLEET_PORT, default 8080)")
-def server_run(host: str | None, port: int | None) -> None:
+@click.option(
+    "--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="serve HTTPS with this PEM certificate (chain) (FLEET_TLS_CERT; with --tls-key)",
+)
+@click.option(
+    "--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="the certificate's private key (FLEET_TLS_KEY)",
+)
+def server_run(host: str | None, port: int | None, tls_cert: Path | None, tls_key: Path | None) -> None:
     """Start the API server; without FLEET_MQTT_URL also start Mosquitto as a child process."""
     from pydantic import ValidationError
 
     from server.runner import run_server
 
     overrides: dict[str, Any] = {}
-    if host is not None:
-        overrides["host"] = host
-    if port is not None:
-        overrides["port"] = port
+    for name, value in (("host", host), ("port", port), ("tls_cert", tls_cert), ("tls_key", tls_key)):
+        if value is not None:
+            overrides[name] = value
     try:
         run_server(overrides)
     except ValidationError as exc:  # FLEET_* settings, before anything is started
@@ -131,8 +138,10 @@ def _settings_error(exc: Any) -> str:
     """A pydantic ``ValidationError`` of ``Settings`` as one line per bad setting."""
     lines = []
     for err in exc.errors():
-        name = "FLEET_" + "_".join(str(part) for part in err["loc"]).upper()
-        lines.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
+        message = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:  # a field's error; a check across fields (empty loc) names its settings itself
+            message = "FLEET_" + "_".join(str(part) for part in err["loc"]).upper() + f": {message}"
+        lines.append(message)
     return "invalid settings: " + "; ".join(lines)
 
 

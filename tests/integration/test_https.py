@@ -61,3 +61,17 @@ def test_tls_settings_go_together_and_make_the_default_public_url_https(tmp_path
     monkeypatch.delenv("FLEET_TLS_KEY")
     with pytest.raises(ValidationError, match="FLEET_TLS_CERT and FLEET_TLS_KEY go together"):
         Settings(data_dir=tmp_path / "data")
+
+
+def test_fleet_server_run_takes_the_tls_files_as_options(tmp_path, monkeypatch):
+    """--tls-cert/--tls-key reach the settings: one without the other is refused before anything
+    starts, as with the environment variables."""
+    from click.testing import CliRunner
+
+    from server.cli import main
+
+    _, cert, _ = _server_cert(tmp_path)
+    monkeypatch.setenv("FLEET_DATA_DIR", str(tmp_path / "data"))
+    result = CliRunner().invoke(main, ["server", "run", "--tls-cert", str(cert)])
+    assert result.exit_code == 2, result.output
+    assert "invalid settings: FLEET_TLS_CERT and FLEET_TLS_KEY go together" in " ".join(result.output.split())
