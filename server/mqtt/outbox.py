@@ -7,6 +7,14 @@ and publish therefore loses nothing: the rows are still pending when the server 
 publisher also sweeps on a timer). Several replicas may run publishers: on PostgreSQL each batch
 is claimed with ``FOR UPDATE SKIP LOCKED``; a message published twice is harmless (devices ignore a
 DesiredState whose seq they have already accepted).
+
+Publishers side by side can publish one device's DesiredStates out of order: replica B publishes
+seq 6 while replica A, which claimed seq 5 a moment before, is still sending it; the broker then
+retains 5, and a device that connects later gets an outdated state. So after its PUBACKs each
+publisher checks the DesiredStates it has just published against the database: one that a newer
+state has replaced is followed by the current state, queued again (:meth:`OutboxPublisher.flush`).
+That newer state was committed before anyone could publish it, so whichever publish reached the
+broker last, the current state is published after it.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from device_client.protocol.topics import InvalidTopic, TopicKind, parse_topic
 from server.bulk import execute_many
 from server.db import OUTBOX_DIRTY, Database, utcnow
 from server.metrics import Metrics
@@ -90,6 +100,44 @@ class OutboxRepository:
             self.session.execute(sa.update(m).where(m.id.in_(published)).values(published_at=at))
         if attempted:
             self.session.execute(sa.update(m).where(m.id.in_(attempted)).values(attempts=m.attempts + 1))
+
+    @property
+    def concurrent_publishers(self) -> bool:
+        """Whether publishers can run side by side (PostgreSQL: replicas; one process on SQLite)."""
+        return self.session.get_bind().dialect.name == "postgresql"
+
+    def superseded_desired(self, published: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Of the retained (topic, payload) messages just published, the DesiredStates a newer one
+        has replaced in the database since: (topic, current envelope) to publish again."""
+        from server.rollouts.tables import DesiredRecord  # (server.rollouts imports this module)
+
+        seqs: dict[str, tuple[str, int]] = {}
+        for topic, payload in published:
+            try:
+                device_id, kind = parse_topic(topic)
+                if kind != TopicKind.desired:
+                    continue
+                seq = int(orjson.loads(payload)["signed"]["seq"])
+            except (InvalidTopic, ValueError, KeyError, TypeError):
+                continue
+            if seq > seqs.get(device_id, (topic, -1))[1]:
+                seqs[device_id] = (topic, seq)
+        if not seqs:
+            return []
+        r = DesiredRecord
+        newer = [
+            device_id
+            for device_id, seq in self.session.connection().execute(
+                sa.select(r.device_id, r.seq).where(r.device_id.in_(list(seqs)))
+            )
+            if seq > seqs[device_id][1]
+        ]
+        if not newer:
+            return []
+        rows = self.session.connection().execute(
+            sa.select(r.device_id, r.envelope).where(r.device_id.in_(newer)).order_by(r.device_id)
+        )
+        return [(seqs[device_id][0], _json_bytes(envelope)) for device_id, envelope in rows]
 
     def pending_count(self) -> int:
         q = sa.select(sa.func.count()).select_from(OutboxMessage).where(OutboxMessage.published_at.is_(None))
@@ -181,6 +229,15 @@ class OutboxPublisher:
                     break
                 published.append(row_id)
             repo.mark(published, [row_id for row_id, _ in infos], utcnow())
+            if published and repo.concurrent_publishers:
+                sent = {row_id: (topic, payload) for row_id, topic, payload, _, retain in rows if retain}
+                current = repo.superseded_desired([sent[i] for i in published if i in sent])
+                if current:  # another replica's publisher may have sent these newer states first
+                    enqueue_many(session, current)
+                    self.metrics.inc(
+                        "fleet_mqtt_desired_superseded_total", len(current),
+                        help="DesiredStates re-queued because a newer one was committed (publish order)",
+                    )
             done = len(published)
             self._flushes += 1
             if self._flushes % 100 == 0:

@@ -15,7 +15,7 @@ from device_client.protocol.messages import utcnow
 from device_client.protocol.signing import public_key_from_pem, verify_envelope
 from server.devices.tables import Device, DeviceEvent
 from server.health.tables import HealthSample
-from server.rollouts.tables import Deployment
+from server.rollouts.tables import Deployment, DesiredRecord
 from server.trust.keys import atomic_write
 from tests.helpers.mosquitto import Broker, mqtt_connect, subscribe_sync
 from tests.helpers.pki import HARDWARE, key_pem, make_csr
@@ -200,3 +200,49 @@ def test_malformed_messages_are_counted_and_do_not_stop_ingest(mqtt_app, mqtt_to
     assert 'fleet_mqtt_rejected_total{kind="report",reason="invalid_payload"} 4' in text
     device.disconnect()
     device.loop_stop()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_an_older_desired_state_published_last_is_followed_by_the_current(
+    mqtt_app, mqtt_token, onnx_model, tmp_path
+):
+    """Replicas' publishers run side by side (SKIP LOCKED): one may publish seq 1 after another
+    published seq 2, leaving the broker retaining the outdated state. The late publisher finds
+    the newer state in the database and publishes it again, so the broker ends up retaining it."""
+    from server.mqtt.outbox import enqueue
+
+    client, ctx, _runtime = mqtt_app
+    headers = {"Authorization": f"Bearer {mqtt_token('operator')}"}
+    _, cert, key = enroll_device(client, headers, "cam-8", tmp_path)
+    push(client, headers, onnx_model, "1.0.0")
+    push(client, headers, onnx_model, "1.1.0", seed=2)
+    envelopes = []
+    for version in ("1.0.0", "1.1.0"):
+        want = {"model": "det", "version": version}
+        r = client.put("/api/v1/devices/cam-8/desired", json=want, headers=headers)
+        assert r.status_code == 200, r.text
+        with ctx.db.session_scope() as s:
+            envelopes.append(s.get(DesiredRecord, "cam-8").envelope)
+    assert [e["signed"]["seq"] for e in envelopes] == [1, 2]
+
+    def outbox_drained():
+        with ctx.db.session_scope() as s:
+            return s.scalar(sa.text("select count(*) from mqtt_outbox where published_at is null")) == 0
+
+    wait_for(outbox_drained)
+    with ctx.db.session_scope() as s:  # the slow replica's publish of seq 1 comes in last
+        enqueue(s, "fleet/v1/d/cam-8/desired", json.dumps(envelopes[0]).encode(), retain=True)
+    wait_for(outbox_drained)
+
+    def retained_seq() -> int:
+        device = mqtt_connect(device_broker(ctx, ctx.settings), cert, key)
+        got: list[bytes] = []
+        arrived = threading.Event()
+        device.on_message = lambda c, u, msg: (got.append(msg.payload), arrived.set())
+        subscribe_sync(device, "fleet/v1/d/cam-8/desired")
+        assert arrived.wait(10), "no retained desired state"
+        device.disconnect()
+        return json.loads(got[-1])["signed"]["seq"]
+
+    assert retained_seq() == 2
+    assert "fleet_mqtt_desired_superseded_total 1" in ctx.metrics.render()
