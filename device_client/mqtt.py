@@ -22,6 +22,10 @@ only when the broker's PUBACK arrives. On every (re)connect the entries not yet 
 process are published in seq order (paho itself re-sends what it had in flight, in order, before
 them). After a restart the whole journal is re-sent, so a report whose PUBACK was lost may arrive
 twice: the server deduplicates by ``seq``. Nothing is lost across a crash or a broker outage.
+The acknowledged report with the highest seq is not deleted but renamed ``<seq>.acked``: it keeps
+the seq floor (:meth:`ReportJournal.max_seq`) on disk even when the state file could not be saved
+with it (a full disk), so a restart never reuses a seq the server has already seen (it would drop
+the new report as a duplicate). A rename needs no free space.
 Health windows are QoS 0 and not journaled (a lost window is a gap, not a lie).
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Callable
@@ -64,6 +69,11 @@ class ReportJournal:
         self._lock = threading.Lock()
         for tmp in self.dir.glob("*.tmp"):  # a crash mid-append leaves only an unreferenced temp
             tmp.unlink(missing_ok=True)
+        #: the highest acknowledged seq, kept as ``<seq>.acked`` (the seq floor across restarts)
+        self._acked = max(self._seqs("*.acked"), default=0)
+
+    def _seqs(self, pattern: str) -> list[int]:
+        return [int(p.stem) for p in self.dir.glob(pattern) if p.stem.isdigit()]
 
     def _path(self, seq: int) -> Path:
         return self.dir / f"{seq:020d}.json"
@@ -79,8 +89,20 @@ class ReportJournal:
             return True
 
     def remove(self, seq: int) -> None:
+        """The broker acknowledged ``seq``: drop it from the journal, keeping the highest
+        acknowledged seq as the ``.acked`` marker."""
         with self._lock:
-            self._path(seq).unlink(missing_ok=True)
+            path = self._path(seq)
+            if seq <= self._acked:
+                path.unlink(missing_ok=True)
+                return
+            try:
+                os.replace(path, path.with_suffix(".acked"))
+            except FileNotFoundError:
+                return
+            old, self._acked = self._acked, seq
+            if old:
+                self._path(old).with_suffix(".acked").unlink(missing_ok=True)
 
     def pending(self) -> list[JournalEntry]:
         """Every journaled report in seq order (unreadable files are logged and dropped)."""
@@ -95,8 +117,9 @@ class ReportJournal:
         return sorted(entries, key=lambda e: e.seq)
 
     def max_seq(self) -> int:
-        seqs = [int(p.stem) for p in self.dir.glob("*.json") if p.stem.isdigit()]
-        return max(seqs, default=0)
+        """The highest seq journaled or acknowledged: no new report may take it or a lower one."""
+        with self._lock:
+            return max([*self._seqs("*.json"), self._acked])
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,27 @@ def test_journal_orders_dedups_and_survives_garbage(tmp_path):
     assert [e.seq for e in j.pending()] == [2, 33]
 
 
+def test_the_highest_acknowledged_seq_stays_the_floor_across_a_restart(tmp_path):
+    """Once every report is acknowledged the journal is empty, yet a restart must not reuse a seq
+    the server has seen (the state file may not have been saved with it: a full disk): the highest
+    acknowledged seq stays behind as a marker, and only the newest marker is kept."""
+    j = ReportJournal(tmp_path / "outbox")
+    for seq in (4, 5, 6):
+        j.append(seq, TOPIC, b"{}")
+    for seq in (5, 4, 6):  # acknowledged in any order
+        j.remove(seq)
+    assert j.pending() == []
+    assert j.max_seq() == 6
+    assert sorted(p.name for p in (tmp_path / "outbox").iterdir()) == [f"{6:020d}.acked"]
+    j = ReportJournal(tmp_path / "outbox")  # restarted
+    assert j.max_seq() == 6
+    assert j.pending() == []
+    j.append(7, TOPIC, b"{}")
+    assert j.max_seq() == 7
+    j.remove(7)
+    assert sorted(p.name for p in (tmp_path / "outbox").iterdir()) == [f"{7:020d}.acked"]
+
+
 class Subscriber:
     """The server side: a persistent-session subscriber that records report seqs in arrival order."""
 
