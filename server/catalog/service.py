@@ -391,7 +391,7 @@ class CatalogService:
         else:
             # the targets key is offline: stage it for `fleet model sign` (server/catalog/signing.py)
             info, previous = repo.stage_target(path, bundle, custom)
-            on_rollback(self.session, lambda: self._unstage(path, previous))
+            on_rollback(self.session, lambda: self._unstage(info, previous))
             artifact.published = False
             if existing is None:
                 version_row.status = VersionStatus.pending
@@ -404,13 +404,15 @@ class CatalogService:
         )
         return version_out(version_row)
 
-    def _unstage(self, path: str, previous: TargetFile | None) -> None:
-        """Compensation of a staging whose transaction did not commit."""
+    def _unstage(self, info: TargetFile, previous: TargetFile | None) -> None:
+        """Compensation of a staging whose transaction did not commit: the stage as it was, and
+        the stored bundle gone unless something still lists it."""
         try:
-            self.ctx.repo.unstage(path, previous)
-            log.warning("un-staged %s: its transaction rolled back", path)
+            self.ctx.repo.unstage(info.path, previous)
+            self.ctx.repo.purge_target_file(info)
+            log.warning("un-staged %s: its transaction rolled back", info.path)
         except Exception:
-            log.exception("could not un-stage %s after a rollback", path)
+            log.exception("could not un-stage %s after a rollback", info.path)
 
     def _unpublish(self, path: str) -> None:
         """Compensation of a publish whose transaction did not commit."""

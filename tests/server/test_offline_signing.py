@@ -245,3 +245,27 @@ def test_a_signature_published_without_its_database_write_is_reconciled(
     assert versions(app_client, admin_headers, "clf")["1.0.0"]["status"] == "pending"
     _reconcile_catalog(ctx, False)
     assert versions(app_client, admin_headers, "clf")["1.0.0"]["status"] == "active"
+
+
+def test_a_staged_push_whose_transaction_fails_leaves_nothing(ctx, onnx_model, vault, tmp_path):
+    """Staged, then the transaction fails: the stage is as it was and the stored bundle is gone."""
+    from server.admin.service import CLI_PRINCIPAL
+    from server.catalog.service import CatalogService
+    from tests.server.test_catalog import Boom, _upload, nothing_published
+
+    upload = _upload(ctx, tmp_path, onnx_model(), "1.0.0")
+    seen = {}
+
+    def push_then_fail() -> None:
+        with ctx.db.session_scope() as session:
+            CatalogService(session, ctx).push("clf", upload, CLI_PRINCIPAL)
+            seen["staged"] = ctx.repo.staged_targets()
+            seen["stored"] = list(ctx.repo.targets_dir.rglob("*.tar"))
+            raise Boom
+
+    with pytest.raises(Boom):
+        push_then_fail()
+    assert seen["staged"] is not None
+    assert len(seen["stored"]) == 1
+    assert ctx.repo.staged_targets() is None
+    nothing_published(ctx)
