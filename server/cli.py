@@ -421,10 +421,16 @@ def model_push(
     art = next(
         (a for a in result.get("artifacts", result.get("variants", [])) if a.get("variant") == variant), None
     )
+    staged = result.get("status") == "pending" or (art is not None and art.get("published") is False)
     click.echo(
-        f"published {name} {version} (release {result.get('release')})"
+        f"{'staged' if staged else 'published'} {name} {version} (release {result.get('release')})"
         + (f": {art.get('target_path')} {art.get('length')} bytes" if art else "")
     )
+    if staged:
+        click.echo(
+            "the targets key is not on the server: the bundle is listed once `fleet model sign "
+            "--targets-key PATH` signs it (docs/keys.md)"
+        )
 
 
 @model.command("ls")

@@ -269,3 +269,23 @@ def test_a_staged_push_whose_transaction_fails_leaves_nothing(ctx, onnx_model, v
     assert len(seen["stored"]) == 1
     assert ctx.repo.staged_targets() is None
     nothing_published(ctx)
+
+
+def test_fleet_model_push_says_staged_while_the_key_is_away(
+    app_client, admin_headers, onnx_model, vault, sign, tmp_path
+):
+    token = admin_headers["Authorization"].split(" ", 1)[1]
+    result = CliRunner().invoke(
+        cli.main, ["model", "push", "clf", "1.0.0", str(onnx_model())], env={"FLEET_TOKEN": token},
+        catch_exceptions=False,
+    )  # the sign fixture points the CLI at the test app
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("staged clf 1.0.0 (release 1)")
+    assert "fleet model sign --targets-key PATH" in text
+    assert sign("--targets-key", str(vault), "--yes").exit_code == 0
+    result = CliRunner().invoke(
+        cli.main, ["model", "push", "clf", "1.1.0", str(onnx_model("b.onnx", seed=2))],
+        env={"FLEET_TOKEN": token}, catch_exceptions=False,
+    )
+    assert " ".join(result.output.split()).startswith("staged clf 1.1.0 (release 2)")
