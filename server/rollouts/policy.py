@@ -58,10 +58,12 @@ def check_stages(stages: Sequence[Stage], total: int) -> tuple[list[Stage], list
     Percent stages whose percents grow but that resolve to the same number of devices on this
     selection (1% and 10% of 8 devices are both 1 device) are merged: the later stage is kept (its
     percent, soak and shadow flag), the earlier one dropped, so ``1,10,50,100`` runs as one stage
-    on a single device. Anything else raises ValueError unless the counts strictly grow (percents
-    or counts given in an order that does not grow, a count no larger than the stage before) and
-    the last stage takes every selected device (a rollout never leaves part of its selection out:
-    narrow the selector for that)."""
+    on a single device. A shadow stage followed by a serve stage is never merged: the serve stage
+    may cover the same devices (it switches them from shadowing to serving), so a shadow canary
+    still runs on a fleet of one. Anything else raises ValueError unless the counts strictly grow
+    (percents or counts given in an order that does not grow, a count no larger than the stage
+    before) and the last stage takes every selected device (a rollout never leaves part of its
+    selection out: narrow the selector for that)."""
     if not stages:
         raise ValueError("a rollout needs at least one stage")
     kept: list[Stage] = []
@@ -71,15 +73,17 @@ def check_stages(stages: Sequence[Stage], total: int) -> tuple[list[Stage], list
         size = stage.size(total)
         if kept:
             prev = kept[-1]
+            to_serve = prev.shadow and not stage.shadow  # the same devices may go on to serve
             if (
                 size == sizes[-1]
+                and not to_serve
                 and stage.percent is not None
                 and prev.percent is not None
                 and stage.percent > prev.percent
             ):
                 kept[-1], numbers[-1] = stage, i  # the same devices: one stage, the later one's
                 continue
-            if size <= sizes[-1]:
+            if size < sizes[-1] or (size == sizes[-1] and not to_serve):
                 raise ValueError(
                     f"stages must grow: stage {i} covers {size} device(s), "
                     f"not more than stage {numbers[-1]}'s {sizes[-1]} (of {total} selected)"

@@ -248,3 +248,27 @@ def test_a_hardware_selector_that_matches_nothing_is_refused(app_client, admin_h
         assert r.status_code == 422, r.text
         assert "matches no device" in r.json()["detail"]
     assert app_client.get("/api/v1/rollouts", headers=admin_headers).json() == []
+
+
+def test_a_shadow_canary_then_serving_on_the_same_devices(app_client, admin_headers, ctx, lab):
+    """A shadow stage followed by a serve stage covering the same devices (what 1% shadow, 10%
+    serve is on a small fleet): the canary shadows, is judged on agreement, then serves."""
+    lab.behaviours["2.0.0"] = Behaviour(agreement=0.95)
+    stages = [
+        {"count": 2, "soak_s": 0, "shadow": True}, {"count": 2, "soak_s": 0}, {"percent": 100, "soak_s": 0},
+    ]
+    rid = app_client.post(
+        "/api/v1/rollouts", json=rollout_body("2.0.0", stages=stages), headers=admin_headers
+    ).json()["id"]
+    engine = RolloutEngine(ctx)
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed", final["reason"]
+    assert [v["devices"] for v in final["stage_views"]] == [2, 2, 10]
+    assert {d.serving["det"] for d in lab.devices.values()} == {"2.0.0"}
+    assert not any(d.shadow for d in lab.devices.values())
+    promotions = [
+        e["details"] for e in app_client.get(
+            f"/api/v1/audit?target_id={rid}&action=rollout.promote", headers=admin_headers
+        ).json()["items"]
+    ]
+    assert any(p.get("numbers", {}).get("agreement") == pytest.approx(0.95) for p in promotions)

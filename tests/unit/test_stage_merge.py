@@ -29,10 +29,25 @@ def test_the_default_stages_on_any_fleet_size(total, kept, sizes):
 
 
 def test_the_later_stage_of_a_merged_pair_is_kept_whole():
-    given = [Stage(percent=1, soak_s=600, shadow=True), Stage(percent=20, soak_s=30), Stage(percent=100)]
+    given = [Stage(percent=1, soak_s=600), Stage(percent=20, soak_s=30), Stage(percent=100)]
     stages, sizes = check_stages(given, 4)
     assert stages == [given[1], given[2]]
     assert sizes == [1, 4]
+    shadows = [Stage(percent=1, shadow=True), Stage(percent=20, soak_s=30, shadow=True), Stage(percent=100)]
+    assert check_stages(shadows, 4) == ([shadows[1], shadows[2]], [1, 4])
+
+
+@pytest.mark.parametrize("total", [1, 4])
+def test_a_shadow_stage_is_not_merged_into_the_serve_stage_after_it(total):
+    """The serve stage may cover the same devices: it switches them from shadowing to serving."""
+    given = [Stage(percent=1, shadow=True), Stage(percent=10), Stage(percent=50), Stage(percent=100)]
+    stages, sizes = check_stages(given, total)
+    assert stages[0] == given[0]
+    assert not any(s.shadow for s in stages[1:])
+    assert sizes[:2] == [1, 1]
+    assert sizes[-1] == total
+    counts = [Stage(count=2, shadow=True), Stage(count=2), Stage(percent=100)]
+    assert check_stages(counts, 10) == (counts, [2, 2, 10])
 
 
 def test_merging_follows_a_chain_of_equal_sizes():
