@@ -56,6 +56,20 @@ def installed_slot(live, tmp_path: Path, device_id: str, scales: dict[str, float
     return data, data / StateStore(data).load().state.current["clf"].path
 
 
+def enrolled_with_v1(live, tmp_path: Path, device_id: str) -> Path:
+    """``device_id`` enrolled with its data dir at ``tmp_path/dev``, and clf 1.0.0 published (the
+    start most tests here share); returns the data dir."""
+    data = tmp_path / "dev"
+    enroll_device(live, data, device_id)
+    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    return data
+
+
+def wait_worker_gone(daemon: Daemon) -> None:
+    """Until the daemon's worker thread has stopped (it "died" at the point the test chose)."""
+    wait_for(lambda: not daemon._threads[0].is_alive(), timeout=20, what="the worker gone")
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_kill9_leaves_the_device_offline_through_its_last_will(live_server, tmp_path):
     """SIGKILL leaves the daemon no chance to publish its goodbye presence; the only ``offline``
@@ -130,9 +144,7 @@ def test_kill9_mid_download_resumes_with_range(live_server, tmp_path):
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_kill9_mid_probation_reverts_to_last_known_good(live_server, tmp_path):
     live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-pr")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    data = enrolled_with_v1(live, tmp_path, "edge-pr")
     push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
     first = DaemonProcess(data, tmp_path / "run1.log")
     first.wait_api()
@@ -173,9 +185,7 @@ def test_download_finished_just_before_a_crash_is_not_downloaded_again(live_serv
     """A kill after the download renamed ``.partial`` to the bundle, before ``downloaded`` was
     committed: the restarted daemon verifies and installs that file instead of downloading again."""
     live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-fin")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    data = enrolled_with_v1(live, tmp_path, "edge-fin")
     real = daemon_module.download_resumable
     calls: list[str] = []
     first = Daemon(device_settings(data))
@@ -191,7 +201,7 @@ def test_download_finished_just_before_a_crash_is_not_downloaded_again(live_serv
     try:
         seq = assign(live, "edge-fin", "clf", "1.0.0", probation=QUICK)["seq"]
         wait_for(lambda: calls, timeout=20, what="the download")
-        wait_for(lambda: not first._threads[0].is_alive(), timeout=20, what="the worker gone")
+        wait_worker_gone(first)
     finally:
         first.stop()
     state = StateStore(data).load().state
@@ -248,9 +258,7 @@ def test_restart_mid_probation_on_a_full_disk_starts_serving_and_reports_later(
     its outcome cannot be persisted, yet the daemon starts and serves the last known good model; the
     worker saves and reports ``rolled_back`` once space is free."""
     live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-bootfull")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    data = enrolled_with_v1(live, tmp_path, "edge-bootfull")
     push_model(live, "clf", "2.0.0", make_model(tmp_path / "v2.onnx", scale=2.0))
     first = Daemon(device_settings(data)).start()
     try:
@@ -347,9 +355,7 @@ def test_kill_around_the_already_serving_report_still_reports_it(live_server, tm
     that report's journal write must not lose it: its desired seq is persisted only with (after)
     the journaled report, so the restarted daemon re-sends it or handles the retained message again."""
     live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-again")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    data = enrolled_with_v1(live, tmp_path, "edge-again")
     first = Daemon(device_settings(data)).start()
     try:
         seq1 = assign(live, "edge-again", "clf", "1.0.0", probation=QUICK)["seq"]
@@ -357,7 +363,7 @@ def test_kill_around_the_already_serving_report_still_reports_it(live_server, tm
         wait_for(lambda: first.state.update is None, what="the update cleared")
         killed = _die_at_journal(first, b"already serving", after_write)
         seq2 = assign(live, "edge-again", "clf", "1.0.0", probation=QUICK)["seq"]
-        wait_for(lambda: not first._threads[0].is_alive(), timeout=20, what="the worker gone")
+        wait_worker_gone(first)
         assert killed
     finally:
         first.stop()
@@ -383,9 +389,7 @@ def test_kill_before_a_rejection_is_journaled_still_reports_it(live_server, tmp_
     from tests.integration.test_device_bad_input import _desired
 
     live = live_server
-    data = tmp_path / "dev"
-    enroll_device(live, data, "edge-rej")
-    push_model(live, "clf", "1.0.0", make_model(tmp_path / "v1.onnx", scale=1.0))
+    data = enrolled_with_v1(live, tmp_path, "edge-rej")
     first = Daemon(device_settings(data)).start()
     publisher = ServerPublisher(live)
     try:
@@ -395,7 +399,7 @@ def test_kill_before_a_rejection_is_journaled_still_reports_it(live_server, tmp_
         seq = 1_000
         bad = _desired(live, "edge-rej", seq, version="1.0.0", hashes={"sha256": "ab" * 32})
         publisher.publish("edge-rej", sign_envelope(bad, live.ctx.director.key), retain=True)
-        wait_for(lambda: not first._threads[0].is_alive(), timeout=20, what="the worker gone")
+        wait_worker_gone(first)
         assert killed
     finally:
         first.stop()
