@@ -97,9 +97,11 @@ def reconcile_published(session: Session, repo: ImageRepository, *, purge_revoke
     still roll back and re-list them), the stored files of revoked versions' targets that are
     listed nowhere (neither signed nor staged) are deleted.
     """
-    listed = repo.list_targets()
     done: list[str] = []
     waiting = session.scalars(sa.select(ModelArtifact).where(ModelArtifact.published.is_(False))).all()
+    if not waiting and not purge_revoked:
+        return done  # the refresh job's usual round: nothing staged, no metadata to read
+    listed = repo.list_targets()
     for artifact in waiting:
         info = listed.get(artifact.target_path)
         if info is None or info.hashes.get("sha256") != artifact.sha256:
