@@ -24,14 +24,14 @@ from typing import Any
 
 import click
 import httpx
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from device_client.console import logs_above, make_console
 from server.client import DEFAULT_URL, UPLOAD_TIMEOUT_S, FleetAPIError, FleetClient
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)  # errors: one line each, never wrapped
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -712,7 +712,7 @@ def follow_rollout(client: FleetClient, rollout_id: str, poll_s: float = 1.0) ->
     """Live per-stage progress until the rollout stops; returns its final state."""
     from rich.live import Live
 
-    with Live(console=console, refresh_per_second=4) as live:
+    with Live(console=console, refresh_per_second=4) as live, logs_above(console):
         state = client.wait_rollout(
             rollout_id, poll_s=poll_s, on_update=lambda s: live.update(rollout_table(s))
         )

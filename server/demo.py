@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
 from rich.table import Table
 
+from device_client.console import make_console, print_rule
 from server.client import FleetClient
 from server.config import Settings
 from server.mqtt.broker import free_port
 
-console = Console()
+console = make_console()
 MODEL = "detector"
 
 
@@ -209,7 +209,7 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
         rollout_tick_s=0.5,
         ingest_batch_delay_s=0.1,
     )
-    console.rule("[bold]fleetota demo")
+    print_rule(console, "[bold]fleetota demo")
     console.print(f"work directory {root}")
     broker = start_embedded_broker(settings)
     server = ServerThread(settings).start()
@@ -274,7 +274,7 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
 
 
 def _summary(client: FleetClient | None, devices: list[DemoDevice], results: list[dict[str, Any]]) -> bool:
-    console.rule("[bold]summary")
+    print_rule(console, "[bold]summary")
     table = Table("rollout", "version", "outcome", "devices", "why")
     for r in results:
         table.add_row(

@@ -5,14 +5,18 @@ are the real ones of tests/server/test_rollouts.py."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
 
 import server.cli as cli
+from device_client.console import CliConsole
 from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
 from tests.helpers.fleet_sim import Behaviour, SimFleet
@@ -20,6 +24,7 @@ from tests.server.test_rollouts import make_lab, rollout_body
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 BOX = re.compile("[\u2500-\u257f]")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture
@@ -127,3 +132,41 @@ def test_start_wait_exits_2_when_the_rollout_pauses(app_client, admin_headers, c
 def test_status_table_names_the_status(app_client, admin_headers, lab, fleet_cli):
     rid = create(app_client, admin_headers)
     assert "running" in fleet_cli("rollout", "status", rid)
+
+
+def test_log_lines_print_above_the_live_table(app_client, admin_headers, ctx, lab, make_token, monkeypatch):
+    """On a terminal `--wait` redraws its table in place. A log record written meanwhile (`fleet
+    demo` runs the server, engine warnings included, in the same process) is printed above the
+    table on a line of its own, not glued to the table's last line for the next redraw to tear."""
+    screen = io.StringIO()  # one terminal: the table (stdout) and the log (stderr) land on it
+    monkeypatch.setattr(cli, "console", CliConsole(file=screen, force_terminal=True, width=120))
+    handler = logging.StreamHandler(screen)
+    logging.getLogger().addHandler(handler)
+    engine = RolloutEngine(ctx)
+    rid = create(app_client, admin_headers)
+    stop = threading.Event()
+
+    def run_the_fleet() -> None:
+        deadline = time.monotonic() + 30
+        while "\u250f" not in screen.getvalue() and time.monotonic() < deadline:  # the table is up
+            time.sleep(0.01)
+        logging.getLogger("server.rollouts.engine").warning("tick failed, retrying: database is locked")
+        while not stop.wait(0.05):
+            engine.tick()
+            lab.step()
+            lab.health()
+
+    runner = threading.Thread(target=run_the_fleet, daemon=True)
+    runner.start()
+    try:
+        client = FleetClient("http://testserver", make_token("operator"), transport=app_client._transport)
+        state = cli.follow_rollout(client, rid, poll_s=0.05)
+    finally:
+        stop.set()
+        runner.join(10)
+        logging.getLogger().removeHandler(handler)
+    assert state["status"] == "completed"
+    lines = re.split(r"[\r\n]", ANSI.sub("", screen.getvalue()))
+    assert "tick failed, retrying: database is locked" in lines
+    assert not [line for line in lines if "database is locked" in line and BOX.search(line)]
+    assert any(f"rollout {rid}: det 2.0.0 [completed]" in line for line in lines)
