@@ -1,13 +1,9 @@
 """The ``fleet`` command line.
 
-Operator commands (``enroll-token``, ``devices``, ``model``) talk to the admin REST API through
-:class:`server.client.FleetClient`: point them at a server with ``--url``/``FLEET_URL`` and a
-bearer token with ``--token``/``FLEET_TOKEN``. Commands that run on the server host itself
-(``server run``, ``admin token ...``, ``broker config``, ``keys ...``) use the server's ``Settings``
-(``FLEET_*`` environment) and its database and key directory directly: that is how the first
-admin token is made.
-
-Heavy imports (FastAPI, SQLAlchemy, onnxruntime) happen inside the commands, so the device-only
+Operator commands talk to the admin REST API through :class:`server.client.FleetClient`
+(``--url``/``FLEET_URL``, ``--token``/``FLEET_TOKEN``); commands that run on the server host
+(``server run``, ``admin token ...``, ``broker config``, ``keys ...``) use the server's ``Settings``,
+database and key directory directly. Heavy imports happen inside the commands, so the device-only
 install (``pip install fleetota[device]``) can run ``fleet device ...``.
 """
 

@@ -1,14 +1,9 @@
 """``fleet demo``: the main job on the embedded default, end to end, in a few minutes.
 
-1. starts Mosquitto (generated mTLS config) and the control server (SQLite, local artifact store);
-2. enrolls N real device daemons (``fleet device run`` subprocesses: real onnxruntime, real MQTT,
-   real TUF downloads) and drives live inference traffic at each one's local API;
-3. publishes ``detector`` 1.0.0 and rolls it out to every device;
-4. rolls out a good 2.0.0 in three stages, gated on error rate and p95 against the baseline;
-5. rolls out a bad 3.0.0 (it answers NaN for part of the live traffic): its canary breaches the
-   gates (the device reverts on its own during probation) and the rollout rolls every touched
-   device back to 2.0.0 automatically;
-6. prints a summary and exits 0 when all of that happened as expected.
+Starts Mosquitto and the control server, enrolls N real device daemons and sends live inference
+traffic to them, then rolls out ``detector`` 1.0.0, a good 2.0.0 in three gated stages, and a bad
+3.0.0 whose canary reverts in probation, so the rollout rolls back. Prints a summary and exits 0
+when all of that happened as expected.
 """
 
 from __future__ import annotations
