@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console, ConsoleDimensions, RenderableType
 from rich.file_proxy import FileProxy
+from rich.live import Live
 from rich.rule import Rule
 from rich.text import Text
 
@@ -89,3 +90,14 @@ def logs_above(console: Console) -> Iterator[None]:
     finally:
         for handler, stream in swapped:
             handler.setStream(stream)
+
+
+@contextlib.contextmanager
+def live_display(console: Console, refresh_per_second: float = 4) -> Iterator[Live]:
+    """A :class:`rich.live.Live` on ``console`` with log records printed above it (:func:`logs_above`).
+    Output that is not a terminal gets only the final render, which rich leaves without a line end:
+    it is ended here, so what is printed next starts a line of its own."""
+    with Live(console=console, refresh_per_second=refresh_per_second) as live, logs_above(console):
+        yield live
+    if not console.is_terminal:
+        console.line()

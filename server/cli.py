@@ -23,7 +23,7 @@ import httpx
 from rich.markup import escape
 from rich.table import Table
 
-from device_client.console import logs_above, make_console
+from device_client.console import live_display, make_console
 from server.client import DEFAULT_URL, UPLOAD_TIMEOUT_S, FleetAPIError, FleetClient
 
 console = make_console()
@@ -706,9 +706,7 @@ def rollout_start(
 
 def follow_rollout(client: FleetClient, rollout_id: str, poll_s: float = 1.0) -> dict[str, Any]:
     """Live per-stage progress until the rollout stops; returns its final state."""
-    from rich.live import Live
-
-    with Live(console=console, refresh_per_second=4) as live, logs_above(console):
+    with live_display(console) as live:
         state = client.wait_rollout(
             rollout_id, poll_s=poll_s, on_update=lambda s: live.update(rollout_table(s))
         )
