@@ -1,17 +1,11 @@
-"""Device list API latency at 100,000 devices / the bare SQL query (issue 6: "cursor pagination that
-stays fast at 100,000 devices").
+"""Device list API latency at 100,000 devices / the bare SQL query (docs/benchmarks.md).
 
     .venv/bin/python bench/devices_list.py [--devices 100000] [--postgres URL]
 
-Bulk-inserts N devices (with a ``site`` tag each, 1 in 10 offline) straight into a fresh database
-(SQLite in a temp dir; PostgreSQL too with ``--postgres``, FLEET_BENCH_POSTGRES_URL or
-FLEET_TEST_POSTGRES_URL), then for each query shape times ``GET /api/v1/devices`` through the real
-app (in process, ASGI; viewer token, JSON response) and the bare SQL the page needs (the keyset
-page of devices plus their tags, on a raw DBAPI cursor). Median of repeated runs.
-
-Shapes: first page, a page deep in the list (cursor near the end), a tag filter, a status filter,
-each 100 devices. Prints API / bare per shape and writes bench/results/devices_list.json. The
-design sets no ratio target; both absolute latencies are printed. Exits 0.
+Times ``GET /api/v1/devices`` through the real app against the bare keyset query for four shapes
+(first page, deep page, tag filter, status filter; 100 devices each), SQLite and optionally
+PostgreSQL. No ratio target: both latencies are printed and written to
+bench/results/devices_list.json. Exits 0.
 """
 
 from __future__ import annotations

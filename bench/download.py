@@ -1,57 +1,10 @@
-"""Download + verify throughput / ``openssl dgst -sha256`` on the same file (DESIGN.md section 8).
+"""Download + verify throughput / ``openssl dgst -sha256`` on the same file (docs/benchmarks.md).
 
     .venv/bin/python bench/download.py [--mb 200] [--runs 3]
 
-Starts the control server (``run_server`` under uvicorn in its own process, loopback, no
-broker), places a target of ``--mb`` MB of incompressible bytes in its image repository under its
-consistent-snapshot name, and downloads it from ``/tuf/targets/`` with a bearer token through the
-device's own code path, :func:`device_client.fetcher.download_resumable` (streamed to a
-``.partial`` file, hashed while it arrives, verified against the expected length and SHA-256,
-renamed into place). The baseline is ``openssl dgst -sha256`` reading the same file from disk
-(page cache warm for both). Best of ``--runs``.
-
-The download ends durable (fsynced before the device records it), openssl never waits for the
-disk, so the bench also measures this disk's ceiling for a durable write of the same size (write
-it all, one fsync) and prints the best ratio that ceiling allows. Run it with ``TMPDIR=/dev/shm``
-to take the disk out and see the CPU-bound figure.
-
-Prints download+verify MB/s / openssl MB/s (target >= 0.85) and writes
-bench/results/download.json. Exits 0.
-
-Session 4's machine (openssl ~1,000 MB/s, a disk that takes 470-525 MB/s durably): 0.42-0.53 in
-/tmp, where the download ran at the disk's ceiling (525 MB/s against 526 MB/s written with one
-fsync: the disk is the limit, not the download); 0.67-0.70 on tmpfs, where the server and the
-receiving threads share the two cores (per 210 MB: server ~0.19 core-s, receiver ~0.40 core-s
-of which the hash ~0.15, against openssl's ~0.2 s on one core).
-
-Session 5's machine (a disk that takes ~2,100 MB/s durably): 0.69-0.82, CPU-bound: per 210 MB the
-receiving process takes 0.25-0.28 core-s (hash ~0.14), the server 0.13-0.16 (4 MiB server reads:
-~0.11, no better ratio), openssl 0.15-0.17 s.
-
-Measured on the 2-core dev machine (loopback; the machine is shared with other jobs, so every
-number below is a range over many runs), openssl 1,500-1,750 MB/s (SHA-NI):
-
-* before: ``httpx`` streaming, hashing and writing on the receiving thread: ~430 MB/s, ratio
-  0.21-0.36. ``curl`` from this server reads 1,100-3,800 MB/s, so the server is not the limit;
-  a bare ``httpx`` stream read 320-550 MB/s (httpcore reads 64 KB at a time through several
-  Python layers), and hashing + writing on the same thread took the rest.
-* now: the bundle download speaks HTTP/1.1 with ``http.client`` (same TLS settings, token,
-  timeouts, Range resume, caps) and reads the socket straight into a pool of 4 x 1 MiB blocks;
-  a hash thread and a write thread take the received spans in order (no copies between them;
-  ``hashlib`` and ``os.write`` release the GIL), and the 16 MB fsyncs run on a third thread so
-  writeback overlaps the download. 670-1,580 MB/s: over ~50 runs of this script (best of 3
-  each) while other test suites and benches shared the 2 cores, ratio 0.42-0.90, median 0.68,
-  >= 0.85 in 7 runs (the quietest minutes gave 0.78-0.90). Target not met reliably. Side by side
-  in the same minutes, the old path 0.26-0.36, the new one 0.39-0.88.
-
-Why not higher: per 210 MB the download costs ~0.26 s of CPU (hash thread ~0.10 s, the same work
-as openssl; socket reads ~0.035 s; page-cache writes ~0.04 s; fsyncs ~0.01 s; the server, on the
-same machine here, ~0.075 s) against openssl's ~0.12 s on one core. On 2 idle cores that is at
-best ~0.13 s (ratio ~0.9); with one core taken by other work the ratio tends to 0.12 / 0.26, about
-0.46. Going further needs less CPU per byte, not more parallelism: ``O_DIRECT`` writes (skip the
-page-cache copy, but the verify and extraction that follow would then read the bundle back from
-disk), ``sendfile`` on the server (uvicorn has no ``pathsend``), or, as in production, the server
-on another machine.
+Downloads a target of ``--mb`` MB from a real server's ``/tuf/targets/`` through the device's own
+``download_resumable`` (target >= 0.85), and prints the ratio this disk's durable-write ceiling
+allows (``TMPDIR=/dev/shm`` takes the disk out). Writes bench/results/download.json. Exits 0.
 """
 
 from __future__ import annotations

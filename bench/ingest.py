@@ -1,18 +1,11 @@
-"""Health ingest rate through the server's real ingest path / raw batched insert (DESIGN.md section 8).
+"""Health ingest rate through the server's real ingest path / raw batched insert (docs/benchmarks.md).
 
     .venv/bin/python bench/ingest.py [--devices 2000] [--messages 40000] [--postgres URL]
 
-For each backend (SQLite in a temp dir; PostgreSQL too when ``--postgres``, FLEET_BENCH_POSTGRES_URL
-or FLEET_TEST_POSTGRES_URL gives a server, in a fresh database dropped afterwards):
-
-* **ingest**: N devices are bulk-inserted, then M ``fleet.health/1`` payloads (JSON bytes, as they
-  arrive from the broker) are submitted to a running :class:`server.mqtt.handlers.IngestWorker`,
-  which parses, validates, checks each device, deduplicates and writes them in batches; the rate
-  is M / the time until the worker is idle;
-* **raw**: the same M rows, already built as dicts, inserted into the same (emptied) table by
-  plain multi-row INSERTs of 2,000 rows, one transaction each: the database's own ceiling.
-
-Prints ingest / raw per backend (target >= 0.25) and writes bench/results/ingest.json. Exits 0.
+For SQLite, and PostgreSQL when ``--postgres``, FLEET_BENCH_POSTGRES_URL or FLEET_TEST_POSTGRES_URL
+gives a server: M ``fleet.health/1`` payloads through a running ``IngestWorker`` against plain
+multi-row INSERTs of the same rows. Prints ingest / raw (target >= 0.25), writes
+bench/results/ingest.json. Exits 0.
 """
 
 from __future__ import annotations

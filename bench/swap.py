@@ -1,24 +1,10 @@
-"""Hot-swap benchmark of the device's ModelHost (DESIGN.md section 8), ratios measured in one run.
+"""Hot-swap benchmark of the device's ModelHost, ratios measured in one run (docs/benchmarks.md).
 
     .venv/bin/python bench/swap.py [--swaps 20] [--slow-factor 2]
 
-Builds two real ONNX models (same signature, different weights), serves one from a real
-``ModelHost`` under load from 2 client threads, and swaps between them N times. Prints:
-
-* requests failed or wrong during swaps (target 0): a request fails if it raises or if its answer
-  does not match the reference output of the version that claims to have answered;
-* p99 latency in the swap windows / steady p99 (target <= 1.5). A swap window runs from the start
-  of the load (load + validate + warm-up, which competes for the same CPU cores; the host runs it
-  under ``SCHED_IDLE``, or at ``--load-nice`` with ``--no-load-idle``) until 50 ms after the
-  reference rebind. Steady p99 comes from the 3 s before the swaps and the gaps between swap
-  windows (interleaved, so that background load on a shared machine hits both sides alike). The
-  ratio for +-50 ms around the rebind only is printed too;
-* rollback time (warm previous, a reference flip) / forward swap time including load, validation and
-  warm-up (target <= 0.05), medians;
-* inference throughput through ``ModelHost.infer`` (health monitoring on) / bare ``session.run`` on
-  the same session (target >= 0.95), medians of alternating rounds.
-
-Times are measured, never asserted; the script exits 0 either way.
+Swaps between two real ONNX models N times under load from 2 client threads and prints: requests
+failed or wrong (target 0), p99 in swap windows / steady p99 (<= 1.5), rollback / forward swap
+time (<= 0.05), monitored / bare ``session.run`` throughput (>= 0.95). Exits 0 either way.
 """
 
 from __future__ import annotations

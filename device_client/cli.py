@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+from .console import make_console
+
+console = make_console()
+err_console = make_console(stderr=True)  # errors: one line each, never wrapped
 
 
 def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:

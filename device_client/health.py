@@ -1,35 +1,10 @@
 """Inference health: a cheap thread-safe recorder and the pure probation rule.
 
-Recorder. :class:`HealthRecorder` is called on every request, so it does as little as possible: one
-lock, one list append, two counters, and a reservoir-sample update (about a microsecond in total,
-well under 5% of a 0.1 ms inference). Every request is timed, errors included (an error is an
-exception or a non-finite output). It keeps two views:
-
-* a *window* (``snapshot_and_reset``), published every ``health_window_s`` as a HealthWindow; a
-  swap cuts it (``mark(cut=old_version)``): the part served by the replaced model is kept as a closed
-  segment (``drain_closed``) and published under that model's version, so no window mixes two
-  versions' requests (a baseline or a gate never counts the old model's requests as the new one's);
-* a *period since* :meth:`HealthRecorder.mark` (``since_mark``), which the daemon marks at every
-  swap and evaluates during probation. Its counts are exact; its percentiles come from a uniform
-  reservoir sample of ``reservoir_size`` latencies, so memory stays bounded however long it runs.
-
-Probation rule (:func:`evaluate_probation`, pure):
-
-* ``need = max(probation.min_requests, MIN_SAMPLE)`` requests are needed before the error rate and
-  the p95 are judged (``MIN_SAMPLE = 20`` keeps one early error from failing a model whose limits
-  allow some errors). At the end of the period the rule judges whatever it has, as long as
-  ``min_requests`` is met.
-* **Overwhelming errors fail at once**: before ``need`` is reached, more than
-  ``max_error_rate * need`` errors fail the probation immediately, because the rate would exceed the
-  limit at ``need`` even if every remaining request succeeded (with ``max_error_rate = 0`` the first
-  error fails it).
-* Fails when ``errors / requests > max_error_rate``, ``p95 > max_p95_ms``, or
-  ``p95 / baseline_p95 > max_p95_ratio`` (the baseline being the replaced model's p95 on the same
-  device; no baseline, no ratio check). All breaches are listed, with the numbers.
-* Passes when ``probation.seconds`` have elapsed with at least ``min_requests`` requests and no
-  breach. With ``min_requests = 0`` and no traffic at all it passes: there is no evidence of harm.
-* Otherwise continues (also past ``seconds`` while ``min_requests`` has not been reached; the server's
-  device timeout bounds that wait).
+:class:`HealthRecorder` times and counts every request (errors: exceptions and non-finite outputs)
+into the window published every ``health_window_s`` (a swap cuts it, so no window mixes two
+versions) and into the period since the last swap, which probation judges with exact counts and
+reservoir-sampled percentiles. :func:`evaluate_probation` passes, fails or continues a probation
+(docs/architecture.md, "Device health and probation").
 """
 
 from __future__ import annotations
@@ -278,7 +253,15 @@ def evaluate_probation(
     baseline_p95_ms: float | None,
     elapsed_s: float,
 ) -> ProbationVerdict:
-    """Judge a probation period (see the module docstring for the rule)."""
+    """Judge a probation period: fail, pass, or continue.
+
+    ``need = max(min_requests, MIN_SAMPLE)`` requests come before the error rate and p95 are judged,
+    except that more than ``max_error_rate * need`` errors fail at once (the rate would breach the
+    limit even if every remaining request succeeded). It fails on ``errors / requests >
+    max_error_rate``, ``p95 > max_p95_ms`` or ``p95 / baseline_p95_ms > max_p95_ratio`` (every breach
+    listed); passes once ``seconds`` have elapsed with at least ``min_requests`` requests (no traffic
+    and ``min_requests = 0`` pass: no evidence of harm); otherwise continues, also past ``seconds``.
+    """
     n, e = stats.requests, stats.errors
     need = max(probation.min_requests, MIN_SAMPLE)
     finished = elapsed_s >= probation.seconds

@@ -1,33 +1,9 @@
 """The device's update state machine: a pure transition table plus the persisted ``DeviceState``.
 
-Nothing here does I/O. The daemon applies the pure functions below, persists the returned state
-(``store.StateStore.save``) after every step, and only then acts on it, like mender's daemon.
-
-Phases (values shared with :class:`~device_client.protocol.DeploymentPhase` where they exist)::
-
-    idle --accept--> downloading --downloaded--> verifying --verified--> installing
-    installing --installed--> probation --passed--> succeeded
-    downloading|verifying|installing|probation --fail--> failed
-    probation --revert--> rolled_back
-    downloading|verifying|probation --cancel--> cancelled      (superseded by a newer desired state)
-    verifying|installing --retry_verify--> verifying            (crash recovery, bounded attempts)
-    succeeded|failed|rolled_back|cancelled --finish--> idle     (after the outcome was reported)
-
-``idle`` is represented by ``DeviceState.update is None``. Anything not in the table raises
-:class:`IllegalTransition`.
-
-Slots. ``current[model]`` is what serves, ``previous[model]`` the last known good model before it.
-Entering probation in ``serve`` mode moves current -> previous and the candidate -> current; the
-displaced ``previous`` is remembered in the update so that a revert restores both exactly. In
-``shadow`` mode the candidate only shadows: ``current``/``previous`` never change, and a failed
-shadow probation ends in ``failed`` (nothing to roll back). A successful ``serve`` update raises the
-model's release floor to the installed release.
-
-Crash recovery (:func:`recovery_action`): mid-download resumes; verifying/installing restart
-verification from the complete download while attempts remain (a model that kills the process at
-load must not crash-loop the device), else fail; a crash in probation reverts to the last known good
-model and reports ``rolled_back`` ("crashed during probation"); a terminal outcome not yet cleared is
-re-reported (the report keeps its seq, so the server deduplicates it).
+Nothing here does I/O: the daemon applies these functions, persists the returned state
+(``store.StateStore.save``) after every step, and only then acts on it. :data:`TRANSITIONS` is the
+table (anything else raises :class:`IllegalTransition`); :func:`recovery_action` says what to do
+after a crash. Phases, model slots and recovery: docs/architecture.md, "Device update".
 """
 
 from __future__ import annotations

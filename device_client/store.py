@@ -1,22 +1,10 @@
 """Crash-safe persistence of the daemon's state and its model slots.
 
-Layout under ``data_dir``::
-
-    state.json            {"format", "sha256", "state"}: the sha256 covers the canonical JSON of state
-    state.json.prev       the previous good copy
-    models/<model>/<version>-<variant>/   one extracted bundle per slot
-    staging/              extraction in progress (wiped at start)
-    downloads/            ``.partial`` and complete bundle tars
-
-Saving writes ``state.json.tmp``, fsyncs it, moves a *verified* ``state.json`` to
-``state.json.prev``, ``os.replace``-s the temp file into place and fsyncs the directory. A kill at
-any point leaves either ``state.json`` or ``state.json.prev`` holding a complete state, each checked
-by its checksum on load. Loading tries ``state.json``, then ``state.json.prev``; if both are bad it
-starts fresh but adopts the installed slots it finds (per model, the highest release serves and the
-next one is the previous), so the known good model is never lost. The desired state retained on the
-broker then brings the device back to what the server wants.
-
-A full disk (``ENOSPC``/``EDQUOT``) surfaces as :class:`DiskFull`.
+``state.json`` carries a checksum and is replaced atomically, the previous good copy kept as
+``state.json.prev``; each installed model version is extracted into a slot directory of its own.
+Loading falls back to the previous copy, then to adopting the installed slots, so the known good
+model is never lost. A full disk surfaces as :class:`DiskFull`. The layout on disk and the save
+protocol: docs/architecture.md, "Device update".
 """
 
 from __future__ import annotations
@@ -136,7 +124,7 @@ class StateStore:
         return decode_state(data)
 
     def load(self) -> LoadResult:
-        """Load the newest intact state (see module docstring for the fallback order)."""
+        """The newest intact state: ``state.json``, then ``state.json.prev``, else the installed slots."""
         problems: list[str] = []
         primary_exists = self.state_path.exists()
         try:

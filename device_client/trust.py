@@ -1,44 +1,10 @@
 """Trust decisions of the device: is a DesiredState genuine, current, and backed by the image repo?
 
-Two independent keys must agree before anything is installed (DESIGN.md section 4, Uptane-style):
-
-1. :func:`verify_desired` (pure: bytes in, a :class:`DesiredState` or a :class:`Rejected` out)
-   checks the director's envelope: well-formed JSON, signed by a trusted director key, addressed
-   to this device, ``seq`` strictly greater than the last accepted one, not expired.
-2. :class:`TufVerifier` refreshes the TUF image repository with ``tuf.ngclient`` (through the
-   project's bounded :class:`~device_client.fetcher.HttpxFetcher`, carrying the device token) and
-   checks that the repository lists the same target with the same length and hashes, and that its
-   custom fields name the same model, version, release and variant. A target that is not listed
-   (never published, or revoked) is refused, so a stolen director key alone cannot install an
-   unlisted or revoked model.
-3. :func:`check_release_floor`: ``release >= floor[model]``, except a rollback to the exact
-   version the device itself ran before (its ``previous`` slot).
-
-Rejection codes (``Rejected.code``) are short and stable; reports carry ``"<code>: <message>"``.
-
-* ``malformed`` not JSON, not an envelope, not a DesiredState;
-* ``unsigned`` no signature at all; ``bad_signature`` no valid signature by a trusted key;
-* ``wrong_device`` addressed to another device;
-* ``duplicate`` the seq already accepted (a redelivered retained message: ignored, not reported);
-* ``replayed`` an older seq; ``expired`` past ``expires_at``;
-* ``target_not_listed``, ``target_mismatch`` (length, hashes or custom fields differ),
-  ``repository_error`` (TUF refresh failed: bad metadata signatures, rollback or freeze attack;
-  :class:`RepositoryUnavailable` when the repository simply could not be reached, which is worth a
-  retry), ``release_floor``.
-
-Director keys (:class:`DirectorKeyring`): the key pinned at enrollment (``director.pem``) until the
-image repository publishes the director key list (the TUF target ``_fleet/director-keys.json``,
-trusted through root -> targets, not through the director). Every TUF refresh of
-:class:`TufVerifier` also syncs that list and persists it as ``director-keys.json`` in the data
-directory, which from then on replaces the enrollment pin: a rotated key becomes trusted and a
-retired one stops being trusted, without re-enrolling. The daemon refreshes the list on demand
-when a DesiredState is signed by an unknown key or by a trusted key that is not the current one
-(``keys[0]``), and verifies the signature again after the refresh of every install.
-
-Trusted root policy: the enrollment root is written as ``root.json`` into the TUF metadata
-directory and used as the trust anchor (``bootstrap=None``: ngclient then keeps ``root.json``
-pointing at the newest root it verified, so root rotations persist across restarts). A fresh
-``Updater`` is built for every check because ngclient refreshes only once per instance.
+Two independent keys must agree before anything is installed: :func:`verify_desired` checks the
+director's envelope (signature, device id, seq, expiry), :class:`TufVerifier` checks that a fresh
+``tuf.ngclient`` refresh lists the same target, and :func:`check_release_floor` refuses downgrades.
+Rejections carry a short stable ``Rejected.code``; :class:`DirectorKeyring` follows the director
+key list published through TUF (docs/architecture.md, "What the device checks").
 """
 
 from __future__ import annotations
@@ -212,7 +178,7 @@ def check_signer(envelope_bytes: bytes, director_keys: list[Ed25519PublicKey], s
 
 
 class DirectorKeyring:
-    """The director keys this device trusts (see the module docstring); thread-safe."""
+    """The director keys this device trusts (docs/architecture.md, trust model); thread-safe."""
 
     def __init__(self, enrolled_pem: Path, store: Path) -> None:
         self.enrolled_pem = Path(enrolled_pem)
@@ -294,7 +260,7 @@ def target_url(targets_url: str, target: str, sha256: str) -> str:
 
 
 class TufVerifier:
-    """Checks a DesiredState against the TUF image repository (see the module docstring)."""
+    """Checks a DesiredState against the TUF image repository (docs/architecture.md, trust model)."""
 
     def __init__(
         self,

@@ -1,15 +1,9 @@
 """Batched SQL for hot paths (MQTT ingest, the rollout engine): one statement for many rows.
 
-Each helper is ONE prepared statement executed for many rows inside the caller's single
-transaction: ``executemany`` in one transaction on SQLite (WAL), pipelined by psycopg 3 on
-PostgreSQL. Callers pass plain dicts: no ORM objects, no unit of work.
-
-:func:`execute_many` hands the rows to the driver itself: it compiles the statement once, applies
-each column type's bind processor (the same ones SQLAlchemy would) and Python-side column
-defaults, and runs ``cursor.executemany`` through ``exec_driver_sql``. SQLAlchemy's own
-executemany spends ~25 us a row building each row's parameters (``construct_params``), several
-times what SQLite spends writing it; at 10,000 devices a rollout and its reports are hundreds of
-thousands of rows, all on the server's one GIL.
+Each helper runs one prepared statement for many plain-dict rows inside the caller's transaction.
+:func:`execute_many` hands the rows to the driver itself, applying each column's bind processor and
+Python-side default here: SQLAlchemy's per-row parameter building costs several times what SQLite
+spends writing the row (docs/benchmarks.md, "Rollout fan-out").
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ from sqlalchemy.orm import Session
 
 
 def execute_many(session: Session, stmt: sa.Executable, rows: Sequence[Mapping[str, Any]]) -> int:
-    """``session.execute(stmt, rows)`` without SQLAlchemy's per-row cost (see the module docstring).
+    """``session.execute(stmt, rows)`` without SQLAlchemy's per-row cost (see docs/benchmarks.md).
 
     Every row has the same keys. A statement the fast path does not cover (a SQL-expression or
     sequence default, a dialect with another parameter style) runs through SQLAlchemy unchanged.

@@ -1,13 +1,9 @@
 """The ``fleet`` command line.
 
-Operator commands (``enroll-token``, ``devices``, ``model``) talk to the admin REST API through
-:class:`server.client.FleetClient`: point them at a server with ``--url``/``FLEET_URL`` and a
-bearer token with ``--token``/``FLEET_TOKEN``. Commands that run on the server host itself
-(``server run``, ``admin token ...``, ``broker config``, ``keys ...``) use the server's ``Settings``
-(``FLEET_*`` environment) and its database and key directory directly: that is how the first
-admin token is made.
-
-Heavy imports (FastAPI, SQLAlchemy, onnxruntime) happen inside the commands, so the device-only
+Operator commands talk to the admin REST API through :class:`server.client.FleetClient`
+(``--url``/``FLEET_URL``, ``--token``/``FLEET_TOKEN``); commands that run on the server host
+(``server run``, ``admin token ...``, ``broker config``, ``keys ...``) use the server's ``Settings``,
+database and key directory directly. Heavy imports happen inside the commands, so the device-only
 install (``pip install fleetota[device]``) can run ``fleet device ...``.
 """
 
@@ -24,14 +20,14 @@ from typing import Any
 
 import click
 import httpx
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from device_client.console import live_display, make_console
 from server.client import DEFAULT_URL, UPLOAD_TIMEOUT_S, FleetAPIError, FleetClient
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)  # errors: one line each, never wrapped
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -710,9 +706,7 @@ def rollout_start(
 
 def follow_rollout(client: FleetClient, rollout_id: str, poll_s: float = 1.0) -> dict[str, Any]:
     """Live per-stage progress until the rollout stops; returns its final state."""
-    from rich.live import Live
-
-    with Live(console=console, refresh_per_second=4) as live:
+    with live_display(console) as live:
         state = client.wait_rollout(
             rollout_id, poll_s=poll_s, on_update=lambda s: live.update(rollout_table(s))
         )

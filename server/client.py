@@ -1,10 +1,7 @@
 """Typed httpx client of the admin REST API, for rollout scripts and the ``fleet`` CLI.
 
-    from server.client import FleetClient
     with FleetClient("http://127.0.0.1:8080", token) as fleet:
         fleet.push_model("resnet", "1.2.0", Path("resnet.onnx"))
-        for device in fleet.iter_devices(tags={"site": "berlin"}):
-            ...
 
 Every non-2xx answer raises :class:`FleetAPIError` carrying the status and the server's message.
 This module depends only on the base install (httpx, pydantic), not on the server's extras.

@@ -1,14 +1,9 @@
 """``fleet demo``: the main job on the embedded default, end to end, in a few minutes.
 
-1. starts Mosquitto (generated mTLS config) and the control server (SQLite, local artifact store);
-2. enrolls N real device daemons (``fleet device run`` subprocesses: real onnxruntime, real MQTT,
-   real TUF downloads) and drives live inference traffic at each one's local API;
-3. publishes ``detector`` 1.0.0 and rolls it out to every device;
-4. rolls out a good 2.0.0 in three stages, gated on error rate and p95 against the baseline;
-5. rolls out a bad 3.0.0 (it answers NaN for part of the live traffic): its canary breaches the
-   gates (the device reverts on its own during probation) and the rollout rolls every touched
-   device back to 2.0.0 automatically;
-6. prints a summary and exits 0 when all of that happened as expected.
+Starts Mosquitto and the control server, enrolls N real device daemons and sends live inference
+traffic to them, then rolls out ``detector`` 1.0.0, a good 2.0.0 in three gated stages, and a bad
+3.0.0 whose canary reverts in probation, so the rollout rolls back. Prints a summary and exits 0
+when all of that happened as expected.
 """
 
 from __future__ import annotations
@@ -26,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
 from rich.table import Table
 
+from device_client.console import make_console, print_rule
 from server.client import FleetClient
 from server.config import Settings
 from server.mqtt.broker import free_port
 
-console = Console()
+console = make_console()
 MODEL = "detector"
 
 
@@ -209,7 +204,7 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
         rollout_tick_s=0.5,
         ingest_batch_delay_s=0.1,
     )
-    console.rule("[bold]fleetota demo")
+    print_rule(console, "[bold]fleetota demo")
     console.print(f"work directory {root}")
     broker = start_embedded_broker(settings)
     server = ServerThread(settings).start()
@@ -274,7 +269,7 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
 
 
 def _summary(client: FleetClient | None, devices: list[DemoDevice], results: list[dict[str, Any]]) -> bool:
-    console.rule("[bold]summary")
+    print_rule(console, "[bold]summary")
     table = Table("rollout", "version", "outcome", "devices", "why")
     for r in results:
         table.add_row(

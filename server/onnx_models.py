@@ -2,15 +2,6 @@
 
 Used by ``fleet demo`` (its v1/v2/v3 models) and by the tests. Needs the ``onnx`` package (in the
 ``server`` and ``dev`` extras).
-
-``make_model`` writes a model computing ``y = x @ W * scale + bias`` (W deterministic from
-``seed``), optionally
-
-* ``slow_factor=k``: k chained 256x256 MatMuls on the side, folded into the output as ``+0*...``,
-  so the model is measurably slower but gives the same answer;
-* ``nan_on_negative=True``: adds ``0 * sqrt(x)``, so any negative input yields NaN outputs, which
-  the device counts as an inference error (the "bad model in the field" case), while validation
-  vectors in [0, 1) pass.
 """
 
 from __future__ import annotations
@@ -38,6 +29,13 @@ def make_model(
     output_name: str = "y",
     batch: int | str = "N",
 ) -> Path:
+    """Write a model computing ``y = x @ W * scale + bias`` (``W`` deterministic from ``seed``).
+
+    ``slow_factor=k`` adds k chained 256x256 MatMuls folded into the output as ``+0*...``: slower,
+    same answer. ``nan_on_negative=True`` adds ``0 * sqrt(x)``, so a negative input yields NaN (an
+    inference error on the device: the bad model in the field) while validation inputs in [0, 1)
+    pass.
+    """
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((in_dim, out_dim)).astype(np.float32)
     inits = [

@@ -22,7 +22,7 @@ def python_loop_s(n: int = 2_000_000) -> float:
 
     A yardstick for comparing runs across machines: the simulator, the ingest and the engine are
     mostly Python, so their times scale with it far more than with the hashing speed openssl
-    shows (session 4's 2-core VM: ~0.6 s, with openssl hashing SHA-256 at ~1,000 MB/s)."""
+    shows (the 2-core VMs of docs/benchmarks.md measured 0.27-0.71 s)."""
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
@@ -33,9 +33,20 @@ def python_loop_s(n: int = 2_000_000) -> float:
     return best * 10_000_000 / n
 
 
+def cpu_model() -> str:
+    """The CPU model name of this machine (``/proc/cpuinfo``), or what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
-    """bench/results/<name>.json (gitignored), with when and where it ran (and how fast Python is
-    there: :func:`python_loop_s`)."""
+    """bench/results/<name>.json (gitignored), with when and where it ran (cores, CPU model, and how
+    fast Python is there: :func:`python_loop_s`)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "bench": name,
@@ -43,6 +54,7 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
         "host": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "python_loop_1e7_s": round(python_loop_s(), 3),
         },
         **data,
@@ -54,4 +66,4 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
 
 def ratio_line(label: str, value: float | None, target: str) -> str:
     shown = "n/a" if value is None else f"{value:.3f}"
-    return f"  {label}: {shown}   (DESIGN.md target: {target})"
+    return f"  {label}: {shown}   (target: {target})"

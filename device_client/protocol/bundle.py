@@ -1,4 +1,4 @@
-"""The model bundle: one tar file listed as a TUF target (DESIGN.md section 5).
+"""The model bundle: one tar file listed as a TUF target (docs/architecture.md, "Model registry").
 
 Members: ``bundle.json`` (first), ``model.onnx``, ``validation.npz`` and optional extras. Every
 member other than ``bundle.json`` is listed in the manifest with its length and SHA-256, and

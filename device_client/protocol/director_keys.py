@@ -1,16 +1,9 @@
 """The director key list: a TUF target that tells devices which director keys to trust.
 
-Devices pin the director's public key at enrollment. To rotate that key without re-enrolling, the
-server publishes the list of director keys as a target of the TUF image repository
-(:data:`DIRECTOR_KEYS_TARGET`), so the list is trusted through the root -> targets chain (the
-targets key), never through the director key itself. The document::
-
-    {"schema": "fleetota.director-keys/1",
-     "version": 3,
-     "keys": [{"keyid": "<hex sha256 of the raw key>", "public_key_pem": "-----BEGIN ..."}, ...]}
-
-``keys[0]`` is the key the director currently signs with; the others are still trusted (the
-overlap of a rotation). ``version`` only grows: a device refuses a list older than the one it has.
+Published as :data:`DIRECTOR_KEYS_TARGET` and trusted through root -> targets, never through the
+director key itself, so the director key rotates without re-enrolling a device. ``keys[0]`` is the
+signing key, the others stay trusted during a rotation, and ``version`` only grows (the document
+format: docs/architecture.md, "Director").
 """
 
 from __future__ import annotations

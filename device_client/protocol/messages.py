@@ -1,4 +1,4 @@
-"""Pydantic payloads of the MQTT protocol (DESIGN.md section 3).
+"""Pydantic payloads of the MQTT protocol (docs/architecture.md, "Wire protocol").
 
 Every payload is a JSON object with a ``schema`` field naming its kind and version. Parsing goes
 through :func:`parse_payload`, which turns every kind of bad input (not JSON, too large, wrong
@@ -66,7 +66,7 @@ def utcnow() -> datetime:
 
 
 class DeploymentPhase(StrEnum):
-    """Per-device deployment phases (DESIGN.md section 6)."""
+    """Per-device deployment phases (docs/architecture.md, "State machines")."""
 
     pending = "pending"
     notified = "notified"

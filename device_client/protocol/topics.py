@@ -1,4 +1,4 @@
-"""MQTT topics of the fleet protocol (DESIGN.md section 3).
+"""MQTT topics of the fleet protocol (docs/architecture.md, "Wire protocol").
 
 Every device topic is ``fleet/v1/d/{device_id}/{kind}``. The server consumes the device-to-server
 kinds through a shared subscription so that several replicas split the load.

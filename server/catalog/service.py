@@ -1,26 +1,10 @@
 """The model registry: push (validate, bundle, sign, publish), list, read and revoke versions.
 
-Push, step by step:
-
-1. names are checked (model name, semver version, variant) and the ``metadata`` JSON is parsed;
-2. the upload is loaded with onnxruntime on CPU: anything that is not a loadable ONNX model is a
-   422, and the input/output signature is recorded (dtype strings such as ``float32``, dynamic
-   dimensions as their symbolic name or ``None``);
-3. validation vectors: the uploaded ``.npz`` (keys ``inputs/<name>``) or, without one, inputs
-   generated deterministically from the signature (dynamic dimensions -> 1, floats uniform in
-   [0, 1), integers in {0, 1}, booleans random); outputs are always computed here by running the
-   model (uploaded ``outputs/<name>``, if any, must agree with them within the tolerance) and both
-   are stored in ``validation.npz`` under ``inputs/<name>`` and ``outputs/<name>``;
-4. the model row is locked (``FOR UPDATE``), a release number allocated (``last_release + 1``; a
-   new variant of an existing version reuses that version's release), the bundle tar built, the
-   rows and the audit entry flushed;
-5. only then is the bundle published to the TUF repository, with an ``on_rollback`` compensation
-   that un-publishes it if the transaction does not commit. So a push is all or nothing from the
-   outside: either rows and target both exist, or neither.
-
-Revocation marks the version ``revoked`` and removes all its targets from the signed targets
-metadata before the commit (so devices stop seeing it); if the commit fails they are re-listed,
-and once it succeeds their files are deleted. A revoked version number cannot be pushed again.
+A push checks names, loads the model in onnxruntime, records its signature, computes validation
+outputs, allocates the next release under a row lock and builds the bundle; only then is it
+published to the TUF repository, with an ``on_rollback`` hook that un-publishes it, so a push is all
+or nothing. Revocation unlists the targets before the commit and deletes their files after it
+(step by step: docs/architecture.md, "Model registry").
 """
 
 from __future__ import annotations
@@ -292,7 +276,7 @@ class CatalogService:
 
     # -- push --------------------------------------------------------------------------------
     def push(self, name: str, upload: PushUpload, by: Principal) -> VersionOut:
-        """Validate, bundle and publish one variant of one version (see the module docstring)."""
+        """Validate, bundle and publish one variant of one version (docs/architecture.md, model registry)."""
         check_model_name(name)
         version = check_version(upload.version)
         variant = check_variant(upload.variant)

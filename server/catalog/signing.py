@@ -1,26 +1,9 @@
 """Signing the targets metadata with an offline targets key (``fleet model sign``).
 
-DESIGN.md section 4: the targets key may be kept offline, on a signer's workstation. While it is
-not on the server, a push or a revocation is *staged* (:meth:`ImageRepository.stage_target`,
-:meth:`ImageRepository.stage_removal`): the catalog records it (a pushed version is ``pending``, an
-artifact ``published=False``; a revoked version is revoked at once) and the repository keeps the
-next targets metadata, unsigned, outside what it serves. The signer then
-
-1. fetches it (``GET /api/v1/repository/targets/staged``), with what it lists anew or no longer;
-2. checks the new bundles on the workstation (downloads them, compares length, hash and bundle
-   manifest against what it is about to sign);
-3. signs it with the targets key and sends it back (``PUT /api/v1/repository/targets``).
-
-The server publishes it only if it is exactly what is staged and verifies under the current root
-(new snapshot and timestamp are signed with the online keys), then :func:`reconcile_published`
-brings the catalog in line: staged artifacts now listed become published (their pending versions
-active), and the files of revoked targets no longer listed anywhere are deleted. The same
-reconciliation runs at start-up, in every round of the refresh job (server/app.py) and after a
-publish with the key present (which folds any stage in), so a crash between the metadata and the
-database write is repaired.
-
-A renewal (targets close to expiry, nothing to change) is staged by the server on its own when the
-key is not here, or on request (``POST /api/v1/repository/targets/staged``).
+While the targets key is away, pushes and revocations are staged; the signer fetches the staged
+targets metadata, checks the bundles, signs it and sends it back, and the server publishes it only
+if it is exactly what is staged. :func:`reconcile_published` then brings the catalog in line, as it
+does at start-up and in every run of the refresh job (docs/architecture.md, "Offline targets key").
 """
 
 from __future__ import annotations
@@ -100,7 +83,7 @@ def reconcile_published(session: Session, repo: ImageRepository, *, purge_revoke
     done: list[str] = []
     waiting = session.scalars(sa.select(ModelArtifact).where(ModelArtifact.published.is_(False))).all()
     if not waiting and not purge_revoked:
-        return done  # the refresh job's usual round: nothing staged, no metadata to read
+        return done  # the refresh job's usual run: nothing staged, no metadata to read
     listed = repo.list_targets()
     for artifact in waiting:
         info = listed.get(artifact.target_path)

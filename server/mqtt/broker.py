@@ -1,6 +1,6 @@
 """Mosquitto configuration for the fleet, and Mosquitto as a child process.
 
-``write_broker_config`` writes everything a broker needs to enforce DESIGN.md section 4: an mTLS
+``write_broker_config`` writes what a broker needs to enforce the trust model (docs/architecture.md): an mTLS
 listener (``require_certificate``, ``use_identity_as_username``: the certificate CN is the MQTT
 username), the fleet CA and CRL, a broker certificate, and an ACL whose ``pattern`` rules on
 ``%u`` let each device touch only its own topics. It also issues the server's own MQTT client

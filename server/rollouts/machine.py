@@ -1,4 +1,4 @@
-"""Pure state machines (DESIGN.md section 6): explicit transition tables; illegal moves raise."""
+"""Pure state machines (docs/architecture.md, "State machines"): transition tables; illegal moves raise."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure rollout policy: stage membership, stage sizes, and gate evaluation (DESIGN.md section 7).
+"""Pure rollout policy: stage membership, stage sizes, gates (docs/architecture.md, "Rollouts and gates").
 
 Nothing here touches the database or the clock; the engine feeds it numbers.
 """

@@ -1,19 +1,9 @@
 """Identities for simulated devices, made through the real enrollment API.
 
-Each simulated device generates its own EC P-256 key and CSR (CN = its device id) and enrolls with
-``POST /api/v1/enroll``, exactly as ``fleet device enroll`` does, so the server issues its
-certificate from the fleet CA and registers it. Every path uses **one enrollment token with many
-uses** (``POST /api/v1/enroll-tokens {"uses": N}``, up to 100,000).
-
-For a large fleet (``bulk``, the default from :data:`BULK_FROM` devices) the simulator takes the
-documented bulk path instead of N requests: keys and CSRs are generated in a pool of worker
-processes (one per core), and sent :data:`BULK_BATCH` at a time to ``POST /api/v1/enroll/bulk``
-(operator token + the enrollment token; one transaction per batch, each device still gets its own
-certificate, device token and audit entry). One request per device measured ~65 enrollments/s
-(a transaction, an HTTP round trip and a GIL shared with the in-process server each); the bulk
-path enrolls 10,000 devices in well under a minute. The identities are kept in the work directory
-(``<workdir>/fleet.json`` + one key and certificate per device), so a simulator restarted against
-the same server reuses them instead of enrolling again.
+Each device makes its own EC P-256 key and CSR (CN = its device id) and enrolls with one
+many-use enrollment token, one request per device below :data:`BULK_FROM` devices, else
+:data:`BULK_BATCH` at a time through ``POST /api/v1/enroll/bulk`` with keys made in a process pool.
+Identities are kept in the work directory (``fleet.json``) and reused by a restarted simulator.
 """
 
 from __future__ import annotations

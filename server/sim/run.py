@@ -8,13 +8,12 @@ import threading
 import time
 from pathlib import Path
 
-from rich.console import Console
-
+from device_client.console import make_console
 from server.sim.fleet import SimOptions, Simulator
 from server.sim.profiles import Profile, parse_profile
 from server.sim.provision import enroll_fleet
 
-console = Console()
+console = make_console()
 
 
 def simulate(

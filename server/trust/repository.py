@@ -1,47 +1,10 @@
 """The TUF image repository (python-tuf ``tuf.api.metadata``): root, targets, snapshot, timestamp.
 
-Layout under ``repo_dir`` (consistent snapshots on, so any static server or CDN can serve it)::
-
-    metadata/1.root.json ... N.root.json   every root version (clients walk the chain)
-    metadata/root.json                     copy of the newest root (convenience, not authoritative)
-    metadata/N.targets.json                every targets version
-    metadata/N.snapshot.json               every snapshot version
-    metadata/timestamp.json                the one mutable file; names the current snapshot
-    targets/<dir>/<sha256>.<basename>      bundles, e.g. ``resnet/1.2.0/default/<sha>.bundle.tar``
-
-Keys: one Ed25519 key per top-level role, PEM files 0600 in ``key_dir`` (``tuf-root.key``,
-``tuf-targets.key``, ``tuf-snapshot.key``, ``tuf-timestamp.key``), created on first
-:meth:`ImageRepository.initialize`. The root key (and the targets key) may be moved offline after
-initialisation: reads and timestamp/snapshot refreshes keep working; publishing needs the targets
-key and raises :class:`SigningKeyUnavailable` without it. An offline key can be lent to the
-repository for one operation with :meth:`ImageRepository.using_keys` (``fleet keys ... --root-key``).
-
-Key rotation (the procedure and the key files are in :mod:`server.trust.rotation`):
-:meth:`ImageRepository.rotate_root` writes ``N+1.root.json`` signed by the old root keys and the new
-one, so clients holding version N walk to N+1; :meth:`ImageRepository.rotate_role` replaces the key
-of targets, snapshot or timestamp: it first re-publishes that role (and the roles above it) signed
-by the old key (when it is here) *and* the new one, then writes the new root naming the new key.
-Every reader thus sees metadata that verifies under whichever root it holds.
-
-Publishing is crash-safe and never shows a reader a half-published state: the target file is
-copied first (under its content-addressed name), then ``N+1.targets.json``, ``M+1.snapshot.json``
-and finally ``timestamp.json`` are written, each through a temp file, fsync and ``os.replace``.
-The current state is always derived from the chain timestamp -> snapshot -> targets, so files left
-by a crash half-way are unreferenced and simply overwritten by the next publish. Versioned metadata
-files are never deleted (clients in the middle of a refresh may still ask for them).
-
-Revocation (:meth:`ImageRepository.remove_target`): the target leaves the targets metadata (new
-targets, snapshot and timestamp versions), and then its file is **deleted**, so a revoked bundle is
-neither listed nor downloadable. Devices refuse unlisted targets anyway; deleting the file also
-stops anyone holding stale metadata from fetching it. The catalog revokes in two steps
-(``remove_target(path, delete_file=False)`` before its commit, then :meth:`purge_target_file` after
-it, or :meth:`restore_target` if the commit fails), so a revocation is atomic with its database
-change.
-
-Concurrency: every mutation holds a process-wide re-entrant lock and an ``fcntl.flock`` on
-``repo_dir/.lock``, so publishes from several threads and several server processes on one host
-(sharing ``repo_dir``) serialise. Reads take no lock: every file they follow is replaced atomically
-and versioned files are immutable once referenced.
+Consistent snapshots under ``repo_dir`` (any static server or CDN can serve them), one Ed25519 key
+per role in ``key_dir``; root and targets keys may live offline. Publishing writes the target,
+then targets, snapshot and timestamp, each atomically, so a reader never sees a half-published
+state; revocation unlists a target and deletes its file. Mutations hold a thread lock and an
+``fcntl.flock``. Layout, rotation and crash safety: docs/architecture.md, "Image repository (TUF)".
 """
 
 from __future__ import annotations
@@ -176,7 +139,7 @@ def sign_staged_targets(
 
 
 class ImageRepository:
-    """A TUF repository on the local file system; see the module docstring for the layout.
+    """A TUF repository on the local file system; layout: docs/architecture.md.
 
     ``clock`` is only there so that tests can move time; everything else uses UTC now.
     """

@@ -1,21 +1,9 @@
 """Key rotation and key custody: the logic behind ``fleet keys status|rotate|retire-director|export``.
 
-The keys (all Ed25519, PKCS#8 PEM, 0600) and where they live in ``key_dir``:
-
-* ``tuf-root.key``: signs root metadata. Should live offline; lent per command with ``--root-key``.
-* ``tuf-targets.key``: signs targets metadata (every publish or revoke, and the director key
-  list). May live offline (``--targets-key``); publishing then needs it back on the host.
-* ``tuf-snapshot.key``, ``tuf-timestamp.key``: online; the server re-signs them on a schedule.
-* ``director.key``: online; signs every DesiredState. Its public keys are published to devices as
-  the TUF target ``_fleet/director-keys.json`` (:mod:`device_client.protocol.director_keys`).
-
-File protocol of a rotation (crash-safe): the new private key is written first as
-``<destination>.new`` (0600); the repository then publishes (under its lock) and, still under the
-lock, ``<destination>.new`` is renamed over the destination, which deletes the old key when the
-destination is in ``key_dir``. An old key that lived in ``key_dir`` is deleted, not archived: a
-retired key must not be left where a server compromise finds it. A crash before the publish leaves
-an unused ``.new`` file; a crash after it leaves a ``.new`` file that the repository already
-trusts. :func:`finish_pending` (run by every ``fleet keys`` command) resolves both.
+A rotation writes the new private key as ``<destination>.new`` (0600), publishes under the
+repository lock, then renames it into place; :func:`finish_pending` (run by every ``fleet keys``
+command) completes or discards a rotation a crash interrupted. The keys, where they live and the
+procedures: docs/keys.md.
 """
 
 from __future__ import annotations

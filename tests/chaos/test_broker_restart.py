@@ -1,5 +1,4 @@
-"""A Mosquitto restart in the middle of a rollout stage loses no report, and the rollout completes
-(issue 5 part 3).
+"""A Mosquitto restart in the middle of a rollout stage loses no report, and the rollout completes.
 
 Four real daemons (in process) and a live server. While the first stage's devices are downloading,
 the broker is stopped (SIGTERM: it saves its persistence file on the way out) or killed (SIGKILL,

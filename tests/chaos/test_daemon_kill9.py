@@ -1,11 +1,12 @@
-"""kill -9 of a real device daemon at a seeded random point of an update (issue 5 part 3).
+"""kill -9 of a real device daemon at a seeded random point of an update.
 
 One live server, one broker and one enrolled device serve every trial of the module. Each trial
 pushes a new release, assigns it, and SIGKILLs the daemon process at a moment drawn from
 ``random.Random(seed)``: a target phase (before the device accepted the desired state,
 downloading, verifying, installing, probation) and an offset into it, watched on the daemon's own
 state file. The download is rate limited and probation lasts long enough for both to be hit.
-Then the daemon is started again, and the trial asserts what DESIGN.md section 6 promises:
+Then the daemon is started again, and the trial asserts what the device state machine promises
+(docs/architecture.md, "Device update"):
 
 * the state file loads (``state.json`` or its ``.prev`` copy: never a fresh start);
 * the local API comes up already serving a model: the old version or the new one, never nothing;

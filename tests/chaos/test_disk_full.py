@@ -1,4 +1,4 @@
-"""A full disk on the device fails the update cleanly (issue 5 part 3).
+"""A full disk on the device fails the update cleanly.
 
 The device's data directory lives on a real 2 MiB tmpfs (``mount -t tmpfs``; skipped where mounting
 is not permitted). The pre-flight space check passes (the bundle fits when the download starts);

@@ -1,4 +1,4 @@
-"""PostgreSQL connections dropped under a live server are retried (issue 5 part 3).
+"""PostgreSQL connections dropped under a live server are retried.
 
 A live server on PostgreSQL runs a two-stage rollout to four real daemons. While the devices
 update (reports being ingested, the engine ticking, the outbox publishing), every connection of the

@@ -1,5 +1,4 @@
-"""kill -9 of the server process mid-rollout: the restarted server resumes from the database
-(issue 5 part 3).
+"""kill -9 of the server process mid-rollout: the restarted server resumes from the database.
 
 The server runs as ``python -m server.cli server run`` against a Mosquitto that outlives it, four
 real daemons (in this process) take part in a two-stage rollout, and the server is SIGKILLed twice:

@@ -1,5 +1,5 @@
 """The device side needs only the `device` extra: no FastAPI, SQLAlchemy, Alembic or uvicorn, and
-`device_client` never imports `server` (DESIGN.md section 2)."""
+`device_client` never imports `server` (docs/architecture.md, "Layers and import rules")."""
 
 from __future__ import annotations
 

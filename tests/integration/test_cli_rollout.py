@@ -5,14 +5,18 @@ are the real ones of tests/server/test_rollouts.py."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
 
 import server.cli as cli
+from device_client.console import CliConsole
 from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
 from tests.helpers.fleet_sim import Behaviour, SimFleet
@@ -20,6 +24,7 @@ from tests.server.test_rollouts import make_lab, rollout_body
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 BOX = re.compile("[\u2500-\u257f]")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture
@@ -127,3 +132,74 @@ def test_start_wait_exits_2_when_the_rollout_pauses(app_client, admin_headers, c
 def test_status_table_names_the_status(app_client, admin_headers, lab, fleet_cli):
     rid = create(app_client, admin_headers)
     assert "running" in fleet_cli("rollout", "status", rid)
+
+
+def follow_while_the_fleet_runs(app_client, admin_headers, ctx, lab, make_token, screen, before=None) -> dict:
+    """`fleet rollout start --wait`'s follow of a new rollout while the engine and the simulated
+    fleet run it; ``before`` runs on the fleet's thread once the table is on ``screen``."""
+    engine = RolloutEngine(ctx)
+    rid = create(app_client, admin_headers)
+    stop = threading.Event()
+
+    def run_the_fleet() -> None:
+        if before is not None:
+            deadline = time.monotonic() + 30
+            while "\u250f" not in screen.getvalue() and time.monotonic() < deadline:  # the table is up
+                time.sleep(0.01)
+            before()
+        while not stop.wait(0.05):
+            engine.tick()
+            lab.step()
+            lab.health()
+
+    runner = threading.Thread(target=run_the_fleet, daemon=True)
+    runner.start()
+    try:
+        client = FleetClient("http://testserver", make_token("operator"), transport=app_client._transport)
+        return cli.follow_rollout(client, rid, poll_s=0.05)
+    finally:
+        stop.set()
+        runner.join(10)
+
+
+def test_log_lines_print_above_the_live_table(app_client, admin_headers, ctx, lab, make_token, monkeypatch):
+    """On a terminal `--wait` redraws its table in place. A log record written meanwhile (`fleet
+    demo` runs the server, engine warnings included, in the same process) is printed above the
+    table on a line of its own, not glued to the table's last line for the next redraw to tear."""
+    screen = io.StringIO()  # one terminal: the table (stdout) and the log (stderr) land on it
+    monkeypatch.setattr(cli, "console", CliConsole(file=screen, force_terminal=True, width=120))
+    handler = logging.StreamHandler(screen)
+    logging.getLogger().addHandler(handler)
+    try:
+        state = follow_while_the_fleet_runs(
+            app_client, admin_headers, ctx, lab, make_token, screen,
+            before=lambda: logging.getLogger("server.rollouts.engine").warning(
+                "tick failed, retrying: database is locked"
+            ),
+        )  # fmt: skip
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert state["status"] == "completed"
+    lines = re.split(r"[\r\n]", ANSI.sub("", screen.getvalue()))
+    assert "tick failed, retrying: database is locked" in lines
+    assert not [line for line in lines if "database is locked" in line and BOX.search(line)]
+    assert any(f"rollout {state['id']}: det 2.0.0 [completed]" in line for line in lines)
+
+
+def test_a_piped_follow_prints_the_final_table_then_the_outcome(
+    app_client, admin_headers, ctx, lab, make_token, monkeypatch
+):
+    """Piped (`| tee`), the follow prints only the final table, whole, and the outcome on a line of
+    its own after it."""
+    screen = io.StringIO()  # not a terminal
+    monkeypatch.setattr(cli, "console", CliConsole(file=screen))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    state = follow_while_the_fleet_runs(app_client, admin_headers, ctx, lab, make_token, screen)
+    assert state["status"] == "completed"
+    out = screen.getvalue()
+    lines = out.splitlines()
+    assert "\x1b" not in out
+    assert "…" not in out
+    assert sum(1 for line in lines if "\u250f" in line) == 1  # one table: the final one
+    assert lines[-2].startswith("\u2514")  # the table's bottom border ends its line
+    assert lines[-1] == f"rollout {state['id']} completed"

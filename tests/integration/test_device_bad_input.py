@@ -1,4 +1,4 @@
-"""Every bad input of issue 3 against a real daemon, server and Mosquitto: each is reported with a
+"""Every bad input a device can receive, against a real daemon, server and Mosquitto: each is reported with a
 clear reason and the device keeps serving its current model (checked through its local API).
 
 Routes used to produce the bad inputs:

@@ -1,6 +1,6 @@
-"""Two server replicas against ONE PostgreSQL database and ONE broker (DESIGN.md section 3: shared
-subscriptions split the device messages; section 7: the rollout engine's row lock means a rollout
-is advanced by one replica at a time). Simulated devices (server/sim) speak the real protocol."""
+"""Two server replicas against ONE PostgreSQL database and ONE broker (docs/architecture.md: shared
+subscriptions split the device messages; the rollout engine's row lock means a rollout is advanced
+by one replica at a time). Simulated devices (server/sim) speak the real protocol."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 private Mosquitto (mTLS), real device daemons (real onnxruntime, TUF downloads, probation) and live
 inference traffic through each device's local API, so the health windows the gates read are real.
 
-Covers issue 4's "Done when": a 3-stage rollout over 10 devices completes; a bad version trips
+Covers: a 3-stage rollout over 10 devices completes; a bad version trips
 its canary and every touched device ends on the previous version; a shadow stage reports agreement
 and gates on it; a device offline during its stage catches up through the retained DesiredState;
 a server restarted mid-rollout resumes it.

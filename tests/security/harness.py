@@ -4,8 +4,9 @@ an HTTP mirror that the attacker controls.
 The mirror serves the repository's ``metadata/`` and ``targets/`` exactly like the server's
 ``/tuf`` routes, except where a test tells it to lie (:meth:`Mirror.lie`): other bytes for a path,
 a false ``Content-Length`` or none at all, a slow drip. That is the network attacker (or a
-compromised server / CDN) of DESIGN.md section 4. The director key and the repository keys are
-the real ones unless a test signs with a foreign key, so "a stolen online key" attacks are real too.
+compromised server / CDN) of the trust model (docs/architecture.md). The director key and the
+repository keys are the real ones unless a test signs with a foreign key, so "a stolen online key"
+attacks are real too.
 
 The control server is not needed here: desired states are published on the device's topic with
 the server's own MQTT identity and reports are read from the device's report topic, which keeps a

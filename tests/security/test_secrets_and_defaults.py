@@ -1,4 +1,4 @@
-"""Secrets and defaults (issue 5 part 5): keys and tokens never reach a log, key files are 0600,
+"""Secrets and defaults: keys and tokens never reach a log, key files are 0600,
 and the server refuses a public bind with development defaults unless told to.
 """
 
@@ -167,7 +167,7 @@ def test_cli_server_run_on_a_public_address_exits_non_zero(tmp_path):
 
 def test_cli_server_run_with_an_empty_host_exits_non_zero(tmp_path):
     # protection: Settings refuses FLEET_HOST="" (uvicorn would listen on every interface, and ""
-    # used to pass for loopback in check_bind)
+    # must not pass for loopback in check_bind)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env["FLEET_DATA_DIR"] = str(tmp_path / "data")
     env["FLEET_HOST"] = ""

@@ -91,7 +91,7 @@ def test_push_two_versions_and_read_them_back(
     assert art["outputs"] == [{"name": "y", "dtype": "float32", "shape": ["N", 3]}]
     assert art["constraints"] == {"arch": ["x86_64"], "min_ram_mb": 512}
 
-    # the signed repository lists both, with the DESIGN.md custom fields
+    # the signed repository lists both, with the custom fields of docs/architecture.md
     listed = ctx.repo.list_targets()
     assert sorted(listed) == ["resnet/1.0.0/default/bundle.tar", "resnet/1.1.0/default/bundle.tar"]
     t1 = listed["resnet/1.0.0/default/bundle.tar"]

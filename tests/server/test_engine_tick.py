@@ -1,5 +1,6 @@
 """The rollout engine's tick counts deployments in SQL and notifies in bulk: no tick materialises
-the rollout's deployments as ORM objects (the engine used to load every one, every tick)."""
+the rollout's deployments as ORM objects (that would cost time and memory in proportion to the fleet
+on every tick)."""
 
 from __future__ import annotations
 

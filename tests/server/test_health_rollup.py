@@ -122,8 +122,8 @@ def test_replicas_folding_at_once_never_fold_a_window_twice(ctx):
 
 def test_gates_read_only_the_given_devices_however_many(ctx, monkeypatch):
     """The stage and baseline numbers cover exactly the devices asked for, also past the size of
-    one IN list (the query is chunked; it used to drop the device filter above 5,000 devices and
-    read every device running the version, healthy devices of earlier rollouts included)."""
+    one IN list (the query is chunked, and each chunk keeps the device filter: without it the
+    gates would read every device running the version, healthy devices of other rollouts included)."""
     import server.rollouts.repository as repo_mod
 
     monkeypatch.setattr(repo_mod, "WINDOW_IDS_CHUNK", 2)

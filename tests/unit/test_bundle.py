@@ -1,4 +1,4 @@
-"""Bundle building and safe extraction (DESIGN.md section 5)."""
+"""Bundle building and safe extraction (docs/architecture.md, "Model registry")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The rollout and deployment state machines (DESIGN.md section 6)."""
+"""The rollout and deployment state machines (docs/architecture.md, "State machines")."""
 
 from __future__ import annotations
 

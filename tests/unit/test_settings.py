@@ -27,7 +27,7 @@ def test_a_targets_url_that_is_not_http_is_refused(tmp_path, url: str) -> None:
 
 @pytest.mark.parametrize("host", ["", "   "])
 def test_an_empty_host_is_refused(tmp_path, monkeypatch, host: str) -> None:
-    # uvicorn binds "" to every interface; it used to count as loopback (public_url http://:8080)
+    # uvicorn binds "" to every interface, so it must not count as loopback (public_url http://:8080)
     monkeypatch.setenv("FLEET_HOST", host)
     with pytest.raises(ValidationError, match=r"must not be empty .*0\.0\.0\.0 \(all interfaces\)"):
         Settings(data_dir=tmp_path)
