@@ -61,7 +61,7 @@ class DeviceSettings(BaseSettings):
     #: latencies kept for a probation period's percentiles (reservoir sample beyond this)
     probation_latency_samples: int = Field(default=4096, ge=16)
 
-    # downloads (fetcher.py)
+    # downloads (fetcher/)
     max_bundle_bytes: int = Field(default=GIB, ge=1)
     max_metadata_bytes: int = Field(default=16 * MIB, ge=1024)
     download_deadline_s: float = Field(default=600.0, gt=0)
