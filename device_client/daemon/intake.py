@@ -113,7 +113,7 @@ class Intake:
 
     # ---------------------------------------------------------------- the worker
 
-    def next(self, wait: float) -> bytes | None:
+    def take(self, wait: float) -> bytes | None:
         """The next queued desired state, waiting up to ``wait`` seconds (0: not at all)."""
         try:
             if wait <= 0:

@@ -78,7 +78,7 @@ class Worker:
             wait = self.settings.probation_tick_s
         else:
             wait = 0.0
-        return self.intake.next(wait)
+        return self.intake.take(wait)
 
     def step(self) -> None:
         """Take the next step of the update in flight."""
