@@ -41,7 +41,7 @@ class DeviceSettings(BaseSettings):
     api_port: int = Field(default=8500, ge=0, le=65535)
     api_max_body_bytes: int = Field(default=16 * MIB, ge=1024)
 
-    # onnxruntime host (runtime.py)
+    # onnxruntime host (runtime/)
     intra_op_threads: int = Field(default=1, ge=1)
     warmup_runs: int = Field(default=3, ge=0)
     #: nice increment of the thread that loads, validates and warms a model (0: same priority)
@@ -61,7 +61,7 @@ class DeviceSettings(BaseSettings):
     #: latencies kept for a probation period's percentiles (reservoir sample beyond this)
     probation_latency_samples: int = Field(default=4096, ge=16)
 
-    # downloads (fetcher.py)
+    # downloads (fetcher/)
     max_bundle_bytes: int = Field(default=GIB, ge=1)
     max_metadata_bytes: int = Field(default=16 * MIB, ge=1024)
     download_deadline_s: float = Field(default=600.0, gt=0)

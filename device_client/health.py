@@ -57,6 +57,21 @@ class WindowStats:
     def agreement(self) -> float | None:
         return self.shadow_agreed / self.shadow_requests if self.shadow_requests else None
 
+    def shadow_candidate(self) -> WindowStats:
+        """The shadow candidate's own window: its requests, errors and p95 as the main numbers."""
+        return WindowStats(
+            window_s=self.window_s,
+            requests=self.shadow_requests,
+            errors=self.shadow_errors,
+            p50_ms=None,
+            p95_ms=self.shadow_p95_ms,
+            p99_ms=None,
+            shadow_requests=self.shadow_requests,
+            shadow_agreed=self.shadow_agreed,
+            shadow_errors=self.shadow_errors,
+            shadow_p95_ms=self.shadow_p95_ms,
+        )
+
     def to_health_window(
         self, *, device_id: str, seq: int, at: datetime, model: str, version: str, mode: ServeMode
     ) -> HealthWindow:

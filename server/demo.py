@@ -103,7 +103,7 @@ def _start_daemon(device: DemoDevice, logs: Path) -> None:
     }
     log = open(logs / f"{device.device_id}.log", "ab")  # noqa: SIM115 - owned by the child
     device.proc = subprocess.Popen(
-        [sys.executable, "-m", "device_client.daemon", "--data-dir", str(device.data_dir)],
+        [sys.executable, "-m", "server.cli", "device", "run", "--data-dir", str(device.data_dir)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

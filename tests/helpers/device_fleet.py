@@ -223,10 +223,9 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 class DaemonProcess:
-    """``python -m device_client.daemon`` on an enrolled data directory, killable with SIGKILL.
+    """``fleet device run`` on an enrolled data directory, killable with SIGKILL.
 
-    ``command`` runs another command line instead (e.g. ``fleet device run --data-dir ...``), with
-    the same ``FLEET_DEVICE_*`` environment."""
+    ``command`` runs another command line instead, with the same ``FLEET_DEVICE_*`` environment."""
 
     def __init__(
         self, data_dir: Path, log: Path, *, command: Sequence[str] | None = None, **overrides: Any
@@ -236,7 +235,7 @@ class DaemonProcess:
         self.log = log
         env = {**os.environ, **daemon_env(data_dir, self.port, **overrides)}
         if command is None:
-            command = [sys.executable, "-m", "device_client.daemon", "--data-dir", str(data_dir)]
+            command = [sys.executable, "-m", "server.cli", "device", "run", "--data-dir", str(data_dir)]
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen(
                 list(command),

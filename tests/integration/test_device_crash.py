@@ -1,4 +1,4 @@
-"""kill -9 of a real daemon process (``python -m device_client.daemon``) mid-download and
+"""kill -9 of a real daemon process (``fleet device run``) mid-download and
 mid-probation: the restarted daemon resumes the download with an HTTP Range request, and reverts a
 model that was on probation to the last known good one, reporting ``rolled_back``. A killed daemon
 says no goodbye: the broker publishes its MQTT last will and the server marks the device offline."""
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_client import daemon as daemon_module
 from device_client.daemon import Daemon
+from device_client.daemon import updater as daemon_module
 from device_client.state import UpdatePhase
 from device_client.store import DiskFull, StateStore
 from tests.helpers.device_fleet import (

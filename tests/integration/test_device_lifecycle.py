@@ -202,7 +202,7 @@ def test_desired_state_queued_while_installing_is_handled_after_the_install(live
         seq1 = assign(live, "edge-q", "clf", "1.0.0", probation={"seconds": 3600})["seq"]
         assert extracting.wait(20)
         seq2 = assign(live, "edge-q", "clf", "2.0.0", probation=QUICK)["seq"]
-        wait_for(lambda: daemon._inbox.qsize() > 0, what="the newer desired state queued")
+        wait_for(lambda: daemon.intake.inbox.qsize() > 0, what="the newer desired state queued")
         daemon.store.install_bundle = install_bundle  # type: ignore[method-assign]
         release.set()
         out2 = outcome_for(live, "edge-q", seq2, timeout=20)
@@ -224,7 +224,7 @@ def test_unexpected_error_while_verifying_fails_the_update(live_server, tmp_path
     instead of retrying it every second forever; the current model keeps serving."""
     import errno
 
-    from device_client import daemon as daemon_module
+    from device_client.daemon import updater as daemon_module
 
     live = live_server
     enroll_device(live, tmp_path / "dev", "edge-eio")
