@@ -133,6 +133,9 @@ keyfile {d}/{BROKER_KEY}
 crlfile {d}/{CRL_FILE}
 require_certificate true
 use_identity_as_username true
+# the client id is the certificate's CN too, whatever a client asks for: no client can take over
+# another's session (a listener option, read only at start)
+use_username_as_clientid true
 tls_version tlsv1.2
 """
 

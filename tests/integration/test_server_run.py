@@ -99,6 +99,7 @@ def test_broker_config_command_writes_a_working_broker(tmp_path):
     conf = (tmp_path / "b" / "mosquitto.conf").read_text()
     assert "require_certificate true" in conf
     assert "use_identity_as_username true" in conf
+    assert "use_username_as_clientid true" in conf
     # every connection of each replica (consuming, publishing, 2 ingest processes) is admitted
     acl_lines = (tmp_path / "b" / "acl").read_text().splitlines()
     roles = ("", ".pub", ".ingest-0", ".ingest-1")
