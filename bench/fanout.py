@@ -50,31 +50,31 @@ def phase_counts(ctx, rollout_id: str) -> dict[str, int]:
         return {(p.value if hasattr(p, "value") else str(p)): n for p, n in rows}
 
 
-def mosquitto_baseline(broker_dir: Path, port: int, n: int, size: int) -> float:
-    """Messages/s of ``mosquitto_pub -l`` (QoS 1) -> ``mosquitto_sub -C n`` on the same broker."""
-    tls = [
-        "--cafile",
-        str(broker_dir / "ca.crt"),
-        "--cert",
-        str(broker_dir / "fleet_server.crt"),
-        "--key",
-        str(broker_dir / "fleet_server.key"),
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
+def mosquitto_baseline(ca, broker_dir: Path, port: int, n: int, size: int) -> float:
+    """Messages/s of ``mosquitto_pub -l`` (QoS 1) -> ``mosquitto_sub -C n`` on the same broker. The
+    broker gives each client its certificate's CN as client id: the publisher is ``fleet_server``
+    (the operator tools' identity), the subscriber the device ``bench-baseline``."""
+    from server.mqtt.broker import issue_client_files
+
+    def tls(cert: Path, key: Path) -> list[str]:
+        return ["--cafile", str(broker_dir / "ca.crt"), "--cert", str(cert), "--key", str(key),
+                "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+
+    sub_cert, sub_key = broker_dir / "bench-baseline.crt", broker_dir / "bench-baseline.key"
+    issue_client_files(ca, "bench-baseline", sub_cert, sub_key)
     topic = "fleet/v1/d/bench-baseline/desired"
     sub = subprocess.Popen(
-        ["mosquitto_sub", *tls, "-q", "1", "-t", topic, "-C", str(n), "-i", "bench-sub"],
+        ["mosquitto_sub", *tls(sub_cert, sub_key), "-q", "1", "-t", topic, "-C", str(n), "-i", "bench-sub"],
         stdout=subprocess.DEVNULL,
     )
     time.sleep(1.0)
     line = ("x" * (size - 1) + "\n").encode()
     t0 = time.monotonic()
     pub = subprocess.Popen(
-        ["mosquitto_pub", *tls, "-q", "1", "-t", topic, "-l", "-i", "bench-pub"], stdin=subprocess.PIPE
-    )
+        ["mosquitto_pub", *tls(broker_dir / "fleet_server.crt", broker_dir / "fleet_server.key"),
+         "-q", "1", "-t", topic, "-l", "-i", "bench-pub"],
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
     assert pub.stdin is not None
     pub.stdin.write(line * n)
     pub.stdin.close()
@@ -86,7 +86,8 @@ def mosquitto_baseline(broker_dir: Path, port: int, n: int, size: int) -> float:
 
 def start_replica(emb, index: int, db_url: str, env_over: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """Server replica ``index`` in its own process (its own GIL): same data dir (keys, image
-    repository, broker files), same database and broker, its own HTTP port and MQTT client ids."""
+    repository, broker files), same database and broker, its own HTTP port and MQTT identities
+    (``replica-INDEX``, which the broker ACL lists: see ``start_embedded``)."""
     import sys
 
     import httpx
@@ -104,6 +105,7 @@ def start_replica(emb, index: int, db_url: str, env_over: dict[str, str]) -> tup
         "FLEET_MQTT_SHARED_SUBSCRIPTIONS": "true",
         "FLEET_METADATA_REFRESH_INTERVAL_S": "3600",
         "FLEET_LOG_LEVEL": "WARNING",
+        "FLEET_MQTT_SERVER_NAME": f"replica-{index}",
         **env_over,
     }
     log = open(emb.settings.data_dir / f"replica-{index}.log", "wb")  # noqa: SIM115
@@ -217,7 +219,8 @@ def main() -> None:
     t = time.monotonic()
     tuning = {"rollout_tick_s": 0.25, "ingest_batch_delay_s": 0.05, "ingest_processes": args.ingest_processes}
     shared = {"mqtt_shared_subscriptions": True} if args.replicas > 1 or args.ingest_processes > 1 else {}
-    emb = start_embedded(work, n, database_url=db_url, **tuning, **shared)
+    replica_names = [f"replica-{i}" for i in range(1, args.replicas)]
+    emb = start_embedded(work, n, database_url=db_url, replica_names=replica_names, **tuning, **shared)
     sim = None
     replicas: list[subprocess.Popen] = []
     result: dict = {
@@ -311,7 +314,7 @@ def main() -> None:
         print(
             f"  all {n} succeeded after:    {succeeded_s if succeeded_s is None else round(succeeded_s, 2)} s"
         )
-        base_rate = mosquitto_baseline(emb.settings.broker_dir, emb.settings.mqtt_port, n, 1300)
+        base_rate = mosquitto_baseline(emb.ctx.ca, emb.settings.broker_dir, emb.settings.mqtt_port, n, 1300)
         print(f"  server publish rate {pub_rate or 0:.0f} msg/s, mosquitto_pub->sub {base_rate:.0f} msg/s")
         print(
             ratio_line(

@@ -227,15 +227,33 @@ def broker() -> None:
 @click.option("--bind", default="127.0.0.1", show_default=True)
 @click.option("--hostname", "hostnames", multiple=True, help="extra DNS names for the broker certificate")
 @click.option("--ip", "ips", multiple=True, help="extra IP addresses for the broker certificate")
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    help="a server replica the ACL admits: its FLEET_MQTT_SERVER_NAME (repeat; default: this host's)",
+)
 def broker_config(
-    outdir: Path, port: int, bind: str, hostnames: tuple[str, ...], ips: tuple[str, ...]
+    outdir: Path,
+    port: int,
+    bind: str,
+    hostnames: tuple[str, ...],
+    ips: tuple[str, ...],
+    server_names: tuple[str, ...],
 ) -> None:
     """Write mosquitto.conf, CA/broker/server-client certificates, CRL and ACL into OUTDIR."""
+    from server.config import SERVER_NAME_MAX
     from server.devices.repository import RevocationRepository
     from server.mqtt.broker import write_broker_config
+    from server.mqtt.identity import SERVER_NAME_RE, connection_ids, server_name
 
     ctx = _local_ctx()
     try:
+        names = server_names or (server_name(ctx.settings),)
+        for name in names:
+            if not SERVER_NAME_RE.fullmatch(name):
+                _fail(f"--server-name {name!r}: use letters, digits and '-' (at most {SERVER_NAME_MAX})")
+        identities = [i for name in names for i in connection_ids(name, ctx.settings.ingest_processes)]
         with ctx.db.session_scope() as session:
             revoked = RevocationRepository(session).all()
         files = write_broker_config(
@@ -246,11 +264,13 @@ def broker_config(
             hostnames=("localhost", *hostnames),
             ips=("127.0.0.1", *ips),
             revoked=revoked,
+            server_identities=identities,
         )
     finally:
         ctx.close()
     click.echo(f"wrote {files.conf}")
-    click.echo(f"server MQTT identity: {files.server_cert} / {files.server_key}")
+    click.echo(f"server connections admitted: {', '.join(identities)}")
+    click.echo(f"operator tools' MQTT identity: {files.server_cert} / {files.server_key}")
     click.echo(f"run it with: mosquitto -c {files.conf}")
 
 

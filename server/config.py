@@ -9,6 +9,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: longest ``mqtt_server_name``: its connections' certificate CNs (server/mqtt/identity.py) must
+#: stay within the 64 characters a CN may have
+SERVER_NAME_MAX = 40
+SERVER_NAME_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9-]{{0,{SERVER_NAME_MAX - 1}}}"
+
 
 class Settings(BaseSettings):
     """Control-server settings. Every path defaults to a place under ``data_dir``."""
@@ -54,10 +59,11 @@ class Settings(BaseSettings):
     #: 2.0 does not restore shared subscriptions of a persistent session after a broker restart,
     #: plain ones it does, so a lone server loses nothing across a broker restart)
     mqtt_shared_subscriptions: bool | None = None
-    #: the server's MQTT client identity; default: the files `fleet broker config` wrote in broker_dir
+    #: the CA the broker's certificate must chain to; default: the fleet CA `fleet broker config` wrote
     mqtt_ca_file: Path | None = None
-    mqtt_cert_file: Path | None = None
-    mqtt_key_file: Path | None = None
+    #: this replica's name in its MQTT identities (``fleet_server.NAME``, ``fleet_server.NAME.pub``,
+    #: server/mqtt/identity.py), which the broker ACL must list; default: HOST-PORT
+    mqtt_server_name: str = Field(default="", pattern=rf"^({SERVER_NAME_PATTERN})?$")
     #: batch size and maximum delay of the ingest writer
     ingest_batch_max: int = Field(default=2000, ge=1)
     ingest_batch_delay_s: float = Field(default=0.2, gt=0)
@@ -130,8 +136,6 @@ class Settings(BaseSettings):
         if self.broker_dir == Path():
             self.broker_dir = data / "broker"
         self.mqtt_ca_file = self.mqtt_ca_file or self.broker_dir / "ca.crt"
-        self.mqtt_cert_file = self.mqtt_cert_file or self.broker_dir / "fleet_server.crt"
-        self.mqtt_key_file = self.mqtt_key_file or self.broker_dir / "fleet_server.key"
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("FLEET_TLS_CERT and FLEET_TLS_KEY go together: set both or neither")
         if not self.public_url:

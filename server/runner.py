@@ -62,11 +62,13 @@ def stored_revocations(settings: Settings) -> list[tuple[str, datetime]]:
 
 
 def start_embedded_broker(settings: Settings) -> MosquittoProcess:
-    """Generate the broker config from the fleet CA in ``key_dir`` (created on first use) and start
-    Mosquitto on ``mqtt_port`` as a child process. Its CRL is written afresh from the database's
-    revocations: an old file may be near expiry, and a recreated ``broker_dir`` has none (an
-    empty CRL would let decommissioned devices back in)."""
+    """Generate the broker config from the fleet CA in ``key_dir`` (created on first use), its ACL
+    listing this server's MQTT identities, and start Mosquitto on ``mqtt_port`` as a child
+    process. Its CRL is written afresh from the database's revocations: an old file may be near
+    expiry, and a recreated ``broker_dir`` has none (an empty CRL would let decommissioned
+    devices back in)."""
     from server.mqtt.broker import MosquittoProcess, write_broker_config
+    from server.mqtt.identity import server_connection_ids
     from server.trust.pki import FleetCA
 
     settings.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -76,6 +78,7 @@ def start_embedded_broker(settings: Settings) -> MosquittoProcess:
         port=settings.mqtt_port,
         bind=settings.host,
         revoked=stored_revocations(settings),
+        server_identities=server_connection_ids(settings),
     )
     broker = MosquittoProcess(files, settings.mosquitto_bin).start()
     log.info("embedded Mosquitto listening on %s:%d (mTLS)", settings.host, settings.mqtt_port)

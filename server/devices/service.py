@@ -409,7 +409,7 @@ class DeviceService:
 
         written = refresh_broker_crl(self.ctx, force=True)
         if (written is not None and written.reloaded) or self.ctx.settings.mqtt_enabled:
-            kick_device(self.ctx.settings, device_id)
+            kick_device(self.ctx.settings, self.ctx.ca, device_id)
 
     def write_crl(self, revoked: list[tuple[str, datetime]] | None = None) -> bool:
         """Write the CRL the broker loads (``crlfile`` in the generated mosquitto.conf) and make a

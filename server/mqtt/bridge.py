@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from paho.mqtt.properties import Properties
 
 from device_client.protocol.topics import server_subscriptions
 from server.config import Settings
+from server.mqtt.identity import ClientIdentity
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +90,25 @@ def _puback_packet(data: bytes) -> dict[str, Any]:
             "info": None}  # fmt: skip
 
 
-def server_client_id(settings: Settings) -> str:
-    return f"fleet-server-{socket.gethostname()}-{settings.port}"
-
-
 class MqttLink:
     """One MQTT connection of the server. ``on_message=None``: publish only (no subscriptions, a
-    clean session: what it has in flight when it drops is still pending in the outbox)."""
+    clean session: what it has in flight when it drops is still pending in the outbox).
+
+    It presents ``identity``'s certificate and connects with its CN as the client id (the broker
+    makes it so anyway: see :mod:`server.mqtt.identity`)."""
 
     def __init__(
         self,
         settings: Settings,
         on_message: OnMessage | None,
         *,
-        client_id: str | None = None,
+        identity: ClientIdentity,
         shared: bool = True,
     ) -> None:
         self.settings = settings
         self.on_message = on_message
         self.shared = shared
-        self.client_id = client_id or server_client_id(settings)
+        self.client_id = identity.cn
         self._connected = threading.Event()
         self.subscribed = threading.Event()
         #: bumped on every connect: acknowledgements are only sent on the connection they belong to
@@ -120,11 +119,8 @@ class MqttLink:
             protocol=mqtt.MQTTv5,
             manual_ack=on_message is not None,  # PUBACK after the commit (see OnMessage)
         )
-        c.tls_set(
-            ca_certs=str(settings.mqtt_ca_file),
-            certfile=str(settings.mqtt_cert_file),
-            keyfile=str(settings.mqtt_key_file),
-        )
+        assert settings.mqtt_ca_file is not None  # Settings fills it in
+        c.tls_set_context(identity.ssl_context(settings.mqtt_ca_file))
         c.max_inflight_messages_set(200)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=15)

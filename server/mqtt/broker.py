@@ -2,9 +2,11 @@
 
 ``write_broker_config`` writes what a broker needs to enforce the trust model (docs/architecture.md): an mTLS
 listener (``require_certificate``, ``use_identity_as_username``: the certificate CN is the MQTT
-username), the fleet CA and CRL, a broker certificate, and an ACL whose ``pattern`` rules on
-``%u`` let each device touch only its own topics. It also issues the server's own MQTT client
-certificate (CN ``fleet_server``, a name no device id can take).
+username; ``use_username_as_clientid``: and the client id, so no client can take another's id),
+the fleet CA and CRL, a broker certificate, and an ACL whose ``pattern`` rules on ``%u`` let each
+device touch only its own topics and whose ``user`` blocks give fleet topics to the server's
+connection identities (:mod:`server.mqtt.identity`) and to ``fleet_server``, a certificate for
+operator tools (no device id can take either name).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from device_client.protocol.topics import PREFIX, SERVER_MQTT_USERNAME
+from server.mqtt.identity import is_server_identity
 from server.trust.keys import atomic_write, write_private_key
 from server.trust.pki import FleetCA, crl_entries
 
@@ -41,18 +45,54 @@ SERVER_CLIENT_CERT = f"{SERVER_MQTT_USERNAME}.crt"
 SERVER_CLIENT_KEY = f"{SERVER_MQTT_USERNAME}.key"
 
 
-def acl_text() -> str:
-    return f"""# fleetota broker ACL (generated). The MQTT username is the client certificate's CN.
-# The control server: every fleet topic (it consumes through $share/fleet-server/... filters).
-user {SERVER_MQTT_USERNAME}
-topic readwrite {PREFIX}/#
+class UnlistedServerIdentity(RuntimeError):
+    """The broker ACL in ``broker_dir`` does not list some of this server's MQTT identities."""
 
-# Every device: only its own topics (%u = its CN = its device id).
+
+def acl_text(server_identities: Sequence[str] = ()) -> str:
+    """The ACL: ``fleet_server`` and each of ``server_identities`` (server connections, see
+    :mod:`server.mqtt.identity`) get every fleet topic, each device its own topics."""
+    names = list(dict.fromkeys([SERVER_MQTT_USERNAME, *server_identities]))
+    bad = [n for n in names if not is_server_identity(n)]
+    if bad:
+        raise ValueError(f"not server MQTT identities: {bad}")
+    server = "".join(f"user {n}\ntopic readwrite {PREFIX}/#\n\n" for n in names)
+    return f"""# fleetota broker ACL (generated). The MQTT username is the client certificate's CN, and so is
+# the client id (use_username_as_clientid).
+# The control server's connections, one identity each, and fleet_server (operator tools): every
+# fleet topic (the server consumes through $share/fleet-server/... filters).
+{server}# Every device: only its own topics (%u = its CN = its device id).
 pattern read {PREFIX}/%u/desired
 pattern write {PREFIX}/%u/report
 pattern write {PREFIX}/%u/health
 pattern write {PREFIX}/%u/presence
 """
+
+
+def acl_users(path: Path) -> set[str] | None:
+    """The usernames the ACL file at ``path`` has ``user`` blocks for; None if it cannot be read."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return {line[len("user ") :].strip() for line in lines if line.startswith("user ")}
+
+
+def check_acl_lists(broker_dir: Path, identities: Sequence[str]) -> None:
+    """Raise :class:`UnlistedServerIdentity` if the ACL in ``broker_dir`` (when there is one)
+    lacks any of ``identities``. Mosquitto lets such a connection in and grants its subscriptions,
+    but delivers it nothing and refuses its publishes."""
+    listed = acl_users(broker_dir / ACL_FILE)
+    if listed is None:
+        return
+    missing = [i for i in identities if i not in listed]
+    if missing:
+        raise UnlistedServerIdentity(
+            f"the broker ACL {broker_dir / ACL_FILE} does not list this server's MQTT identities "
+            f"{', '.join(missing)}: list every replica (`fleet broker config OUTDIR --server-name NAME "
+            "...`, NAME = FLEET_MQTT_SERVER_NAME, with the replicas' FLEET_INGEST_PROCESSES) and reload "
+            "the broker (SIGHUP)"
+        )
 
 
 #: QoS 1 messages the broker holds for one client beyond its in-flight window. Mosquitto DROPS
@@ -93,6 +133,9 @@ keyfile {d}/{BROKER_KEY}
 crlfile {d}/{CRL_FILE}
 require_certificate true
 use_identity_as_username true
+# the client id is the certificate's CN too, whatever a client asks for: no client can take over
+# another's session (a listener option, read only at start)
+use_username_as_clientid true
 tls_version tlsv1.2
 """
 
@@ -152,8 +195,12 @@ def write_broker_config(
     revoked: list[tuple[str, datetime]] | None = None,
     user: str | None = None,
     max_connections: int = -1,
+    server_identities: Sequence[str] = (),
 ) -> BrokerFiles:
     """Write mosquitto.conf, certificates, CRL and ACL into ``outdir``.
+
+    ``server_identities``: the CNs of the server connections the ACL gives fleet topics
+    (:func:`server.mqtt.identity.connection_ids` of every replica), besides ``fleet_server``.
 
     Existing broker and server-client keys are kept (so re-running only refreshes the config).
     ``revoked``: the serials the CRL lists (the server passes the database's revocations). Without
@@ -176,7 +223,7 @@ def write_broker_config(
     elif ca.crl_refresh_reason(crl_path, None) is not None:
         existing = ca.load_crl(crl_path)
         ca.write_crl(crl_path, crl_entries(existing) if existing is not None else [])
-    atomic_write(outdir / ACL_FILE, acl_text().encode())
+    atomic_write(outdir / ACL_FILE, acl_text(server_identities).encode())
     conf = conf_text(outdir, port, bind, user or getpass.getuser(), max_connections)
     atomic_write(outdir / CONF_FILE, conf.encode())
     return BrokerFiles(outdir=outdir, port=port)

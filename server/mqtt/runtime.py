@@ -1,14 +1,17 @@
 """The MQTT side of a running server: the consuming link and the ingest worker (on a thread here,
 or in worker processes: :mod:`server.mqtt.workers`), the publish-only link and the outbox
-publisher, started together (two connections: see :mod:`server.mqtt.bridge`)."""
+publisher, started together (two connections: see :mod:`server.mqtt.bridge`), each with an
+identity of its own (:mod:`server.mqtt.identity`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.mqtt.bridge import MqttLink, server_client_id
+from server.mqtt.bridge import MqttLink
+from server.mqtt.broker import check_acl_lists
 from server.mqtt.handlers import IngestWorker
+from server.mqtt.identity import ClientIdentity, consumer_id, publisher_id, server_connection_ids, server_name
 from server.mqtt.outbox import OutboxPublisher
 from server.mqtt.workers import IngestProcesses
 
@@ -28,14 +31,23 @@ class MqttRuntime:
 
     @classmethod
     def start(cls, ctx: ServerContext) -> MqttRuntime:
-        publisher = MqttLink(ctx.settings, None, client_id=f"{server_client_id(ctx.settings)}-pub")
+        # a connection the broker's ACL does not know would be let in but get nothing: in a shared
+        # subscription, the share of the fleet's messages the broker hands it would be lost
+        check_acl_lists(ctx.settings.broker_dir, server_connection_ids(ctx.settings))
+        name = server_name(ctx.settings)
+        publisher = MqttLink(ctx.settings, None, identity=ClientIdentity.issue(ctx.ca, publisher_id(name)))
         outbox = OutboxPublisher(ctx.db, publisher, ctx.metrics)
         link = ingest = workers = None
         if ctx.settings.ingest_processes:
             workers = IngestProcesses(ctx, ctx.settings.ingest_processes)
         else:
             ingest = IngestWorker(ctx, ctx.metrics)
-            link = MqttLink(ctx.settings, ingest.submit, shared=ctx.settings.shared_subscriptions)
+            link = MqttLink(
+                ctx.settings,
+                ingest.submit,
+                identity=ClientIdentity.issue(ctx.ca, consumer_id(name)),
+                shared=ctx.settings.shared_subscriptions,
+            )
             ingest.start()
         outbox.start()
         publisher.start()

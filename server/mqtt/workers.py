@@ -12,10 +12,10 @@ the server process keeps the engine, the outbox and the API.
 
 The children are supervised here:
 
-* each child's MQTT client id is stable across restarts (one child: the id the in-process link
-  uses, so switching modes keeps the broker's persistent session and its queued reports; several:
-  that id with ``-ingest-N``), so QoS 1 reports published while a child restarts wait in the
-  broker for it;
+* each child's MQTT identity (certificate CN = client id, :mod:`server.mqtt.identity`) is stable
+  across restarts (one child: the in-process link's, so switching modes keeps the broker's
+  persistent session and its queued reports; several: ``fleet_server.NAME.ingest-N``), so QoS 1
+  reports published while a child restarts wait in the broker for it;
 * more than one child needs shared subscriptions (``$share/fleet-server/...``): with plain ones
   every child would get every message;
 * a child that dies is restarted (after 1 s, doubling up to 30 s while it keeps dying young); a
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
 from server.metrics import Snapshot
+from server.mqtt.identity import ClientIdentity, ingest_id, server_name
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -59,13 +60,6 @@ RESTART_DELAY_S = 1.0
 RESTART_DELAY_MAX_S = 30.0
 #: a child that ran this long before dying starts the back-off again from RESTART_DELAY_S
 STABLE_S = 60.0
-
-
-def worker_client_id(settings: Settings, index: int, count: int) -> str:
-    from server.mqtt.bridge import server_client_id
-
-    base = server_client_id(settings)
-    return base if count == 1 else f"{base}-ingest-{index}"
 
 
 class IngestProcesses:
@@ -255,7 +249,7 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
     link = MqttLink(
         settings,
         ingest.submit,
-        client_id=worker_client_id(settings, index, count),
+        identity=ClientIdentity.issue(ctx.ca, ingest_id(server_name(settings), index, count)),
         shared=settings.shared_subscriptions,
     )
     ingest.start()

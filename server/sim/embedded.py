@@ -6,12 +6,14 @@ process."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from server.config import Settings
 from server.mqtt.broker import MosquittoProcess, free_port, write_broker_config
+from server.mqtt.identity import connection_ids, server_connection_ids
 from server.runner import ServerThread
 from server.sim.provision import raise_open_files
 from server.trust.pki import FleetCA
@@ -39,8 +41,17 @@ class Embedded:
         self.broker.stop()
 
 
-def start_embedded(workdir: Path, n_devices: int, *, database_url: str = "", **overrides: Any) -> Embedded:
-    """Mosquitto (for ``n_devices`` connections) and a server on free loopback ports."""
+def start_embedded(
+    workdir: Path,
+    n_devices: int,
+    *,
+    database_url: str = "",
+    replica_names: Sequence[str] = (),
+    **overrides: Any,
+) -> Embedded:
+    """Mosquitto (for ``n_devices`` connections) and a server on free loopback ports. The broker
+    ACL also admits the servers named ``replica_names`` (replicas started later, with the same
+    ``ingest_processes``)."""
     from server.admin.service import CLI_PRINCIPAL, AdminService
     from server.admin.tables import Role
 
@@ -64,7 +75,14 @@ def start_embedded(workdir: Path, n_devices: int, *, database_url: str = "", **o
     settings = Settings(**values)
     settings.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = write_broker_config(
-        FleetCA(settings.key_dir), settings.broker_dir, port=mqtt_port, max_connections=n_devices + 1000
+        FleetCA(settings.key_dir),
+        settings.broker_dir,
+        port=mqtt_port,
+        max_connections=n_devices + 1000,
+        server_identities=[
+            *server_connection_ids(settings),
+            *(i for name in replica_names for i in connection_ids(name, settings.ingest_processes)),
+        ],
     )
     broker = MosquittoProcess(files, settings.mosquitto_bin).start()
     try:

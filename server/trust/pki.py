@@ -141,7 +141,7 @@ class FleetCA:
     def cert_pem(self) -> str:
         return cert_pem(self.cert)
 
-    def _leaf(self, subject: x509.Name, public_key: object, days: int) -> x509.CertificateBuilder:
+    def _leaf(self, subject: x509.Name, public_key: object, lifetime: timedelta) -> x509.CertificateBuilder:
         now = datetime.now(UTC)
         return (
             x509.CertificateBuilder()
@@ -150,17 +150,20 @@ class FleetCA:
             .public_key(public_key)  # type: ignore[arg-type]
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=days))
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
             )
         )
 
-    def issue_client(self, csr: x509.CertificateSigningRequest, cn: str, days: int) -> x509.Certificate:
-        """A client-auth certificate for ``cn`` (a device id or the server's MQTT identity)."""
+    def issue_client(
+        self, csr: x509.CertificateSigningRequest, cn: str, days: int, *, lifetime: timedelta | None = None
+    ) -> x509.Certificate:
+        """A client-auth certificate for ``cn`` (a device id or one of the server's MQTT
+        identities), valid for ``days``, or for ``lifetime`` when given."""
         return (
-            self._leaf(_name(cn), csr.public_key(), days)
+            self._leaf(_name(cn), csr.public_key(), lifetime or timedelta(days=days))
             .add_extension(
                 x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
             )
@@ -175,7 +178,7 @@ class FleetCA:
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         return (
-            self._leaf(_name(cn), public_key, days)
+            self._leaf(_name(cn), public_key, timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(
                 x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True

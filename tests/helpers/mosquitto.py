@@ -78,9 +78,11 @@ def mqtt_connect(
     ca_file: Path | None = None,
     client_id: str | None = None,
     timeout: float = 20.0,
+    protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5,
 ) -> mqtt.Client:
-    """A connected, looping paho client (MQTT 5) using ``cert``/``key``; raises ConnectFailed (with
-    its ``kind``) if the connection does not come up."""
+    """A connected, looping paho client (MQTT 5 unless ``protocol`` says otherwise; a clean start)
+    using ``cert``/``key``; raises ConnectFailed (with its ``kind``) if the connection does not
+    come up."""
     done = threading.Event()
     result: dict[str, object] = {}
     socket_errors: list[str] = []
@@ -90,7 +92,7 @@ def mqtt_connect(
         done.set()
 
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or cert.stem, protocol=mqtt.MQTTv5
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or cert.stem, protocol=protocol
     )
     client.tls_set(ca_certs=str(ca_file or broker.files.ca), certfile=str(cert), keyfile=str(key))
 

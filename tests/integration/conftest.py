@@ -13,11 +13,14 @@ from tests.helpers.tokens import create_admin_token
 
 @pytest.fixture
 def mqtt_settings(settings):
-    """Server settings with the MQTT bridge on and an embedded-style broker on a free port."""
+    """Server settings with the MQTT bridge on and an embedded-style broker on a free port. The
+    server name is fixed, so the broker's ACL (written from these settings) lists the identities
+    of a server on another HTTP port (``live_settings``) too."""
     return settings.model_copy(
         update={
             "mqtt_enabled": True,
             "mqtt_port": free_port(),
+            "mqtt_server_name": "test-server",
             "ingest_batch_delay_s": 0.05,
             "rollout_engine": True,
             "rollout_tick_s": 0.2,

@@ -20,9 +20,9 @@ import sqlalchemy as sa
 from server.client import FleetClient
 from server.devices.tables import Device, DeviceStatus
 from server.health.tables import HealthSample
-from server.mqtt.bridge import server_client_id
 from server.mqtt.handlers import RECEIVED
-from server.mqtt.workers import IngestProcesses, worker_client_id
+from server.mqtt.identity import consumer_id, ingest_id
+from server.mqtt.workers import IngestProcesses
 from server.rollouts.tables import Deployment
 from server.sim.fleet import SimOptions, Simulator
 from server.sim.profiles import Profile
@@ -81,7 +81,7 @@ def test_ingest_child_process_serves_a_fleet_and_survives_sigkill(live_server, t
     assert pid is not None
     assert pid != os.getpid()
     # one child keeps the client id (and so the broker session) of the in-process link
-    assert worker_client_id(live.settings, 0, 1) == server_client_id(live.settings)
+    assert ingest_id("test-server", 0, 1) == consumer_id("test-server")
 
     client = FleetClient(live.url, live.token("admin"))
     for v in ("1.0.0", "2.0.0"):
@@ -251,3 +251,56 @@ def test_messages_a_killed_ingest_process_had_not_written_are_delivered_again(
             device.disconnect()
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_several_ingest_processes_connect_with_identities_of_their_own(mqtt_settings, tmp_path):
+    """The broker binds client ids to certificates, so each of two ingest processes connects with
+    a certificate of its own (CN = client id = ``fleet_server.NAME.ingest-I``), which the ACL the
+    embedded broker was started with lists; they share the device traffic and store all of it."""
+    from datetime import UTC, datetime
+
+    from device_client.protocol import HealthWindow
+    from server.mqtt.broker import ACL_FILE, BrokerFiles, acl_users, free_port
+    from server.runner import start_embedded_broker
+    from tests.helpers.device_fleet import enroll_device
+    from tests.helpers.mosquitto import Broker, mqtt_connect
+    from tests.integration.conftest import LiveServer
+
+    port = free_port()
+    s = mqtt_settings.model_copy(update={
+        "ingest_processes": 2, "mqtt_shared_subscriptions": True, "port": port,
+        "public_url": f"http://127.0.0.1:{port}",
+    })  # fmt: skip
+    process = start_embedded_broker(s)
+    try:
+        ids = ["fleet_server.test-server.ingest-0", "fleet_server.test-server.ingest-1"]
+        assert set(ids) <= (acl_users(s.broker_dir / ACL_FILE) or set())
+        live = LiveServer(s).start()
+        try:
+            assert live.mqtt.workers.count == 2
+            dev = enroll_device(live, tmp_path / "dev", "dev-split")
+            broker = Broker(ca=live.ctx.ca, files=BrokerFiles(s.broker_dir, s.mqtt_port), process=process,
+                            workdir=s.broker_dir)  # fmt: skip
+            device = mqtt_connect(broker, dev.cert_file, dev.key_file)
+            try:
+                now = datetime.now(UTC)
+                infos = [
+                    device.publish("fleet/v1/d/dev-split/health", HealthWindow.build(
+                        device_id="dev-split", seq=seq, at=now, window_s=1, model="det", version="1.0.0",
+                        requests=10, errors=0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0,
+                    ).to_json(), qos=1)
+                    for seq in range(1, 41)
+                ]  # fmt: skip
+                for info in infos:
+                    info.wait_for_publish(10)
+                wait_for(lambda: count(live, HealthSample) == 40, 20, interval=0.1, what="40 windows stored")
+            finally:
+                device.disconnect()
+                device.loop_stop()
+            assert live.mqtt.workers.connected
+            assert live.mqtt.workers.restarts == 0
+        finally:
+            live.stop()
+    finally:
+        process.stop()

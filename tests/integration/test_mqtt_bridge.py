@@ -246,3 +246,20 @@ def test_an_older_desired_state_published_last_is_followed_by_the_current(
 
     assert retained_seq() == 2
     assert "fleet_mqtt_desired_superseded_total 1" in ctx.metrics.render()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_server_the_broker_acl_does_not_list_refuses_to_start(mqtt_settings, broker_process):
+    """Mosquitto lets in a client its ACL does not list and grants its subscriptions, but
+    delivers it nothing and refuses its publishes: in a shared subscription group, the share of
+    the fleet's messages handed to it would be lost. A server whose identities the ACL in
+    broker_dir lacks (a replica left out of `fleet broker config --server-name`) does not start."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.mqtt.broker import UnlistedServerIdentity
+
+    s = mqtt_settings.model_copy(update={"mqtt_server_name": "unlisted"})
+    unlisted = r"identities fleet_server\.unlisted, fleet_server\.unlisted\.pub:"
+    with pytest.raises(UnlistedServerIdentity, match=unlisted), TestClient(create_app(s)):
+        pass

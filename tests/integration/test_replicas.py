@@ -4,17 +4,21 @@ by one replica at a time). Simulated devices (server/sim) speak the real protoco
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import sqlalchemy as sa
 
 from server.client import FleetClient
 from server.devices.tables import DeviceEvent
-from server.mqtt.broker import free_port
+from server.mqtt.broker import MosquittoProcess, free_port, write_broker_config
 from server.mqtt.handlers import RECEIVED
+from server.mqtt.identity import connection_ids
 from server.rollouts.tables import Deployment, DesiredRecord
 from server.sim.fleet import SimOptions, Simulator
 from server.sim.profiles import Profile
 from server.sim.provision import enroll_fleet
+from server.trust.pki import FleetCA
 from tests.helpers.device_fleet import push_model, wait_for
 from tests.helpers.onnx_models import make_model
 from tests.helpers.sim_rollout import sim_rollout_body
@@ -26,11 +30,30 @@ N = 60
 
 
 @pytest.fixture
+def broker_process(mqtt_settings) -> Iterator[MosquittoProcess]:
+    """The broker, its ACL listing both replicas' identities (`fleet broker config --server-name
+    replica-a --server-name replica-b`)."""
+    s = mqtt_settings
+    s.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identities = [i for name in ("replica-a", "replica-b") for i in connection_ids(name, s.ingest_processes)]
+    files = write_broker_config(
+        FleetCA(s.key_dir), s.broker_dir, port=s.mqtt_port, server_identities=identities
+    )
+    broker = MosquittoProcess(files).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
 def replicas(live_settings, live_server):
     """(replica A, replica B): the same data_dir (keys, repository, broker files), database and
-    broker; distinct HTTP ports, so distinct MQTT client ids in the shared subscription group."""
+    broker; distinct names, so distinct MQTT identities in the shared subscription group."""
     port = free_port()
-    b = LiveServer(live_settings.model_copy(update={"port": port, "public_url": f"http://127.0.0.1:{port}"}))
+    b = LiveServer(
+        live_settings.model_copy(
+            update={"port": port, "public_url": f"http://127.0.0.1:{port}", "mqtt_server_name": "replica-b"}
+        )
+    )
     b.start()
     yield live_server, b
     b.stop()
@@ -38,7 +61,10 @@ def replicas(live_settings, live_server):
 
 def test_two_replicas_share_the_messages_and_advance_a_rollout_once(replicas, tmp_path):
     a, b = replicas
-    assert a.mqtt.link.client_id != b.mqtt.link.client_id
+    # each connection has an identity of its own: its certificate CN is its client id
+    for replica, name in ((a, "replica-a"), (b, "replica-b")):
+        ids = (replica.mqtt.link.client_id, replica.mqtt.publisher.client_id)
+        assert ids == (f"fleet_server.{name}", f"fleet_server.{name}.pub")
     assert a.mqtt.link.shared
     assert b.mqtt.link.shared
     client_a, client_b = FleetClient(a.url, a.token("admin")), FleetClient(b.url, b.token("admin"))
@@ -94,4 +120,7 @@ def test_two_replicas_share_the_messages_and_advance_a_rollout_once(replicas, tm
 @pytest.fixture
 def live_settings(live_settings):
     """Replicas consume through the shared subscription (the default with an external broker)."""
-    return live_settings.model_copy(update={"mqtt_shared_subscriptions": True})
+    return live_settings.model_copy(
+        update={"mqtt_shared_subscriptions": True, "mqtt_server_name": "replica-a"}
+    )
+

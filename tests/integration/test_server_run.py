@@ -90,14 +90,25 @@ def test_broker_config_command_writes_a_working_broker(tmp_path):
     env = {"FLEET_DATA_DIR": str(tmp_path / "data")}
     out = CliRunner().invoke(
         main,
-        ["broker", "config", str(tmp_path / "b"), "--port", str(port), "--hostname", "mqtt.example"],
-        env=env,
+        ["broker", "config", str(tmp_path / "b"), "--port", str(port), "--hostname", "mqtt.example",
+         "--server-name", "web1", "--server-name", "web2"],
+        env={**env, "FLEET_INGEST_PROCESSES": "2"},
         catch_exceptions=False,
-    )
+    )  # fmt: skip
     assert out.exit_code == 0, out.output
     conf = (tmp_path / "b" / "mosquitto.conf").read_text()
     assert "require_certificate true" in conf
     assert "use_identity_as_username true" in conf
+    assert "use_username_as_clientid true" in conf
+    # every connection of each replica (consuming, publishing, 2 ingest processes) is admitted
+    acl_lines = (tmp_path / "b" / "acl").read_text().splitlines()
+    roles = ("", ".pub", ".ingest-0", ".ingest-1")
+    assert {line[5:] for line in acl_lines if line.startswith("user ")} == {"fleet_server"} | {
+        f"fleet_server.{name}{role}" for name in ("web1", "web2") for role in roles
+    }
+    bad = CliRunner().invoke(main, ["broker", "config", str(tmp_path / "c"), "--server-name", "a.b"], env=env)
+    assert bad.exit_code == 1
+    assert "--server-name 'a.b': use letters, digits and '-' (at most 40)" in bad.output
     assert f"listener {port} 127.0.0.1" in conf
     acl = (tmp_path / "b" / "acl").read_text()
     assert "pattern read fleet/v1/d/%u/desired" in acl

@@ -1,5 +1,6 @@
-"""Attacks on the MQTT broker: a device is confined to its own topics (ACL ``pattern`` on ``%u``),
-and only current certificates of the fleet CA get in (mTLS, CRL).
+"""Attacks on the MQTT broker: a device is confined to its own topics (ACL ``pattern`` on ``%u``)
+and to its own client id (``use_username_as_clientid``), and only current certificates of the
+fleet CA get in (mTLS, CRL).
 
 Devices are enrolled through the real enrollment endpoint; the broker is the embedded one
 (``start_embedded_broker``: the config, CA and CRL of the server's ``broker_dir``), so a
@@ -20,9 +21,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from device_client.protocol.topics import PREFIX
 from server.mqtt.broker import BrokerFiles, free_port, issue_client_files
+from server.mqtt.handlers import RECEIVED
 from server.trust.keys import atomic_write, private_key_pem
 from server.trust.pki import FleetCA, cert_pem
+from tests.helpers.device_fleet import enroll_device, wait_for
 from tests.helpers.mosquitto import Broker, ConnectFailed, mqtt_connect, tls_refusal
 from tests.helpers.pki import HARDWARE, key_pem, make_csr
 
@@ -375,3 +379,113 @@ def test_an_expired_crl_is_reissued_and_the_running_broker_reloads_it(fleet, emb
         time.sleep(0.2)
     assert connects(other)
     assert refused(embedded, cert, key) == REVOKED  # the re-issued CRL still revokes the decommissioned one
+
+
+# -- client ids: every connection's client id is its certificate's CN ------------------------------
+PROTOCOLS = [pytest.param(mqtt.MQTTv5, id="mqtt5"), pytest.param(mqtt.MQTTv311, id="mqtt311")]
+
+
+def _broker_of(live, process) -> Broker:
+    s = live.settings
+    return Broker(ca=live.ctx.ca, files=BrokerFiles(s.broker_dir, s.mqtt_port), process=process,
+                  workdir=s.broker_dir)  # fmt: skip
+
+
+def _reports(live) -> float:
+    return live.ctx.metrics.get(RECEIVED, kind="report")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("target", ["server-consumer", "server-publisher", "device"])
+def test_a_device_cannot_take_over_another_clients_id(
+    live_server, broker_process, tmp_path, target, protocol
+):
+    # The attack: an enrolled device connects with a client id that is not its own, with a clean
+    # start: the server's consuming link's (`fleet_server.NAME`), its publisher's (`....pub`), or
+    # another device's. With client ids of the client's choosing the broker closes that client's
+    # connection and discards its session; repeated, it stops the fleet's ingest and publishing.
+    # protection: `use_username_as_clientid`: the broker gives every connection its certificate's
+    # CN as client id, so the intruder only ever replaces its own session. While it is connected,
+    # a report goes through the server's consuming link and a message through its publisher.
+    live = live_server
+    runtime = live.mqtt
+    broker = _broker_of(live, broker_process)
+    victim_id = enroll_device(live, tmp_path / "victim", "dev-victim")
+    attacker = enroll_device(live, tmp_path / "attacker", "dev-attacker")
+    victim = Listener(mqtt_connect(broker, victim_id.cert_file, victim_id.key_file, client_id="dev-victim"))
+    victim_cut = threading.Event()
+    victim.client.on_disconnect = lambda *args: victim_cut.set()
+    links = (runtime.link, runtime.publisher)
+    assert [link.client_id for link in links] == ["fleet_server.test-server", "fleet_server.test-server.pub"]
+    connects = [link._session for link in links]  # bumped on every (re)connect
+    target_id = {"server-consumer": links[0].client_id, "server-publisher": links[1].client_id}.get(
+        target, "dev-victim"
+    )
+    try:
+        victim.subscribe(f"{PREFIX}/dev-victim/desired")
+        intruder = mqtt_connect(broker, attacker.cert_file, attacker.key_file, client_id=target_id,
+                                protocol=protocol)  # fmt: skip
+        try:
+            reports = _reports(live) + 1
+            assert victim.publish(f"{PREFIX}/dev-victim/report", b"fence") == 0
+            wait_for(lambda: _reports(live) >= reports, 10, what="the server's link got the report")
+            sent = runtime.publisher.publish(f"{PREFIX}/dev-victim/desired", b"desired", 1, False)
+            sent.wait_for_publish(10)
+            victim.wait_for(b"desired")
+            assert intruder.is_connected()  # it got in, with an id of its own
+        finally:
+            intruder.disconnect()
+            intruder.loop_stop()
+        assert [link._session for link in links] == connects, "a server connection was taken over"
+        assert all(link.connected for link in links)
+        assert not victim_cut.is_set(), "the victim device's connection was taken over"
+    finally:
+        victim.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_devices_client_id_is_its_certificates_cn(live_server, broker_process, tmp_path, protocol):
+    # protection: `use_username_as_clientid`. Two connections of one certificate asking for two
+    # different client ids get the same one, its CN: the second takes the first one's session over.
+    broker = _broker_of(live_server, broker_process)
+    dev = enroll_device(live_server, tmp_path / "dev", "dev-twice")
+    first = mqtt_connect(broker, dev.cert_file, dev.key_file, client_id="dev-other", protocol=protocol)
+    first_cut = threading.Event()
+    first.on_disconnect = lambda *args: first_cut.set()
+    second = mqtt_connect(broker, dev.cert_file, dev.key_file, client_id="anything-else", protocol=protocol)
+    try:
+        assert first_cut.wait(10), "one certificate held two client ids"
+        assert second.is_connected()
+    finally:
+        for c in (first, second):
+            c.disconnect()
+            c.loop_stop()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_device_cannot_discard_the_servers_queued_reports(live_server, broker_process, tmp_path, protocol):
+    # The server's consuming session is persistent: reports published while its link is away (a
+    # restart) wait for it in the broker. An intruder connecting with that link's client id and a
+    # clean start would make the broker discard the session and the reports queued in it.
+    # protection: `use_username_as_clientid` (the intruder's clean start concerns its own session).
+    live = live_server
+    link = live.mqtt.link
+    broker = _broker_of(live, broker_process)
+    dev = enroll_device(live, tmp_path / "dev", "dev-reporting")
+    attacker = enroll_device(live, tmp_path / "attacker", "dev-attacker")
+    device = Listener(mqtt_connect(broker, dev.cert_file, dev.key_file))
+    before = _reports(live)
+    link.stop()
+    try:
+        for i in range(3):  # PUBACKed: the broker holds them for the server's session
+            assert device.publish("fleet/v1/d/dev-reporting/report", f"queued-{i}".encode()) == 0
+        intruder = mqtt_connect(broker, attacker.cert_file, attacker.key_file, client_id=link.client_id,
+                                protocol=protocol)  # fmt: skip
+        intruder.disconnect()
+        intruder.loop_stop()
+    finally:
+        link.start()
+    assert link.wait_connected(10)
+    wait_for(lambda: _reports(live) >= before + 3, 10, what="the reports queued in the server's session")
+    assert _reports(live) == before + 3
+    device.close()
