@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
@@ -26,6 +28,7 @@ from server.devices.service import DeviceService, device_out
 from server.devices.tables import DeviceStatus
 from server.devices.tags import parse_tag_expr
 from server.http.deps import Admin, Operator, SessionDep, Viewer, get_ctx
+from server.http.errors import ErrorOut
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 
@@ -64,7 +67,13 @@ def enroll_bulk(
     return _service(request, session).enroll_many(body, who)
 
 
-@router.post("/enroll", status_code=201)
+#: the anonymous endpoints answer 429 with Retry-After past their per-address rate (ratelimit.py)
+RATE_LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorOut, "description": "too many requests from this address (Retry-After)"}
+}
+
+
+@router.post("/enroll", status_code=201, responses=RATE_LIMITED)
 def enroll(body: EnrollRequest, request: Request, session: Session = SessionDep) -> EnrollResponse:
     """Enroll a device: one enrollment token, a CSR (CN = device id) and its hardware facts."""
     return _service(request, session).enroll(body)
@@ -146,7 +155,7 @@ def ca_certificate(request: Request) -> str:
     return get_ctx(request).ca.cert_pem
 
 
-@router.get("/pki/crl.pem", response_class=PlainTextResponse)
+@router.get("/pki/crl.pem", response_class=PlainTextResponse, responses=RATE_LIMITED)
 def crl(request: Request, session: Session = SessionDep) -> str:
     from cryptography.hazmat.primitives.serialization import Encoding
 
