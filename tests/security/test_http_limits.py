@@ -1,24 +1,30 @@
-"""Attacks on the API's resources before authentication: oversized bodies and floods of anonymous
-requests.
+"""Attacks on the API's resources before authentication: oversized bodies, floods of anonymous
+requests, costly CSRs.
 
 protection: ``server/http/bodylimit.py`` (per-route body caps checked on ``Content-Length`` before
 a byte is read and counted while streaming), ``server/http/ratelimit.py`` (token bucket per client
-address on enrollment and the CRL; ``X-Forwarded-For`` only from ``FLEET_FORWARDED_ALLOW_IPS``).
+address on enrollment and the CRL; ``X-Forwarded-For`` only from ``FLEET_FORWARDED_ALLOW_IPS``),
+``DeviceService.enroll`` (the enrollment token before the CSR), ``server.trust.pki.parse_csr`` (key
+size and RSA exponent bounded before the signature is checked).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.errors import Invalid
 from server.mqtt.broker import free_port
 from server.runner import ServerThread
+from server.trust.pki import check_public_key
 from tests.helpers.pki import HARDWARE, make_csr
 
 MIB = 1024 * 1024
@@ -179,3 +185,49 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(settings, allow, separ
         assert second.status_code == (200 if separate else 429)
     finally:
         live.stop()
+
+
+def _rsa_key_with_exponent(e: int) -> rsa.RSAPrivateKey:
+    """A 2048-bit RSA key with public exponent ``e`` (or the next odd one coprime to lambda(n))."""
+    base = rsa.generate_private_key(65537, 2048).private_numbers()
+    p, q = base.p, base.q
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    while math.gcd(e, lam) != 1:
+        e += 2
+    d = pow(e, -1, lam)
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q),
+        rsa.RSAPublicNumbers(e, p * q),
+    )  # fmt: skip
+    return numbers.private_key(unsafe_skip_rsa_key_validation=True)
+
+
+def test_rsa_keys_are_bounded_in_size_and_exponent():
+    """Verifying a signature costs with the modulus and the exponent: both are capped."""
+    big = rsa.RSAPublicNumbers(65537, (1 << 8199) | 1).public_key()  # 8200 bits
+    with pytest.raises(Invalid, match=r"RSA key of 8200 bits is too large \(maximum 8192\)"):
+        check_public_key(big)
+    for e in (2**32 + 1, 2**64 + 1):  # (cryptography itself refuses even ones and 1)
+        key = rsa.RSAPublicNumbers(e, (1 << 2047) | 1).public_key()
+        with pytest.raises(Invalid, match="RSA public exponent is not accepted"):
+            check_public_key(key)
+    check_public_key(rsa.RSAPublicNumbers(65537, (1 << 8191) | 1).public_key())
+
+
+def test_the_enrollment_token_is_checked_before_the_csr(app_client, admin_headers):
+    """Without a valid token the CSR is never parsed; with one, an RSA exponent of 2^40 and more
+    (whose verification costs grow with it) is refused before its signature is checked."""
+    csr, _ = make_csr("big-exponent", _rsa_key_with_exponent(2**40 + 1))
+    body = {"token": "fe.nothere.AAAAAAAAAAAAAAAAAAAAAAAA", "csr_pem": csr, "hardware": HARDWARE}
+    r = app_client.post("/api/v1/enroll", json=body)
+    assert (r.status_code, r.json()["detail"]) == (401, "unknown enrollment token")
+    r = app_client.post("/api/v1/enroll", json={**body, "csr_pem": "-----BEGIN nonsense" + "x" * 64})
+    assert (r.status_code, r.json()["detail"]) == (401, "unknown enrollment token")
+    token = enroll_token(app_client, admin_headers)
+    r = app_client.post("/api/v1/enroll", json={**body, "token": token})
+    assert (r.status_code, r.json()["detail"]) == (
+        422, "RSA public exponent is not accepted (use 65537; an odd number below 2^32)"
+    )  # fmt: skip
+    good, _ = make_csr("fine-after-all")  # and the refused CSR did not use the token up
+    r = app_client.post("/api/v1/enroll", json={**body, "token": token, "csr_pem": good})
+    assert r.status_code == 201, r.text
