@@ -18,6 +18,7 @@ from fastapi.responses import PlainTextResponse
 from server.catalog.signing import reconcile_published
 from server.config import Settings
 from server.context import ServerContext
+from server.devices.crl import PublishedCrl
 from server.devices.service import refresh_broker_crl
 from server.gctune import tune_gc
 from server.health.rollup import HealthRollupJob
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await asyncio.to_thread(ServerContext.open, settings)
         app.state.ctx = ctx
+        app.state.crl = PublishedCrl(ctx)
         # the CRL the broker loads, from the database's revocations (before MQTT connects: a stale
         # one past its nextUpdate would refuse the server's own handshake)
         try:

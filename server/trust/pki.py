@@ -229,8 +229,15 @@ class FleetCA:
     def load_crl(self, path: Path) -> x509.CertificateRevocationList | None:
         """The CRL at ``path`` if it exists, parses and carries this CA's valid signature."""
         try:
-            crl = x509.load_pem_x509_crl(path.read_bytes())
-        except (OSError, ValueError):
+            return self.parse_crl(path.read_bytes())
+        except OSError:
+            return None
+
+    def parse_crl(self, pem: bytes) -> x509.CertificateRevocationList | None:
+        """The PEM CRL ``pem`` if it parses and carries this CA's valid signature."""
+        try:
+            crl = x509.load_pem_x509_crl(pem)
+        except ValueError:
             return None
         try:
             ok = crl.issuer == self.cert.subject and crl.is_signature_valid(self.key.public_key())

@@ -1,11 +1,12 @@
 """Attacks on the API's resources before authentication: oversized bodies, floods of anonymous
-requests, costly CSRs.
+requests, costly CSRs, and re-signing the CRL on every request.
 
 protection: ``server/http/bodylimit.py`` (per-route body caps checked on ``Content-Length`` before
 a byte is read and counted while streaming), ``server/http/ratelimit.py`` (token bucket per client
 address on enrollment and the CRL; ``X-Forwarded-For`` only from ``FLEET_FORWARDED_ALLOW_IPS``),
 ``DeviceService.enroll`` (the enrollment token before the CSR), ``server.trust.pki.parse_csr`` (key
-size and RSA exponent bounded before the signature is checked).
+size and RSA exponent bounded before the signature is checked), ``server/devices/crl.py`` (the
+scheduled CRL served as is, with ETag / Last-Modified / 304).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 
@@ -231,3 +233,33 @@ def test_the_enrollment_token_is_checked_before_the_csr(app_client, admin_header
     good, _ = make_csr("fine-after-all")  # and the refused CSR did not use the token up
     r = app_client.post("/api/v1/enroll", json={**body, "token": token, "csr_pem": good})
     assert r.status_code == 201, r.text
+
+
+def test_the_crl_is_served_as_issued_with_caching_headers(app_client, admin_headers):
+    """The CRL is not signed per request (ECDSA signatures differ every time: two answers are the
+    same bytes), answers conditional GETs with 304, and changes with a decommission."""
+    first = app_client.get("/api/v1/pki/crl.pem")
+    second = app_client.get("/api/v1/pki/crl.pem")
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content
+    etag = first.headers["etag"]
+    assert first.headers["cache-control"] == "public, max-age=60"
+    crl = x509.load_pem_x509_crl(first.content)
+    assert first.headers["last-modified"] == crl.last_update_utc.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+    r = app_client.get("/api/v1/pki/crl.pem", headers={"If-None-Match": etag})
+    assert (r.status_code, r.content, r.headers["etag"]) == (304, b"", etag)
+    r = app_client.get("/api/v1/pki/crl.pem", headers={"If-Modified-Since": first.headers["last-modified"]})
+    assert r.status_code == 304
+
+    token = enroll_token(app_client, admin_headers)
+    csr, _ = make_csr("to-retire")
+    serial = app_client.post(
+        "/api/v1/enroll", json={"token": token, "csr_pem": csr, "hardware": HARDWARE}
+    ).json()["certificate_pem"]
+    serial = x509.load_pem_x509_certificate(serial.encode()).serial_number
+    assert app_client.post("/api/v1/devices/to-retire/decommission", headers=admin_headers).status_code == 200
+    r = app_client.get("/api/v1/pki/crl.pem", headers={"If-None-Match": etag})
+    assert r.status_code == 200
+    assert r.headers["etag"] != etag
+    assert [e.serial_number for e in x509.load_pem_x509_crl(r.content)] == [serial]

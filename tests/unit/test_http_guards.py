@@ -1,10 +1,14 @@
-"""The pure parts of the HTTP guards: token buckets, client keys, route caps."""
+"""The pure parts of the HTTP guards: token buckets, client keys, route caps, conditional GETs of
+the CRL."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import pytest
 
 from server.config import Settings
+from server.devices.crl import CrlDocument
 from server.http.bodylimit import body_limits
 from server.http.ratelimit import TokenBucket, client_key
 
@@ -67,3 +71,16 @@ def test_body_caps_by_route(tmp_path):
         ("POST", "/api/v1/repository/targets"),
     ]:
         assert limits.for_request(method, path) == (1024**2, "FLEET_MAX_BODY_BYTES")
+
+
+def test_crl_conditional_get():
+    doc = CrlDocument(b"pem", '"abc"', datetime(2030, 1, 2, 3, 4, 5, 600, tzinfo=UTC), None)
+    assert doc.headers()["Last-Modified"] == "Wed, 02 Jan 2030 03:04:05 GMT"
+    assert doc.not_modified('"abc"', None)
+    assert doc.not_modified('"x", W/"abc"', None)
+    assert doc.not_modified("*", None)
+    assert not doc.not_modified('"x"', "Wed, 02 Jan 2030 03:04:05 GMT")  # If-None-Match wins
+    assert doc.not_modified(None, "Wed, 02 Jan 2030 03:04:05 GMT")
+    assert not doc.not_modified(None, "Wed, 02 Jan 2030 03:04:04 GMT")
+    assert not doc.not_modified(None, "yesterday")
+    assert not doc.not_modified(None, None)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy.orm import Session
 
 from device_client.protocol.enrollment import EnrollRequest, EnrollResponse
 from server.admin.schemas import Principal
-from server.devices.repository import RevocationRepository
 from server.devices.schemas import (
     BulkEnrollRequest,
     BulkEnrollResponse,
@@ -155,8 +154,17 @@ def ca_certificate(request: Request) -> str:
     return get_ctx(request).ca.cert_pem
 
 
-@router.get("/pki/crl.pem", response_class=PlainTextResponse, responses=RATE_LIMITED)
-def crl(request: Request, session: Session = SessionDep) -> str:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return get_ctx(request).ca.crl(RevocationRepository(session).all()).public_bytes(Encoding.PEM).decode()
+@router.get(
+    "/pki/crl.pem",
+    response_class=PlainTextResponse,
+    responses={304: {"description": "not modified (If-None-Match / If-Modified-Since)"}, **RATE_LIMITED},
+)
+def crl(request: Request) -> Response:
+    """The fleet CA's CRL as last issued (server/devices/crl.py), with ETag and Last-Modified."""
+    doc = request.app.state.crl.current()
+    if doc is None:
+        detail = "no valid CRL could be issued; see the server log"
+        return JSONResponse({"detail": detail, "code": "unavailable"}, status_code=503)
+    if doc.not_modified(request.headers.get("if-none-match"), request.headers.get("if-modified-since")):
+        return Response(status_code=304, headers=doc.headers())
+    return Response(doc.pem, media_type="text/plain; charset=utf-8", headers=doc.headers())
