@@ -1,5 +1,5 @@
 """The pure parts of the HTTP guards: token buckets, client keys, route caps, conditional GETs of
-the CRL."""
+the CRL, fingerprint spelling."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from device_client.tlstrust import InsecureServerUrl, normalize_fingerprint, require_https
 from server.config import Settings
 from server.devices.crl import CrlDocument
 from server.http.bodylimit import body_limits
@@ -84,3 +85,19 @@ def test_crl_conditional_get():
     assert not doc.not_modified(None, "Wed, 02 Jan 2030 03:04:04 GMT")
     assert not doc.not_modified(None, "yesterday")
     assert not doc.not_modified(None, None)
+
+
+def test_fingerprints_and_server_urls():
+    hex64 = "ab" * 32
+    assert normalize_fingerprint(hex64.upper()) == hex64
+    assert normalize_fingerprint(":".join(["AB"] * 32)) == hex64
+    assert normalize_fingerprint(f"sha256:{hex64}") == hex64
+    assert normalize_fingerprint("SHA256 Fingerprint=" + ":".join(["AB"] * 32)) == hex64
+    for bad in ("ab" * 31, "zz" * 32, ""):
+        with pytest.raises(ValueError, match="is not a SHA-256 fingerprint"):
+            normalize_fingerprint(bad)
+    require_https("https://fleet.example")
+    require_https("http://127.0.0.1:8080", insecure_http=True)
+    for url in ("http://fleet.example", "ftp://fleet.example", "fleet.example"):
+        with pytest.raises(InsecureServerUrl):
+            require_https(url)
