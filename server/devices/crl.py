@@ -81,19 +81,15 @@ class PublishedCrl:
 
     def _read(self) -> CrlDocument | None:
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            with open(self.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                key = (st.st_ino, st.st_mtime_ns, st.st_size)
+                with self._lock:
+                    if key == self._key:
+                        return self._doc
+                pem = fh.read()
         except OSError:
             return None
-        try:
-            st = os.fstat(fd)
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
-            with self._lock:
-                if key == self._key:
-                    return self._doc
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                pem = fh.read()
-        finally:
-            os.close(fd)
         crl = self.ctx.ca.parse_crl(pem)
         if crl is None:
             return None

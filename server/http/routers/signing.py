@@ -23,6 +23,7 @@ from server.http.deps import Admin, Operator, SessionDep, get_ctx
 
 router = APIRouter(prefix="/api/v1/repository", tags=["repository"])
 
+
 async def _signed_metadata(request: Request) -> bytes:
     """Dependency: the request body, refused past ``Settings.max_signed_metadata_bytes`` (16 MiB by
     default: a listing of many thousands of bundles fits)."""
