@@ -57,7 +57,7 @@ class TlsServer(ServerThread):
 
 
 def _tls_server(settings, tmp_path: Path, public_url: str | None = None) -> TlsServer:
-    ca_file, cert, key = web_server_cert(tmp_path / "web", name=f"api{free_port()}")
+    ca_file, cert, key = web_server_cert(tmp_path / "web")
     port = free_port()
     server = TlsServer(
         settings.model_copy(update={
