@@ -49,14 +49,49 @@ def device() -> None:
 @data_dir_option
 @click.option("--device-id", default=None, help="device id (default: a generated dev-<hex>)")
 @click.option("--tags", multiple=True, help="expected tags k=v[,k=v] (the token's tags apply)")
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="verify the server's certificate with this CA (PEM) instead of the system's; kept for the daemon",
+)
+@click.option(
+    "--server-fingerprint",
+    default=None,
+    help="SHA-256 of the server's certificate (hex, colons allowed): only that certificate is accepted",
+)
+@click.option(
+    "--insecure-http",
+    is_flag=True,
+    help="allow a plain http:// server URL (a lab only: anyone on the path can take the device over)",
+)
 def enroll_cmd(
-    server_url: str, token: str, data_dir: Path, device_id: str | None, tags: tuple[str, ...]
+    server_url: str,
+    token: str,
+    data_dir: Path,
+    device_id: str | None,
+    tags: tuple[str, ...],
+    ca_file: Path | None,
+    server_fingerprint: str | None,
+    insecure_http: bool,
 ) -> None:
-    """Create this device's key, get it certified, and store the identity in DATA_DIR."""
+    """Create this device's key, get it certified, and store the identity in DATA_DIR.
+
+    The server must be https:// (verified against the system's CAs, --ca-file, or pinned with
+    --server-fingerprint) unless --insecure-http is given."""
     from .enroll import EnrollError, enroll
 
     try:
-        identity = enroll(server_url, token, data_dir, device_id=device_id, tags=_parse_tags(tags))
+        identity = enroll(
+            server_url,
+            token,
+            data_dir,
+            device_id=device_id,
+            tags=_parse_tags(tags),
+            insecure_http=insecure_http,
+            ca_file=ca_file,
+            server_fingerprint=server_fingerprint,
+        )
     except EnrollError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)

@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .tlstrust import normalize_fingerprint
+
 SYSTEM_DATA_DIR = Path("/var/lib/fleetota")
 LOCAL_DATA_DIR = Path("fleet-device")
 GIB = 1024**3
@@ -79,6 +81,9 @@ class DeviceSettings(BaseSettings):
     client_cert: Path | None = None
     client_key: Path | None = None
     ca_cert: Path | None = None
+    #: SHA-256 of the server's TLS certificate, replacing the one pinned at enrollment (after the
+    #: server's certificate was renewed); requests to the server accept only that certificate
+    server_fingerprint: str | None = None
 
     # update state machine (state.py)
     #: a crash during verify/install restarts it at most this many times, then the update fails
@@ -96,4 +101,6 @@ class DeviceSettings(BaseSettings):
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("client_cert and client_key go together")
+        if self.server_fingerprint is not None:
+            normalize_fingerprint(self.server_fingerprint)
         return self

@@ -16,6 +16,14 @@
        director.pem         the director's Ed25519 public key (verifies DesiredStates)  0644
                             (later superseded by director-keys.json, synced through TUF)
        tuf/root.json        the TUF trusted root the device pins from now on           0644
+       server-ca.crt        the CA given with --ca-file, if any (verifies the server)   0644
+
+The answer carries every trust anchor the device keeps, so the server must be reached over
+``https://``: plain ``http://`` is refused unless ``insecure_http`` (``--insecure-http``, a lab) is
+set, and so is an answer whose TUF metadata URL (where the device token goes) is plain HTTP. The
+server's certificate is verified against the system's CAs, or the CA file ``ca_file``, and/or must
+have the SHA-256 fingerprint ``server_fingerprint`` (:mod:`device_client.tlstrust`); both pins are
+stored in ``identity.json`` and hold for the daemon's later requests to the server too.
 
 Every file is written through a temp file, fsync and ``os.replace``. The key is written before the
 request (so a crash cannot leave a certificate without its key) and removed again if enrollment
@@ -33,9 +41,11 @@ import logging
 import os
 import platform
 import secrets
+import ssl
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
@@ -48,6 +58,7 @@ from .protocol import HardwareFacts, is_valid_device_id
 from .protocol.enrollment import EnrollRequest, EnrollResponse
 from .protocol.fsutil import atomic_write
 from .protocol.signing import public_key_from_pem
+from .tlstrust import client_context, normalize_fingerprint, require_https
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,7 @@ DIRECTOR_FILE = "director.pem"
 #: the director key list last synced from the image repository (replaces director.pem once present)
 DIRECTOR_KEYS_FILE = "director-keys.json"
 TUF_DIR = "tuf"
+SERVER_CA_FILE = "server-ca.crt"
 
 
 class EnrollError(Exception):
@@ -80,6 +92,13 @@ class Identity:
     data_dir: Path
     tags: dict[str, str] = field(default_factory=dict)
     requested_tags: dict[str, str] = field(default_factory=dict)
+    #: TLS pins of the server given at enrollment: a CA file in ``data_dir``, a certificate's SHA-256
+    server_ca: str | None = None
+    server_fingerprint: str | None = None
+
+    @property
+    def server_ca_file(self) -> Path | None:
+        return self.data_dir / self.server_ca if self.server_ca else None
 
     @property
     def key_file(self) -> Path:
@@ -163,6 +182,26 @@ def make_csr(device_id: str, key: ec.EllipticCurvePrivateKey) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
+def _server_trust(
+    server_url: str, insecure_http: bool, ca_file: Path | None, fingerprint: str | None
+) -> ssl.SSLContext | bool:
+    """What verifies the server (httpx's ``verify``); EnrollError for a refused URL or bad pins."""
+    try:
+        require_https(server_url, insecure_http=insecure_http)
+        if fingerprint is not None:
+            normalize_fingerprint(fingerprint)
+    except ValueError as exc:
+        raise EnrollError(str(exc)) from None
+    if ca_file is None and fingerprint is None:
+        return True
+    if urlsplit(server_url).scheme.lower() != "https":
+        raise EnrollError("--ca-file and --server-fingerprint pin TLS: they need an https:// server URL")
+    try:
+        return client_context(ca_file=ca_file, fingerprint=fingerprint)
+    except (OSError, ssl.SSLError) as exc:
+        raise EnrollError(f"cannot use the CA file {ca_file}: {exc}") from None
+
+
 def enroll(
     server_url: str,
     token: str,
@@ -171,13 +210,20 @@ def enroll(
     device_id: str | None = None,
     tags: dict[str, str] | None = None,
     timeout_s: float = 30.0,
-    verify: Any = True,
+    insecure_http: bool = False,
+    ca_file: Path | None = None,
+    server_fingerprint: str | None = None,
 ) -> Identity:
-    """Enroll this device with ``server_url`` and store its identity in ``data_dir``."""
+    """Enroll this device with ``server_url`` and store its identity in ``data_dir``.
+
+    ``server_url`` must be ``https://`` unless ``insecure_http``; ``ca_file`` and
+    ``server_fingerprint`` pin the server's TLS (see the module docstring)."""
     data_dir = Path(data_dir).absolute()
     device_id = device_id or new_device_id()
     if not is_valid_device_id(device_id):
         raise EnrollError(f"invalid device id {device_id!r}: use [a-z0-9][a-z0-9-]{{0,62}}")
+    verify = _server_trust(server_url, insecure_http, ca_file, server_fingerprint)
+    fingerprint = normalize_fingerprint(server_fingerprint) if server_fingerprint else None
     if (data_dir / IDENTITY_FILE).exists():
         raise EnrollError(f"{data_dir} is already enrolled ({IDENTITY_FILE} exists)")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -207,6 +253,12 @@ def enroll(
             raise EnrollError(f"unexpected enrollment response: {exc}") from None
         if resp.device_id != device_id:
             raise EnrollError(f"server enrolled {resp.device_id!r}, expected {device_id!r}")
+        if urlsplit(resp.tuf_metadata_url).scheme.lower() != "https" and not insecure_http:
+            raise EnrollError(
+                f"the server hands out a plain-HTTP TUF metadata URL ({resp.tuf_metadata_url}), where the "
+                "device token would cross the network in clear: set FLEET_PUBLIC_URL to the server's "
+                "https:// address (or enroll with --insecure-http in a lab)"
+            )
         cert = x509.load_pem_x509_certificate(resp.certificate_pem.encode())
         if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
             raise EnrollError("the issued certificate is not for this device's key")
@@ -218,6 +270,8 @@ def enroll(
         tuf_dir = data_dir / TUF_DIR
         tuf_dir.mkdir(exist_ok=True, mode=0o700)
         atomic_write(tuf_dir / "root.json", json.dumps(resp.tuf_root).encode(), 0o644)
+        if ca_file is not None:
+            atomic_write(data_dir / SERVER_CA_FILE, Path(ca_file).read_bytes(), 0o644)
         identity = Identity(
             device_id=device_id,
             server_url=server_url.rstrip("/"),
@@ -230,6 +284,8 @@ def enroll(
             data_dir=data_dir,
             tags=dict(resp.tags),
             requested_tags=dict(tags or {}),
+            server_ca=SERVER_CA_FILE if ca_file is not None else None,
+            server_fingerprint=fingerprint,
         )
         if tags and dict(tags) != dict(resp.tags):
             log.warning(

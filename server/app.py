@@ -18,10 +18,13 @@ from fastapi.responses import PlainTextResponse
 from server.catalog.signing import reconcile_published
 from server.config import Settings
 from server.context import ServerContext
+from server.devices.crl import PublishedCrl
 from server.devices.service import refresh_broker_crl
 from server.gctune import tune_gc
 from server.health.rollup import HealthRollupJob
+from server.http.bodylimit import BodyLimitMiddleware, body_limits
 from server.http.errors import ERROR_RESPONSES, install_error_handlers
+from server.http.ratelimit import RateLimitMiddleware, rate_rules
 from server.http.routers import admin, catalog, devices, rollouts, signing, tuf
 from server.mqtt.runtime import MqttRuntime
 from server.rollouts.engine import RolloutEngine
@@ -64,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await asyncio.to_thread(ServerContext.open, settings)
         app.state.ctx = ctx
+        app.state.crl = PublishedCrl(ctx)
         # the CRL the broker loads, from the database's revocations (before MQTT connects: a stale
         # one past its nextUpdate would refuse the server's own handshake)
         try:
@@ -104,6 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # outermost last: a rate-limited request is refused before its body cap is even looked at
+    app.add_middleware(BodyLimitMiddleware, limits=body_limits(settings))
+    app.add_middleware(RateLimitMiddleware, rules=rate_rules(settings))
     for module in (admin, devices, catalog, signing, rollouts, tuf):
         app.include_router(module.router, responses=ERROR_RESPONSES)
 

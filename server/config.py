@@ -91,7 +91,22 @@ class Settings(BaseSettings):
     health_rollup_interval_s: float = Field(default=300.0, gt=0)
     health_rollup_retention_s: int = Field(default=90 * 86400, ge=3600)
 
+    #: request body caps by route, enforced before a byte is read (server/http/bodylimit.py):
+    #: model pushes; bulk enrollment (1,000 CSRs, even RSA-8192 ones, fit); a signed targets PUT;
+    #: every other body (JSON: enrollment, rollouts, tags, tokens, ...)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_bulk_enroll_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_signed_metadata_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: token buckets per client address for the anonymous endpoints (server/http/ratelimit.py):
+    #: ``POST /api/v1/enroll`` and ``GET /api/v1/pki/crl.pem``; a rate of 0 turns a limit off
+    enroll_rate_per_s: float = Field(default=2.0, ge=0)
+    enroll_rate_burst: int = Field(default=60, ge=1)
+    crl_rate_per_s: float = Field(default=1.0, ge=0)
+    crl_rate_burst: int = Field(default=30, ge=1)
+    #: proxies whose ``X-Forwarded-For`` names the client (uvicorn's ``forwarded_allow_ips``):
+    #: comma-separated addresses or networks, ``*`` for any, empty for none (the peer address counts)
+    forwarded_allow_ips: str = "127.0.0.1,::1"
     enroll_token_ttl_s: int = Field(default=7 * 86400, ge=60)
     device_cert_days: int = Field(default=365, ge=1)
 

@@ -220,7 +220,8 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
         enroll_token = client.create_enroll_token({"fleet": "demo"}, uses=n_devices)["token"]
         for i in range(n_devices):
             device = DemoDevice(f"edge-{i + 1:02d}", root / f"edge-{i + 1:02d}", free_port())
-            enroll(server.url, enroll_token, device.data_dir, device_id=device.device_id)
+            # the demo's server speaks plain HTTP on loopback: a lab, as --insecure-http says
+            enroll(server.url, enroll_token, device.data_dir, device_id=device.device_id, insecure_http=True)
             _start_daemon(device, logs)
             devices.append(device)
         console.print(

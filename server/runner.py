@@ -86,8 +86,15 @@ def start_embedded_broker(settings: Settings) -> MosquittoProcess:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """Where and how uvicorn serves the app: the bind, and HTTPS when FLEET_TLS_CERT/KEY are set."""
-    options: dict[str, Any] = {"host": settings.host, "port": settings.port}
+    """Where and how uvicorn serves the app: the bind, HTTPS when FLEET_TLS_CERT/KEY are set, and
+    whose X-Forwarded-For names the client (FLEET_FORWARDED_ALLOW_IPS; rate limits key on it)."""
+    allow = settings.forwarded_allow_ips.strip()
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "proxy_headers": bool(allow),
+        "forwarded_allow_ips": allow or None,
+    }
     if settings.tls_cert is not None and settings.tls_key is not None:
         options.update(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
     return options

@@ -79,6 +79,9 @@ class Daemon:
             # the token is for the server; bundles may come from a static server or CDN
             token_origin=url_origin(self.identity.tuf_metadata_url),
             ca_cert=settings.ca_cert,
+            # the server's TLS pins of enrollment (device_client/tlstrust.py)
+            server_ca=self.identity.server_ca_file,
+            server_fingerprint=settings.server_fingerprint or self.identity.server_fingerprint,
             connect_timeout_s=settings.download_connect_timeout_s,
             read_timeout_s=settings.download_read_timeout_s,
         )

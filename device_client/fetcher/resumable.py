@@ -89,7 +89,7 @@ def download_resumable(
     if expected_length > max_bytes:
         raise TooLarge(f"{url}: {expected_length} bytes exceeds the cap of {max_bytes}")
     deadline = Deadline(deadline_s)
-    ssl_context = http.ssl_context() if urlsplit(url).scheme == "https" else None
+    ssl_context = http.ssl_context(url) if urlsplit(url).scheme == "https" else None
     io = _PassIO(url, deadline, http, ssl_context, on_response, on_progress, max(read_bytes, 1))
     for attempt in range(1, attempts + 1):
         try:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..config import DeviceSettings
+from ..tlstrust import client_context
 from .errors import DeadlineExceeded
 
 
@@ -21,7 +22,8 @@ class HttpSettings:
 
     Requests send ``Authorization: Bearer <device token>`` when a token is configured and present
     the device's client certificate when one is; TLS is verified against the fleet CA when
-    ``ca_cert`` is set, else against certifi's CAs."""
+    ``ca_cert`` is set, else against certifi's CAs, and the server's own origin against the pins
+    of enrollment (``server_ca`` / ``server_fingerprint``)."""
 
     token: str | None = None
     #: send ``token`` only to URLs of this origin (:func:`url_origin`; the daemon sets the server's),
@@ -30,6 +32,10 @@ class HttpSettings:
     client_cert: Path | None = None
     client_key: Path | None = None
     ca_cert: Path | None = None
+    #: pins for the server's origin (``token_origin``; every URL when that is None) given at
+    #: enrollment: its CA and/or the SHA-256 of its certificate (:mod:`device_client.tlstrust`)
+    server_ca: Path | None = None
+    server_fingerprint: str | None = None
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
     user_agent: str = "fleetota-device"
@@ -52,18 +58,56 @@ class HttpSettings:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """Server verification against ``ca_cert`` (the fleet CA) or, without one, certifi's CAs
-        (httpx's default), and the client certificate when one is configured."""
+    def pinned(self, url: str | None = None) -> bool:
+        """Whether requests to ``url`` (None: the server) are held to the server pins."""
+        if self.server_ca is None and not self.server_fingerprint:
+            return False
+        return url is None or self.token_origin is None or url_origin(url) == self.token_origin
+
+    def ssl_context(self, url: str | None = None) -> ssl.SSLContext:
+        """Server verification for ``url`` (None: the server): the server pins on its origin;
+        elsewhere ``ca_cert`` (the fleet CA) or, without one, certifi's CAs (httpx's default);
+        and the client certificate when one is configured."""
+        return self._context(self.pinned(url))
+
+    def _context(self, pinned: bool) -> ssl.SSLContext:
+        if pinned:
+            return client_context(
+                ca_file=self.server_ca or self.ca_cert,
+                fingerprint=self.server_fingerprint,
+                client_cert=self.client_cert,
+                client_key=self.client_key,
+            )
         if self.ca_cert is None and self.client_cert is None:
             return httpx.create_ssl_context(verify=True, trust_env=False)
-        ctx = ssl.create_default_context(cafile=str(self.ca_cert) if self.ca_cert else None)
-        if self.client_cert is not None and self.client_key is not None:
-            ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
-        return ctx
+        return client_context(ca_file=self.ca_cert, client_cert=self.client_cert, client_key=self.client_key)
 
     def client(self) -> httpx.Client:
-        return httpx.Client(verify=self.ssl_context(), follow_redirects=False, trust_env=False)
+        if not self.pinned() or self.token_origin is None:
+            return httpx.Client(verify=self.ssl_context(), follow_redirects=False, trust_env=False)
+        transport = _OriginTransport(
+            self.token_origin,
+            httpx.HTTPTransport(verify=self._context(True), trust_env=False),
+            httpx.HTTPTransport(verify=self._context(False), trust_env=False),
+        )
+        return httpx.Client(transport=transport, follow_redirects=False, trust_env=False)
+
+
+class _OriginTransport(httpx.BaseTransport):
+    """Requests to ``origin`` through one transport (the server, pinned), the rest another."""
+
+    def __init__(self, origin: str, own: httpx.BaseTransport, other: httpx.BaseTransport) -> None:
+        self.origin = origin
+        self.own = own
+        self.other = other
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        transport = self.own if url_origin(str(request.url)) == self.origin else self.other
+        return transport.handle_request(request)
+
+    def close(self) -> None:
+        self.own.close()
+        self.other.close()
 
 
 def url_origin(url: str) -> str:

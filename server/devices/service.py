@@ -205,8 +205,10 @@ class DeviceService:
 
     # -- enrollment --------------------------------------------------------------------------
     def enroll(self, req: EnrollRequest) -> EnrollResponse:
-        csr, device_id = parse_csr(req.csr_pem)
+        # the token first: an anonymous caller without one costs a hash lookup, never a signature
+        # check; a refused CSR rolls the use back with the rest of the transaction
         token = self._consume_enroll_token(req.token)
+        csr, device_id = parse_csr(req.csr_pem)
         if self.devices.exists(device_id):
             raise Conflict(f"device id {device_id!r} is already enrolled (or was decommissioned)")
         settings = self.ctx.settings
@@ -250,11 +252,11 @@ class DeviceService:
         """Enroll many devices in one transaction (all or none): each still has its own key,
         CSR (CN = device id), certificate, device token and audit entry, exactly as
         :meth:`enroll` would give it; the token's uses are consumed together."""
+        token = self._consume_enroll_token(req.token, uses=len(req.devices))  # before any CSR
         parsed = [(parse_csr(item.csr_pem), item) for item in req.devices]
         ids = [device_id for (_, device_id), _ in parsed]
         if len(set(ids)) != len(ids):
             raise Invalid("the batch names a device id more than once")
-        token = self._consume_enroll_token(req.token, uses=len(parsed))
         taken = self.devices.existing(ids)
         if taken:
             raise Conflict(f"device id {sorted(taken)[0]!r} is already enrolled (or was decommissioned)")

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm.exc import StaleDataError
 
 from server.errors import FleetError, Unauthorized
+from server.http.bodylimit import BodyTooLarge
 from server.trust.repository import SigningKeyUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         return JSONResponse(
             {"detail": exc.message, "code": exc.code}, status_code=exc.status_code, headers=headers
+        )
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        # a streamed body passed its route's cap (server/http/bodylimit.py); the rest stays unread
+        return JSONResponse(
+            {"detail": exc.detail, "code": "too_large"}, status_code=413, headers={"Connection": "close"}
         )
 
     @app.exception_handler(StaleDataError)

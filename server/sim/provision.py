@@ -28,8 +28,9 @@ from device_client.protocol.fsutil import atomic_write
 log = logging.getLogger(__name__)
 
 FLEET_FILE = "fleet.json"
-#: enroll through ``POST /api/v1/enroll/bulk`` from this many missing devices (``bulk=None``)
-BULK_FROM = 1000
+#: enroll through ``POST /api/v1/enroll/bulk`` from this many missing devices (``bulk=None``); fewer
+#: single requests stay within the server's per-address enrollment burst (FLEET_ENROLL_RATE_BURST)
+BULK_FROM = 50
 BULK_BATCH = 500
 IDS_DIR = "ids"
 ARCHES = ("x86_64", "aarch64")

@@ -29,6 +29,9 @@ from server.trust.keys import atomic_write, load_or_create_ec
 CA_KEY_FILE = "fleet-ca.key"
 CA_CERT_FILE = "fleet-ca.crt"
 MIN_RSA_BITS = 2048
+#: larger RSA keys (and exponents) only make verifying the CSR and later handshakes costly
+MAX_RSA_BITS = 8192
+MAX_RSA_EXPONENT = 2**32
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 #: how long a CRL is valid (its ``nextUpdate``); it is re-issued once less than half of this is left
 CRL_VALIDITY = timedelta(days=30)
@@ -54,7 +57,9 @@ def serial_hex(cert: x509.Certificate) -> str:
 
 
 def check_public_key(key: object) -> None:
-    """Accept EC P-256/P-384, Ed25519 and RSA >= 2048 bits; raise :class:`Invalid` otherwise."""
+    """Accept EC P-256/P-384, Ed25519 and RSA of 2048-8192 bits with an odd public exponent below
+    2^32 (65537 is the norm; a huge one makes every verification as slow as a signature); raise
+    :class:`Invalid` otherwise."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ACCEPTED_CURVES):
             raise Invalid(f"EC curve {key.curve.name} is not accepted (use P-256 or P-384)")
@@ -64,12 +69,18 @@ def check_public_key(key: object) -> None:
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             raise Invalid(f"RSA key of {key.key_size} bits is too small (minimum {MIN_RSA_BITS})")
+        if key.key_size > MAX_RSA_BITS:
+            raise Invalid(f"RSA key of {key.key_size} bits is too large (maximum {MAX_RSA_BITS})")
+        e = key.public_numbers().e
+        if e < 3 or e >= MAX_RSA_EXPONENT or e % 2 == 0:
+            raise Invalid("RSA public exponent is not accepted (use 65537; an odd number below 2^32)")
         return
     raise Invalid(f"key type {type(key).__name__} is not accepted")
 
 
 def parse_csr(csr_pem: str) -> tuple[x509.CertificateSigningRequest, str]:
-    """Load and check a device CSR: valid signature, acceptable key, CN a valid device id."""
+    """Load and check a device CSR: acceptable key (checked first: its size and exponent bound the
+    cost of the signature check), valid signature, CN a valid device id."""
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:
@@ -77,16 +88,16 @@ def parse_csr(csr_pem: str) -> tuple[x509.CertificateSigningRequest, str]:
     # cryptography parses lazily: a key on a curve it does not implement (secp112r1, ...) or a
     # malformed key or subject only raises here, as UnsupportedAlgorithm/ValueError/TypeError
     try:
+        public_key = csr.public_key()
+    except (UnsupportedAlgorithm, ValueError, TypeError) as exc:
+        raise Invalid(f"CSR public key is not supported: {exc}") from None
+    check_public_key(public_key)
+    try:
         signature_ok = csr.is_signature_valid
     except (UnsupportedAlgorithm, ValueError, TypeError) as exc:
         raise Invalid(f"CSR signature cannot be checked: {exc}") from None
     if not signature_ok:
         raise Invalid("CSR signature does not verify")
-    try:
-        public_key = csr.public_key()
-    except (UnsupportedAlgorithm, ValueError, TypeError) as exc:
-        raise Invalid(f"CSR public key is not supported: {exc}") from None
-    check_public_key(public_key)
     try:
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     except (ValueError, TypeError) as exc:
@@ -221,8 +232,15 @@ class FleetCA:
     def load_crl(self, path: Path) -> x509.CertificateRevocationList | None:
         """The CRL at ``path`` if it exists, parses and carries this CA's valid signature."""
         try:
-            crl = x509.load_pem_x509_crl(path.read_bytes())
-        except (OSError, ValueError):
+            return self.parse_crl(path.read_bytes())
+        except OSError:
+            return None
+
+    def parse_crl(self, pem: bytes) -> x509.CertificateRevocationList | None:
+        """The PEM CRL ``pem`` if it parses and carries this CA's valid signature."""
+        try:
+            crl = x509.load_pem_x509_crl(pem)
+        except ValueError:
             return None
         try:
             ok = crl.issuer == self.cert.subject and crl.is_signature_valid(self.key.public_key())

@@ -43,7 +43,7 @@ def auth(live, role: str = "operator") -> dict[str, str]:
 def enroll_device(live, data_dir: Path, device_id: str) -> Identity:
     r = httpx.post(f"{live.url}/api/v1/enroll-tokens", json={}, headers=auth(live))
     r.raise_for_status()
-    return enroll(live.url, r.json()["token"], data_dir, device_id=device_id)
+    return enroll(live.url, r.json()["token"], data_dir, device_id=device_id, insecure_http=True)
 
 
 def device_settings(data_dir: Path, **overrides: Any) -> DeviceSettings:

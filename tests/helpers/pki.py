@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -43,3 +45,17 @@ def key_pem(key) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+def web_server_cert(directory: Path, name: str = "api") -> tuple[Path, Path, Path]:
+    """(CA file, certificate, key) of a TLS server certificate for 127.0.0.1, issued by a CA of
+    its own in ``directory/<name>-ca`` (what ``FLEET_TLS_CERT`` / ``FLEET_TLS_KEY`` take)."""
+    from server.trust.keys import atomic_write, private_key_pem
+    from server.trust.pki import CA_CERT_FILE, FleetCA, cert_pem
+
+    ca = FleetCA(directory / f"{name}-ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert, keyfile = directory / f"{name}.crt", directory / f"{name}.key"
+    atomic_write(cert, cert_pem(ca.issue_server(key.public_key(), "fleet-api", [], ["127.0.0.1"])).encode())
+    atomic_write(keyfile, private_key_pem(key), mode=0o600)
+    return directory / f"{name}-ca" / CA_CERT_FILE, cert, keyfile

@@ -45,7 +45,7 @@ class Fleet:
         token = self.client.create_enroll_token(self.tags, uses=n)["token"]
         self.ids = [f"{prefix}-{i:02d}" for i in range(n)]
         for device_id in self.ids:
-            enroll(live.url, token, root / device_id, device_id=device_id)
+            enroll(live.url, token, root / device_id, device_id=device_id, insecure_http=True)
         self.daemons: dict[str, Daemon] = {}
 
     def use_server(self, live) -> None:

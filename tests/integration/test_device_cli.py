@@ -60,7 +60,7 @@ def test_device_enroll_stores_the_identity_with_its_modes(live_server, tmp_path)
 
     done = fleet(
         "device", "enroll", "--server", live.url, "--token", token, "--data-dir", str(data),
-        "--device-id", "cli-dev", "--tags", "site=lab, ring=canary", "--tags", "hw=pi",
+        "--device-id", "cli-dev", "--tags", "site=lab, ring=canary", "--tags", "hw=pi", "--insecure-http",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "enrolled as cli-dev" in done.stdout
@@ -85,7 +85,9 @@ def test_device_enroll_stores_the_identity_with_its_modes(live_server, tmp_path)
     assert {name: mode(data / name) for name in modes} == modes
     assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == sorted(set(modes) - {"."})
 
-    again = fleet("device", "enroll", "--server", live.url, "--token", token, "--data-dir", str(data))
+    again = fleet(
+        "device", "enroll", "--server", live.url, "--token", token, "--data-dir", str(data), "--insecure-http"
+    )  # fmt: skip
     assert again.returncode == 1
     assert "already enrolled" in again.stderr
 

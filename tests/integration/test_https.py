@@ -4,33 +4,20 @@ uvicorn's ``ssl_certfile`` / ``ssl_keyfile`` (the alternative to a TLS-terminati
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from server.config import Settings
 from server.mqtt.broker import free_port
 from server.runner import ServerThread, check_bind
-from server.trust.keys import atomic_write, private_key_pem
-from server.trust.pki import CA_CERT_FILE, FleetCA, cert_pem
-
-
-def _server_cert(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """(CA file, certificate, key) of a server certificate for 127.0.0.1 from a CA of its own."""
-    ca = FleetCA(tmp_path / "web-ca")
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert, keyfile = tmp_path / "api.crt", tmp_path / "api.key"
-    atomic_write(cert, cert_pem(ca.issue_server(key.public_key(), "fleet-api", [], ["127.0.0.1"])).encode())
-    atomic_write(keyfile, private_key_pem(key), mode=0o600)
-    return tmp_path / "web-ca" / CA_CERT_FILE, cert, keyfile
+from tests.helpers.pki import web_server_cert
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_api_serves_https_with_fleet_tls_cert_and_key(settings, tmp_path):
-    ca_file, cert, key = _server_cert(tmp_path)
+    ca_file, cert, key = web_server_cert(tmp_path)
     assert ca_file.exists()
     port = free_port()
     live = ServerThread(
@@ -49,7 +36,7 @@ def test_the_api_serves_https_with_fleet_tls_cert_and_key(settings, tmp_path):
 
 
 def test_tls_settings_go_together_and_make_the_default_public_url_https(tmp_path, monkeypatch):
-    _, cert, key = _server_cert(tmp_path)
+    _, cert, key = web_server_cert(tmp_path)
     monkeypatch.setenv("FLEET_TLS_CERT", str(cert))
     monkeypatch.setenv("FLEET_TLS_KEY", str(key))
     s = Settings(data_dir=tmp_path / "data", host="0.0.0.0", port=8443, allow_insecure_bind=False)
@@ -70,7 +57,7 @@ def test_fleet_server_run_takes_the_tls_files_as_options(tmp_path, monkeypatch):
 
     from server.cli import main
 
-    _, cert, _ = _server_cert(tmp_path)
+    _, cert, _ = web_server_cert(tmp_path)
     monkeypatch.setenv("FLEET_DATA_DIR", str(tmp_path / "data"))
     result = CliRunner().invoke(main, ["server", "run", "--tls-cert", str(cert)])
     assert result.exit_code == 2, result.output

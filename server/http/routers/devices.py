@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy.orm import Session
 
 from device_client.protocol.enrollment import EnrollRequest, EnrollResponse
 from server.admin.schemas import Principal
-from server.devices.repository import RevocationRepository
 from server.devices.schemas import (
     BulkEnrollRequest,
     BulkEnrollResponse,
@@ -26,6 +27,7 @@ from server.devices.service import DeviceService, device_out
 from server.devices.tables import DeviceStatus
 from server.devices.tags import parse_tag_expr
 from server.http.deps import Admin, Operator, SessionDep, Viewer, get_ctx
+from server.http.errors import ErrorOut
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 
@@ -64,7 +66,13 @@ def enroll_bulk(
     return _service(request, session).enroll_many(body, who)
 
 
-@router.post("/enroll", status_code=201)
+#: the anonymous endpoints answer 429 with Retry-After past their per-address rate (ratelimit.py)
+RATE_LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorOut, "description": "too many requests from this address (Retry-After)"}
+}
+
+
+@router.post("/enroll", status_code=201, responses=RATE_LIMITED)
 def enroll(body: EnrollRequest, request: Request, session: Session = SessionDep) -> EnrollResponse:
     """Enroll a device: one enrollment token, a CSR (CN = device id) and its hardware facts."""
     return _service(request, session).enroll(body)
@@ -146,8 +154,17 @@ def ca_certificate(request: Request) -> str:
     return get_ctx(request).ca.cert_pem
 
 
-@router.get("/pki/crl.pem", response_class=PlainTextResponse)
-def crl(request: Request, session: Session = SessionDep) -> str:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return get_ctx(request).ca.crl(RevocationRepository(session).all()).public_bytes(Encoding.PEM).decode()
+@router.get(
+    "/pki/crl.pem",
+    response_class=PlainTextResponse,
+    responses={304: {"description": "not modified (If-None-Match / If-Modified-Since)"}, **RATE_LIMITED},
+)
+def crl(request: Request) -> Response:
+    """The fleet CA's CRL as last issued (server/devices/crl.py), with ETag and Last-Modified."""
+    doc = request.app.state.crl.current()
+    if doc is None:
+        detail = "no valid CRL could be issued; see the server log"
+        return JSONResponse({"detail": detail, "code": "unavailable"}, status_code=503)
+    if doc.not_modified(request.headers.get("if-none-match"), request.headers.get("if-modified-since")):
+        return Response(status_code=304, headers=doc.headers())
+    return Response(doc.pem, media_type="text/plain; charset=utf-8", headers=doc.headers())

@@ -23,20 +23,19 @@ from server.http.deps import Admin, Operator, SessionDep, get_ctx
 
 router = APIRouter(prefix="/api/v1/repository", tags=["repository"])
 
-#: signed targets metadata larger than this is refused (a listing of many thousands of bundles fits)
-MAX_SIGNED_METADATA_BYTES = 16 * 1024 * 1024
-
 
 async def _signed_metadata(request: Request) -> bytes:
-    """Dependency: the request body, refused past :data:`MAX_SIGNED_METADATA_BYTES`."""
-    too_large = PayloadTooLarge(f"signed metadata larger than {MAX_SIGNED_METADATA_BYTES} bytes")
+    """Dependency: the request body, refused past ``Settings.max_signed_metadata_bytes`` (16 MiB by
+    default: a listing of many thousands of bundles fits)."""
+    limit = get_ctx(request).settings.max_signed_metadata_bytes
+    too_large = PayloadTooLarge(f"signed metadata larger than {limit} bytes")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_SIGNED_METADATA_BYTES:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_SIGNED_METADATA_BYTES:
+        if len(body) > limit:
             raise too_large
     return bytes(body)
 
