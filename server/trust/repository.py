@@ -91,9 +91,10 @@ LOCK_FILE = ".lock"
 STAGED_TARGETS = "staged/targets.json"
 #: how far beyond the targets lifetime an offline signer may date ``expires`` (clock skew)
 _EXPIRY_SLACK = timedelta(hours=1)
-_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]*)\.root\.json$")
+_ROOT_FILE_RE = re.compile(r"([1-9][0-9]*)\.root\.json", re.ASCII)
 #: one path segment of a target path: no empty, dot-only or hidden segments, no separators
-_TARGET_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
+#: (``fullmatch``, like every name check: ``match`` with ``$`` would let a final newline through)
+_TARGET_SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}", re.ASCII)
 _HASH_ALGORITHM = "sha256"
 _COPY_CHUNK = 1024 * 1024
 
@@ -129,7 +130,7 @@ def check_target_path(path: str) -> str:
     if not path or len(path) > 512:
         raise InvalidTargetPath(f"target path must be 1..512 characters: {path!r}")
     for segment in path.split("/"):
-        if not _TARGET_SEGMENT_RE.match(segment) or segment in (".", ".."):
+        if not _TARGET_SEGMENT_RE.fullmatch(segment) or segment in (".", ".."):
             raise InvalidTargetPath(f"unsafe target path {path!r}")
     return path
 
@@ -288,7 +289,7 @@ class ImageRepository:
     def _root_versions(self) -> list[int]:
         if not self.metadata_dir.is_dir():
             return []
-        found = (_ROOT_FILE_RE.match(p.name) for p in self.metadata_dir.iterdir())
+        found = (_ROOT_FILE_RE.fullmatch(p.name) for p in self.metadata_dir.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
     def _root(self) -> Metadata[Root]:
