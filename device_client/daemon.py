@@ -162,12 +162,8 @@ class Daemon:
         self.store = StateStore(self.data_dir)
         self.journal = ReportJournal(self.data_dir / JOURNAL_DIR)
         self.hosts: dict[str, ModelHost] = {}
-        self.api = InferenceServer(
-            self.hosts,
-            host=settings.api_host,
-            port=settings.api_port,
-            max_body_bytes=settings.api_max_body_bytes,
-            extra_health=lambda: {"rejected_messages": self.rejected_messages()},
+        self.api = InferenceServer.from_settings(
+            self.hosts, settings, extra_health=lambda: {"rejected_messages": self.rejected_messages()}
         )
         self.http = HttpSettings(
             token=self.identity.device_token,
