@@ -59,6 +59,10 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - compared with, not bound
 
 
+class ApiConfigError(ValueError):
+    """The API's settings cannot be used (an empty token); the daemon does not start."""
+
+
 class _HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -87,7 +91,7 @@ def load_api_token(settings: DeviceSettings) -> str | None:
     if settings.api_token is not None:
         token = settings.api_token.get_secret_value().strip()
         if not token:
-            raise ValueError("FLEET_DEVICE_API_TOKEN is empty")
+            raise ApiConfigError("FLEET_DEVICE_API_TOKEN is empty")
         return token
     path = settings.data_dir / TOKEN_FILE
     try:
@@ -95,7 +99,7 @@ def load_api_token(settings: DeviceSettings) -> str | None:
     except FileNotFoundError:
         return None
     if not token:
-        raise ValueError(f"{path} is empty: remove it or put the API's bearer token in it")
+        raise ApiConfigError(f"{path} is empty: remove it or put the API's bearer token in it")
     return token
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_client.api import InferenceServer, load_api_token
+from device_client.api import ApiConfigError, InferenceServer, load_api_token
 from device_client.config import DeviceSettings
 from device_client.protocol.bundle import extract_bundle
 from device_client.runtime import ModelHost
@@ -231,7 +231,7 @@ def test_the_token_file_in_the_data_dir(tmp_path):
     assert load_api_token(settings) == "from-the-file-0123456789"
     assert load_api_token(DeviceSettings(data_dir=tmp_path, api_token="env-wins")) == "env-wins"
     (tmp_path / "api-token").write_text("\n")
-    with pytest.raises(ValueError, match="api-token is empty"):
+    with pytest.raises(ApiConfigError, match="api-token is empty"):
         load_api_token(settings)
 
     (tmp_path / "api-token").write_text("from-the-file-0123456789")
