@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import DeviceSettings
+from .config import API_TOKEN_FILE, DeviceSettings
 from .runtime import BadInput, InferenceError, InferenceResult, ModelHost, NoModel
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,6 @@ JSON_TYPE = "application/json"
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_TIMEOUT_S = 10.0
-#: the bearer token of the local API, if this file exists in the data dir (FLEET_DEVICE_API_TOKEN wins)
-TOKEN_FILE = "api-token"  # noqa: S105 - a file name
 #: names that always reach this device (a browser sends the attacker's name under DNS rebinding)
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - compared with, not bound
@@ -93,7 +91,7 @@ def load_api_token(settings: DeviceSettings) -> str | None:
         if not token:
             raise ApiConfigError("FLEET_DEVICE_API_TOKEN is empty")
         return token
-    path = settings.data_dir / TOKEN_FILE
+    path = settings.data_dir / API_TOKEN_FILE
     try:
         token = path.read_text().strip()
     except FileNotFoundError:

@@ -15,6 +15,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SYSTEM_DATA_DIR = Path("/var/lib/fleetota")
+#: the local API's bearer token, if this file exists in the data dir (FLEET_DEVICE_API_TOKEN wins)
+API_TOKEN_FILE = "api-token"  # noqa: S105 - a file name
 LOCAL_DATA_DIR = Path("fleet-device")
 GIB = 1024**3
 MIB = 1024**2

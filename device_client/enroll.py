@@ -44,9 +44,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
+from .config import API_TOKEN_FILE
 from .protocol import HardwareFacts, is_valid_device_id
 from .protocol.enrollment import EnrollRequest, EnrollResponse
-from .protocol.fsutil import atomic_write
+from .protocol.fsutil import atomic_write, private_dir
 from .protocol.signing import public_key_from_pem
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ DIRECTOR_FILE = "director.pem"
 #: the director key list last synced from the image repository (replaces director.pem once present)
 DIRECTOR_KEYS_FILE = "director-keys.json"
 TUF_DIR = "tuf"
+#: what in the data dir only the daemon may read
+SECRET_FILES = (KEY_FILE, IDENTITY_FILE, API_TOKEN_FILE)
 
 
 class EnrollError(Exception):
@@ -118,14 +121,19 @@ class Identity:
 
     @classmethod
     def load(cls, data_dir: Path) -> Identity:
+        """The stored identity; its directory is tightened to 0700 and the device key, the
+        identity (it holds the device token) and the API token file to 0600 (each change logged)."""
         path = Path(data_dir) / IDENTITY_FILE
         try:
             doc = json.loads(path.read_bytes())
-            return cls(data_dir=Path(data_dir).absolute(), **doc)
+            identity = cls(data_dir=Path(data_dir).absolute(), **doc)
         except FileNotFoundError:
             raise EnrollError(f"{path} not found: run `fleet device enroll` first") from None
         except (ValueError, TypeError) as exc:
             raise EnrollError(f"{path} is unreadable: {exc}") from None
+        for change in private_dir(identity.data_dir, SECRET_FILES):
+            log.warning("tightened the permissions of a secret file or directory: %s", change)
+        return identity
 
 
 def hardware_facts() -> HardwareFacts:

@@ -76,6 +76,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from device_client.protocol.fsutil import create_temp
 from server.trust.keys import atomic_write, load_or_create_ed25519, load_private_key
 
 log = logging.getLogger(__name__)
@@ -565,13 +566,12 @@ class ImageRepository:
 
     def _copy_target(self, local_file: Path, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd, tmp = create_temp(dest, 0o644)  # a random new file: nothing planted there is followed
         try:
-            with open(local_file, "rb") as src, open(tmp, "wb") as out:
+            with os.fdopen(fd, "wb") as out, open(local_file, "rb") as src:
                 shutil.copyfileobj(src, out, _COPY_CHUNK)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
