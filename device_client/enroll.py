@@ -132,7 +132,7 @@ class Identity:
         except (ValueError, TypeError) as exc:
             raise EnrollError(f"{path} is unreadable: {exc}") from None
         for change in private_dir(identity.data_dir, SECRET_FILES):
-            log.warning("tightened the permissions of a secret file or directory: %s", change)
+            log.warning("permissions of a secret file or directory: %s", change)
         return identity
 
 

@@ -27,8 +27,9 @@ def fsync_dir(path: Path) -> None:
 
 
 def create_temp(path: Path, mode: int = 0o644) -> tuple[int, Path]:
-    """A new, empty file beside ``path`` (``.<name>.<random>.tmp``) open for writing, with ``mode``
-    from the start (umask aside): ``(fd, temp path)``. It is never an existing file or link."""
+    """A new, empty file beside ``path`` (``.<name>.<random>.tmp``) open for writing, with exactly
+    ``mode`` from the start (whatever the umask): ``(fd, temp path)``. It is never an existing file
+    or link."""
     for _ in range(16):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         try:
@@ -66,28 +67,27 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-def restrict_mode(path: Path, mode: int) -> int | None:
-    """Take from ``path`` every permission bit ``mode`` does not grant; its old mode if that
-    changed anything, else None. A symlink is left alone (its target is not ours to change)."""
+def restrict_mode(path: Path, mode: int) -> str | None:
+    """Take from ``path`` every permission bit ``mode`` does not grant; a line saying what changed
+    (or why it could not: a file of another owner, a read-only mount), None if nothing had to. A
+    symlink is left alone (its target is not ours to change)."""
     st = os.lstat(path)
     old = stat.S_IMODE(st.st_mode)
     if stat.S_ISLNK(st.st_mode) or old & ~mode == 0:
         return None
-    os.chmod(path, old & mode)
-    return old
+    try:
+        os.chmod(path, old & mode)
+    except OSError as exc:
+        return f"{path}: {old:o}, cannot tighten it to {old & mode:o} ({exc.strerror})"
+    return f"{path}: {old:o} -> {old & mode:o}"
 
 
 def private_dir(path: Path, secret_files: Iterable[str] = ()) -> list[str]:
     """Create ``path`` 0700, or tighten an existing one to at most 0700 and the files in it that
-    match the glob patterns ``secret_files`` to at most 0600; one line per change made."""
+    match the glob patterns ``secret_files`` to at most 0600; one line per change made (or not
+    possible)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    changes = []
-    old = restrict_mode(path, 0o700)
-    if old is not None:
-        changes.append(f"{path}: {old:o} -> {old & 0o700:o}")
+    changes = [restrict_mode(path, 0o700)]
     for pattern in secret_files:
-        for file in sorted(path.glob(pattern)):
-            old = restrict_mode(file, 0o600) if file.is_file() else None
-            if old is not None:
-                changes.append(f"{file}: {old:o} -> {old & 0o600:o}")
-    return changes
+        changes += [restrict_mode(f, 0o600) for f in sorted(path.glob(pattern)) if f.is_file()]
+    return [c for c in changes if c is not None]

@@ -30,7 +30,7 @@ def secure_key_dir(key_dir: Path) -> None:
     (a copy, a restore or an older release may have left them readable by others); each change
     is logged."""
     for change in private_dir(key_dir, KEY_FILES):
-        log.warning("tightened the permissions of a key file or directory: %s", change)
+        log.warning("permissions of a key file or directory: %s", change)
 
 
 def private_key_pem(key: PrivateKeyTypes) -> bytes:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from device_client.daemon import Daemon
-from device_client.protocol.fsutil import atomic_write
+from device_client.protocol.fsutil import atomic_write, private_dir
 from device_client.state import DeviceState
 from device_client.store import TMP_FILE, StateStore
 from server.runner import start_embedded_broker
@@ -125,3 +125,21 @@ def test_publishing_a_target_never_follows_a_planted_symlink(tmp_path):
     repo.add_target(path, tar, {"model": "clf", "version": "1.0.0", "release": 1, "variant": "default"})
     assert victim.read_bytes() == b"precious"
     assert repo.target_file(path).read_bytes() == tar.read_bytes()
+
+
+def test_tightening_only_ever_removes_permission_bits(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o750)
+    os.chmod(keys, 0o750)
+    (keys / "a.key").write_bytes(b"a")
+    os.chmod(keys / "a.key", 0o400)  # stricter than asked: left as it is
+    (keys / "b.key").write_bytes(b"b")
+    os.chmod(keys / "b.key", 0o664)
+    (keys / "c.key").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_bytes(b"x")
+    os.chmod(tmp_path / "elsewhere", 0o644)
+    changes = private_dir(keys, ("*.key",))
+    assert changes == [f"{keys}: 750 -> 700", f"{keys / 'b.key'}: 664 -> 600"]
+    assert (_mode(keys), _mode(keys / "a.key"), _mode(keys / "b.key")) == (0o700, 0o400, 0o600)
+    assert _mode(tmp_path / "elsewhere") == 0o644  # a link's target is not ours to change
+    assert private_dir(keys, ("*.key",)) == []
