@@ -16,24 +16,33 @@ In-process callers use :meth:`device_client.runtime.ModelHost.infer` directly. O
   reason code (``malformed``, ``bad_signature``, ``replayed``, ...).
 
 Status codes: 400 bad input (unknown/missing input, wrong shape or dtype, malformed JSON or npy),
-404 unknown path or model, 411 no Content-Length, 413 body over ``max_body_bytes`` (refused before
-reading it), 500 the model raised, 503 no model loaded. Every error body is
-``{"error": "<message>"}``; no request can crash the server.
+401 no or a wrong bearer token (when one is configured), 404 unknown path or model, 408 body not
+received in time, 411 no Content-Length, 413 body over ``max_body_bytes`` (refused before reading
+it), 415 a POST that is neither JSON nor npy, 421 a ``Host`` header that is not this device
+(DNS rebinding), 500 the model raised, 503 no model loaded or every connection slot busy. Every
+error body is ``{"error": "<message>"}``; no request can crash the server.
+
+Each connection gets ``timeout_s`` to deliver a whole request (line, headers and body) and at most
+``max_connections`` are served at once; over the cap a connection gets a 503 at once and no thread.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import logging
+import socket
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 
+from .config import API_TOKEN_FILE, DeviceSettings
 from .runtime import BadInput, InferenceError, InferenceResult, ModelHost, NoModel
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,15 @@ log = logging.getLogger(__name__)
 NPY_TYPE = "application/x-npy"
 JSON_TYPE = "application/json"
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_TIMEOUT_S = 10.0
+#: names that always reach this device (a browser sends the attacker's name under DNS rebinding)
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - compared with, not bound
+
+
+class ApiConfigError(ValueError):
+    """The API's settings cannot be used (an empty token); the daemon does not start."""
 
 
 class _HttpError(Exception):
@@ -58,6 +76,101 @@ def _jsonable(arr: np.ndarray) -> Any:
     return arr.tolist()
 
 
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, without port, brackets or a final dot, lowercased."""
+    value = header.strip().lower()
+    if value.startswith("["):  # [::1]:8500
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0].rstrip(".") if value.count(":") == 1 else value.rstrip(".")
+
+
+def load_api_token(settings: DeviceSettings) -> str | None:
+    """``FLEET_DEVICE_API_TOKEN``, else the contents of ``<data_dir>/api-token``, else None."""
+    if settings.api_token is not None:
+        token = settings.api_token.get_secret_value().strip()
+        if not token:
+            raise ApiConfigError("FLEET_DEVICE_API_TOKEN is empty")
+        return token
+    path = settings.data_dir / API_TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not token:
+        raise ApiConfigError(f"{path} is empty: remove it or put the API's bearer token in it")
+    return token
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's bytes, each read bounded by what is left of the request's deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them; over that, a 503 and close."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int
+    ) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        #: connections turned away because every slot was busy
+        self.refused = 0
+        self._last_warning = 0.0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_warning > 60:
+            self._last_warning = now
+            log.warning("inference API: all %d connection slots busy; refusing (%d so far)",
+                        self.max_connections, self.refused)  # fmt: skip
+        body = json.dumps({"error": f"busy: {self.max_connections} connections are being served"}).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+
+
 class InferenceServer:
     """HTTP front of one or several :class:`ModelHost` objects (``hosts`` may change at run time)."""
 
@@ -69,14 +182,52 @@ class InferenceServer:
         port: int = 8500,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         extra_health: Callable[[], Mapping[str, Any]] | None = None,
+        allowed_hosts: Iterable[str] = (),
+        token: str | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.hosts: Mapping[str, ModelHost] = {hosts.name: hosts} if isinstance(hosts, ModelHost) else hosts
         self.bind = (host, port)
         self.max_body_bytes = max_body_bytes
         #: more fields for ``GET /v1/health`` (the daemon's rejection counters)
         self.extra_health = extra_health
-        self._server: ThreadingHTTPServer | None = None
+        #: ``Host`` names answered: loopback names, the bind address unless it is a wildcard, and these
+        named = {host_name(h) for h in allowed_hosts if h.strip()}
+        if host not in _ANY_ADDRESS:
+            named.add(host_name(host))
+        self.allowed_hosts = frozenset(LOCAL_HOSTS | named)
+        self._token = token.encode() if token else None
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
+        self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        hosts: Mapping[str, ModelHost] | ModelHost,
+        settings: DeviceSettings,
+        *,
+        extra_health: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> InferenceServer:
+        """The API as ``FLEET_DEVICE_API_*`` configure it (token from the env or the token file)."""
+        return cls(
+            hosts,
+            host=settings.api_host,
+            port=settings.api_port,
+            max_body_bytes=settings.api_max_body_bytes,
+            extra_health=extra_health,
+            allowed_hosts=settings.api_allowed_hosts.split(","),
+            token=load_api_token(settings),
+            max_connections=settings.api_max_connections,
+            timeout_s=settings.api_timeout_s,
+        )
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections turned away with a 503 because every slot was busy."""
+        return self._server.refused if self._server is not None else 0
 
     @property
     def port(self) -> int:
@@ -92,8 +243,7 @@ class InferenceServer:
         """Bind (port 0 picks a free port) and serve in a background thread."""
         if self._server is not None:
             return
-        server = ThreadingHTTPServer(self.bind, _make_handler(self))
-        server.daemon_threads = True
+        server = _BoundedServer(self.bind, _make_handler(self), self.max_connections)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="fleet-api", daemon=True
@@ -123,6 +273,21 @@ class InferenceServer:
         if host is None:
             raise _HttpError(404, f"no model {name!r} is hosted")
         return host
+
+    def check_access(self, host_header: str | None, authorization: str | None) -> None:
+        """421 for a ``Host`` that is not this device, 401 without the configured bearer token."""
+        name = host_name(host_header or "")
+        if name not in self.allowed_hosts:
+            raise _HttpError(
+                HTTPStatus.MISDIRECTED_REQUEST,
+                f"Host {(host_header or '')[:100]!r} is not this device "
+                "(add it to FLEET_DEVICE_API_ALLOWED_HOSTS to allow it)",
+            )
+        if self._token is None:
+            return
+        scheme, _, value = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self._token):
+            raise _HttpError(HTTPStatus.UNAUTHORIZED, "a valid bearer token is required")
 
     def health(self) -> dict[str, Any]:
         models = {name: host.status() for name, host in sorted(self.hosts.items())}
@@ -184,7 +349,28 @@ def _make_handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
+        def setup(self) -> None:
+            super().setup()
+            # every read of a request is bounded by one deadline: a client that sends half a
+            # request, or drips it, loses its connection after timeout_s instead of holding a slot
+            self.rfile.close()
+            self._reader = _DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self._reader)
+
+        def handle_one_request(self) -> None:
+            self._reader.deadline = time.monotonic() + api.timeout_s
+            super().handle_one_request()
+
+        def _guard(self) -> None:
+            """Host and token checks before anything else; a refused request's body stays unread."""
+            try:
+                api.check_access(self.headers.get("Host"), self.headers.get("Authorization"))
+            except _HttpError:
+                self.close_connection = True
+                raise
+
         def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
+            self.connection.settimeout(api.timeout_s)  # a client that does not read is let go too
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -199,9 +385,15 @@ def _make_handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
             self._send(status, json.dumps(obj).encode(), JSON_TYPE, headers or {})
 
         def _error(self, status: int, message: str) -> None:
-            self._json(status, {"error": message})
+            extra = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
+            self._json(status, {"error": message}, extra)
 
         def do_GET(self) -> None:
+            try:
+                self._guard()
+            except _HttpError as exc:
+                self._error(exc.status, exc.message)
+                return
             if self.path.split("?")[0] == "/v1/health":
                 self._json(200, api.health())
             else:
@@ -209,6 +401,7 @@ def _make_handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             try:
+                self._guard()
                 self._post()
             except _HttpError as exc:
                 self._error(exc.status, exc.message)
@@ -227,9 +420,16 @@ def _make_handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self._drain()
                 raise _HttpError(404, f"no route POST {self.path}")
+            # JSON or npy only: a browser sends neither cross-origin without a CORS preflight,
+            # which this API never grants, so no web page can make it run a model
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype not in (JSON_TYPE, NPY_TYPE):
+                self._drain()
+                raise _HttpError(
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {JSON_TYPE} or {NPY_TYPE}"
+                )
             body = self._body()
             host = api.host_for(name)
-            ctype = (self.headers.get("Content-Type") or JSON_TYPE).split(";")[0].strip().lower()
             result, as_npy = api.infer(host, ctype, body)
             who = {"X-Fleet-Model": result.model, "X-Fleet-Model-Version": result.version}
             if as_npy:
@@ -260,16 +460,25 @@ def _make_handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
             if n > api.max_body_bytes:
                 self.close_connection = True  # the unread body must not be parsed as a request
                 raise _HttpError(413, f"body of {n} bytes exceeds the limit of {api.max_body_bytes}")
-            return self.rfile.read(n)
+            try:
+                body = self.rfile.read(n)
+            except TimeoutError:
+                body = b""
+            if len(body) != n:
+                self.close_connection = True
+                raise _HttpError(HTTPStatus.REQUEST_TIMEOUT, f"body of {n} bytes not received in time")
+            return body
 
         def _drain(self) -> None:
             try:
                 n = self._length()
             except _HttpError:
                 return
-            if n <= api.max_body_bytes:
-                self.rfile.read(n)
-            else:
+            try:
+                drained = len(self.rfile.read(n)) == n if n <= api.max_body_bytes else False
+            except TimeoutError:
+                drained = False
+            if not drained:
                 self.close_connection = True
 
     return Handler

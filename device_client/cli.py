@@ -105,6 +105,7 @@ def enroll_cmd(
 @click.option("-v", "--verbose", is_flag=True)
 def run_cmd(data_dir: Path, verbose: bool) -> None:
     """Run the device daemon until SIGTERM/SIGINT (settings: FLEET_DEVICE_* variables)."""
+    from .api import ApiConfigError
     from .config import DeviceSettings
     from .daemon import configure_logging, run
     from .enroll import EnrollError
@@ -112,7 +113,7 @@ def run_cmd(data_dir: Path, verbose: bool) -> None:
     configure_logging(verbose)
     try:
         run(DeviceSettings(data_dir=data_dir))
-    except EnrollError as exc:
+    except (EnrollError, ApiConfigError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)
 

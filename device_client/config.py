@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .tlstrust import normalize_fingerprint
 
 SYSTEM_DATA_DIR = Path("/var/lib/fleetota")
+#: the local API's bearer token, if this file exists in the data dir (FLEET_DEVICE_API_TOKEN wins)
+API_TOKEN_FILE = "api-token"  # noqa: S105 - a file name
 LOCAL_DATA_DIR = Path("fleet-device")
 GIB = 1024**3
 MIB = 1024**2
@@ -42,6 +44,15 @@ class DeviceSettings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8500, ge=0, le=65535)
     api_max_body_bytes: int = Field(default=16 * MIB, ge=1024)
+    #: more ``Host`` names the API answers besides localhost, 127.0.0.1, ::1 and ``api_host``
+    #: (comma-separated); any other name is a 421, which defeats DNS rebinding from a browser
+    api_allowed_hosts: str = ""
+    #: bearer token every API request must carry; unset: ``<data_dir>/api-token`` if it exists
+    api_token: SecretStr | None = None
+    #: connections served at once (a thread each); more get a 503 at once
+    api_max_connections: int = Field(default=32, ge=1, le=4096)
+    #: time a connection has to deliver each whole request (line, headers, body), and to read an answer
+    api_timeout_s: float = Field(default=10.0, gt=0)
 
     # onnxruntime host (runtime/)
     intra_op_threads: int = Field(default=1, ge=1)

@@ -54,9 +54,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
+from .config import API_TOKEN_FILE
 from .protocol import HardwareFacts, is_valid_device_id
 from .protocol.enrollment import EnrollRequest, EnrollResponse
-from .protocol.fsutil import atomic_write
+from .protocol.fsutil import atomic_write, private_dir
 from .protocol.signing import public_key_from_pem
 from .tlstrust import client_context, normalize_fingerprint, require_https
 
@@ -71,6 +72,8 @@ DIRECTOR_FILE = "director.pem"
 DIRECTOR_KEYS_FILE = "director-keys.json"
 TUF_DIR = "tuf"
 SERVER_CA_FILE = "server-ca.crt"
+#: what in the data dir only the daemon may read
+SECRET_FILES = (KEY_FILE, IDENTITY_FILE, API_TOKEN_FILE)
 
 
 class EnrollError(Exception):
@@ -137,14 +140,19 @@ class Identity:
 
     @classmethod
     def load(cls, data_dir: Path) -> Identity:
+        """The stored identity; its directory is tightened to 0700 and the device key, the
+        identity (it holds the device token) and the API token file to 0600 (each change logged)."""
         path = Path(data_dir) / IDENTITY_FILE
         try:
             doc = json.loads(path.read_bytes())
-            return cls(data_dir=Path(data_dir).absolute(), **doc)
+            identity = cls(data_dir=Path(data_dir).absolute(), **doc)
         except FileNotFoundError:
             raise EnrollError(f"{path} not found: run `fleet device enroll` first") from None
         except (ValueError, TypeError) as exc:
             raise EnrollError(f"{path} is unreadable: {exc}") from None
+        for change in private_dir(identity.data_dir, SECRET_FILES):
+            log.warning("permissions of a secret file or directory: %s", change)
+        return identity
 
 
 def hardware_facts() -> HardwareFacts:

@@ -73,7 +73,7 @@ class ReportJournal:
         self._acked = max(self._seqs("*.acked"), default=0)
 
     def _seqs(self, pattern: str) -> list[int]:
-        return [int(p.stem) for p in self.dir.glob(pattern) if p.stem.isdigit()]
+        return [int(p.stem) for p in self.dir.glob(pattern) if p.stem.isascii() and p.stem.isdigit()]
 
     def _path(self, seq: int) -> Path:
         return self.dir / f"{seq:020d}.json"

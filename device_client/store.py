@@ -152,7 +152,11 @@ class StateStore:
         tmp = self.data_dir / TMP_FILE
         try:
             with _disk_errors("saving state"):
-                with open(tmp, "wb") as fh:
+                # a new file: whatever was left or planted at the temp path (a symlink) is removed,
+                # never followed
+                tmp.unlink(missing_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())

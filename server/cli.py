@@ -159,10 +159,20 @@ def _local_ctx() -> Any:
     return ServerContext.open(Settings())
 
 
+def _ttl(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from server.admin.schemas import parse_ttl
+
+    try:
+        return None if value is None else parse_ttl(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @admin_token.command("create")
 @click.option("--role", type=click.Choice(["admin", "operator", "viewer"]), required=True)
 @click.option("--name", default=None, help="a label for the token")
-def admin_token_create(role: str, name: str | None) -> None:
+@click.option("--ttl", callback=_ttl, help="expire after this long: 90s, 15m, 12h, 30d (default: never)")
+def admin_token_create(role: str, name: str | None, ttl: int | None) -> None:
     """Create a token and print it (only its hash is stored)."""
     from server.admin.service import CLI_PRINCIPAL, AdminService
     from server.admin.tables import Role
@@ -170,7 +180,8 @@ def admin_token_create(role: str, name: str | None) -> None:
     ctx = _local_ctx()
     try:
         with ctx.db.session_scope() as session:
-            created = AdminService(session).create_token(name or f"{role}-token", Role(role), CLI_PRINCIPAL)
+            service = AdminService(session)
+            created = service.create_token(name or f"{role}-token", Role(role), CLI_PRINCIPAL, ttl_s=ttl)
     finally:
         ctx.close()
     click.echo(created.token)
@@ -186,13 +197,19 @@ def admin_token_list() -> None:
             tokens = AdminService(session).list_tokens(include_revoked=True)
     finally:
         ctx.close()
-    table = Table("id", "name", "role", "created", "revoked")
+    from server.db import utcnow
+
+    table = Table("id", "name", "role", "created", "expires", "revoked")
     for t in tokens:
+        expires = "never"
+        if t.expires_at is not None:
+            expires = f"{t.expires_at:%Y-%m-%d %H:%M}" + (" (expired)" if t.expires_at <= utcnow() else "")
         table.add_row(
             t.id,
             t.name,
             t.role.value,
             f"{t.created_at:%Y-%m-%d %H:%M}",
+            expires,
             f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
         )
     console.print(table)

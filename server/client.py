@@ -92,8 +92,11 @@ class FleetClient:
         return r.json()
 
     # -- admin ---------------------------------------------------------------------------------
-    def create_admin_token(self, name: str, role: str) -> dict[str, Any]:
-        return self._call("POST", "/api/v1/admin/tokens", json={"name": name, "role": role})
+    def create_admin_token(self, name: str, role: str, ttl_s: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "role": role}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        return self._call("POST", "/api/v1/admin/tokens", json=body)
 
     def list_admin_tokens(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/v1/admin/tokens")

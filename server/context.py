@@ -13,6 +13,7 @@ from server.db import Database
 from server.metrics import Metrics
 from server.migrate import upgrade_head
 from server.trust.director import Director
+from server.trust.keys import secure_key_dir
 from server.trust.pki import FleetCA
 from server.trust.repository import ImageRepository
 
@@ -33,7 +34,7 @@ class ServerContext:
         """Create directories and keys on first use, migrate the database, open everything."""
         for d in (settings.data_dir, settings.repo_dir):
             d.mkdir(parents=True, exist_ok=True)
-        settings.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_key_dir(settings.key_dir)
         if migrate:
             upgrade_head(settings.database_url)
         repo = ImageRepository(

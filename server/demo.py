@@ -166,11 +166,12 @@ def _rollout(
 
 
 def _admin_token(ctx: Any) -> str:
-    from server.admin.service import CLI_PRINCIPAL, AdminService
+    from server.admin.service import BOOTSTRAP_TOKEN_TTL_S, CLI_PRINCIPAL, AdminService
     from server.admin.tables import Role
 
     with ctx.db.session_scope() as session:
-        return AdminService(session).create_token("demo", Role.admin, CLI_PRINCIPAL).token
+        service = AdminService(session)
+        return service.create_token("demo", Role.admin, CLI_PRINCIPAL, ttl_s=BOOTSTRAP_TOKEN_TTL_S).token
 
 
 #: marks a directory as a demo's work directory, which a later ``--workdir`` run may replace

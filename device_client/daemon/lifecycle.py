@@ -67,12 +67,8 @@ class Daemon:
         self.journal = ReportJournal(self.data_dir / JOURNAL_DIR)
         self.keeper = StateKeeper(self.store)
         self.slots = Slots(settings, self.keeper)
-        self.api = InferenceServer(
-            self.slots.hosts,
-            host=settings.api_host,
-            port=settings.api_port,
-            max_body_bytes=settings.api_max_body_bytes,
-            extra_health=lambda: {"rejected_messages": self.rejected_messages()},
+        self.api = InferenceServer.from_settings(
+            self.slots.hosts, settings, extra_health=lambda: {"rejected_messages": self.rejected_messages()}
         )
         self.http = HttpSettings(
             token=self.identity.device_token,

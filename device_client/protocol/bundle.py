@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import BundleError
 from .messages import MODEL_NAME_PATTERN, SEMVER_PATTERN, VARIANT_PATTERN, Payload
@@ -26,7 +26,8 @@ from .messages import MODEL_NAME_PATTERN, SEMVER_PATTERN, VARIANT_PATTERN, Paylo
 MANIFEST_MEMBER = "bundle.json"
 MODEL_MEMBER = "model.onnx"
 VALIDATION_MEMBER = "validation.npz"
-MEMBER_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+#: matched with ``fullmatch`` (``match`` with ``$`` would let a final newline through)
+MEMBER_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}", re.ASCII)
 MAX_MANIFEST_BYTES = 1024 * 1024
 DEFAULT_MAX_MEMBER_BYTES = 2 * 1024**3
 DEFAULT_MAX_TOTAL_BYTES = 4 * 1024**3
@@ -93,6 +94,14 @@ class BundleManifest(Payload):
     members: dict[str, MemberInfo]
     created_at: datetime | None = None
 
+    @field_validator("members")
+    @classmethod
+    def _member_names(cls, members: dict[str, MemberInfo]) -> dict[str, MemberInfo]:
+        for name in members:
+            if not MEMBER_NAME_RE.fullmatch(name) or name == MANIFEST_MEMBER:
+                raise ValueError(f"invalid member name {name!r}")
+        return members
+
 
 def file_sha256(path: Path) -> tuple[int, str]:
     """(length, hex sha256) of a file, streamed."""
@@ -119,7 +128,7 @@ def build_bundle(dest: Path, manifest_fields: dict[str, Any], files: dict[str, P
     The tar is deterministic for the same inputs (fixed mtime, owner and order).
     """
     for name in files:
-        if not MEMBER_NAME_RE.match(name) or name == MANIFEST_MEMBER:
+        if not MEMBER_NAME_RE.fullmatch(name) or name == MANIFEST_MEMBER:
             raise BundleError(f"invalid member name {name!r}")
     members = {}
     for name in sorted(files):
@@ -146,7 +155,7 @@ def _check_member(member: tarfile.TarInfo) -> None:
     if not member.isreg():
         kind = "link" if (member.issym() or member.islnk()) else "non-regular member"
         raise BundleError(f"bundle contains a {kind}: {name!r}")
-    if "/" in name or not MEMBER_NAME_RE.match(name):
+    if "/" in name or not MEMBER_NAME_RE.fullmatch(name):
         raise BundleError(f"member name not allowed: {name!r}")
 
 

@@ -15,7 +15,8 @@ PREFIX = "fleet/v1/d"
 #: device ids are DNS-label-like; they are also the CN of the device certificate and the MQTT
 #: username the broker derives from it, so they must never contain ``+``, ``#`` or ``/``.
 DEVICE_ID_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
-DEVICE_ID_RE = re.compile(rf"^{DEVICE_ID_PATTERN}$")
+#: always ``fullmatch``: with ``match``, ``$`` also matches before a final newline ("dev-a\n")
+DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN, re.ASCII)
 #: the shared-subscription group of the server replicas
 SERVER_SHARE_GROUP = "fleet-server"
 #: CN/username of the server's own MQTT client certificate. It contains ``_``, which no device id
@@ -34,7 +35,7 @@ DEVICE_TO_SERVER = (TopicKind.report, TopicKind.health, TopicKind.presence)
 
 
 def is_valid_device_id(device_id: str) -> bool:
-    return bool(DEVICE_ID_RE.match(device_id))
+    return isinstance(device_id, str) and DEVICE_ID_RE.fullmatch(device_id) is not None
 
 
 def device_topic(device_id: str, kind: TopicKind | str) -> str:

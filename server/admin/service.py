@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from server.admin.repository import AdminTokenRepository, AuditRepository
-from server.admin.schemas import AuditOut, AuditPage, Principal, TokenCreated, TokenOut
+from server.admin.schemas import MAX_TOKEN_TTL_S, AuditOut, AuditPage, Principal, TokenCreated, TokenOut
 from server.admin.tables import AdminToken, AuditEntry, Role
 from server.db import utcnow
 from server.errors import Invalid, NotFound, Unauthorized
@@ -33,6 +34,8 @@ def parse_id_cursor(cursor: str, what: str) -> int:
 
 #: the principal of commands run on the server host itself (``fleet admin token create``)
 CLI_PRINCIPAL = Principal(actor="cli", role=Role.admin)
+#: lifetime of the admin tokens ``fleet demo`` and the embedded simulator make for themselves
+BOOTSTRAP_TOKEN_TTL_S = 86400
 
 
 def audit(
@@ -60,13 +63,21 @@ class AdminService:
         self.session = session
         self.tokens = AdminTokenRepository(session)
 
-    def create_token(self, name: str, role: Role, by: Principal) -> TokenCreated:
+    def create_token(self, name: str, role: Role, by: Principal, ttl_s: int | None = None) -> TokenCreated:
+        """A new token; with ``ttl_s`` (1 s to 10 years) it expires that many seconds from now."""
+        if ttl_s is not None and not 1 <= ttl_s <= MAX_TOKEN_TTL_S:
+            raise Invalid(f"ttl_s must be between 1 and {MAX_TOKEN_TTL_S} seconds")
         token_id = new_id()
         token, secret_hash = new_token(ADMIN_PREFIX, token_id)
-        row = self.tokens.add(
-            AdminToken(id=token_id, name=name, role=role, secret_hash=secret_hash, created_by=by.actor)
-        )
-        audit(self.session, by, "token.create", "admin_token", token_id, {"name": name, "role": role.value})
+        now = utcnow()
+        expires_at = now + timedelta(seconds=ttl_s) if ttl_s is not None else None
+        row = AdminToken(id=token_id, name=name, role=role, secret_hash=secret_hash, created_by=by.actor)
+        row.created_at, row.expires_at = now, expires_at
+        self.tokens.add(row)
+        details: dict[str, Any] = {"name": name, "role": role.value}
+        if expires_at is not None:
+            details["expires_at"] = expires_at.isoformat()
+        audit(self.session, by, "token.create", "admin_token", token_id, details)
         return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=token)
 
     def list_tokens(self, include_revoked: bool = False) -> list[TokenOut]:
@@ -82,11 +93,14 @@ class AdminService:
         return TokenOut.model_validate(row)
 
     def authenticate(self, bearer: str) -> Principal:
-        """The principal of a bearer token; :class:`Unauthorized` if unknown, malformed or revoked."""
+        """The principal of a bearer token; :class:`Unauthorized` if unknown, malformed, revoked or
+        expired."""
         row = authenticate_token(bearer, ADMIN_PREFIX, "admin", self.tokens.get, lambda t: t.secret_hash)
         if row.revoked_at is not None:
             raise Unauthorized("admin token has been revoked")
         now = utcnow()
+        if row.expires_at is not None and now >= row.expires_at:
+            raise Unauthorized(f"admin token expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC")
         # keep last_used_at coarse so that reads do not write on every call
         if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
             row.last_used_at = now

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from device_client.protocol.bundle import TensorSpec, ValidationSpec
-from device_client.protocol.messages import MODEL_NAME_PATTERN, SEMVER_PATTERN, VARIANT_PATTERN
+from device_client.protocol.messages import MODEL_NAME_RE, SEMVER_RE, VARIANT_RE
 from server.catalog.tables import VersionStatus
 from server.errors import Invalid
 
-MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
-SEMVER_RE = re.compile(SEMVER_PATTERN)
-VARIANT_RE = re.compile(VARIANT_PATTERN)
 #: the bundle file's name inside each target directory
 BUNDLE_BASENAME = "bundle.tar"
 
 
 def check_model_name(name: str) -> str:
-    if not MODEL_NAME_RE.match(name):
+    if not MODEL_NAME_RE.fullmatch(name):
         raise Invalid(
             f"invalid model name {name!r}: lowercase letters, digits, '.', '_', '-'; 1-64 characters"
         )
@@ -29,13 +25,13 @@ def check_model_name(name: str) -> str:
 
 
 def check_version(version: str) -> str:
-    if len(version) > 64 or not SEMVER_RE.match(version):
+    if len(version) > 64 or not SEMVER_RE.fullmatch(version):
         raise Invalid(f"invalid version {version!r}: expected a semantic version such as 1.2.0")
     return version
 
 
 def check_variant(variant: str) -> str:
-    if not VARIANT_RE.match(variant):
+    if not VARIANT_RE.fullmatch(variant):
         raise Invalid(
             f"invalid variant {variant!r}: lowercase letters, digits, '.', '_', '-'; 1-32 characters"
         )

@@ -13,22 +13,24 @@ import re
 
 from server.errors import Invalid
 
-TAG_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-TAG_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+#: matched with ``fullmatch`` (``match`` with ``$`` would let a final newline through)
+TAG_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}", re.ASCII)
+TAG_VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}", re.ASCII)
 MAX_TAGS = 32
 
 
 def check_tag(key: str, value: str) -> tuple[str, str]:
-    if not TAG_KEY_RE.match(key):
+    if not TAG_KEY_RE.fullmatch(key):
         raise Invalid(f"invalid tag key {key!r}: lowercase letters, digits, '_', '.', '-'; max 63")
-    if not TAG_VALUE_RE.match(value):
+    if not TAG_VALUE_RE.fullmatch(value):
         raise Invalid(f"invalid tag value {value!r} for {key!r}: letters, digits, '_.:/-'; max 128")
     return key, value
 
 
 def parse_tag_expr(expr: str) -> tuple[str, str]:
     """``key:value`` or ``key=value`` (the first separator splits) into a checked pair."""
-    m = re.match(r"^([^:=]*)[:=](.*)$", expr.strip())
+    # spaces around it are trimmed; anything else (a newline, a tab) is left to the checks to refuse
+    m = re.fullmatch(r"([^:=]*)[:=](.*)", expr.strip(" "), re.DOTALL)
     if not m:
         raise Invalid(f"invalid tag {expr!r}: expected key:value or key=value")
     return check_tag(m.group(1), m.group(2))

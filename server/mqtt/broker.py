@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from device_client.protocol.topics import PREFIX, SERVER_MQTT_USERNAME
 from server.mqtt.identity import is_server_identity
-from server.trust.keys import atomic_write, write_private_key
+from server.trust.keys import atomic_write, secure_key_dir, write_private_key
 from server.trust.pki import FleetCA, crl_entries
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def write_broker_config(
     it an existing CRL is kept, but re-issued with the same entries once it nears its
     ``nextUpdate`` (an expired CRL makes OpenSSL refuse every handshake).
     """
-    outdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secure_key_dir(outdir)  # it holds the broker's and the server's MQTT keys
     (outdir / "data").mkdir(exist_ok=True)
     atomic_write(outdir / CA_FILE, ca.cert_pem.encode())
     if not (outdir / BROKER_KEY).exists():

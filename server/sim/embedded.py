@@ -52,7 +52,7 @@ def start_embedded(
     """Mosquitto (for ``n_devices`` connections) and a server on free loopback ports. The broker
     ACL also admits the servers named ``replica_names`` (replicas started later, with the same
     ``ingest_processes``)."""
-    from server.admin.service import CLI_PRINCIPAL, AdminService
+    from server.admin.service import BOOTSTRAP_TOKEN_TTL_S, CLI_PRINCIPAL, AdminService
     from server.admin.tables import Role
 
     raise_open_files(2 * n_devices + 4096)
@@ -91,5 +91,8 @@ def start_embedded(
         broker.stop()
         raise
     with server.ctx.db.session_scope() as session:
-        token = AdminService(session).create_token("simulator", Role.admin, CLI_PRINCIPAL).token
+        created = AdminService(session).create_token(
+            "simulator", Role.admin, CLI_PRINCIPAL, ttl_s=BOOTSTRAP_TOKEN_TTL_S
+        )
+    token = created.token
     return Embedded(settings=settings, broker=broker, server=server, admin_token=token)

@@ -1,7 +1,8 @@
-"""Private key files: created 0600, written atomically, loaded by role name."""
+"""Private key files: created 0600 in 0700 directories, written atomically, loaded by role name."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -9,9 +10,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from device_client.protocol.fsutil import atomic_write
+from device_client.protocol.fsutil import atomic_write, private_dir
 
-__all__ = ["atomic_write", "load_or_create_ec", "load_or_create_ed25519", "write_private_key"]
+__all__ = [
+    "atomic_write",
+    "load_or_create_ec",
+    "load_or_create_ed25519",
+    "secure_key_dir",
+    "write_private_key",
+]
+
+log = logging.getLogger(__name__)
+#: the private keys in a key directory (key_dir, broker_dir)
+KEY_FILES = ("*.key",)
+
+
+def secure_key_dir(key_dir: Path) -> None:
+    """Create ``key_dir`` 0700, or tighten an existing one to 0700 and its ``*.key`` files to 0600
+    (a copy, a restore or an older release may have left them readable by others); each change
+    is logged."""
+    for change in private_dir(key_dir, KEY_FILES):
+        log.warning("permissions of a key file or directory: %s", change)
 
 
 def private_key_pem(key: PrivateKeyTypes) -> bytes:
@@ -21,8 +40,8 @@ def private_key_pem(key: PrivateKeyTypes) -> bytes:
 
 
 def write_private_key(path: Path, key: PrivateKeyTypes) -> None:
-    """Store ``key`` as unencrypted PKCS#8 PEM readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Store ``key`` as unencrypted PKCS#8 PEM readable by the owner only, in a 0700 directory."""
+    secure_key_dir(path.parent)
     atomic_write(path, private_key_pem(key), mode=0o600)
 
 

@@ -39,6 +39,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from device_client.protocol.fsutil import create_temp
 from server.trust.keys import atomic_write, load_or_create_ed25519, load_private_key
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,10 @@ LOCK_FILE = ".lock"
 STAGED_TARGETS = "staged/targets.json"
 #: how far beyond the targets lifetime an offline signer may date ``expires`` (clock skew)
 _EXPIRY_SLACK = timedelta(hours=1)
-_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]*)\.root\.json$")
+_ROOT_FILE_RE = re.compile(r"([1-9][0-9]*)\.root\.json", re.ASCII)
 #: one path segment of a target path: no empty, dot-only or hidden segments, no separators
-_TARGET_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
+#: (``fullmatch``, like every name check: ``match`` with ``$`` would let a final newline through)
+_TARGET_SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}", re.ASCII)
 _HASH_ALGORITHM = "sha256"
 _COPY_CHUNK = 1024 * 1024
 
@@ -92,7 +94,7 @@ def check_target_path(path: str) -> str:
     if not path or len(path) > 512:
         raise InvalidTargetPath(f"target path must be 1..512 characters: {path!r}")
     for segment in path.split("/"):
-        if not _TARGET_SEGMENT_RE.match(segment) or segment in (".", ".."):
+        if not _TARGET_SEGMENT_RE.fullmatch(segment) or segment in (".", ".."):
             raise InvalidTargetPath(f"unsafe target path {path!r}")
     return path
 
@@ -251,7 +253,7 @@ class ImageRepository:
     def _root_versions(self) -> list[int]:
         if not self.metadata_dir.is_dir():
             return []
-        found = (_ROOT_FILE_RE.match(p.name) for p in self.metadata_dir.iterdir())
+        found = (_ROOT_FILE_RE.fullmatch(p.name) for p in self.metadata_dir.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
     def _root(self) -> Metadata[Root]:
@@ -527,13 +529,12 @@ class ImageRepository:
 
     def _copy_target(self, local_file: Path, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd, tmp = create_temp(dest, 0o644)  # a random new file: nothing planted there is followed
         try:
-            with open(local_file, "rb") as src, open(tmp, "wb") as out:
+            with os.fdopen(fd, "wb") as out, open(local_file, "rb") as src:
                 shutil.copyfileobj(src, out, _COPY_CHUNK)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -117,7 +117,9 @@ def test_body_too_large_is_refused_unread(served) -> None:
     _, server = served
     big = json.dumps({"inputs": {"x": np.zeros((5000, 4)).tolist()}}).encode()
     assert len(big) > 64 * 1024
-    status, headers, data = Client(server.port).request("POST", "/v1/infer", big)
+    status, headers, data = Client(server.port).request(
+        "POST", "/v1/infer", big, {"Content-Type": "application/json"}
+    )
     assert status == 413
     assert "exceeds the limit" in json.loads(data)["error"]
     assert headers.get("Connection") == "close"

@@ -63,3 +63,39 @@ def test_downgrading_the_rollout_row_version_keeps_the_deployments(database_url)
         upgrade_head(database_url)
     finally:
         engine.dispose()
+
+
+def test_admin_tokens_made_before_expiry_existed_never_expire(database_url):
+    """0008 adds ``admin_tokens.expires_at``: tokens made before it keep working (NULL: until
+    revoked), and its downgrade drops only the column."""
+    from alembic import command
+
+    from server.admin.service import AdminService
+    from server.db import Database
+    from server.migrate import alembic_config
+    from server.security import hash_secret
+
+    command.upgrade(alembic_config(database_url), "0007")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO admin_tokens (id, name, role, secret_hash, created_at) VALUES "
+                "('0123456789ab', 'old', 'admin', :h, '2026-01-01 00:00:00')"
+            ), {"h": hash_secret("s" * 43)})  # fmt: skip
+        upgrade_head(database_url)
+        db = Database(database_url)
+        try:
+            with db.session_scope() as session:
+                principal = AdminService(session).authenticate(f"fa.0123456789ab.{'s' * 43}")
+                assert principal.token_id == "0123456789ab"
+                assert AdminService(session).list_tokens()[0].expires_at is None
+        finally:
+            db.dispose()
+        command.downgrade(alembic_config(database_url), "0007")
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT count(*) FROM admin_tokens")) == 1
+            assert "expires_at" not in {c["name"] for c in sa.inspect(conn).get_columns("admin_tokens")}
+        upgrade_head(database_url)
+    finally:
+        engine.dispose()

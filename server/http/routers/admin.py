@@ -21,7 +21,7 @@ def list_tokens(
 
 @router.post("/admin/tokens", status_code=201)
 def create_token(body: TokenCreate, session: Session = SessionDep, who: Principal = Admin) -> TokenCreated:
-    return AdminService(session).create_token(body.name, body.role, who)
+    return AdminService(session).create_token(body.name, body.role, who, body.ttl_s)
 
 
 @router.delete("/admin/tokens/{token_id}")

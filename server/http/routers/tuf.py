@@ -45,8 +45,11 @@ from server.trust.repository import InvalidTargetPath, check_target_path
 
 router = APIRouter(tags=["tuf"])
 
-METADATA_NAME_RE = re.compile(r"^(?:(?:[1-9][0-9]{0,9})\.(?:root|targets|snapshot)|timestamp|root)\.json$")
-_RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+#: both matched with ``fullmatch`` (``match`` with ``$`` lets a final newline through)
+METADATA_NAME_RE = re.compile(
+    r"(?:(?:[1-9][0-9]{0,9})\.(?:root|targets|snapshot)|timestamp|root)\.json", re.ASCII
+)
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII)
 #: byte positions past this are all "beyond any file"; bounds int() (4,300-digit limit, a 500)
 _RANGE_POS_CAP = 2**63
 CHUNK_BYTES = 1024 * 1024
@@ -69,7 +72,7 @@ Downloader = Depends(_downloader)
 @router.get("/tuf/metadata/{filename}")
 def metadata(filename: str, request: Request) -> Response:
     """A TUF metadata file (public)."""
-    if not METADATA_NAME_RE.match(filename):
+    if not METADATA_NAME_RE.fullmatch(filename):
         raise NotFound(f"no metadata file {filename!r}")
     path = get_ctx(request).repo.metadata_dir / filename
     try:
@@ -116,7 +119,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header:
         return None
-    m = _RANGE_RE.match(header.strip().replace(" ", ""))
+    m = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
     if m is None:
         return None
     first, last = m.group(1), m.group(2)
