@@ -540,14 +540,14 @@ def model_sign(
 
 
 def _check_staged_bundles(client: FleetClient, listed: list[dict[str, Any]]) -> None:
-    """Download each bundle about to be listed and check it against what will be signed: length,
-    sha256, a safe bundle whose members match its manifest, and the manifest's name, version,
-    release and variant against the target's custom fields. Any mismatch: nothing is signed."""
+    """Download and check each bundle about to be listed (server/catalog/staged_check.py), with a
+    progress bar each; any mismatch is an error and nothing is signed."""
     import tempfile
+    from typing import BinaryIO
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from device_client.protocol.bundle import BundleError, extract_bundle, file_sha256
+    from server.catalog.staged_check import StagedBundleMismatch, check_staged_bundles
 
     with (
         tempfile.TemporaryDirectory(prefix="fleet-sign-") as tmp,
@@ -556,24 +556,15 @@ def _check_staged_bundles(client: FleetClient, listed: list[dict[str, Any]]) -> 
             console=err_console, transient=True,
         ) as progress,
     ):
-        for n, target in enumerate(listed):
-            path = Path(tmp) / f"{n}.tar"
+
+        def download(target: dict[str, Any], fh: BinaryIO) -> None:
             task = progress.add_task(f"checking {target['path']}", total=target["length"])
-            with open(path, "wb") as fh:
-                client.download_target(target["file"], fh, lambda k, t=task: progress.advance(t, k))
-            if file_sha256(path) != (target["length"], target["sha256"]):
-                _fail(f"{target['path']}: stored bundle differs from its staged length or sha256; not signed")
-            try:
-                manifest = extract_bundle(path, Path(tmp) / f"{n}.d")
-            except BundleError as exc:
-                _fail(f"{target['path']}: not a valid bundle ({escape(str(exc))}); nothing signed")
-                raise  # unreachable: _fail exits
-            custom = target.get("custom", {})
-            got = {"model": manifest.name, "version": manifest.version, "release": manifest.release,
-                   "variant": manifest.variant}
-            want = {k: custom.get(k) for k in got}
-            if got != want:
-                _fail(f"{target['path']}: its manifest says {got}, the target says {want}; nothing signed")
+            client.download_target(target["file"], fh, lambda k: progress.advance(task, k))
+
+        try:
+            check_staged_bundles(listed, download, Path(tmp))
+        except StagedBundleMismatch as exc:
+            _fail(escape(str(exc)))
 
 
 from device_client.cli import device as device_cli  # noqa: E402  (device-only deps: click, rich)
