@@ -9,12 +9,10 @@ install (``pip install fleetota[device]``) can run ``fleet device ...``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -765,93 +763,36 @@ def keys() -> None:
 _KEY_PATH = click.Path(dir_okay=False, path_type=Path)
 
 
-def _local_repo() -> Any:
-    """The server's image repository from FLEET_* settings (no database needed)."""
+def _database_url() -> str:
+    """The database key changes are audited in: the one ``fleet admin token create`` uses."""
     from server.config import Settings
-    from server.trust.repository import ImageRepository
+
+    return Settings().database_url
+
+
+def _local_repo() -> Any:
+    """The server's image repository from FLEET_* settings (no database needed), with an
+    interrupted rotation completed or discarded first."""
+    from server.admin.key_audit import KeyAuditError, record_key_change
+    from server.config import Settings
+    from server.trust.local_repo import NoImageRepository, existing_image_repository
     from server.trust.rotation import finish_pending
 
-    settings = Settings()
-    repo = ImageRepository(
-        settings.repo_dir,
-        settings.key_dir,
-        root_expiry_s=settings.root_expiry_s,
-        targets_expiry_s=settings.targets_expiry_s,
-        snapshot_expiry_s=settings.snapshot_expiry_s,
-        timestamp_expiry_s=settings.timestamp_expiry_s,
-    )
-    if not (settings.repo_dir / "metadata").is_dir():
-        _fail(f"no image repository in {settings.repo_dir} (start the server once, or set FLEET_DATA_DIR)")
+    try:
+        repo = existing_image_repository(Settings())
+    except NoImageRepository as exc:
+        _fail(str(exc))
     messages = finish_pending(repo)
     for message in messages:
         err_console.print(f"[yellow]{message}[/yellow]")
     if messages:  # key files changed: recorded like any key change, but never blocking the command
-        _record_key_change("key.rotation_resolved", {"outcomes": messages})
+        try:
+            record_key_change(
+                _database_url(), "key.rotation_resolved", "interrupted-rotation", {"outcomes": messages}
+            )
+        except KeyAuditError as exc:
+            err_console.print(f"[yellow]{exc}[/yellow]")
     return repo
-
-
-def _open_audit_db() -> Any:
-    """The database the key commands write their audit rows to: the one ``fleet admin token
-    create`` uses (``FLEET_DATABASE_URL``, default SQLite in ``FLEET_DATA_DIR``), migrated to head.
-    Raises SQLAlchemyError or OSError when it cannot be opened."""
-    from server.config import Settings
-    from server.db import Database
-    from server.migrate import upgrade_head
-
-    url = Settings().database_url
-    upgrade_head(url)
-    return Database(url)
-
-
-def _record_key_change(action: str, details: dict[str, Any]) -> None:
-    """One audit row (actor ``cli``, target ``key``) for a change already made to the key files;
-    a database that cannot be written is a warning here, not a failure (the change stands)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from server.admin.service import CLI_PRINCIPAL, audit
-
-    try:
-        db = _open_audit_db()
-        try:
-            with db.session_scope() as session:
-                audit(session, CLI_PRINCIPAL, action, "key", "interrupted-rotation", details)
-        finally:
-            db.dispose()
-    except (SQLAlchemyError, OSError) as exc:
-        err_console.print(f"[yellow]audit row {action} not written: {exc}[/yellow]")
-
-
-@contextlib.contextmanager
-def _key_audit(action: str, role: str) -> Iterator[dict[str, Any]]:
-    """Record a key change in the server's audit log (actor ``cli``, target ``key``/ROLE).
-
-    The database is the one ``fleet admin token create`` uses (``FLEET_DATABASE_URL``, default
-    SQLite in ``FLEET_DATA_DIR``), opened and migrated the same way and *before* any key changes:
-    when it cannot be opened, the command refuses and nothing is changed. The body fills in the
-    yielded details (role, key ids, versions; never key material or key paths); the row is written
-    once the body has succeeded, and not at all when it fails.
-    """
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from server.admin.service import CLI_PRINCIPAL, audit
-    from server.config import Settings
-
-    where = make_url(Settings().database_url).render_as_string(hide_password=True)
-    try:
-        db = _open_audit_db()
-    except (SQLAlchemyError, OSError) as exc:
-        _fail(f"cannot open the audit database {where}: {exc}. No key was changed.")
-    try:
-        details: dict[str, Any] = {"role": role}
-        yield details
-        try:
-            with db.session_scope() as session:
-                audit(session, CLI_PRINCIPAL, action, "key", role, details)
-        except SQLAlchemyError as exc:
-            _fail(f"the key change is done, but its audit row ({action}) was not written to {where}: {exc}")
-    finally:
-        db.dispose()
 
 
 def _keys_errors(fn: Any) -> Any:
@@ -859,12 +800,13 @@ def _keys_errors(fn: Any) -> Any:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from server.admin.key_audit import KeyAuditError
         from server.trust.repository import RepositoryError
         from server.trust.rotation import RotationError
 
         try:
             return fn(*args, **kwargs)
-        except (RotationError, RepositoryError, ValueError, OSError) as exc:
+        except (RotationError, RepositoryError, KeyAuditError, ValueError, OSError) as exc:
             _fail(str(exc))
 
     return wrapper
@@ -911,12 +853,13 @@ def keys_status(as_json: bool) -> None:
 @_keys_errors
 def keys_rotate(role: str, root_key: Path | None, targets_key: Path | None, out: Path | None) -> None:
     """Replace the key of ROLE; devices follow without re-enrolling."""
+    from server.admin.key_audit import key_audit
     from server.trust.rotation import rotate_director, rotate_tuf_role
 
     repo = _local_repo()
     if role == "director" and (root_key is not None or out is not None):
         raise click.BadParameter("the director key stays online: only --targets-key applies")
-    with _key_audit("key.rotate", role) as details:
+    with key_audit(_database_url(), "key.rotate", role) as details:
         if role == "director":
             done = rotate_director(repo, targets_key=targets_key)
         else:
@@ -946,10 +889,11 @@ def keys_rotate(role: str, root_key: Path | None, targets_key: Path | None, out:
 @_keys_errors
 def keys_retire_director(keyid: str, targets_key: Path | None) -> None:
     """Remove an old director key (KEYID, 8+ hex digits) from the published list."""
+    from server.admin.key_audit import key_audit
     from server.trust.rotation import published_director_keys, retire_director_key
 
     repo = _local_repo()
-    with _key_audit("key.retire_director", "director") as details:
+    with key_audit(_database_url(), "key.retire_director", "director") as details:
         before = published_director_keys(repo)
         listed = retire_director_key(repo, keyid, targets_key=targets_key)
         retired = sorted(set(before.keyids if before else ()) - set(listed.keyids))
@@ -965,10 +909,11 @@ def keys_retire_director(keyid: str, targets_key: Path | None) -> None:
 @_keys_errors
 def keys_export(role: str, out: Path) -> None:
     """Move the private key of ROLE offline: write it to --out, then delete it from the key directory."""
+    from server.admin.key_audit import key_audit
     from server.trust.rotation import export_key, status
 
     repo = _local_repo()
-    with _key_audit("key.export", role) as details:
+    with key_audit(_database_url(), "key.export", role) as details:
         keyids = next(r.keyids for r in status(repo).roles if r.role == role)
         path = export_key(repo, role, out)
         details["keyids"] = list(keyids)

@@ -13,6 +13,7 @@ from server.db import Database
 from server.metrics import Metrics
 from server.migrate import upgrade_head
 from server.trust.director import Director
+from server.trust.local_repo import image_repository
 from server.trust.pki import FleetCA
 from server.trust.repository import ImageRepository
 
@@ -36,14 +37,7 @@ class ServerContext:
         settings.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if migrate:
             upgrade_head(settings.database_url)
-        repo = ImageRepository(
-            settings.repo_dir,
-            settings.key_dir,
-            root_expiry_s=settings.root_expiry_s,
-            targets_expiry_s=settings.targets_expiry_s,
-            snapshot_expiry_s=settings.snapshot_expiry_s,
-            timestamp_expiry_s=settings.timestamp_expiry_s,
-        )
+        repo = image_repository(settings)
         repo.initialize()
         return cls(
             settings=settings,
