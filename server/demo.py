@@ -27,6 +27,7 @@ from device_client.console import make_console, print_rule
 from server.client import FleetClient
 from server.config import Settings
 from server.mqtt.broker import free_port
+from server.views import follow_rollout
 
 console = make_console()
 MODEL = "detector"
@@ -138,8 +139,6 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
 def _rollout(
     client: FleetClient, version: str, stages: list[float], soak_s: float, min_requests: int = 20
 ) -> dict[str, Any]:
-    from server.cli import follow_rollout
-
     body = {
         "model": MODEL,
         "version": version,
@@ -162,7 +161,7 @@ def _rollout(
         f"\n[bold]rollout {created['id']}[/bold]: {MODEL} {version} to {created['devices']} devices, "
         f"stages {', '.join(str(s['percent']) + '%' for s in body['stages'])}"
     )
-    return follow_rollout(client, created["id"], poll_s=0.5)
+    return follow_rollout(console, client, created["id"], poll_s=0.5)
 
 
 def _admin_token(ctx: Any) -> str:
