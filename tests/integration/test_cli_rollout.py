@@ -15,8 +15,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-import server.cli as cli
 from device_client.console import CliConsole
+from server.cli import common, main
 from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
 from server.views import follow_rollout
@@ -40,12 +40,14 @@ def fleet_cli(app_client, monkeypatch, make_token):
     borders removed)."""
     transport = app_client._transport  # the real app, in-process
     monkeypatch.setattr(
-        cli, "_client", lambda url, token, **kw: FleetClient("http://testserver", token, transport=transport)
+        common,
+        "api_client",
+        lambda url, token, **kw: FleetClient("http://testserver", token, transport=transport),
     )
     env = {"FLEET_TOKEN": make_token("operator"), "COLUMNS": "200"}
 
     def run(*args: str, code: int = 0) -> str:
-        result = CliRunner().invoke(cli.main, list(args), env=env, catch_exceptions=False)
+        result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
         assert result.exit_code == code, result.output
         return " ".join(BOX.sub(" ", result.output).split())
 
