@@ -1,5 +1,5 @@
 """`fleet keys rotate|retire-director|export` write audit rows (actor ``cli``) to the server's
-database, the one `fleet admin token create` uses; never key material. Also the audit helpers
+database, the one `fleet admin token create` uses; never key material. Also the audit functions
 (server/admin/key_audit.py) and the image repository the key commands open (server/trust/local_repo.py)."""
 
 from __future__ import annotations
