@@ -14,6 +14,7 @@ from server.metrics import Metrics
 from server.migrate import upgrade_head
 from server.trust.director import Director
 from server.trust.keys import secure_key_dir
+from server.trust.local_repo import image_repository
 from server.trust.pki import FleetCA
 from server.trust.repository import ImageRepository
 
@@ -37,14 +38,7 @@ class ServerContext:
         secure_key_dir(settings.key_dir)
         if migrate:
             upgrade_head(settings.database_url)
-        repo = ImageRepository(
-            settings.repo_dir,
-            settings.key_dir,
-            root_expiry_s=settings.root_expiry_s,
-            targets_expiry_s=settings.targets_expiry_s,
-            snapshot_expiry_s=settings.snapshot_expiry_s,
-            timestamp_expiry_s=settings.timestamp_expiry_s,
-        )
+        repo = image_repository(settings)
         repo.initialize()
         return cls(
             settings=settings,

@@ -24,9 +24,15 @@ import httpx
 from rich.table import Table
 
 from device_client.console import make_console, print_rule
+from device_client.enroll import enroll
+from server.admin.service import BOOTSTRAP_TOKEN_TTL_S, CLI_PRINCIPAL, AdminService
+from server.admin.tables import Role
 from server.client import FleetClient
 from server.config import Settings
+from server.context import ServerContext
 from server.mqtt.broker import free_port
+from server.rollouts.policy import Stage
+from server.views import follow_rollout
 
 console = make_console()
 MODEL = "detector"
@@ -81,7 +87,7 @@ class Traffic:
 
 
 def _build_models(workdir: Path) -> dict[str, Path]:
-    from server.onnx_models import make_model
+    from server.onnx_models import make_model  # onnx: loaded once the demo builds its models
 
     return {
         "1.0.0": make_model(workdir / "detector-1.0.0.onnx", seed=1),
@@ -113,8 +119,6 @@ def _start_daemon(device: DemoDevice, logs: Path) -> None:
 
 def _growing(stages: list[dict[str, Any]], n_devices: int) -> list[dict[str, Any]]:
     """Drop stages that would not add a device on a fleet this small (the API refuses them)."""
-    from server.rollouts.policy import Stage
-
     kept: list[dict[str, Any]] = []
     last = 0
     for stage in stages:
@@ -138,8 +142,6 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
 def _rollout(
     client: FleetClient, version: str, stages: list[float], soak_s: float, min_requests: int = 20
 ) -> dict[str, Any]:
-    from server.cli import follow_rollout
-
     body = {
         "model": MODEL,
         "version": version,
@@ -162,13 +164,10 @@ def _rollout(
         f"\n[bold]rollout {created['id']}[/bold]: {MODEL} {version} to {created['devices']} devices, "
         f"stages {', '.join(str(s['percent']) + '%' for s in body['stages'])}"
     )
-    return follow_rollout(client, created["id"], poll_s=0.5)
+    return follow_rollout(console, client, created["id"], poll_s=0.5)
 
 
-def _admin_token(ctx: Any) -> str:
-    from server.admin.service import BOOTSTRAP_TOKEN_TTL_S, CLI_PRINCIPAL, AdminService
-    from server.admin.tables import Role
-
+def _admin_token(ctx: ServerContext) -> str:
     with ctx.db.session_scope() as session:
         service = AdminService(session)
         return service.create_token("demo", Role.admin, CLI_PRINCIPAL, ttl_s=BOOTSTRAP_TOKEN_TTL_S).token
@@ -180,8 +179,7 @@ WORKDIR_MARKER = ".fleetota-demo"
 
 def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) -> int:
     """Run the demo; return the process exit code (0 when everything went as designed)."""
-    from device_client.enroll import enroll
-    from server.runner import ServerThread, start_embedded_broker
+    from server.runner import ServerThread, start_embedded_broker  # looked up per run: tests wrap it
 
     root = workdir or Path(tempfile.mkdtemp(prefix="fleetota-demo-"))
     if workdir is not None and workdir.is_dir() and any(workdir.iterdir()):

@@ -50,7 +50,8 @@ def test_a_piped_rollout_table_is_not_truncated():
              "health": {"error_rate": None, "p95_ms": None, "agreement": None}},
         ],
     }  # fmt: skip
-    script = "import json, sys; from server.cli import console, rollout_table; "
+    script = "import json, sys; from server.cli.common import console; "
+    script += "from server.views import rollout_table; "
     script += "console.print(rollout_table(json.load(sys.stdin)))"
     result = run_piped([sys.executable, "-c", script], stdin=json.dumps(state))
     assert result.returncode == 0, result.stderr

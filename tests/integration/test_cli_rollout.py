@@ -15,10 +15,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-import server.cli as cli
 from device_client.console import CliConsole
+from server.cli import common, main
 from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
+from server.views import follow_rollout
 from tests.helpers.fleet_sim import Behaviour, SimFleet
 from tests.server.test_rollouts import make_lab, rollout_body
 
@@ -39,12 +40,14 @@ def fleet_cli(app_client, monkeypatch, make_token):
     borders removed)."""
     transport = app_client._transport  # the real app, in-process
     monkeypatch.setattr(
-        cli, "_client", lambda url, token, **kw: FleetClient("http://testserver", token, transport=transport)
+        common,
+        "api_client",
+        lambda url, token, **kw: FleetClient("http://testserver", token, transport=transport),
     )
     env = {"FLEET_TOKEN": make_token("operator"), "COLUMNS": "200"}
 
     def run(*args: str, code: int = 0) -> str:
-        result = CliRunner().invoke(cli.main, list(args), env=env, catch_exceptions=False)
+        result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
         assert result.exit_code == code, result.output
         return " ".join(BOX.sub(" ", result.output).split())
 
@@ -134,9 +137,12 @@ def test_status_table_names_the_status(app_client, admin_headers, lab, fleet_cli
     assert "running" in fleet_cli("rollout", "status", rid)
 
 
-def follow_while_the_fleet_runs(app_client, admin_headers, ctx, lab, make_token, screen, before=None) -> dict:
-    """`fleet rollout start --wait`'s follow of a new rollout while the engine and the simulated
-    fleet run it; ``before`` runs on the fleet's thread once the table is on ``screen``."""
+def follow_while_the_fleet_runs(
+    app_client, admin_headers, ctx, lab, make_token, screen, console, before=None
+) -> dict:
+    """`fleet rollout start --wait`'s follow of a new rollout on ``console`` (writing to ``screen``)
+    while the engine and the simulated fleet run it; ``before`` runs on the fleet's thread once the
+    table is on ``screen``."""
     engine = RolloutEngine(ctx)
     rid = create(app_client, admin_headers)
     stop = threading.Event()
@@ -156,23 +162,23 @@ def follow_while_the_fleet_runs(app_client, admin_headers, ctx, lab, make_token,
     runner.start()
     try:
         client = FleetClient("http://testserver", make_token("operator"), transport=app_client._transport)
-        return cli.follow_rollout(client, rid, poll_s=0.05)
+        return follow_rollout(console, client, rid, poll_s=0.05)
     finally:
         stop.set()
         runner.join(10)
 
 
-def test_log_lines_print_above_the_live_table(app_client, admin_headers, ctx, lab, make_token, monkeypatch):
+def test_log_lines_print_above_the_live_table(app_client, admin_headers, ctx, lab, make_token):
     """On a terminal `--wait` redraws its table in place. A log record written meanwhile (`fleet
     demo` runs the server, engine warnings included, in the same process) is printed above the
     table on a line of its own, not glued to the table's last line for the next redraw to tear."""
     screen = io.StringIO()  # one terminal: the table (stdout) and the log (stderr) land on it
-    monkeypatch.setattr(cli, "console", CliConsole(file=screen, force_terminal=True, width=120))
+    console = CliConsole(file=screen, force_terminal=True, width=120)
     handler = logging.StreamHandler(screen)
     logging.getLogger().addHandler(handler)
     try:
         state = follow_while_the_fleet_runs(
-            app_client, admin_headers, ctx, lab, make_token, screen,
+            app_client, admin_headers, ctx, lab, make_token, screen, console,
             before=lambda: logging.getLogger("server.rollouts.engine").warning(
                 "tick failed, retrying: database is locked"
             ),
@@ -192,9 +198,9 @@ def test_a_piped_follow_prints_the_final_table_then_the_outcome(
     """Piped (`| tee`), the follow prints only the final table, whole, and the outcome on a line of
     its own after it."""
     screen = io.StringIO()  # not a terminal
-    monkeypatch.setattr(cli, "console", CliConsole(file=screen))
     monkeypatch.delenv("COLUMNS", raising=False)
-    state = follow_while_the_fleet_runs(app_client, admin_headers, ctx, lab, make_token, screen)
+    console = CliConsole(file=screen)
+    state = follow_while_the_fleet_runs(app_client, admin_headers, ctx, lab, make_token, screen, console)
     assert state["status"] == "completed"
     out = screen.getvalue()
     lines = out.splitlines()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tuf.api.metadata import Targets
 
-import server.cli as cli
+from server.cli import common, main
 from server.client import FleetClient
 from server.trust.keys import load_private_key, write_private_key
 from server.trust.repository import ROLE_KEY_FILES, sign_staged_targets
@@ -36,12 +36,14 @@ def sign(app_client, admin_headers, monkeypatch):
     token = admin_headers["Authorization"].split(" ", 1)[1]
     transport = app_client._transport
     monkeypatch.setattr(
-        cli, "_client", lambda url, tok, **kw: FleetClient("http://testserver", tok, transport=transport)
+        common,
+        "api_client",
+        lambda url, tok, **kw: FleetClient("http://testserver", tok, transport=transport),
     )
 
     def run(*args: str, input: str | None = None):
         return CliRunner().invoke(
-            cli.main, ["model", "sign", *args], env={"FLEET_TOKEN": token}, input=input,
+            main, ["model", "sign", *args], env={"FLEET_TOKEN": token}, input=input,
             catch_exceptions=False,
         )
 
@@ -276,7 +278,7 @@ def test_fleet_model_push_says_staged_while_the_key_is_away(
 ):
     token = admin_headers["Authorization"].split(" ", 1)[1]
     result = CliRunner().invoke(
-        cli.main, ["model", "push", "clf", "1.0.0", str(onnx_model())], env={"FLEET_TOKEN": token},
+        main, ["model", "push", "clf", "1.0.0", str(onnx_model())], env={"FLEET_TOKEN": token},
         catch_exceptions=False,
     )  # the sign fixture points the CLI at the test app
     assert result.exit_code == 0, result.output
@@ -285,7 +287,7 @@ def test_fleet_model_push_says_staged_while_the_key_is_away(
     assert "fleet model sign --targets-key PATH" in text
     assert sign("--targets-key", str(vault), "--yes").exit_code == 0
     result = CliRunner().invoke(
-        cli.main, ["model", "push", "clf", "1.1.0", str(onnx_model("b.onnx", seed=2))],
+        main, ["model", "push", "clf", "1.1.0", str(onnx_model("b.onnx", seed=2))],
         env={"FLEET_TOKEN": token}, catch_exceptions=False,
     )
     assert " ".join(result.output.split()).startswith("staged clf 1.1.0 (release 2)")

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-import server.cli as cli
+from server.cli import common, main
 from server.client import CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, UPLOAD_TIMEOUT_S, FleetClient
 
 
@@ -22,7 +22,7 @@ def closed_port_url() -> str:
 
 def invoke(args: list[str]):
     # catch_exceptions=False: an exception escaping the command fails the test with its traceback
-    return CliRunner().invoke(cli.main, args, env={"FLEET_TOKEN": "fa.x.y"}, catch_exceptions=False)
+    return CliRunner().invoke(main, args, env={"FLEET_TOKEN": "fa.x.y"}, catch_exceptions=False)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,9 @@ def test_read_timeout_is_a_clean_error(monkeypatch):
         raise httpx.ReadTimeout("timed out", request=request)
 
     transport = httpx.MockTransport(handler)
-    monkeypatch.setattr(cli, "_client", lambda url, token, **kw: FleetClient(url, token, transport=transport))
+    monkeypatch.setattr(
+        common, "api_client", lambda url, token, **kw: FleetClient(url, token, transport=transport)
+    )
     result = invoke(["devices", "ls"])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
@@ -91,7 +93,7 @@ def test_model_push_timeout_option(tmp_path: Path, monkeypatch):
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x" * 1000)
     seen: list[httpx.Request] = []
-    monkeypatch.setattr(cli, "_client", lambda url, token, **kw: _recording_client(seen, **kw))
+    monkeypatch.setattr(common, "api_client", lambda url, token, **kw: _recording_client(seen, **kw))
     result = invoke(["model", "push", "m", "1.0.0", str(model), "--timeout", "7200"])
     assert result.exit_code == 0, result.output
     assert "published m 1.0.0 (release 1)" in result.output

@@ -1,5 +1,6 @@
 """`fleet keys rotate|retire-director|export` write audit rows (actor ``cli``) to the server's
-database, the one `fleet admin token create` uses; never key material."""
+database, the one `fleet admin token create` uses; never key material. Also the audit functions
+(server/admin/key_audit.py) and the image repository the key commands open (server/trust/local_repo.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from server.admin.key_audit import KeyAuditError, key_audit, record_key_change
 from server.admin.tables import AuditEntry
 from server.cli import main
 from server.config import Settings
 from server.db import Database
 from server.trust.director import Director
+from server.trust.local_repo import NoImageRepository, existing_image_repository, image_repository
 from server.trust.repository import ROLE_KEY_FILES, ImageRepository
 from server.trust.rotation import RotationError, load_ed25519
 
@@ -142,3 +145,46 @@ def test_an_interrupted_rotation_resolved_by_the_next_command_is_audited(setting
     assert row.actor == "cli"
     assert "discarded tuf-timestamp.key.new" in row.details["outcomes"][0]
     assert not all_keys(settings) & set(json.dumps(row.details).split('"'))
+
+
+def test_key_audit_refuses_before_the_change_and_records_only_success(
+    settings: Settings, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    changed: list[str] = []
+    with (
+        pytest.raises(KeyAuditError, match=r"cannot open the audit database .*No key was changed"),
+        key_audit(f"sqlite:///{blocker}/fleet.db", "key.rotate", "snapshot"),
+    ):
+        changed.append("snapshot")  # never runs
+    assert changed == []
+
+    def failed_rotation() -> None:
+        with key_audit(settings.database_url, "key.rotate", "targets") as details:
+            details["new_keyid"] = "abc"
+            raise RotationError("the rotation failed half way")
+
+    with pytest.raises(RotationError):
+        failed_rotation()
+    with key_audit(settings.database_url, "key.export", "root") as details:
+        details["keyids"] = ["k1"]
+    assert [(r.action, r.target_id, r.details) for r in audit_rows(settings)] == [
+        ("key.export", "root", {"role": "root", "keyids": ["k1"]})
+    ]
+
+
+def test_a_key_change_row_that_cannot_be_written_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    url = f"sqlite:///{blocker}/fleet.db"
+    with pytest.raises(KeyAuditError, match=r"audit row key\.rotation_resolved not written"):
+        record_key_change(url, "key.rotation_resolved", "interrupted-rotation", {})
+
+
+def test_the_key_commands_need_a_repository_the_server_made(settings: Settings, tmp_path: Path) -> None:
+    assert existing_image_repository(settings).repo_dir == settings.repo_dir
+    elsewhere = Settings(data_dir=tmp_path / "empty")
+    with pytest.raises(NoImageRepository, match=r"no image repository in .*start the server once"):
+        existing_image_repository(elsewhere)
+    assert image_repository(elsewhere).lifetimes["timestamp"].total_seconds() == elsewhere.timestamp_expiry_s

@@ -1,0 +1,50 @@
+"""The ``fleet`` command line, one module per command group.
+
+Operator commands talk to the admin REST API through :class:`server.client.FleetClient`
+(``--url``/``FLEET_URL``, ``--token``/``FLEET_TOKEN``); commands that run on the server host
+(``server run``, ``admin token ...``, ``broker config``, ``keys ...``) use the server's ``Settings``,
+database and key directory directly. Server-only modules load inside the commands, so the
+device-only install (``pip install fleetota[device]``) can run ``fleet device ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from device_client.cli import device
+from server.cli.admin import admin, keys
+from server.cli.devices import devices, enroll_token
+from server.cli.models import model
+from server.cli.rollouts import rollout
+from server.cli.serve import broker, server
+from server.cli.sim import demo_cmd, simulate_cmd
+
+__all__ = ["main"]
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def main(verbose: bool) -> None:
+    """fleetota: signed ML model updates and staged rollouts for edge fleets."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+for _command in (
+    server,
+    admin,
+    broker,
+    enroll_token,
+    devices,
+    model,
+    device,
+    rollout,
+    keys,
+    demo_cmd,
+    simulate_cmd,
+):
+    main.add_command(_command)

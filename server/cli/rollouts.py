@@ -1,0 +1,157 @@
+"""``fleet rollout ...``: start, follow, inspect and steer staged rollouts through the admin API.
+The tables and the live follow are :mod:`server.views`, which ``fleet demo`` shares."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.table import Table
+
+from server.cli import common
+from server.cli.common import ApiGroup, api_options, console, parse_tags
+from server.views import follow_rollout, rollout_table
+
+EXIT_BY_STATUS = {"completed": 0, "paused": 2, "aborted": 3, "rolled_back": 3}
+
+
+def parse_gates(items: tuple[str, ...]) -> dict[str, float]:
+    """``--gate name=value`` options as a gates object."""
+    gates: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"invalid gate {item!r}: expected name=value")
+        try:
+            gates[key.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"gate {key!r} needs a number, got {value!r}") from None
+    return gates
+
+
+@click.group(cls=ApiGroup)
+def rollout() -> None:
+    """Staged rollouts gated on inference health."""
+
+
+@rollout.command("start")
+@api_options
+@click.argument("model_name")
+@click.argument("version")
+@click.option("--stages", default="1,10,50,100", show_default=True, help="cumulative percents")
+@click.option("--soak", type=float, default=60, show_default=True, help="soak seconds per stage")
+@click.option("--shadow", is_flag=True, help="run the first stage in shadow mode (gated on agreement)")
+@click.option("--on-failure", type=click.Choice(["pause", "rollback"]), default="pause", show_default=True)
+@click.option("--gate", "gates", multiple=True, help="name=value, e.g. max_error_rate=0.02 (repeatable)")
+@click.option("--tag", "tag_exprs", multiple=True, help="select devices with key=value (repeat to AND)")
+@click.option("--device", "device_ids", multiple=True, help="select these device ids")
+@click.option("--arch", default=None, help="select devices of this architecture")
+@click.option("--probation", "probation_s", type=float, default=None, help="device probation seconds")
+@click.option("--max-concurrent", type=int, default=50, show_default=True, help="concurrent downloads")
+@click.option("--device-timeout", type=int, default=900, show_default=True)
+@click.option(
+    "--wait", is_flag=True, help="follow progress; exit 0 completed, 2 paused, 3 rolled back/aborted"
+)
+def rollout_start(
+    url: str,
+    token: str | None,
+    model_name: str,
+    version: str,
+    stages: str,
+    soak: float,
+    shadow: bool,
+    on_failure: str,
+    gates: tuple[str, ...],
+    tag_exprs: tuple[str, ...],
+    device_ids: tuple[str, ...],
+    arch: str | None,
+    probation_s: float | None,
+    max_concurrent: int,
+    device_timeout: int,
+    wait: bool,
+) -> None:
+    """Start a staged rollout of MODEL_NAME VERSION."""
+    try:
+        percents = [float(p) for p in stages.split(",") if p.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--stages must be comma-separated percents, got {stages!r}") from None
+    body: dict[str, Any] = {
+        "model": model_name,
+        "version": version,
+        "selector": {
+            "tags": parse_tags(",".join(tag_exprs)),
+            "device_ids": list(device_ids),
+            "hardware": {"arch": arch} if arch else {},
+        },
+        "stages": [
+            {"percent": p, "soak_s": soak, "shadow": shadow and i == 0} for i, p in enumerate(percents)
+        ],
+        "gates": parse_gates(gates),
+        "on_failure": on_failure,
+        "max_concurrent_downloads": max_concurrent,
+        "device_timeout_s": device_timeout,
+    }
+    if probation_s is not None:
+        body["probation"] = {"seconds": probation_s}
+    with common.api_client(url, token) as client:
+        state = client.create_rollout(body)
+        console.print(
+            f"rollout [bold]{state['id']}[/bold] started: {state['devices']} devices in "
+            f"{len(state['stage_views'])} stages"
+        )
+        if wait:
+            state = follow_rollout(console, client, state["id"])
+    if wait:
+        sys.exit(EXIT_BY_STATUS.get(state["status"], 1))
+
+
+@rollout.command("status")
+@api_options
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True)
+def rollout_status(url: str, token: str | None, rollout_id: str, as_json: bool) -> None:
+    with common.api_client(url, token) as client:
+        state = client.get_rollout(rollout_id)
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+    else:
+        console.print(rollout_table(state))
+
+
+@rollout.command("ls")
+@api_options
+def rollout_ls(url: str, token: str | None) -> None:
+    table = Table("id", "model", "version", "status", "stage", "created")
+    with common.api_client(url, token) as client:
+        for r in client.list_rollouts():
+            table.add_row(
+                r["id"],
+                r["model"],
+                r["version"],
+                r["status"],
+                f"{r['current_stage'] + 1}/{len(r['stages'])}",
+                str(r["created_at"])[:19],
+            )
+    console.print(table)
+
+
+def _rollout_action(action: str, doc: str) -> None:
+    @rollout.command(action, help=doc)
+    @api_options
+    @click.argument("rollout_id")
+    def command(url: str, token: str | None, rollout_id: str) -> None:
+        with common.api_client(url, token) as client:
+            state = client.rollout_action(rollout_id, action)
+        click.echo(f"rollout {rollout_id}: {state['status']}")
+
+
+for _action, _doc in (
+    ("pause", "Pause: no new devices are notified."),
+    ("resume", "Resume a paused rollout."),
+    ("abort", "Abort: pending devices are cancelled."),
+    ("rollback", "Return every touched device to its previous version."),
+    ("promote", "Skip the rest of the current soak."),
+):
+    _rollout_action(_action, _doc)
