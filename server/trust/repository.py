@@ -2,7 +2,7 @@
 
 :class:`ImageRepository` publishes and revokes targets, rotates role keys and re-signs expiring
 metadata. It is built in layers, one module each: storage (files and lock), signers (role keys),
-publish (new versions), staging (offline targets signing). This
+publish (new versions, on ``tuf.repository.Repository``), staging (offline targets signing). This
 module is the public API and re-exports their names. Layout, rotation and crash safety:
 docs/architecture.md, "Image repository (TUF)".
 """
@@ -151,9 +151,8 @@ class ImageRepository(TargetsStaging):
             root_md = self._root()
             if needs_refresh(root_md.signed, self.lifetimes[Root.type], now):
                 if self.has_key(Root.type):
-                    root_md.signed.version += 1
-                    root_md.signed.expires = expiry_from(now, self.lifetimes[Root.type])
-                    self._write_root(root_md)
+                    with self._publishing(root_md.signed, now):
+                        self.close(Root.type, root_md)
                     written.append(Root.type)
                 else:
                     log.warning(
