@@ -32,7 +32,7 @@ STAGED_TARGETS = "staged/targets.json"
 _ROOT_FILE_RE = re.compile(r"^([1-9][0-9]*)\.root\.json$")
 #: one path segment of a target path: no empty, dot-only or hidden segments, no separators
 _TARGET_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
-HASH_ALGORITHM = "sha256"
+_HASH_ALGORITHM = "sha256"
 _COPY_CHUNK = 1024 * 1024
 
 _S = TypeVar("_S", bound=Signed)
@@ -132,7 +132,7 @@ class RepositoryStore:
         """The current targets version (the one the current snapshot lists)."""
         return self._snapshot().signed.meta["targets.json"].version
 
-    def _published(self) -> dict[str, Signed]:
+    def _current_roles(self) -> dict[str, Signed]:
         """The current version of each top-level role, read through the chain."""
         timestamp = self._timestamp().signed
         snapshot = self._snapshot(timestamp).signed
@@ -152,11 +152,11 @@ class RepositoryStore:
 
     def versions(self) -> dict[str, int]:
         """Current version of each top-level role."""
-        return {role: signed.version for role, signed in self._published().items()}
+        return {role: signed.version for role, signed in self._current_roles().items()}
 
     def expires(self) -> dict[str, datetime]:
         """Current expiry of each top-level role."""
-        return {role: signed.expires for role, signed in self._published().items()}
+        return {role: signed.expires for role, signed in self._current_roles().items()}
 
     def list_targets(self) -> dict[str, TargetFile]:
         """Every target listed in the current targets metadata, by path."""
@@ -189,7 +189,7 @@ class RepositoryStore:
     # -- target files ------------------------------------------------------------------------
     def _stored(self, info: TargetFile) -> Path:
         """Where the target ``info`` is stored: its consistent-snapshot name under targets/."""
-        return self.targets_dir / consistent_target_name(info.path, info.hashes[HASH_ALGORITHM])
+        return self.targets_dir / consistent_target_name(info.path, info.hashes[_HASH_ALGORITHM])
 
     def _describe_target(
         self, target_path: str, local_file: Path, custom: dict[str, Any]
@@ -198,7 +198,7 @@ class RepositoryStore:
         is stored (its consistent-snapshot name)."""
         check_target_path(target_path)
         with open(local_file, "rb") as fh:
-            info = TargetFile.from_data(target_path, fh, [HASH_ALGORITHM])
+            info = TargetFile.from_data(target_path, fh, [_HASH_ALGORITHM])
         info.unrecognized_fields["custom"] = dict(custom)
         return info, self._stored(info)
 
