@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +31,8 @@ from device_client.protocol.director_keys import (
 from device_client.protocol.signing import key_id
 from server.trust.director import DIRECTOR_KEY_FILE, key_replaced
 from server.trust.keys import load_private_key, write_private_key
-from server.trust.repository import ROLE_KEY_FILES, ImageRepository, SigningKeyUnavailable
+from server.trust.repository import ImageRepository
+from server.trust.signers import ROLE_KEY_FILES, SigningKeyUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,29 @@ def _pending(path: Path) -> Path:
 def _refuse_existing(path: Path) -> None:
     if path.exists():
         raise RotationError(f"{path} already exists; refusing to overwrite a key file")
+
+
+@contextmanager
+def _pending_key(dest: Path) -> Iterator[Ed25519PrivateKey]:
+    """A new key, written to ``<dest>.new`` (0600) and deleted again if the block fails; the
+    caller renames it over ``dest`` once the repository names it."""
+    pending = _pending(dest)
+    _refuse_existing(pending)
+    new = Ed25519PrivateKey.generate()
+    write_private_key(pending, new)
+    try:
+        yield new
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+
+
+def _offline_keys(
+    *, root_key: Path | None = None, targets_key: Path | None = None
+) -> dict[str, Ed25519PrivateKey]:
+    """The offline root and targets keys passed by path, by role, to lend to the repository."""
+    paths = {Root.type: root_key, Targets.type: targets_key}
+    return {role: load_ed25519(path) for role, path in paths.items() if path is not None}
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -218,11 +244,7 @@ def rotate_tuf_role(
     """
     if role not in TUF_ROLES:
         raise RotationError(f"unknown TUF role {role!r}")
-    lent: dict[str, Ed25519PrivateKey] = {}
-    if root_key is not None:
-        lent[Root.type] = load_ed25519(root_key)
-    if targets_key is not None:
-        lent[Targets.type] = load_ed25519(targets_key)
+    lent = _offline_keys(root_key=root_key, targets_key=targets_key)
     if role in (Snapshot.type, Timestamp.type) and out is not None:
         raise RotationError(f"the {role} key must stay online: --out is only for root and targets")
     in_dir = key_file(repo.key_dir, role)
@@ -238,31 +260,21 @@ def rotate_tuf_role(
     dest = Path(out) if out is not None else in_dir
     if dest != in_dir:
         _refuse_existing(dest)
-    pending = _pending(dest)
-    _refuse_existing(pending)
-
-    new = Ed25519PrivateKey.generate()
-    write_private_key(pending, new)
     removed: list[Path] = []
 
     def commit() -> None:
-        os.replace(pending, dest)
+        os.replace(_pending(dest), dest)
         if dest != in_dir and in_dir.exists():
             in_dir.unlink()
             removed.append(in_dir)
         elif dest == in_dir and old_here:
             removed.append(in_dir)  # overwritten by the new key
 
-    try:
-        with repo.using_keys(lent):
-            if role == Root.type:
-                version = repo.rotate_root(new, on_committed=commit)
-            else:
-                version = repo.rotate_role(role, new, on_committed=commit)
-    except BaseException:
-        if pending.exists():
-            pending.unlink()
-        raise
+    with _pending_key(dest) as new, repo.using_keys(lent):
+        if role == Root.type:
+            version = repo.rotate_root(new, on_committed=commit)
+        else:
+            version = repo.rotate_role(role, new, on_committed=commit)
     return Rotated(
         role=role,
         old_keyids=old_keyids,
@@ -287,7 +299,7 @@ def publish_director_keys(
     """Publish ``keys`` (the signing key first) as the next version of the director key list."""
     current = published_director_keys(repo)
     doc = DirectorKeyList(version=(current.version + 1) if current else 1, keys=tuple(keys))
-    lent = {Targets.type: load_ed25519(targets_key)} if targets_key is not None else {}
+    lent = _offline_keys(targets_key=targets_key)
     with tempfile.TemporaryDirectory(prefix="director-keys-") as tmp:
         path = Path(tmp) / "director-keys.json"
         path.write_bytes(doc.to_bytes())
@@ -307,19 +319,12 @@ def rotate_director(repo: ImageRepository, *, targets_key: Path | None = None) -
     dest = key_file(repo.key_dir, DIRECTOR)
     if not dest.exists():
         raise RotationError(f"no director key at {dest}")
-    pending = _pending(dest)
-    _refuse_existing(pending)
     old = load_ed25519(dest).public_key()
     published = published_director_keys(repo)
     keys = [old] + [k for k in (published.keys if published else ()) if key_id(k) != key_id(old)]
-    new = Ed25519PrivateKey.generate()
-    write_private_key(pending, new)
-    try:
+    with _pending_key(dest) as new:
         listed = publish_director_keys(repo, [new.public_key(), *keys], targets_key=targets_key)
-    except BaseException:
-        pending.unlink(missing_ok=True)
-        raise
-    os.replace(pending, dest)
+    os.replace(_pending(dest), dest)  # outside: once the list is out, finish_pending() completes it
     key_replaced()  # this process's directors switch at once; others within their check interval
     return Rotated(
         role=DIRECTOR,

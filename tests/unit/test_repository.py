@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface, Updater
 
@@ -21,6 +22,7 @@ from server.trust.repository import (
     RepositoryError,
     SigningKeyUnavailable,
     TargetExists,
+    as_signer,
     consistent_target_name,
 )
 
@@ -233,6 +235,21 @@ def test_refresh_cascades_from_targets(repo: ImageRepository, clock: Clock) -> N
     assert repo.versions()["root"] == 2
     assert (repo.metadata_dir / "2.root.json").exists()
     assert repo.trusted_root()["signed"]["version"] == 2
+
+
+def test_a_snapshot_that_does_not_verify_is_replaced_by_the_next_publish(
+    repo: ImageRepository, tmp_path: Path, clock: Clock
+) -> None:
+    """A snapshot signed by a key the root does not name (written by someone else) is re-signed by
+    the next publish, even one due only to renew the timestamp."""
+    forged = repo._snapshot()
+    forged.sign(as_signer(Ed25519PrivateKey.generate()))
+    (repo.metadata_dir / "1.snapshot.json").write_bytes(forged.to_bytes())
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        updater_for(repo, tmp_path, "before").refresh()
+    assert repo.refresh_expiring(now=clock.now + timedelta(hours=13)) == ["snapshot", "timestamp"]
+    assert repo.versions() == {"root": 1, "targets": 1, "snapshot": 2, "timestamp": 2}
+    updater_for(repo, tmp_path, "after").refresh()
 
 
 def test_client_follows_refreshed_metadata(tmp_path: Path) -> None:

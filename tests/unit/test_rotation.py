@@ -273,6 +273,20 @@ def test_interrupted_rotation_is_completed_or_discarded(repo: ImageRepository) -
     assert status(repo).pending == []
 
 
+def test_a_failed_rotation_leaves_no_pending_key(repo: ImageRepository, tmp_path: Path) -> None:
+    # the root key passed is not the root's: the new targets key is written, then refused
+    wrong = tmp_path / "not-root.key"
+    write_private_key(wrong, Ed25519PrivateKey.generate())
+    old = keyfile(repo, Targets.type).read_bytes()
+    versions = repo.versions()
+    with pytest.raises(SigningKeyUnavailable):
+        rotate_tuf_role(repo, Targets.type, root_key=wrong)
+    assert not (repo.key_dir / "tuf-targets.key.new").exists()
+    assert keyfile(repo, Targets.type).read_bytes() == old
+    assert repo.versions() == versions
+    assert status(repo).pending == []
+
+
 # -- director --------------------------------------------------------------------------------------
 def _desired() -> DesiredState:
     now = utcnow()
