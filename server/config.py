@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     health_rollup_bucket_s: int = Field(default=3600, ge=60)
     health_rollup_interval_s: float = Field(default=300.0, gt=0)
     health_rollup_retention_s: int = Field(default=90 * 86400, ge=3600)
+    #: what a health window may claim (server/health/plausibility.py): requests per second of its
+    #: window_s, its length, and how far its stamp may be from the server's clock
+    health_max_rps: float = Field(default=100_000.0, gt=0)
+    health_max_window_s: float = Field(default=3600.0, gt=0)
+    health_max_clock_skew_s: float = Field(default=300.0, gt=0)
 
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     enroll_token_ttl_s: int = Field(default=7 * 86400, ge=60)

@@ -1,4 +1,5 @@
-"""Queries of health windows and their rollups."""
+"""Queries of health windows and their rollups: the spans the ingest checks new windows against,
+and the rollup job's claims and upserts."""
 
 from __future__ import annotations
 
@@ -18,6 +19,26 @@ SUMMED = (
     "agreement_weighted",
 )  # fmt: skip
 KEY = ("device_id", "model", "version", "mode", "bucket")
+#: device ids per query (an IN list; planners like lists in the thousands)
+IDS_CHUNK = 5000
+
+
+class HealthWindowRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def spans(self, device_ids: Sequence[str], after: datetime) -> list[Any]:
+        """Rows (device_id, model, version, mode, seq, at, window_s) of the stored windows of
+        ``device_ids`` that end after ``after`` (the ``(device_id, at)`` index)."""
+        ids = sorted(set(device_ids))
+        h = HealthSample
+        out: list[Any] = []
+        for i in range(0, len(ids), IDS_CHUNK):
+            q = sa.select(h.device_id, h.model, h.version, h.mode, h.seq, h.at, h.window_s).where(
+                h.device_id.in_(ids[i : i + IDS_CHUNK]), h.at > after
+            )
+            out.extend(self.session.connection().execute(q))
+        return out
 
 
 class HealthRollupRepository:
