@@ -629,6 +629,8 @@ def rollout_table(state: dict[str, Any]) -> Table:
         )
     if state.get("reason"):
         table.caption = state["reason"]
+    elif state.get("offline_pending"):
+        table.caption = f"{state['offline_pending']} device(s) offline, to update when they return"
     return table
 
 
@@ -653,7 +655,10 @@ def rollout() -> None:
 @click.option("--max-concurrent", type=int, default=50, show_default=True, help="concurrent downloads")
 @click.option("--device-timeout", type=int, default=900, show_default=True)
 @click.option(
-    "--wait", is_flag=True, help="follow progress; exit 0 completed, 2 paused, 3 rolled back/aborted"
+    "--wait",
+    is_flag=True,
+    help="follow progress; exit 0 completed (offline devices may still be pending), 2 paused, "
+    "3 rolled back/aborted",
 )
 def rollout_start(
     url: str,
@@ -702,6 +707,8 @@ def rollout_start(
             f"rollout [bold]{state['id']}[/bold] started: {state['devices']} devices in "
             f"{len(state['stage_views'])} stages"
         )
+        for warning in state.get("warnings", []):
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         if wait:
             state = follow_rollout(client, state["id"])
     if wait:
@@ -718,6 +725,11 @@ def follow_rollout(client: FleetClient, rollout_id: str, poll_s: float = 1.0) ->
         )
     colour = "green" if state["status"] == "completed" else "red"
     console.print(f"[{colour}]rollout {rollout_id} {state['status']}[/{colour}]")
+    if state.get("offline_pending"):
+        console.print(
+            f"{state['offline_pending']} device(s) offline have not taken it yet: "
+            "they will when they return (fleet rollout status shows them)"
+        )
     return state
 
 

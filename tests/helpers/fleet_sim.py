@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from device_client.protocol import DesiredState, HealthWindow, Presence, Report, validate_payload
 from device_client.protocol.messages import utcnow
@@ -66,6 +67,8 @@ class SimFleet:
         self.model = model
         self.devices = {d: SimDevice(d) for d in device_ids}
         self.behaviours = behaviours or {}
+        #: device id -> fields its health windows claim whatever the truth (a lying device)
+        self.lies: dict[str, dict[str, Any]] = {}
         self.ingest = IngestWorker(ctx, ctx.metrics)
         self.director = ctx.director.key.public_key()
 
@@ -112,7 +115,7 @@ class SimFleet:
                     "device_id": dev.device_id, "seq": dev.health_seq, "at": at, "window_s": WINDOW_S,
                     "model": self.model, "version": version, "mode": mode, "requests": requests,
                     "errors": round(requests * b.error_rate), "p50_ms": b.p95_ms / 2, "p95_ms": b.p95_ms,
-                    "p99_ms": b.p95_ms * 1.2, **extra,
+                    "p99_ms": b.p95_ms * 1.2, **extra, **self.lies.get(dev.device_id, {}),
                 }  # fmt: skip
                 msgs.append((dev.device_id, "health", HealthWindow.build(**fields).to_json()))
         self._send(msgs)

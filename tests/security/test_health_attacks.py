@@ -1,18 +1,22 @@
 """A compromised device lying to the rollout gates: impossible health windows are refused at
-ingest (counted per reason). The devices are simulated (tests/helpers/fleet_sim.py) through the
-server's real ingest path."""
+ingest (counted per reason), one lying device among ten changes neither a good nor a bad stage's
+outcome. The devices are simulated (tests/helpers/fleet_sim.py) through the server's real
+ingest path, judged by the real engine."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from device_client.protocol import HealthWindow
 from device_client.protocol.messages import utcnow
 from server.health.tables import HealthSample
 from server.mqtt.handlers import REJECTED
-from tests.server.test_rollouts import make_lab
+from server.rollouts.engine import RolloutEngine
+from tests.helpers.fleet_sim import WINDOW_S, Behaviour
+from tests.server.test_rollouts import drive, make_lab, rollout_body
 
 
 def stored(ctx, device_id: str) -> list[int]:
@@ -48,3 +52,39 @@ def test_impossible_health_windows_are_refused_and_counted(app_client, admin_hea
     assert 'fleet_mqtt_rejected_total{kind="health",reason="implausible_rate"} 1' in metrics
     send(99)  # the next true period is stored: the device is not shut out
     assert stored(ctx, liar) == [1, 99]
+
+
+#: the most a lying device's window can claim and still be stored: every request, in its period
+MOST = round(100_000 * WINDOW_S)
+
+
+@pytest.mark.parametrize(
+    ("truth", "lie", "status", "reason"),
+    [
+        # a good version that one canary paints as broken and slow
+        (Behaviour(), {"requests": MOST, "errors": MOST, "p95_ms": 1000.0}, "completed", None),
+        # a bad version (6% errors > 5%) that one canary paints as perfect
+        (Behaviour(error_rate=0.06), {"requests": MOST, "errors": 0, "p95_ms": 0.5}, "paused", "error rate"),
+    ],
+    ids=["good-stage", "bad-stage"],
+)
+def test_one_lying_device_among_ten_changes_neither_outcome(
+    app_client, admin_headers, ctx, onnx_model, truth, lie, status, reason
+):
+    """Request-weighted, the liar's windows (five times a true device's requests, each one
+    plausible) would decide both stages: 36% errors on the good one, 3.9% on the bad one. Judged
+    per device with the extremes dropped, each stage reads as its nine honest devices."""
+    lab = make_lab(app_client, admin_headers, ctx, onnx_model, behaviours={"2.0.0": truth})
+    liar = sorted(lab.devices)[0]
+    lab.lies[liar] = lie
+    body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 0}], on_failure="pause")
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    final = drive(RolloutEngine(ctx), lab, app_client, admin_headers, rid)
+    assert final["status"] == status, final["reason"]
+    numbers = final["verdict"]["numbers"]
+    assert numbers["error_rate"] == pytest.approx(truth.error_rate)
+    assert numbers["p95_ms"] == pytest.approx(truth.p95_ms)
+    assert numbers["devices_reporting"] == 10
+    assert numbers["requests_reported"] > numbers["requests"]  # the liar counted as a typical device
+    if reason is not None:
+        assert final["reason"] == f"stage 1 gates failed: error rate {truth.error_rate:.4f} > 0.05"
