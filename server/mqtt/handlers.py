@@ -9,7 +9,9 @@ so replicas that each received some of one device's reports apply them one batch
 instead of overwriting each other's phase and ``last_report_seq``. Health windows must be plausible
 (:mod:`server.health.plausibility`). Every rejection (bad topic, bad JSON, wrong schema, device id
 mismatch, unknown or decommissioned device, stale report, implausible window) is counted in
-``fleet_mqtt_rejected_total`` and logged; nothing here can take the server down.
+``fleet_mqtt_rejected_total`` and logged; nothing here can take the server down. What a report
+says in ``details`` is kept under the deployment's ``details["device"]``, apart from the server's
+own bookkeeping.
 """
 
 from __future__ import annotations
@@ -426,7 +428,7 @@ class IngestWorker:
                 continue
             if r.reason:
                 dep.reason = r.reason
-            if r.details:
-                dep.details = {**(dep.details or {}), **r.details}
+            if r.details:  # the device's say, apart from the server's own keys (mode, resigned_from...)
+                dep.details = {**dep.details, "device": {**dep.details.get("device", {}), **r.details}}
             changed[dep.id] = dep
         repo.update_states([changed[k] for k in sorted(changed)])

@@ -69,6 +69,8 @@ class SimFleet:
         self.behaviours = behaviours or {}
         #: device id -> fields its health windows claim whatever the truth (a lying device)
         self.lies: dict[str, dict[str, Any]] = {}
+        #: device id -> ``details`` of each of its reports
+        self.report_details: dict[str, dict[str, Any]] = {}
         self.ingest = IngestWorker(ctx, ctx.metrics)
         self.director = ctx.director.key.public_key()
 
@@ -144,7 +146,7 @@ class SimFleet:
                 return (dev.device_id, "report", Report.build(
                     device_id=dev.device_id, seq=dev.next_seq(), at=utcnow(), phase=phase, desired_seq=d.seq,
                     rollout_id=d.rollout_id, model=d.model, version=d.version, reason=reason,
-                    serving=dict(dev.serving),
+                    serving=dict(dev.serving), details=self.report_details.get(dev.device_id, {}),
                 ).to_json())  # fmt: skip
 
             msgs += [report("downloading"), report("verifying"), report("installing")]

@@ -1,6 +1,7 @@
 """A compromised device lying to the rollout gates: impossible health windows are refused at
 ingest (counted per reason), one lying device among ten changes neither a good nor a bad stage's
-outcome. The devices are simulated (tests/helpers/fleet_sim.py) through the server's real
+outcome, and what a report says in ``details`` cannot overwrite the server's bookkeeping of its
+deployment. The devices are simulated (tests/helpers/fleet_sim.py) through the server's real
 ingest path, judged by the real engine."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from device_client.protocol.messages import utcnow
 from server.health.tables import HealthSample
 from server.mqtt.handlers import REJECTED
 from server.rollouts.engine import RolloutEngine
+from server.rollouts.tables import Deployment, DesiredRecord
 from tests.helpers.fleet_sim import WINDOW_S, Behaviour
 from tests.server.test_rollouts import drive, make_lab, rollout_body
 
@@ -88,3 +90,29 @@ def test_one_lying_device_among_ten_changes_neither_outcome(
     assert numbers["requests_reported"] > numbers["requests"]  # the liar counted as a typical device
     if reason is not None:
         assert final["reason"] == f"stage 1 gates failed: error rate {truth.error_rate:.4f} > 0.05"
+
+
+def test_a_report_cannot_rewrite_its_deployment_bookkeeping(app_client, admin_headers, ctx, onnx_model):
+    """A shadow canary whose reports claim ``mode: serve`` (and a ``resigned_from`` seq) must still
+    be switched to serving by the serving stage: the server's keys are its own, the device's
+    ``details`` live under ``details["device"]``."""
+    lab = make_lab(app_client, admin_headers, ctx, onnx_model)
+    engine = RolloutEngine(ctx)
+    stages = [{"count": 1, "soak_s": 0, "shadow": True}, {"percent": 100, "soak_s": 0}]
+    body = rollout_body("2.0.0", stages=stages, on_failure="pause")
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
+    engine.tick()
+    with ctx.db.session_scope() as s:
+        canary = s.scalars(sa.select(Deployment.device_id).where(Deployment.phase == "notified")).one()
+    claims = {"mode": "serve", "resigned_from": [99]}
+    lab.report_details[canary] = claims
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed", final["reason"]
+    assert {d.serving["det"] for d in lab.devices.values()} == {"2.0.0"}  # the canary too
+    with ctx.db.session_scope() as s:
+        dep = s.scalars(sa.select(Deployment).where(Deployment.device_id == canary)).one()
+        record = s.get(DesiredRecord, canary)
+        assert (record.seq, record.mode) == (2, "serve")  # told to shadow, then to serve
+        assert dep.details["mode"] == "serve"  # set by the engine's re-arm, not by the claim
+        assert "resigned_from" not in dep.details
+        assert dep.details["device"] == claims
