@@ -416,9 +416,9 @@ def test_server_restart_mid_soak_resumes_the_rollout(fleet_of, models, live_serv
 
 @SQLITE
 def test_a_stage_whose_devices_are_all_offline_pauses_with_its_reason(fleet_of, models, live_server):
-    """The stage's only device is offline: the stage used to settle, soak and complete with no one
-    updated. It waits stage_timeout_s for evidence, then pauses saying why; the device returns,
-    an operator resumes, and the stage passes on the health it then reports."""
+    """The stage's only device is offline: the stage settles and soaks with no one updated, then
+    waits stage_timeout_s for evidence and pauses saying why (it does not complete); the device
+    returns, an operator resumes, and the stage passes on the health it then reports."""
     models("1.0.0", seed=1)
     models("2.0.0", seed=2)
     fleet = fleet_of(2)
@@ -454,8 +454,8 @@ def test_a_stage_whose_devices_are_all_offline_pauses_with_its_reason(fleet_of, 
 @SQLITE
 def test_a_soak_shorter_than_the_health_window_is_judged_on_the_stage_health(fleet_of, models):
     """Health windows of 2 s, soaks of 0.2 s: the gates read what the stage's devices reported
-    since the stage started, so each stage is judged on real requests (it used to read the soak
-    alone: no window, "requests: 0"), and the rollout's creation says the soak is short."""
+    since the stage started, so each stage is judged on real requests (the soak alone would hold
+    no window: "requests: 0"), and the rollout's creation says the soak is short."""
     models("1.0.0", seed=1)
     models("2.0.0", seed=2)
     fleet = fleet_of(4, health_window_s=2.0)

@@ -35,9 +35,9 @@ def create(client, headers, **over) -> str:
 
 
 def test_a_stage_whose_devices_are_all_offline_waits_then_pauses(app_client, admin_headers, ctx, lab):
-    """Its only device offline, a stage used to settle, soak and complete with nobody updated.
-    Now it waits for evidence (the reason says why) and pauses after stage_timeout_s; once the
-    device is back, a resume completes it."""
+    """Its only device offline, the stage settles at once (offline devices do not block) but has
+    no evidence: it waits (the reason says why), not completing with nobody updated, and pauses
+    after stage_timeout_s; once the device is back, a resume completes it."""
     away = sorted(lab.devices)[0]
     lab.presence(away, online=False)
     engine = RolloutEngine(ctx)
@@ -72,8 +72,8 @@ def test_a_stage_whose_devices_are_all_offline_waits_then_pauses(app_client, adm
 def test_the_gates_read_the_health_since_the_stage_started_not_only_the_soak(
     app_client, admin_headers, ctx, lab
 ):
-    """The devices report while they update and not during the (short) soak: the gates used to
-    read the soak alone and pass on "requests: 0, error_rate: null"."""
+    """The devices report while they update and not during the (short) soak: the soak alone holds
+    no window ("requests: 0, error_rate: null"); the stage since it started holds them all."""
     engine = RolloutEngine(ctx)
     rid = create(app_client, admin_headers, stages=[{"percent": 100, "soak_s": 5}])
     engine.tick()  # every device told
