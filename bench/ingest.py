@@ -69,9 +69,9 @@ def messages(ids: list[str], m: int) -> list[tuple[str, bytes, dict]]:
     out = []
     for k in range(m):
         device = ids[k % len(ids)]
-        h = HealthWindow.build(
-            device_id=device, seq=k // len(ids) + 1, at=now + timedelta(seconds=k // len(ids)),
-            window_s=10, model="det", version="1.0.0", requests=100 + k % 7, errors=k % 3,
+        h = HealthWindow.build(  # each device's windows: consecutive 0.1 s periods (no overlap)
+            device_id=device, seq=k // len(ids) + 1, at=now + timedelta(seconds=0.1 * (k // len(ids))),
+            window_s=0.1, model="det", version="1.0.0", requests=100 + k % 7, errors=k % 3,
             p50_ms=1.5, p95_ms=4.0 + (k % 5), p99_ms=9.0,
         )  # fmt: skip
         row = {

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     health_rollup_bucket_s: int = Field(default=3600, ge=60)
     health_rollup_interval_s: float = Field(default=300.0, gt=0)
     health_rollup_retention_s: int = Field(default=90 * 86400, ge=3600)
+    #: what a health window may claim (server/health/plausibility.py): requests per second of its
+    #: window_s, its length, and how far its stamp may be from the server's clock
+    health_max_rps: float = Field(default=100_000.0, gt=0)
+    health_max_window_s: float = Field(default=3600.0, gt=0)
+    health_max_clock_skew_s: float = Field(default=300.0, gt=0)
 
     #: request body caps by route, enforced before a byte is read (server/http/bodylimit.py):
     #: model pushes; bulk enrollment (1,000 CSRs, even RSA-8192 ones, fit); a signed targets PUT;

@@ -41,6 +41,8 @@ def rollout_table(state: dict[str, Any]) -> Table:
         )
     if state.get("reason"):
         table.caption = state["reason"]
+    elif state.get("offline_pending"):
+        table.caption = f"{state['offline_pending']} device(s) offline, to update when they return"
     return table
 
 
@@ -54,4 +56,9 @@ def follow_rollout(
         )
     colour = "green" if state["status"] == "completed" else "red"
     console.print(f"[{colour}]rollout {rollout_id} {state['status']}[/{colour}]")
+    if state.get("offline_pending"):
+        console.print(
+            f"{state['offline_pending']} device(s) offline have not taken it yet: "
+            "they will when they return (fleet rollout status shows them)"
+        )
     return state

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from server.cli import common
@@ -52,7 +53,10 @@ def rollout() -> None:
 @click.option("--max-concurrent", type=int, default=50, show_default=True, help="concurrent downloads")
 @click.option("--device-timeout", type=int, default=900, show_default=True)
 @click.option(
-    "--wait", is_flag=True, help="follow progress; exit 0 completed, 2 paused, 3 rolled back/aborted"
+    "--wait",
+    is_flag=True,
+    help="follow progress; exit 0 completed (offline devices may still be pending), 2 paused, "
+    "3 rolled back/aborted",
 )
 def rollout_start(
     url: str,
@@ -101,6 +105,8 @@ def rollout_start(
             f"rollout [bold]{state['id']}[/bold] started: {state['devices']} devices in "
             f"{len(state['stage_views'])} stages"
         )
+        for warning in state.get("warnings", []):
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         if wait:
             state = follow_rollout(console, client, state["id"])
     if wait:

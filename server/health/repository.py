@@ -1,4 +1,5 @@
-"""Queries of health windows and their rollups."""
+"""Queries of health windows and their rollups: per-device sums for the rollout gates, the spans
+the ingest checks new windows against, and the rollup job's claims and upserts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from server.health.tables import HealthRollup, HealthSample
+from server.rollouts.policy import DeviceHealth
 
 #: the columns of a rollup that add up when two rollups of the same key meet
 SUMMED = (
@@ -18,6 +20,102 @@ SUMMED = (
     "agreement_weighted",
 )  # fmt: skip
 KEY = ("device_id", "model", "version", "mode", "bucket")
+#: device ids per query (an IN list; planners like lists in the thousands)
+IDS_CHUNK = 5000
+
+
+class HealthWindowRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def per_device(
+        self,
+        device_ids: Sequence[str],
+        model: str,
+        *,
+        version: str | None = None,
+        not_version: str | None = None,
+        mode: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> dict[str, DeviceHealth]:
+        """Each device's sums over its matching windows, raw and rolled up (rolled-up time is
+        filtered by bucket start): one GROUP BY per chunk of devices, whatever the windows.
+        Devices without a matching window are absent."""
+        ids = sorted(set(device_ids))
+        out: dict[str, DeviceHealth] = {}
+        for i in range(0, len(ids), IDS_CHUNK):
+            chunk = ids[i : i + IDS_CHUNK]
+            q = self._sums(chunk, model, version, not_version, mode, since, until)
+            for r in self.session.execute(q):
+                out[r.device_id] = DeviceHealth(
+                    windows=int(r.windows), requests=int(r.requests), errors=int(r.errors),
+                    p95_requests=int(r.p95_requests), p95_weighted_ms=float(r.p95_weighted),
+                    shadow_requests=int(r.shadow), agreement_weighted=float(r.agreement_weighted),
+                )  # fmt: skip
+        return out
+
+    @staticmethod
+    def _sums(
+        device_ids: list[str],
+        model: str,
+        version: str | None,
+        not_version: str | None,
+        mode: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> sa.Select[Any]:
+        h, r = HealthSample, HealthRollup
+        has_p95 = h.p95_ms.is_not(None)
+        has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
+        raw = sa.select(
+            h.device_id.label("device_id"), sa.literal(1).label("windows"), h.requests.label("requests"),
+            h.errors.label("errors"), sa.case((has_p95, h.requests), else_=0).label("p95_requests"),
+            sa.case((has_p95, h.p95_ms * h.requests), else_=0.0).label("p95_weighted"),
+            sa.case((has_agreement, h.shadow_requests), else_=0).label("shadow"),
+            sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0).label("agreement_weighted"),
+        ).where(h.model == model, h.device_id.in_(device_ids))  # fmt: skip
+        rolled = sa.select(
+            r.device_id, r.windows, r.requests, r.errors, r.p95_requests, r.p95_weighted_ms,
+            r.shadow_requests, r.agreement_weighted,
+        ).where(r.model == model, r.device_id.in_(device_ids))  # fmt: skip
+        if version is not None:
+            raw, rolled = raw.where(h.version == version), rolled.where(r.version == version)
+        if not_version is not None:
+            raw, rolled = raw.where(h.version != not_version), rolled.where(r.version != not_version)
+        if mode is not None:
+            raw, rolled = raw.where(h.mode == mode), rolled.where(r.mode == mode)
+        if since is not None:
+            raw, rolled = raw.where(h.at >= since), rolled.where(r.bucket >= since)
+        if until is not None:
+            raw, rolled = raw.where(h.at < until), rolled.where(r.bucket < until)
+        u = sa.union_all(raw, rolled).subquery()
+        sums = [sa.func.sum(c).label(c.name) for c in u.c if c.name != "device_id"]
+        return sa.select(u.c.device_id, *sums).group_by(u.c.device_id)
+
+    def longest_window_s(self, device_ids: Sequence[str], since: datetime) -> float | None:
+        """The longest ``window_s`` among the windows of (up to the first :data:`IDS_CHUNK` of)
+        ``device_ids`` since ``since``: their health window setting, as far as it shows."""
+        ids = sorted(set(device_ids))[:IDS_CHUNK]
+        if not ids:
+            return None
+        h = HealthSample
+        q = sa.select(sa.func.max(h.window_s)).where(h.device_id.in_(ids), h.at >= since)
+        value = self.session.scalar(q)
+        return None if value is None else float(value)
+
+    def spans(self, device_ids: Sequence[str], after: datetime) -> list[Any]:
+        """Rows (device_id, model, version, mode, seq, at, window_s) of the stored windows of
+        ``device_ids`` that end after ``after`` (the ``(device_id, at)`` index)."""
+        ids = sorted(set(device_ids))
+        h = HealthSample
+        out: list[Any] = []
+        for i in range(0, len(ids), IDS_CHUNK):
+            q = sa.select(h.device_id, h.model, h.version, h.mode, h.seq, h.at, h.window_s).where(
+                h.device_id.in_(ids[i : i + IDS_CHUNK]), h.at > after
+            )
+            out.extend(self.session.connection().execute(q))
+        return out
 
 
 class HealthRollupRepository:

@@ -6,9 +6,12 @@ transaction: presence coalesced per device, reports deduplicated by the device-m
 and applied to deployments through the pure deployment state machine, health windows inserted with
 ``ON CONFLICT DO NOTHING``. On PostgreSQL the batch locks its devices' rows first (in id order),
 so replicas that each received some of one device's reports apply them one batch after the other
-instead of overwriting each other's phase and ``last_report_seq``. Every rejection (bad topic,
-bad JSON, wrong schema, device id mismatch, unknown or decommissioned device, stale report) is
-counted in ``fleet_mqtt_rejected_total`` and logged; nothing here can take the server down.
+instead of overwriting each other's phase and ``last_report_seq``. Health windows must be plausible
+(:mod:`server.health.plausibility`). Every rejection (bad topic, bad JSON, wrong schema, device id
+mismatch, unknown or decommissioned device, stale report, implausible window) is counted in
+``fleet_mqtt_rejected_total`` and logged; nothing here can take the server down. What a report
+says in ``details`` is kept under the deployment's ``details["device"]``, apart from the server's
+own bookkeeping.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from server.db import utcnow
 from server.devices.repository import DeviceRepository, DeviceState
 from server.devices.tables import Device, DeviceEvent, DeviceStatus
 from server.errors import SeqRace
+from server.health.plausibility import Limits, implausible, overlapping, span_queries
+from server.health.repository import HealthWindowRepository
 from server.health.tables import HealthSample
 from server.metrics import Metrics
 from server.rollouts.desired import DesiredStateService
@@ -96,6 +101,8 @@ class IngestWorker:
         self.queue: queue.Queue[tuple[str, bytes, datetime, Callable[[], object] | None]] = queue.Queue()
         self.batch_max = ctx.settings.ingest_batch_max
         self.batch_delay = ctx.settings.ingest_batch_delay_s
+        s = ctx.settings
+        self.limits = Limits(s.health_max_rps, s.health_max_window_s, s.health_max_clock_skew_s)
         self.on_batch = on_batch
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,7 +170,7 @@ class IngestWorker:
     # -- parsing -------------------------------------------------------------------------------
     def parse(self, items: Sequence[tuple[str, bytes, datetime]]) -> Batch:
         batch = Batch([], [], [])
-        for topic, payload, _ in items:
+        for topic, payload, received_at in items:
             try:
                 device_id, kind = parse_topic(topic)
             except InvalidTopic as exc:
@@ -181,6 +188,11 @@ class IngestWorker:
             if msg.device_id != device_id:  # type: ignore[attr-defined]
                 self.reject(kind.value, "device_mismatch", f"{msg.device_id} on {topic}")  # type: ignore[attr-defined]
                 continue
+            if isinstance(msg, HealthWindow):
+                wrong = implausible(msg, received_at, self.limits)
+                if wrong is not None:
+                    self.reject(kind.value, wrong[0], f"{device_id}: {wrong[1]}")
+                    continue
             getattr(
                 batch, {"report": "reports", "health": "health", "presence": "presence"}[kind.value]
             ).append(msg)
@@ -287,9 +299,7 @@ class IngestWorker:
         self._write_reports(session, batch.reports, known, touched, now, gone)
 
         health_rows = []
-        for h in batch.health:
-            if known("health", h.device_id) is None:
-                continue
+        for h in self._fresh_windows(session, [h for h in batch.health if known("health", h.device_id)]):
             health_rows.append(
                 {
                     "device_id": h.device_id,
@@ -322,6 +332,21 @@ class IngestWorker:
             resigned = DesiredStateService(session, self.ctx).resign_expiring_ids(returning)
             if resigned:
                 log.info("re-signed %d expiring desired states for returning devices", resigned)
+
+    def _fresh_windows(self, session: Session, windows: list[HealthWindow]) -> list[HealthWindow]:
+        """``windows`` without those whose period overlaps a window already stored (or an earlier
+        one of the batch) for the same device, model, version and mode: a device reports each
+        period once (re-sent windows, under their own seq, are left to the store to ignore)."""
+        if not windows:
+            return windows
+        repo = HealthWindowRepository(session)
+        stored = [row for ids, after in span_queries(windows) for row in repo.spans(ids, after)]
+        rejected = set(overlapping(windows, stored))
+        for i in sorted(rejected):
+            h = windows[i]
+            what = f"{h.device_id}: {h.model} {h.version} {h.mode.value} window ending {h.at.isoformat()}"
+            self.reject("health", "overlapping_window", what)
+        return [h for i, h in enumerate(windows) if i not in rejected]
 
     def _write_reports(
         self,
@@ -403,7 +428,7 @@ class IngestWorker:
                 continue
             if r.reason:
                 dep.reason = r.reason
-            if r.details:
-                dep.details = {**(dep.details or {}), **r.details}
+            if r.details:  # the device's say, apart from the server's own keys (mode, resigned_from...)
+                dep.details = {**dep.details, "device": {**dep.details.get("device", {}), **r.details}}
             changed[dep.id] = dep
         repo.update_states([changed[k] for k in sorted(changed)])

@@ -13,9 +13,12 @@ A tick of a running rollout:
    brings them along when they return, and they do not block the stage — unless they had begun
    the update before going quiet: those block it until they report or time out);
 3. trips early when failures alone already breach ``max_failure_ratio`` for the whole stage;
-4. once every online device of the stage has finished, starts the soak; when the soak ends,
-   evaluates the gates (:func:`server.rollouts.policy.evaluate_stage`) and promotes to the next
-   stage, completes, or applies ``on_failure`` (pause, or roll every touched device back).
+4. once every online device of the stage has finished, starts the soak; when the soak ends, waits
+   for enough evidence (:func:`server.rollouts.policy.missing_evidence`: succeeded devices that
+   reported health, requests; up to ``stage_timeout_s``, then pauses), evaluates the gates
+   (:func:`server.rollouts.policy.evaluate_stage`) on the health the stage's devices reported
+   since the stage started, and promotes to the next stage, completes, or applies
+   ``on_failure`` (pause, or roll every touched device back).
 """
 
 from __future__ import annotations
@@ -36,9 +39,19 @@ from server.admin.service import audit
 from server.db import utcnow
 from server.devices.tables import DeviceStatus
 from server.errors import SeqRace
+from server.health.repository import HealthWindowRepository
 from server.rollouts.desired import DesiredStateService, DeviceTarget
-from server.rollouts.policy import Gates, Stage, StageCounts, aggregate, early_trip, evaluate_stage
-from server.rollouts.repository import DeploymentRepository, HealthRepository, RolloutRepository
+from server.rollouts.policy import (
+    Gates,
+    Stage,
+    StageCounts,
+    early_trip,
+    evaluate_stage,
+    missing_evidence,
+    required_succeeded,
+    robust_health,
+)
+from server.rollouts.repository import DeploymentRepository, RolloutRepository
 from server.rollouts.service import BASELINE_WINDOW, RolloutService, gates_of, settle_phase
 from server.rollouts.tables import Rollout, RolloutStatus
 
@@ -183,36 +196,65 @@ class RolloutEngine:
             return
         if now < rollout.soak_until:
             return
+        self._judge(session, rollout, idx, counts, gates, now)
 
-        ids = [d for d, _, _ in repo.member_rows(rollout.id, idx)]
-        health_repo = HealthRepository(session)
-        soak_start = rollout.soak_until - timedelta(seconds=stage.soak_s)
-        health = aggregate(
-            health_repo.windows(
-                ids,
-                rollout.model,
-                version=rollout.version,
-                mode=mode.value,
-                since=soak_start,
-            )
+    def _judge(
+        self, session: Session, rollout: Rollout, idx: int, counts: StageCounts, gates: Gates, now: datetime
+    ) -> None:
+        """A soaked stage: wait for enough evidence (up to ``stage_timeout_s``, then pause), then
+        judge the gates on the health its devices reported for the new version since the stage
+        started (resumed): promote, complete, or apply ``on_failure``."""
+        stages = [Stage.model_validate(s) for s in rollout.stages]
+        stage = stages[idx]
+        mode = "shadow" if stage.shadow else "serve"
+        members = RolloutRepository(session).member_rows(rollout.id, idx)
+        ids = [d for d, _, _ in members]
+        health_repo = HealthWindowRepository(session)
+        since = rollout.stage_started_at or rollout.created_at
+        per_device = health_repo.per_device(
+            ids, rollout.model, version=rollout.version, mode=mode, since=since
         )
-        baseline = aggregate(health_repo.windows(
+        health = robust_health(per_device)
+        reporting = sum(1 for d, phase, _ in members if phase == P.succeeded and d in per_device)
+        missing = missing_evidence(gates, counts, health, reporting, stage=idx, shadow=stage.shadow)
+        # (failures beyond the gate need no more evidence: they are judged at once)
+        waiting = bool(missing) and counts.failure_ratio <= gates.max_failure_ratio
+        assert rollout.soak_until is not None
+        if waiting and now < rollout.soak_until + timedelta(seconds=gates.stage_timeout_s):
+            why = f"stage {idx + 1} waits for evidence: " + "; ".join(missing)
+            if rollout.reason != why:  # (the row is written only when this changes)
+                rollout.reason = why
+            return
+        baseline = robust_health(health_repo.per_device(
             ids, rollout.model, not_version=rollout.version, mode="serve",
             since=rollout.created_at - BASELINE_WINDOW, until=rollout.created_at,
         ))  # fmt: skip
         verdict = evaluate_stage(gates, counts, health, baseline, shadow=stage.shadow)
-        record = {
-            "stage": idx,
-            "passed": verdict.passed,
-            "reasons": verdict.reasons,
-            "numbers": verdict.numbers,
+        numbers = {
+            **verdict.numbers,
+            "succeeded_reporting": reporting,
+            "required_succeeded": required_succeeded(gates, counts.total),
         }
+        service = RolloutService(session, self.ctx)
+        if waiting:
+            # no evidence is no evidence of harm: pause (whatever on_failure) for an operator
+            reason = (
+                f"stage {idx + 1} has not enough evidence after stage_timeout_s "
+                f"({gates.stage_timeout_s:g}s): " + "; ".join(missing)
+            )
+            log.warning("rollout %s: %s; pausing", rollout.id, reason)
+            service.transition(rollout, RolloutStatus.paused, ENGINE, "rollout.pause", {"reason": reason})
+            rollout.reason = reason
+            rollout.verdict = {"stage": idx, "passed": False, "reasons": missing, "numbers": numbers}
+            return
+        record = {"stage": idx, "passed": verdict.passed, "reasons": verdict.reasons, "numbers": numbers}
         if not verdict.passed:
             self._fail(
                 service, rollout, f"stage {idx + 1} gates failed: " + "; ".join(verdict.reasons), record
             )
             return
         rollout.verdict = record
+        rollout.reason = None
         if idx + 1 == len(stages):
             service.transition(rollout, RolloutStatus.completed, ENGINE, "rollout.complete", record)
             log.info("rollout %s completed", rollout.id)

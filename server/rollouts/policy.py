@@ -1,4 +1,5 @@
-"""Pure rollout policy: stage membership, stage sizes, gates (docs/architecture.md, "Rollouts and gates").
+"""Pure rollout policy: stage membership, stage sizes, gate evaluation (docs/architecture.md,
+"Rollouts and gates"), and the robust aggregation of the stage devices' health that the gates judge.
 
 Nothing here touches the database or the clock; the engine feeds it numbers.
 """
@@ -7,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import median_low
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -38,7 +40,7 @@ class Stage(BaseModel):
 
 
 class Gates(BaseModel):
-    """Health gates checked at the end of each stage's soak."""
+    """Health gates, judged once a stage's soak has ended and it has enough evidence."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,9 +49,17 @@ class Gates(BaseModel):
     max_p95_ms: float | None = Field(default=None, gt=0)
     max_p95_ratio: float | None = Field(default=1.5, gt=0)
     min_agreement: float | None = Field(default=0.95, ge=0, le=1)
-    #: fewer requests than this over the soak fail the stage ("not enough evidence"); 0 lets a stage
-    #: of idle devices pass on install success alone
-    min_requests: int = Field(default=0, ge=0)
+    #: requests the stage's devices must have reported for the new version (each device counted
+    #: up to the median device's count) before the gates are judged; 0 lets idle devices pass on
+    #: install success and their (empty) health windows alone
+    min_requests: int = Field(default=100, ge=0)
+    #: devices of the stage that must have succeeded and reported health for the new version
+    #: before the gates are judged: the larger of this and ``min_succeeded_percent`` of the
+    #: stage's devices, at most the stage's devices
+    min_succeeded: int = Field(default=1, ge=1)
+    min_succeeded_percent: float = Field(default=0.0, ge=0, le=100)
+    #: how long a soaked stage waits for that evidence before the rollout pauses
+    stage_timeout_s: float = Field(default=3600.0, gt=0, le=30 * 86400)
 
 
 def check_stages(stages: Sequence[Stage], total: int) -> tuple[list[Stage], list[int]]:
@@ -116,19 +126,33 @@ def assign_stages(rollout_id: str, device_ids: Iterable[str], sizes: Sequence[in
     return result
 
 
+#: share of the devices dropped at each end before a stage's health numbers are averaged
+TRIM_SHARE = 0.1
+
+
 @dataclass(frozen=True)
 class HealthAggregate:
-    """Health of a set of devices over a time span (sums and request-weighted means)."""
+    """Health of a set of devices over a time span.
+
+    From :func:`robust_health` (the gates): ``requests`` counts each device up to the median
+    device's count, ``errors`` is the sum reported, ``error_rate``, ``p95_ms`` and ``agreement``
+    are trimmed means of the devices' own numbers. From :func:`aggregate`: plain sums and
+    request-weighted means of the windows."""
 
     requests: int = 0
     errors: int = 0
     p95_ms: float | None = None
     shadow_requests: int = 0
     agreement: float | None = None
+    #: errors / requests when not given
+    error_rate: float | None = None
+    #: devices that reported at least one window, and the requests they reported (uncapped)
+    devices: int = 0
+    requests_reported: int = 0
 
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.requests if self.requests else None
+    def __post_init__(self) -> None:
+        if self.error_rate is None and self.requests:
+            object.__setattr__(self, "error_rate", self.errors / self.requests)
 
 
 def aggregate(windows: Iterable[tuple[int, int, float | None, int | None, float | None]]) -> HealthAggregate:
@@ -154,6 +178,74 @@ def aggregate(windows: Iterable[tuple[int, int, float | None, int | None, float 
         p95_ms=p95_sum / p95_w if p95_w else None,
         shadow_requests=sreq,
         agreement=agree_sum / sreq if sreq else None,
+        requests_reported=req,
+    )
+
+
+@dataclass(frozen=True)
+class DeviceHealth:
+    """One device's health windows over a span, as sums (what one GROUP BY row holds)."""
+
+    windows: int = 0
+    requests: int = 0
+    errors: int = 0
+    #: requests of the windows that reported a p95, and the sum of p95_ms * requests over them
+    p95_requests: int = 0
+    p95_weighted_ms: float = 0.0
+    #: shadow requests of the windows that reported an agreement, and agreement * them summed
+    shadow_requests: int = 0
+    agreement_weighted: float = 0.0
+
+
+def trim_count(n: int) -> int:
+    """Devices dropped at each end of ``n`` sorted values: ``ceil(TRIM_SHARE * n)``, but at least
+    one value is always left (none dropped of 1 or 2, one of 3 to 10, two of 11 to 20...)."""
+    return max(0, min(math.ceil(n * TRIM_SHARE), (n - 1) // 2))
+
+
+def robust_mean(points: Sequence[tuple[float, int]]) -> float | None:
+    """Trimmed, capped-weight mean of per-device ``(value, weight)`` pairs (weights > 0).
+
+    The :func:`trim_count` lowest and highest values are dropped; the rest are averaged, each
+    weighted by its device's requests capped at the median device's (``median_low``). With one
+    value dropped at each end, a single device can never move the result outside the range of
+    the other devices' values; the cap keeps a device with far more requests than the others
+    from outweighing them."""
+    if not points:
+        return None
+    cap = median_low([w for _, w in points])
+    k = trim_count(len(points))
+    kept = sorted(points, key=lambda p: p[0])[k : len(points) - k]
+    total = sum(min(w, cap) for _, w in kept)
+    return sum(v * min(w, cap) for v, w in kept) / total
+
+
+def capped_sum(counts: Iterable[int]) -> int:
+    """Sum of the positive counts, each capped at their median (``median_low``): the evidence a
+    set of devices holds, which no single device can inflate by more than a typical device's."""
+    positive = [c for c in counts if c > 0]
+    if not positive:
+        return 0
+    cap = median_low(positive)
+    return sum(min(c, cap) for c in positive)
+
+
+def robust_health(devices: Mapping[str, DeviceHealth]) -> HealthAggregate:
+    """The health the gates judge, from each device's own numbers (see :func:`robust_mean`)."""
+    rows = [devices[d] for d in sorted(devices)]
+    return HealthAggregate(
+        requests=capped_sum(r.requests for r in rows),
+        errors=sum(r.errors for r in rows),
+        error_rate=robust_mean([(r.errors / r.requests, r.requests) for r in rows if r.requests]),
+        p95_ms=robust_mean(
+            [(r.p95_weighted_ms / r.p95_requests, r.p95_requests) for r in rows if r.p95_requests]
+        ),
+        shadow_requests=capped_sum(r.shadow_requests for r in rows),
+        agreement=robust_mean(
+            [(r.agreement_weighted / r.shadow_requests, r.shadow_requests) for r in rows if r.shadow_requests]
+        ),
+        devices=len(rows),
+        requests_reported=sum(r.requests for r in rows),
     )
 
 
@@ -184,6 +276,47 @@ class Verdict:
     numbers: dict[str, float | int | None] = field(default_factory=dict)
 
 
+def required_succeeded(gates: Gates, stage_devices: int) -> int:
+    """Devices that must have succeeded and reported health before a stage of ``stage_devices``
+    devices is judged (``min_succeeded``, ``min_succeeded_percent``; at most the stage's)."""
+    share = math.ceil(stage_devices * gates.min_succeeded_percent / 100 - 1e-9)
+    return min(max(gates.min_succeeded, share), stage_devices)
+
+
+def missing_evidence(
+    gates: Gates,
+    counts: StageCounts,
+    health: HealthAggregate,
+    succeeded_reporting: int,
+    *,
+    stage: int,
+    shadow: bool,
+) -> list[str]:
+    """Why a settled, soaked stage (``stage``: its index) cannot be judged yet; empty when it can.
+
+    ``succeeded_reporting``: the stage's succeeded devices that reported health for the new
+    version since the stage started. A stage left without any device (every one decommissioned)
+    has nothing to wait for: it passes empty, and the next stage needs its own evidence."""
+    if counts.total == 0:
+        return []
+    reasons: list[str] = []
+    need = required_succeeded(gates, counts.total)
+    if succeeded_reporting < need:
+        offline = f" ({counts.offline_waiting} offline)" if counts.offline_waiting else ""
+        if counts.succeeded == 0 and counts.in_flight == 0 and counts.offline_waiting:
+            reasons.append(f"no device of stage {stage + 1} is online{offline}")
+        else:
+            reasons.append(
+                f"{succeeded_reporting} of the {need} device(s) needed have succeeded and reported "
+                f"health{offline}"
+            )
+    if health.requests < gates.min_requests:
+        reasons.append(f"{health.requests} requests reported (min_requests {gates.min_requests})")
+    if shadow and gates.min_agreement is not None and health.agreement is None:
+        reasons.append("no shadow agreement reported")
+    return reasons
+
+
 def evaluate_stage(
     gates: Gates,
     counts: StageCounts,
@@ -192,7 +325,8 @@ def evaluate_stage(
     *,
     shadow: bool,
 ) -> Verdict:
-    """Whether a settled, soaked stage may be promoted."""
+    """Whether a settled, soaked stage with enough evidence (:func:`missing_evidence`) may be
+    promoted."""
     reasons: list[str] = []
     numbers: dict[str, float | int | None] = {
         "devices": counts.total,
@@ -200,7 +334,9 @@ def evaluate_stage(
         "failed": counts.failed,
         "offline_waiting": counts.offline_waiting,
         "failure_ratio": round(counts.failure_ratio, 4),
+        "devices_reporting": health.devices,
         "requests": health.requests,
+        "requests_reported": health.requests_reported,
         "error_rate": None if health.error_rate is None else round(health.error_rate, 4),
         "p95_ms": None if health.p95_ms is None else round(health.p95_ms, 3),
         "baseline_p95_ms": None if baseline.p95_ms is None else round(baseline.p95_ms, 3),
@@ -210,8 +346,6 @@ def evaluate_stage(
         reasons.append("no device of the stage finished")
     if counts.failure_ratio > gates.max_failure_ratio:
         reasons.append(f"failure ratio {counts.failure_ratio:.3f} > {gates.max_failure_ratio}")
-    if health.requests < gates.min_requests and counts.succeeded:
-        reasons.append(f"only {health.requests} requests observed (< {gates.min_requests})")
     if (
         gates.max_error_rate is not None
         and health.error_rate is not None

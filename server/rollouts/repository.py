@@ -445,6 +445,21 @@ class RolloutRepository:
             q = q.where(Deployment.phase.in_(list(phases)))
         return [(d, p, r) for d, p, r in self.session.execute(q)]
 
+    def offline_unfinished(self, rollout_id: str) -> int:
+        """Deployments of a rollout whose device is offline and has not begun the update (pending,
+        or told and waiting for the device's return)."""
+        q = (
+            sa.select(sa.func.count())
+            .select_from(Deployment)
+            .join(Device, Device.id == Deployment.device_id)
+            .where(
+                Deployment.rollout_id == rollout_id,
+                Deployment.phase.in_([DeploymentPhase.pending, DeploymentPhase.notified]),
+                Device.status != DeviceStatus.online,
+            )
+        )
+        return int(self.session.scalar(q) or 0)
+
     def member_stages(self, rollout_id: str) -> list[tuple[str, int, DeploymentPhase]]:
         """(device id, stage, phase) of every deployment of a rollout, by id (no ORM objects)."""
         q = (

@@ -92,5 +92,10 @@ class RolloutOut(BaseModel):
 class RolloutDetail(RolloutOut):
     devices: int
     phases: dict[str, int]
+    #: devices of the rollout that are offline and have not begun the update: they take it when
+    #: they return (a completed rollout may still have some)
+    offline_pending: int = 0
     stage_views: list[StageView]
     baseline: dict[str, Any]
+    #: advice on the rollout as created (e.g. a soak shorter than the devices' health window)
+    warnings: list[str] = Field(default_factory=list)

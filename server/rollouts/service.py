@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
@@ -15,13 +15,13 @@ from server.db import utcnow
 from server.devices.tables import Device, DeviceStatus
 from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
+from server.health.repository import HealthWindowRepository
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
-from server.rollouts.policy import Gates, Stage, aggregate, assign_stages, check_stages
+from server.rollouts.policy import Gates, Stage, assign_stages, check_stages, robust_health
 from server.rollouts.repository import (
     CatalogLookup,
     DeploymentRepository,
-    HealthRepository,
     RolloutRepository,
     SelectorRepository,
 )
@@ -131,7 +131,25 @@ class RolloutService:
         if body.start:
             self.transition(rollout, RolloutStatus.running, by, "rollout.start")
             rollout.stage_started_at = utcnow()
-        return self.detail(rollout.id)
+        detail = self.detail(rollout.id)
+        detail.warnings = self._soak_warnings(stages, [d.id for d in devices], now)
+        return detail
+
+    def _soak_warnings(self, stages: list[Stage], device_ids: list[str], now: datetime) -> list[str]:
+        """A stage whose soak is shorter than the devices' health window (as their recent windows
+        show) lasts longer than its soak: it waits for their health reports."""
+        window = HealthWindowRepository(self.session).longest_window_s(device_ids, now - BASELINE_WINDOW)
+        if window is None:
+            return []
+        short = [(i, s.soak_s) for i, s in enumerate(stages, start=1) if s.soak_s < window]
+        if not short:
+            return []
+        return [
+            f"the soak of stage(s) {', '.join(str(i) for i, _ in short)} ({min(s for _, s in short):g}s) is "
+            f"shorter than the devices' health window ({window:.3g}s): a stage is judged on the health its "
+            "devices reported since it started, and waits after its soak until they have reported enough "
+            "(up to stage_timeout_s), so it lasts at least one window"
+        ]
 
     # -- actions -------------------------------------------------------------------------------
     def get(self, rollout_id: str, *, for_update: bool = False) -> Rollout:
@@ -173,6 +191,8 @@ class RolloutService:
         self.transition(rollout, RolloutStatus.running, by, "rollout.resume")
         rollout.reason = None
         rollout.soak_until = None  # re-soak the current stage
+        # and judge it on health reported from now on (what made it pause is behind it)
+        rollout.stage_started_at = utcnow()
         return self.detail(rollout_id)
 
     def promote(self, rollout_id: str, by: Principal) -> RolloutDetail:
@@ -264,13 +284,16 @@ class RolloutService:
         return [rollout_out(r) for r in self.rollouts.list(status, limit)]
 
     def detail(self, rollout_id: str) -> RolloutDetail:
+        """The rollout with per-stage phases and health: the numbers the gates judge (trimmed
+        per-device means, :func:`server.rollouts.policy.robust_health`), the current stage's
+        since it started (or was resumed), the others' since the rollout was created."""
         rollout = self.get(rollout_id)
         self.session.flush()
         rows = self.rollouts.member_stages(rollout.id)
-        health = HealthRepository(self.session)
+        health = HealthWindowRepository(self.session)
         stages = [Stage.model_validate(s) for s in rollout.stages]
         all_ids = [d for d, _, _ in rows]
-        baseline = aggregate(health.windows(
+        baseline = robust_health(health.per_device(
             all_ids, rollout.model, not_version=rollout.version, mode="serve",
             since=rollout.created_at - BASELINE_WINDOW, until=rollout.created_at,
         ))  # fmt: skip
@@ -279,8 +302,8 @@ class RolloutService:
             members = [(d, p) for d, st, p in rows if st <= i]
             ids = [d for d, _ in members]
             since = rollout.stage_started_at if i == rollout.current_stage else rollout.created_at
-            agg = aggregate(
-                health.windows(
+            agg = robust_health(
+                health.per_device(
                     ids,
                     rollout.model,
                     version=rollout.version,
@@ -292,12 +315,13 @@ class RolloutService:
                 index=i, devices=len(members), shadow=stage.shadow, soak_s=stage.soak_s,
                 phases=dict(Counter(p.value for _, p in members)),
                 health={"requests": agg.requests, "errors": agg.errors, "error_rate": agg.error_rate,
-                        "p95_ms": agg.p95_ms, "agreement": agg.agreement},
+                        "p95_ms": agg.p95_ms, "agreement": agg.agreement, "devices_reporting": agg.devices},
             ))  # fmt: skip
         return RolloutDetail(
             **rollout_out(rollout).model_dump(),
             devices=len(rows),
             phases=dict(Counter(p.value for _, _, p in rows)),
+            offline_pending=self.rollouts.offline_unfinished(rollout.id),
             stage_views=views,
             baseline={
                 "requests": baseline.requests,

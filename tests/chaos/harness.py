@@ -173,13 +173,15 @@ class Fleet:
 
 
 def chaos_rollout(version: str, stages: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
-    """A rollout of ``clf`` to the ``site=chaos`` devices, gated on install success only."""
+    """A rollout of ``clf`` to the ``site=chaos`` devices, gated on install success only: the
+    devices serve no traffic, so their health windows (which a stage still needs) hold no
+    requests (``min_requests`` 0)."""
     body: dict[str, Any] = {
         "model": "clf",
         "version": version,
         "selector": {"tags": {"site": "chaos"}},
         "stages": stages,
-        "gates": {"max_failure_ratio": 0.0, "max_error_rate": None, "max_p95_ratio": None},
+        "gates": {"max_failure_ratio": 0.0, "max_error_rate": None, "max_p95_ratio": None, "min_requests": 0},
         "probation": {"seconds": 1.0, "min_requests": 0},
         "on_failure": "pause",
         "device_timeout_s": 120,

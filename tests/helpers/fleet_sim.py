@@ -5,18 +5,25 @@ director's signature, and answers with real ``fleet.report/1``, ``fleet.health/1
 ``fleet.presence/1`` payloads, which go through the server's real ingest path
 (:class:`server.mqtt.handlers.IngestWorker`) without a broker. How a version behaves on a device
 (install failure, error rate, latency, shadow agreement) is a :class:`Behaviour`.
+
+Health windows are short (:data:`WINDOW_S`) and never overlap, so that the many windows a test
+sends within a second stay plausible to the server (server/health/plausibility.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from device_client.protocol import DesiredState, HealthWindow, Presence, Report, validate_payload
 from device_client.protocol.messages import utcnow
 from device_client.protocol.signing import verify_envelope
 from server.mqtt.handlers import IngestWorker
 from server.rollouts.tables import DesiredRecord
+
+#: the period each simulated health window covers (100 requests in it: 20,000 per second)
+WINDOW_S = 0.005
 
 
 @dataclass
@@ -39,6 +46,8 @@ class SimDevice:
     health_seq: int = 0
     handled_desired: int = 0
     shadow: dict[str, str] = field(default_factory=dict)
+    #: end of the device's last health window: the next one starts no earlier
+    health_until: datetime | None = None
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -58,6 +67,10 @@ class SimFleet:
         self.model = model
         self.devices = {d: SimDevice(d) for d in device_ids}
         self.behaviours = behaviours or {}
+        #: device id -> fields its health windows claim whatever the truth (a lying device)
+        self.lies: dict[str, dict[str, Any]] = {}
+        #: device id -> ``details`` of each of its reports
+        self.report_details: dict[str, dict[str, Any]] = {}
         self.ingest = IngestWorker(ctx, ctx.metrics)
         self.director = ctx.director.key.public_key()
 
@@ -79,12 +92,18 @@ class SimFleet:
             self.presence(dev.device_id, True)
 
     def health(self, *, at_offset_s: float = 0.0, requests: int = 100) -> None:
-        """One health window per online device for what it serves (and shadows)."""
+        """One health window per online device for what it serves (and shadows), ending now (plus
+        ``at_offset_s``) or, for a device that already reported that late, :data:`WINDOW_S` after
+        its last window."""
         msgs = []
-        at = utcnow() + timedelta(seconds=at_offset_s)
+        now = utcnow() + timedelta(seconds=at_offset_s)
         for dev in self.devices.values():
             if not dev.online:
                 continue
+            at = now
+            if dev.health_until is not None:
+                at = max(at, dev.health_until + timedelta(seconds=WINDOW_S))
+            dev.health_until = at
             for mode, table in (("serve", dev.serving), ("shadow", dev.shadow)):
                 version = table.get(self.model)
                 if version is None:
@@ -94,11 +113,13 @@ class SimFleet:
                 extra = {}
                 if mode == "shadow":
                     extra = {"shadow_requests": requests, "agreement": b.agreement, "shadow_p95_ms": b.p95_ms}
-                msgs.append((dev.device_id, "health", HealthWindow.build(
-                    device_id=dev.device_id, seq=dev.health_seq, at=at, window_s=10, model=self.model,
-                    version=version, mode=mode, requests=requests, errors=round(requests * b.error_rate),
-                    p50_ms=b.p95_ms / 2, p95_ms=b.p95_ms, p99_ms=b.p95_ms * 1.2, **extra,
-                ).to_json()))  # fmt: skip
+                fields = {
+                    "device_id": dev.device_id, "seq": dev.health_seq, "at": at, "window_s": WINDOW_S,
+                    "model": self.model, "version": version, "mode": mode, "requests": requests,
+                    "errors": round(requests * b.error_rate), "p50_ms": b.p95_ms / 2, "p95_ms": b.p95_ms,
+                    "p99_ms": b.p95_ms * 1.2, **extra, **self.lies.get(dev.device_id, {}),
+                }  # fmt: skip
+                msgs.append((dev.device_id, "health", HealthWindow.build(**fields).to_json()))
         self._send(msgs)
 
     def step(self) -> int:
@@ -125,7 +146,7 @@ class SimFleet:
                 return (dev.device_id, "report", Report.build(
                     device_id=dev.device_id, seq=dev.next_seq(), at=utcnow(), phase=phase, desired_seq=d.seq,
                     rollout_id=d.rollout_id, model=d.model, version=d.version, reason=reason,
-                    serving=dict(dev.serving),
+                    serving=dict(dev.serving), details=self.report_details.get(dev.device_id, {}),
                 ).to_json())  # fmt: skip
 
             msgs += [report("downloading"), report("verifying"), report("installing")]

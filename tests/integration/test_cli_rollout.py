@@ -209,3 +209,51 @@ def test_a_piped_follow_prints_the_final_table_then_the_outcome(
     assert sum(1 for line in lines if "\u250f" in line) == 1  # one table: the final one
     assert lines[-2].startswith("\u2514")  # the table's bottom border ends its line
     assert lines[-1] == f"rollout {state['id']} completed"
+
+
+def test_start_points_out_a_soak_shorter_than_the_health_window(app_client, ctx, lab, fleet_cli):
+    from datetime import timedelta
+
+    from device_client.protocol import HealthWindow
+    from device_client.protocol.messages import utcnow
+
+    device = sorted(lab.devices)[0]
+    window = HealthWindow.build(
+        device_id=device, seq=1, at=utcnow() - timedelta(seconds=20), window_s=10.0, model="det",
+        version="1.0.0", requests=100, errors=0,
+    )  # fmt: skip
+    lab._send([(device, "health", window.to_json())])
+    out = fleet_cli("rollout", "start", "det", "2.0.0", "--tag", "site=lab", "--stages", "100", "--soak", "5")
+    assert "started: 10 devices in 1 stages" in out
+    assert "warning: the soak of stage(s) 1 (5s) is shorter than the devices' health window (10s)" in out
+
+
+def test_start_wait_completes_with_offline_devices_pending(app_client, admin_headers, ctx, lab, fleet_cli):
+    """Offline devices do not hold a rollout back: it completes (exit 0) and says how many are
+    still to take it when they return."""
+    for d in sorted(lab.devices)[:3]:
+        lab.presence(d, online=False)
+    engine = RolloutEngine(ctx)
+    stop = threading.Event()
+
+    def run_the_fleet() -> None:
+        while not stop.wait(0.05):
+            engine.tick()
+            lab.step()
+            lab.health()
+
+    runner = threading.Thread(target=run_the_fleet, daemon=True)
+    runner.start()
+    try:
+        out = fleet_cli(
+            "rollout", "start", "det", "2.0.0", "--tag", "site=lab", "--stages", "50,100", "--soak", "0",
+            "--wait",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        runner.join(10)
+    assert "completed" in out
+    assert "3 device(s) offline have not taken it yet: they will when they return" in out
+    [rollout] = app_client.get("/api/v1/rollouts", headers=admin_headers).json()
+    status = fleet_cli("rollout", "status", rollout["id"])
+    assert status.endswith("3 device(s) offline, to update when they return")

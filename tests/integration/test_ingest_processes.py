@@ -193,7 +193,7 @@ def test_messages_a_killed_ingest_process_had_not_written_are_delivered_again(
     the 400 windows is stored: the broker delivered the unwritten ones again to the restarted child
     (acknowledging on receipt, as paho does by default, loses the first 200)."""
     import ssl
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     import paho.mqtt.client as mqtt
 
@@ -216,11 +216,14 @@ def test_messages_a_killed_ingest_process_had_not_written_are_delivered_again(
         device.connect(fleet.mqtt_host, fleet.mqtt_port)
         device.loop_start()
 
+        start = datetime.now(UTC) - timedelta(seconds=5)
+
         def publish(seqs: range) -> None:
-            now = datetime.now(UTC)
+            # consecutive 10 ms windows (a window overlapping another of the device is refused)
             infos = [
                 device.publish(f"fleet/v1/d/{dev.device_id}/health", HealthWindow.build(
-                    device_id=dev.device_id, seq=seq, at=now, window_s=1, model="det", version="1.0.0",
+                    device_id=dev.device_id, seq=seq, at=start + timedelta(seconds=seq / 100), window_s=0.01,
+                    model="det", version="1.0.0",
                     requests=10, errors=0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0,
                 ).to_json(), qos=1)
                 for seq in seqs

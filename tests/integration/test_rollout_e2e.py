@@ -5,7 +5,9 @@ inference traffic through each device's local API, so the health windows the gat
 Covers: a 3-stage rollout over 10 devices completes; a bad version trips
 its canary and every touched device ends on the previous version; a shadow stage reports agreement
 and gates on it; a device offline during its stage catches up through the retained DesiredState;
-a server restarted mid-rollout resumes it.
+a server restarted mid-rollout resumes it. And a stage is judged on evidence: one whose devices
+are all offline pauses with its reason; a soak shorter than the health window still judges the
+health the stage's devices reported.
 """
 
 from __future__ import annotations
@@ -406,3 +408,76 @@ def test_server_restart_mid_soak_resumes_the_rollout(fleet_of, models, live_serv
     finally:
         if restarted is not None:
             restarted.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. a stage is judged on evidence: it waits for it, and pauses with the reason without it
+
+
+@SQLITE
+def test_a_stage_whose_devices_are_all_offline_pauses_with_its_reason(fleet_of, models, live_server):
+    """The stage's only device is offline: the stage settles and soaks with no one updated, then
+    waits stage_timeout_s for evidence and pauses saying why (it does not complete); the device
+    returns, an operator resumes, and the stage passes on the health it then reports."""
+    models("1.0.0", seed=1)
+    models("2.0.0", seed=2)
+    fleet = fleet_of(2)
+    fleet.start()
+    fleet.install("1.0.0")
+    away = fleet.ids[0]
+    fleet.stop([away])
+    wait_for(lambda: fleet.device(away)["status"] == "offline", timeout=20, interval=0.2, what="offline")
+    with Traffic(fleet):
+        body = rollout_body(
+            "2.0.0", [{"percent": 100, "soak_s": 0.2}], selector={"device_ids": [away]},
+            gates={"stage_timeout_s": 2},
+        )  # fmt: skip
+        rid = fleet.client.create_rollout(body)["id"]
+        paused = follow(fleet.client, rid, timeout=30)
+        assert paused["status"] == "paused", (paused["status"], paused["reason"])
+        assert paused["reason"].startswith("stage 1 has not enough evidence after stage_timeout_s (2s): ")
+        assert "no device of stage 1 is online (1 offline)" in paused["reason"]
+        assert (paused["phases"], paused["offline_pending"]) == ({"notified": 1}, 1)
+
+        fleet.start([away])  # the retained DesiredState brings it to 2.0.0
+        wait_for(lambda: fleet.deployments(rid)[away][1] == "succeeded", timeout=30, interval=0.2,
+                 what="the returning device succeeded")  # fmt: skip
+        fleet.client.rollout_action(rid, "resume")
+        final = follow(fleet.client, rid, timeout=30)
+        assert final["status"] == "completed", (final["status"], final["reason"])
+        assert final["verdict"]["numbers"]["succeeded_reporting"] == 1
+        assert final["verdict"]["numbers"]["requests"] >= 5
+        assert final["offline_pending"] == 0
+    assert ask(fleet, away) == (200, "2.0.0")
+
+
+@SQLITE
+def test_a_soak_shorter_than_the_health_window_is_judged_on_the_stage_health(fleet_of, models):
+    """Health windows of 2 s, soaks of 0.2 s: the gates read what the stage's devices reported
+    since the stage started, so each stage is judged on real requests (the soak alone would hold
+    no window: "requests: 0"), and the rollout's creation says the soak is short."""
+    models("1.0.0", seed=1)
+    models("2.0.0", seed=2)
+    fleet = fleet_of(4, health_window_s=2.0)
+    fleet.start()
+    fleet.install("1.0.0")
+    with Traffic(fleet) as traffic:
+        wait_requests(traffic, fleet.ids, 5)
+        fleet.wait_health("1.0.0")
+        stages = [{"percent": 50, "soak_s": 0.2}, {"percent": 100, "soak_s": 0.2}]
+        created = fleet.client.create_rollout(rollout_body("2.0.0", stages))
+        [warning] = created["warnings"]
+        assert warning.startswith("the soak of stage(s) 1, 2 (0.2s) is shorter than the devices' health")
+        verdicts: dict[int, dict] = {}
+
+        def record(state: dict) -> None:
+            if state["verdict"]:
+                verdicts[state["verdict"]["stage"]] = state["verdict"]
+
+        final = follow(fleet.client, created["id"], timeout=60, on_snapshot=record)
+        assert final["status"] == "completed", (final["status"], final["reason"])
+        for stage in (0, 1):
+            numbers = verdicts[stage]["numbers"]
+            assert numbers["requests"] >= 5, numbers
+            assert numbers["error_rate"] == 0.0, numbers
+            assert numbers["succeeded_reporting"] >= 1, numbers

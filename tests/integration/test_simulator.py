@@ -109,7 +109,8 @@ def test_real_daemon_among_simulated_devices(live_server, tmp_path):
     fleet = enroll_fleet(live.url, live.token("admin"), 20, tmp_path / "sim", tags={"fleet": "sim"})
     enroll_device(live, tmp_path / "real", "real-1")
     client.tag_device("real-1", {"fleet": "sim"})
-    sim = Simulator(fleet, SimOptions(processes=1, health_window_s=0)).start()
+    # the simulated devices report health (the real one serves no traffic): the stages' evidence
+    sim = Simulator(fleet, SimOptions(processes=1, health_window_s=1.0)).start()
     daemon = Daemon(device_settings(tmp_path / "real")).start()
     try:
         assert sim.wait_connected(30)

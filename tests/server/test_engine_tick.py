@@ -63,5 +63,6 @@ def test_ticks_load_no_deployment_objects_and_respect_the_download_budget(
     assert phases() == {"succeeded": 3, "notified": 3, "pending": 4}
     for _ in range(6):
         fleet.step()
+        fleet.health()  # the evidence a stage needs before its gates are judged
         engine.tick()
     assert app_client.get(f"/api/v1/rollouts/{rid}", headers=admin_headers).json()["status"] == "completed"

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from server.health.repository import HealthWindowRepository
 from server.health.rollup import fold_health
 from server.health.tables import HealthRollup, HealthSample
 from server.rollouts.policy import aggregate
@@ -82,6 +83,42 @@ def test_fold_keeps_aggregates_exact_and_bounds_the_raw_table(ctx):
     assert (alone.requests, alone.errors) == (one_device.requests, one_device.errors)
     assert alone.p95_ms == pytest.approx(one_device.p95_ms)
     assert fold(ctx).folded == 0  # nothing left to fold
+
+
+def test_the_gates_per_device_sums_are_the_same_after_a_fold(ctx):
+    """The gates judge each device's sums (HealthWindowRepository.per_device): a fold into
+    rollups changes none of them."""
+    old = datetime(2026, 3, 7, 10, 0, tzinfo=UTC)
+    rows = [
+        window(d, i, old + timedelta(minutes=3 * i), requests=100 * k + i, errors=i % 3, p95_ms=k + i % 5)
+        for k, d in enumerate(("a", "b", "c"), start=1)
+        for i in range(25)
+    ]
+    rows.append(window("a", 100, old, requests=40, p95_ms=None))
+    rows.append(window("b", 101, old, mode="shadow", version="2.0.0", shadow_requests=30, agreement=0.8))
+    with ctx.db.session_scope() as s:
+        s.execute(sa.insert(HealthSample.__table__), rows)
+
+    def sums(**kw):
+        with ctx.db.session_scope() as s:
+            return HealthWindowRepository(s).per_device(["a", "b", "c"], "det", **kw)
+
+    queries = [{"version": "1.0.0", "mode": "serve"}, {"version": "2.0.0", "mode": "shadow"}, {}]
+    before = [sums(**q) for q in queries]
+    assert fold(ctx).folded == len(rows)
+    after = [sums(**q) for q in queries]
+    for b, a in zip(before, after, strict=True):
+        assert set(a) == set(b)
+        for device, health in b.items():
+            assert (a[device].requests, a[device].errors, a[device].windows) == (
+                health.requests, health.errors, health.windows,
+            )  # fmt: skip
+            assert a[device].p95_requests == health.p95_requests
+            assert a[device].p95_weighted_ms == pytest.approx(health.p95_weighted_ms)
+            assert a[device].shadow_requests == health.shadow_requests
+            assert a[device].agreement_weighted == pytest.approx(health.agreement_weighted)
+    assert before[0]["a"].p95_requests == before[0]["a"].requests - 40  # the window without a p95
+    assert before[1]["b"].agreement_weighted == pytest.approx(24.0)
 
 
 def test_late_windows_add_to_their_rollup_and_old_rollups_expire(ctx):

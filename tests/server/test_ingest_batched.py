@@ -78,9 +78,10 @@ def _messages(ids: list[str], kind: str) -> list[tuple[str, bytes, datetime]]:
                 )  # fmt: skip
                 out.append((f"fleet/v1/d/{d}/report", report.to_json(), now))
         if kind in ("health", "mixed"):
-            for seq in (1, 2, 2):  # one duplicate window
+            for seq in (1, 2, 2):  # one duplicate window; two consecutive 10 s periods
+                at = now - timedelta(seconds=10 * (2 - seq))
                 health = HealthWindow.build(
-                    device_id=d, seq=seq, at=now, window_s=10, model="det", version="1.0.0", requests=10,
+                    device_id=d, seq=seq, at=at, window_s=10, model="det", version="1.0.0", requests=10,
                     errors=seq - 1, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0,
                 )  # fmt: skip
                 out.append((f"fleet/v1/d/{d}/health", health.to_json(), now))

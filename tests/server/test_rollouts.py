@@ -220,7 +220,10 @@ def test_offline_devices_do_not_block_and_catch_up(app_client, admin_headers, ct
     for d in offline:
         lab.presence(d, online=False)
     engine = RolloutEngine(ctx)
-    rid = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0"), headers=admin_headers).json()["id"]
+    # a canary stage of 5: whichever devices it draws, some are online to give it evidence (a stage
+    # whose devices are all offline waits for them: tests/server/test_stage_evidence.py)
+    body = rollout_body("2.0.0", stages=[{"percent": 50, "soak_s": 0}, {"percent": 100, "soak_s": 0}])
+    rid = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers).json()["id"]
     final = drive(engine, lab, app_client, admin_headers, rid)
     assert final["status"] == "completed"
     assert final["phases"]["succeeded"] == 7

@@ -1,16 +1,24 @@
-"""Pure rollout policy (server/rollouts/policy.py): the p95 gates and stage membership."""
+"""Pure rollout policy (server/rollouts/policy.py): the p95 gates, stage membership, the robust
+stage health and the evidence a stage needs before it is judged."""
 
 from __future__ import annotations
 
 import pytest
 
 from server.rollouts.policy import (
+    DeviceHealth,
     Gates,
     HealthAggregate,
     StageCounts,
     assign_stages,
+    capped_sum,
     evaluate_stage,
     membership_order,
+    missing_evidence,
+    required_succeeded,
+    robust_health,
+    robust_mean,
+    trim_count,
 )
 
 SETTLED = StageCounts(total=4, succeeded=4, failed=0, in_flight=0)
@@ -122,3 +130,118 @@ def test_assign_stages_puts_each_device_in_its_first_stage():
     assert [d for d in order if stage_of[d] == 0] == order[:2]
     assert [d for d in order if stage_of[d] == 1] == order[2:20]
     assert sorted(stage_of.values()).count(2) == 180
+
+
+# -- the robust stage health the gates judge -----------------------------------------------------
+def device(requests: int, errors: int = 0, p95_ms: float | None = 5.0, **kw) -> DeviceHealth:
+    p95_requests = requests if p95_ms is not None else 0
+    return DeviceHealth(
+        windows=1, requests=requests, errors=errors, p95_requests=p95_requests,
+        p95_weighted_ms=(p95_ms or 0.0) * p95_requests, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("n", "k"), [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (10, 1), (11, 2), (20, 2), (21, 3), (100, 10)]
+)
+def test_trim_count_drops_a_tenth_at_each_end_but_leaves_one(n, k):
+    assert trim_count(n) == k
+
+
+def test_robust_mean_drops_the_extremes_and_caps_weights_at_the_median():
+    # (value, weight): the extremes go; of the rest 0.4 weighs 200 (its 300 capped at the median)
+    points = [(0.0, 100), (0.2, 100), (0.4, 300), (0.5, 200), (0.9, 10_000)]
+    assert robust_mean(points) == pytest.approx((0.2 * 100 + 0.4 * 200 + 0.5 * 200) / 500)
+    assert robust_mean([]) is None
+    assert robust_mean([(0.7, 5)]) == 0.7  # one device: nothing to drop
+
+
+def test_capped_sum_counts_each_device_up_to_the_median():
+    assert capped_sum([100, 100, 100, 2**31 - 1]) == 400
+    assert capped_sum([0, 0, 50]) == 50  # idle devices add nothing, and do not lower the cap
+    assert capped_sum([]) == 0
+
+
+@pytest.mark.parametrize(
+    ("honest", "liar"),
+    [
+        (device(100, 0, 5.0), device(2**31 - 1, 2**31 - 1, 10_000.0)),  # a good stage made bad
+        (device(100, 30, 50.0), device(2**31 - 1, 0, 0.1)),  # a bad stage made good
+    ],
+    ids=["good-stage", "bad-stage"],
+)
+def test_one_device_among_ten_cannot_move_the_stage_health(honest, liar):
+    """Request-weighted, the liar's two billion requests would be the whole stage; per device and
+    trimmed, its numbers are dropped and the stage reads as its nine honest devices."""
+    devices = {f"d{i}": honest for i in range(9)}
+    alone = robust_health(devices)
+    lied = robust_health({**devices, "liar": liar})
+    assert lied.error_rate == pytest.approx(alone.error_rate)
+    assert lied.p95_ms == pytest.approx(alone.p95_ms)
+    assert lied.requests == 1000  # the liar counts as much as a typical device, no more
+    assert (lied.devices, lied.requests_reported) == (10, 900 + 2**31 - 1)
+
+
+def test_a_minority_of_bad_devices_still_shows():
+    """Trimming drops one device at each end of ten, not a real minority: four devices failing
+    every request lift the stage's error rate to 3/8."""
+    devices = {f"ok{i}": device(100) for i in range(6)} | {f"bad{i}": device(100, 100) for i in range(4)}
+    assert robust_health(devices).error_rate == pytest.approx(3 / 8)
+
+
+def test_agreement_is_judged_per_device_too():
+    shadow = {
+        f"d{i}": DeviceHealth(windows=1, shadow_requests=50, agreement_weighted=50 * 0.99) for i in range(4)
+    }
+    liar = DeviceHealth(windows=1, shadow_requests=10**9, agreement_weighted=0.0)
+    assert robust_health({**shadow, "liar": liar}).agreement == pytest.approx(0.99)
+
+
+# -- evidence before a verdict --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("gates", "stage_devices", "need"),
+    [
+        (Gates(), 10, 1),
+        (Gates(min_succeeded=3), 10, 3),
+        (Gates(min_succeeded=3), 2, 2),  # never more than the stage has
+        (Gates(min_succeeded_percent=25), 10, 3),
+        (Gates(min_succeeded=5, min_succeeded_percent=25), 10, 5),
+        (Gates(min_succeeded_percent=100), 7, 7),
+    ],
+)
+def test_required_succeeded(gates, stage_devices, need):
+    assert required_succeeded(gates, stage_devices) == need
+
+
+def evidence(counts: StageCounts, health: HealthAggregate, reporting: int, **gates) -> list[str]:
+    return missing_evidence(Gates(**gates), counts, health, reporting, stage=0, shadow=False)
+
+
+def test_a_stage_whose_devices_are_all_offline_has_no_evidence():
+    counts = StageCounts(total=1, succeeded=0, failed=0, in_flight=0, offline_waiting=1)
+    assert evidence(counts, HealthAggregate(), 0) == [
+        "no device of stage 1 is online (1 offline)",
+        "0 requests reported (min_requests 100)",
+    ]
+
+
+def test_a_stage_needs_succeeded_devices_that_reported_health_and_requests():
+    counts = StageCounts(total=10, succeeded=10, failed=0, in_flight=0)
+    busy = HealthAggregate(requests=1000, devices=10)
+    assert evidence(counts, busy, 10) == []
+    assert evidence(counts, busy, 0) == ["0 of the 1 device(s) needed have succeeded and reported health"]
+    assert evidence(counts, busy, 4, min_succeeded_percent=50) == [
+        "4 of the 5 device(s) needed have succeeded and reported health"
+    ]
+    assert evidence(counts, HealthAggregate(requests=99), 10) == ["99 requests reported (min_requests 100)"]
+    assert evidence(counts, HealthAggregate(requests=0), 10, min_requests=0) == []  # idle, by choice
+
+
+def test_a_shadow_stage_needs_agreement_and_an_empty_stage_nothing():
+    counts = StageCounts(total=2, succeeded=2, failed=0, in_flight=0)
+    health = HealthAggregate(requests=500, devices=2)
+    missing = missing_evidence(Gates(), counts, health, 2, stage=0, shadow=True)
+    assert missing == ["no shadow agreement reported"]
+    assert missing_evidence(Gates(min_agreement=None), counts, health, 2, stage=0, shadow=True) == []
+    empty = StageCounts(total=0, succeeded=0, failed=0, in_flight=0)  # every device decommissioned
+    assert missing_evidence(Gates(), empty, HealthAggregate(), 0, stage=1, shadow=False) == []

@@ -63,7 +63,7 @@ def _action(name: str, doc: str) -> None:
 
 _action("start", "Start a draft rollout.")
 _action("pause", "Pause a running rollout: no new devices are notified.")
-_action("resume", "Resume a paused rollout (the current stage soaks again).")
+_action("resume", "Resume a paused rollout (the current stage soaks again, judged on health from now).")
 _action("abort", "Stop for good: pending devices are cancelled, devices keep what they run.")
 _action("rollback", "Return every touched device to its previous version.")
 _action("promote", "Skip the rest of the current stage's soak (the gates are still checked).")
