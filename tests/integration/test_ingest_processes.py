@@ -261,7 +261,7 @@ def test_several_ingest_processes_connect_with_identities_of_their_own(mqtt_sett
     """The broker binds client ids to certificates, so each of two ingest processes connects with
     a certificate of its own (CN = client id = ``fleet_server.NAME.ingest-I``), which the ACL the
     embedded broker was started with lists; they share the device traffic and store all of it."""
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     from device_client.protocol import HealthWindow
     from server.mqtt.broker import ACL_FILE, BrokerFiles, acl_users, free_port
@@ -290,7 +290,8 @@ def test_several_ingest_processes_connect_with_identities_of_their_own(mqtt_sett
                 now = datetime.now(UTC)
                 infos = [
                     device.publish("fleet/v1/d/dev-split/health", HealthWindow.build(
-                        device_id="dev-split", seq=seq, at=now, window_s=1, model="det", version="1.0.0",
+                        device_id="dev-split", seq=seq, at=now - timedelta(seconds=41 - seq), window_s=1,
+                        model="det", version="1.0.0",
                         requests=10, errors=0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0,
                     ).to_json(), qos=1)
                     for seq in range(1, 41)
