@@ -37,8 +37,18 @@ SECRET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # noqa: S105 - a nam
 HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$"
 #: headers the client sets itself; a credential may not replace them
 RESERVED_HEADERS = frozenset(
-    {"host", "content-length", "content-type", "transfer-encoding", "connection", "accept-encoding",
-     "te", "upgrade", "expect", "trailer"}
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "accept-encoding",
+        "te",
+        "upgrade",
+        "expect",
+        "trailer",
+    }
 )
 MAX_URL = 2048
 MAX_CA_PEM = 16 * 1024
@@ -152,12 +162,16 @@ class CloudSpec(_Strict):
     @model_validator(mode="after")
     def _endpoint(self) -> Self:
         if self.send != SEND_INPUT and not self.outputs:
-            raise ValueError(f"send names the edge output {self.send!r}: list in outputs what the cloud "
-                             "model answers (edge output name: cloud output name)")
+            raise ValueError(
+                f"send names the edge output {self.send!r}: list in outputs what the cloud "
+                "model answers (edge output name: cloud output name)"
+            )
         if self.is_fleet:
             if self.ca_file or self.ca_pem or self.credential:
-                raise ValueError("ca_file, ca_pem and credential are for an external endpoint; "
-                                 "the fleet endpoint uses the device's own identity")
+                raise ValueError(
+                    "ca_file, ca_pem and credential are for an external endpoint; "
+                    "the fleet endpoint uses the device's own identity"
+                )
             if not MODEL_NAME_RE.fullmatch(self.model):
                 raise ValueError(f"model {self.model!r} is not a fleet model name")
             if self.version is not None and not SEMVER_RE.fullmatch(self.version):

@@ -75,21 +75,36 @@ def test_defaults_and_minimal_policies():
 
 
 def test_an_external_endpoint_with_its_ca_and_a_credential_reference():
-    p = parse_routing_policy(policy(cloud={
-        "endpoint": "https://triton.example.com:8443/base", "model": "resnet50_onnx", "version": "3",
-        "ca_pem": PEM,
-        "credential": {"header": "Authorization", "prefix": "Bearer ", "secret": "triton-token"},
-    }))
+    p = parse_routing_policy(
+        policy(
+            cloud={
+                "endpoint": "https://triton.example.com:8443/base",
+                "model": "resnet50_onnx",
+                "version": "3",
+                "ca_pem": PEM,
+                "credential": {"header": "Authorization", "prefix": "Bearer ", "secret": "triton-token"},
+            }
+        )
+    )
     assert not p.cloud.is_fleet
     assert p.cloud.credential.secret == "triton-token"
-    p2 = parse_routing_policy(policy(cloud={"endpoint": "https://kserve.example.com", "model": "m",
-                                            "version": None, "ca_file": "/etc/fleet/kserve-ca.pem"}))
+    p2 = parse_routing_policy(
+        policy(
+            cloud={
+                "endpoint": "https://kserve.example.com",
+                "model": "m",
+                "version": None,
+                "ca_file": "/etc/fleet/kserve-ca.pem",
+            }
+        )
+    )
     assert p2.cloud.ca_file == "/etc/fleet/kserve-ca.pem"
 
 
 def test_split_inference_names_an_edge_output_and_what_comes_back():
-    p = parse_routing_policy(policy(cloud={"send": "emb", "inputs": {"emb": "features"},
-                                           "outputs": {"logits": "probs"}}))
+    p = parse_routing_policy(
+        policy(cloud={"send": "emb", "inputs": {"emb": "features"}, "outputs": {"logits": "probs"}})
+    )
     assert (p.cloud.send, p.cloud.inputs) == ("emb", {"emb": "features"})
     assert p.cloud.outputs == {"logits": "probs"}
 
@@ -97,10 +112,15 @@ def test_split_inference_names_an_edge_output_and_what_comes_back():
 @pytest.mark.parametrize(
     ("kind", "threshold", "ok"),
     [
-        ("max_prob", 0.0, True), ("max_prob", 1.0, True),
-        ("max_prob", 1.01, False), ("max_prob", -0.1, False),
-        ("margin", 0.5, True), ("margin", 2.0, False),
-        ("entropy", 0.0, True), ("entropy", 2.5, True), ("entropy", -0.01, False),
+        ("max_prob", 0.0, True),
+        ("max_prob", 1.0, True),
+        ("max_prob", 1.01, False),
+        ("max_prob", -0.1, False),
+        ("margin", 0.5, True),
+        ("margin", 2.0, False),
+        ("entropy", 0.0, True),
+        ("entropy", 2.5, True),
+        ("entropy", -0.01, False),
     ],
 )
 def test_threshold_range_depends_on_the_kind(kind, threshold, ok):
@@ -132,15 +152,26 @@ def test_threshold_range_depends_on_the_kind(kind, threshold, ok):
         (policy(cloud={"endpoint": X, "ca_pem": PEM, "ca_file": "/ca.pem"}), "not both"),
         (policy(cloud={"endpoint": X, "ca_file": "relative/ca.pem"}), "absolute"),
         (policy(cloud={"endpoint": X, "ca_pem": "not a pem"}), "PEM"),
-        (policy(cloud={"endpoint": X, "credential": {"header": "Host", "secret": "k"}}),
-         "set by the client"),
-        (policy(cloud={"endpoint": X, "credential": {"header": "X-Key", "secret": "../k"}}),
-         "credential.secret"),
-        (policy(cloud={"endpoint": X,
-                       "credential": {"header": "X-Key", "secret": "k", "prefix": "a\r\nX-Evil: 1"}}),
-         "credential.prefix"),
-        (policy(cloud={"endpoint": X,
-                       "credential": {"header": "X Key", "secret": "k", "value": "s3cret"}}), "credential"),
+        (policy(cloud={"endpoint": X, "credential": {"header": "Host", "secret": "k"}}), "set by the client"),
+        (
+            policy(cloud={"endpoint": X, "credential": {"header": "X-Key", "secret": "../k"}}),
+            "credential.secret",
+        ),
+        (
+            policy(
+                cloud={
+                    "endpoint": X,
+                    "credential": {"header": "X-Key", "secret": "k", "prefix": "a\r\nX-Evil: 1"},
+                }
+            ),
+            "credential.prefix",
+        ),
+        (
+            policy(
+                cloud={"endpoint": X, "credential": {"header": "X Key", "secret": "k", "value": "s3cret"}}
+            ),
+            "credential",
+        ),
         (policy(cloud={"model": "Not_A_Fleet_Model"}), "not a fleet model name"),
         (policy(cloud={"version": "latest"}), "not a semantic version"),
         (policy(cloud={"endpoint": X, "model": "a/b"}), "not a usable model name"),
@@ -179,8 +210,15 @@ KEY = Ed25519PrivateKey.generate()
 
 def desired(routing) -> dict:
     doc = DesiredState.build(
-        device_id="dev-1", seq=5, issued_at=NOW - timedelta(minutes=1), expires_at=NOW + timedelta(days=1),
-        model="clf", version="2.0.0", release=2, target="clf/2.0.0/default/bundle.tar", length=100,
+        device_id="dev-1",
+        seq=5,
+        issued_at=NOW - timedelta(minutes=1),
+        expires_at=NOW + timedelta(days=1),
+        model="clf",
+        version="2.0.0",
+        release=2,
+        target="clf/2.0.0/default/bundle.tar",
+        length=100,
         hashes={"sha256": "ab" * 32},
     ).to_dict()
     doc["routing"] = routing
