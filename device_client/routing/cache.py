@@ -60,6 +60,8 @@ def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype.kind not in _NUMERIC_KINDS:  # objects would hash by address
+            raise ValueError(f"tensor {name!r} of dtype {arr.dtype} has no stable bytes")
         head = json.dumps([name, arr.dtype.str, list(arr.shape)]).encode()
         h.update(len(head).to_bytes(4, "big") + head)
         h.update(arr.nbytes.to_bytes(8, "big"))

@@ -49,6 +49,8 @@ def test_keys_cover_model_version_and_the_exact_bytes():
     # a non-contiguous view hashes like its contiguous copy
     wide = np.arange(8, dtype=np.float32).reshape(2, 4)
     assert tensor_digest({"x": wide[:, ::2]}) == tensor_digest({"x": np.ascontiguousarray(wide[:, ::2])})
+    with pytest.raises(ValueError, match="no stable bytes"):  # objects would hash by their address
+        tensor_digest({"x": np.array([object()])})
 
 
 def test_put_get_round_trip_and_survives_a_restart(tmp_path):
