@@ -5,3 +5,23 @@ One job a file: confidence (reading and agreement), budget (token bucket), break
 disk), oip (the cloud client), router (the modes), stats (health-window counters), background
 (bounded work off the caller's path) and factory (a router from a policy and the device).
 """
+
+from .factory import CloudConfigError, RoutingEnvironment, build_cloud_client, build_router, host_edge
+from .oip import CloudAnswer, CloudFailure, OipClient
+from .router import Answer, EdgeFn, Router
+from .stats import RoutingStats
+
+__all__ = [
+    "Answer",
+    "CloudAnswer",
+    "CloudConfigError",
+    "CloudFailure",
+    "EdgeFn",
+    "OipClient",
+    "Router",
+    "RoutingEnvironment",
+    "RoutingStats",
+    "build_cloud_client",
+    "build_router",
+    "host_edge",
+]
