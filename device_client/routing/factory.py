@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 
 from ..config import DeviceSettings
+from ..enroll import Identity
 from ..protocol.names import MODEL_NAME_RE
 from ..protocol.routing import CloudSpec, RoutingPolicy
 from ..tlstrust import client_context
@@ -66,15 +67,23 @@ class RoutingEnvironment:
 
     @classmethod
     def from_device_settings(
-        cls, settings: DeviceSettings, *, fleet_url: str | None = None, insecure_http: bool = False
+        cls,
+        settings: DeviceSettings,
+        identity: Identity | None = None,
+        *,
+        fleet_url: str | None = None,
+        insecure_http: bool = False,
     ) -> RoutingEnvironment:
+        """The device's credentials as the daemon uses them: a setting wins over what enrollment
+        stored in ``identity`` (token, client certificate and key, fleet CA)."""
+        token = settings.device_token.get_secret_value() if settings.device_token else None
         return cls(
-            data_dir=settings.data_dir,
+            data_dir=Path(settings.data_dir).absolute(),
             fleet_url=fleet_url,
-            device_token=settings.device_token.get_secret_value() if settings.device_token else None,
-            client_cert=settings.client_cert,
-            client_key=settings.client_key,
-            fleet_ca=settings.ca_cert,
+            device_token=token or (identity.device_token if identity else None),
+            client_cert=settings.client_cert or (identity.cert_file if identity else None),
+            client_key=settings.client_key or (identity.key_file if identity else None),
+            fleet_ca=settings.ca_cert or (identity.ca_file if identity else None),
             insecure_http=insecure_http,
         )
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from device_client.config import DeviceSettings
+from device_client.enroll import Identity
 from device_client.protocol.routing import parse_routing_policy
 from device_client.routing import RoutingEnvironment, RoutingStats, build_router, host_edge
 from device_client.routing.factory import CACHE_DIR
@@ -243,3 +244,32 @@ def test_build_router_without_a_usable_cloud_still_answers(tmp_path, edge):
     assert "no fleet cloud URL" in r.status()["cloud_problem"]
     with pytest.raises(ValueError, match="not a model name"):
         build_router(policy, RoutingEnvironment(data_dir=tmp_path), edge, model="../etc")
+
+
+def test_the_environment_takes_enrollment_credentials_unless_settings_override(tmp_path):
+    identity = Identity(
+        device_id="dev-1",
+        server_url="https://fleet.example.com",
+        mqtt_host="fleet.example.com",
+        mqtt_port=8883,
+        mqtt_tls=True,
+        tuf_metadata_url="https://fleet.example.com/tuf/metadata/",
+        tuf_targets_url="https://fleet.example.com/tuf/targets/",
+        device_token="enrolled-token",
+        data_dir=tmp_path,
+    )
+    env = RoutingEnvironment.from_device_settings(DeviceSettings(data_dir=tmp_path), identity)
+    assert (env.device_token, env.client_cert, env.client_key, env.fleet_ca) == (
+        "enrolled-token",
+        identity.cert_file,
+        identity.key_file,
+        identity.ca_file,
+    )
+    assert env.secret_path("k") == tmp_path / "secrets" / "k"
+    settings = DeviceSettings(data_dir=tmp_path, device_token="override", ca_cert=tmp_path / "other-ca.crt")
+    env = RoutingEnvironment.from_device_settings(settings, identity, fleet_url="https://cloud.example.com")
+    assert (env.device_token, env.fleet_ca, env.fleet_url) == (
+        "override",
+        tmp_path / "other-ca.crt",
+        "https://cloud.example.com",
+    )
