@@ -159,7 +159,10 @@ class AnswerCache:
                 if entry.name.startswith(".") and entry.name.endswith(".tmp"):
                     self._unlink(Path(entry.path))  # a write a crash interrupted
                 elif _ENTRY_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
                     if self._fresh(st.st_mtime, now):
                         found.append((st.st_mtime, entry.name[: -len(SUFFIX)], st.st_size))
                     else:
@@ -195,7 +198,10 @@ class AnswerCache:
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             with os.fdopen(fd, "rb") as fh:
-                data = fh.read(self.max_bytes + 1)
+                size = os.fstat(fd).st_size
+                if size > self.max_bytes:
+                    raise ValueError(f"{size} bytes, over the cache's {self.max_bytes}")
+                data = fh.read(size + 1)
             head, outputs = decode_entry(key, data)
             version = head.get("model_version")
             stored_at = float(head["stored_at"])
