@@ -11,7 +11,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -52,7 +52,7 @@ class RoutingEnvironment:
     #: base URL of the fleet's cloud tier (``fleet cloud serve``); None: the ``fleet`` endpoint is
     #: unusable and every escalation to it falls back (``cloud_failed:unconfigured``)
     fleet_url: str | None = None
-    device_token: str | None = None
+    device_token: str | None = field(default=None, repr=False)
     client_cert: Path | None = None
     client_key: Path | None = None
     #: CA verifying the fleet cloud tier's certificate (None: the system's CAs)
