@@ -63,6 +63,7 @@ def make_router(
     clock: Clock | None = None,
     rand: Callable[[], float] = lambda: 0.99,
     stats: RoutingStats | None = None,
+    background_queue: int = 16,
     **policy_over,
 ) -> Router:
     """A router over ``edge`` asking the peer at ``url`` (None: no cloud client)."""
@@ -77,4 +78,15 @@ def make_router(
     b = policy.breaker
     breaker = CircuitBreaker(b.failures, b.open_s, b.probes, clock=clock)
     stats = stats or RoutingStats(clock=clock)
-    return Router(policy, edge, client, cache, budget, breaker, clock, stats, rand=rand)
+    return Router(
+        policy,
+        edge,
+        client,
+        cache,
+        budget,
+        breaker,
+        clock,
+        stats,
+        rand=rand,
+        background_queue=background_queue,
+    )

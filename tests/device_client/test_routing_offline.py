@@ -50,8 +50,9 @@ def test_audits_ask_the_cloud_about_sure_answers_off_the_callers_path(tmp_path, 
 def test_audits_are_dropped_when_their_queue_is_full(tmp_path, edge, peer):
     peer.faults.hold = threading.Event()
     with serve_oip(peer) as url:
-        r = make_router(tmp_path, edge, url, audit_rate=1.0, rand=lambda: 0.0, budget={"burst": 100})
-        r._audits = type(r._audits)(1, 1, "test-audit")  # one slot
+        r = make_router(
+            tmp_path, edge, url, audit_rate=1.0, rand=lambda: 0.0, budget={"burst": 100}, background_queue=1
+        )
         answers = [r.answer({"x": SURE}) for _ in range(3)]
         peer.faults.hold.set()
         assert r.wait_idle(10)
