@@ -47,6 +47,24 @@ def fit(name: str, arr: np.ndarray, edge_out: Mapping[str, np.ndarray]) -> np.nd
     return arr.astype(edge.dtype)
 
 
+def output_map(cloud: CloudSpec, edge_out: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """{edge output: cloud output} of the outputs a cloud answer gives (default: every edge output
+    under its own name)."""
+    return dict(cloud.outputs) or {n: n for n in edge_out}
+
+
+def to_edge(
+    cloud: CloudSpec, cloud_out: Mapping[str, np.ndarray], edge_out: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A cloud answer's outputs under the edge's names, shapes and dtypes (:func:`fit`)."""
+    result = {}
+    for e, c in output_map(cloud, edge_out).items():
+        if c not in cloud_out:
+            raise CloudFailure("missing_output", f"the cloud answer lacks output {c!r}")
+        result[e] = fit(e, cloud_out[c], edge_out)
+    return result
+
+
 class CloudCall:
     """Asks ``client`` per ``cloud``; :meth:`ask` with ``wait`` (the caller's path) returns or
     fails within ``timeout_ms`` whatever the connection does."""
@@ -71,7 +89,7 @@ class CloudCall:
         self, payload: Mapping[str, np.ndarray], edge_out: Mapping[str, np.ndarray], *, wait: bool
     ) -> tuple[dict[str, np.ndarray], CloudAnswer]:
         """The cloud's outputs under the edge's names, and the answer; raises CloudFailure."""
-        mapping = dict(self.cloud.outputs) or {n: n for n in edge_out}
+        mapping = output_map(self.cloud, edge_out)
         shapes = {c: tuple(edge_out[e].shape) for e, c in mapping.items() if e in edge_out}
         params = None
         if self.cloud.is_fleet and self.collect.enabled and self._rand() < self.collect.sample_rate:
@@ -91,7 +109,7 @@ class CloudCall:
             raise
         except Exception as exc:  # a closed pool, a client bug: a failure like any other
             raise CloudFailure("internal", f"{type(exc).__name__}: {exc}") from None
-        return {e: fit(e, ans.outputs[c], edge_out) for e, c in mapping.items()}, ans
+        return to_edge(self.cloud, ans.outputs, edge_out), ans
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

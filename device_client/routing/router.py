@@ -23,7 +23,7 @@ from .background import BoundedExecutor
 from .breaker import CircuitBreaker
 from .budget import DEFAULT_HOLD_S, TokenBucket
 from .cache import AnswerCache, PutResult, cache_key
-from .call import CloudCall, fit, payload_for
+from .call import CloudCall, output_map, payload_for, to_edge
 from .confidence import Confidence, ConfidenceError, compare_answers, read_confidence
 from .oip import CloudAnswer, CloudFailure, OipClient
 from .stats import AnswerPath, RoutingStats
@@ -215,7 +215,10 @@ class Router:
         agreed = compare_answers(edge_out, outputs, self.policy.confidence, self.policy.agreement)
         if agreed is not None:
             self.stats.compared(agreed)
-        if key is not None and not self._writes.submit(self._store, key, outputs, ans.model_version):
+        # kept as the cloud model gave it (its own output names): a cached answer is the cloud's
+        wanted = set(output_map(self.cloud, edge_out).values()) if self.cloud is not None else set()
+        cloud_out = {n: a for n, a in ans.outputs.items() if n in wanted}
+        if key is not None and not self._writes.submit(self._store, key, cloud_out, ans.model_version):
             self.stats.count("cache_write_skipped")
 
     def _store(self, key: str, outputs: dict[str, np.ndarray], model_version: str | None) -> None:
@@ -235,7 +238,7 @@ class Router:
         cached = self.cache.get(key) if self.cache is not None and key is not None else None
         if cached is not None:
             try:  # an answer stored for an edge model of other shapes or types does not fit this one
-                outputs = {n: fit(n, a, edge_out) for n, a in cached.outputs.items()}
+                outputs = to_edge(self.cloud, cached.outputs, edge_out) if self.cloud is not None else None
             except CloudFailure:
                 outputs = None
             if outputs is not None:

@@ -138,6 +138,7 @@ def test_split_inference_sends_only_the_embedding(tmp_path):
             },
         )
         a = r.answer({"x": x})
+        assert r.wait_idle(10)
     edge_out = session_edge(edge_path)({"x": x})
     assert a.answered_by == "cloud"
     sent = peer.seen[-1]["body"]
@@ -147,6 +148,12 @@ def test_split_inference_sends_only_the_embedding(tmp_path):
     assert a.outputs["logits"].sum() == pytest.approx(1.0, rel=1e-5)  # the cloud head's probabilities
     np.testing.assert_array_equal(a.outputs["emb"], edge_out["emb"])
     assert r.stats.drain()["cloud_agreement"] == 1.0  # same head weights: same top-1
+    # offline, the same embedding is answered from the cache, kept under the cloud's own names
+    (cached,) = [r.cache.get(k) for k in [p.stem for p in (tmp_path / "cache").glob("*.ans")]]
+    assert list(cached.outputs) == ["probs"]
+    again = r.answer({"x": x})
+    assert (again.answered_by, again.reason) == ("cache", "cloud_failed:unreachable")
+    np.testing.assert_array_equal(again.outputs["logits"], a.outputs["logits"])
 
 
 def test_concurrent_callers_are_each_answered_exactly_once(tmp_path, edge, peer):
