@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, Self, TypeVar
@@ -17,6 +16,15 @@ from typing import Any, ClassVar, Literal, Self, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidPayload
+from .names import (  # noqa: F401 - re-exported: the patterns have always been importable from here
+    MODEL_NAME_PATTERN,
+    MODEL_NAME_RE,
+    SEMVER_PATTERN,
+    SEMVER_RE,
+    VARIANT_PATTERN,
+    VARIANT_RE,
+)
+from .routing import RoutingPolicy
 from .topics import DEVICE_ID_PATTERN
 
 #: no protocol message is anywhere near this; larger ones are rejected before parsing
@@ -27,23 +35,6 @@ MAX_BIGINT = 2**63 - 1
 MAX_INT = 2**31 - 1
 #: model names and versions are at most 64 characters everywhere (MODEL_NAME_PATTERN, columns)
 MAX_NAME = 64
-
-#: Name patterns, ASCII classes only (``\d`` would take any Unicode digit: fullwidth, Arabic-Indic...).
-#: They serve as pydantic ``pattern=`` constraints, which pydantic-core runs with the Rust regex
-#: engine, where ``$`` matches only at the very end; in Python, use the compiled ``*_RE`` below
-#: with ``fullmatch``: Python's ``$`` also matches before a final newline ("clf\n").
-MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-VARIANT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,31}$"
-#: semver 2.0.0 (https://semver.org), without a leading "v"
-SEMVER_PATTERN = (
-    r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
-    r"(?:-((?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)"
-    r"(?:\.(?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
-MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN, re.ASCII)
-VARIANT_RE = re.compile(VARIANT_PATTERN, re.ASCII)
-SEMVER_RE = re.compile(SEMVER_PATTERN, re.ASCII)
 
 
 def strict_json(value: Any) -> Any:
@@ -165,6 +156,8 @@ class DesiredState(Payload):
     variant: str = Field(default="default", pattern=VARIANT_PATTERN)
     mode: ServeMode = ServeMode.serve
     probation: Probation = Field(default_factory=Probation)
+    #: who answers this model's requests: edge, cloud or cache (None: the edge alone)
+    routing: RoutingPolicy | None = None
 
 
 class Report(Payload):
