@@ -201,6 +201,20 @@ class HealthWindow(Payload):
     shadow_requests: int | None = Field(default=None, ge=0, le=MAX_INT)
     agreement: float | None = Field(default=None, ge=0, le=1)
     shadow_p95_ms: float | None = Field(default=None, ge=0)
+    # hybrid edge/cloud routing (docs/architecture.md, "Hybrid routing"): set when the model's
+    # DesiredState carries a routing policy; who answered each request, how many were escalated
+    # or held back, and how often the edge answer matched the cloud's where both were known
+    answered_edge: int | None = Field(default=None, ge=0, le=MAX_INT)
+    answered_cloud: int | None = Field(default=None, ge=0, le=MAX_INT)
+    answered_cache: int | None = Field(default=None, ge=0, le=MAX_INT)
+    escalations: int | None = Field(default=None, ge=0, le=MAX_INT)
+    budget_limited: int | None = Field(default=None, ge=0, le=MAX_INT)
+    breaker_open: int | None = Field(default=None, ge=0, le=MAX_INT)
+    cloud_failed: int | None = Field(default=None, ge=0, le=MAX_INT)
+    escalation_rate: float | None = Field(default=None, ge=0, le=1)
+    cloud_p95_ms: float | None = Field(default=None, ge=0)
+    cloud_compared: int | None = Field(default=None, ge=0, le=MAX_INT)
+    cloud_agreement: float | None = Field(default=None, ge=0, le=1)
 
 
 class HardwareFacts(BaseModel):
