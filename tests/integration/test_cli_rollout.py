@@ -21,7 +21,7 @@ from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
 from server.views import follow_rollout
 from tests.helpers.fleet_sim import Behaviour, SimFleet
-from tests.server.test_rollouts import make_lab, rollout_body
+from tests.helpers.rollout_lab import make_lab, rollout_body
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 BOX = re.compile("[\u2500-\u257f]")
