@@ -34,7 +34,7 @@ from device_client.protocol import DesiredState
 from device_client.protocol.bundle import MODEL_MEMBER
 from device_client.protocol.messages import utcnow
 from device_client.protocol.signing import sign_envelope
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 from tests.helpers.device_fleet import (
     ServerPublisher,
     assign,
