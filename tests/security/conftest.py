@@ -6,12 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import (  # noqa: F401 - the live_server fixtures, for test_secrets
-    broker_process,
-    live_server,
-    live_settings,
-    mqtt_settings,
-)
 from tests.security.harness import Testbed, running_testbed
 
 
