@@ -1,4 +1,5 @@
-"""Fixtures of the adversarial suite: one device under attack per test module (see harness.py)."""
+"""Fixtures of the adversarial suite: one device under attack per test module
+(tests/helpers/testbed.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.security.harness import Testbed, running_testbed
+from tests.helpers.testbed import Testbed, running_testbed
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_client.protocol import DesiredState
 from device_client.protocol.messages import utcnow
-from tests.security.harness import DEVICE_ID
+from tests.helpers.testbed import DEVICE_ID
 
 pytestmark = pytest.mark.mqtt
 

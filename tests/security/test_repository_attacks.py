@@ -21,7 +21,7 @@ from tuf.api.metadata import Metadata, MetaFile, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
 from device_client.trust import RepositoryUnavailable
-from tests.security.harness import Testbed
+from tests.helpers.testbed import Testbed
 
 pytestmark = pytest.mark.mqtt
 
