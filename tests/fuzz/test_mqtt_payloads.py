@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.mqtt.handlers import REJECTED, IngestWorker
-from tests.fuzz.payloads import corpus, valid
+from tests.helpers.fuzz_payloads import corpus, valid
 from tests.helpers.pki import HARDWARE, make_csr
 
 KINDS = ("report", "health", "presence")
