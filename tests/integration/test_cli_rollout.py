@@ -1,7 +1,7 @@
 """`fleet rollout status|pause|resume|abort|rollback ID` and `fleet rollout start --wait` on a rollout
 that pauses. The CLI talks HTTP to the real app in-process (the TestClient's ASGI transport under
 the CLI's own FleetClient): no uvicorn and no broker needed; the engine and the simulated fleet
-are the real ones of tests/server/test_rollouts.py."""
+are the real ones of the rollout lab (tests/helpers/rollout_lab.py)."""
 
 from __future__ import annotations
 
