@@ -1,5 +1,6 @@
 """Shared fixtures: databases (SQLite always, PostgreSQL when FLEET_TEST_POSTGRES_URL is set),
-a running app with an admin token, and real ONNX model files."""
+a running app with an admin token, and real ONNX model files; the plugins in ``pytest_plugins``
+add a private Mosquitto and live servers (tests/README.md lists them all)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from tests.helpers.onnx_models import make_model
 from tests.helpers.tokens import create_admin_token
 
-pytest_plugins = ["tests.helpers.mosquitto"]
+pytest_plugins = ["tests.helpers.mosquitto", "tests.helpers.live_server"]
 
 POSTGRES_URL = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import Fleet, chaos_rollout, running_rig
+from tests.helpers.chaos_rig import Fleet, chaos_rollout, running_rig
 from tests.helpers.device_fleet import push_model, wait_for
 from tests.helpers.onnx_models import make_model
 

@@ -36,7 +36,7 @@ import pytest
 
 from device_client.state import OUTCOMES, UpdatePhase
 from device_client.store import StateStore
-from tests.chaos.harness import TERMINAL, Rig, peek_state, running_rig
+from tests.helpers.chaos_rig import TERMINAL, Rig, peek_state, running_rig
 from tests.helpers.device_fleet import (
     DaemonProcess,
     assign,

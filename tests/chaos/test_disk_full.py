@@ -18,7 +18,7 @@ import pytest
 
 from device_client.daemon import Daemon
 from device_client.store import StateStore
-from tests.chaos.harness import running_rig
+from tests.helpers.chaos_rig import running_rig
 from tests.helpers.device_fleet import (
     assign,
     device_settings,

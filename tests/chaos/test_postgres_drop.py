@@ -19,7 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.chaos.harness import Fleet, chaos_rollout, running_rig
+from tests.helpers.chaos_rig import Fleet, chaos_rollout, running_rig
 from tests.helpers.device_fleet import push_model, wait_for
 from tests.helpers.onnx_models import make_model
 

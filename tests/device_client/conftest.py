@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from device_client.protocol.bundle import extract_bundle
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 
 
 @pytest.fixture

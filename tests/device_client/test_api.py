@@ -13,7 +13,7 @@ import pytest
 
 from device_client.api import InferenceServer
 from device_client.runtime import ModelHost, ModelRejected
-from tests.device_client.bundles import make_reshape_model
+from tests.helpers.bundles import make_reshape_model
 from tests.helpers.onnx_models import reference_output
 
 X = np.random.default_rng(3).random((2, 4), dtype=np.float32)

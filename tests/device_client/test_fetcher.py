@@ -24,7 +24,7 @@ from device_client.fetcher import (
     download_resumable,
     url_origin,
 )
-from tests.device_client.http_server import Behaviour, serve
+from tests.helpers.download_server import Behaviour, serve
 from tests.helpers.fs import tiny_filesystem
 
 CONTENT = os.urandom(300_000)

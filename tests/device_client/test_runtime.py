@@ -18,7 +18,7 @@ from device_client.runtime import (
     load_slot,
     outputs_agree,
 )
-from tests.device_client.bundles import make_reshape_model, validation_inputs
+from tests.helpers.bundles import make_reshape_model, validation_inputs
 from tests.helpers.onnx_models import reference_output
 
 X = np.random.default_rng(7).random((5, 4), dtype=np.float32)

@@ -13,7 +13,7 @@ from device_client import state as sm
 from device_client.protocol import BundleError, DesiredState
 from device_client.state import DeviceState, Slot
 from device_client.store import TMP_FILE, CorruptState, DiskFull, StateStore, decode_state, encode_state
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -3,13 +3,8 @@ against a real python-tuf image repository served over HTTP."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -38,6 +33,7 @@ from device_client.trust import (
     verify_desired,
 )
 from server.trust.repository import ImageRepository
+from tests.helpers.tuf_repo import serve_dir
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 KEY = Ed25519PrivateKey.generate()
@@ -160,22 +156,6 @@ def test_target_url_uses_the_consistent_snapshot_name():
 
 
 # --------------------------------------------------------------------------- TufVerifier
-
-
-@contextlib.contextmanager
-def serve_dir(root: Path) -> Iterator[str]:
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Server: the real ``IngestWorker`` (its own thread, as the bridge feeds it) of a 
 message must be rejected exactly once in ``fleet_mqtt_rejected_total`` (also served at
 ``/metrics``), the worker thread must survive, and a valid report afterwards is still written.
 
-Device: a real daemon (tests/security/harness.py) gets the corpus on its desired topic, raw and
+Device: a real daemon (tests/helpers/testbed.py) gets the corpus on its desired topic, raw and
 inside envelopes signed by the real director key; every message must be answered by one ``failed``
 report (``malformed``) and counted once in ``rejected_messages`` of its ``GET /v1/health``, the
 worker must survive, and the device keeps serving.
@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.mqtt.handlers import REJECTED, IngestWorker
-from tests.fuzz.payloads import corpus, valid
+from tests.helpers.fuzz_payloads import corpus, valid
 from tests.helpers.pki import HARDWARE, make_csr
 
 KINDS = ("report", "health", "presence")
@@ -101,7 +101,7 @@ def test_server_ingest_survives_random_payloads(app_client, payloads, kind):
 
 @pytest.mark.mqtt
 def test_device_desired_topic_survives_malformed_payloads(tmp_path):
-    from tests.security.harness import DEVICE_ID, running_testbed
+    from tests.helpers.testbed import DEVICE_ID, running_testbed
 
     with running_testbed(tmp_path / "bed") as device:
         raw = list(corpus("desired", DEVICE_ID, n=25))

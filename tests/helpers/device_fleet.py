@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import sqlalchemy as sa
 
 from device_client.config import DeviceSettings
 from device_client.enroll import Identity, enroll
+from device_client.protocol import DesiredState
+from device_client.protocol.messages import utcnow
 from server.mqtt.broker import free_port
 
 
@@ -180,6 +183,30 @@ def target_file(live, model: str, version: str) -> Path:
             rel = target_url("", path, info.hashes["sha256"]).lstrip("/")
             return live.ctx.repo.targets_dir / rel
     raise AssertionError(f"no target for {model} {version}")
+
+
+def desired_for(live, device_id: str, seq: int, version: str = "3.0.0", **overrides) -> dict:
+    """The signed part of a DesiredState for the listed clf ``version`` (a 0.2 s probation), with
+    overrides: to sign with any key and inject (``ServerPublisher``)."""
+    path, info = next(
+        (p, i) for p, i in live.ctx.repo.list_targets().items() if p.startswith(f"clf/{version}/")
+    )
+    now = utcnow()
+    fields = {
+        "device_id": device_id,
+        "seq": seq,
+        "issued_at": now,
+        "expires_at": now + timedelta(hours=1),
+        "model": "clf",
+        "version": version,
+        "release": info.custom["release"],
+        "target": path,
+        "length": info.length,
+        "hashes": {"sha256": info.hashes["sha256"]},
+        "probation": {"seconds": 0.2, "min_requests": 0},
+    }
+    fields.update(overrides)
+    return DesiredState.build(**fields).to_dict()
 
 
 class ServerPublisher:

@@ -1,7 +1,7 @@
 """`fleet rollout status|pause|resume|abort|rollback ID` and `fleet rollout start --wait` on a rollout
 that pauses. The CLI talks HTTP to the real app in-process (the TestClient's ASGI transport under
 the CLI's own FleetClient): no uvicorn and no broker needed; the engine and the simulated fleet
-are the real ones of tests/server/test_rollouts.py."""
+are the real ones of the rollout lab (tests/helpers/rollout_lab.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
 from server.views import follow_rollout
 from tests.helpers.fleet_sim import Behaviour, SimFleet
-from tests.server.test_rollouts import make_lab, rollout_body
+from tests.helpers.rollout_lab import make_lab, rollout_body
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 BOX = re.compile("[\u2500-\u257f]")

@@ -30,14 +30,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_client.daemon import Daemon
-from device_client.protocol import DesiredState
 from device_client.protocol.bundle import MODEL_MEMBER
 from device_client.protocol.messages import utcnow
 from device_client.protocol.signing import sign_envelope
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 from tests.helpers.device_fleet import (
     ServerPublisher,
     assign,
+    desired_for,
     device_settings,
     enroll_device,
     events,
@@ -55,29 +55,6 @@ pytestmark = pytest.mark.mqtt
 
 QUICK = {"seconds": 0.2, "min_requests": 0}
 X = np.random.default_rng(3).random((1, 4), dtype=np.float32)
-
-
-def _desired(live, device_id: str, seq: int, version: str = "3.0.0", **overrides) -> dict:
-    """A DesiredState for the listed clf ``version`` (not yet installed), with overrides."""
-    path, info = next(
-        (p, i) for p, i in live.ctx.repo.list_targets().items() if p.startswith(f"clf/{version}/")
-    )
-    now = utcnow()
-    fields = {
-        "device_id": device_id,
-        "seq": seq,
-        "issued_at": now,
-        "expires_at": now + timedelta(hours=1),
-        "model": "clf",
-        "version": version,
-        "release": info.custom["release"],
-        "target": path,
-        "length": info.length,
-        "hashes": {"sha256": info.hashes["sha256"]},
-        "probation": QUICK,
-    }
-    fields.update(overrides)
-    return DesiredState.build(**fields).to_dict()
 
 
 def _rejection(live, device_id: str, code: str) -> dict:
@@ -107,14 +84,14 @@ def test_bad_desired_states_are_reported_and_change_nothing(live_server, tmp_pat
         cases = [
             ("malformed", b'{"signed": {"seq": 99'),
             ("malformed", json.dumps({"hello": "world"}).encode()),
-            ("unsigned", {"signed": _desired(live, "edge-2", last + 10), "signatures": []}),
-            ("bad_signature", sign_envelope(_desired(live, "edge-2", last + 11), rogue)),
-            ("wrong_device", sign_envelope(_desired(live, "other-device", last + 12), director)),
-            ("replayed", sign_envelope(_desired(live, "edge-2", last - 1), director)),
+            ("unsigned", {"signed": desired_for(live, "edge-2", last + 10), "signatures": []}),
+            ("bad_signature", sign_envelope(desired_for(live, "edge-2", last + 11), rogue)),
+            ("wrong_device", sign_envelope(desired_for(live, "other-device", last + 12), director)),
+            ("replayed", sign_envelope(desired_for(live, "edge-2", last - 1), director)),
             (
                 "expired",
                 sign_envelope(
-                    _desired(
+                    desired_for(
                         live,
                         "edge-2",
                         last + 13,
@@ -128,12 +105,12 @@ def test_bad_desired_states_are_reported_and_change_nothing(live_server, tmp_pat
             (
                 "target_not_listed",
                 sign_envelope(
-                    _desired(live, "edge-2", last + 14, target="clf/3.0.0/default/evil.tar"), director
+                    desired_for(live, "edge-2", last + 14, target="clf/3.0.0/default/evil.tar"), director
                 ),
             ),
             (
                 "target_mismatch",
-                sign_envelope(_desired(live, "edge-2", last + 15, hashes={"sha256": "ab" * 32}), director),
+                sign_envelope(desired_for(live, "edge-2", last + 15, hashes={"sha256": "ab" * 32}), director),
             ),
         ]
         for code, payload in cases:

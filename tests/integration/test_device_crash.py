@@ -19,6 +19,7 @@ from device_client.store import DiskFull, StateStore
 from tests.helpers.device_fleet import (
     DaemonProcess,
     assign,
+    desired_for,
     device_record,
     device_settings,
     enroll_device,
@@ -386,7 +387,6 @@ def test_kill_before_a_rejection_is_journaled_still_reports_it(live_server, tmp_
     must not leave its seq recorded as rejected: the restarted daemon rejects and reports it."""
     from device_client.protocol.signing import sign_envelope
     from tests.helpers.device_fleet import ServerPublisher
-    from tests.integration.test_device_bad_input import _desired
 
     live = live_server
     data = enrolled_with_v1(live, tmp_path, "edge-rej")
@@ -397,7 +397,7 @@ def test_kill_before_a_rejection_is_journaled_still_reports_it(live_server, tmp_
         assert first.link.wait_connected(10)
         killed = _die_at_journal(first, b"target_mismatch", after_write=False)
         seq = 1_000
-        bad = _desired(live, "edge-rej", seq, version="1.0.0", hashes={"sha256": "ab" * 32})
+        bad = desired_for(live, "edge-rej", seq, version="1.0.0", hashes={"sha256": "ab" * 32})
         publisher.publish("edge-rej", sign_envelope(bad, live.ctx.director.key), retain=True)
         wait_worker_gone(first)
         assert killed

@@ -13,7 +13,7 @@ import pytest
 
 from device_client.daemon import Daemon
 from device_client.protocol.bundle import MODEL_MEMBER
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 from tests.helpers.device_fleet import (
     assign,
     device_settings,

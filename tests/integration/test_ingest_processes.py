@@ -198,7 +198,7 @@ def test_messages_a_killed_ingest_process_had_not_written_are_delivered_again(
     import paho.mqtt.client as mqtt
 
     from device_client.protocol import HealthWindow
-    from tests.integration.conftest import LiveServer
+    from tests.helpers.live_server import LiveServer
 
     live = LiveServer(live_settings.model_copy(update={"ingest_batch_delay_s": 3.0})).start()
     try:
@@ -267,8 +267,8 @@ def test_several_ingest_processes_connect_with_identities_of_their_own(mqtt_sett
     from server.mqtt.broker import ACL_FILE, BrokerFiles, acl_users, free_port
     from server.runner import start_embedded_broker
     from tests.helpers.device_fleet import enroll_device
+    from tests.helpers.live_server import LiveServer
     from tests.helpers.mosquitto import Broker, mqtt_connect
-    from tests.integration.conftest import LiveServer
 
     port = free_port()
     s = mqtt_settings.model_copy(update={

@@ -20,9 +20,9 @@ from server.sim.profiles import Profile
 from server.sim.provision import enroll_fleet
 from server.trust.pki import FleetCA
 from tests.helpers.device_fleet import push_model, wait_for
+from tests.helpers.live_server import LiveServer
 from tests.helpers.onnx_models import make_model
 from tests.helpers.sim_rollout import sim_rollout_body
-from tests.integration.conftest import LiveServer
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
 

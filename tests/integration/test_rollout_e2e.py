@@ -361,7 +361,7 @@ def test_offline_device_does_not_block_and_catches_up_through_retained_desired(f
 
 @SQLITE
 def test_server_restart_mid_soak_resumes_the_rollout(fleet_of, models, live_server):
-    from tests.integration.conftest import LiveServer
+    from tests.helpers.live_server import LiveServer
 
     models("1.0.0", seed=1)
     models("2.0.0", seed=2)

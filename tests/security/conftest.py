@@ -1,4 +1,5 @@
-"""Fixtures of the adversarial suite: one device under attack per test module (see harness.py)."""
+"""Fixtures of the adversarial suite: one device under attack per test module
+(tests/helpers/testbed.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import (  # noqa: F401 - the live_server fixtures, for test_secrets
-    broker_process,
-    live_server,
-    live_settings,
-    mqtt_settings,
-)
-from tests.security.harness import Testbed, running_testbed
+from tests.helpers.testbed import Testbed, running_testbed
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 
 pytestmark = pytest.mark.mqtt
 

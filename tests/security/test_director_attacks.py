@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_client.protocol import DesiredState
 from device_client.protocol.messages import utcnow
-from tests.security.harness import DEVICE_ID
+from tests.helpers.testbed import DEVICE_ID
 
 pytestmark = pytest.mark.mqtt
 
@@ -132,7 +132,7 @@ def test_revoked_version(device):
 def test_target_not_listed_with_a_stolen_director_key(device, tmp_path):
     # protection: the image repository must list the exact target; the attacker even serves the
     # bundle on the mirror under its consistent-snapshot name
-    from tests.device_client.bundles import make_bundle
+    from tests.helpers.bundles import make_bundle
 
     tar, _ = make_bundle(tmp_path, name="clf", version="6.6.6", release=66)
     from device_client.protocol.bundle import file_sha256

@@ -18,7 +18,7 @@ from server.mqtt.handlers import REJECTED
 from server.rollouts.engine import RolloutEngine
 from server.rollouts.tables import Deployment, DesiredRecord
 from tests.helpers.fleet_sim import WINDOW_S, Behaviour
-from tests.server.test_rollouts import drive, make_lab, rollout_body
+from tests.helpers.rollout_lab import drive, make_lab, rollout_body
 
 
 def stored(ctx, device_id: str) -> list[int]:

@@ -34,12 +34,6 @@ from tests.helpers.device_fleet import (
     wait_event,
 )
 from tests.helpers.onnx_models import make_model
-from tests.integration.conftest import (  # noqa: F401  (pytest fixtures)
-    broker_process,
-    live_server,
-    live_settings,
-    mqtt_settings,
-)
 
 pytestmark = pytest.mark.mqtt
 
@@ -85,7 +79,7 @@ def _last_event_seq(live, device_id: str) -> int:
     return max((e["seq"] for e in events(live, device_id)), default=0)
 
 
-def test_director_rotation_without_reenrolling_and_retired_key_refused(live_server, tmp_path):  # noqa: F811
+def test_director_rotation_without_reenrolling_and_retired_key_refused(live_server, tmp_path):
     live = live_server
     enroll_device(live, tmp_path / "dev", "edge-rot")
     enroll_device(live, tmp_path / "late", "edge-late")  # enrolled now, offline until the end
@@ -154,7 +148,7 @@ def test_director_rotation_without_reenrolling_and_retired_key_refused(live_serv
 
 
 def test_retired_key_cannot_bump_the_seq_of_a_device_that_slept_through_rotation(
-    live_server,  # noqa: F811
+    live_server,
     tmp_path,
 ):
     """The shortcut for a DesiredState of the version a device already serves installs nothing and

@@ -26,9 +26,9 @@ from device_client.api import ApiConfigError, InferenceServer, load_api_token
 from device_client.config import DeviceSettings
 from device_client.protocol.bundle import extract_bundle
 from device_client.runtime import ModelHost
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 from tests.helpers.device_fleet import wait_for
-from tests.security.harness import Testbed
+from tests.helpers.testbed import Testbed
 
 pytestmark = pytest.mark.mqtt
 

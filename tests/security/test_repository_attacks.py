@@ -21,7 +21,7 @@ from tuf.api.metadata import Metadata, MetaFile, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
 from device_client.trust import RepositoryUnavailable
-from tests.security.harness import Testbed
+from tests.helpers.testbed import Testbed
 
 pytestmark = pytest.mark.mqtt
 
@@ -135,7 +135,7 @@ def test_targets_metadata_signed_by_a_foreign_key(device, tmp_path):
     # protection: targets metadata must carry the targets key's signature from the pinned root.
     # The attacker holds the online snapshot and timestamp keys and the director key, lists an
     # evil bundle in targets v+1 signed by its own key, and signs snapshot/timestamp properly.
-    from tests.device_client.bundles import make_bundle
+    from tests.helpers.bundles import make_bundle
 
     repo = device.repo
     ts, snap = repo._timestamp(), repo._snapshot()

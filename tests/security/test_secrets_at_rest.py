@@ -23,9 +23,9 @@ from device_client.state import DeviceState
 from device_client.store import TMP_FILE, StateStore
 from server.runner import start_embedded_broker
 from server.trust.repository import ImageRepository, consistent_target_name
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 from tests.helpers.device_fleet import device_settings, enroll_device
-from tests.integration.conftest import LiveServer
+from tests.helpers.live_server import LiveServer
 
 
 def _mode(path: Path) -> int:

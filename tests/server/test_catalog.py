@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,53 +10,15 @@ import pytest
 from device_client.protocol.bundle import extract_bundle
 from server.admin.service import CLI_PRINCIPAL
 from server.catalog.service import CatalogService, PushUpload
-from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion
+from server.catalog.tables import CatalogModel
+from tests.helpers.catalog import Boom, audit_actions, auth, nothing_published, push, push_upload
 from tests.helpers.onnx_models import reference_output
-
-
-def push(
-    client, headers, name, version, model: Path | bytes, *, variant=None, metadata=None, validation=None
-):
-    data = {"version": version}
-    if variant is not None:
-        data["variant"] = variant
-    if metadata is not None:
-        data["metadata"] = metadata if isinstance(metadata, str) else json.dumps(metadata)
-    content = model.read_bytes() if isinstance(model, Path) else model
-    files = {"file": ("model.onnx", content, "application/octet-stream")}
-    if validation is not None:
-        files["validation"] = ("v.npz", validation, "application/octet-stream")
-    return client.post(f"/api/v1/models/{name}/versions", data=data, files=files, headers=headers)
 
 
 def npz_bytes(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def audit_actions(client, headers, action: str) -> list[dict]:
-    r = client.get(f"/api/v1/audit?action={action}", headers=headers)
-    assert r.status_code == 200, r.text
-    return r.json()["items"]
-
-
-def nothing_published(ctx, *, untouched: bool = True) -> None:
-    """No catalog rows, no listed target, no stored bundle, no leftover upload; ``untouched``:
-    not even a new targets metadata version."""
-    with ctx.db.session_scope() as s:
-        for table in (CatalogModel, ModelVersion, ModelArtifact):
-            assert s.query(table).count() == 0, table
-    assert ctx.repo.list_targets() == {}
-    if untouched:
-        assert ctx.repo.versions()["targets"] == 1
-    assert [p for p in ctx.repo.targets_dir.rglob("*") if p.is_file()] == []
-    uploads = ctx.settings.data_dir / "uploads"
-    assert not uploads.exists() or list(uploads.iterdir()) == []
 
 
 @pytest.fixture
@@ -370,27 +329,9 @@ def test_model_producing_nan_on_validation_inputs_is_refused(app_client, operato
     assert push(app_client, operator_headers, "nanny", "1.0.0", m).status_code == 201
 
 
-def _upload(ctx, tmp_path: Path, model: Path, version: str) -> PushUpload:
-    work = Path(tempfile.mkdtemp(prefix=f"work-{version}-", dir=tmp_path))
-    copy = work / "upload.onnx"
-    copy.write_bytes(model.read_bytes())
-    return PushUpload(
-        version=version,
-        variant="default",
-        metadata=None,
-        model_file=copy,
-        validation_file=None,
-        work_dir=work,
-    )
-
-
-class Boom(Exception):
-    pass
-
-
 def test_failure_after_publish_unpublishes(ctx, onnx_model, tmp_path):
     """The transaction fails after the bundle was published: the compensation takes it back."""
-    upload = _upload(ctx, tmp_path, onnx_model(), "1.0.0")
+    upload = push_upload(ctx, tmp_path, onnx_model(), "1.0.0")
     seen = {}
 
     def push_then_fail() -> None:
@@ -412,7 +353,7 @@ def test_failure_after_publish_unpublishes(ctx, onnx_model, tmp_path):
     # and the same push then succeeds normally
     with ctx.db.session_scope() as session:
         out = CatalogService(session, ctx).push(
-            "resnet", _upload(ctx, tmp_path, onnx_model("again.onnx"), "1.0.0"), CLI_PRINCIPAL
+            "resnet", push_upload(ctx, tmp_path, onnx_model("again.onnx"), "1.0.0"), CLI_PRINCIPAL
         )
     assert out.release == 1
     assert ctx.repo.get_target("resnet/1.0.0/default/bundle.tar") is not None
@@ -447,7 +388,7 @@ def test_concurrent_pushes_get_distinct_releases(ctx, onnx_model, tmp_path):
     import threading
 
     model = onnx_model()
-    uploads = [_upload(ctx, tmp_path, model, f"1.{i}.0") for i in range(4)]
+    uploads = [push_upload(ctx, tmp_path, model, f"1.{i}.0") for i in range(4)]
     results: dict[str, int] = {}
     errors: list[BaseException] = []
 

@@ -12,7 +12,7 @@ from device_client.protocol.messages import utcnow
 from server.rollouts.engine import RolloutEngine
 from server.rollouts.tables import Deployment
 from tests.helpers.fleet_sim import SimFleet
-from tests.server.test_rollouts import drive, make_lab, rollout_body
+from tests.helpers.rollout_lab import drive, make_lab, rollout_body
 
 
 @pytest.fixture

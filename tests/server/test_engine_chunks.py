@@ -24,7 +24,7 @@ from server.mqtt.tables import OutboxMessage
 from server.rollouts.engine import NOTIFY_CHUNK, RolloutEngine
 from server.rollouts.tables import Deployment, DesiredRecord
 from tests.helpers.device_rows import device_row
-from tests.server.test_rollouts import push
+from tests.helpers.rollout_lab import push
 
 N = 4500
 ONLINE = 1000  # the first ONLINE devices are online, the rest offline or never seen

@@ -9,7 +9,7 @@ from sqlalchemy import event
 from server.rollouts.engine import RolloutEngine
 from server.rollouts.tables import Deployment
 from tests.helpers.fleet_sim import SimFleet
-from tests.server.test_rollouts import enroll_many, push
+from tests.helpers.rollout_lab import enroll_many, push
 
 
 class Loads:

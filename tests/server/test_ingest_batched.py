@@ -24,40 +24,10 @@ from server.health.tables import HealthSample
 from server.mqtt.handlers import IngestWorker
 from server.mqtt.tables import OutboxMessage
 from server.rollouts.tables import Deployment, DesiredRecord
-from tests.helpers.device_rows import device_row
+from tests.helpers.device_rows import notified_devices
 
 SMALL, LARGE = 3, 1000
 KINDS = ("presence", "reports", "health", "mixed")
-
-
-def _devices(ctx, prefix: str, n: int) -> list[str]:
-    """``n`` enrolled devices, each with a notified deployment (desired seq 1) and a signed
-    DesiredState; every other device's state expires within the re-sign window, so coming online
-    re-signs it (the presence path)."""
-    now = datetime.now(UTC)
-    ids = [f"{prefix}-{i:04d}" for i in range(n)]
-    states = []
-    for i, d in enumerate(ids):
-        expires = now + (timedelta(hours=1) if i % 2 == 0 else timedelta(days=6))
-        desired = DesiredState.build(
-            device_id=d, seq=1, issued_at=now - timedelta(days=1), expires_at=expires, model="det",
-            version="2.0.0", release=1, target="det/2.0.0/default/bundle.tar", length=100,
-            hashes={"sha256": "ab" * 32},
-        )  # fmt: skip
-        states.append({
-            "device_id": d, "seq": 1, "rollout_id": None, "model": "det", "version": "2.0.0", "release": 1,
-            "variant": "default", "mode": "serve", "probation": {}, "issued_at": desired.issued_at,
-            "expires_at": expires, "envelope": ctx.director.sign(desired),
-        })  # fmt: skip
-    with ctx.db.session_scope() as s:
-        s.execute(sa.insert(Device.__table__), [device_row(d, now, desired_seq=1) for d in ids])
-        s.execute(sa.insert(Deployment.__table__), [
-            {"rollout_id": None, "device_id": d, "stage": 0, "model": "det", "version": "2.0.0",
-             "phase": "notified", "desired_seq": 1, "details": {}, "created_at": now, "updated_at": now}
-            for d in ids
-        ])  # fmt: skip
-        s.execute(sa.insert(DesiredRecord.__table__), states)
-    return ids
 
 
 def _messages(ids: list[str], kind: str) -> list[tuple[str, bytes, datetime]]:
@@ -111,8 +81,8 @@ def _rows(ctx, model, *where) -> int:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_statements_per_batch_stay_constant_from_3_to_1000_devices(ctx, kind):
-    small_ids = _devices(ctx, f"s{kind}", SMALL)
-    large_ids = _devices(ctx, f"l{kind}", LARGE)
+    small_ids = notified_devices(ctx, f"s{kind}", SMALL)
+    large_ids = notified_devices(ctx, f"l{kind}", LARGE)
     small = _statements(ctx, _messages(small_ids, kind))
     duplicates = ctx.metrics.get("fleet_mqtt_duplicates_total", kind="report")
     outbox_before = _rows(ctx, OutboxMessage)
@@ -179,7 +149,7 @@ def test_statements_per_batch_stay_constant_from_3_to_1000_devices(ctx, kind):
 
 
 def test_a_report_batch_sets_only_the_device_columns_that_changed(ctx):
-    ids = _devices(ctx, "chg", 4)
+    ids = notified_devices(ctx, "chg", 4)
     # online, serving 1.0.0 and known hardware already: what a report moves is seen-at and seq
     _statements(ctx, _messages(ids, "presence"))
     updates: list[str] = []
@@ -220,7 +190,7 @@ def test_a_message_that_cannot_be_stored_is_rejected_alone(ctx):
                 raise ValueError("the database refuses this value")
             super().write(session, batch)
 
-    ids = _devices(ctx, "bis", 9)
+    ids = notified_devices(ctx, "bis", 9)
     worker = Refusing(ctx, ctx.metrics)
     items = _messages(ids, "reports") + _messages(ids, "health")
     now = datetime.now(UTC)
@@ -268,7 +238,7 @@ def test_reports_the_database_could_not_store_or_read_back_are_malformed(change,
 def test_a_resigned_state_carries_its_deployment_along(ctx):
     """A device back after its DesiredState expired gets it re-signed under a new seq; it installs
     that one and reports under the new seq, which must still move its deployment."""
-    ids = _devices(ctx, "rs", 2)  # rs-0000's state expires within the re-sign window
+    ids = notified_devices(ctx, "rs", 2)  # rs-0000's state expires within the re-sign window
     with ctx.db.session_scope() as s:
         s.execute(sa.update(Device).values(status="offline"))
     worker = IngestWorker(ctx, ctx.metrics)
@@ -294,7 +264,7 @@ def test_a_will_after_reports_in_one_batch_leaves_the_device_offline(ctx):
     """Reports the device sent just before its connection died, and the will the broker then
     published, land in one batch: the device is offline (before, the reports, written after the
     batch's presence, set it back online)."""
-    d = _devices(ctx, "will", 2)[1]  # (its state is not about to expire: no re-sign moves its seq)
+    d = notified_devices(ctx, "will", 2)[1]  # (its state is not about to expire: no re-sign moves its seq)
     worker = IngestWorker(ctx, ctx.metrics)
     now = datetime.now(UTC)
     online = Presence.build(device_id=d, status="online", at=now)
@@ -313,7 +283,7 @@ def test_a_will_after_reports_in_one_batch_leaves_the_device_offline(ctx):
 def test_last_seen_only_moves_forward(ctx):
     """A will carries the time its connection began, and reports queued while offline arrive after
     the fresh presence: neither moves ``last_seen_at`` back."""
-    d = _devices(ctx, "seen", 2)[1]
+    d = notified_devices(ctx, "seen", 2)[1]
     worker = IngestWorker(ctx, ctx.metrics)
     now = datetime.now(UTC).replace(microsecond=0)
     connected = now - timedelta(minutes=10)
@@ -342,7 +312,7 @@ def test_only_a_fresh_connect_republishes_and_re_signs(ctx):
     """A retained presence replayed to the server (it re-subscribed) is no reconnect: nothing is
     published. A fresh connect of a device the server still holds online (its broker died without
     firing wills) gets its state again, re-signed when it is about to expire."""
-    d_old, d_keep = _devices(ctx, "fresh", 2)  # d_old's state expires within the hour
+    d_old, d_keep = notified_devices(ctx, "fresh", 2)  # d_old's state expires within the hour
     now = datetime.now(UTC)
     with ctx.db.session_scope() as s:
         s.execute(sa.update(Device).values(status="online", last_seen_at=now))

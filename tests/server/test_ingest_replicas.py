@@ -23,7 +23,7 @@ from device_client.protocol import Report
 from server.devices.tables import Device
 from server.mqtt.handlers import IngestWorker
 from server.rollouts.tables import Deployment
-from tests.server.test_ingest_batched import _devices
+from tests.helpers.device_rows import notified_devices
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 
@@ -53,7 +53,7 @@ def _lock_waiters(ctx) -> int:
 
 
 def test_two_replicas_batches_for_one_device_do_not_lose_updates(ctx):
-    (device,) = _devices(ctx, "race", 1)
+    (device,) = notified_devices(ctx, "race", 1)
     worker_a, worker_b = IngestWorker(ctx, ctx.metrics), IngestWorker(ctx, ctx.metrics)
     later = worker_a.parse(_reports(device, [(3, "installing"), (4, "probation"), (5, "succeeded")]))
     earlier = _reports(device, [(1, "downloading"), (2, "verifying")])

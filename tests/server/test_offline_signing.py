@@ -18,8 +18,8 @@ from server.client import FleetClient
 from server.trust.keys import load_private_key, write_private_key
 from server.trust.repository import ROLE_KEY_FILES, sign_staged_targets
 from server.trust.rotation import export_key
-from tests.server.test_catalog import audit_actions, push
-from tests.server.test_tuf import enroll_device, target_url, updater
+from tests.helpers.catalog import Boom, audit_actions, nothing_published, push, push_upload
+from tests.helpers.tuf_client import enroll_device, target_url, updater
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -253,9 +253,8 @@ def test_a_staged_push_whose_transaction_fails_leaves_nothing(ctx, onnx_model, v
     """Staged, then the transaction fails: the stage is as it was and the stored bundle is gone."""
     from server.admin.service import CLI_PRINCIPAL
     from server.catalog.service import CatalogService
-    from tests.server.test_catalog import Boom, _upload, nothing_published
 
-    upload = _upload(ctx, tmp_path, onnx_model(), "1.0.0")
+    upload = push_upload(ctx, tmp_path, onnx_model(), "1.0.0")
     seen = {}
 
     def push_then_fail() -> None:

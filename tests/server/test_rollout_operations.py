@@ -12,7 +12,7 @@ from server.rollouts.engine import RolloutEngine
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout
 from tests.helpers.fleet_sim import Behaviour, SimFleet
 from tests.helpers.pki import HARDWARE, make_csr
-from tests.server.test_rollouts import drive, make_lab, push, rollout_body
+from tests.helpers.rollout_lab import drive, make_lab, push, rollout_body
 
 
 @pytest.fixture

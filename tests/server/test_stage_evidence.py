@@ -13,7 +13,7 @@ from device_client.protocol import HealthWindow
 from device_client.protocol.messages import utcnow
 from server.rollouts.engine import RolloutEngine
 from tests.helpers.fleet_sim import SimFleet
-from tests.server.test_rollouts import drive, make_lab, rollout_body
+from tests.helpers.rollout_lab import drive, make_lab, rollout_body
 
 
 @pytest.fixture

@@ -11,14 +11,7 @@ import pytest
 
 from device_client.protocol import BundleError
 from device_client.protocol.bundle import MANIFEST_MEMBER, build_bundle, extract_bundle
-
-FIELDS = {
-    "name": "det",
-    "version": "1.0.0",
-    "release": 1,
-    "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 4]}],
-    "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 3]}],
-}
+from tests.helpers.bundles import FIELDS
 
 
 @pytest.fixture

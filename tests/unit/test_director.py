@@ -17,7 +17,7 @@ from device_client.protocol.signing import key_id, verify_envelope
 from server.trust.director import CHECK_INTERVAL_S, Director
 from server.trust.keys import load_private_key, write_private_key
 from server.trust.rotation import finish_pending, publish_director_keys, rotate_director
-from tests.unit.test_repository import make_repo
+from tests.helpers.tuf_repo import make_repo
 
 ROOT = Path(__file__).resolve().parents[2]
 

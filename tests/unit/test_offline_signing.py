@@ -20,7 +20,7 @@ from server.trust.repository import (
     consistent_target_name,
     sign_staged_targets,
 )
-from tests.unit.test_repository import CUSTOM, Clock, bundle, make_repo, updater_for
+from tests.helpers.tuf_repo import CUSTOM, Clock, bundle, make_repo, updater_for
 
 PATH = "resnet/1.2.0/default/bundle.tar"
 

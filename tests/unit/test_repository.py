@@ -6,14 +6,13 @@ import json
 import multiprocessing
 import stat
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tuf.api import exceptions as tuf_exc
-from tuf.ngclient import FetcherInterface, Updater
+from tuf.ngclient import Updater
 
 from server.trust.repository import (
     ROLE_KEY_FILES,
@@ -25,32 +24,7 @@ from server.trust.repository import (
     as_signer,
     consistent_target_name,
 )
-
-BASE = "http://repo.test"
-
-
-class DirFetcher(FetcherInterface):
-    """Serves ``BASE/<relative path>`` straight from the repository directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.urls: list[str] = []
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        self.urls.append(url)
-        assert url.startswith(BASE + "/")
-        path = self.root / url[len(BASE) + 1 :]
-        if not path.is_file():
-            raise tuf_exc.DownloadHTTPError(f"404 {url}", 404)
-        return iter([path.read_bytes()])
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2030, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.helpers.tuf_repo import BASE, CUSTOM, Clock, DirFetcher, bundle, make_repo, updater_for
 
 
 @pytest.fixture
@@ -58,47 +32,9 @@ def clock() -> Clock:
     return Clock()
 
 
-def make_repo(tmp_path: Path, clock: Clock | None = None, **kw) -> ImageRepository:
-    expiry = {
-        "root_expiry_s": 365 * 86400,
-        "targets_expiry_s": 90 * 86400,
-        "snapshot_expiry_s": 7 * 86400,
-        "timestamp_expiry_s": 86400,
-    }
-    expiry.update(kw)
-    repo = ImageRepository(tmp_path / "repo", tmp_path / "keys", clock=clock or Clock(), **expiry)
-    repo.initialize()
-    return repo
-
-
 @pytest.fixture
 def repo(tmp_path: Path, clock: Clock) -> ImageRepository:
     return make_repo(tmp_path, clock)
-
-
-def updater_for(repo: ImageRepository, tmp_path: Path, name: str = "client") -> Updater:
-    """A fresh ngclient that trusts ``repo``'s current root (written as root.json)."""
-    client_dir = tmp_path / name
-    (client_dir / "targets").mkdir(parents=True, exist_ok=True)
-    (client_dir / "root.json").write_text(json.dumps(repo.trusted_root()))
-    return Updater(
-        metadata_dir=str(client_dir),
-        metadata_base_url=f"{BASE}/metadata/",
-        target_dir=str(client_dir / "targets"),
-        target_base_url=f"{BASE}/targets/",
-        fetcher=DirFetcher(repo.repo_dir),
-        bootstrap=None,
-    )
-
-
-def bundle(tmp_path: Path, name: str, content: bytes) -> Path:
-    path = tmp_path / "in" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
-
-
-CUSTOM = {"model": "resnet", "version": "1.2.0", "release": 1, "variant": "default", "constraints": {}}
 
 
 def test_initialize_creates_keys_0600_and_v1_metadata(repo: ImageRepository) -> None:

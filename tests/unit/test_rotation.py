@@ -32,7 +32,7 @@ from server.trust.rotation import (
     status,
     tuf_keyid,
 )
-from tests.unit.test_repository import CUSTOM, Clock, bundle, make_repo, updater_for
+from tests.helpers.tuf_repo import CUSTOM, Clock, bundle, make_repo, updater_for
 
 
 def md(repo: ImageRepository, name: str) -> Metadata:

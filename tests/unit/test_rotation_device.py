@@ -18,7 +18,7 @@ from device_client.trust import DirectorKeyring, RepositoryError, TufVerifier
 from server.trust.director import Director
 from server.trust.repository import ImageRepository, consistent_target_name
 from server.trust.rotation import retire_director_key, rotate_director, rotate_tuf_role
-from tests.device_client.test_trust import serve_dir
+from tests.helpers.tuf_repo import serve_dir
 
 CUSTOM = {"model": "clf", "version": "1.0.0", "release": 1, "variant": "default", "constraints": {}}
 TARGET = "clf/1.0.0/default/bundle.tar"

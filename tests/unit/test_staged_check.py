@@ -11,7 +11,7 @@ import pytest
 
 from device_client.protocol.bundle import build_bundle, file_sha256
 from server.catalog.staged_check import StagedBundleMismatch, check_staged_bundles
-from tests.unit.test_bundle import FIELDS
+from tests.helpers.bundles import FIELDS
 
 PATH = "det/1.0.0/default/bundle.tar"
 

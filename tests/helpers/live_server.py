@@ -1,4 +1,7 @@
-"""Fixtures for end-to-end tests: a server with its MQTT bridge against a private Mosquitto."""
+"""Pytest plugin (registered in tests/conftest.py): a server with its MQTT bridge against a
+private Mosquitto (``mqtt_settings``, ``broker_process``, ``mqtt_app``, ``mqtt_ctx``,
+``mqtt_token``) and a real server on a free loopback port (``live_settings``, ``live_server``,
+:class:`LiveServer`)."""
 
 from __future__ import annotations
 

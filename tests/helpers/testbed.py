@@ -40,7 +40,7 @@ from server.mqtt.broker import issue_client_files
 from server.trust.keys import atomic_write
 from server.trust.pki import FleetCA
 from server.trust.repository import ImageRepository
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 from tests.helpers.device_fleet import device_settings, wait_for
 from tests.helpers.mosquitto import Broker, start_broker
 

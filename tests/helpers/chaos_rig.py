@@ -21,6 +21,7 @@ from device_client.state import DeviceState
 from device_client.store import STATE_FILE, CorruptState, decode_state
 from server.mqtt.broker import MosquittoProcess, free_port
 from tests.helpers.device_fleet import stop_process, wait_for
+from tests.helpers.live_server import LiveServer
 from tests.helpers.tokens import create_admin_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ def server_settings(root: Path, database_url: str | None = None, **overrides: An
 class Rig:
     """A live server (uvicorn thread) and the Mosquitto it talks to."""
 
-    live: Any  # tests.integration.conftest.LiveServer
+    live: LiveServer
     broker: MosquittoProcess
     root: Path
 
@@ -69,7 +70,6 @@ class Rig:
 @contextlib.contextmanager
 def running_rig(root: Path, database_url: str | None = None, **overrides: Any) -> Iterator[Rig]:
     from server.runner import start_embedded_broker
-    from tests.integration.conftest import LiveServer
 
     settings = server_settings(root, database_url, **overrides)
     broker = start_embedded_broker(settings)

@@ -1,4 +1,5 @@
-"""Build real bundle tars (model.onnx + validation.npz + bundle.json) for device tests."""
+"""Build real bundle tars (model.onnx + validation.npz + bundle.json) for device, security and
+integration tests; :data:`FIELDS`, the manifest fields of a small ``det`` bundle."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import onnxruntime as ort
 
 from device_client.protocol.bundle import MODEL_MEMBER, VALIDATION_MEMBER, BundleManifest, build_bundle
 from tests.helpers.onnx_models import make_model
+
+#: manifest fields of a small ``det`` bundle (``build_bundle(dest, FIELDS, members)``)
+FIELDS = {
+    "name": "det",
+    "version": "1.0.0",
+    "release": 1,
+    "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 4]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": ["N", 3]}],
+}
 
 
 def validation_inputs(in_dim: int = 4, n: int = 8, seed: int = 123) -> np.ndarray:
