@@ -16,9 +16,9 @@ from device_client.protocol.routing import parse_routing_policy
 from device_client.routing import RoutingEnvironment, RoutingStats, build_router, host_edge
 from device_client.routing.factory import CACHE_DIR
 from device_client.runtime import ModelHost
-from tests.device_client.routing_fixtures import SURE, UNSURE, Clock, make_router, policy_doc, session_edge
 from tests.helpers.fs import tiny_filesystem
 from tests.helpers.oip_server import OipPeer, PeerModel, serve_oip
+from tests.helpers.routing_fixtures import SURE, UNSURE, Clock, make_router, policy_doc, session_edge
 from tests.helpers.routing_models import classifier, logits_of, split_pair
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from device_client.routing.cache import AnswerCache
-from tests.device_client.routing_fixtures import SURE, UNSURE, Clock, make_router, session_edge
 from tests.helpers.oip_server import OipPeer, PeerModel, serve_oip
+from tests.helpers.routing_fixtures import SURE, UNSURE, Clock, make_router, session_edge
 from tests.helpers.routing_models import classifier, logits_of
 
 
