@@ -89,12 +89,18 @@ class CloudService:
         metadata_url = f"{server_url}/tuf/metadata/"
         targets_url = settings.targets_url or f"{server_url}/tuf/targets/"
         token = settings.cloud_token.get_secret_value() if settings.cloud_token else None
+        if token is None and not settings.targets_url:
+            raise CloudConfigError(
+                "FLEET_CLOUD_TOKEN is not set: the server gives bundles only to a device or admin token "
+                "(create one with `fleet admin token create --role cloud`)"
+            )
         http = HttpSettings(
             token=token,
             token_origin=url_origin(metadata_url),  # never to a CDN serving the targets
             server_ca=settings.cloud_server_ca,
             user_agent="fleetota-cloud",
         )
+        self._stop = threading.Event()
         self.sync = RepositorySync(
             tuf=TufVerifier(tuf_dir, metadata_url, targets_url, http),
             http=http,
@@ -105,10 +111,10 @@ class CloudService:
             variant=settings.cloud_variant,
             metrics=self.metrics,
             intra_op_threads=settings.cloud_intra_op_threads,
+            stop=self._stop,
         )
         self._batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if not specs:
             log.warning("FLEET_CLOUD_MODELS names no model: nothing will be served")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 from device_client.fetcher import HttpSettings, download_resumable
@@ -40,6 +41,10 @@ DOWNLOAD_ATTEMPTS = 3
 Key = tuple[str, str]  # (target path, sha256)
 
 
+class Stopping(Exception):
+    """The tier is stopping: a download in progress gives up (its partial file stays)."""
+
+
 class RepositorySync:
     """Keeps the :class:`ModelRegistry` in step with the image repository (one thread calls it)."""
 
@@ -55,8 +60,10 @@ class RepositorySync:
         variant: str,
         metrics: CloudMetrics,
         intra_op_threads: int = 1,
+        stop: threading.Event | None = None,
     ) -> None:
         self.tuf = tuf
+        self.stop = stop or threading.Event()
         self.http = http
         self.targets_url = targets_url
         self.store = store
@@ -162,6 +169,7 @@ class RepositorySync:
                 http=self.http,
                 attempts=DOWNLOAD_ATTEMPTS,
                 final_path=final,
+                on_progress=self._check_stop,
             )
         try:
             try:
@@ -176,6 +184,10 @@ class RepositorySync:
         finally:
             final.unlink(missing_ok=True)
         return host.load(self.store.slot_dir(slot))
+
+    def _check_stop(self, received: int, total: int) -> None:
+        if self.stop.is_set():
+            raise Stopping(f"stopping at {received} of {total} bytes")
 
     # ---------------------------------------------------------------- start without the repository
 

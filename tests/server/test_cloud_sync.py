@@ -123,3 +123,21 @@ def test_without_a_trust_anchor_it_does_not_start(fleet, tmp_path):
     settings = fleet.cloud_settings("clf", repo_dir=tmp_path / "nowhere")
     with pytest.raises(CloudConfigError, match="FLEET_CLOUD_TUF_ROOT"):
         CloudService(settings)
+
+
+def test_without_a_token_for_the_server_it_does_not_start(fleet):
+    with pytest.raises(CloudConfigError, match="fleet admin token create --role cloud"):
+        CloudService(fleet.cloud_settings("clf", cloud_token=None))
+
+
+def test_a_download_gives_up_when_the_tier_stops(fleet):
+    service = CloudService(fleet.cloud_settings("clf"))
+    try:
+        service.sync.stop.set()
+        assert service.sync.refresh()  # the repository was read...
+        assert service.registry.loaded() == {}  # ...but nothing was installed
+        counters = service.metrics.counters
+        assert counters.get("fleet_cloud_repository_refresh_total", result="install_failed") == 1
+        assert not list((service.settings.cloud_dir / "models").iterdir())
+    finally:
+        service.stop()
