@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from device_client.fetcher import HttpSettings, url_origin
+from device_client.protocol.messages import VARIANT_RE
 from device_client.runtime import BadInput, LoadedModel
 from device_client.store import StateStore
 from device_client.trust import TufVerifier
@@ -69,17 +70,9 @@ class CloudService:
             specs = parse_model_specs(settings.cloud_models)
         except ValueError as exc:
             raise CloudConfigError(f"FLEET_CLOUD_MODELS: {exc}") from None
+        if not VARIANT_RE.fullmatch(settings.cloud_variant):
+            raise CloudConfigError(f"FLEET_CLOUD_VARIANT: invalid variant {settings.cloud_variant!r}")
         self.model_names = sorted(specs)
-        self.metrics = CloudMetrics()
-        self.registry = ModelRegistry()
-        self.gate = AdmissionGate(settings.cloud_max_queue)
-        self.db = Database(settings.database_url)
-        self.auth = CallerAuth(self.db, cache_s=settings.cloud_auth_cache_s)
-        self.rate = (
-            TokenBucket(settings.cloud_rate_per_s, settings.cloud_rate_burst)
-            if settings.cloud_rate_per_s > 0
-            else None
-        )
         data_dir = settings.cloud_dir
         tuf_dir = data_dir / TUF_DIR
         tuf_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +92,16 @@ class CloudService:
             token_origin=url_origin(metadata_url),  # never to a CDN serving the targets
             server_ca=settings.cloud_server_ca,
             user_agent="fleetota-cloud",
+        )
+        self.metrics = CloudMetrics()
+        self.registry = ModelRegistry()
+        self.gate = AdmissionGate(settings.cloud_max_queue)
+        self.db = Database(settings.database_url)
+        self.auth = CallerAuth(self.db, cache_s=settings.cloud_auth_cache_s)
+        self.rate = (
+            TokenBucket(settings.cloud_rate_per_s, settings.cloud_rate_burst)
+            if settings.cloud_rate_per_s > 0
+            else None
         )
         self._stop = threading.Event()
         self.sync = RepositorySync(

@@ -99,6 +99,7 @@ class RepositorySync:
             {p: (t.length, t.hashes, t.custom) for p, t in listed.items()}, self.specs, self.variant
         )
         listed_keys = {(p, t.hashes.get("sha256", "")) for p, t in listed.items()}
+        self.rejected = {k: why for k, why in self.rejected.items() if k in listed_keys}
         before = self.registry.loaded()
         table: dict[str, ServedModel] = {}
         for name, candidates in chosen.items():
@@ -106,6 +107,10 @@ class RepositorySync:
             if served is not None:
                 table[name] = served
         self._publish(table, before)
+        downloads = {p for cs in chosen.values() for c in cs for p in self._download_paths(c)}
+        for leftover in self.store.downloads_dir.iterdir():  # partial downloads of what is gone
+            if leftover not in downloads:
+                leftover.unlink(missing_ok=True)
         self.metrics.sync("ok")
         return True
 
@@ -156,8 +161,11 @@ class RepositorySync:
         log.info("installed %s %s (release %d) from %s", c.model, c.version, c.release, c.path)
         return model
 
+    def _download_paths(self, c: Candidate) -> tuple[Path, Path]:
+        return self.store.download_paths(c.model, c.version, c.variant, c.sha256)
+
     def _install(self, host: ModelHost, c: Candidate) -> LoadedModel:
-        partial, final = self.store.download_paths(c.model, c.version, c.variant, c.sha256)
+        partial, final = self._download_paths(c)
         if not final.exists():
             download_resumable(
                 target_url(self.targets_url, c.path, c.sha256),
@@ -235,7 +243,7 @@ class RepositorySync:
         self._gc({m.path for m in self._loaded.values()})
 
     def _gc(self, keep: set[Path]) -> None:
-        """Delete slots nothing serves any more, and staging and download leftovers."""
+        """Delete slots nothing serves any more, and staging leftovers."""
         for model_dir in [p for p in self.store.models_dir.iterdir() if p.is_dir()]:
             for slot_dir in [p for p in model_dir.iterdir() if p.is_dir()]:
                 if slot_dir not in keep:

@@ -80,8 +80,13 @@ def test_revoked_pinned_version_is_dropped_and_the_default_stays(fleet):
 
 def test_revoking_every_version_takes_the_model_away(fleet):
     device = fleet.enroll("dev-1")
-    with CloudThread(fleet.cloud_settings("clf")) as cloud:
+    settings = fleet.cloud_settings("clf")
+    stale = settings.cloud_dir / "downloads" / "clf-0.9.0-default-0123456789abcdef.tar.partial"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a download of a version no longer listed")
+    with CloudThread(settings) as cloud:
         cloud.wait_ready()
+        wait_for(lambda: not stale.exists(), what="the stale partial download deleted")
         fleet.revoke("clf", "1.1.0")
         wait_for(lambda: _versions(cloud, device) == ["1.0.0"], what="back to 1.0.0")
         fleet.revoke("clf", "1.0.0")
@@ -141,3 +146,8 @@ def test_a_download_gives_up_when_the_tier_stops(fleet):
         assert not list((service.settings.cloud_dir / "models").iterdir())
     finally:
         service.stop()
+
+
+def test_an_invalid_variant_is_refused(fleet):
+    with pytest.raises(CloudConfigError, match="FLEET_CLOUD_VARIANT"):
+        CloudService(fleet.cloud_settings("clf", cloud_variant="../x"))
