@@ -71,7 +71,7 @@ def test_full_queue_is_503_and_the_admitted_requests_are_answered(fleet):
     """Two requests wait in a long batch window and fill a queue of two: a third is refused at
     once, the two are answered when the window closes."""
     device = fleet.enroll("dev-1")
-    settings = fleet.cloud_settings("clf", cloud_max_queue=2, cloud_batch_window_ms=4000, cloud_max_batch=64)
+    settings = fleet.cloud_settings("clf", cloud_max_queue=2, cloud_batch_window_ms=8000, cloud_max_batch=64)
     with CloudThread(settings) as cloud, ThreadPoolExecutor(2) as pool:
         cloud.wait_ready()
         xs = [np.full((1, 4), i, np.float32) for i in range(2)]
