@@ -5,9 +5,7 @@ configured model serves) and ``/metrics``. A device (certificate or token) may a
 ``GET /v2/models/{name}[/versions/{v}]`` (metadata), ``.../ready``, and ``POST .../infer``. An
 infer request is authenticated, rate-limited per device (429), capped in size (413), parsed (400),
 checked against the model (400), admitted to the bounded queue (503) and answered from a batch.
-Every error is ``{"error": "<message>"}``; answers about a model name it and its version in
-``X-Fleet-Model`` and ``X-Fleet-Model-Version``.
-"""
+Errors are ``{"error": "..."}``; answers about a model carry ``X-Fleet-Model(-Version)`` headers."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
 """Who is calling the cloud tier (:class:`CallerAuth`): an enrolled device, by its fleet certificate
-(mTLS) or its device token, checked against the server's database.
-
-* **Certificate**: the TLS handshake has verified it against the fleet CA; its CN must name an
-  enrolled device whose current certificate it is (same serial), not on the CRL (the revocations
-  the server issues its CRL from) and not decommissioned.
-* **Token** (``Authorization: Bearer fd.<device_id>.<secret>``): the secret must match the hash the
-  server stored at enrollment, and the device must not be decommissioned.
-
-Unknown callers get 401, decommissioned or revoked ones 403, and a database that cannot be reached
-503. Verdicts are reused for ``cache_s`` seconds (a bounded LRU), so the database sees at most one
-query per caller per period; a decommission takes effect within that period.
-"""
+(mTLS) or its device token, checked against the server's database. Unknown callers get 401,
+decommissioned devices or revoked certificates 403, a database that cannot be reached 503."""
 
 from __future__ import annotations
 
@@ -44,7 +34,16 @@ class Caller:
 
 
 class CallerAuth:
-    """Authenticates callers against the device registry; thread-safe."""
+    """Authenticates callers against the device registry; thread-safe.
+
+    * **Certificate**: the TLS handshake has verified it against the fleet CA; its CN must name an
+      enrolled device whose current certificate it is (same serial), not on the CRL (the
+      revocations the server issues its CRL from) and not decommissioned.
+    * **Token** (``Authorization: Bearer fd.<device_id>.<secret>``): the secret must match the hash
+      the server stored at enrollment, and the device must not be decommissioned.
+
+    Verdicts are reused for ``cache_s`` seconds (a bounded LRU), so the database sees at most one
+    query per caller per period; a decommission takes effect within that period."""
 
     def __init__(
         self,

@@ -1,17 +1,10 @@
 """Micro-batching (:class:`Batcher`) and the bounded queue in front of it (:class:`AdmissionGate`).
 
-One batcher per model name runs that model's requests on a worker thread of its own. It takes the
-first waiting request, collects more for up to ``window_s`` (without waiting at all once the queue
-is empty and the window is over) until ``max_batch``, and runs requests for the same model version
-with the same per-row shapes as one ``session.run`` on their inputs concatenated along the first
-axis, then splits the outputs back. That needs the first dimension of every input and output to be
-dynamic (:func:`batchable`); other models run one request at a time. A batch whose run fails, or
-whose outputs do not have one row per input row, is run again request by request, so one bad
-request never fails its neighbours.
-
-The gate bounds what is queued and running across all batchers: a request it does not admit is
-answered 503 at once, so memory never grows with the offered load.
-"""
+Concurrent requests for one model version are run as one ``session.run`` on their inputs
+concatenated along the first axis, when every input and output of the model has a dynamic first
+dimension (:func:`batchable`), and their outputs split back; other models run one request at a
+time. The gate bounds what is queued and running across all batchers: a request it does not admit
+is answered 503 at once, so memory never grows with the offered load."""
 
 from __future__ import annotations
 
@@ -75,7 +68,13 @@ _STOP = object()
 
 
 class Batcher:
-    """The requests of one model name, run on one worker thread (see the module docstring)."""
+    """The requests of one model name, run on one worker thread of its own.
+
+    It takes the first waiting request and collects more for up to ``window_s`` (once the window
+    is over, only what is already waiting) until ``max_batch``; requests for the same model
+    version with the same per-row shapes run as one batch. A batch whose run fails, or whose
+    outputs do not have one row per input row, is run again request by request, so one bad
+    request never fails its neighbours. A request whose future was cancelled is skipped."""
 
     def __init__(
         self,

@@ -1,17 +1,8 @@
 """How the cloud tier gets its models (:class:`RepositorySync`): as a device does, from the
-server's TUF image repository, installing only verified bundles, with the device's own code.
-
-Every ``refresh()``: a fresh ``tuf.ngclient`` refresh (:class:`~device_client.trust.TufVerifier`)
-lists the targets; :func:`~server.cloud.selection.select` picks those to serve; each new one is
-downloaded with the device's resumable download (checked against the TUF length and SHA-256), its
-``bundle.json`` must name the model, version, release and variant the signed target claims, it is
-extracted safely into a slot (:class:`~device_client.store.StateStore`) and loaded, validated and
-warmed by the model's :class:`~device_client.runtime.ModelHost` off the request path. Only then is
-the table of served models replaced and the new default swapped in (a reference rebind: requests
-in flight finish on the model they started with). A version no longer listed (revoked) leaves the
-table. A refresh that fails keeps serving what is loaded; a bundle that fails validation is not
-tried again until the repository lists other content under its path.
-"""
+server's TUF image repository, installing only verified bundles with the device's own code
+(:class:`~device_client.trust.TufVerifier`, the resumable download, :class:`~device_client.store.
+StateStore`, :class:`~device_client.runtime.ModelHost`). A version no longer listed (revoked)
+leaves; a refresh that fails keeps serving what is loaded."""
 
 from __future__ import annotations
 
@@ -46,7 +37,17 @@ class Stopping(Exception):
 
 
 class RepositorySync:
-    """Keeps the :class:`ModelRegistry` in step with the image repository (one thread calls it)."""
+    """Keeps the :class:`ModelRegistry` in step with the image repository (one thread calls it).
+
+    Every :meth:`refresh`: a fresh ``tuf.ngclient`` refresh lists the targets;
+    :func:`~server.cloud.selection.select` picks those to serve; each new one is downloaded with the
+    device's resumable download (checked against the signed length and SHA-256), its
+    ``bundle.json`` must name the model, version, release and variant the signed target claims, it
+    is extracted safely into a slot and loaded, validated and warmed by the model's ``ModelHost``
+    off the request path. Only then is the new default swapped in (a reference rebind: requests in
+    flight finish on the model they started with) and the table replaced. A bundle that fails
+    validation is not tried again until the repository lists other content under its path; a
+    failed download is retried at the next refresh."""
 
     def __init__(
         self,
