@@ -24,7 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from device_client.runtime import LoadedModel
 from server.cloud.errors import BadRequest, OipError, TooLarge
 from server.cloud.service import CloudService
-from server.cloud.tensors import datatype_of, encode_infer_response, metadata_shape, parse_infer_request
+from server.cloud.tensors import (
+    InferRequest,
+    datatype_of,
+    encode_infer_response,
+    metadata_shape,
+    parse_infer_request,
+)
 
 SERVER_NAME = "fleetota-cloud"
 EXTENSIONS = ["binary_tensor_data"]
@@ -113,6 +119,28 @@ def create_cloud_app(service: CloudService) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
+    async def parse(request: Request, model: LoadedModel) -> InferRequest:
+        """The request's body read under its cap, parsed, and checked against ``model`` (400/413)."""
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise BadRequest(f"Content-Encoding {encoding!r} is not supported: send the body uncompressed")
+        body = await _read_body(request, limit)
+        header = request.headers.get("inference-header-content-length")
+        if header is not None and not header.isdigit():
+            raise BadRequest("Inference-Header-Content-Length must be a number of bytes")
+        length = int(header) if header is not None else None
+        if len(body) > PARSE_INLINE_BYTES:
+            parsed = await run_in_threadpool(parse_infer_request, body, length)
+        else:
+            parsed = parse_infer_request(body, length)
+        service.check_inputs(model, parsed.inputs, parsed.datatypes)
+        for out in parsed.outputs or ():
+            if out.name not in model.output_names:
+                raise BadRequest(
+                    f"model {model.name} has no output {out.name!r} (it has {list(model.output_names)})"
+                )
+        return parsed
+
     async def caller_model(request: Request, name: str, version: str | None) -> LoadedModel:
         await run_in_threadpool(service.authenticate, _bearer(request), _client_certificate(request))
         return service.model(name, version)
@@ -170,27 +198,15 @@ def create_cloud_app(service: CloudService) -> FastAPI:
             )
             service.admit(caller)
             model = service.model(name, version)
-            encoding = request.headers.get("content-encoding", "identity").strip().lower()
-            if encoding != "identity":
-                raise BadRequest(
-                    f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
-                )
-            body = await _read_body(request, limit)
-            header = request.headers.get("inference-header-content-length")
-            if header is not None and not header.isdigit():
-                raise BadRequest("Inference-Header-Content-Length must be a number of bytes")
-            length = int(header) if header is not None else None
-            if len(body) > PARSE_INLINE_BYTES:
-                parsed = await run_in_threadpool(parse_infer_request, body, length)
-            else:
-                parsed = parse_infer_request(body, length)
-            service.check_inputs(model, parsed.inputs, parsed.datatypes)
-            for out in parsed.outputs or ():
-                if out.name not in model.output_names:
-                    raise BadRequest(
-                        f"model {name} has no output {out.name!r} (it has {list(model.output_names)})"
-                    )
-            outputs = await asyncio.wrap_future(service.submit(model, parsed.inputs))
+            service.enter()
+            future = None
+            try:
+                parsed = await parse(request, model)
+                future = service.submit(model, parsed.inputs)
+            finally:
+                if future is None:  # refused before it reached the batcher
+                    service.leave()
+            outputs = await asyncio.wrap_future(future)
             content, header_length = encode_infer_response(
                 model.name, model.version, parsed.id, outputs, parsed.outputs, parsed.binary_outputs
             )

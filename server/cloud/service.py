@@ -201,18 +201,22 @@ class CloudService:
         except BadInput as exc:
             raise BadRequest(str(exc)) from None
 
-    def submit(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> Future[Outputs]:
-        """Queue a checked request (503 when the queue is full)."""
+    def enter(self) -> None:
+        """Admit one request to the queue (503 when it is full), before its body is read: so the
+        bodies in memory are bounded too. :meth:`submit` hands the place over to the request's
+        future; a request refused before that gives it back with :meth:`leave`."""
         if not self.gate.try_enter():
             raise Unavailable(
                 f"the inference queue is full ({self.gate.capacity} requests); retry shortly",
                 reason="queue_full",
             )
-        try:
-            future = self._batcher(model.name).submit(model, inputs)
-        except BaseException:
-            self.gate.leave()
-            raise
+
+    def leave(self) -> None:
+        self.gate.leave()
+
+    def submit(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> Future[Outputs]:
+        """Queue a checked, admitted request; its place in the queue is freed once it is answered."""
+        future = self._batcher(model.name).submit(model, inputs)
         future.add_done_callback(lambda _: self.gate.leave())
         return future
 
