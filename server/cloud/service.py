@@ -26,6 +26,7 @@ from server.cloud.registry import ModelRegistry
 from server.cloud.selection import parse_model_specs
 from server.cloud.sync import RepositorySync
 from server.cloud.tensors import DATATYPES, datatype_of
+from server.cloud.tls import client_ca
 from server.config import Settings
 from server.db import Database
 from server.http.ratelimit import TokenBucket
@@ -73,6 +74,14 @@ class CloudService:
         if not VARIANT_RE.fullmatch(settings.cloud_variant):
             raise CloudConfigError(f"FLEET_CLOUD_VARIANT: invalid variant {settings.cloud_variant!r}")
         self.model_names = sorted(specs)
+        if settings.cloud_tls_cert is not None:
+            for what, path in (
+                ("FLEET_CLOUD_TLS_CERT", settings.cloud_tls_cert),
+                ("FLEET_CLOUD_TLS_KEY", settings.cloud_tls_key),
+                ("FLEET_CLOUD_CLIENT_CA (default: the fleet CA in FLEET_KEY_DIR)", Path(client_ca(settings))),
+            ):
+                if path is None or not path.is_file():
+                    raise CloudConfigError(f"{what}: {path} is not a file")
         data_dir = settings.cloud_dir
         tuf_dir = data_dir / TUF_DIR
         tuf_dir.mkdir(parents=True, exist_ok=True)

@@ -151,3 +151,15 @@ def test_a_download_gives_up_when_the_tier_stops(fleet):
 def test_an_invalid_variant_is_refused(fleet):
     with pytest.raises(CloudConfigError, match="FLEET_CLOUD_VARIANT"):
         CloudService(fleet.cloud_settings("clf", cloud_variant="../x"))
+
+
+def test_tls_files_that_are_not_there_are_refused(fleet, tmp_path):
+    cert, key = tmp_path / "c.crt", tmp_path / "c.key"
+    cert.write_text("x")
+    with pytest.raises(CloudConfigError, match="FLEET_CLOUD_TLS_KEY"):
+        CloudService(fleet.cloud_settings("clf", cloud_tls_cert=cert, cloud_tls_key=key))
+    key.write_text("x")
+    with pytest.raises(CloudConfigError, match="FLEET_CLOUD_CLIENT_CA"):
+        CloudService(
+            fleet.cloud_settings("clf", cloud_tls_cert=cert, cloud_tls_key=key, key_dir=tmp_path / "none")
+        )
