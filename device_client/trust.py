@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from .fetcher import HttpSettings, HttpxFetcher
@@ -327,6 +327,24 @@ class TufVerifier:
 
         self._refreshed(get)
         return found[0]
+
+    def listed_targets(self) -> dict[str, TargetFile]:
+        """Refresh the metadata and return every target the top-level targets role lists.
+
+        ngclient has no call that enumerates targets: the paths come from the ``targets.json`` that
+        the refresh has just verified and stored in ``metadata_dir``, and each one's TargetFile from
+        ``get_targetinfo`` on the refreshed updater (so nothing here is taken unverified)."""
+        found: dict[str, TargetFile] = {}
+
+        def collect(updater: Updater) -> None:
+            signed = Metadata.from_file(str(self.metadata_dir / "targets.json")).signed
+            for path in signed.targets if isinstance(signed, Targets) else ():
+                info = updater.get_targetinfo(path)
+                if info is not None:
+                    found[path] = info
+
+        self._refreshed(collect)
+        return found
 
     def _refreshed(self, use: Any) -> None:
         """Build an Updater, refresh it and call ``use(updater)``, mapping errors to rejections."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: longest ``mqtt_server_name``: its connections' certificate CNs (server/mqtt/identity.py) must
 #: stay within the 64 characters a CN may have
@@ -124,6 +125,53 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # -- the cloud inference tier, `fleet cloud serve` (server/cloud/; README "Cloud tier") ----------
+    cloud_host: str = "127.0.0.1"
+    cloud_port: int = Field(default=8600, ge=0, le=65535)
+    #: what it serves: model names (each one's highest release) and ``name@version`` pins (that
+    #: version too), comma-separated; only targets of ``cloud_variant`` count
+    cloud_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cloud_variant: str = "default"
+    #: its installed bundles and TUF metadata; default ``data_dir/cloud/HOST-PORT`` (one per replica)
+    cloud_data_dir: Path | None = None
+    #: the server it reads the image repository from; default ``public_url`` (bundles from
+    #: ``targets_url`` when set)
+    cloud_server_url: str = ""
+    #: the CA that the server's HTTPS certificate chains to (default: the system's CAs)
+    cloud_server_ca: Path | None = None
+    #: its identity towards the server: an admin token of role ``cloud`` (`fleet admin token create
+    #: --role cloud`), sent when downloading bundles
+    cloud_token: SecretStr | None = None
+    #: the TUF root it trusts at first start; default the newest root in ``repo_dir`` (same host)
+    cloud_tuf_root: Path | None = None
+    #: how often it refreshes the repository (new versions in, revoked ones out)
+    cloud_refresh_s: float = Field(default=30.0, gt=0)
+    #: serve HTTPS with this certificate and key; devices may then authenticate with their fleet
+    #: certificate (verified against ``cloud_client_ca``, default the fleet CA in ``key_dir``)
+    cloud_tls_cert: Path | None = None
+    cloud_tls_key: Path | None = None
+    cloud_client_ca: Path | None = None
+    #: how long a caller's authentication (token or certificate) is reused before the database is
+    #: asked again; a decommission takes effect within this
+    cloud_auth_cache_s: float = Field(default=5.0, ge=0)
+    #: per-device token bucket of inference requests (429 with Retry-After past it); 0 = no limit
+    cloud_rate_per_s: float = Field(default=50.0, ge=0)
+    cloud_rate_burst: int = Field(default=100, ge=1)
+    cloud_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    #: requests admitted and not yet answered, over all models (503 past it)
+    cloud_max_queue: int = Field(default=256, ge=1)
+    #: micro-batching: how long the first request of a batch waits for company, and the largest batch
+    cloud_batch_window_ms: float = Field(default=2.0, ge=0, le=10_000)
+    cloud_max_batch: int = Field(default=32, ge=1, le=4096)
+    cloud_intra_op_threads: int = Field(default=1, ge=1, le=256)
+
+    @field_validator("cloud_models", mode="before")
+    @classmethod
+    def _cloud_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
     @field_validator("host")
     @classmethod
     def _bind_host(cls, value: str) -> str:
@@ -158,6 +206,8 @@ class Settings(BaseSettings):
         self.mqtt_ca_file = self.mqtt_ca_file or self.broker_dir / "ca.crt"
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("FLEET_TLS_CERT and FLEET_TLS_KEY go together: set both or neither")
+        if (self.cloud_tls_cert is None) != (self.cloud_tls_key is None):
+            raise ValueError("FLEET_CLOUD_TLS_CERT and FLEET_CLOUD_TLS_KEY go together: set both or neither")
         if not self.public_url:
             host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
             scheme = "https" if self.tls_cert is not None else "http"
@@ -169,6 +219,13 @@ class Settings(BaseSettings):
     def targets_base_url(self) -> str:
         """The targets URL devices get at enrollment (``targets_url`` or this server's own)."""
         return (self.targets_url or f"{self.public_url.rstrip('/')}/tuf/targets").rstrip("/") + "/"
+
+    @property
+    def cloud_dir(self) -> Path:
+        """Where `fleet cloud serve` keeps its bundles and TUF metadata (``cloud_data_dir``)."""
+        if self.cloud_data_dir is not None:
+            return self.cloud_data_dir
+        return self.data_dir / "cloud" / f"{self.cloud_host.replace(':', '_')}-{self.cloud_port}"
 
     @property
     def embedded_broker(self) -> bool:

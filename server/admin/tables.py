@@ -13,8 +13,12 @@ from server.db import Base, JSONType, UTCDateTime, utcnow
 
 
 class Role(StrEnum):
-    """Admin roles, weakest first: each role may do everything the ones before it may."""
+    """Admin roles, weakest first: each role may do everything the ones before it may.
 
+    ``cloud`` is the identity of a cloud inference tier (`fleet cloud serve`): it may download
+    bundles from the image repository and nothing else."""
+
+    cloud = "cloud"
     viewer = "viewer"
     operator = "operator"
     admin = "admin"

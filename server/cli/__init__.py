@@ -15,6 +15,7 @@ import click
 
 from device_client.cli import device
 from server.cli.admin import admin, keys
+from server.cli.cloud import cloud
 from server.cli.devices import devices, enroll_token
 from server.cli.models import model
 from server.cli.rollouts import rollout
@@ -36,6 +37,7 @@ def main(verbose: bool) -> None:
 
 for _command in (
     server,
+    cloud,
     admin,
     broker,
     enroll_token,

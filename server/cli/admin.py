@@ -42,7 +42,7 @@ def _ttl(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
 
 
 @admin_token.command("create")
-@click.option("--role", type=click.Choice(["admin", "operator", "viewer"]), required=True)
+@click.option("--role", type=click.Choice(["admin", "operator", "viewer", "cloud"]), required=True)
 @click.option("--name", default=None, help="a label for the token")
 @click.option("--ttl", callback=_ttl, help="expire after this long: 90s, 15m, 12h, 30d (default: never)")
 def admin_token_create(role: str, name: str | None, ttl: int | None) -> None:

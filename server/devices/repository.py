@@ -213,3 +213,7 @@ class RevocationRepository:
     def all(self) -> list[tuple[str, datetime]]:
         rows = self.session.execute(sa.select(RevokedCertificate.serial, RevokedCertificate.revoked_at))
         return [(s, at) for s, at in rows]
+
+    def is_revoked(self, serial: str) -> bool:
+        """Whether the certificate ``serial`` (hex, as :func:`server.trust.pki.serial_hex`) is on the CRL."""
+        return self.session.get(RevokedCertificate, serial) is not None

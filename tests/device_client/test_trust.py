@@ -218,6 +218,22 @@ def test_tuf_refuses_unlisted_and_revoked_targets(tuf_repo):
         verifier.check(listed(info))
 
 
+def test_listed_targets_follow_publishing_and_revocation(tuf_repo, tmp_path):
+    repo, verifier, info = tuf_repo
+    assert {p: t.hashes for p, t in verifier.listed_targets().items()} == {
+        "clf/2.0.0/default/bundle.tar": info.hashes
+    }
+    bundle = tmp_path / "bundle-3.tar"
+    bundle.write_bytes(b"y" * 50)
+    custom = {"model": "clf", "version": "3.0.0", "release": 3, "variant": "default", "constraints": {}}
+    repo.add_target("clf/3.0.0/default/bundle.tar", bundle, custom)
+    repo.remove_target("clf/2.0.0/default/bundle.tar")
+    listed_now = verifier.listed_targets()
+    assert list(listed_now) == ["clf/3.0.0/default/bundle.tar"]
+    new = listed_now["clf/3.0.0/default/bundle.tar"]
+    assert (new.length, new.custom) == (50, custom)
+
+
 def test_tuf_refuses_metadata_signed_by_someone_else(tuf_repo, tmp_path):
     _repo, verifier, info = tuf_repo
     verifier.check(listed(info))

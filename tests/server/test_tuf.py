@@ -86,6 +86,18 @@ def test_target_download_needs_a_device_or_admin_token(
     assert app_client.get(url, headers=auth(device["device_token"])).status_code == 403
 
 
+def test_the_cloud_role_downloads_targets_and_reads_nothing_else(app_client, make_token, published, ctx):
+    """`fleet cloud serve`'s identity (an admin token of role ``cloud``): bundles, nothing more."""
+    token = auth(make_token("cloud"))
+    url = target_url(published["1.0.0"])
+    full = ctx.repo.target_file("resnet/1.0.0/default/bundle.tar").read_bytes()
+    assert app_client.get(url, headers=token).content == full
+    for path in ("devices", "models", "rollouts", "audit", "admin/tokens"):
+        r = app_client.get(f"/api/v1/{path}", headers=token)
+        assert r.status_code == 403, path
+        assert "'cloud'" in r.json()["detail"]
+
+
 def test_target_paths_are_traversal_safe(app_client, device, published, ctx, tmp_path):
     headers = auth(device["device_token"])
     secret = ctx.settings.key_dir / "tuf-root.key"

@@ -12,7 +12,8 @@ Targets (the model bundles) need a bearer token. Who may download:
   are integrity-protected by TUF and the director decides what a device installs, so the token
   keeps the artifacts away from the anonymous internet and makes every download attributable to a
   device; it is not a per-assignment entitlement;
-* an admin API token of any role (viewer and up), so operators can fetch and inspect bundles.
+* an admin API token of any role: ``cloud`` (the identity of `fleet cloud serve`, which installs
+  bundles like a device) and up, so operators can fetch and inspect bundles too.
 
 Targets are served by their consistent-snapshot names (``<dir>/<sha256>.<basename>``), exactly as
 ``tuf.ngclient`` asks for them, with single-range ``Range`` support for resumable downloads
@@ -56,13 +57,14 @@ CHUNK_BYTES = 1024 * 1024
 
 
 def _downloader(request: Request, session: Session = SessionDep) -> Device | Principal:
-    """A device by its device token, or an admin token of any role; 401/403 otherwise."""
+    """A device by its device token, or an admin token of any role (``cloud`` and up); 401/403
+    otherwise."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     prefix = token.strip().split(".", 1)[0]
     if scheme.lower() == "bearer" and prefix == DEVICE_PREFIX:
         return require_device(request, session)
     if scheme.lower() == "bearer" and prefix == ADMIN_PREFIX:
-        return require_role(Role.viewer)(request, session)
+        return require_role(Role.cloud)(request, session)
     raise Unauthorized("a device token or an admin token is required to download targets")
 
 
