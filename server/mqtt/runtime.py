@@ -5,7 +5,7 @@ publisher, started together (two connections: see :mod:`server.mqtt.bridge`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.mqtt.bridge import MqttLink, server_client_id
 from server.mqtt.handlers import IngestWorker
@@ -28,14 +28,17 @@ class MqttRuntime:
 
     @classmethod
     def start(cls, ctx: ServerContext) -> MqttRuntime:
-        publisher = MqttLink(ctx.settings, None, client_id=f"{server_client_id(ctx.settings)}-pub")
+        pub_id = f"{server_client_id(ctx.settings)}-pub"
+        publisher = MqttLink(ctx.settings, None, client_id=pub_id, metrics=ctx.metrics, name="publish")
         outbox = OutboxPublisher(ctx.db, publisher, ctx.metrics)
         link = ingest = workers = None
         if ctx.settings.ingest_processes:
             workers = IngestProcesses(ctx, ctx.settings.ingest_processes)
         else:
             ingest = IngestWorker(ctx, ctx.metrics)
-            link = MqttLink(ctx.settings, ingest.submit, shared=ctx.settings.shared_subscriptions)
+            link = MqttLink(
+                ctx.settings, ingest.submit, shared=ctx.settings.shared_subscriptions, metrics=ctx.metrics
+            )
             ingest.start()
         outbox.start()
         publisher.start()
@@ -50,6 +53,15 @@ class MqttRuntime:
         if self.link is not None:
             return self.link.connected and self.publisher.connected
         return self.workers is not None and self.workers.connected and self.publisher.connected
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Each link's state and last error, by role (``consume`` or ``ingest-N``, ``publish``)."""
+        links = {"publish": self.publisher.status()}
+        if self.link is not None:
+            links["consume"] = self.link.status()
+        if self.workers is not None:
+            links.update(self.workers.status())
+        return links
 
     def wait_connected(self, timeout: float) -> bool:
         """Both connections up and the consuming one(s) subscribed."""

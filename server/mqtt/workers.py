@@ -83,6 +83,8 @@ class IngestProcesses:
         self._procs: list[BaseProcess | None] = [None] * count
         self._conns: list[Connection | None] = [None] * count
         self._ready = [False] * count
+        #: each child's link state and last error (``/readyz``), as the child last sent it
+        self._link_status: list[dict[str, Any] | None] = [None] * count
         #: children whose pipe reached end-of-file (exited, not yet reaped)
         self._eof: set[int] = set()
         self._started = [0.0] * count
@@ -134,6 +136,11 @@ class IngestProcesses:
     @property
     def connected(self) -> bool:
         return all(self._ready)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """The link state of each child (``ingest-N``), or ``not running`` before it reports."""
+        idle = {"state": "not running", "connected": False}
+        return {f"ingest-{i}": dict(s or idle) for i, s in enumerate(self._link_status)}
 
     def pids(self) -> list[int | None]:
         return [p.pid if p is not None else None for p in self._procs]
@@ -212,6 +219,8 @@ class IngestProcesses:
             with self._ready_changed:
                 self._ready[i] = bool(msg[1])
                 self._ready_changed.notify_all()
+        elif kind == "link":
+            self._link_status[i] = msg[1]
         elif kind == "kick" and self.ctx.db.outbox_listener is not None:
             self.ctx.db.outbox_listener()
 
@@ -221,6 +230,7 @@ class IngestProcesses:
         with self._ready_changed:
             self._ready[i] = False
             self._ready_changed.notify_all()
+        self._link_status[i] = None
         conn, self._conns[i], self._procs[i] = self._conns[i], None, None
         if conn is not None:
             conn.close()
@@ -257,6 +267,8 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
         ingest.submit,
         client_id=worker_client_id(settings, index, count),
         shared=settings.shared_subscriptions,
+        metrics=ctx.metrics,
+        name=f"ingest-{index}",
     )
     ingest.start()
     link.start()
@@ -266,6 +278,7 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
         tune_gc()
     ready: bool | None = None
     last: Snapshot | None = None
+    link_status: tuple[Any, ...] | None = None
     try:
         while True:
             if conn.poll(REPORT_S):
@@ -273,6 +286,11 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
                 if msg[0] == "stop":
                     break
             now_ready = link.connected and link.subscribed.is_set()
+            status = link.status()
+            key = (status["state"], status["last_error"])
+            if key != link_status:  # before "ready": /readyz shows the state that made it so
+                link_status = key
+                send(("link", status))
             if now_ready != ready:
                 ready = now_ready
                 send(("ready", ready))

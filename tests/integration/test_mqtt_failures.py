@@ -1,0 +1,64 @@
+"""MQTT connection failures are logged with their reason and visible: a server, a real process,
+pointed at a real Mosquitto whose certificate comes from another CA."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.device_fleet import wait_for
+from tests.helpers.server_process import ServerProcess
+
+pytestmark = pytest.mark.mqtt
+
+FLEET = Path(sys.executable).with_name("fleet")
+
+
+def test_a_server_shows_why_it_cannot_connect(mosquitto, tmp_path):
+    # the server's own CA and MQTT client identity, as `fleet broker config` writes them
+    made = subprocess.run(
+        [str(FLEET), "broker", "config", "fleet-data/broker"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    srv = ServerProcess(tmp_path, FLEET_MQTT_URL=f"mqtts://127.0.0.1:{mosquitto.port}")
+    try:
+
+        def failures() -> dict[tuple[str, str], float]:
+            text = httpx.get(f"{srv.url}/metrics", timeout=5).text
+            found = re.findall(r'_connection_failures_total\{link="(\w+)",reason="(\w+)"\} (\S+)', text)
+            return {(link, reason): float(n) for link, reason, n in found}
+
+        def failed_twice() -> bool:
+            assert srv.proc.poll() is None, srv.output()
+            try:
+                return failures().get(("consume", "tls_verify"), 0) >= 2
+            except httpx.HTTPError:
+                return False
+
+        wait_for(failed_twice, timeout=60, what="two counted TLS failures of the consuming link")
+        assert failures().get(("publish", "tls_verify"), 0) >= 1
+
+        assert httpx.get(f"{srv.url}/healthz").status_code == 200  # the process is up ...
+        ready = httpx.get(f"{srv.url}/readyz")
+        assert ready.status_code == 503  # ... but not ready, and says why
+        body = ready.json()
+        assert body["status"] == "not_ready"
+        assert body["not_ready"] == ["mqtt"]
+        assert body["checks"]["database"] == {"ok": True}
+        assert body["checks"]["migrations"]["ok"] is True
+        consume = body["checks"]["mqtt"]["links"]["consume"]
+        assert consume["state"] == "disconnected"
+        assert consume["last_error"]["reason"] == "tls_verify"
+        assert "did not verify against CA file fleet-data/broker/ca.crt" in consume["last_error"]["message"]
+
+        warnings = [line for line in srv.output().splitlines() if "MQTT consume:" in line]
+        assert len(warnings) == 1, warnings  # rate-limited while it repeats
+        assert " WARNING server.mqtt.bridge: MQTT consume: TLS: the broker's certificate at " in warnings[0]
+        assert "[tls_verify]" in warnings[0]
+    finally:
+        srv.kill_tree()
