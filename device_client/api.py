@@ -13,7 +13,8 @@ In-process callers use :meth:`device_client.runtime.ModelHost.infer` directly. O
   Every answer names who answered in ``X-Fleet-Model`` and ``X-Fleet-Model-Version``.
 * ``GET /v1/health``: what serves (version, previous, shadow) per model, and (under a daemon)
   ``rejected_messages``: how many messages on its MQTT topics it refused since it started, per
-  reason code (``malformed``, ``bad_signature``, ``replayed``, ...).
+  reason code (``malformed``, ``bad_signature``, ``replayed``, ...), and ``mqtt``: the link's
+  state and last error (:meth:`device_client.mqtt.MqttLink.status`).
 
 Status codes: 400 bad input (unknown/missing input, wrong shape or dtype, malformed JSON or npy),
 404 unknown path or model, 411 no Content-Length, 413 body over ``max_body_bytes`` (refused before
@@ -30,7 +31,7 @@ import threading
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 NPY_TYPE = "application/x-npy"
 JSON_TYPE = "application/json"
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
+
+
+class StatusSource(Protocol):
+    def status(self) -> dict[str, Any]: ...
 
 
 class _HttpError(Exception):
@@ -75,6 +80,8 @@ class InferenceServer:
         self.max_body_bytes = max_body_bytes
         #: more fields for ``GET /v1/health`` (the daemon's rejection counters)
         self.extra_health = extra_health
+        #: the MQTT link whose ``status()`` is ``mqtt`` in ``GET /v1/health`` (set by the daemon)
+        self.mqtt: StatusSource | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -130,6 +137,8 @@ class InferenceServer:
         doc: dict[str, Any] = {"status": "ok" if ok else "no_model", "models": models}
         if self.extra_health is not None:
             doc.update(self.extra_health())
+        if self.mqtt is not None:
+            doc["mqtt"] = self.mqtt.status()
         return doc
 
     def infer(self, host: ModelHost, content_type: str, body: bytes) -> tuple[InferenceResult, bool]:

@@ -80,7 +80,7 @@ from .config import DeviceSettings
 from .enroll import Identity
 from .fetcher import HttpSettings, download_resumable, url_origin
 from .health import ProbationOutcome, WindowStats, evaluate_probation
-from .mqtt import MqttEndpointConfig, MqttLink, ReportJournal
+from .mqtt import MQTT_STATUS_FILE, MqttEndpointConfig, MqttLink, ReportJournal
 from .protocol import (
     BundleError,
     DeploymentPhase,
@@ -288,7 +288,9 @@ class Daemon:
             on_connected=lambda link: link.publish(
                 self._topic(TopicKind.presence), self._presence("online"), qos=1, retain=True
             ),
+            status_file=self.data_dir / MQTT_STATUS_FILE,
         )
+        self.api.mqtt = self.link  # GET /v1/health shows its state and last error
         self.link.subscribe(self._topic(TopicKind.desired), self._on_desired, qos=1)
         self.link.start()
 

@@ -1,8 +1,9 @@
-"""MQTT connection failures are logged with their reason and visible: a server, a real process,
-pointed at a real Mosquitto whose certificate comes from another CA."""
+"""MQTT connection failures are logged with their reason and visible: a device and a server, each
+a real process, pointed at a real Mosquitto whose certificate comes from another CA."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,12 +12,63 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.device_fleet import wait_for
+from tests.helpers.device_fleet import DaemonProcess, enroll_device, wait_for
 from tests.helpers.server_process import ServerProcess
 
 pytestmark = pytest.mark.mqtt
 
 FLEET = Path(sys.executable).with_name("fleet")
+
+
+def status(data: Path) -> subprocess.CompletedProcess[str]:
+    command = [str(FLEET), "device", "status", "--data-dir", str(data)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_device_shows_why_it_cannot_connect(live_server, mosquitto, tmp_path):
+    data = tmp_path / "dev"
+    enroll_device(live_server, data, "far-dev")
+    identity = json.loads((data / "identity.json").read_text())
+    identity["mqtt_port"] = mosquitto.port  # a broker whose certificate another CA signed
+    (data / "identity.json").write_text(json.dumps(identity))
+
+    daemon = DaemonProcess(
+        data, tmp_path / "daemon.log", command=[str(FLEET), "device", "run", "--data-dir", str(data)]
+    )
+    try:
+        daemon.wait_api()
+
+        def failed_twice() -> dict | None:
+            mqtt = httpx.get(daemon.url + "/v1/health", timeout=5).json()["mqtt"]
+            return mqtt if sum(mqtt["failures"].values()) >= 2 else None
+
+        mqtt = wait_for(failed_twice, timeout=60, what="two failed connection attempts in /v1/health")
+        assert mqtt["state"] == "disconnected"
+        assert mqtt["connected"] is False
+        assert mqtt["broker"] == f"{identity['mqtt_host']}:{mosquitto.port}"
+        error = mqtt["last_error"]
+        assert error["reason"] == "tls_verify"
+        assert f"did not verify against CA file {data.absolute() / 'ca.crt'}" in error["message"]
+        assert error["message"].endswith("self-signed certificate in certificate chain")  # OpenSSL's words
+
+        # the log has the reason at WARNING, once while it repeats
+        warnings = [line for line in daemon.log.read_text().splitlines() if "[tls_verify]" in line]
+        assert len(warnings) == 1, warnings
+        assert " WARNING device_client.mqtt: MQTT link: TLS: the broker's certificate at " in warnings[0]
+
+        # and `fleet device status` shows the same, from the state the daemon recorded
+        shown = status(data)
+        assert shown.returncode == 0, shown.stderr
+        status_mqtt = json.loads(shown.stdout)["mqtt"]
+        assert status_mqtt["state"] == "disconnected"
+        assert status_mqtt["last_error"]["reason"] == "tls_verify"
+        assert status_mqtt["daemon_running"] is True
+    finally:
+        daemon.terminate()
+    stopped = json.loads(status(data).stdout)["mqtt"]
+    assert stopped["state"] == "stopped"
+    assert stopped["daemon_running"] is False
 
 
 def test_a_server_shows_why_it_cannot_connect(mosquitto, tmp_path):
