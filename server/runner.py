@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
+from server.procs import stop_on_sigterm
 
 if TYPE_CHECKING:
     from server.mqtt.broker import MosquittoProcess
@@ -91,18 +92,24 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def run_server(overrides: dict[str, Any] | None = None) -> None:
+    """``fleet server run``: uvicorn in this process, Mosquitto as a child (embedded default).
+    SIGTERM stops it like Ctrl-C: a graceful shutdown, the broker stopped, exit code 0; a killed
+    server takes its children with it (:mod:`server.procs`)."""
     import uvicorn
 
     from server.app import create_app
 
     settings = Settings(**(overrides or {}))
     check_bind(settings)
-    broker = start_embedded_broker(settings) if settings.embedded_broker and settings.mqtt_enabled else None
-    try:
-        uvicorn.run(create_app(settings), log_level="info", **uvicorn_options(settings))
-    finally:
-        if broker is not None:
-            broker.stop()
+    broker: MosquittoProcess | None = None
+    with stop_on_sigterm():
+        try:
+            if settings.embedded_broker and settings.mqtt_enabled:
+                broker = start_embedded_broker(settings)
+            uvicorn.run(create_app(settings), log_level="info", **uvicorn_options(settings))
+        finally:
+            if broker is not None:
+                broker.stop()
 
 
 class ServerThread:

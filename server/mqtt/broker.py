@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from device_client.protocol.topics import PREFIX, SERVER_MQTT_USERNAME
+from server.procs import death_signal_preexec
 from server.trust.keys import atomic_write, write_private_key
 from server.trust.pki import FleetCA, crl_entries
 
@@ -198,7 +199,12 @@ def find_mosquitto(name: str = "mosquitto") -> str:
 
 
 class MosquittoProcess:
-    """A Mosquitto child process running a generated config; waits until it accepts TLS."""
+    """A Mosquitto child process running a generated config; waits until it accepts TLS.
+
+    The child is in a process group of its own (a terminal's Ctrl-C reaches only the server,
+    which stops it in order) and is sent SIGTERM by the kernel if the process that started it
+    dies (:mod:`server.procs`).
+    """
 
     def __init__(self, files: BrokerFiles, binary: str = "mosquitto") -> None:
         self.files = files
@@ -209,7 +215,11 @@ class MosquittoProcess:
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
         log_fh = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.files.conf)], stdout=log_fh, stderr=subprocess.STDOUT
+            [self.binary, "-c", str(self.files.conf)],
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            preexec_fn=death_signal_preexec(signal.SIGTERM),
+            process_group=0,
         )
         log_fh.close()
         deadline = time.monotonic() + timeout

@@ -19,7 +19,9 @@ The children are supervised here:
 * more than one child needs shared subscriptions (``$share/fleet-server/...``): with plain ones
   every child would get every message;
 * a child that dies is restarted (after 1 s, doubling up to 30 s while it keeps dying young); a
-  child whose parent dies exits (its end of the pipe closes);
+  child whose parent dies exits: on Linux the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``,
+  :mod:`server.procs`), which stops it as the server's "stop" does, and its end of the pipe
+  closes in any case;
 * a child's counters (messages received, rejected, duplicates) come back over the pipe every
   ``REPORT_S`` and are merged into the server's ``/metrics``; a restarted child's counts are added
   to those of its predecessor, so counters never go down;
@@ -41,10 +43,12 @@ import threading
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
 from server.metrics import Snapshot
+from server.procs import set_death_signal
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -116,8 +120,8 @@ class IngestProcesses:
                 continue
             proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
-                log.warning("ingest process %d did not stop; terminating it", i)
-                proc.terminate()
+                log.warning("ingest process %d did not stop; killing it", i)
+                proc.kill()  # SIGTERM would only ask again (the child stops gracefully on it)
                 proc.join(5)
             self._drain(i)  # its last counters
             self._retire(i)
@@ -244,6 +248,15 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
     from server.mqtt.handlers import IngestWorker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    stopping = False
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:  # stop as on the parent's "stop"
+        nonlocal stopping
+        stopping = True  # a plain flag: a handler taking a lock can deadlock against itself
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    parent = multiprocessing.parent_process()
+    set_death_signal(signal.SIGTERM, parent.pid if parent is not None else None)
     settings = Settings(**values)
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -280,7 +293,7 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
     last: Snapshot | None = None
     link_status: tuple[Any, ...] | None = None
     try:
-        while True:
+        while not stopping:
             if conn.poll(REPORT_S):
                 msg = conn.recv()
                 if msg[0] == "stop":
