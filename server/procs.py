@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 
 #: linux/prctl.h
@@ -78,3 +79,59 @@ def stop_on_sigterm(code: int = 0) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class Backoff:
+    """Delays between restarts of a child: ``first`` after a long life, doubling with each quick
+    death in a row up to ``maximum``; a child that ran ``stable_s`` starts again from ``first``."""
+
+    def __init__(self, first: float = 1.0, maximum: float = 30.0, stable_s: float = 60.0) -> None:
+        self.first = first
+        self.maximum = maximum
+        self.stable_s = stable_s
+        self._next = first
+
+    def delay(self, lived_s: float) -> float:
+        if lived_s >= self.stable_s:
+            self._next = self.first
+        delay = self._next
+        self._next = min(delay * 2, self.maximum)
+        return delay
+
+
+def _listening_inodes(port: int, proc: Path) -> set[str] | None:
+    """Socket inodes listening on TCP ``port`` (any address, IPv4 or IPv6), from /proc/net."""
+    inodes: set[str] = set()
+    found = False
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st ... inode; st 0A is LISTEN
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes if found else None
+
+
+def owns_listener(pid: int, port: int, proc: Path = Path("/proc")) -> bool | None:
+    """Whether process ``pid`` holds the socket listening on TCP ``port``; None when /proc cannot
+    tell (not Linux, or the process's descriptors are not readable)."""
+    inodes = _listening_inodes(port, proc)
+    if inodes is None:
+        return None
+    try:
+        fds = list((proc / str(pid) / "fd").iterdir())
+    except FileNotFoundError:
+        return False  # the process is gone
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False

@@ -1,11 +1,13 @@
 """``fleet server run`` and its children as real processes: SIGTERM and SIGKILL leave nothing
-behind."""
+behind, a taken MQTT port fails start-up with one line, a broker that dies is restarted."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 
+import httpx
 import pytest
 
 from tests.helpers.server_process import ServerProcess, alive, cmdline, descendants, wait_until
@@ -52,3 +54,33 @@ def test_sigkill_takes_every_child_along(server):
         return [line for pid, line in children.items() if alive(pid)]
 
     wait_until(lambda: not survivors(), 30, lambda: f"children of the killed server still run: {survivors()}")
+
+
+def test_a_taken_mqtt_port_fails_start_up_with_one_line(server):
+    with socket.socket() as squatter:  # a plain listening socket, like a broker left behind
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        srv = server(mqtt_port=port)
+        code = srv.proc.wait(60)
+    out = srv.output()
+    assert code != 0, out
+    expected = f"port {port} is in use by another process; set FLEET_MQTT_PORT or stop it"
+    assert expected in out.splitlines(), out
+    assert "Traceback" not in out
+    assert "listening" not in out  # no claim that the embedded Mosquitto runs
+    assert not srv.brokers()
+
+
+def test_a_broker_that_dies_is_restarted_and_logged(server):
+    srv = server()
+    srv.wait_ready()
+    [first] = srv.brokers()
+
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: srv.brokers() and srv.brokers() != [first], 60, "a new broker under the server")
+    srv.wait_ready()  # the MQTT links are back on the new broker
+    out = srv.output()
+    assert "embedded Mosquitto exited (code -9;" in out, out
+    assert "embedded Mosquitto restarted" in out, out
+    assert httpx.get(f"{srv.url}/healthz").status_code == 200
