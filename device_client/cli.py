@@ -7,6 +7,7 @@ install (``pip install fleetota[device]``). Heavy modules load inside the comman
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -75,6 +76,11 @@ def run_cmd(data_dir: Path, verbose: bool) -> None:
     from .enroll import EnrollError
 
     configure_logging(verbose)
+    # under `fleet` the root logger is already set up (WARNING unless `fleet -v`): the daemon's
+    # own log is this command's output, so its loggers are raised to INFO (DEBUG with -v)
+    own = logging.DEBUG if verbose else logging.INFO
+    if logging.getLogger().getEffectiveLevel() > own:
+        logging.getLogger("device_client").setLevel(own)
     try:
         run(DeviceSettings(data_dir=data_dir))
     except EnrollError as exc:

@@ -92,11 +92,13 @@ def _client(url: str, token: str | None, **options: Any) -> FleetClient:
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging (libraries included)")
 def main(verbose: bool) -> None:
     """fleetota: signed ML model updates and staged rollouts for edge fleets."""
+    # WARNING unless -v: a command's stdout is its answer (scripts capture it) and its stderr is
+    # for problems; services (`server run`, `device run`) raise their own loggers to INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
@@ -406,6 +408,7 @@ def model_push(
             TransferSpeedColumn(),
             console=err_console,
             transient=True,
+            disable=not err_console.is_terminal,  # a script capturing stderr gets no stray newline
         ) as progress,
     ):
         task = progress.add_task(f"uploading {file.name}", total=size)

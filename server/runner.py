@@ -101,6 +101,14 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def configure_service_logging(settings: Settings) -> None:
+    """The server's own loggers at ``FLEET_LOG_LEVEL`` (libraries stay at the CLI's level,
+    WARNING unless ``fleet -v``)."""
+    level = logging.getLevelName(settings.log_level.upper())
+    if isinstance(level, int) and logging.getLogger().getEffectiveLevel() > level:
+        logging.getLogger("server").setLevel(level)
+
+
 def run_server(overrides: dict[str, Any] | None = None) -> None:
     """``fleet server run``: uvicorn in this process, Mosquitto as a supervised child (embedded
     default). SIGTERM stops it like Ctrl-C: a graceful shutdown, the broker stopped, exit code 0;
@@ -112,6 +120,7 @@ def run_server(overrides: dict[str, Any] | None = None) -> None:
 
     settings = Settings(**(overrides or {}))
     check_bind(settings)
+    configure_service_logging(settings)
     supervisor: BrokerSupervisor | None = None
     with stop_on_sigterm():
         try:
