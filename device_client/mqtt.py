@@ -349,14 +349,14 @@ class MqttLink:
         self._connected.clear()
         if not self._stopping:
             from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
-            socket_error = getattr(client, "socket_error", None)
+            socket_error = self.client.socket_error
             failure = describe_disconnect(reason_code, from_broker, socket_error, self.state.endpoint)
             self.state.closed(failure)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         """A connection attempt raised (paho retries with backoff): log and show why."""
-        exc = getattr(client, "connect_error", None)
-        self.state.failed(describe_error(exc or OSError("connection failed"), self.state.endpoint))
+        exc = self.client.connect_error or OSError("connection failed")
+        self.state.failed(describe_error(exc, self.state.endpoint))
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any

@@ -236,6 +236,9 @@ class MosquittoProcess:
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
         """Start the child; :class:`PortInUse` if another process holds the port,
         :class:`BrokerStartError` if the child exits or does not listen within ``timeout``."""
+        if self.running:
+            raise BrokerStartError("mosquitto is already running")
+        self.proc = None  # a predecessor that exited
         port = self.files.port
         if _accepts(port):
             raise PortInUse(port)
