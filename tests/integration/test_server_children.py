@@ -19,8 +19,8 @@ pytestmark = pytest.mark.mqtt
 def server(tmp_path):
     started: list[ServerProcess] = []
 
-    def start(**kwargs: object) -> ServerProcess:
-        proc = ServerProcess(tmp_path, **kwargs)  # type: ignore[arg-type]
+    def start(**kwargs) -> ServerProcess:
+        proc = ServerProcess(tmp_path, **kwargs)
         started.append(proc)
         return proc
 
