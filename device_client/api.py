@@ -13,7 +13,8 @@ In-process callers use :meth:`device_client.runtime.ModelHost.infer` directly. O
   Every answer names who answered in ``X-Fleet-Model`` and ``X-Fleet-Model-Version``.
 * ``GET /v1/health``: what serves (version, previous, shadow) per model, and (under a daemon)
   ``rejected_messages``: how many messages on its MQTT topics it refused since it started, per
-  reason code (``malformed``, ``bad_signature``, ``replayed``, ...).
+  reason code (``malformed``, ``bad_signature``, ``replayed``, ...), and ``mqtt``: the link's
+  state and last error (:meth:`device_client.mqtt.MqttLink.status`).
 
 Status codes: 400 bad input (unknown/missing input, wrong shape or dtype, malformed JSON or npy),
 401 no or a wrong bearer token (when one is configured), 404 unknown path or model, 408 body not
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -59,6 +60,10 @@ _ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - compared with, n
 
 class ApiConfigError(ValueError):
     """The API's settings cannot be used (an empty token); the daemon does not start."""
+
+
+class StatusSource(Protocol):
+    def status(self) -> dict[str, Any]: ...
 
 
 class _HttpError(Exception):
@@ -200,6 +205,8 @@ class InferenceServer:
         self._token = token.encode() if token else None
         self.max_connections = max_connections
         self.timeout_s = timeout_s
+        #: the MQTT link whose ``status()`` is ``mqtt`` in ``GET /v1/health`` (set by the daemon)
+        self.mqtt: StatusSource | None = None
         self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -295,6 +302,8 @@ class InferenceServer:
         doc: dict[str, Any] = {"status": "ok" if ok else "no_model", "models": models}
         if self.extra_health is not None:
             doc.update(self.extra_health())
+        if self.mqtt is not None:
+            doc["mqtt"] = self.mqtt.status()
         return doc
 
     def infer(self, host: ModelHost, content_type: str, body: bytes) -> tuple[InferenceResult, bool]:

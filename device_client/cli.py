@@ -7,6 +7,8 @@ install (``pip install fleetota[device]``). Heavy modules load inside the comman
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -111,6 +113,11 @@ def run_cmd(data_dir: Path, verbose: bool) -> None:
     from .enroll import EnrollError
 
     configure_logging(verbose)
+    # under `fleet` the root logger is already set up (WARNING unless `fleet -v`): the daemon's
+    # own log is this command's output, so its loggers are raised to INFO (DEBUG with -v)
+    own = logging.DEBUG if verbose else logging.INFO
+    if logging.getLogger().getEffectiveLevel() > own:
+        logging.getLogger("device_client").setLevel(own)
     try:
         run(DeviceSettings(data_dir=data_dir))
     except (EnrollError, ApiConfigError) as exc:
@@ -118,10 +125,35 @@ def run_cmd(data_dir: Path, verbose: bool) -> None:
         sys.exit(1)
 
 
+def _mqtt_status(data_dir: Path) -> dict[str, object] | None:
+    """The MQTT link state the daemon last recorded, and whether that daemon still runs."""
+    from .mqtt import MQTT_STATUS_FILE
+
+    try:
+        doc = json.loads((data_dir / MQTT_STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    pid = doc.pop("pid", None)
+    running = False
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+            running = True
+        except PermissionError:
+            running = True
+        except OSError:
+            running = False
+    doc["daemon_running"] = running
+    return doc
+
+
 @device.command("status")
 @data_dir_option
 def status_cmd(data_dir: Path) -> None:
-    """Print the persisted state: what serves, the update in flight, release floors."""
+    """Print the persisted state: what serves, the update in flight, release floors, and the MQTT
+    link's state and last error as the daemon last recorded them."""
     from .store import StateStore
 
     if not data_dir.is_dir():
@@ -145,5 +177,6 @@ def status_cmd(data_dir: Path) -> None:
             "desired_seq": state.update.desired_seq,
             "reason": state.update.reason,
         },
+        "mqtt": _mqtt_status(data_dir),
     }
     click.echo(json.dumps(doc, indent=2))

@@ -14,7 +14,11 @@ Connection policy:
   (``message_callback_add``); a callback that raises is logged and never kills the network thread;
 * reconnects are paho's own, with exponential backoff between ``reconnect_min_s`` and
   ``reconnect_max_s``; the first connection is attempted the same way (``connect_async``), so a
-  device that boots before its broker is reachable simply keeps trying.
+  device that boots before its broker is reachable simply keeps trying;
+* every failed attempt and lost connection is logged at WARNING with its reason (TLS verify
+  failure and which certificate, refused, not authorised, DNS, timeout; rate-limited while it
+  repeats, :mod:`device_client.linkstate`); :meth:`MqttLink.status` is the state and the last
+  error (``GET /v1/health``), also kept in ``<data dir>/mqtt.json`` for ``fleet device status``.
 
 Report journal (:class:`ReportJournal`): every report is written to ``<dir>/<seq>.json`` (temp
 file, fsync, ``os.replace``, directory fsync) *before* it is handed to paho, and the file is removed
@@ -46,11 +50,22 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .linkstate import (
+    Endpoint,
+    LinkState,
+    ReasonClient,
+    describe_connack,
+    describe_disconnect,
+    describe_error,
+)
 from .protocol.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
 MessageCallback = Callable[[str, bytes], None]
+
+#: the link's last state and error, in the data directory (``fleet device status`` reads it)
+MQTT_STATUS_FILE = "mqtt.json"
 
 
 @dataclass(frozen=True)
@@ -146,7 +161,9 @@ class MqttLink:
         *,
         will: tuple[str, bytes] | None = None,
         on_connected: Callable[[MqttLink], None] | None = None,
+        status_file: Path | None = None,
     ) -> None:
+        """``status_file``: where to keep the link state (each change of state or error)."""
         self.config = config
         self.journal = journal
         self.on_connected = on_connected
@@ -156,7 +173,14 @@ class MqttLink:
         self._handed: set[int] = set()  # report seqs handed to paho in this process
         self._connected = threading.Event()
         self._stopping = False
-        client = mqtt.Client(
+        self.status_file = status_file
+        self.state = LinkState(
+            "link",
+            Endpoint(config.host, config.port, str(config.ca_file), str(config.cert_file)),
+            logger=log,
+            on_change=self._record_state if status_file is not None else None,
+        )
+        client = ReasonClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=mqtt.MQTTv5,
@@ -170,7 +194,9 @@ class MqttLink:
         )
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
+        client.on_pre_connect = lambda c, u: self.state.attempt()
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_unexpected
@@ -200,6 +226,7 @@ class MqttLink:
         with contextlib.suppress(Exception):
             self.client.disconnect()
         self.client.loop_stop()
+        self.state.stopped()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -207,6 +234,19 @@ class MqttLink:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def status(self) -> dict[str, Any]:
+        """State (``connecting``, ``connected``, ``disconnected``, ``stopped``), since when, the
+        last error (reason, message, time) and failures per reason."""
+        return self.state.snapshot()
+
+    def _record_state(self, snapshot: dict[str, Any]) -> None:
+        assert self.status_file is not None
+        doc = {**snapshot, "pid": os.getpid()}
+        try:
+            atomic_write(self.status_file, json.dumps(doc, indent=1).encode(), mode=0o600)
+        except OSError as exc:  # a full disk must not take the network thread down
+            log.debug("cannot write %s: %s", self.status_file, exc)
 
     # ---------------------------------------------------------------- subscriptions
 
@@ -282,8 +322,9 @@ class MqttLink:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         if reason_code.is_failure:
-            log.warning("MQTT connect refused: %s", reason_code)
+            self.state.failed(describe_connack(reason_code, self.state.endpoint))
             return
+        self.state.connected()
         log.info(
             "MQTT connected to %s:%d (session present: %s)",
             self.config.host,
@@ -307,7 +348,15 @@ class MqttLink:
     ) -> None:
         self._connected.clear()
         if not self._stopping:
-            log.warning("MQTT disconnected (%s); reconnecting with backoff", reason_code)
+            from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+            socket_error = self.client.socket_error
+            failure = describe_disconnect(reason_code, from_broker, socket_error, self.state.endpoint)
+            self.state.closed(failure)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """A connection attempt raised (paho retries with backoff): log and show why."""
+        exc = self.client.connect_error or OSError("connection failed")
+        self.state.failed(describe_error(exc, self.state.endpoint))
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.catalog.signing import reconcile_published
 from server.config import Settings
@@ -26,7 +26,9 @@ from server.http.bodylimit import BodyLimitMiddleware, body_limits
 from server.http.errors import ERROR_RESPONSES, install_error_handlers
 from server.http.ratelimit import RateLimitMiddleware, rate_rules
 from server.http.routers import admin, catalog, devices, rollouts, signing, tuf
+from server.migrate import head_revisions
 from server.mqtt.runtime import MqttRuntime
+from server.readiness import Readiness, check_ready
 from server.rollouts.engine import RolloutEngine
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctx = await asyncio.to_thread(ServerContext.open, settings)
         app.state.ctx = ctx
         app.state.crl = PublishedCrl(ctx)
+        app.state.migration_heads = head_revisions()  # what /readyz expects the database at
         # the CRL the broker loads, from the database's revocations (before MQTT connects: a stale
         # one past its nextUpdate would refuse the server's own handshake)
         try:
@@ -116,11 +119,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
+        """Liveness: the process answers (nothing else is checked)."""
         return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["meta"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready: `not_ready` names the checks"}},
+    )
+    def readyz(request: Request) -> JSONResponse:
+        """Readiness: the database answers, its schema is at the newest migration, and (with MQTT
+        on) every MQTT link is connected; 503 otherwise, naming what is not ready."""
+        state = request.app.state
+        result = check_ready(state.ctx.db, state.migration_heads, state.mqtt)
+        return JSONResponse(result.model_dump(), status_code=200 if result.status == "ready" else 503)
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
     def metrics(request: Request) -> str:
-        """Prometheus text format: MQTT messages received, rejected (by kind and reason), published."""
+        """Prometheus text format: MQTT messages received, rejected (by kind and reason), published;
+        MQTT connection failures (by link and reason)."""
         return request.app.state.ctx.metrics.render()
 
     return app

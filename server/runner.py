@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
+from server.procs import stop_on_sigterm
 
 if TYPE_CHECKING:
     from server.mqtt.broker import MosquittoProcess
@@ -61,13 +62,18 @@ def stored_revocations(settings: Settings) -> list[tuple[str, datetime]]:
         db.dispose()
 
 
+class BrokerPortInUse(SystemExit):
+    """The embedded broker's port is held by another process (exit code 1, one line)."""
+
+
 def start_embedded_broker(settings: Settings) -> MosquittoProcess:
     """Generate the broker config from the fleet CA in ``key_dir`` (created on first use), its ACL
     listing this server's MQTT identities, and start Mosquitto on ``mqtt_port`` as a child
     process. Its CRL is written afresh from the database's revocations: an old file may be near
     expiry, and a recreated ``broker_dir`` has none (an empty CRL would let decommissioned
-    devices back in)."""
-    from server.mqtt.broker import MosquittoProcess, write_broker_config
+    devices back in). Raises :class:`BrokerPortInUse` when another process holds the port (the
+    child cannot listen there)."""
+    from server.mqtt.broker import MosquittoProcess, PortInUse, write_broker_config
     from server.mqtt.identity import server_connection_ids
     from server.trust.pki import FleetCA
 
@@ -80,8 +86,13 @@ def start_embedded_broker(settings: Settings) -> MosquittoProcess:
         revoked=stored_revocations(settings),
         server_identities=server_connection_ids(settings),
     )
-    broker = MosquittoProcess(files, settings.mosquitto_bin).start()
-    log.info("embedded Mosquitto listening on %s:%d (mTLS)", settings.host, settings.mqtt_port)
+    try:
+        broker = MosquittoProcess(files, settings.mosquitto_bin).start()
+    except PortInUse as exc:
+        raise BrokerPortInUse(f"{exc}; set FLEET_MQTT_PORT or stop it") from None
+    log.info(
+        "embedded Mosquitto listening on %s:%d (mTLS, pid %s)", settings.host, settings.mqtt_port, broker.pid
+    )
     return broker
 
 
@@ -100,19 +111,35 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def configure_service_logging(settings: Settings) -> None:
+    """The server's own loggers at ``FLEET_LOG_LEVEL`` (libraries stay at the CLI's level,
+    WARNING unless ``fleet -v``)."""
+    level = logging.getLevelName(settings.log_level.upper())
+    if isinstance(level, int) and logging.getLogger().getEffectiveLevel() > level:
+        logging.getLogger("server").setLevel(level)
+
+
 def run_server(overrides: dict[str, Any] | None = None) -> None:
+    """``fleet server run``: uvicorn in this process, Mosquitto as a supervised child (embedded
+    default). SIGTERM stops it like Ctrl-C: a graceful shutdown, the broker stopped, exit code 0;
+    a killed server takes its children with it (:mod:`server.procs`)."""
     import uvicorn
 
     from server.app import create_app
+    from server.mqtt.broker import BrokerSupervisor
 
     settings = Settings(**(overrides or {}))
     check_bind(settings)
-    broker = start_embedded_broker(settings) if settings.embedded_broker and settings.mqtt_enabled else None
-    try:
-        uvicorn.run(create_app(settings), log_level="info", **uvicorn_options(settings))
-    finally:
-        if broker is not None:
-            broker.stop()
+    configure_service_logging(settings)
+    supervisor: BrokerSupervisor | None = None
+    with stop_on_sigterm():
+        try:
+            if settings.embedded_broker and settings.mqtt_enabled:
+                supervisor = BrokerSupervisor(start_embedded_broker(settings)).start()
+            uvicorn.run(create_app(settings), log_level="info", **uvicorn_options(settings))
+        finally:
+            if supervisor is not None:
+                supervisor.stop()
 
 
 class ServerThread:

@@ -16,7 +16,7 @@ from ..api import InferenceServer
 from ..config import DeviceSettings
 from ..enroll import Identity, hardware_facts
 from ..fetcher import HttpSettings, url_origin
-from ..mqtt import MqttEndpointConfig, MqttLink, ReportJournal
+from ..mqtt import MQTT_STATUS_FILE, MqttEndpointConfig, MqttLink, ReportJournal
 from ..protocol import Presence, TopicKind, device_topic
 from ..protocol.messages import utcnow
 from ..runtime import ModelHost
@@ -227,7 +227,9 @@ class Daemon:
             on_connected=lambda link: link.publish(
                 self._topic(TopicKind.presence), self._presence("online"), qos=1, retain=True
             ),
+            status_file=self.data_dir / MQTT_STATUS_FILE,
         )
+        self.api.mqtt = self.link  # GET /v1/health shows its state and last error
         self.reporter.link = self.health.link = self.link
         self.link.subscribe(self._topic(TopicKind.desired), self.intake.on_desired, qos=1)
         self.link.start()

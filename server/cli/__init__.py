@@ -26,11 +26,13 @@ __all__ = ["main"]
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging (libraries included)")
 def main(verbose: bool) -> None:
     """fleetota: signed ML model updates and staged rollouts for edge fleets."""
+    # WARNING unless -v: a command's stdout is its answer (scripts capture it) and its stderr is
+    # for problems; services (`server run`, `device run`) raise their own loggers to INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 

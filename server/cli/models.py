@@ -33,6 +33,7 @@ def _transfer_progress() -> Progress:
     return Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         console=err_console, transient=True,
+        disable=not err_console.is_terminal,  # a script capturing stderr gets no stray newline
     )  # fmt: skip
 
 

@@ -20,6 +20,10 @@ publish-only one (``subscribe=False``, clean session) for the outbox. On one con
 broker's PUBACKs for the server's DesiredStates queue behind the flood of device reports those
 very DesiredStates cause, so the outbox publishes no faster than the server reads reports; on
 their own connection they come back at once (the 10,000-device fan-out, ``bench/fanout.py``).
+
+Every failed connection attempt and lost connection is logged at WARNING with its reason
+(rate-limited while it repeats), counted in ``fleet_mqtt_connection_failures_total{link,reason}``
+and shown by ``/readyz`` (:mod:`device_client.linkstate`, shared with the device's link).
 """
 
 from __future__ import annotations
@@ -36,8 +40,18 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from device_client.linkstate import (
+    Endpoint,
+    LinkFailure,
+    LinkState,
+    ReasonClient,
+    describe_connack,
+    describe_disconnect,
+    describe_error,
+)
 from device_client.protocol.topics import server_subscriptions
 from server.config import Settings
+from server.metrics import Metrics
 from server.mqtt.identity import ClientIdentity
 
 log = logging.getLogger(__name__)
@@ -56,7 +70,7 @@ RECEIVE_MAXIMUM = 65535
 _PUBACK = 0x40
 
 
-class CoalescingClient(mqtt.Client):
+class CoalescingClient(ReasonClient):
     """A paho client that writes a run of queued PUBACKs with one ``send``.
 
     paho writes every queued packet with its own ``socket.send``: on TLS one record, one
@@ -104,12 +118,25 @@ class MqttLink:
         *,
         identity: ClientIdentity,
         shared: bool = True,
+        metrics: Metrics | None = None,
+        name: str = "consume",
     ) -> None:
+        """``name``: the link's role in logs, ``/readyz`` and the failure counter's ``link`` label."""
         self.settings = settings
         self.on_message = on_message
         self.shared = shared
         self.client_id = identity.cn
+        self.name = name
+        self.metrics = metrics
+        host, port = settings.mqtt_connect_endpoint()
+        self.state = LinkState(
+            name,
+            Endpoint(host, port, str(settings.mqtt_ca_file), f"the server identity {identity.cn}"),
+            logger=log,
+            on_failure=self._count_failure,
+        )
         self._connected = threading.Event()
+        self._stopping = False
         self.subscribed = threading.Event()
         #: bumped on every connect: acknowledgements are only sent on the connection they belong to
         self._session = 0
@@ -124,7 +151,9 @@ class MqttLink:
         c.max_inflight_messages_set(200)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=15)
+        c.on_pre_connect = lambda client, userdata: self.state.attempt()
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         if on_message is not None:
@@ -146,9 +175,24 @@ class MqttLink:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()
+        self.state.stopped()
+
+    def status(self) -> dict[str, Any]:
+        """The link's state, last error and failures per reason (``/readyz``)."""
+        return {"client_id": self.client_id, **self.state.snapshot()}
+
+    def _count_failure(self, failure: LinkFailure) -> None:
+        if self.metrics is not None:
+            self.metrics.inc(
+                "fleet_mqtt_connection_failures_total",
+                help="failed MQTT connection attempts and lost connections of the server, by reason",
+                link=self.name,
+                reason=failure.reason,
+            )
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout) and self.subscribed.wait(timeout)
@@ -169,8 +213,9 @@ class MqttLink:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            log.error("MQTT connect refused: %s", reason_code)
+            self.state.failed(describe_connack(reason_code, self.state.endpoint))
             return
+        self.state.connected()
         log.info("MQTT connected as %s (session present: %s)", self.client_id, flags.session_present)
         self._session += 1
         self._connected.set()
@@ -203,10 +248,19 @@ class MqttLink:
     ) -> None:
         self._connected.clear()
         self.subscribed.clear()
-        if reason_code.is_failure:
-            log.warning("MQTT disconnected: %s (reconnecting)", reason_code)
-        else:
+        if self._stopping:
             log.info("MQTT disconnected: %s", reason_code)
+            return
+        socket_error = self.client.socket_error
+        failure = describe_disconnect(
+            reason_code, flags.is_disconnect_packet_from_server, socket_error, self.state.endpoint
+        )
+        self.state.closed(failure)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        """A connection attempt raised (paho retries with backoff): log, count and show why."""
+        exc = self.client.connect_error or OSError("connection failed")
+        self.state.failed(describe_error(exc, self.state.endpoint))
 
     def _on_device_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         assert self.on_message is not None

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from device_client.protocol.topics import PREFIX, SERVER_MQTT_USERNAME
 from server.mqtt.identity import is_server_identity
+from server.procs import Backoff, death_signal_preexec, owns_listener
 from server.trust.keys import atomic_write, secure_key_dir, write_private_key
 from server.trust.pki import FleetCA, crl_entries
 
@@ -244,8 +246,33 @@ def find_mosquitto(name: str = "mosquitto") -> str:
     )
 
 
+class BrokerStartError(RuntimeError):
+    """Mosquitto did not come up as a listening child process."""
+
+
+class PortInUse(BrokerStartError):
+    def __init__(self, port: int) -> None:
+        super().__init__(f"port {port} is in use by another process")
+        self.port = port
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 class MosquittoProcess:
-    """A Mosquitto child process running a generated config; waits until it accepts TLS."""
+    """A Mosquitto child process running a generated config.
+
+    :meth:`start` returns once the child itself listens (not merely "something accepts on the
+    port": a broker left over from an earlier run would): the child is alive and, where /proc
+    tells, holds the listening socket. The child is in a process group of its own (a terminal's
+    Ctrl-C reaches only the server, which stops it in order) and is sent SIGTERM by the kernel if
+    the process that started it dies (:mod:`server.procs`).
+    """
 
     def __init__(self, files: BrokerFiles, binary: str = "mosquitto") -> None:
         self.files = files
@@ -254,28 +281,46 @@ class MosquittoProcess:
         self.log_path = files.outdir / "mosquitto.log"
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Start the child; :class:`PortInUse` if another process holds the port,
+        :class:`BrokerStartError` if the child exits or does not listen within ``timeout``."""
+        if self.running:
+            raise BrokerStartError("mosquitto is already running")
+        self.proc = None  # a predecessor that exited
+        port = self.files.port
+        if _accepts(port):
+            raise PortInUse(port)
         log_fh = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.files.conf)], stdout=log_fh, stderr=subprocess.STDOUT
+            [self.binary, "-c", str(self.files.conf)],
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            preexec_fn=death_signal_preexec(signal.SIGTERM),
+            process_group=0,
         )
         log_fh.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited ({self.proc.returncode}): {self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.files.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+            code = self.proc.poll()
+            if code is not None:
+                self.proc = None
+                if _accepts(port) or "Address already in use" in self.log_tail(5):
+                    raise PortInUse(port)
+                raise BrokerStartError(f"mosquitto exited ({code}): {self.log_tail()}")
+            if _accepts(port) and owns_listener(self.proc.pid, port) is not False:
+                return self  # our child listens (or /proc cannot tell, and it is alive)
+            time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {self.files.port}: {self.log_tail()}")
+        raise BrokerStartError(f"mosquitto did not listen on {port}: {self.log_tail()}")
 
     def log_tail(self, n: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     @property
     def running(self) -> bool:
@@ -305,3 +350,57 @@ class MosquittoProcess:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+class BrokerSupervisor:
+    """Restarts a :class:`MosquittoProcess` that exits on its own, with a back-off (1 s, doubling
+    up to 30 s while it keeps dying young), and logs each exit and restart. The restarts happen on
+    the supervisor's thread, which lives until :meth:`stop` (the child's death signal follows the
+    thread that started it)."""
+
+    def __init__(self, broker: MosquittoProcess, backoff: Backoff | None = None) -> None:
+        self.broker = broker
+        self.backoff = backoff or Backoff()
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # start/stop of the child: the thread or stop(), not both
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BrokerSupervisor:
+        self._thread = threading.Thread(target=self._run, name="broker-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self.broker.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.wait(0.2):
+            proc = self.broker.proc
+            if proc is not None and proc.poll() is None:
+                continue
+            if self._stop.is_set():  # stop() got there first
+                return
+            if proc is not None:  # None: the last restart failed (and said why)
+                last = self.broker.log_tail(1) or "-"
+                log.error("embedded Mosquitto exited (code %s; last log line: %s)", proc.returncode, last)
+            delay = self.backoff.delay(time.monotonic() - started)
+            log.warning("restarting embedded Mosquitto in %.0f s", delay)
+            if self._stop.wait(delay):
+                return
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                started = time.monotonic()
+                try:
+                    self.broker.start()
+                except BrokerStartError as exc:
+                    log.error("embedded Mosquitto did not restart: %s", exc)
+                    continue
+            self.restarts += 1
+            log.warning("embedded Mosquitto restarted (pid %s)", self.broker.pid)

@@ -6,7 +6,7 @@ identity of its own (:mod:`server.mqtt.identity`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.mqtt.bridge import MqttLink
 from server.mqtt.broker import check_acl_lists
@@ -35,7 +35,13 @@ class MqttRuntime:
         # subscription, the share of the fleet's messages the broker hands it would be lost
         check_acl_lists(ctx.settings.broker_dir, server_connection_ids(ctx.settings))
         name = server_name(ctx.settings)
-        publisher = MqttLink(ctx.settings, None, identity=ClientIdentity.issue(ctx.ca, publisher_id(name)))
+        publisher = MqttLink(
+            ctx.settings,
+            None,
+            identity=ClientIdentity.issue(ctx.ca, publisher_id(name)),
+            metrics=ctx.metrics,
+            name="publish",
+        )
         outbox = OutboxPublisher(ctx.db, publisher, ctx.metrics)
         link = ingest = workers = None
         if ctx.settings.ingest_processes:
@@ -47,6 +53,7 @@ class MqttRuntime:
                 ingest.submit,
                 identity=ClientIdentity.issue(ctx.ca, consumer_id(name)),
                 shared=ctx.settings.shared_subscriptions,
+                metrics=ctx.metrics,
             )
             ingest.start()
         outbox.start()
@@ -62,6 +69,15 @@ class MqttRuntime:
         if self.link is not None:
             return self.link.connected and self.publisher.connected
         return self.workers is not None and self.workers.connected and self.publisher.connected
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Each link's state and last error, by role (``consume`` or ``ingest-N``, ``publish``)."""
+        links = {"publish": self.publisher.status()}
+        if self.link is not None:
+            links["consume"] = self.link.status()
+        if self.workers is not None:
+            links.update(self.workers.status())
+        return links
 
     def wait_connected(self, timeout: float) -> bool:
         """Both connections up and the consuming one(s) subscribed."""

@@ -19,7 +19,9 @@ The children are supervised here:
 * more than one child needs shared subscriptions (``$share/fleet-server/...``): with plain ones
   every child would get every message;
 * a child that dies is restarted (after 1 s, doubling up to 30 s while it keeps dying young); a
-  child whose parent dies exits (its end of the pipe closes);
+  child whose parent dies exits: on Linux the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``,
+  :mod:`server.procs`), which stops it as the server's "stop" does, and its end of the pipe
+  closes in any case;
 * a child's counters (messages received, rejected, duplicates) come back over the pipe every
   ``REPORT_S`` and are merged into the server's ``/metrics``; a restarted child's counts are added
   to those of its predecessor, so counters never go down;
@@ -41,11 +43,13 @@ import threading
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
 from server.metrics import Snapshot
 from server.mqtt.identity import ClientIdentity, ingest_id, server_name
+from server.procs import set_death_signal
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -77,6 +81,8 @@ class IngestProcesses:
         self._procs: list[BaseProcess | None] = [None] * count
         self._conns: list[Connection | None] = [None] * count
         self._ready = [False] * count
+        #: each child's link state and last error (``/readyz``), as the child last sent it
+        self._link_status: list[dict[str, Any] | None] = [None] * count
         #: children whose pipe reached end-of-file (exited, not yet reaped)
         self._eof: set[int] = set()
         self._started = [0.0] * count
@@ -108,8 +114,8 @@ class IngestProcesses:
                 continue
             proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
-                log.warning("ingest process %d did not stop; terminating it", i)
-                proc.terminate()
+                log.warning("ingest process %d did not stop; killing it", i)
+                proc.kill()  # SIGTERM would only ask again (the child stops gracefully on it)
                 proc.join(5)
             self._drain(i)  # its last counters
             self._retire(i)
@@ -128,6 +134,11 @@ class IngestProcesses:
     @property
     def connected(self) -> bool:
         return all(self._ready)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """The link state of each child (``ingest-N``), or ``not running`` before it reports."""
+        idle = {"state": "not running", "connected": False}
+        return {f"ingest-{i}": dict(s or idle) for i, s in enumerate(self._link_status)}
 
     def pids(self) -> list[int | None]:
         return [p.pid if p is not None else None for p in self._procs]
@@ -206,6 +217,8 @@ class IngestProcesses:
             with self._ready_changed:
                 self._ready[i] = bool(msg[1])
                 self._ready_changed.notify_all()
+        elif kind == "link":
+            self._link_status[i] = msg[1]
         elif kind == "kick" and self.ctx.db.outbox_listener is not None:
             self.ctx.db.outbox_listener()
 
@@ -215,6 +228,7 @@ class IngestProcesses:
         with self._ready_changed:
             self._ready[i] = False
             self._ready_changed.notify_all()
+        self._link_status[i] = None
         conn, self._conns[i], self._procs[i] = self._conns[i], None, None
         if conn is not None:
             conn.close()
@@ -228,6 +242,15 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
     from server.mqtt.handlers import IngestWorker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    stopping = False
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:  # stop as on the parent's "stop"
+        nonlocal stopping
+        stopping = True  # a plain flag: a handler taking a lock can deadlock against itself
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    parent = multiprocessing.parent_process()
+    set_death_signal(signal.SIGTERM, parent.pid if parent is not None else None)
     settings = Settings(**values)
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -251,6 +274,8 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
         ingest.submit,
         identity=ClientIdentity.issue(ctx.ca, ingest_id(server_name(settings), index, count)),
         shared=settings.shared_subscriptions,
+        metrics=ctx.metrics,
+        name=f"ingest-{index}",
     )
     ingest.start()
     link.start()
@@ -260,13 +285,19 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
         tune_gc()
     ready: bool | None = None
     last: Snapshot | None = None
+    link_status: tuple[Any, ...] | None = None
     try:
-        while True:
+        while not stopping:
             if conn.poll(REPORT_S):
                 msg = conn.recv()
                 if msg[0] == "stop":
                     break
             now_ready = link.connected and link.subscribed.is_set()
+            status = link.status()
+            key = (status["state"], status["last_error"])
+            if key != link_status:  # before "ready": /readyz shows the state that made it so
+                link_status = key
+                send(("link", status))
             if now_ready != ready:
                 ready = now_ready
                 send(("ready", ready))

@@ -119,6 +119,8 @@ def test_device_run_then_status(live_server, tmp_path):
     shown = fleet("device", "status", "--data-dir", str(data))
     assert shown.returncode == 0, shown.stderr
     doc = json.loads(shown.stdout)
+    mqtt = doc.pop("mqtt")  # the link as the daemon last recorded it: stopped cleanly
+    assert (mqtt["state"], mqtt["daemon_running"], mqtt["last_error"]) == ("stopped", False, None)
     assert doc == {
         "source": "primary",
         "serving": {"clf": "1.0.0"},
