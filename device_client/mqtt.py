@@ -145,7 +145,7 @@ class MqttLink:
         journal: ReportJournal,
         *,
         will: tuple[str, bytes] | None = None,
-        on_connected: Callable[[MqttLink], None] | None = None,
+        on_connected: Callable[[MqttLink], object] | None = None,
     ) -> None:
         self.config = config
         self.journal = journal
