@@ -151,8 +151,8 @@ def _enroll_bulk(
             idents.append(SimIdentity(d, item["device_token"], arch[d]))
         return idents, doc
 
-    with ThreadPoolExecutor(max(1, min(concurrency, 2))) as pool:
-        results = list(pool.map(send, made))
+    with ThreadPoolExecutor(max(1, min(concurrency, 2))) as senders:
+        results = list(senders.map(send, made))
     return [i for idents, _ in results for i in idents], results[0][1]
 
 
