@@ -78,7 +78,7 @@ def logs_above(console: Console) -> Iterator[None]:
     if not console.is_terminal:
         yield
         return
-    swapped: list[tuple[logging.StreamHandler, object]] = []
+    swapped: list[tuple[logging.StreamHandler[Any], object]] = []
     for handler in logging.getLogger().handlers:
         if (
             isinstance(handler, logging.StreamHandler)
