@@ -31,6 +31,7 @@ demo: venv mosquitto
 
 test: venv mosquitto
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv mosquitto
@@ -41,4 +42,4 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) fleet-data .pytest_cache .ruff_cache
+	rm -rf $(VENV) fleet-data .pytest_cache .ruff_cache .mypy_cache

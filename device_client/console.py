@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from rich.console import Console, ConsoleDimensions, RenderableType
+from rich.console import Console, ConsoleDimensions
 from rich.file_proxy import FileProxy
 from rich.live import Live
 from rich.rule import Rule
@@ -38,14 +38,15 @@ class CliConsole(Console):
 
     @property
     def size(self) -> ConsoleDimensions:
-        size = Console.size.fget(self)
+        size = super().size
         if self.is_terminal or self._width is not None or os.environ.get("COLUMNS", "").isdigit():
             return size
         return ConsoleDimensions(PIPE_WIDTH, size.height)
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
-        Console.size.fset(self, new_size)
+        # mypy reads a property with a setter as an overload, which has no fset
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
 
 def make_console(*, stderr: bool = False) -> CliConsole:
@@ -53,7 +54,7 @@ def make_console(*, stderr: bool = False) -> CliConsole:
     return CliConsole(stderr=stderr)
 
 
-def print_rule(console: Console, title: RenderableType = "") -> None:
+def print_rule(console: Console, title: str | Text = "") -> None:
     """A titled rule across a terminal, or :data:`PIPE_RULE_WIDTH` wide on other output."""
     console.print(Rule(title), width=None if console.is_terminal else PIPE_RULE_WIDTH)
 
@@ -77,7 +78,7 @@ def logs_above(console: Console) -> Iterator[None]:
     if not console.is_terminal:
         yield
         return
-    swapped: list[tuple[logging.StreamHandler, object]] = []
+    swapped: list[tuple[logging.StreamHandler[Any], object]] = []
     for handler in logging.getLogger().handlers:
         if (
             isinstance(handler, logging.StreamHandler)

@@ -268,7 +268,7 @@ def enroll(
                 "https:// address (or enroll with --insecure-http in a lab)"
             )
         cert = x509.load_pem_x509_certificate(resp.certificate_pem.encode())
-        if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+        if cert.public_key() != key.public_key():
             raise EnrollError("the issued certificate is not for this device's key")
         public_key_from_pem(resp.director_public_key_pem)  # refuse an unusable director key now
 

@@ -160,7 +160,7 @@ class MqttLink:
         journal: ReportJournal,
         *,
         will: tuple[str, bytes] | None = None,
-        on_connected: Callable[[MqttLink], None] | None = None,
+        on_connected: Callable[[MqttLink], object] | None = None,
         status_file: Path | None = None,
     ) -> None:
         """``status_file``: where to keep the link state (each change of state or error)."""

@@ -89,8 +89,9 @@ def client_context(
     ``fingerprint``, requiring exactly that certificate. A fingerprint alone replaces CA and
     host-name verification (it names the one certificate accepted, self-signed ones included)."""
     if fingerprint:
-        ctx: ssl.SSLContext = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.fingerprint = normalize_fingerprint(fingerprint)  # type: ignore[attr-defined]
+        pinned = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+        pinned.fingerprint = normalize_fingerprint(fingerprint)
+        ctx: ssl.SSLContext = pinned
         if ca_file is not None:
             ctx.load_verify_locations(cafile=str(ca_file))
         else:

@@ -337,8 +337,9 @@ class TufVerifier:
         found: dict[str, TargetFile] = {}
 
         def collect(updater: Updater) -> None:
-            signed = Metadata.from_file(str(self.metadata_dir / "targets.json")).signed
-            for path in signed.targets if isinstance(signed, Targets) else ():
+            signed = Metadata[Targets].from_file(str(self.metadata_dir / "targets.json")).signed
+            paths: list[str] = list(signed.targets) if isinstance(signed, Targets) else []
+            for path in paths:
                 info = updater.get_targetinfo(path)
                 if info is not None:
                     found[path] = info

@@ -32,7 +32,7 @@ def execute_many(session: Session, stmt: sa.Executable, rows: Sequence[Mapping[s
     fast = dialect.paramstyle in ("qmark", "pyformat")
     plan = _driver_plan(stmt, dialect, list(rows[0])) if fast else None
     if plan is None:
-        return session.execute(stmt, list(rows)).rowcount  # type: ignore[attr-defined]
+        return session.execute(stmt, list(rows)).rowcount  # type: ignore[attr-defined]  # DML: a CursorResult
     sql, columns = plan
     if dialect.paramstyle == "qmark":
         params: list[Any] = [
@@ -61,7 +61,7 @@ def _driver_plan(
 ) -> tuple[str, list[tuple[str, Callable[[Any], Any] | None, Any]]] | None:
     """(SQL, [(bind name, bind processor, fixed value or _FROM_ROW)] in parameter order), or None
     when the statement needs what only SQLAlchemy's own execution does."""
-    compiled = stmt.compile(dialect=dialect, column_keys=keys)  # type: ignore[attr-defined]
+    compiled = stmt.compile(dialect=dialect, column_keys=keys)  # type: ignore[attr-defined]  # DML: a ClauseElement
     fixed: dict[str, Any] = {}
     for cols, attr in ((compiled.insert_prefetch, "default"), (compiled.update_prefetch, "onupdate")):
         for col in cols:

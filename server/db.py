@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import sqlalchemy as sa
@@ -42,6 +42,8 @@ TABLE_MODULES = (
 
 class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    #: every class here maps one declared table (DeclarativeBase types it as any FromClause)
+    __table__: ClassVar[sa.Table]
 
 
 def load_all_tables() -> sa.MetaData:

@@ -142,7 +142,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
 def _rollout(
     client: FleetClient, version: str, stages: list[float], soak_s: float, min_requests: int = 20
 ) -> dict[str, Any]:
-    body = {
+    body: dict[str, Any] = {
         "model": MODEL,
         "version": version,
         "selector": {"tags": {"fleet": "demo"}},

@@ -157,8 +157,9 @@ class Reporter:
         seq = upd.outcome_report_seq
         if seq is None:
             state, seq = allocate_report_seq(keeper.state)
+            assert state.update is not None
             state = state.model_copy(
-                update={"update": state.update.model_copy(update={"outcome_report_seq": seq})}  # type: ignore[union-attr]
+                update={"update": state.update.model_copy(update={"outcome_report_seq": seq})}
             )
             keeper.commit(state)
         self.report_update(details, seq=seq)

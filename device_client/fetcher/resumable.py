@@ -271,6 +271,7 @@ def _pump(io: _PassIO, reply: _Reply, sink: HashWriter, start: int, expected_len
     limit = expected_length - start
     #: body bytes the server declared and we have not read yet; None: until the connection closes
     left: int | None = None if response.chunked else response.length
+    read: Callable[[memoryview], int]
     if response.chunked:
 
         def read(view: memoryview) -> int:

@@ -65,7 +65,7 @@ def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
         head = json.dumps([name, arr.dtype.str, list(arr.shape)]).encode()
         h.update(len(head).to_bytes(4, "big") + head)
         h.update(arr.nbytes.to_bytes(8, "big"))
-        h.update(memoryview(arr).cast("B") if arr.nbytes else b"")
+        h.update(arr.data.cast("B") if arr.nbytes else b"")
     return h.hexdigest()
 
 

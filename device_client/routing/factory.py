@@ -91,15 +91,20 @@ class RoutingEnvironment:
         return (self.secrets_dir or self.data_dir / SECRETS_DIR) / name
 
 
+class _Answer(Protocol):
+    @property
+    def outputs(self) -> Mapping[str, np.ndarray]: ...
+
+
 class _Infers(Protocol):
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> object: ...
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> _Answer: ...
 
 
 def host_edge(host: _Infers) -> EdgeFn:
     """The edge callable of a :class:`~device_client.runtime.ModelHost`."""
 
     def edge(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(host.infer(inputs).outputs)  # type: ignore[attr-defined]
+        return dict(host.infer(inputs).outputs)
 
     return edge
 

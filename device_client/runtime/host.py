@@ -136,7 +136,7 @@ class ModelHost:
         model.check_inputs(inputs)
         t0 = time.perf_counter_ns()
         try:
-            outputs = model.session.run(None, inputs)  # type: ignore[arg-type]
+            outputs = model.session.run(None, inputs)
         except Exception as exc:
             self.health.record(time.perf_counter_ns() - t0, ok=False)
             raise InferenceError(f"{model.name} {model.version}: {exc}") from exc

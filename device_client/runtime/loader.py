@@ -122,9 +122,9 @@ def _check_signature(kind: str, specs: list[TensorSpec], args: list[Any]) -> Non
             raise ModelRejected(
                 f"{kind} {spec.name!r} has rank {len(shape)}, bundle.json says {len(spec.shape)}"
             )
-        for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
-            if isinstance(got, int) and isinstance(want, int) and got != want:
-                raise ModelRejected(f"{kind} {spec.name!r} axis {axis} is {got}, bundle.json says {want}")
+        for axis, (got, size) in enumerate(zip(shape, spec.shape, strict=True)):
+            if isinstance(got, int) and isinstance(size, int) and got != size:
+                raise ModelRejected(f"{kind} {spec.name!r} axis {axis} is {got}, bundle.json says {size}")
 
 
 def _validate(model: LoadedModel, slot_dir: Path) -> dict[str, np.ndarray]:

@@ -180,7 +180,7 @@ def run_validation(
 def write_validation(path: Path, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
     arrays = {f"inputs/{k}": v for k, v in feeds.items()} | {f"outputs/{k}": v for k, v in outputs.items()}
     with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # no key is savez's allow_pickle
 
 
 def parse_metadata(text: str | None) -> VersionMetadata:

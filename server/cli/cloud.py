@@ -5,6 +5,8 @@ Server-only modules load inside the command, so a device-only install can still 
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from server.cli.common import fail
@@ -29,8 +31,9 @@ def cloud_serve(host: str | None, port: int | None, models: str | None) -> None:
     from server.config import Settings
 
     given = (("cloud_host", host), ("cloud_port", port), ("cloud_models", models))
+    overrides: dict[str, Any] = {name: value for name, value in given if value is not None}
     try:
-        run_cloud(Settings(**{name: value for name, value in given if value is not None}))
+        run_cloud(Settings(**overrides))
     except ValidationError as exc:
         fail(settings_error(exc), code=2)
     except CloudConfigError as exc:

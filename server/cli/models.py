@@ -172,6 +172,7 @@ def model_sign(
     what is staged, downloads each bundle about to be listed and checks its length, hash and
     manifest against what is being signed, shows the changes, signs them with --targets-key and
     publishes them. See docs/keys.md ("Keeping root and targets offline")."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from securesystemslib.signer import SSlibKey
 
     from server.trust.keys import load_private_key
@@ -181,6 +182,8 @@ def model_sign(
         key = load_private_key(key_path)
     except Exception as exc:
         fail(f"cannot read the targets key {key_path}: {escape(str(exc))}")
+    if not isinstance(key, Ed25519PrivateKey):
+        fail(f"{key_path} is not an Ed25519 key (the repository's keys are Ed25519)")
     keyid = SSlibKey.from_crypto(key.public_key()).keyid
     with common.api_client(url, token) as client:
         staged = client.staged_targets()

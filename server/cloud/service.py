@@ -254,7 +254,7 @@ class CloudService:
 
     def render_metrics(self) -> str:
         loaded = self.registry.loaded()
-        gauges = {
+        gauges: dict[str, tuple[str, list[tuple[dict[str, str], float]]]] = {
             "fleet_cloud_queue_depth": (
                 "requests admitted and not yet answered",
                 [({}, float(self.gate.depth))],

@@ -179,7 +179,7 @@ class EnrollmentTokenRepository:
             .values(uses_left=EnrollmentToken.uses_left - uses)
             .execution_options(synchronize_session=False)
         )
-        return (self.session.execute(q).rowcount or 0) == 1
+        return (self.session.execute(q).rowcount or 0) == 1  # type: ignore[attr-defined]  # DML: a CursorResult
 
     def get(self, token_id: str) -> EnrollmentToken | None:
         return self.session.get(EnrollmentToken, token_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import logging
 import threading
 from collections.abc import Sequence
@@ -385,7 +386,7 @@ class DeviceService:
             after_commit(self.session, lambda: self._revoke_on_broker(device_id))
         return device_out(device)
 
-    def _cancel_deployments(self, device_id: str) -> list[dict[str, object]]:
+    def _cancel_deployments(self, device_id: str) -> builtins.list[dict[str, object]]:
         """Cancel the device's pending and in-flight deployments (rollouts and direct
         assignments); return what was cancelled (for the audit entry)."""
         from server.rollouts.machine import deployment_transition
@@ -413,7 +414,7 @@ class DeviceService:
         if (written is not None and written.reloaded) or self.ctx.settings.mqtt_enabled:
             kick_device(self.ctx.settings, self.ctx.ca, device_id)
 
-    def write_crl(self, revoked: list[tuple[str, datetime]] | None = None) -> bool:
+    def write_crl(self, revoked: builtins.list[tuple[str, datetime]] | None = None) -> bool:
         """Write the CRL the broker loads (``crlfile`` in the generated mosquitto.conf) and make a
         local broker running that configuration re-read it (see :mod:`server.mqtt.reload`).
         True if a local broker was told to."""
@@ -488,7 +489,7 @@ class DeviceService:
             raise NotFound(f"device {device_id!r} has no desired state")
         return DesiredOut.model_validate(record)
 
-    def events(self, device_id: str, limit: int) -> list[DeviceEventOut]:
+    def events(self, device_id: str, limit: int) -> builtins.list[DeviceEventOut]:
         self.get(device_id)
         return [DeviceEventOut.model_validate(e) for e in self.devices.events(device_id, limit)]
 

@@ -148,7 +148,7 @@ class HealthRollupRepository:
         ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
         stmt = ins.on_conflict_do_update(
             index_elements=list(KEY),
-            set_={c: table.c[c] + getattr(ins.excluded, c) for c in SUMMED},  # type: ignore[attr-defined]
+            set_={c: table.c[c] + getattr(ins.excluded, c) for c in SUMMED},
         )
         self.session.execute(stmt, list(rows))
 
@@ -158,4 +158,4 @@ class HealthRollupRepository:
 
     def delete_rollups_before(self, before: datetime) -> int:
         result = self.session.execute(sa.delete(HealthRollup).where(HealthRollup.bucket < before))
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]  # DML: a CursorResult

@@ -265,7 +265,7 @@ class MqttLink:
     def _on_device_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         assert self.on_message is not None
         ack = partial(self._ack, self._session, msg.mid, msg.qos)
-        self.on_message(msg.topic, msg.payload, datetime.now(UTC), ack)
+        self.on_message(msg.topic, bytes(msg.payload), datetime.now(UTC), ack)  # bytes: the same object
 
     def _ack(self, session: int, mid: int, qos: int) -> None:
         """PUBACK ``mid`` if the connection that delivered it is still the current one: after a

@@ -59,7 +59,12 @@ log = logging.getLogger(__name__)
 
 REJECTED = "fleet_mqtt_rejected_total"
 RECEIVED = "fleet_mqtt_received_total"
-_MODELS = {TopicKind.report: Report, TopicKind.health: HealthWindow, TopicKind.presence: Presence}
+_Message = Report | HealthWindow | Presence
+_MODELS: dict[TopicKind, type[_Message]] = {
+    TopicKind.report: Report,
+    TopicKind.health: HealthWindow,
+    TopicKind.presence: Presence,
+}
 
 
 def _saw(device: DeviceState, at: datetime) -> None:
@@ -185,8 +190,8 @@ class IngestWorker:
             except InvalidPayload as exc:
                 self.reject(kind.value, exc.code, str(exc))
                 continue
-            if msg.device_id != device_id:  # type: ignore[attr-defined]
-                self.reject(kind.value, "device_mismatch", f"{msg.device_id} on {topic}")  # type: ignore[attr-defined]
+            if msg.device_id != device_id:
+                self.reject(kind.value, "device_mismatch", f"{msg.device_id} on {topic}")
                 continue
             if isinstance(msg, HealthWindow):
                 wrong = implausible(msg, received_at, self.limits)
@@ -252,7 +257,8 @@ class IngestWorker:
         """Write one batch with a handful of statements whatever its size: one SELECT of the
         devices, one multi-row INSERT of events and of health windows, one SELECT and one bulk
         UPDATE of deployments, one bulk UPDATE of devices (coalesced: one row per device)."""
-        ids = {m.device_id for m in (*batch.presence, *batch.reports, *batch.health)}
+        messages: list[_Message] = [*batch.presence, *batch.reports, *batch.health]
+        ids = {m.device_id for m in messages}
         # locked (PostgreSQL) until commit: replicas sharing the subscription serialize per device
         devices = DeviceRepository(session).ingest_state(ids, lock=True)
         now = utcnow()
@@ -319,10 +325,10 @@ class IngestWorker:
                     "shadow_p95_ms": h.shadow_p95_ms,
                 }
             )
-        insert_ignore(session, HealthSample.__table__, health_rows, ["device_id", "seq"])  # type: ignore[arg-type]
+        insert_ignore(session, HealthSample.__table__, health_rows, ["device_id", "seq"])
 
         rows = [touched[k].changes() for k in sorted(touched)]  # id order, as the locks were taken
-        bulk_update(session, Device.__table__, rows)  # type: ignore[arg-type]
+        bulk_update(session, Device.__table__, rows)
 
         if came_online:
             DeploymentRepository(session).restart_clocks(sorted(came_online), now)
@@ -383,7 +389,7 @@ class IngestWorker:
         insert_ignore(
             session,
             DeviceEvent.__table__,
-            [  # type: ignore[arg-type]
+            [
                 {
                     "device_id": r.device_id,
                     "seq": r.seq,
@@ -403,14 +409,14 @@ class IngestWorker:
         )
         pairs = [(r.device_id, r.desired_seq) for r in fresh if r.desired_seq is not None]
         repo = DeploymentRepository(session)
-        deployments = repo.states_for_desired(pairs)  # type: ignore[arg-type]
+        deployments = repo.states_for_desired(pairs)
         # a seq its deployment left behind (re-signed while the device worked on it), by rollout
         behind = [r for r in fresh if r.desired_seq is not None and r.rollout_id
                   and (r.device_id, r.desired_seq) not in deployments]  # fmt: skip
         if behind:
-            by_rollout = repo.states_for_rollouts([(r.device_id, r.rollout_id) for r in behind])  # type: ignore[misc]
+            by_rollout = repo.states_for_rollouts([(r.device_id, r.rollout_id or "") for r in behind])
             for r in behind:
-                dep = by_rollout.get((r.device_id, r.rollout_id))  # type: ignore[arg-type]
+                dep = by_rollout.get((r.device_id, r.rollout_id or ""))
                 if dep is not None and r.desired_seq in dep.details.get("resigned_from", ()):
                     deployments[(r.device_id, r.desired_seq or 0)] = dep
         changed: dict[int, DeploymentState] = {}

@@ -77,7 +77,7 @@ class OutboxRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def claim_pending(self, limit: int) -> Sequence[sa.Row[tuple[int, str, bytes, int, bool]]]:
+    def claim_pending(self, limit: int) -> Sequence[sa.Row[int, str, bytes, int, bool]]:
         """(id, topic, payload, qos, retain) of up to ``limit`` pending rows in id order; on
         PostgreSQL locked (``SKIP LOCKED``: another replica's publisher takes the next ones).
         Plain rows, not ORM objects: a fan-out claims thousands per second."""
@@ -145,11 +145,12 @@ class OutboxRepository:
 
     def prune_published(self, older_than: timedelta) -> int:
         q = sa.delete(OutboxMessage).where(OutboxMessage.published_at < utcnow() - older_than)
-        return self.session.execute(q).rowcount or 0
+        return self.session.execute(q).rowcount or 0  # type: ignore[attr-defined]  # DML: a CursorResult
 
 
 class Publisher(Protocol):
-    connected: bool
+    @property
+    def connected(self) -> bool: ...
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any: ...
 

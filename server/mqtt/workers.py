@@ -168,7 +168,7 @@ class IngestProcesses:
                 timeout = max(0.0, min(timeout, min(respawn_at.values()) - time.monotonic()))
             if live:
                 for conn in wait(live, timeout=timeout):
-                    self._drain(self._conns.index(conn))  # type: ignore[arg-type]
+                    self._drain(self._conns.index(conn))  # type: ignore[arg-type]  # wait() returns items of `live`
             else:
                 self._stop.wait(timeout)
             for i, proc in enumerate(self._procs):

@@ -347,7 +347,7 @@ class RolloutEngine:
         DeploymentRepository(session).update_many(notified)
         DeploymentRepository(session).update_many(failed)
 
-    def _fail(self, service: RolloutService, rollout: Rollout, reason: str, verdict: dict) -> None:
+    def _fail(self, service: RolloutService, rollout: Rollout, reason: str, verdict: dict[str, Any]) -> None:
         log.warning("rollout %s: %s (on_failure=%s)", rollout.id, reason, rollout.on_failure)
         if rollout.on_failure == "rollback":
             service.begin_rollback(rollout, ENGINE, reason, verdict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class DesiredRepository:
     def insert_many(self, rows: list[dict[str, Any]]) -> None:
         """One multi-row INSERT of new records (no ORM objects: the engine signs thousands)."""
         if rows:
-            self.session.execute(sa.insert(DesiredRecord.__table__), rows)  # type: ignore[arg-type]
+            self.session.execute(sa.insert(DesiredRecord.__table__), rows)
 
     def upsert_many(self, rows: list[dict[str, Any]]) -> None:
         """Insert or replace many devices' records (one prepared upsert, executemany)."""
@@ -46,7 +47,7 @@ class DesiredRepository:
         columns = [c for c in rows[0] if c != "device_id"]
         stmt = ins.on_conflict_do_update(
             index_elements=["device_id"],
-            set_={c: getattr(ins.excluded, c) for c in columns},  # type: ignore[attr-defined]
+            set_={c: getattr(ins.excluded, c) for c in columns},
         )
         execute_many(self.session, stmt, rows)
 
@@ -180,7 +181,7 @@ class DeploymentRepository:
         if states is None:
             states = self.states_for_desired(list(new))
         states = {key: st for key, st in states.items() if key in new}
-        bulk_update(self.session, Deployment.__table__, [  # type: ignore[arg-type]
+        bulk_update(self.session, Deployment.__table__, [
             {"id": st.id, "desired_seq": new[key],
              "details": {**st.details, "resigned_from": [*st.details.get("resigned_from", []), key[1]]}}
             for key, st in sorted(states.items(), key=lambda kv: kv[1].id)
@@ -244,13 +245,13 @@ class DeploymentRepository:
 
     def update_many(self, rows: list[dict[str, Any]]) -> None:
         """Bulk UPDATE of deployments by id (every dict with the same columns)."""
-        bulk_update(self.session, Deployment.__table__, rows)  # type: ignore[arg-type]
+        bulk_update(self.session, Deployment.__table__, rows)
 
     def update_states(self, states: Sequence[DeploymentState]) -> None:
         """Write the phase, reason and details of many deployments in one bulk UPDATE."""
         bulk_update(
             self.session,
-            Deployment.__table__,  # type: ignore[arg-type]
+            Deployment.__table__,
             [{"id": s.id, "phase": s.phase, "reason": s.reason, "details": s.details} for s in states],
         )
 
@@ -293,7 +294,7 @@ class RolloutRepository:
             q = q.where(Rollout.status.in_(list(status)))
         return self.session.scalars(q).all()
 
-    def active_ids(self) -> list[str]:
+    def active_ids(self) -> builtins.list[str]:
         q = sa.select(Rollout.id).where(
             Rollout.status.in_([RolloutStatus.running, RolloutStatus.rolling_back])
         )
@@ -321,13 +322,13 @@ class RolloutRepository:
         else:
             self.session.execute(sa.text("UPDATE rollouts SET status = status WHERE 1 = 0"))
 
-    def conflicting(self, model: str, device_ids: Sequence[str]) -> list[tuple[str, str]]:
+    def conflicting(self, model: str, device_ids: Sequence[str]) -> builtins.list[tuple[str, str]]:
         """(rollout id, device id) pairs of running/paused/draft/rolling-back rollouts of ``model``
         on these devices, whose deployment was not cancelled."""
         if not device_ids:
             return []
         q = (
-            sa.select(Deployment.rollout_id, Deployment.device_id)
+            sa.select(Rollout.id, Deployment.device_id)
             .join(Rollout, Rollout.id == Deployment.rollout_id)
             .where(
                 Rollout.model == model,
@@ -346,7 +347,7 @@ class RolloutRepository:
         )
         return [(r, d) for r, d in self.session.execute(q)]
 
-    def deployments(self, rollout_id: str) -> list[tuple[Deployment, DeviceStatus, dict[str, str]]]:
+    def deployments(self, rollout_id: str) -> builtins.list[tuple[Deployment, DeviceStatus, dict[str, str]]]:
         """Every deployment of a rollout with its device's status and what it serves."""
         q = (
             sa.select(Deployment, Device.status, Device.serving)
@@ -368,7 +369,7 @@ class RolloutRepository:
 
     def tick_counts(
         self, rollout_id: str, stage: int
-    ) -> list[tuple[bool, DeploymentPhase, DeviceStatus, bool, int]]:
+    ) -> builtins.list[tuple[bool, DeploymentPhase, DeviceStatus, bool, int]]:
         """(member of stages <= ``stage``, phase, device status, last notified in shadow mode, count)
         of a rollout's deployments: one GROUP BY, whatever the fleet size."""
         member = (Deployment.stage <= stage).label("member")
@@ -409,7 +410,7 @@ class RolloutRepository:
 
     def to_notify(
         self, rollout_id: str, stage: int, *, serve: bool, online: bool, limit: int | None = None
-    ) -> list[Any]:
+    ) -> builtins.list[Any]:
         """Deployments of stages <= ``stage`` waiting for a DesiredState (pending, or in a serve
         stage a succeeded shadow deployment to re-arm), of online (or not online) devices, by id:
         rows of the deployment's id, device_id and details with the device's status, arch,
@@ -434,7 +435,7 @@ class RolloutRepository:
 
     def member_rows(
         self, rollout_id: str, stage: int, phases: Sequence[DeploymentPhase] | None = None
-    ) -> list[tuple[str, DeploymentPhase, str | None]]:
+    ) -> builtins.list[tuple[str, DeploymentPhase, str | None]]:
         """(device id, phase, reason) of the deployments of stages <= ``stage``."""
         q = (
             sa.select(Deployment.device_id, Deployment.phase, Deployment.reason)
@@ -460,7 +461,7 @@ class RolloutRepository:
         )
         return int(self.session.scalar(q) or 0)
 
-    def member_stages(self, rollout_id: str) -> list[tuple[str, int, DeploymentPhase]]:
+    def member_stages(self, rollout_id: str) -> builtins.list[tuple[str, int, DeploymentPhase]]:
         """(device id, stage, phase) of every deployment of a rollout, by id (no ORM objects)."""
         q = (
             sa.select(Deployment.device_id, Deployment.stage, Deployment.phase)
@@ -567,11 +568,13 @@ class HealthRepository:
             raw, rolled = raw.where(h.at < until), rolled.where(r.bucket < until)
         out: list[tuple[int, int, float | None, int | None, float | None]] = []
         for requests, errors, p95, shadow, agreement, p95_req, rollup in self.session.execute(
-            sa.union_all(raw, rolled)
+            raw.union_all(rolled)
         ):
             if not rollup:
                 out.append((requests, errors, p95, shadow, agreement))
                 continue
+            assert p95 is not None  # a rollup's weighted sums are NOT NULL
+            assert agreement is not None
             # a rollup (p95 and agreement columns hold weighted sums) as two equivalent windows: one
             # with the requests that had a p95 (and the errors), one with the rest, so aggregate()
             # weights p95 by the first one's requests only, as it did over the raw windows

@@ -99,7 +99,7 @@ class Simulator:
             for conn in ready:
                 i = self._conns.index(conn)
                 try:
-                    kind, payload = conn.recv()
+                    kind, payload = self._conns[i].recv()  # `conn`, which wait() types too widely
                 except (EOFError, OSError):
                     self._stopped[i] = True
                     continue

@@ -53,11 +53,11 @@ def parse_profile(text: str, base: Profile | None = None) -> tuple[str, Profile]
     version, sep, rest = text.partition(":")
     if not sep or not version:
         raise ValueError(f"invalid profile {text!r}: expected VERSION:key=value,...")
-    values: dict[str, float | None] = {}
+    values: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = part.partition("=")
         name = _ALIASES.get(key.strip(), key.strip())
         if not eq or name not in _FIELDS:
             raise ValueError(f"invalid profile setting {part!r} (known: {', '.join(sorted(_FIELDS))})")
         values[name] = float(value)
-    return version.strip(), replace(base or Profile(), **values)  # type: ignore[arg-type]
+    return version.strip(), replace(base or Profile(), **values)

@@ -15,6 +15,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives import serialization
@@ -119,7 +120,7 @@ def _keys_and_csrs(ids: list[str]) -> list[tuple[str, bytes, str]]:
 def _enroll_bulk(
     http: httpx.Client, admin_token: str, token: str, workdir: Path, wanted_index: dict[str, int],
     missing: list[str], concurrency: int,
-) -> tuple[list[SimIdentity], dict]:  # fmt: skip
+) -> tuple[list[SimIdentity], dict[str, Any]]:  # fmt: skip
     chunks = [missing[i : i + BULK_BATCH] for i in range(0, len(missing), BULK_BATCH)]
     workers = max(1, min(os.cpu_count() or 1, len(chunks)))
     if workers > 1:
@@ -129,7 +130,7 @@ def _enroll_bulk(
     else:
         made = [_keys_and_csrs(c) for c in chunks]
 
-    def send(batch: list[tuple[str, bytes, str]]) -> tuple[list[SimIdentity], dict]:
+    def send(batch: list[tuple[str, bytes, str]]) -> tuple[list[SimIdentity], dict[str, Any]]:
         arch = {d: ARCHES[wanted_index[d] % len(ARCHES)] for d, _, _ in batch}
         body = {
             "token": token,
@@ -151,8 +152,8 @@ def _enroll_bulk(
             idents.append(SimIdentity(d, item["device_token"], arch[d]))
         return idents, doc
 
-    with ThreadPoolExecutor(max(1, min(concurrency, 2))) as pool:
-        results = list(pool.map(send, made))
+    with ThreadPoolExecutor(max(1, min(concurrency, 2))) as senders:
+        results = list(senders.map(send, made))
     return [i for idents, _ in results for i in idents], results[0][1]
 
 

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_client.protocol.topics import is_valid_device_id
@@ -152,13 +153,15 @@ class FleetCA:
     def cert_pem(self) -> str:
         return cert_pem(self.cert)
 
-    def _leaf(self, subject: x509.Name, public_key: object, lifetime: timedelta) -> x509.CertificateBuilder:
+    def _leaf(
+        self, subject: x509.Name, public_key: CertificatePublicKeyTypes, lifetime: timedelta
+    ) -> x509.CertificateBuilder:
         now = datetime.now(UTC)
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.cert.subject)
-            .public_key(public_key)  # type: ignore[arg-type]
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + lifetime)
@@ -183,7 +186,12 @@ class FleetCA:
         )
 
     def issue_server(
-        self, public_key: object, cn: str, dns_names: Iterable[str], ips: Iterable[str], days: int = 825
+        self,
+        public_key: CertificatePublicKeyTypes,
+        cn: str,
+        dns_names: Iterable[str],
+        ips: Iterable[str],
+        days: int = 825,
     ) -> x509.Certificate:
         """A server-auth certificate (the broker's), with the given subject alternative names."""
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]

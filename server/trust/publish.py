@@ -111,7 +111,7 @@ class Publisher(RoleSigners, Repository):
             if role == Targets.type:
                 return self._targets()
             return self._snapshot() if role == Snapshot.type else self._timestamp()
-        md = Metadata(_NEW_ROLE[role]())
+        md: Metadata[Any] = Metadata(_NEW_ROLE[role]())
         md.signed.version = 0
         return md
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from securesystemslib.signer import Signer, SSlibKey
+from securesystemslib.signer import Key, Signer
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from server.trust.publish import expiry_from, needs_refresh
@@ -129,7 +129,8 @@ class ImageRepository(TargetsStaging):
         """Delete the stored file of a removed target, unless that exact target is listed again."""
         with self._locked():
             staged = self.staged_targets()
-            for listed in (self.get_target(info.path), staged and staged.signed.targets.get(info.path)):
+            in_staged = staged.signed.targets.get(info.path) if staged is not None else None
+            for listed in (self.get_target(info.path), in_staged):
                 if listed is not None and listed.hashes == info.hashes:
                     return False
             stored = self._stored(info)
@@ -181,7 +182,7 @@ class ImageRepository(TargetsStaging):
             return written
 
     # -- key rotation ------------------------------------------------------------------------
-    def _next_root(self, current: Metadata[Root], now: datetime, role: str, key: SSlibKey) -> Metadata[Root]:
+    def _next_root(self, current: Metadata[Root], now: datetime, role: str, key: Key) -> Metadata[Root]:
         """Root N+1, unsigned and with a new expiry, naming ``key`` as the only key of ``role``."""
         if key.keyid in current.signed.roles[role].keyids:
             raise ValueError(f"the new {role} key is already a {role} key of the current root")

@@ -37,7 +37,7 @@ _TARGET_SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}", re.ASCII)
 _HASH_ALGORITHM = "sha256"
 _COPY_CHUNK = 1024 * 1024
 
-_S = TypeVar("_S", bound=Signed)
+_S = TypeVar("_S", Root, Timestamp, Snapshot, Targets)  # the roles Metadata[...] accepts
 
 
 class RepositoryError(Exception):
@@ -102,7 +102,7 @@ class RepositoryStore:
 
     # -- reading metadata --------------------------------------------------------------------
     def _read(self, name: str, cls: type[_S]) -> Metadata[_S]:
-        md = Metadata.from_file(str(self.metadata_dir / name))
+        md: Metadata[_S] = Metadata.from_file(str(self.metadata_dir / name))
         if not isinstance(md.signed, cls):
             raise RepositoryError(f"{name} holds {md.signed.type}, expected {cls.type}")
         return md

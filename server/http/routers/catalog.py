@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from python_multipart.exceptions import MultipartParseError
@@ -35,6 +35,9 @@ from server.catalog.schemas import ModelOut, ModelSummary, VersionOut, check_mod
 from server.catalog.service import CatalogService, PushUpload
 from server.errors import Invalid, PayloadTooLarge
 from server.http.deps import Admin, Operator, SessionDep, Viewer, get_ctx
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
@@ -66,7 +69,7 @@ class _FormReceiver:
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._headers: dict[str, bytes] = {}
-        callbacks: dict[str, Callable[..., None]] = {
+        callbacks: MultipartCallbacks = {
             "on_part_begin": self._on_part_begin,
             "on_header_field": lambda d, s, e: self._header_name.extend(d[s:e]),
             "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
@@ -76,7 +79,7 @@ class _FormReceiver:
             "on_part_end": self._on_part_end,
             "on_end": self._on_end,
         }
-        self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        self._parser = MultipartParser(boundary, callbacks)
 
     def write(self, data: bytes) -> None:
         try:
