@@ -241,3 +241,36 @@ def test_routing_counters_fit_the_health_window(tmp_path, host, cloud):
     assert window.cloud_p95_ms is not None
     # a request escalated while the window was drained counts there before it is answered
     assert routing_fields({**drained, "escalation_rate": 2.0})["escalation_rate"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind"),
+    [
+        ({"slow_s": 1.0}, "timeout"),
+        ({"nan": True}, "nan"),
+        ({"wrong_shape": "flat"}, "wrong_shape"),
+        ({"lie_name": "other"}, "lying"),
+        ({"status": 500}, "http_error"),
+        ({"down": True}, "unreachable"),
+        ({"rate_limit_next": 1, "retry_after": "60"}, "rate_limited"),
+    ],
+)
+def test_a_failing_cloud_never_fails_the_caller(tmp_path, host, cloud, fault: dict[str, Any], kind: str):
+    peer, url = cloud
+    for name, value in fault.items():
+        setattr(peer.faults, name, value)
+    table = table_for(tmp_path, host, url)
+    table.sync({"clf": policy(cloud={"endpoint": "fleet", "model": "big", "timeout_ms": 300})})
+    server = InferenceServer({"clf": host}, port=0, routing=table)
+    server.start()
+    c = Client(server.port)
+    try:
+        headers, doc = c.json(UNSURE)
+        assert (headers["X-Fleet-Answered-By"], doc["reason"]) == ("edge", f"cloud_failed:{kind}")
+        assert doc["outputs"]["y"] == host.infer({"x": UNSURE}).outputs["y"].tolist()
+        if kind == "rate_limited":  # the 429's Retry-After holds the next escalation back
+            headers, doc = c.json(UNSURE)
+            assert (headers["X-Fleet-Answered-By"], doc["reason"]) == ("edge", "budget_limited")
+    finally:
+        server.stop()
+        table.close()
