@@ -131,10 +131,14 @@ class Bus:
         with self._lock:
             return [r["phase"] for r in self.reports if r.get("desired_seq") == seq]
 
+    def windows(self, since: int = 0) -> list[dict[str, Any]]:
+        """The serve windows received after the first ``since``."""
+        with self._lock:
+            return [w for w in self.health[since:] if w["mode"] == "serve"]
+
     def totals(self, since: int = 0) -> dict[str, float]:
         """Sums of the counters of the serve windows received after the first ``since``."""
-        with self._lock:
-            windows = [w for w in self.health[since:] if w["mode"] == "serve"]
+        windows = self.windows(since)
         keys = ("requests", "errors", "answered_edge", "answered_cloud", "answered_cache", "escalations")
         keys += ("budget_limited", "breaker_open", "cloud_failed", "cloud_compared")
         return {k: sum(w.get(k) or 0 for w in windows) for k in keys}
@@ -233,8 +237,7 @@ def test_a_policy_is_deployed_changed_kept_across_a_restart_and_removed(device, 
         totals = bus.wait_totals(mark, lambda t: t["answered_cloud"] >= 1 and t["answered_edge"] >= 1)
         assert (totals["requests"], totals["errors"], totals["escalations"]) == (2, 0, 1)
         assert (totals["answered_cloud"], totals["answered_edge"], totals["cloud_compared"]) == (1, 1, 1)
-        with bus._lock:  # (a request answered as a window closes may count in two windows)
-            windows = [w for w in bus.health[mark:] if w["mode"] == "serve"]
+        windows = bus.windows(mark)  # (a request answered as a window closes may count in two)
         assert [w["cloud_agreement"] for w in windows if w["cloud_compared"]] == [1.0]
         assert any(w["cloud_p95_ms"] is not None for w in windows)
 
