@@ -191,7 +191,6 @@ class InferenceServer:
         token: str | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        routing: RoutingTable | None = None,
     ) -> None:
         self.hosts: Mapping[str, ModelHost] = {hosts.name: hosts} if isinstance(hosts, ModelHost) else hosts
         self.bind = (host, port)
@@ -206,8 +205,6 @@ class InferenceServer:
         self._token = token.encode() if token else None
         self.max_connections = max_connections
         self.timeout_s = timeout_s
-        #: the routers of models with a routing policy (hybrid edge/cloud); None: the edge alone
-        self.routing = routing
         self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -218,7 +215,6 @@ class InferenceServer:
         settings: DeviceSettings,
         *,
         extra_health: Callable[[], Mapping[str, Any]] | None = None,
-        routing: RoutingTable | None = None,
     ) -> InferenceServer:
         """The API as ``FLEET_DEVICE_API_*`` configure it (token from the env or the token file)."""
         return cls(
@@ -231,7 +227,6 @@ class InferenceServer:
             token=load_api_token(settings),
             max_connections=settings.api_max_connections,
             timeout_s=settings.api_timeout_s,
-            routing=routing,
         )
 
     @property
@@ -306,6 +301,9 @@ class InferenceServer:
         if self.extra_health is not None:
             doc.update(self.extra_health())
         return doc
+
+    #: the routers of the models with a routing policy (the daemon's); None: the edge answers alone
+    routing: RoutingTable | None = None
 
     def infer(self, host: ModelHost, content_type: str, body: bytes) -> tuple[Routed, bool]:
         """Decode, run (through the model's router, if it has a routing policy), and return

@@ -71,11 +71,9 @@ class Daemon:
         self.routing = RoutingTable(self._routing_environment(), self.slots.hosts)
         self.keeper.watchers.append(lambda state: self.routing.sync(state.routing))
         self.api = InferenceServer.from_settings(
-            self.slots.hosts,
-            settings,
-            extra_health=lambda: {"rejected_messages": self.rejected_messages()},
-            routing=self.routing,
+            self.slots.hosts, settings, extra_health=lambda: {"rejected_messages": self.rejected_messages()}
         )
+        self.api.routing = self.routing
         self.http = HttpSettings(
             token=self.identity.device_token,
             # the token is for the server; bundles may come from a static server or CDN

@@ -181,7 +181,8 @@ class Client:
 def test_the_api_says_who_answered(tmp_path, host, cloud):
     _, url = cloud
     table = table_for(tmp_path, host, url)
-    server = InferenceServer({"clf": host}, port=0, routing=table)
+    server = InferenceServer({"clf": host}, port=0)
+    server.routing = table
     server.start()
     c = Client(server.port)
     try:
@@ -261,7 +262,8 @@ def test_a_failing_cloud_never_fails_the_caller(tmp_path, host, cloud, fault: di
         setattr(peer.faults, name, value)
     table = table_for(tmp_path, host, url)
     table.sync({"clf": policy(cloud={"endpoint": "fleet", "model": "big", "timeout_ms": 300})})
-    server = InferenceServer({"clf": host}, port=0, routing=table)
+    server = InferenceServer({"clf": host}, port=0)
+    server.routing = table
     server.start()
     c = Client(server.port)
     try:

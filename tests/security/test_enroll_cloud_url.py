@@ -10,13 +10,33 @@ from __future__ import annotations
 
 import json
 import ssl
+from pathlib import Path
 
+import httpx
 import pytest
 
 from device_client.enroll import EnrollError, enroll
 from server.mqtt.broker import free_port
+from server.runner import ServerThread
 from tests.helpers.pki import web_server_cert
-from tests.security.test_enroll_transport import TlsServer
+from tests.helpers.tokens import create_admin_token
+
+
+class TlsServer(ServerThread):
+    """The app serving HTTPS itself, with a certificate of a private CA (``ca_file``)."""
+
+    ca_file: Path
+
+    def enroll_token(self) -> str:
+        r = httpx.post(
+            f"{self.url}/api/v1/enroll-tokens",
+            json={},
+            headers={"Authorization": f"Bearer {create_admin_token(self.ctx, 'operator')}"},
+            verify=ssl.create_default_context(cafile=str(self.ca_file)),
+            timeout=10,
+        )
+        r.raise_for_status()
+        return r.json()["token"]
 
 
 def test_a_plain_http_cloud_url_is_refused_and_an_https_one_kept(settings, tmp_path):
@@ -35,8 +55,7 @@ def test_a_plain_http_cloud_url_is_refused_and_an_https_one_kept(settings, tmp_p
             }
         )
     )
-    server.ca_file, server.cert_file = ca_file, cert
-    server.trust = ssl.create_default_context(cafile=str(ca_file))
+    server.ca_file = ca_file
     server.start()
     try:
         with pytest.raises(

@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 
-from tests.security.harness import Testbed
-
 pytestmark = pytest.mark.mqtt
 
 POLICY: dict[str, Any] = {
@@ -24,7 +22,8 @@ POLICY: dict[str, Any] = {
 }
 
 
-def _refused(device: Testbed, payload: dict[str, Any], code: str) -> dict[str, Any]:
+def _refused(device: Any, payload: dict[str, Any], code: str) -> dict[str, Any]:
+    """Send ``payload`` to the testbed's device; its ``failed`` report, which must carry ``code``."""
     assert device.daemon is not None
     before = device.daemon.state.routing
     report = device.rejection(device.send(payload))
