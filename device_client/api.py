@@ -10,7 +10,11 @@ In-process callers use :meth:`device_client.runtime.ModelHost.infer` directly. O
   - ``Content-Type: application/x-npy``: one ``.npy`` array for a single-input model; the response
     is the ``.npy`` of the first output.
 
-  Every answer names who answered in ``X-Fleet-Model`` and ``X-Fleet-Model-Version``.
+  Every answer names the model version that served it in ``X-Fleet-Model`` and
+  ``X-Fleet-Model-Version``, and who answered in ``X-Fleet-Answered-By`` (``edge``, ``cloud`` or
+  ``cache``; always ``edge`` for a model without a routing policy) and ``answered_by`` in the
+  JSON body, beside ``confidence`` (the edge's, under a policy that reads it, else null; also
+  ``X-Fleet-Confidence``); with a policy the body adds ``reason`` and ``cloud_version``.
 * ``GET /v1/health``: what serves (version, previous, shadow) per model, and (under a daemon)
   ``rejected_messages``: how many messages on its MQTT topics it refused since it started, per
   reason code (``malformed``, ``bad_signature``, ``replayed``, ...), and ``mqtt``: the link's
@@ -44,7 +48,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .config import API_TOKEN_FILE, DeviceSettings
-from .runtime import BadInput, InferenceError, InferenceResult, ModelHost, NoModel
+from .routing.table import Routed, RoutingTable
+from .runtime import BadInput, InferenceError, ModelHost, NoModel
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +311,12 @@ class InferenceServer:
             doc["mqtt"] = self.mqtt.status()
         return doc
 
-    def infer(self, host: ModelHost, content_type: str, body: bytes) -> tuple[InferenceResult, bool]:
-        """Decode, run, and return (result, answer-as-npy)."""
+    #: the routers of the models with a routing policy (the daemon's); None: the edge answers alone
+    routing: RoutingTable | None = None
+
+    def infer(self, host: ModelHost, content_type: str, body: bytes) -> tuple[Routed, bool]:
+        """Decode, run (through the model's router, if it has a routing policy), and return
+        (result, answer-as-npy)."""
         model = host.serving
         if model is None:
             raise _HttpError(503, f"no model {host.name!r} is loaded")
@@ -339,7 +348,9 @@ class InferenceServer:
                 except (ValueError, TypeError) as exc:
                     raise _HttpError(400, f"input {name!r} is not a {spec.dtype} array: {exc}") from None
         try:
-            return host.infer(inputs), content_type == NPY_TYPE
+            if self.routing is not None:
+                return self.routing.answer(host, inputs), content_type == NPY_TYPE
+            return Routed.edge(host.infer(inputs)), content_type == NPY_TYPE
         except BadInput as exc:
             raise _HttpError(400, str(exc)) from None
         except NoModel as exc:
@@ -440,14 +451,28 @@ def _make_handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
             body = self._body()
             host = api.host_for(name)
             result, as_npy = api.infer(host, ctype, body)
-            who = {"X-Fleet-Model": result.model, "X-Fleet-Model-Version": result.version}
+            who = {
+                "X-Fleet-Model": result.model,
+                "X-Fleet-Model-Version": result.version,
+                "X-Fleet-Answered-By": result.answered_by,
+            }
+            if result.confidence is not None:
+                who["X-Fleet-Confidence"] = f"{result.confidence:.6g}"
             if as_npy:
                 buf = io.BytesIO()
                 np.save(buf, next(iter(result.outputs.values())), allow_pickle=False)
                 self._send(200, buf.getvalue(), NPY_TYPE, who)
             else:
-                outputs = {k: _jsonable(v) for k, v in result.outputs.items()}
-                self._json(200, {"model": result.model, "version": result.version, "outputs": outputs}, who)
+                doc: dict[str, Any] = {
+                    "model": result.model,
+                    "version": result.version,
+                    "outputs": {k: _jsonable(v) for k, v in result.outputs.items()},
+                    "answered_by": result.answered_by,
+                    "confidence": result.confidence,
+                }
+                if result.reason is not None:
+                    doc.update(reason=result.reason, cloud_version=result.cloud_version)
+                self._json(200, doc, who)
 
         def _length(self) -> int:
             raw = self.headers.get("Content-Length")

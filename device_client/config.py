@@ -8,10 +8,12 @@ colliding. Nested values are not used: every field is a flat scalar.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .tlstrust import normalize_fingerprint
@@ -96,6 +98,13 @@ class DeviceSettings(BaseSettings):
     #: server's certificate was renewed); requests to the server accept only that certificate
     server_fingerprint: str | None = None
 
+    # hybrid edge/cloud routing (routing/)
+    #: base URL of the fleet's cloud tier (``fleet cloud serve``) for policies naming the ``fleet``
+    #: endpoint; overrides the one handed out at enrollment. ``https://``, or ``http://`` to this
+    #: machine only (the device token goes with every request). Neither: such a policy's
+    #: escalations fall back to the cache and the edge, counted as ``cloud_failed``
+    cloud_url: str | None = None
+
     # update state machine (state.py)
     #: a crash during verify/install restarts it at most this many times, then the update fails
     max_install_attempts: int = Field(default=2, ge=1)
@@ -106,6 +115,11 @@ class DeviceSettings(BaseSettings):
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
 
+    @field_validator("cloud_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _check(self) -> DeviceSettings:
         if self.reconnect_max_s < self.reconnect_min_s:
@@ -114,4 +128,33 @@ class DeviceSettings(BaseSettings):
             raise ValueError("client_cert and client_key go together")
         if self.server_fingerprint is not None:
             normalize_fingerprint(self.server_fingerprint)
+        if self.cloud_url is not None:
+            check_cloud_url(self.cloud_url)
         return self
+
+
+def check_cloud_url(url: str) -> None:
+    """ValueError unless ``url`` is an ``https://`` URL, or ``http://`` to a loopback host."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"cloud_url {url!r} is not a URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host or parts.query or parts.fragment:
+        raise ValueError(f"cloud_url {url!r} must be an http(s) base URL with a host")
+    if scheme == "http" and not _loopback(host):
+        raise ValueError(
+            f"cloud_url {url!r}: plain http:// only to this machine (the device token would cross "
+            "the network in clear); use https://"
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -9,7 +9,8 @@
 3. ``POST {server}/api/v1/enroll`` with the one-time enrollment token;
 4. stores in ``data_dir`` (created 0700)::
 
-       identity.json        device id, server/MQTT/TUF endpoints, device token, tags    0600
+       identity.json        device id, server/MQTT/TUF/cloud endpoints, device token,  0600
+                            tags
        device.key           the private key                                            0600
        device.crt           the client certificate (CN = device id)                    0644
        ca.crt               the fleet CA (verifies the broker; trust anchor for mTLS)   0644
@@ -98,6 +99,8 @@ class Identity:
     #: TLS pins of the server given at enrollment: a CA file in ``data_dir``, a certificate's SHA-256
     server_ca: str | None = None
     server_fingerprint: str | None = None
+    #: the fleet cloud tier's base URL from the enrollment answer (FLEET_DEVICE_CLOUD_URL overrides)
+    cloud_url: str | None = None
 
     @property
     def server_ca_file(self) -> Path | None:
@@ -267,6 +270,14 @@ def enroll(
                 "device token would cross the network in clear: set FLEET_PUBLIC_URL to the server's "
                 "https:// address (or enroll with --insecure-http in a lab)"
             )
+        if resp.cloud_url is not None:
+            try:  # the device token goes there with every escalation
+                require_https(resp.cloud_url, insecure_http=insecure_http)
+            except ValueError as exc:
+                raise EnrollError(
+                    f"unusable cloud tier URL in the enrollment answer: {exc} (set FLEET_CLOUD_PUBLIC_URL "
+                    "on the server to an https:// address)"
+                ) from None
         cert = x509.load_pem_x509_certificate(resp.certificate_pem.encode())
         if cert.public_key() != key.public_key():
             raise EnrollError("the issued certificate is not for this device's key")
@@ -294,6 +305,7 @@ def enroll(
             requested_tags=dict(tags or {}),
             server_ca=SERVER_CA_FILE if ca_file is not None else None,
             server_fingerprint=fingerprint,
+            cloud_url=resp.cloud_url.rstrip("/") if resp.cloud_url else None,
         )
         if tags and dict(tags) != dict(resp.tags):
             log.warning(

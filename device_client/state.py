@@ -128,6 +128,8 @@ class InFlightUpdate(BaseModel):
     candidate: Slot | None = None
     #: ``previous`` before the candidate displaced it (restored by a revert)
     displaced_previous: Slot | None = None
+    #: the routing policy in force before the candidate displaced it (restored by a revert)
+    displaced_routing: dict[str, Any] | None = None
     probation_started_at: datetime | None = None
     baseline_p95_ms: float | None = None
     #: verify/install attempts started (bounded, see recovery_action)
@@ -154,6 +156,9 @@ class DeviceState(BaseModel):
     #: seq of the last desired state rejected after its signature checked out (a redelivery of that
     #: retained message is then ignored instead of reported again)
     last_rejected_seq: int = 0
+    #: the routing policy (``fleet.routing/1`` JSON) of each serving model that has one: the
+    #: policy of the DesiredState whose version serves (docs/architecture.md, "Hybrid routing")
+    routing: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @property
     def phase(self) -> UpdatePhase:
@@ -218,7 +223,8 @@ def verified(state: DeviceState, now: datetime, candidate: Slot) -> DeviceState:
 
 
 def installed(state: DeviceState, now: datetime, baseline_p95_ms: float | None) -> DeviceState:
-    """installing -> probation. In serve mode the candidate becomes current (old current -> previous)."""
+    """installing -> probation. In serve mode the candidate becomes current (old current -> previous)
+    and its DesiredState's routing policy (or none) takes over from the one it displaces."""
     upd = state.update
     if upd is None:
         raise IllegalTransition(UpdatePhase.idle, UpdateEvent.installed)
@@ -231,8 +237,9 @@ def installed(state: DeviceState, now: datetime, baseline_p95_ms: float | None) 
         probation_started_at=now,
         baseline_p95_ms=baseline_p95_ms,
         displaced_previous=state.previous.get(upd.model),
+        displaced_routing=state.routing.get(upd.model),
     )
-    if upd.mode is ServeMode.shadow:
+    if upd.mode is ServeMode.shadow:  # the candidate answers no caller: its policy waits
         return new
     assert upd.candidate is not None
     current = dict(state.current)
@@ -241,7 +248,8 @@ def installed(state: DeviceState, now: datetime, baseline_p95_ms: float | None) 
     current[upd.model] = upd.candidate
     if old is not None and old.path != upd.candidate.path:
         previous[upd.model] = old
-    return new.model_copy(update={"current": current, "previous": previous})
+    routing = _with_policy(state.routing, upd.model, upd.desired.get("routing"))
+    return new.model_copy(update={"current": current, "previous": previous, "routing": routing})
 
 
 def passed(state: DeviceState, now: datetime) -> DeviceState:
@@ -269,7 +277,7 @@ def fail(state: DeviceState, now: datetime, reason: str) -> DeviceState:
 
 
 def revert(state: DeviceState, now: datetime, reason: str) -> DeviceState:
-    """probation -> rolled_back: the last known good model serves again."""
+    """probation -> rolled_back: the last known good model serves again, under its own routing policy."""
     upd = state.update
     if upd is None:
         raise IllegalTransition(UpdatePhase.idle, UpdateEvent.revert)
@@ -287,7 +295,8 @@ def revert(state: DeviceState, now: datetime, reason: str) -> DeviceState:
         previous[upd.model] = upd.displaced_previous
     else:
         previous.pop(upd.model, None)
-    return new.model_copy(update={"current": current, "previous": previous})
+    routing = _with_policy(state.routing, upd.model, upd.displaced_routing if good is not None else None)
+    return new.model_copy(update={"current": current, "previous": previous, "routing": routing})
 
 
 def cancel(state: DeviceState, now: datetime, reason: str) -> DeviceState:
@@ -312,6 +321,21 @@ def finish(state: DeviceState) -> DeviceState:
         raise IllegalTransition(UpdatePhase.idle, UpdateEvent.finish)
     next_phase(state.update.phase, UpdateEvent.finish)
     return state.model_copy(update={"update": None})
+
+
+def set_routing(state: DeviceState, model: str, policy: dict[str, Any] | None) -> DeviceState:
+    """The routing policy of the serving ``model`` replaced (None: removed), no update involved: a
+    DesiredState that changes only the policy of the version that already serves."""
+    return state.model_copy(update={"routing": _with_policy(state.routing, model, policy)})
+
+
+def _with_policy(
+    routing: dict[str, dict[str, Any]], model: str, policy: dict[str, Any] | None
+) -> dict[str, dict[str, Any]]:
+    out = {k: v for k, v in routing.items() if k != model}
+    if policy is not None:
+        out[model] = policy
+    return out
 
 
 def allocate_report_seq(state: DeviceState) -> tuple[DeviceState, int]:

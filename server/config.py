@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     #: as is (consistent-snapshot names, Range requests); empty = this server's ``/tuf/targets/``.
     #: Handed out at enrollment, so it applies to devices enrolled after it is set
     targets_url: str = ""
+    #: base URL devices reach the cloud inference tier at (``fleet cloud serve``), for routing
+    #: policies naming the ``fleet`` endpoint; handed out at enrollment (empty: none). A device's
+    #: ``FLEET_DEVICE_CLOUD_URL`` overrides it
+    cloud_public_url: str = ""
     #: refuse to bind a non-loopback address with development defaults unless this is set
     allow_insecure_bind: bool = False
     #: serve the API over HTTPS itself (uvicorn ``ssl_certfile``/``ssl_keyfile``): a PEM certificate
@@ -185,7 +189,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("targets_url")
+    @field_validator("targets_url", "cloud_public_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):

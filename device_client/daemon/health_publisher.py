@@ -1,26 +1,56 @@
 """Health windows (:class:`HealthPublisher`): every ``health_window_s`` one window per hosted model,
 one per part of the window a replaced model served, and one per running shadow candidate, sent
-over MQTT at QoS 0 under a device-monotonic seq."""
+over MQTT at QoS 0 under a device-monotonic seq. A model with a routing policy adds the window's
+routing counters to the window of the version serving at its end."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
 
 from ..health import WindowStats
 from ..mqtt import MqttLink
-from ..protocol import ServeMode, TopicKind, device_topic
+from ..protocol import HealthWindow, ServeMode, TopicKind, device_topic
 from ..protocol.messages import utcnow
+from ..routing import RoutingTable
 from ..runtime import ModelHost
 from .reporting import now_ms
+
+log = logging.getLogger(__name__)
+
+
+def routing_fields(drained: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``HealthWindow`` fields of a ``RoutingStats.drain()``. The rate is capped at 1: a
+    request escalated while the window was drained is counted there before it is answered."""
+    rate = drained["escalation_rate"]
+    return {
+        "answered_edge": drained["edge"],
+        "answered_cloud": drained["cloud"],
+        "answered_cache": drained["cache"],
+        "escalations": drained["escalations"],
+        "budget_limited": drained["budget_limited"],
+        "breaker_open": drained["breaker_open"],
+        "cloud_failed": drained["cloud_failed"],
+        "escalation_rate": min(rate, 1.0) if rate is not None else None,
+        "cloud_p95_ms": drained["cloud_p95_ms"],
+        "cloud_compared": drained["cloud_compared"],
+        "cloud_agreement": drained["cloud_agreement"],
+    }
 
 
 class HealthPublisher:
     """Publishes the hosts' health windows; ``link`` is set once the daemon connects MQTT."""
 
-    def __init__(self, device_id: str, hosts: Mapping[str, ModelHost]) -> None:
+    def __init__(
+        self, device_id: str, hosts: Mapping[str, ModelHost], routing: RoutingTable | None = None
+    ) -> None:
         self.device_id = device_id
         self.hosts = hosts
+        self.routing = routing
         self.topic = device_topic(device_id, TopicKind.health)
         self.link: MqttLink | None = None
         self._seq = now_ms()
@@ -36,6 +66,7 @@ class HealthPublisher:
             serving = host.serving
             closed = host.health.drain_closed()  # the parts of this window served by replaced models
             stats = host.health.snapshot_and_reset()
+            drained = self.routing.drain(name) if self.routing is not None else None
             if link is None:
                 continue
             at = utcnow()
@@ -43,13 +74,21 @@ class HealthPublisher:
                 self._send(link, segment, at, name, version, ServeMode.serve)
             if serving is None:
                 continue
-            self._send(link, stats, at, name, serving.version, ServeMode.serve)
+            extra = routing_fields(drained) if drained is not None else None
+            self._send(link, stats, at, name, serving.version, ServeMode.serve, extra)
             candidate = host.shadow_candidate
             if candidate is not None:
                 self._send(link, stats.shadow_candidate(), at, name, candidate.version, ServeMode.shadow)
 
     def _send(
-        self, link: MqttLink, stats: WindowStats, at: datetime, model: str, version: str, mode: ServeMode
+        self,
+        link: MqttLink,
+        stats: WindowStats,
+        at: datetime,
+        model: str,
+        version: str,
+        mode: ServeMode,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         window = stats.to_health_window(
             device_id=self.device_id,
@@ -59,4 +98,9 @@ class HealthPublisher:
             version=version,
             mode=mode,
         )
+        if extra:
+            try:
+                window = HealthWindow.model_validate({**window.to_dict(), **extra})
+            except ValidationError as exc:  # the window goes out without them rather than not at all
+                log.warning("routing counters of %s left out of its health window: %s", model, exc)
         link.publish(self.topic, window.to_json(), qos=0)

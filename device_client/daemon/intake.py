@@ -1,6 +1,7 @@
 """Intake of DesiredStates (:class:`Intake`): paho's thread only queues them; the worker verifies
 each one (director signature, device id, seq, expiry, then the image repository and the release
-floor) and accepts it as the next update, answers it without one, or rejects it with a report."""
+floor) and accepts it as the next update, answers it without one (the version already serves; a
+new routing policy for it is applied then), or rejects it with a report."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from ..config import DeviceSettings
 from ..protocol import DeploymentPhase, DesiredState, ServeMode
 from ..protocol.messages import utcnow
-from ..state import OUTCOMES, UpdatePhase, accept, cancel
+from ..state import OUTCOMES, UpdatePhase, accept, cancel, set_routing
 from ..trust import (
     BadSignature,
     DirectorKeyring,
@@ -34,7 +35,18 @@ from .reporting import Reporter
 log = logging.getLogger(__name__)
 
 #: what makes two desired states the same update (a re-issue under a new seq changes nothing)
-_TARGET_KEYS = ("model", "version", "release", "variant", "target", "length", "hashes", "mode", "probation")
+_TARGET_KEYS = (
+    "model",
+    "version",
+    "release",
+    "variant",
+    "target",
+    "length",
+    "hashes",
+    "mode",
+    "probation",
+    "routing",
+)
 
 
 class RejectionCounts:
@@ -154,16 +166,7 @@ class Intake:
         ):
             if not self._signer_current(payload, desired):
                 return
-            self.reporter.send(
-                DeploymentPhase.succeeded,
-                desired_seq=desired.seq,
-                rollout_id=desired.rollout_id,
-                model=desired.model,
-                version=desired.version,
-                reason="already serving this version",
-                # persisted with the report's seq, after its journal: a kill never loses the report
-                state=self.keeper.state.model_copy(update={"last_desired_seq": desired.seq}),
-            )
+            self._already_serving(desired)
             return
         try:
             self.tuf.check(desired)
@@ -190,6 +193,31 @@ class Intake:
             desired.model, desired.version, desired.variant, desired.hashes["sha256"]
         )
         self.reporter.advance(accept(self.keeper.state, desired, utcnow(), store.relpath(partial)))
+
+    def _already_serving(self, desired: DesiredState) -> None:
+        """Answer a desired state for the version that serves: ``succeeded``, after applying its
+        routing policy if that differs from the one in force (a policy change is a deployment too).
+        The policy takes effect when the state holding it is saved (the routing table watches the
+        state), which comes after the report is journaled and before it is sent."""
+        state = self.keeper.state.model_copy(update={"last_desired_seq": desired.seq})
+        policy = desired.routing.to_dict() if desired.routing is not None else None
+        reason, details = "already serving this version", None
+        if policy != state.routing.get(desired.model):
+            state = set_routing(state, desired.model, policy)
+            reason = "routing policy applied" if policy is not None else "routing policy removed"
+            details = {"routing": desired.routing.mode.value if desired.routing is not None else None}
+            log.info("%s %s: %s", desired.model, desired.version, reason)
+        self.reporter.send(
+            DeploymentPhase.succeeded,
+            desired_seq=desired.seq,
+            rollout_id=desired.rollout_id,
+            model=desired.model,
+            version=desired.version,
+            reason=reason,
+            details=details,
+            # persisted with the report's seq, after its journal: a kill never loses the report
+            state=state,
+        )
 
     def cancel_update(self, reason: str) -> None:
         """End the update in flight for a newer desired state (an outcome still to report is

@@ -19,6 +19,7 @@ from ..fetcher import HttpSettings, url_origin
 from ..mqtt import MQTT_STATUS_FILE, MqttEndpointConfig, MqttLink, ReportJournal
 from ..protocol import Presence, TopicKind, device_topic
 from ..protocol.messages import utcnow
+from ..routing import RoutingEnvironment, RoutingTable
 from ..runtime import ModelHost
 from ..state import OUTCOMES, DeviceState, RecoveryKind, apply_recovery, recovery_action
 from ..store import StateStore, StoreError
@@ -67,9 +68,12 @@ class Daemon:
         self.journal = ReportJournal(self.data_dir / JOURNAL_DIR)
         self.keeper = StateKeeper(self.store)
         self.slots = Slots(settings, self.keeper)
+        self.routing = RoutingTable(self._routing_environment(), self.slots.hosts)
+        self.keeper.watchers.append(lambda state: self.routing.sync(state.routing))
         self.api = InferenceServer.from_settings(
             self.slots.hosts, settings, extra_health=lambda: {"rejected_messages": self.rejected_messages()}
         )
+        self.api.routing = self.routing
         self.http = HttpSettings(
             token=self.identity.device_token,
             # the token is for the server; bundles may come from a static server or CDN
@@ -123,10 +127,22 @@ class Daemon:
             reporter=self.reporter,
             stop=self._stop,
         )
-        self.health = HealthPublisher(self.device_id, self.slots.hosts)
+        self.health = HealthPublisher(self.device_id, self.slots.hosts, self.routing)
         #: the worker's loop first, then the health publisher's
         self._threads: list[BackgroundLoop] = []
         self._hardware: Any = None
+
+    def _routing_environment(self) -> RoutingEnvironment:
+        """What routing policies get from this device: its credentials, and the fleet cloud tier's
+        URL (``FLEET_DEVICE_CLOUD_URL``, else the enrollment answer's, else none). A plain-HTTP URL
+        passed its own check already: the setting's (loopback only) or enrollment's (a lab)."""
+        url = self.settings.cloud_url or self.identity.cloud_url
+        return RoutingEnvironment.from_device_settings(
+            self.settings,
+            self.identity,
+            fleet_url=url,
+            insecure_http=url is not None and url.lower().startswith("http://"),
+        )
 
     @property
     def state(self) -> DeviceState:
@@ -205,6 +221,7 @@ class Daemon:
         if self.link is not None:
             self.link.stop(final=(self._topic(TopicKind.presence), self._presence("offline")))
         self.api.stop()
+        self.routing.close()
         self.slots.close()
         log.info("device %s stopped", self.device_id)
 

@@ -1,10 +1,11 @@
 """The device state in memory and on disk (:class:`StateKeeper`): every decision reads it, every
 change is saved before it is adopted, and a save that fails where nothing else retries it is
-remembered for the worker to retry."""
+remembered for the worker to retry. Watchers follow every adopted state (the routing table)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from ..protocol import DesiredState
 from ..state import DeviceState
@@ -22,12 +23,23 @@ class StateKeeper:
         #: ``state`` is newer than the file: a start-up commit failed, or the report seq of a report
         #: journaled before its commit failed; the worker retries the save (:meth:`save_unsaved`)
         self.unsaved = False
+        #: called with every state adopted, on the thread that adopts it; a watcher that raises is
+        #: logged and changes nothing (the state is adopted already)
+        self.watchers: list[Callable[[DeviceState], None]] = []
 
     def commit(self, state: DeviceState) -> None:
         """Save ``state``, then adopt it (a failed save changes nothing in memory)."""
         self.store.save(state)
         self.state = state
         self.unsaved = False
+        self._notify(state)
+
+    def _notify(self, state: DeviceState) -> None:
+        for watcher in self.watchers:
+            try:
+                watcher(state)
+            except Exception:
+                log.exception("a state watcher failed")
 
     def commit_at_start(self, state: DeviceState, what: str) -> None:
         """Commit at start-up, where a failed save (full disk) must not keep the daemon from
@@ -42,6 +54,7 @@ class StateKeeper:
         """Adopt ``state`` although it could not be saved; the worker saves it later."""
         self.state = state
         self.unsaved = True
+        self._notify(state)
 
     def save_unsaved(self) -> None:
         """Retry a save that failed where nothing else retries it; quietly: the failure was logged."""

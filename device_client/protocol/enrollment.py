@@ -36,3 +36,6 @@ class EnrollResponse(BaseModel):
     #: bearer token bound to this device, for artifact downloads (stored hashed on the server)
     device_token: str
     tags: dict[str, str] = Field(default_factory=dict)
+    #: base URL of the fleet's cloud tier (``fleet cloud serve``) for routing policies naming the
+    #: ``fleet`` endpoint; None: the server names none (a device may still set one itself)
+    cloud_url: str | None = Field(default=None, max_length=2048)

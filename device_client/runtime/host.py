@@ -128,8 +128,10 @@ class ModelHost:
         shadow = self._shadow
         return shadow.candidate if shadow is not None else None
 
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> InferenceResult:
-        """Run one request on whichever model serves at the moment it starts."""
+    def infer(self, inputs: Mapping[str, np.ndarray], *, record: bool = True) -> InferenceResult:
+        """Run one request on whichever model serves at the moment it starts. ``record=False``:
+        the caller records the request in :attr:`health` itself (the routing layer, whose callers
+        wait for the cloud too)."""
         model = self._serving  # one read: this request stays on this model
         if model is None:
             raise NoModel(f"no model {self.name!r} is loaded")
@@ -138,9 +140,11 @@ class ModelHost:
         try:
             outputs = model.session.run(None, inputs)
         except Exception as exc:
-            self.health.record(time.perf_counter_ns() - t0, ok=False)
+            if record:
+                self.health.record(time.perf_counter_ns() - t0, ok=False)
             raise InferenceError(f"{model.name} {model.version}: {exc}") from exc
-        self.health.record(time.perf_counter_ns() - t0, ok=all_finite(outputs))
+        if record:
+            self.health.record(time.perf_counter_ns() - t0, ok=all_finite(outputs))
         shadow = self._shadow
         if shadow is not None:
             shadow.offer(inputs, outputs)

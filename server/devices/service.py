@@ -247,6 +247,7 @@ class DeviceService:
             director_public_key_pem=self.ctx.director.public_key_pem,
             device_token=device_token,
             tags=dict(token.tags),
+            cloud_url=settings.cloud_public_url.rstrip("/") or None,
         )
 
     def enroll_many(self, req: BulkEnrollRequest, by: Principal) -> BulkEnrollResponse:
