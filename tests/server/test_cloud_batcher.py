@@ -13,7 +13,7 @@ import pytest
 from device_client.protocol.bundle import extract_bundle
 from device_client.runtime import load_slot
 from server.cloud.batcher import AdmissionGate, Batcher, batchable
-from tests.device_client.bundles import make_bundle
+from tests.helpers.bundles import make_bundle
 from tests.helpers.onnx_models import reference_output
 
 
