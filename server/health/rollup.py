@@ -3,10 +3,9 @@
 A rollup holds, per (device, model, version, mode, bucket), the sums the rollout gates need
 (requests, errors, requests with a p95 and the request-weighted p95 sum, shadow requests with an
 agreement and the agreement-weighted sum), so sums over rollups equal sums over the raw windows
-they replace. :meth:`server.health.repository.HealthWindowRepository.per_device` (the gates'
-per-device sums) and :meth:`server.rollouts.repository.HealthRepository.windows` read both, so
-rollout gates and baselines keep working past the raw retention (at bucket resolution for
-rolled-up time).
+they replace. :class:`server.health.repository.HealthWindowRepository` reads both (``per_device``,
+the gates' per-device sums, and ``windows``), so rollout gates and baselines keep working past the
+raw retention (at bucket resolution for rolled-up time).
 
 :func:`fold_health` runs in the server every ``health_rollup_interval_s`` (``HealthRollupJob``).
 Windows are claimed with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas folding at the same
