@@ -23,7 +23,7 @@ from server.catalog.tables import ModelArtifact
 from server.db import utcnow
 from server.devices.tables import Device, DeviceStatus
 from server.errors import Conflict, Invalid, NotFound
-from server.mqtt.outbox import enqueue, enqueue_many
+from server.rollouts.outbox import enqueue, enqueue_many
 from server.rollouts.repository import DeploymentRepository, DesiredRepository
 from server.rollouts.tables import DesiredRecord
 
