@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -22,6 +20,7 @@ from device_client.protocol.topics import is_valid_device_id
 from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.db import after_commit, utcnow
+from server.devices.crl import refresh_broker_crl
 from server.devices.repository import DeviceRepository, EnrollmentTokenRepository, RevocationRepository
 from server.devices.schemas import (
     BulkEnrolled,
@@ -41,14 +40,13 @@ from server.devices.tables import Device, DeviceStatus, DeviceTag, EnrollmentTok
 from server.devices.tags import check_tag, check_tags
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.security import DEVICE_PREFIX, ENROLL_PREFIX, authenticate_token, new_id, new_token
-from server.trust.pki import CRL_VALIDITY, parse_csr, serial_hex
+from server.trust.pki import parse_csr, serial_hex
 
 if TYPE_CHECKING:
     from server.context import ServerContext
 
 log = logging.getLogger(__name__)
 
-CRL_FILE = "crl.pem"
 #: deployment phases a decommission cancels: the device will never finish them. (A deployment
 #: that already succeeded, failed, timed out or rolled back keeps its outcome.)
 OPEN_PHASES = (
@@ -60,54 +58,6 @@ OPEN_PHASES = (
     DeploymentPhase.probation,
 )
 DECOMMISSION_REASON = "device decommissioned"
-
-#: one CRL writer at a time in this process: each reads the committed revocations and writes them,
-#: so a periodic refresh that read before a decommission committed cannot overwrite its CRL
-_CRL_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class CrlWrite:
-    """A CRL (re)written into ``broker_dir``: why, how many serials, how many brokers reloaded."""
-
-    reason: str
-    revoked: int
-    reloaded: int
-
-
-def refresh_broker_crl(
-    ctx: ServerContext,
-    *,
-    force: bool = False,
-    validity: timedelta = CRL_VALIDITY,
-    now: datetime | None = None,
-) -> CrlWrite | None:
-    """Rebuild the broker's CRL (``broker_dir/crl.pem``) from the database's revocations when it
-    is missing, not signed by the fleet CA, lists other serials, or has less than half of its
-    validity left (``force``: always), and make a local broker running the generated config
-    re-read it (SIGHUP, :mod:`server.mqtt.reload`). None if the file was current.
-
-    Run at server start-up and by the periodic refresh job: a CRL past its ``nextUpdate`` makes
-    OpenSSL refuse every handshake to the broker ("CRL has expired"), the server's own included."""
-    from server.mqtt.reload import reload_local_brokers
-
-    broker_dir = ctx.settings.broker_dir
-    path = broker_dir / CRL_FILE
-    with _CRL_LOCK:
-        with ctx.db.session_scope() as session:
-            revoked = RevocationRepository(session).all()
-        reason = "forced" if force else ctx.ca.crl_refresh_reason(path, revoked, now=now)
-        if reason is None:
-            return None
-        ctx.ca.write_crl(path, revoked, validity, now=now)
-        reloaded = reload_local_brokers(broker_dir / "mosquitto.conf")
-    log.info(
-        "wrote the broker CRL %s (%s): %d revoked serials; %s",
-        path, reason, len(revoked),
-        f"{reloaded} local broker(s) reloaded" if reloaded else "no local broker runs it: reload the broker",
-    )  # fmt: skip
-    return CrlWrite(reason=reason, revoked=len(revoked), reloaded=reloaded)
-
 
 def device_out(d: Device) -> DeviceOut:
     return DeviceOut(
@@ -407,28 +357,9 @@ class DeviceService:
     def _revoke_on_broker(self, device_id: str) -> None:
         """After the commit: the new CRL, then the device's open connection cut (a revoked
         certificate only stops new handshakes; see :mod:`server.mqtt.kick`)."""
-        from server.mqtt.kick import kick_device
-
         written = refresh_broker_crl(self.ctx, force=True)
         if (written is not None and written.reloaded) or self.ctx.settings.mqtt_enabled:
-            kick_device(self.ctx.settings, self.ctx.ca, device_id)
-
-    def write_crl(self, revoked: list[tuple[str, datetime]] | None = None) -> bool:
-        """Write the CRL the broker loads (``crlfile`` in the generated mosquitto.conf) and make a
-        local broker running that configuration re-read it (see :mod:`server.mqtt.reload`).
-        True if a local broker was told to."""
-        from server.mqtt.reload import reload_local_brokers
-
-        if revoked is None:
-            revoked = RevocationRepository(self.session).all()
-        broker_dir = self.ctx.settings.broker_dir
-        with _CRL_LOCK:
-            self.ctx.ca.write_crl(broker_dir / CRL_FILE, revoked)
-            reloaded = reload_local_brokers(broker_dir / "mosquitto.conf")
-        if not reloaded:
-            log.info("no local broker runs %s; reload the broker to apply the new CRL", broker_dir)
-            return False
-        return True
+            self.ctx.broker.cut(device_id)
 
     def assign_desired(self, device_id: str, body: DesiredAssign, by: Principal) -> DesiredOut:
         """Sign and publish a DesiredState pinning one device to a version (direct deployment)."""
