@@ -1,21 +1,19 @@
-"""Device registry: enrollment, listing, tags, decommissioning, device authentication."""
+"""Device registry: enrollment, listing, tags, retiring a device (its decommission, with the
+deployments it cancels, is :mod:`server.rollouts.device_deployments`), device authentication."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.serialization import Encoding
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from device_client.protocol.enrollment import EnrollRequest, EnrollResponse, MqttEndpoint
-from device_client.protocol.messages import DeploymentPhase, Probation, ServeMode
 from device_client.protocol.topics import is_valid_device_id
 from server.admin.schemas import Principal
 from server.admin.service import audit
@@ -26,8 +24,6 @@ from server.devices.schemas import (
     BulkEnrolled,
     BulkEnrollRequest,
     BulkEnrollResponse,
-    DesiredAssign,
-    DesiredOut,
     DeviceEventOut,
     DeviceOut,
     DevicePage,
@@ -45,19 +41,6 @@ from server.trust.pki import parse_csr, serial_hex
 if TYPE_CHECKING:
     from server.context import ServerContext
 
-log = logging.getLogger(__name__)
-
-#: deployment phases a decommission cancels: the device will never finish them. (A deployment
-#: that already succeeded, failed, timed out or rolled back keeps its outcome.)
-OPEN_PHASES = (
-    DeploymentPhase.pending,
-    DeploymentPhase.notified,
-    DeploymentPhase.downloading,
-    DeploymentPhase.verifying,
-    DeploymentPhase.installing,
-    DeploymentPhase.probation,
-)
-DECOMMISSION_REASON = "device decommissioned"
 
 def device_out(d: Device) -> DeviceOut:
     return DeviceOut(
@@ -313,46 +296,19 @@ class DeviceService:
         )
         return device_out(device)
 
-    def decommission(self, device_id: str, by: Principal) -> DeviceOut:
-        """Retire a device: revoke its certificate (CRL) and its download token, and cancel its
-        unfinished deployments (it will never finish them; a cancelled deployment is no failure
-        of its rollout)."""
-        device = self.get(device_id)
-        if device.status != DeviceStatus.decommissioned:
-            device.status = DeviceStatus.decommissioned
-            device.decommissioned_at = utcnow()
-            # a tick that read the device before this commit and signs a state for it now fails its
-            # seq check (SeqRace) and retries, instead of re-arming the deployment cancelled below
-            device.desired_seq = (device.desired_seq or 0) + 1
-            revocations = RevocationRepository(self.session)
-            revocations.add(device.cert_serial, device.id)
-            cancelled = self._cancel_deployments(device_id)
-            self.session.flush()
-            details: dict[str, object] = {"cert_serial": device.cert_serial}
-            if cancelled:
-                details["cancelled_deployments"] = cancelled
-            audit(self.session, by, "device.decommission", "device", device_id, details)
-            after_commit(self.session, lambda: self._revoke_on_broker(device_id))
-        return device_out(device)
-
-    def _cancel_deployments(self, device_id: str) -> list[dict[str, object]]:
-        """Cancel the device's pending and in-flight deployments (rollouts and direct
-        assignments); return what was cancelled (for the audit entry)."""
-        from server.rollouts.machine import deployment_transition
-        from server.rollouts.tables import Deployment
-
-        q = (
-            sa.select(Deployment)
-            .where(Deployment.device_id == device_id, Deployment.phase.in_(OPEN_PHASES))
-            .order_by(Deployment.id)
-            .with_for_update()
-        )
-        out: list[dict[str, object]] = []
-        for dep in self.session.scalars(q):
-            out.append({"id": dep.id, "rollout_id": dep.rollout_id, "phase": dep.phase.value})
-            dep.phase = deployment_transition(dep.phase, DeploymentPhase.cancelled)
-            dep.reason = DECOMMISSION_REASON
-        return out
+    def retire(self, device: Device) -> None:
+        """Mark ``device`` decommissioned and revoke its certificate and its download token; after
+        the commit, the broker re-reads the CRL and the device's open connection is cut. The caller
+        cancels what the device will never finish and writes the audit entry
+        (:meth:`server.rollouts.device_deployments.DeviceDeploymentService.decommission`)."""
+        device_id = device.id
+        device.status = DeviceStatus.decommissioned
+        device.decommissioned_at = utcnow()
+        # a tick that read the device before this commit and signs a state for it now fails its
+        # seq check (SeqRace) and retries, instead of re-arming a deployment the caller cancels
+        device.desired_seq = (device.desired_seq or 0) + 1
+        RevocationRepository(self.session).add(device.cert_serial, device_id)
+        after_commit(self.session, lambda: self._revoke_on_broker(device_id))
 
     def _revoke_on_broker(self, device_id: str) -> None:
         """After the commit: the new CRL, then the device's open connection cut (a revoked
@@ -360,64 +316,6 @@ class DeviceService:
         written = refresh_broker_crl(self.ctx, force=True)
         if (written is not None and written.reloaded) or self.ctx.settings.mqtt_enabled:
             self.ctx.broker.cut(device_id)
-
-    def assign_desired(self, device_id: str, body: DesiredAssign, by: Principal) -> DesiredOut:
-        """Sign and publish a DesiredState pinning one device to a version (direct deployment)."""
-        from server.rollouts.desired import DesiredStateService
-        from server.rollouts.repository import DeploymentRepository, RolloutRepository
-        from server.rollouts.tables import Deployment
-
-        device = self.get(device_id)
-        try:
-            probation = Probation.model_validate(body.probation)
-        except ValidationError as exc:
-            raise Invalid(f"invalid probation: {exc.errors()[0]['msg']}") from None
-        # a pin would take the device's DesiredState away from a rollout that still counts on it
-        # (its deployment would time out as a failure, or the rollout would override the pin)
-        conflicts = RolloutRepository(self.session).conflicting(body.model, [device.id])
-        if conflicts:
-            raise Conflict(
-                f"device {device.id!r} is in rollout {conflicts[0][0]} of model {body.model!r}; "
-                "finish, abort or roll back that rollout first"
-            )
-        previous = (device.serving or {}).get(body.model)
-        record = DesiredStateService(self.session, self.ctx).assign(
-            device,
-            body.model,
-            body.version,
-            variant=body.variant,
-            mode=ServeMode(body.mode),
-            probation=probation,
-        )
-        DeploymentRepository(self.session).add(
-            Deployment(
-                device_id=device.id,
-                model=body.model,
-                version=body.version,
-                previous_version=previous,
-                phase=DeploymentPhase.notified,
-                desired_seq=record.seq,
-                notified_at=utcnow(),
-            )
-        )
-        audit(
-            self.session,
-            by,
-            "device.assign",
-            "device",
-            device_id,
-            {"model": body.model, "version": body.version, "seq": record.seq},
-        )
-        return DesiredOut.model_validate(record)
-
-    def get_desired(self, device_id: str) -> DesiredOut:
-        from server.rollouts.repository import DesiredRepository
-
-        self.get(device_id)
-        record = DesiredRepository(self.session).get(device_id)
-        if record is None:
-            raise NotFound(f"device {device_id!r} has no desired state")
-        return DesiredOut.model_validate(record)
 
     def events(self, device_id: str, limit: int) -> list[DeviceEventOut]:
         self.get(device_id)

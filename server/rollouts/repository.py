@@ -235,6 +235,17 @@ class DeploymentRepository:
         )
         return self.session.scalars(q).first()
 
+    def of_device_locked(self, device_id: str, phases: Sequence[DeploymentPhase]) -> Sequence[Deployment]:
+        """The device's deployments in ``phases``, by id, locked ``FOR UPDATE`` until the
+        transaction ends."""
+        q = (
+            sa.select(Deployment)
+            .where(Deployment.device_id == device_id, Deployment.phase.in_(list(phases)))
+            .order_by(Deployment.id)
+            .with_for_update()
+        )
+        return self.session.scalars(q).all()
+
 
 class RolloutRepository:
     def __init__(self, session: Session) -> None:
