@@ -13,8 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.sim.mux import raise_open_files
 from server.sim.profiles import Profile
-from server.sim.provision import FleetIdentities, raise_open_files
+from server.sim.provision import FleetIdentities
 from server.sim.worker import DeviceSpec, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
