@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from device_client.loop import BackgroundLoop
 from server.db import utcnow
 from server.health.repository import HealthRollupRepository
 
@@ -110,7 +111,14 @@ class HealthRollupJob:
         self.db = db
         self.settings = settings
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop(
+            "health-rollup",
+            self.run_once,
+            self._stop,
+            failure="health rollup failed; retrying next interval",
+            interval_s=settings.health_rollup_interval_s,
+            logger=log,
+        )
 
     def run_once(self, now: datetime | None = None) -> FoldResult:
         s = self.settings
@@ -129,17 +137,8 @@ class HealthRollupJob:
         return result
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="health-rollup", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.health_rollup_interval_s):
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("health rollup failed; retrying next interval")
+        self._loop.join(30)

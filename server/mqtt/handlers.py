@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from device_client.loop import BackgroundLoop
 from device_client.protocol import (
     HealthWindow,
     InvalidPayload,
@@ -88,10 +89,12 @@ class IngestWorker:
         s = ctx.settings
         self.limits = Limits(s.health_max_rps, s.health_max_window_s, s.health_max_clock_skew_s)
         self.on_batch = on_batch
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self._stop = threading.Event()
+        self._loop = BackgroundLoop(
+            "mqtt-ingest", self._step, self._stop, failure="ingest step failed; going on", logger=log
+        )
 
     # -- plumbing ------------------------------------------------------------------------------
     def submit(
@@ -104,48 +107,46 @@ class IngestWorker:
         self.queue.put((topic, payload, received_at, ack))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="mqtt-ingest", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.join(10)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once everything submitted so far has been written (for tests and shutdown)."""
         return self._idle.wait(timeout)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                if self.queue.empty():
-                    self._idle.set()
-                continue
-            items = [first]
-            deadline = time.monotonic() + self.batch_delay
-            while len(items) < self.batch_max:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    items.append(self.queue.get(timeout=remaining))
-                except queue.Empty:
-                    break
-            try:
-                settled = self.process([item[:3] for item in items])
-            except Exception:  # never let one bad batch stop the ingest thread
-                log.exception("ingest batch failed; dropped %d messages", len(items))
-                self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
-                settled = True
-            if settled:  # in arrival order, as MQTT wants PUBACKs
-                for item in items:
-                    if item[3] is not None:
-                        item[3]()
+    def _step(self) -> None:
+        """Take the next batch off the queue (waiting up to 0.2 s for its first message) and settle it."""
+        try:
+            first = self.queue.get(timeout=0.2)
+        except queue.Empty:
             if self.queue.empty():
                 self._idle.set()
+            return
+        items = [first]
+        deadline = time.monotonic() + self.batch_delay
+        while len(items) < self.batch_max:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(self.queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        try:
+            settled = self.process([item[:3] for item in items])
+        except Exception:  # never let one bad batch stop the ingest thread
+            log.exception("ingest batch failed; dropped %d messages", len(items))
+            self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
+            settled = True
+        if settled:  # in arrival order, as MQTT wants PUBACKs
+            for item in items:
+                if item[3] is not None:
+                    item[3]()
+        if self.queue.empty():
+            self._idle.set()
 
     def reject(self, kind: str, reason: str, detail: str) -> None:
         self.metrics.inc(REJECTED, kind=kind, reason=reason, help="device messages rejected")

@@ -24,6 +24,7 @@ import threading
 from datetime import timedelta
 from typing import Any, Protocol
 
+from device_client.loop import BackgroundLoop
 from server.db import Database, utcnow
 from server.metrics import Metrics
 from server.rollouts.outbox import OutboxRepository, enqueue_many
@@ -57,38 +58,39 @@ class OutboxPublisher:
         self.sweep_s = sweep_s
         self.ack_timeout_s = ack_timeout_s
         self._kick = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._flushes = 0
+        self._stop = threading.Event()
+        self._loop = BackgroundLoop(
+            "mqtt-outbox",
+            self._step,
+            self._stop,
+            failure="outbox flush failed; retrying",
+            error_pause_s=1.0,
+            logger=log,
+        )
 
     def kick(self) -> None:
         self._kick.set()
 
     def start(self) -> None:
         self.db.outbox_listener = self.kick
-        self._thread = threading.Thread(target=self._run, name="mqtt-outbox", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._kick.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.join(10)
         if self.db.outbox_listener == self.kick:
             self.db.outbox_listener = None
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._kick.wait(self.sweep_s)
-            self._kick.clear()
-            if self._stop.is_set() or not self.link.connected:
-                continue
-            try:
-                while self.flush() == self.batch and not self._stop.is_set():
-                    pass
-            except Exception:
-                log.exception("outbox flush failed; retrying")
-                self._stop.wait(1.0)
+    def _step(self) -> None:
+        """Wait for a kick (or the sweep), then publish until nothing is pending."""
+        self._kick.wait(self.sweep_s)
+        self._kick.clear()
+        if self._stop.is_set() or not self.link.connected:
+            return
+        while self.flush() == self.batch and not self._stop.is_set():
+            pass
 
     def flush(self) -> int:
         """Publish one batch of pending rows; return how many were confirmed by the broker."""
