@@ -7,13 +7,15 @@ import base64
 import binascii
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.orm import Session
 
 from device_client.protocol.enrollment import EnrollRequest, EnrollResponse, MqttEndpoint
+from device_client.protocol.messages import HardwareFacts
 from device_client.protocol.topics import is_valid_device_id
 from server.admin.schemas import Principal
 from server.admin.service import audit
@@ -144,20 +146,7 @@ class DeviceService:
         csr, device_id = parse_csr(req.csr_pem)
         if self.devices.exists(device_id):
             raise Conflict(f"device id {device_id!r} is already enrolled (or was decommissioned)")
-        settings = self.ctx.settings
-        cert = self.ctx.ca.issue_client(csr, device_id, settings.device_cert_days)
-        device_token, token_hash = new_token(DEVICE_PREFIX, device_id)
-        device = Device(
-            id=device_id,
-            status=DeviceStatus.enrolled,
-            hardware=req.hardware.model_dump(mode="json"),
-            arch=req.hardware.arch,
-            cert_serial=serial_hex(cert),
-            cert_not_after=cert.not_valid_after_utc,
-            token_hash=token_hash,
-            enrolled_with=token.id,
-            tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
-        )
+        device, certificate_pem, device_token = self._new_device(csr, device_id, req.hardware, token)
         self._insert([device])
         audit(
             self.session,
@@ -167,18 +156,11 @@ class DeviceService:
             device_id,
             {"enroll_token": token.id, "arch": req.hardware.arch, "cert_serial": device.cert_serial},
         )
-        host, port = settings.mqtt_endpoint()
         return EnrollResponse(
             device_id=device_id,
-            certificate_pem=cert.public_bytes(Encoding.PEM).decode("ascii"),
-            ca_certificate_pem=self.ctx.ca.cert_pem,
-            mqtt=MqttEndpoint(host=host, port=port, tls=True),
-            tuf_root=self.ctx.repo.trusted_root(),
-            tuf_metadata_url=f"{settings.public_url}/tuf/metadata/",
-            tuf_targets_url=settings.targets_base_url,
-            director_public_key_pem=self.ctx.director.public_key_pem,
+            certificate_pem=certificate_pem,
             device_token=device_token,
-            tags=dict(token.tags),
+            **self._fleet_access(token),
         )
 
     def enroll_many(self, req: BulkEnrollRequest, by: Principal) -> BulkEnrollResponse:
@@ -193,18 +175,10 @@ class DeviceService:
         taken = self.devices.existing(ids)
         if taken:
             raise Conflict(f"device id {sorted(taken)[0]!r} is already enrolled (or was decommissioned)")
-        settings = self.ctx.settings
         out: list[BulkEnrolled] = []
         devices: list[Device] = []
         for (csr, device_id), item in parsed:
-            cert = self.ctx.ca.issue_client(csr, device_id, settings.device_cert_days)
-            device_token, token_hash = new_token(DEVICE_PREFIX, device_id)
-            device = Device(
-                id=device_id, status=DeviceStatus.enrolled, hardware=item.hardware.model_dump(mode="json"),
-                arch=item.hardware.arch, cert_serial=serial_hex(cert),
-                cert_not_after=cert.not_valid_after_utc, token_hash=token_hash, enrolled_with=token.id,
-                tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
-            )  # fmt: skip
+            device, certificate_pem, device_token = self._new_device(csr, device_id, item.hardware, token)
             devices.append(device)
             audit(
                 self.session, by, "device.enroll", "device", device_id,
@@ -212,24 +186,49 @@ class DeviceService:
                  "bulk": True},
             )  # fmt: skip
             out.append(
-                BulkEnrolled(
-                    device_id=device_id,
-                    certificate_pem=cert.public_bytes(Encoding.PEM).decode("ascii"),
-                    device_token=device_token,
-                )
+                BulkEnrolled(device_id=device_id, certificate_pem=certificate_pem, device_token=device_token)
             )
         self._insert(devices)
-        host, port = settings.mqtt_endpoint()
-        return BulkEnrollResponse(
-            ca_certificate_pem=self.ctx.ca.cert_pem,
-            mqtt=MqttEndpoint(host=host, port=port, tls=True),
-            tuf_root=self.ctx.repo.trusted_root(),
-            tuf_metadata_url=f"{settings.public_url}/tuf/metadata/",
-            tuf_targets_url=settings.targets_base_url,
-            director_public_key_pem=self.ctx.director.public_key_pem,
-            tags=dict(token.tags),
-            devices=out,
+        return BulkEnrollResponse(devices=out, **self._fleet_access(token))
+
+    def _new_device(
+        self,
+        csr: x509.CertificateSigningRequest,
+        device_id: str,
+        hardware: HardwareFacts,
+        token: EnrollmentToken,
+    ) -> tuple[Device, str, str]:
+        """A device enrolled with ``token``, with a new certificate for its CSR and a new device
+        token: (the device row, its certificate PEM, its device token)."""
+        cert = self.ctx.ca.issue_client(csr, device_id, self.ctx.settings.device_cert_days)
+        device_token, token_hash = new_token(DEVICE_PREFIX, device_id)
+        device = Device(
+            id=device_id,
+            status=DeviceStatus.enrolled,
+            hardware=hardware.model_dump(mode="json"),
+            arch=hardware.arch,
+            cert_serial=serial_hex(cert),
+            cert_not_after=cert.not_valid_after_utc,
+            token_hash=token_hash,
+            enrolled_with=token.id,
+            tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
         )
+        return device, cert.public_bytes(Encoding.PEM).decode("ascii"), device_token
+
+    def _fleet_access(self, token: EnrollmentToken) -> dict[str, Any]:
+        """What every device enrolled with ``token`` is told besides its own certificate and
+        token: the fleet CA, the broker, the TUF root and URLs, the director's key, its tags."""
+        settings = self.ctx.settings
+        host, port = settings.mqtt_endpoint()
+        return {
+            "ca_certificate_pem": self.ctx.ca.cert_pem,
+            "mqtt": MqttEndpoint(host=host, port=port, tls=True),
+            "tuf_root": self.ctx.repo.trusted_root(),
+            "tuf_metadata_url": f"{settings.public_url}/tuf/metadata/",
+            "tuf_targets_url": settings.targets_base_url,
+            "director_public_key_pem": self.ctx.director.public_key_pem,
+            "tags": dict(token.tags),
+        }
 
     def _insert(self, devices: list[Device]) -> None:
         """INSERT new devices. The existence check before is not atomic: a concurrent enrollment

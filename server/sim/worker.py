@@ -33,7 +33,7 @@ from device_client.protocol.signing import public_key_from_pem, verify_envelope
 from device_client.protocol.topics import TopicKind, device_topic
 from server.gctune import tune_gc
 from server.sim.mux import Mux, raise_open_files
-from server.sim.profiles import Profile
+from server.sim.profiles import Profile, SimOptions
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,7 @@ class WorkerSpec:
     director_pem: str
     mqtt_host: str
     mqtt_port: int
-    profiles: dict[str, Profile] = field(default_factory=dict)
-    default_profile: Profile = field(default_factory=Profile)
-    #: what every device serves at start: {model: version}
-    serving: dict[str, str] = field(default_factory=dict)
-    #: seconds between health windows (0 = none)
-    health_window_s: float = 10.0
-    seed: int = 0
-    connect_threads: int = 8
-    keepalive_s: int = 60
+    options: SimOptions = field(default_factory=SimOptions)
     stats_interval_s: float = 0.25
 
 
@@ -79,8 +71,8 @@ class SimDevice:
         self.spec = spec
         self.id = spec.device_id
         self.w = w
-        self.rng = random.Random(hash((w.spec.seed, spec.device_id)))
-        self.serving: dict[str, str] = dict(w.spec.serving)
+        self.rng = random.Random(hash((w.spec.options.seed, spec.device_id)))
+        self.serving: dict[str, str] = dict(w.spec.options.serving)
         self.shadow: dict[str, str] = {}
         self.previous: dict[str, str] = {}
         self.last_desired_seq = 0
@@ -120,7 +112,7 @@ class SimDevice:
         """On a connect thread: TCP + TLS handshake + CONNECT (blocking)."""
         try:
             self.client.connect(
-                self.w.spec.mqtt_host, self.w.spec.mqtt_port, keepalive=self.w.spec.keepalive_s
+                self.w.spec.mqtt_host, self.w.spec.mqtt_port, keepalive=self.w.spec.options.keepalive_s
             )
         except (OSError, ssl.SSLError) as exc:
             log.debug("%s: connect failed: %s", self.id, exc)
@@ -149,9 +141,10 @@ class SimDevice:
         self.w.counters["connects"] += 1
         client.subscribe(self.t_desired, qos=1)
         client.publish(self.t_presence, self.presence("online"), qos=1, retain=True)
-        if self.w.spec.health_window_s > 0 and not getattr(self, "_health_armed", False):
+        window = self.w.spec.options.health_window_s
+        if window > 0 and not getattr(self, "_health_armed", False):
             self._health_armed = True
-            self.w.mux.sched.call_later(self.rng.random() * self.w.spec.health_window_s, self._health_tick)
+            self.w.mux.sched.call_later(self.rng.random() * window, self._health_tick)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         was = self.connected
@@ -269,7 +262,7 @@ class SimDevice:
 
     # -- health ---------------------------------------------------------------------------------
     def _health_tick(self) -> None:
-        window = self.w.spec.health_window_s
+        window = self.w.spec.options.health_window_s
         if self.w.stopping:
             return
         self.w.mux.sched.call_later(window, self._health_tick)
@@ -318,13 +311,13 @@ class Worker:
         self.director = [public_key_from_pem(spec.director_pem)]
         self.counters: Counter[str] = Counter()
         self.stopping = False
-        self.pool = ThreadPoolExecutor(spec.connect_threads, thread_name_prefix="sim-connect")
+        self.pool = ThreadPoolExecutor(spec.options.connect_threads, thread_name_prefix="sim-connect")
         self._soon: deque[Callable[[], None]] = deque()
         self.devices = [SimDevice(d, self) for d in spec.devices]
         self._frozen = False
 
     def profile(self, version: str) -> Profile:
-        return self.spec.profiles.get(version, self.spec.default_profile)
+        return self.spec.options.profiles.get(version, self.spec.options.default_profile)
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         self._soon.append(fn)
