@@ -40,8 +40,8 @@ class WindowMatch:
     until: datetime | None = None
 
     def where(
-        self, raw: sa.Select[Any], rolled: sa.Select[Any], device_ids: list[str]
-    ) -> tuple[sa.Select[Any], sa.Select[Any]]:
+        self, raw: sa.Select[*tuple[Any, ...]], rolled: sa.Select[*tuple[Any, ...]], device_ids: list[str]
+    ) -> tuple[sa.Select[*tuple[Any, ...]], sa.Select[*tuple[Any, ...]]]:
         """``raw`` (of :class:`HealthSample`) and ``rolled`` (of :class:`HealthRollup`) narrowed to
         the matching windows of ``device_ids``."""
         h, r = HealthSample, HealthRollup

@@ -238,9 +238,10 @@ class IngestWorker:
         devices, one multi-row INSERT of events and of health windows, one SELECT and one bulk
         UPDATE of deployments, one bulk UPDATE of devices (coalesced: one row per device)."""
         now = utcnow()
+        messages: list[Presence | Report | HealthWindow] = [*batch.presence, *batch.reports, *batch.health]
         devices = BatchDevices(
             session,
-            (m.device_id for m in (*batch.presence, *batch.reports, *batch.health)),
+            (m.device_id for m in messages),
             now,
             unknown=lambda kind, device_id: self.reject(kind, "unknown_device", device_id),
         )

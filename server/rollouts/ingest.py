@@ -34,7 +34,7 @@ def apply_reports(session: Session, reports: Sequence[Report]) -> list[tuple[int
     SELECT and one bulk UPDATE. Returns the reports refused as stale: (deployment id, why)."""
     pairs = [(r.device_id, r.desired_seq) for r in reports if r.desired_seq is not None]
     repo = DeploymentRepository(session)
-    deployments = repo.states_for_desired(pairs)  # type: ignore[arg-type]
+    deployments = repo.states_for_desired(pairs)
     # a seq its deployment left behind (re-signed while the device worked on it), by rollout
     behind = [r for r in reports if r.desired_seq is not None and r.rollout_id
               and (r.device_id, r.desired_seq) not in deployments]  # fmt: skip
