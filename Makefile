@@ -31,6 +31,7 @@ demo: venv mosquitto
 
 test: venv mosquitto
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -130,7 +130,7 @@ def publish_rate(ctx, since) -> float | None:
     """DesiredStates published per second by all replicas (the outbox rows' published_at)."""
     import sqlalchemy as sa
 
-    from server.mqtt.tables import OutboxMessage
+    from server.rollouts.tables import OutboxMessage
 
     with ctx.db.session_scope() as s:
         first, last, count = s.execute(

@@ -18,8 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from server.catalog.signing import reconcile_published
 from server.config import Settings
 from server.context import ServerContext
-from server.devices.crl import PublishedCrl
-from server.devices.service import refresh_broker_crl
+from server.devices.crl import PublishedCrl, refresh_broker_crl
 from server.gctune import tune_gc
 from server.health.rollup import HealthRollupJob
 from server.http.bodylimit import BodyLimitMiddleware, body_limits
@@ -27,6 +26,7 @@ from server.http.errors import ERROR_RESPONSES, install_error_handlers
 from server.http.ratelimit import RateLimitMiddleware, rate_rules
 from server.http.routers import admin, catalog, devices, rollouts, signing, tuf
 from server.migrate import head_revisions
+from server.mqtt.control import LocalBroker
 from server.mqtt.runtime import MqttRuntime
 from server.readiness import Readiness, check_ready
 from server.rollouts.engine import RolloutEngine
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await asyncio.to_thread(ServerContext.open, settings)
+        ctx.broker = LocalBroker(settings, ctx.ca)  # a decommission reloads the CRL, cuts the device
         app.state.ctx = ctx
         app.state.crl = PublishedCrl(ctx)
         app.state.migration_heads = head_revisions()  # what /readyz expects the database at

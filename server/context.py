@@ -1,4 +1,5 @@
-"""Everything a running server holds: settings, database, CA, director, image repository.
+"""Everything a running server holds: settings, database, CA, director, image repository, and
+the broker actions the domain may trigger (:class:`BrokerControl`).
 
 Built once in the app lifespan (or by a CLI command); never a module global.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from server.config import Settings
 from server.db import Database
@@ -21,6 +23,29 @@ from server.trust.repository import ImageRepository
 log = logging.getLogger(__name__)
 
 
+class BrokerControl(Protocol):
+    """What the domain asks of the MQTT broker after a revocation. The app wires the broker on this
+    host (:class:`server.mqtt.control.LocalBroker`); the domain never imports :mod:`server.mqtt`."""
+
+    def reload_crl(self) -> int:
+        """Make the brokers running the generated configuration re-read its CRL; how many were told."""
+        ...
+
+    def cut(self, device_id: str) -> None:
+        """Close the open connection of ``device_id``, in the background."""
+        ...
+
+
+class NoBroker:
+    """No broker to act on (a CLI command, an ingest process): nothing is reloaded or cut."""
+
+    def reload_crl(self) -> int:
+        return 0
+
+    def cut(self, device_id: str) -> None:
+        return None
+
+
 @dataclass
 class ServerContext:
     settings: Settings
@@ -29,6 +54,7 @@ class ServerContext:
     director: Director
     repo: ImageRepository
     metrics: Metrics = field(default_factory=Metrics)
+    broker: BrokerControl = field(default_factory=NoBroker)
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> ServerContext:

@@ -36,7 +36,6 @@ TABLE_MODULES = (
     "server.catalog.tables",
     "server.rollouts.tables",
     "server.health.tables",
-    "server.mqtt.tables",
 )
 
 

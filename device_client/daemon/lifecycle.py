@@ -16,6 +16,7 @@ from ..api import InferenceServer
 from ..config import DeviceSettings
 from ..enroll import Identity, hardware_facts
 from ..fetcher import HttpSettings, url_origin
+from ..loop import BackgroundLoop
 from ..mqtt import MQTT_STATUS_FILE, MqttEndpointConfig, MqttLink, ReportJournal
 from ..protocol import Presence, TopicKind, device_topic
 from ..protocol.messages import utcnow
@@ -26,7 +27,6 @@ from ..store import StateStore, StoreError
 from ..trust import DirectorKeyring, TufVerifier
 from .health_publisher import HealthPublisher
 from .intake import Intake
-from .loop import BackgroundLoop
 from .models import Slots
 from .persistence import StateKeeper
 from .probation import Probation

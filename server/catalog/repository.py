@@ -94,3 +94,27 @@ class CatalogRepository:
     def artifact_by_target(self, target_path: str) -> ModelArtifact | None:
         q = sa.select(ModelArtifact).where(ModelArtifact.target_path == target_path)
         return self.session.scalars(q).first()
+
+    # -- what devices are sent -----------------------------------------------------------------
+    def active_version(self, model: str, version: str) -> ModelVersion | None:
+        """The version ``version`` of the model named ``model``, if it is active."""
+        q = (
+            sa.select(ModelVersion)
+            .join(CatalogModel, ModelVersion.model_id == CatalogModel.id)
+            .where(
+                CatalogModel.name == model,
+                ModelVersion.version == version,
+                ModelVersion.status == VersionStatus.active,
+            )
+        )
+        return self.session.scalars(q).first()
+
+    def published_artifacts(self, version_id: int) -> Sequence[ModelArtifact]:
+        """The version's artifacts listed in the signed targets metadata (not those staged for an
+        offline targets signature: no device would find them)."""
+        q = (
+            sa.select(ModelArtifact)
+            .where(ModelArtifact.version_id == version_id, ModelArtifact.published.is_(True))
+            .order_by(ModelArtifact.variant)
+        )
+        return self.session.scalars(q).all()

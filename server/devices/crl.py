@@ -1,6 +1,7 @@
-"""The CRL served at ``GET /api/v1/pki/crl.pem``: the broker's ``crl.pem``, never signed per request.
+"""The broker's CRL (``broker_dir/crl.pem``), also served at ``GET /api/v1/pki/crl.pem``, never
+signed per request.
 
-:func:`~server.devices.service.refresh_broker_crl` writes that file at start-up, on every
+:func:`refresh_broker_crl` writes that file from the database's revocations at start-up, on every
 decommission and on the refresh job's schedule; :class:`PublishedCrl` reads and checks it once per
 change of the file and answers with an ``ETag``, a ``Last-Modified`` (the CRL's lastUpdate) and
 conditional GETs (304).
@@ -9,21 +10,69 @@ conditional GETs (304).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import TYPE_CHECKING
 
-from server.devices.service import CRL_FILE, refresh_broker_crl
+from server.devices.repository import RevocationRepository
+from server.trust.pki import CRL_VALIDITY
 
 if TYPE_CHECKING:
     from server.context import ServerContext
 
+log = logging.getLogger(__name__)
+
+CRL_FILE = "crl.pem"
 #: how long a client or cache may reuse the CRL without asking again (a decommission shows after
 #: at most this long; with the ETag a revalidation costs a 304)
 CRL_MAX_AGE_S = 60
+#: one CRL writer at a time in this process: each reads the committed revocations and writes them,
+#: so a periodic refresh that read before a decommission committed cannot overwrite its CRL
+_CRL_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CrlWrite:
+    """A CRL (re)written into ``broker_dir``: why, how many serials, how many brokers reloaded."""
+
+    reason: str
+    revoked: int
+    reloaded: int
+
+
+def refresh_broker_crl(
+    ctx: ServerContext,
+    *,
+    force: bool = False,
+    validity: timedelta = CRL_VALIDITY,
+    now: datetime | None = None,
+) -> CrlWrite | None:
+    """Rebuild the broker's CRL (``broker_dir/crl.pem``) from the database's revocations when it
+    is missing, not signed by the fleet CA, lists other serials, or has less than half of its
+    validity left (``force``: always), and make a local broker running the generated config
+    re-read it (``ctx.broker``: SIGHUP, :mod:`server.mqtt.reload`). None if the file was current.
+
+    Run at server start-up and by the periodic refresh job: a CRL past its ``nextUpdate`` makes
+    OpenSSL refuse every handshake to the broker ("CRL has expired"), the server's own included."""
+    path = ctx.settings.broker_dir / CRL_FILE
+    with _CRL_LOCK:
+        with ctx.db.session_scope() as session:
+            revoked = RevocationRepository(session).all()
+        reason = "forced" if force else ctx.ca.crl_refresh_reason(path, revoked, now=now)
+        if reason is None:
+            return None
+        ctx.ca.write_crl(path, revoked, validity, now=now)
+        reloaded = ctx.broker.reload_crl()
+    log.info(
+        "wrote the broker CRL %s (%s): %d revoked serials; %s",
+        path, reason, len(revoked),
+        f"{reloaded} local broker(s) reloaded" if reloaded else "no local broker runs it: reload the broker",
+    )  # fmt: skip
+    return CrlWrite(reason=reason, revoked=len(revoked), reloaded=reloaded)
 
 
 @dataclass(frozen=True)

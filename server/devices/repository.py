@@ -22,6 +22,11 @@ from server.devices.tables import (
 _INGEST_COLUMNS = ("status", "last_seen_at", "serving", "hardware", "last_report_seq")
 
 
+def _tagged(device_id: Any, key: str, value: str) -> sa.Exists:
+    """The device of ``device_id`` carries the tag ``key`` = ``value``."""
+    return sa.exists().where(DeviceTag.device_id == device_id, DeviceTag.key == key, DeviceTag.value == value)
+
+
 @dataclass
 class DeviceState:
     """The columns MQTT ingest reads and writes, without an ORM object (ingest is batched)."""
@@ -131,8 +136,7 @@ class DeviceRepository:
         if arch is not None:
             q = q.where(t.c.arch == arch)
         for key, value in tags:
-            tagged = sa.exists().where(DeviceTag.device_id == t.c.id, DeviceTag.key == key)
-            q = q.where(tagged.where(DeviceTag.value == value))
+            q = q.where(_tagged(t.c.id, key, value))
         rows = [dict(r._mapping) for r in self.session.execute(q)]
         by_device: dict[str, dict[str, str]] = {r["id"]: {} for r in rows}
         if rows:
@@ -147,6 +151,22 @@ class DeviceRepository:
             r["tags"] = by_device[r["id"]]
             r["serving"] = dict(r["serving"] or {})
         return rows
+
+    def candidates(self, tags: dict[str, str], device_ids: Sequence[str], arch: str | None) -> list[Any]:
+        """Rows (id, hardware, serving) of the devices (not decommissioned) matching, by id (no ORM
+        objects: a rollout may select 100,000 devices)."""
+        q = (
+            sa.select(Device.id, Device.hardware, Device.serving)
+            .where(Device.status != DeviceStatus.decommissioned)
+            .order_by(Device.id)
+        )
+        if device_ids:
+            q = q.where(Device.id.in_(list(device_ids)))
+        if arch:
+            q = q.where(Device.arch == arch)
+        for key, value in tags.items():
+            q = q.where(_tagged(Device.id, key, value))
+        return list(self.session.execute(q))
 
     def events(self, device_id: str, limit: int) -> Sequence[DeviceEvent]:
         q = (

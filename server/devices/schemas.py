@@ -74,34 +74,6 @@ class EnrollTokenCreated(EnrollTokenOut):
     token: str
 
 
-class DesiredAssign(BaseModel):
-    """Pin one device to a model version (a direct deployment, outside any rollout)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    version: str
-    variant: str | None = None
-    mode: str = Field(default="serve", pattern="^(serve|shadow)$")
-    probation: dict[str, Any] = Field(default_factory=dict)
-
-
-class DesiredOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    device_id: str
-    seq: int
-    rollout_id: str | None
-    model: str
-    version: str
-    release: int
-    variant: str
-    mode: str
-    probation: dict[str, Any]
-    issued_at: datetime
-    expires_at: datetime
-
-
 class DeviceEventOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -151,4 +123,6 @@ class BulkEnrollResponse(BaseModel):
     tuf_targets_url: str
     director_public_key_pem: str
     tags: dict[str, str] = Field(default_factory=dict)
+    #: base URL of the fleet's cloud tier, as in a single enrollment's answer
+    cloud_url: str | None = None
     devices: list[BulkEnrolled]

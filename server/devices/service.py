@@ -1,35 +1,32 @@
-"""Device registry: enrollment, listing, tags, decommissioning, device authentication."""
+"""Device registry: enrollment, listing, tags, retiring a device (its decommission, with the
+deployments it cancels, is :mod:`server.rollouts.device_deployments`), device authentication."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import builtins
-import logging
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from device_client.protocol.enrollment import EnrollRequest, EnrollResponse, MqttEndpoint
-from device_client.protocol.messages import DeploymentPhase, Probation, ServeMode
+from device_client.protocol.messages import HardwareFacts
 from device_client.protocol.topics import is_valid_device_id
 from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.db import after_commit, utcnow
+from server.devices.crl import refresh_broker_crl
 from server.devices.repository import DeviceRepository, EnrollmentTokenRepository, RevocationRepository
 from server.devices.schemas import (
     BulkEnrolled,
     BulkEnrollRequest,
     BulkEnrollResponse,
-    DesiredAssign,
-    DesiredOut,
     DeviceEventOut,
     DeviceOut,
     DevicePage,
@@ -42,72 +39,10 @@ from server.devices.tables import Device, DeviceStatus, DeviceTag, EnrollmentTok
 from server.devices.tags import check_tag, check_tags
 from server.errors import Conflict, Forbidden, Invalid, NotFound
 from server.security import DEVICE_PREFIX, ENROLL_PREFIX, authenticate_token, new_id, new_token
-from server.trust.pki import CRL_VALIDITY, parse_csr, serial_hex
+from server.trust.pki import parse_csr, serial_hex
 
 if TYPE_CHECKING:
     from server.context import ServerContext
-
-log = logging.getLogger(__name__)
-
-CRL_FILE = "crl.pem"
-#: deployment phases a decommission cancels: the device will never finish them. (A deployment
-#: that already succeeded, failed, timed out or rolled back keeps its outcome.)
-OPEN_PHASES = (
-    DeploymentPhase.pending,
-    DeploymentPhase.notified,
-    DeploymentPhase.downloading,
-    DeploymentPhase.verifying,
-    DeploymentPhase.installing,
-    DeploymentPhase.probation,
-)
-DECOMMISSION_REASON = "device decommissioned"
-
-#: one CRL writer at a time in this process: each reads the committed revocations and writes them,
-#: so a periodic refresh that read before a decommission committed cannot overwrite its CRL
-_CRL_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class CrlWrite:
-    """A CRL (re)written into ``broker_dir``: why, how many serials, how many brokers reloaded."""
-
-    reason: str
-    revoked: int
-    reloaded: int
-
-
-def refresh_broker_crl(
-    ctx: ServerContext,
-    *,
-    force: bool = False,
-    validity: timedelta = CRL_VALIDITY,
-    now: datetime | None = None,
-) -> CrlWrite | None:
-    """Rebuild the broker's CRL (``broker_dir/crl.pem``) from the database's revocations when it
-    is missing, not signed by the fleet CA, lists other serials, or has less than half of its
-    validity left (``force``: always), and make a local broker running the generated config
-    re-read it (SIGHUP, :mod:`server.mqtt.reload`). None if the file was current.
-
-    Run at server start-up and by the periodic refresh job: a CRL past its ``nextUpdate`` makes
-    OpenSSL refuse every handshake to the broker ("CRL has expired"), the server's own included."""
-    from server.mqtt.reload import reload_local_brokers
-
-    broker_dir = ctx.settings.broker_dir
-    path = broker_dir / CRL_FILE
-    with _CRL_LOCK:
-        with ctx.db.session_scope() as session:
-            revoked = RevocationRepository(session).all()
-        reason = "forced" if force else ctx.ca.crl_refresh_reason(path, revoked, now=now)
-        if reason is None:
-            return None
-        ctx.ca.write_crl(path, revoked, validity, now=now)
-        reloaded = reload_local_brokers(broker_dir / "mosquitto.conf")
-    log.info(
-        "wrote the broker CRL %s (%s): %d revoked serials; %s",
-        path, reason, len(revoked),
-        f"{reloaded} local broker(s) reloaded" if reloaded else "no local broker runs it: reload the broker",
-    )  # fmt: skip
-    return CrlWrite(reason=reason, revoked=len(revoked), reloaded=reloaded)
 
 
 def device_out(d: Device) -> DeviceOut:
@@ -172,7 +107,7 @@ class DeviceService:
         )
         return EnrollTokenCreated(**EnrollTokenOut.model_validate(row).model_dump(), token=token)
 
-    def list_enroll_tokens(self) -> list[EnrollTokenOut]:
+    def list_enroll_tokens(self) -> builtins.list[EnrollTokenOut]:
         return [EnrollTokenOut.model_validate(t) for t in self.tokens.list_active(utcnow())]
 
     def revoke_enroll_token(self, token_id: str, by: Principal) -> EnrollTokenOut:
@@ -212,20 +147,7 @@ class DeviceService:
         csr, device_id = parse_csr(req.csr_pem)
         if self.devices.exists(device_id):
             raise Conflict(f"device id {device_id!r} is already enrolled (or was decommissioned)")
-        settings = self.ctx.settings
-        cert = self.ctx.ca.issue_client(csr, device_id, settings.device_cert_days)
-        device_token, token_hash = new_token(DEVICE_PREFIX, device_id)
-        device = Device(
-            id=device_id,
-            status=DeviceStatus.enrolled,
-            hardware=req.hardware.model_dump(mode="json"),
-            arch=req.hardware.arch,
-            cert_serial=serial_hex(cert),
-            cert_not_after=cert.not_valid_after_utc,
-            token_hash=token_hash,
-            enrolled_with=token.id,
-            tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
-        )
+        device, certificate_pem, device_token = self._new_device(csr, device_id, req.hardware, token)
         self._insert([device])
         audit(
             self.session,
@@ -235,19 +157,11 @@ class DeviceService:
             device_id,
             {"enroll_token": token.id, "arch": req.hardware.arch, "cert_serial": device.cert_serial},
         )
-        host, port = settings.mqtt_endpoint()
         return EnrollResponse(
             device_id=device_id,
-            certificate_pem=cert.public_bytes(Encoding.PEM).decode("ascii"),
-            ca_certificate_pem=self.ctx.ca.cert_pem,
-            mqtt=MqttEndpoint(host=host, port=port, tls=True),
-            tuf_root=self.ctx.repo.trusted_root(),
-            tuf_metadata_url=f"{settings.public_url}/tuf/metadata/",
-            tuf_targets_url=settings.targets_base_url,
-            director_public_key_pem=self.ctx.director.public_key_pem,
+            certificate_pem=certificate_pem,
             device_token=device_token,
-            tags=dict(token.tags),
-            cloud_url=settings.cloud_public_url.rstrip("/") or None,
+            **self._fleet_access(token),
         )
 
     def enroll_many(self, req: BulkEnrollRequest, by: Principal) -> BulkEnrollResponse:
@@ -262,18 +176,10 @@ class DeviceService:
         taken = self.devices.existing(ids)
         if taken:
             raise Conflict(f"device id {sorted(taken)[0]!r} is already enrolled (or was decommissioned)")
-        settings = self.ctx.settings
         out: list[BulkEnrolled] = []
         devices: list[Device] = []
         for (csr, device_id), item in parsed:
-            cert = self.ctx.ca.issue_client(csr, device_id, settings.device_cert_days)
-            device_token, token_hash = new_token(DEVICE_PREFIX, device_id)
-            device = Device(
-                id=device_id, status=DeviceStatus.enrolled, hardware=item.hardware.model_dump(mode="json"),
-                arch=item.hardware.arch, cert_serial=serial_hex(cert),
-                cert_not_after=cert.not_valid_after_utc, token_hash=token_hash, enrolled_with=token.id,
-                tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
-            )  # fmt: skip
+            device, certificate_pem, device_token = self._new_device(csr, device_id, item.hardware, token)
             devices.append(device)
             audit(
                 self.session, by, "device.enroll", "device", device_id,
@@ -281,24 +187,50 @@ class DeviceService:
                  "bulk": True},
             )  # fmt: skip
             out.append(
-                BulkEnrolled(
-                    device_id=device_id,
-                    certificate_pem=cert.public_bytes(Encoding.PEM).decode("ascii"),
-                    device_token=device_token,
-                )
+                BulkEnrolled(device_id=device_id, certificate_pem=certificate_pem, device_token=device_token)
             )
         self._insert(devices)
-        host, port = settings.mqtt_endpoint()
-        return BulkEnrollResponse(
-            ca_certificate_pem=self.ctx.ca.cert_pem,
-            mqtt=MqttEndpoint(host=host, port=port, tls=True),
-            tuf_root=self.ctx.repo.trusted_root(),
-            tuf_metadata_url=f"{settings.public_url}/tuf/metadata/",
-            tuf_targets_url=settings.targets_base_url,
-            director_public_key_pem=self.ctx.director.public_key_pem,
-            tags=dict(token.tags),
-            devices=out,
+        return BulkEnrollResponse(devices=out, **self._fleet_access(token))
+
+    def _new_device(
+        self,
+        csr: x509.CertificateSigningRequest,
+        device_id: str,
+        hardware: HardwareFacts,
+        token: EnrollmentToken,
+    ) -> tuple[Device, str, str]:
+        """A device enrolled with ``token``, with a new certificate for its CSR and a new device
+        token: (the device row, its certificate PEM, its device token)."""
+        cert = self.ctx.ca.issue_client(csr, device_id, self.ctx.settings.device_cert_days)
+        device_token, token_hash = new_token(DEVICE_PREFIX, device_id)
+        device = Device(
+            id=device_id,
+            status=DeviceStatus.enrolled,
+            hardware=hardware.model_dump(mode="json"),
+            arch=hardware.arch,
+            cert_serial=serial_hex(cert),
+            cert_not_after=cert.not_valid_after_utc,
+            token_hash=token_hash,
+            enrolled_with=token.id,
+            tags=[DeviceTag(key=k, value=v) for k, v in sorted(token.tags.items())],
         )
+        return device, cert.public_bytes(Encoding.PEM).decode("ascii"), device_token
+
+    def _fleet_access(self, token: EnrollmentToken) -> dict[str, Any]:
+        """What every device enrolled with ``token`` is told besides its own certificate and
+        token: the fleet CA, the broker, the TUF root and URLs, the director's key, its tags."""
+        settings = self.ctx.settings
+        host, port = settings.mqtt_endpoint()
+        return {
+            "ca_certificate_pem": self.ctx.ca.cert_pem,
+            "mqtt": MqttEndpoint(host=host, port=port, tls=True),
+            "tuf_root": self.ctx.repo.trusted_root(),
+            "tuf_metadata_url": f"{settings.public_url}/tuf/metadata/",
+            "tuf_targets_url": settings.targets_base_url,
+            "director_public_key_pem": self.ctx.director.public_key_pem,
+            "tags": dict(token.tags),
+            "cloud_url": settings.cloud_public_url.rstrip("/") or None,
+        }
 
     def _insert(self, devices: list[Device]) -> None:
         """INSERT new devices. The existence check before is not atomic: a concurrent enrollment
@@ -365,130 +297,26 @@ class DeviceService:
         )
         return device_out(device)
 
-    def decommission(self, device_id: str, by: Principal) -> DeviceOut:
-        """Retire a device: revoke its certificate (CRL) and its download token, and cancel its
-        unfinished deployments (it will never finish them; a cancelled deployment is no failure
-        of its rollout)."""
-        device = self.get(device_id)
-        if device.status != DeviceStatus.decommissioned:
-            device.status = DeviceStatus.decommissioned
-            device.decommissioned_at = utcnow()
-            # a tick that read the device before this commit and signs a state for it now fails its
-            # seq check (SeqRace) and retries, instead of re-arming the deployment cancelled below
-            device.desired_seq = (device.desired_seq or 0) + 1
-            revocations = RevocationRepository(self.session)
-            revocations.add(device.cert_serial, device.id)
-            cancelled = self._cancel_deployments(device_id)
-            self.session.flush()
-            details: dict[str, object] = {"cert_serial": device.cert_serial}
-            if cancelled:
-                details["cancelled_deployments"] = cancelled
-            audit(self.session, by, "device.decommission", "device", device_id, details)
-            after_commit(self.session, lambda: self._revoke_on_broker(device_id))
-        return device_out(device)
-
-    def _cancel_deployments(self, device_id: str) -> builtins.list[dict[str, object]]:
-        """Cancel the device's pending and in-flight deployments (rollouts and direct
-        assignments); return what was cancelled (for the audit entry)."""
-        from server.rollouts.machine import deployment_transition
-        from server.rollouts.tables import Deployment
-
-        q = (
-            sa.select(Deployment)
-            .where(Deployment.device_id == device_id, Deployment.phase.in_(OPEN_PHASES))
-            .order_by(Deployment.id)
-            .with_for_update()
-        )
-        out: list[dict[str, object]] = []
-        for dep in self.session.scalars(q):
-            out.append({"id": dep.id, "rollout_id": dep.rollout_id, "phase": dep.phase.value})
-            dep.phase = deployment_transition(dep.phase, DeploymentPhase.cancelled)
-            dep.reason = DECOMMISSION_REASON
-        return out
+    def retire(self, device: Device) -> None:
+        """Mark ``device`` decommissioned and revoke its certificate and its download token; after
+        the commit, the broker re-reads the CRL and the device's open connection is cut. The caller
+        cancels what the device will never finish and writes the audit entry
+        (:meth:`server.rollouts.device_deployments.DeviceDeploymentService.decommission`)."""
+        device_id = device.id
+        device.status = DeviceStatus.decommissioned
+        device.decommissioned_at = utcnow()
+        # a tick that read the device before this commit and signs a state for it now fails its
+        # seq check (SeqRace) and retries, instead of re-arming a deployment the caller cancels
+        device.desired_seq = (device.desired_seq or 0) + 1
+        RevocationRepository(self.session).add(device.cert_serial, device_id)
+        after_commit(self.session, lambda: self._revoke_on_broker(device_id))
 
     def _revoke_on_broker(self, device_id: str) -> None:
         """After the commit: the new CRL, then the device's open connection cut (a revoked
         certificate only stops new handshakes; see :mod:`server.mqtt.kick`)."""
-        from server.mqtt.kick import kick_device
-
         written = refresh_broker_crl(self.ctx, force=True)
         if (written is not None and written.reloaded) or self.ctx.settings.mqtt_enabled:
-            kick_device(self.ctx.settings, self.ctx.ca, device_id)
-
-    def write_crl(self, revoked: builtins.list[tuple[str, datetime]] | None = None) -> bool:
-        """Write the CRL the broker loads (``crlfile`` in the generated mosquitto.conf) and make a
-        local broker running that configuration re-read it (see :mod:`server.mqtt.reload`).
-        True if a local broker was told to."""
-        from server.mqtt.reload import reload_local_brokers
-
-        if revoked is None:
-            revoked = RevocationRepository(self.session).all()
-        broker_dir = self.ctx.settings.broker_dir
-        with _CRL_LOCK:
-            self.ctx.ca.write_crl(broker_dir / CRL_FILE, revoked)
-            reloaded = reload_local_brokers(broker_dir / "mosquitto.conf")
-        if not reloaded:
-            log.info("no local broker runs %s; reload the broker to apply the new CRL", broker_dir)
-            return False
-        return True
-
-    def assign_desired(self, device_id: str, body: DesiredAssign, by: Principal) -> DesiredOut:
-        """Sign and publish a DesiredState pinning one device to a version (direct deployment)."""
-        from server.rollouts.desired import DesiredStateService
-        from server.rollouts.repository import DeploymentRepository, RolloutRepository
-        from server.rollouts.tables import Deployment
-
-        device = self.get(device_id)
-        try:
-            probation = Probation.model_validate(body.probation)
-        except ValidationError as exc:
-            raise Invalid(f"invalid probation: {exc.errors()[0]['msg']}") from None
-        # a pin would take the device's DesiredState away from a rollout that still counts on it
-        # (its deployment would time out as a failure, or the rollout would override the pin)
-        conflicts = RolloutRepository(self.session).conflicting(body.model, [device.id])
-        if conflicts:
-            raise Conflict(
-                f"device {device.id!r} is in rollout {conflicts[0][0]} of model {body.model!r}; "
-                "finish, abort or roll back that rollout first"
-            )
-        previous = (device.serving or {}).get(body.model)
-        record = DesiredStateService(self.session, self.ctx).assign(
-            device,
-            body.model,
-            body.version,
-            variant=body.variant,
-            mode=ServeMode(body.mode),
-            probation=probation,
-        )
-        DeploymentRepository(self.session).add(
-            Deployment(
-                device_id=device.id,
-                model=body.model,
-                version=body.version,
-                previous_version=previous,
-                phase=DeploymentPhase.notified,
-                desired_seq=record.seq,
-                notified_at=utcnow(),
-            )
-        )
-        audit(
-            self.session,
-            by,
-            "device.assign",
-            "device",
-            device_id,
-            {"model": body.model, "version": body.version, "seq": record.seq},
-        )
-        return DesiredOut.model_validate(record)
-
-    def get_desired(self, device_id: str) -> DesiredOut:
-        from server.rollouts.repository import DesiredRepository
-
-        self.get(device_id)
-        record = DesiredRepository(self.session).get(device_id)
-        if record is None:
-            raise NotFound(f"device {device_id!r} has no desired state")
-        return DesiredOut.model_validate(record)
+            self.ctx.broker.cut(device_id)
 
     def events(self, device_id: str, limit: int) -> builtins.list[DeviceEventOut]:
         self.get(device_id)

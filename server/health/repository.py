@@ -1,9 +1,11 @@
-"""Queries of health windows and their rollups: per-device sums for the rollout gates, the spans
-the ingest checks new windows against, and the rollup job's claims and upserts."""
+"""Queries of health windows and their rollups: per-device sums for the rollout gates, the windows
+themselves, the spans the ingest checks new windows against, and the rollup job's claims and
+upserts."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -11,8 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from server.health.sums import DeviceHealth
 from server.health.tables import HealthRollup, HealthSample
-from server.rollouts.policy import DeviceHealth
 
 #: the columns of a rollup that add up when two rollups of the same key meet
 SUMMED = (
@@ -22,6 +24,45 @@ SUMMED = (
 KEY = ("device_id", "model", "version", "mode", "bucket")
 #: device ids per query (an IN list; planners like lists in the thousands)
 IDS_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class WindowMatch:
+    """Which health windows count: one model's, optionally of one version (or of every other
+    version), one mode, and a span of time (rolled-up time is filtered by bucket start: its
+    resolution is the bucket)."""
+
+    model: str
+    version: str | None = None
+    not_version: str | None = None
+    mode: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def where(
+        self, raw: sa.Select[*tuple[Any, ...]], rolled: sa.Select[*tuple[Any, ...]], device_ids: list[str]
+    ) -> tuple[sa.Select[*tuple[Any, ...]], sa.Select[*tuple[Any, ...]]]:
+        """``raw`` (of :class:`HealthSample`) and ``rolled`` (of :class:`HealthRollup`) narrowed to
+        the matching windows of ``device_ids``."""
+        h, r = HealthSample, HealthRollup
+        raw = raw.where(h.model == self.model, h.device_id.in_(device_ids))
+        rolled = rolled.where(r.model == self.model, r.device_id.in_(device_ids))
+        if self.version is not None:
+            raw, rolled = raw.where(h.version == self.version), rolled.where(r.version == self.version)
+        if self.not_version is not None:
+            raw = raw.where(h.version != self.not_version)
+            rolled = rolled.where(r.version != self.not_version)
+        if self.mode is not None:
+            raw, rolled = raw.where(h.mode == self.mode), rolled.where(r.mode == self.mode)
+        if self.since is not None:
+            raw, rolled = raw.where(h.at >= self.since), rolled.where(r.bucket >= self.since)
+        if self.until is not None:
+            raw, rolled = raw.where(h.at < self.until), rolled.where(r.bucket < self.until)
+        return raw, rolled
+
+
+#: (requests, errors, p95_ms, shadow_requests, agreement) of one health window
+Window = tuple[int, int, float | None, int | None, float | None]
 
 
 class HealthWindowRepository:
@@ -42,11 +83,11 @@ class HealthWindowRepository:
         """Each device's sums over its matching windows, raw and rolled up (rolled-up time is
         filtered by bucket start): one GROUP BY per chunk of devices, whatever the windows.
         Devices without a matching window are absent."""
+        match = WindowMatch(model, version, not_version, mode, since, until)
         ids = sorted(set(device_ids))
         out: dict[str, DeviceHealth] = {}
         for i in range(0, len(ids), IDS_CHUNK):
-            chunk = ids[i : i + IDS_CHUNK]
-            q = self._sums(chunk, model, version, not_version, mode, since, until)
+            q = self._sums(ids[i : i + IDS_CHUNK], match)
             for r in self.session.execute(q):
                 out[r.device_id] = DeviceHealth(
                     windows=int(r.windows), requests=int(r.requests), errors=int(r.errors),
@@ -56,42 +97,72 @@ class HealthWindowRepository:
         return out
 
     @staticmethod
-    def _sums(
-        device_ids: list[str],
-        model: str,
-        version: str | None,
-        not_version: str | None,
-        mode: str | None,
-        since: datetime | None,
-        until: datetime | None,
-    ) -> sa.Select[Any]:
+    def _sums(device_ids: list[str], match: WindowMatch) -> sa.Select[Any]:
         h, r = HealthSample, HealthRollup
         has_p95 = h.p95_ms.is_not(None)
         has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
-        raw = sa.select(
+        raw, rolled = match.where(sa.select(
             h.device_id.label("device_id"), sa.literal(1).label("windows"), h.requests.label("requests"),
             h.errors.label("errors"), sa.case((has_p95, h.requests), else_=0).label("p95_requests"),
             sa.case((has_p95, h.p95_ms * h.requests), else_=0.0).label("p95_weighted"),
             sa.case((has_agreement, h.shadow_requests), else_=0).label("shadow"),
             sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0).label("agreement_weighted"),
-        ).where(h.model == model, h.device_id.in_(device_ids))  # fmt: skip
-        rolled = sa.select(
+        ), sa.select(
             r.device_id, r.windows, r.requests, r.errors, r.p95_requests, r.p95_weighted_ms,
             r.shadow_requests, r.agreement_weighted,
-        ).where(r.model == model, r.device_id.in_(device_ids))  # fmt: skip
-        if version is not None:
-            raw, rolled = raw.where(h.version == version), rolled.where(r.version == version)
-        if not_version is not None:
-            raw, rolled = raw.where(h.version != not_version), rolled.where(r.version != not_version)
-        if mode is not None:
-            raw, rolled = raw.where(h.mode == mode), rolled.where(r.mode == mode)
-        if since is not None:
-            raw, rolled = raw.where(h.at >= since), rolled.where(r.bucket >= since)
-        if until is not None:
-            raw, rolled = raw.where(h.at < until), rolled.where(r.bucket < until)
+        ), device_ids)  # fmt: skip
         u = sa.union_all(raw, rolled).subquery()
         sums = [sa.func.sum(c).label(c.name) for c in u.c if c.name != "device_id"]
         return sa.select(u.c.device_id, *sums).group_by(u.c.device_id)
+
+    def windows(
+        self,
+        device_ids: Sequence[str],
+        model: str,
+        *,
+        version: str | None = None,
+        not_version: str | None = None,
+        mode: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[Window]:
+        """Every matching health window, raw ones as they are and rolled-up ones (:mod:`server.health.rollup`)
+        as equivalent windows, so :func:`server.rollouts.policy.aggregate` gives the same result
+        before and after a fold. Only the windows of ``device_ids``, however many."""
+        match = WindowMatch(model, version, not_version, mode, since, until)
+        ids = list(dict.fromkeys(device_ids))
+        out: list[Window] = []
+        for i in range(0, len(ids), IDS_CHUNK):  # exactly these devices however many: chunks
+            out += self._windows(ids[i : i + IDS_CHUNK], match)
+        return out
+
+    def _windows(self, device_ids: list[str], match: WindowMatch) -> list[Window]:
+        h, r = HealthSample, HealthRollup
+        raw, rolled = match.where(sa.select(
+            h.requests.label("requests"), h.errors.label("errors"), h.p95_ms.label("p95"),
+            h.shadow_requests.label("shadow"), h.agreement.label("agreement"),
+            sa.cast(sa.null(), sa.BigInteger).label("p95_requests"), sa.literal(0).label("rollup"),
+        ), sa.select(
+            r.requests, r.errors, r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.p95_requests,
+            sa.literal(1),
+        ), device_ids)  # fmt: skip
+        out: list[Window] = []
+        for requests, errors, p95, shadow, agreement, p95_req, rollup in self.session.execute(
+            sa.union_all(raw, rolled)
+        ):
+            if not rollup:
+                out.append((requests, errors, p95, shadow, agreement))
+                continue
+            # a rollup (p95 and agreement columns hold weighted sums) as two equivalent windows: one
+            # with the requests that had a p95 (and the errors), one with the rest, so aggregate()
+            # weights p95 by the first one's requests only, as it did over the raw windows
+            out.append((
+                p95_req, errors, p95 / p95_req if p95_req else None,
+                shadow, agreement / shadow if shadow else None,
+            ))  # fmt: skip
+            if requests - p95_req:
+                out.append((requests - p95_req, 0, None, None, None))
+        return out
 
     def longest_window_s(self, device_ids: Sequence[str], since: datetime) -> float | None:
         """The longest ``window_s`` among the windows of (up to the first :data:`IDS_CHUNK` of)

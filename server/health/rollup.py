@@ -3,10 +3,9 @@
 A rollup holds, per (device, model, version, mode, bucket), the sums the rollout gates need
 (requests, errors, requests with a p95 and the request-weighted p95 sum, shadow requests with an
 agreement and the agreement-weighted sum), so sums over rollups equal sums over the raw windows
-they replace. :meth:`server.health.repository.HealthWindowRepository.per_device` (the gates'
-per-device sums) and :meth:`server.rollouts.repository.HealthRepository.windows` read both, so
-rollout gates and baselines keep working past the raw retention (at bucket resolution for
-rolled-up time).
+they replace. :class:`server.health.repository.HealthWindowRepository` reads both (``per_device``,
+the gates' per-device sums, and ``windows``), so rollout gates and baselines keep working past the
+raw retention (at bucket resolution for rolled-up time).
 
 :func:`fold_health` runs in the server every ``health_rollup_interval_s`` (``HealthRollupJob``).
 Windows are claimed with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas folding at the same
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from device_client.loop import BackgroundLoop
 from server.db import utcnow
 from server.health.repository import HealthRollupRepository
 
@@ -111,7 +111,14 @@ class HealthRollupJob:
         self.db = db
         self.settings = settings
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop(
+            "health-rollup",
+            self.run_once,
+            self._stop,
+            failure="health rollup failed; retrying next interval",
+            interval_s=settings.health_rollup_interval_s,
+            logger=log,
+        )
 
     def run_once(self, now: datetime | None = None) -> FoldResult:
         s = self.settings
@@ -130,17 +137,8 @@ class HealthRollupJob:
         return result
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="health-rollup", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.health_rollup_interval_s):
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("health rollup failed; retrying next interval")
+        self._loop.join(30)

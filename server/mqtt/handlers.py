@@ -1,17 +1,14 @@
-"""Ingest of device messages: parse, validate, deduplicate, and write in batches.
+"""Ingest of device messages: parse, validate, and write in batches.
 
 The paho thread only enqueues raw messages. :class:`IngestWorker` drains the queue in batches
-(up to ``ingest_batch_max`` messages or ``ingest_batch_delay_s``) and writes each batch in ONE
-transaction: presence coalesced per device, reports deduplicated by the device-monotonic ``seq``
-and applied to deployments through the pure deployment state machine, health windows inserted with
-``ON CONFLICT DO NOTHING``. On PostgreSQL the batch locks its devices' rows first (in id order),
-so replicas that each received some of one device's reports apply them one batch after the other
-instead of overwriting each other's phase and ``last_report_seq``. Health windows must be plausible
-(:mod:`server.health.plausibility`). Every rejection (bad topic, bad JSON, wrong schema, device id
-mismatch, unknown or decommissioned device, stale report, implausible window) is counted in
-``fleet_mqtt_rejected_total`` and logged; nothing here can take the server down. What a report
-says in ``details`` is kept under the deployment's ``details["device"]``, apart from the server's
-own bookkeeping.
+(up to ``ingest_batch_max`` messages or ``ingest_batch_delay_s``), rejects what does not parse or
+is implausible (:mod:`server.health.plausibility`), and writes each batch in ONE transaction
+through the domains: the registry locks the batch's devices and applies presence and the reports'
+bookkeeping (:mod:`server.devices.ingest`), reports move deployments and returning devices get
+their DesiredState again (:mod:`server.rollouts.ingest`), health windows are stored
+(:mod:`server.health.ingest`). Every rejection (bad topic, bad JSON, wrong schema, device id
+mismatch, unknown or decommissioned device, stale report, implausible or overlapping window) is
+counted in ``fleet_mqtt_rejected_total`` and logged; nothing here can take the server down.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from device_client.loop import BackgroundLoop
 from device_client.protocol import (
     HealthWindow,
     InvalidPayload,
@@ -39,18 +36,13 @@ from device_client.protocol import (
     parse_payload,
     parse_topic,
 )
-from server.bulk import bulk_update, insert_ignore
 from server.db import utcnow
-from server.devices.repository import DeviceRepository, DeviceState
-from server.devices.tables import Device, DeviceEvent, DeviceStatus
+from server.devices.ingest import BatchDevices
 from server.errors import SeqRace
-from server.health.plausibility import Limits, implausible, overlapping, span_queries
-from server.health.repository import HealthWindowRepository
-from server.health.tables import HealthSample
+from server.health.ingest import store_windows
+from server.health.plausibility import Limits, implausible
 from server.metrics import Metrics
-from server.rollouts.desired import DesiredStateService
-from server.rollouts.machine import IllegalTransition, deployment_transition
-from server.rollouts.repository import DeploymentRepository, DeploymentState
+from server.rollouts.ingest import apply_reports, welcome_back
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -65,13 +57,6 @@ _MODELS: dict[TopicKind, type[_Message]] = {
     TopicKind.health: HealthWindow,
     TopicKind.presence: Presence,
 }
-
-
-def _saw(device: DeviceState, at: datetime) -> None:
-    """``last_seen_at`` only moves forward: a will carries the time its connection began, and
-    reports queued on the device while it was offline arrive after its fresh presence."""
-    if device.last_seen_at is None or at > device.last_seen_at:
-        device.last_seen_at = at
 
 
 @dataclass
@@ -109,10 +94,12 @@ class IngestWorker:
         s = ctx.settings
         self.limits = Limits(s.health_max_rps, s.health_max_window_s, s.health_max_clock_skew_s)
         self.on_batch = on_batch
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self._stop = threading.Event()
+        self._loop = BackgroundLoop(
+            "mqtt-ingest", self._step, self._stop, failure="ingest step failed; going on", logger=log
+        )
 
     # -- plumbing ------------------------------------------------------------------------------
     def submit(
@@ -125,48 +112,46 @@ class IngestWorker:
         self.queue.put((topic, payload, received_at, ack))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="mqtt-ingest", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.join(10)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once everything submitted so far has been written (for tests and shutdown)."""
         return self._idle.wait(timeout)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                if self.queue.empty():
-                    self._idle.set()
-                continue
-            items = [first]
-            deadline = time.monotonic() + self.batch_delay
-            while len(items) < self.batch_max:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    items.append(self.queue.get(timeout=remaining))
-                except queue.Empty:
-                    break
-            try:
-                settled = self.process([item[:3] for item in items])
-            except Exception:  # never let one bad batch stop the ingest thread
-                log.exception("ingest batch failed; dropped %d messages", len(items))
-                self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
-                settled = True
-            if settled:  # in arrival order, as MQTT wants PUBACKs
-                for item in items:
-                    if item[3] is not None:
-                        item[3]()
+    def _step(self) -> None:
+        """Take the next batch off the queue (waiting up to 0.2 s for its first message) and settle it."""
+        try:
+            first = self.queue.get(timeout=0.2)
+        except queue.Empty:
             if self.queue.empty():
                 self._idle.set()
+            return
+        items = [first]
+        deadline = time.monotonic() + self.batch_delay
+        while len(items) < self.batch_max:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(self.queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        try:
+            settled = self.process([item[:3] for item in items])
+        except Exception:  # never let one bad batch stop the ingest thread
+            log.exception("ingest batch failed; dropped %d messages", len(items))
+            self.metrics.inc(REJECTED, len(items), kind="batch", reason="internal_error")
+            settled = True
+        if settled:  # in arrival order, as MQTT wants PUBACKs
+            for item in items:
+                if item[3] is not None:
+                    item[3]()
+        if self.queue.empty():
+            self._idle.set()
 
     def reject(self, kind: str, reason: str, detail: str) -> None:
         self.metrics.inc(REJECTED, kind=kind, reason=reason, help="device messages rejected")
@@ -257,184 +242,25 @@ class IngestWorker:
         """Write one batch with a handful of statements whatever its size: one SELECT of the
         devices, one multi-row INSERT of events and of health windows, one SELECT and one bulk
         UPDATE of deployments, one bulk UPDATE of devices (coalesced: one row per device)."""
-        messages: list[_Message] = [*batch.presence, *batch.reports, *batch.health]
-        ids = {m.device_id for m in messages}
-        # locked (PostgreSQL) until commit: replicas sharing the subscription serialize per device
-        devices = DeviceRepository(session).ingest_state(ids, lock=True)
         now = utcnow()
-
-        def known(kind: str, device_id: str) -> DeviceState | None:
-            device = devices.get(device_id)
-            if device is None or device.status == DeviceStatus.decommissioned:
-                self.reject(kind, "unknown_device", device_id)
-                return None
-            return device
-
-        touched: dict[str, DeviceState] = {}
-        came_online: list[str] = []
-        #: devices that (re)connected: each says so with a fresh presence "online" at every connect,
-        #: also when the server still holds them online (a broker that died fires no wills)
-        connected: list[str] = []
-        latest_presence: dict[str, Presence] = {}
-        for p in batch.presence:
-            latest_presence[p.device_id] = p  # coalesce: the last one in the batch wins
-        for p in latest_presence.values():
-            device = known("presence", p.device_id)
-            if device is None:
-                continue
-            was_online = device.status == DeviceStatus.online
-            # a retained presence replayed to the server (it re-subscribed after a restart or a
-            # reconnect) is no newer than what the server has seen of the device since
-            fresh = p.at is None or device.last_seen_at is None or p.at > device.last_seen_at
-            device.status = DeviceStatus.online if p.status == "online" else DeviceStatus.offline
-            _saw(device, p.at or now)
-            if p.serving:
-                device.serving = dict(p.serving)
-            if p.hardware is not None:
-                device.hardware = p.hardware.model_dump(mode="json")
-            if p.status == "online":
-                if fresh:
-                    connected.append(device.id)
-                if not was_online:
-                    came_online.append(device.id)
-            touched[device.id] = device
-
-        # a device whose last presence here is its will went offline after these reports were sent
-        # (a reconnecting device says "online" before it reports again): reports do not undo it
-        gone = {d for d, p in latest_presence.items() if p.status == "offline"}
-        self._write_reports(session, batch.reports, known, touched, now, gone)
-
-        health_rows = []
-        for h in self._fresh_windows(session, [h for h in batch.health if known("health", h.device_id)]):
-            health_rows.append(
-                {
-                    "device_id": h.device_id,
-                    "seq": h.seq,
-                    "at": h.at,
-                    "window_s": h.window_s,
-                    "model": h.model,
-                    "version": h.version,
-                    "mode": h.mode.value,
-                    "requests": h.requests,
-                    "errors": h.errors,
-                    "p50_ms": h.p50_ms,
-                    "p95_ms": h.p95_ms,
-                    "p99_ms": h.p99_ms,
-                    "shadow_requests": h.shadow_requests,
-                    "agreement": h.agreement,
-                    "shadow_p95_ms": h.shadow_p95_ms,
-                }
-            )
-        insert_ignore(session, HealthSample.__table__, health_rows, ["device_id", "seq"])
-
-        rows = [touched[k].changes() for k in sorted(touched)]  # id order, as the locks were taken
-        bulk_update(session, Device.__table__, rows)
-
-        if came_online:
-            DeploymentRepository(session).restart_clocks(sorted(came_online), now)
-        returning = sorted(set(connected) | set(came_online))
-        if returning:
-            DesiredStateService(session, self.ctx).republish_current(returning)
-            resigned = DesiredStateService(session, self.ctx).resign_expiring_ids(returning)
-            if resigned:
-                log.info("re-signed %d expiring desired states for returning devices", resigned)
-
-    def _fresh_windows(self, session: Session, windows: list[HealthWindow]) -> list[HealthWindow]:
-        """``windows`` without those whose period overlaps a window already stored (or an earlier
-        one of the batch) for the same device, model, version and mode: a device reports each
-        period once (re-sent windows, under their own seq, are left to the store to ignore)."""
-        if not windows:
-            return windows
-        repo = HealthWindowRepository(session)
-        stored = [row for ids, after in span_queries(windows) for row in repo.spans(ids, after)]
-        rejected = set(overlapping(windows, stored))
-        for i in sorted(rejected):
-            h = windows[i]
+        messages: list[Presence | Report | HealthWindow] = [*batch.presence, *batch.reports, *batch.health]
+        devices = BatchDevices(
+            session,
+            (m.device_id for m in messages),
+            now,
+            unknown=lambda kind, device_id: self.reject(kind, "unknown_device", device_id),
+        )
+        returning = devices.presence(batch.presence)
+        fresh, duplicates = devices.reports(batch.reports)
+        if duplicates:
+            self.metrics.inc("fleet_mqtt_duplicates_total", duplicates, kind="report",
+                             help="duplicate device messages ignored")  # fmt: skip
+        for deployment_id, exc in apply_reports(session, fresh):
+            self.metrics.inc(REJECTED, kind="report", reason="stale_report", help="device messages rejected")
+            log.info("ignored report for deployment %s: %s", deployment_id, exc)
+        windows = [h for h in batch.health if devices.known("health", h.device_id)]
+        for h in store_windows(session, windows):
             what = f"{h.device_id}: {h.model} {h.version} {h.mode.value} window ending {h.at.isoformat()}"
             self.reject("health", "overlapping_window", what)
-        return [h for i, h in enumerate(windows) if i not in rejected]
-
-    def _write_reports(
-        self,
-        session: Session,
-        reports: list[Report],
-        known: Callable[[str, str], DeviceState | None],
-        touched: dict[str, DeviceState],
-        now: datetime,
-        gone: set[str],
-    ) -> None:
-        per_device: dict[str, list[Report]] = defaultdict(list)
-        for r in reports:
-            per_device[r.device_id].append(r)
-        fresh: list[Report] = []
-        for device_id, items in per_device.items():
-            device = known("report", device_id)
-            if device is None:
-                continue
-            items.sort(key=lambda r: r.seq)
-            for r in items:
-                if r.seq <= device.last_report_seq:
-                    self.metrics.inc(
-                        "fleet_mqtt_duplicates_total", kind="report", help="duplicate device messages ignored"
-                    )
-                    continue
-                device.last_report_seq = r.seq
-                fresh.append(r)
-                if r.serving:
-                    device.serving = dict(r.serving)
-                _saw(device, r.at)
-                if device.status != DeviceStatus.online and device_id not in gone:
-                    device.status = DeviceStatus.online
-                touched[device.id] = device
-        insert_ignore(
-            session,
-            DeviceEvent.__table__,
-            [
-                {
-                    "device_id": r.device_id,
-                    "seq": r.seq,
-                    "at": r.at,
-                    "received_at": now,
-                    "phase": r.phase.value,
-                    "rollout_id": r.rollout_id,
-                    "desired_seq": r.desired_seq,
-                    "model": r.model,
-                    "version": r.version,
-                    "reason": r.reason,
-                    "details": r.details,
-                }
-                for r in fresh
-            ],
-            ["device_id", "seq"],
-        )
-        pairs = [(r.device_id, r.desired_seq) for r in fresh if r.desired_seq is not None]
-        repo = DeploymentRepository(session)
-        deployments = repo.states_for_desired(pairs)
-        # a seq its deployment left behind (re-signed while the device worked on it), by rollout
-        behind = [r for r in fresh if r.desired_seq is not None and r.rollout_id
-                  and (r.device_id, r.desired_seq) not in deployments]  # fmt: skip
-        if behind:
-            by_rollout = repo.states_for_rollouts([(r.device_id, r.rollout_id or "") for r in behind])
-            for r in behind:
-                dep = by_rollout.get((r.device_id, r.rollout_id or ""))
-                if dep is not None and r.desired_seq in dep.details.get("resigned_from", ()):
-                    deployments[(r.device_id, r.desired_seq or 0)] = dep
-        changed: dict[int, DeploymentState] = {}
-        for r in fresh:
-            dep = deployments.get((r.device_id, r.desired_seq or 0))
-            if dep is None or dep.phase == r.phase:
-                continue
-            try:
-                dep.phase = deployment_transition(dep.phase, r.phase)
-            except IllegalTransition as exc:
-                self.metrics.inc(
-                    REJECTED, kind="report", reason="stale_report", help="device messages rejected"
-                )
-                log.info("ignored report for deployment %s: %s", dep.id, exc)
-                continue
-            if r.reason:
-                dep.reason = r.reason
-            if r.details:  # the device's say, apart from the server's own keys (mode, resigned_from...)
-                dep.details = {**dep.details, "device": {**dep.details.get("device", {}), **r.details}}
-            changed[dep.id] = dep
-        repo.update_states([changed[k] for k in sorted(changed)])
+        devices.flush()
+        welcome_back(session, self.ctx, returning, now)

@@ -1,4 +1,4 @@
-"""The transactional outbox and its publisher.
+"""The publisher of the transactional outbox (:mod:`server.rollouts.outbox`).
 
 A state change that must reach a device (a new signed DesiredState) writes an ``mqtt_outbox`` row
 in the same transaction. After the commit, the publisher is kicked; it publishes pending rows in
@@ -19,133 +19,17 @@ broker last, the current state is published after it.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Protocol
 
-import orjson
-import sqlalchemy as sa
-from sqlalchemy.orm import Session
-
-from device_client.protocol.topics import InvalidTopic, TopicKind, parse_topic
-from server.bulk import execute_many
-from server.db import OUTBOX_DIRTY, Database, utcnow
+from device_client.loop import BackgroundLoop
+from server.db import Database, utcnow
 from server.metrics import Metrics
-from server.mqtt.tables import OutboxMessage
+from server.rollouts.outbox import OutboxRepository, enqueue_many
 
 log = logging.getLogger(__name__)
-
-
-def enqueue(
-    session: Session, topic: str, payload: dict[str, Any] | bytes, *, qos: int = 1, retain: bool = False
-) -> None:
-    """Queue an MQTT message in the caller's transaction."""
-    data = payload if isinstance(payload, bytes) else _json_bytes(payload)
-    session.add(OutboxMessage(topic=topic, payload=data, qos=qos, retain=retain))
-    session.info[OUTBOX_DIRTY] = True
-
-
-def _json_bytes(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def enqueue_many(
-    session: Session,
-    messages: Sequence[tuple[str, dict[str, Any] | bytes]],
-    *,
-    qos: int = 1,
-    retain: bool = True,
-) -> None:
-    """Queue many messages (topic, JSON payload or its bytes) with one multi-row INSERT in the
-    caller's transaction (the rollout engine notifies thousands of devices at once)."""
-    if not messages:
-        return
-    now = utcnow()
-    rows = [
-        {"topic": topic, "qos": qos, "retain": retain, "created_at": now, "attempts": 0,
-         "payload": payload if isinstance(payload, bytes) else _json_bytes(payload)}
-        for topic, payload in messages
-    ]  # fmt: skip
-    execute_many(session, sa.insert(OutboxMessage.__table__), rows)
-    session.info[OUTBOX_DIRTY] = True
-
-
-class OutboxRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def claim_pending(self, limit: int) -> Sequence[sa.Row[int, str, bytes, int, bool]]:
-        """(id, topic, payload, qos, retain) of up to ``limit`` pending rows in id order; on
-        PostgreSQL locked (``SKIP LOCKED``: another replica's publisher takes the next ones).
-        Plain rows, not ORM objects: a fan-out claims thousands per second."""
-        m = OutboxMessage
-        q = (
-            sa.select(m.id, m.topic, m.payload, m.qos, m.retain)
-            .where(m.published_at.is_(None))
-            .order_by(m.id)
-            .limit(limit)
-        )
-        if self.session.get_bind().dialect.name == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        return self.session.connection().execute(q).all()
-
-    def mark(self, published: Sequence[int], attempted: Sequence[int], at: datetime) -> None:
-        """One UPDATE per set: ``published`` rows get ``published_at``; every row in ``attempted``
-        (which includes them) counts one more attempt."""
-        m = OutboxMessage
-        if published:
-            self.session.execute(sa.update(m).where(m.id.in_(published)).values(published_at=at))
-        if attempted:
-            self.session.execute(sa.update(m).where(m.id.in_(attempted)).values(attempts=m.attempts + 1))
-
-    @property
-    def concurrent_publishers(self) -> bool:
-        """Whether publishers can run side by side (PostgreSQL: replicas; one process on SQLite)."""
-        return self.session.get_bind().dialect.name == "postgresql"
-
-    def superseded_desired(self, published: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """Of the retained (topic, payload) messages just published, the DesiredStates a newer one
-        has replaced in the database since: (topic, current envelope) to publish again."""
-        from server.rollouts.tables import DesiredRecord  # (server.rollouts imports this module)
-
-        seqs: dict[str, tuple[str, int]] = {}
-        for topic, payload in published:
-            try:
-                device_id, kind = parse_topic(topic)
-                if kind != TopicKind.desired:
-                    continue
-                seq = int(orjson.loads(payload)["signed"]["seq"])
-            except (InvalidTopic, ValueError, KeyError, TypeError):
-                continue
-            if seq > seqs.get(device_id, (topic, -1))[1]:
-                seqs[device_id] = (topic, seq)
-        if not seqs:
-            return []
-        r = DesiredRecord
-        newer = [
-            device_id
-            for device_id, seq in self.session.connection().execute(
-                sa.select(r.device_id, r.seq).where(r.device_id.in_(list(seqs)))
-            )
-            if seq > seqs[device_id][1]
-        ]
-        if not newer:
-            return []
-        rows = self.session.connection().execute(
-            sa.select(r.device_id, r.envelope).where(r.device_id.in_(newer)).order_by(r.device_id)
-        )
-        return [(seqs[device_id][0], _json_bytes(envelope)) for device_id, envelope in rows]
-
-    def pending_count(self) -> int:
-        q = sa.select(sa.func.count()).select_from(OutboxMessage).where(OutboxMessage.published_at.is_(None))
-        return int(self.session.scalar(q) or 0)
-
-    def prune_published(self, older_than: timedelta) -> int:
-        q = sa.delete(OutboxMessage).where(OutboxMessage.published_at < utcnow() - older_than)
-        return self.session.execute(q).rowcount or 0  # type: ignore[attr-defined]  # DML: a CursorResult
 
 
 class Publisher(Protocol):
@@ -175,38 +59,39 @@ class OutboxPublisher:
         self.sweep_s = sweep_s
         self.ack_timeout_s = ack_timeout_s
         self._kick = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._flushes = 0
+        self._stop = threading.Event()
+        self._loop = BackgroundLoop(
+            "mqtt-outbox",
+            self._step,
+            self._stop,
+            failure="outbox flush failed; retrying",
+            error_pause_s=1.0,
+            logger=log,
+        )
 
     def kick(self) -> None:
         self._kick.set()
 
     def start(self) -> None:
         self.db.outbox_listener = self.kick
-        self._thread = threading.Thread(target=self._run, name="mqtt-outbox", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._kick.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.join(10)
         if self.db.outbox_listener == self.kick:
             self.db.outbox_listener = None
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._kick.wait(self.sweep_s)
-            self._kick.clear()
-            if self._stop.is_set() or not self.link.connected:
-                continue
-            try:
-                while self.flush() == self.batch and not self._stop.is_set():
-                    pass
-            except Exception:
-                log.exception("outbox flush failed; retrying")
-                self._stop.wait(1.0)
+    def _step(self) -> None:
+        """Wait for a kick (or the sweep), then publish until nothing is pending."""
+        self._kick.wait(self.sweep_s)
+        self._kick.clear()
+        if self._stop.is_set() or not self.link.connected:
+            return
+        while self.flush() == self.batch and not self._stop.is_set():
+            pass
 
     def flush(self) -> int:
         """Publish one batch of pending rows; return how many were confirmed by the broker."""

@@ -44,15 +44,16 @@ import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server.config import Settings
+from server.context import ServerContext
+from server.gctune import tune_gc
 from server.metrics import Snapshot
+from server.mqtt.bridge import MqttLink
+from server.mqtt.handlers import IngestWorker
 from server.mqtt.identity import ClientIdentity, ingest_id, server_name
 from server.procs import set_death_signal
-
-if TYPE_CHECKING:
-    from server.context import ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +238,6 @@ class IngestProcesses:
 def child_main(values: dict[str, Any], index: int, count: int, conn: Connection) -> None:
     """Entry point of one ingest process: a consuming link and an ingest worker until told to
     stop or until the server process goes away."""
-    from server.context import ServerContext
-    from server.mqtt.bridge import MqttLink
-    from server.mqtt.handlers import IngestWorker
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     stopping = False
 
@@ -280,8 +277,6 @@ def child_main(values: dict[str, Any], index: int, count: int, conn: Connection)
     ingest.start()
     link.start()
     if settings.gc_tuning:
-        from server.gctune import tune_gc
-
         tune_gc()
     ready: bool | None = None
     last: Snapshot | None = None

@@ -18,12 +18,13 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from device_client.protocol.messages import DeploymentPhase, DesiredState, Probation, ServeMode
 from device_client.protocol.topics import TopicKind, device_topic
+from server.catalog.repository import CatalogRepository
 from server.catalog.tables import ModelArtifact
 from server.db import utcnow
 from server.devices.tables import Device, DeviceStatus
 from server.errors import Conflict, Invalid, NotFound
-from server.mqtt.outbox import enqueue, enqueue_many
-from server.rollouts.repository import CatalogLookup, DeploymentRepository, DesiredRepository
+from server.rollouts.outbox import enqueue, enqueue_many
+from server.rollouts.repository import DeploymentRepository, DesiredRepository
 from server.rollouts.tables import DesiredRecord
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class DesiredStateService:
         self.session = session
         self.ctx = ctx
         self.records = DesiredRepository(session)
-        self.catalog = CatalogLookup(session)
+        self.catalog = CatalogRepository(session)
         #: (model, version) -> (version row, its artifacts), looked up once per service instance
         self._versions: dict[tuple[str, str], tuple[Any, list[ModelArtifact]]] = {}
         #: current records of prefetched devices (None = known to have none): no SELECT per device
@@ -116,7 +117,7 @@ class DesiredStateService:
             mv = self.catalog.active_version(model, version)
             if mv is None:
                 raise NotFound(f"no active version {version!r} of model {model!r}")
-            self._versions[key] = (mv, list(self.catalog.artifacts(mv.id)))
+            self._versions[key] = (mv, list(self.catalog.published_artifacts(mv.id)))
         return self._versions[key]
 
     def assign(

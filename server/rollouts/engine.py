@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 from sqlalchemy.orm.exc import StaleDataError
 
+from device_client.loop import BackgroundLoop
 from device_client.protocol.messages import DeploymentPhase as P
 from device_client.protocol.messages import Probation, ServeMode
 from server.admin.service import audit
@@ -86,30 +87,32 @@ class RolloutEngine:
     def __init__(self, ctx: ServerContext, tick_s: float = 1.0) -> None:
         self.ctx = ctx
         self.tick_s = tick_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.ticks = 0
+        #: a tick left work undone (a chunk of notifications, a changed rollout): tick again at once
         self._more = False
         #: whether the rollout being advanced had DesiredStates signed in this tick
         self._signed = False
+        self._stop = threading.Event()
+        self._loop = BackgroundLoop(
+            "rollout-engine",
+            self._step,
+            self._stop,
+            failure="rollout engine tick failed; retrying next tick",
+            interval_s=lambda: 0 if self._more else self.tick_s,
+            logger=log,
+        )
 
     # -- background loop -----------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._loop.join(30)
 
-    def _run(self) -> None:
-        while not self._stop.wait(0 if self._more else self.tick_s):
-            self._more = False
-            try:
-                self.tick()
-            except Exception:
-                log.exception("rollout engine tick failed; retrying next tick")
+    def _step(self) -> None:
+        self._more = False
+        self.tick()
 
     # -- one tick ------------------------------------------------------------------------------
     def tick(self, now: datetime | None = None) -> int:

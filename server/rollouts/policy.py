@@ -14,6 +14,8 @@ from statistics import median_low
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.health.sums import DeviceHealth
+
 
 class Stage(BaseModel):
     """One stage: a cumulative share (``percent``) or number (``count``) of the selected devices."""
@@ -180,21 +182,6 @@ def aggregate(windows: Iterable[tuple[int, int, float | None, int | None, float 
         agreement=agree_sum / sreq if sreq else None,
         requests_reported=req,
     )
-
-
-@dataclass(frozen=True)
-class DeviceHealth:
-    """One device's health windows over a span, as sums (what one GROUP BY row holds)."""
-
-    windows: int = 0
-    requests: int = 0
-    errors: int = 0
-    #: requests of the windows that reported a p95, and the sum of p95_ms * requests over them
-    p95_requests: int = 0
-    p95_weighted_ms: float = 0.0
-    #: shadow requests of the windows that reported an agreement, and agreement * them summed
-    shadow_requests: int = 0
-    agreement_weighted: float = 0.0
 
 
 def trim_count(n: int) -> int:

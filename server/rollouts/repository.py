@@ -1,4 +1,4 @@
-"""Queries of rollouts, deployments and desired states (and the catalog lookups they need)."""
+"""Queries of rollouts, deployments and desired states."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from sqlalchemy.orm import Session
 
 from device_client.protocol.messages import DeploymentPhase
 from server.bulk import bulk_update, execute_many
-from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion, VersionStatus
-from server.devices.tables import Device, DeviceStatus, DeviceTag
+from server.devices.tables import Device, DeviceStatus
 from server.errors import SeqRace
-from server.health.tables import HealthRollup, HealthSample
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 
 
@@ -72,14 +70,16 @@ class DesiredRepository:
                 f"{len(rows) - changed} of {len(rows)} devices were issued another desired state meanwhile"
             )
 
-    def for_devices(self, device_ids: Sequence[str], chunk: int = 500) -> list[DesiredRecord]:
+    def for_devices(self, device_ids: Sequence[str], chunk: int = 500) -> builtins.list[DesiredRecord]:
         out: list[DesiredRecord] = []
         for i in range(0, len(device_ids), chunk):
             q = sa.select(DesiredRecord).where(DesiredRecord.device_id.in_(list(device_ids[i : i + chunk])))
             out.extend(self.session.scalars(q))
         return out
 
-    def current_envelopes(self, device_ids: Sequence[str], valid_after: datetime) -> list[tuple[str, Any]]:
+    def current_envelopes(
+        self, device_ids: Sequence[str], valid_after: datetime
+    ) -> builtins.list[tuple[str, Any]]:
         """(device id, envelope) of the DesiredStates of ``device_ids`` (not decommissioned) still
         valid after ``valid_after``: one SELECT, no ORM objects."""
         if not device_ids:
@@ -98,7 +98,7 @@ class DesiredRepository:
 
     def expiring_with_seq(
         self, device_ids: Sequence[str], before: datetime
-    ) -> list[tuple[str, dict[str, Any], int]]:
+    ) -> builtins.list[tuple[str, dict[str, Any], int]]:
         """(device id, envelope, ``devices.desired_seq``) of the records of ``device_ids`` (not
         decommissioned) that expire by ``before``: one SELECT, no ORM objects."""
         if not device_ids:
@@ -114,40 +114,6 @@ class DesiredRepository:
             .order_by(DesiredRecord.device_id)
         )
         return [(r.device_id, r.envelope, r.desired_seq or 0) for r in self.session.execute(q)]
-
-
-class CatalogLookup:
-    """Read-only views of the model registry needed to target devices."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def active_version(self, model: str, version: str) -> ModelVersion | None:
-        q = (
-            sa.select(ModelVersion)
-            .join(CatalogModel, ModelVersion.model_id == CatalogModel.id)
-            .where(
-                CatalogModel.name == model,
-                ModelVersion.version == version,
-                ModelVersion.status == VersionStatus.active,
-            )
-        )
-        return self.session.scalars(q).first()
-
-    def artifacts(self, version_id: int) -> Sequence[ModelArtifact]:
-        """The version's artifacts listed in the signed targets metadata (not those staged for an
-        offline targets signature: no device would find them)."""
-        q = (
-            sa.select(ModelArtifact)
-            .where(ModelArtifact.version_id == version_id, ModelArtifact.published.is_(True))
-            .order_by(ModelArtifact.variant)
-        )
-        return self.session.scalars(q).all()
-
-
-#: device ids per health-window query (an IN list; SQLite and PostgreSQL take far more, but
-#: planners like lists in the thousands)
-WINDOW_IDS_CHUNK = 5000
 
 
 @dataclass
@@ -271,6 +237,17 @@ class DeploymentRepository:
             .limit(1)
         )
         return self.session.scalars(q).first()
+
+    def of_device_locked(self, device_id: str, phases: Sequence[DeploymentPhase]) -> Sequence[Deployment]:
+        """The device's deployments in ``phases``, by id, locked ``FOR UPDATE`` until the
+        transaction ends."""
+        q = (
+            sa.select(Deployment)
+            .where(Deployment.device_id == device_id, Deployment.phase.in_(list(phases)))
+            .order_by(Deployment.id)
+            .with_for_update()
+        )
+        return self.session.scalars(q).all()
 
 
 class RolloutRepository:
@@ -480,108 +457,3 @@ class RolloutRepository:
             (stage, phase.value if hasattr(phase, "value") else str(phase)): n
             for stage, phase, n in self.session.execute(q)
         }
-
-
-class SelectorRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def candidates(self, tags: dict[str, str], device_ids: Sequence[str], arch: str | None) -> list[Any]:
-        """Rows (id, hardware, serving) of the devices matching, by id (no ORM objects: a rollout
-        may select 100,000 devices)."""
-        q = (
-            sa.select(Device.id, Device.hardware, Device.serving)
-            .where(Device.status != DeviceStatus.decommissioned)
-            .order_by(Device.id)
-        )
-        if device_ids:
-            q = q.where(Device.id.in_(list(device_ids)))
-        if arch:
-            q = q.where(Device.arch == arch)
-        for key, value in tags.items():
-            q = q.where(
-                sa.exists().where(
-                    DeviceTag.device_id == Device.id, DeviceTag.key == key, DeviceTag.value == value
-                )
-            )
-        return list(self.session.execute(q))
-
-
-class HealthRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def windows(
-        self,
-        device_ids: Sequence[str],
-        model: str,
-        *,
-        version: str | None = None,
-        not_version: str | None = None,
-        mode: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[tuple[int, int, float | None, int | None, float | None]]:
-        """(requests, errors, p95_ms, shadow_requests, agreement) of matching health windows: the raw
-        windows, plus the rolled-up ones (:mod:`server.health.rollup`) as equivalent tuples, so
-        :func:`server.rollouts.policy.aggregate` gives the same result before and after a fold.
-        Rolled-up time is filtered by bucket start (its resolution is the bucket). Only the
-        windows of ``device_ids``, however many (the gates compare the same devices)."""
-        ids = list(dict.fromkeys(device_ids))
-        out: list[tuple[int, int, float | None, int | None, float | None]] = []
-        for i in range(0, len(ids), WINDOW_IDS_CHUNK):  # exactly these devices however many: chunks
-            chunk = ids[i : i + WINDOW_IDS_CHUNK]
-            out += self._windows(chunk, model, version, not_version, mode, since, until)
-        return out
-
-    def _windows(
-        self,
-        device_ids: list[str],
-        model: str,
-        version: str | None,
-        not_version: str | None,
-        mode: str | None,
-        since: datetime | None,
-        until: datetime | None,
-    ) -> list[tuple[int, int, float | None, int | None, float | None]]:
-        h, r = HealthSample, HealthRollup
-        raw = sa.select(
-            h.requests.label("requests"), h.errors.label("errors"), h.p95_ms.label("p95"),
-            h.shadow_requests.label("shadow"), h.agreement.label("agreement"),
-            sa.cast(sa.null(), sa.BigInteger).label("p95_requests"), sa.literal(0).label("rollup"),
-        ).where(h.model == model)  # fmt: skip
-        rolled = sa.select(
-            r.requests, r.errors, r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.p95_requests,
-            sa.literal(1),
-        ).where(r.model == model)  # fmt: skip
-        raw = raw.where(h.device_id.in_(device_ids))
-        rolled = rolled.where(r.device_id.in_(device_ids))
-        if version is not None:
-            raw, rolled = raw.where(h.version == version), rolled.where(r.version == version)
-        if not_version is not None:
-            raw, rolled = raw.where(h.version != not_version), rolled.where(r.version != not_version)
-        if mode is not None:
-            raw, rolled = raw.where(h.mode == mode), rolled.where(r.mode == mode)
-        if since is not None:
-            raw, rolled = raw.where(h.at >= since), rolled.where(r.bucket >= since)
-        if until is not None:
-            raw, rolled = raw.where(h.at < until), rolled.where(r.bucket < until)
-        out: list[tuple[int, int, float | None, int | None, float | None]] = []
-        for requests, errors, p95, shadow, agreement, p95_req, rollup in self.session.execute(
-            raw.union_all(rolled)
-        ):
-            if not rollup:
-                out.append((requests, errors, p95, shadow, agreement))
-                continue
-            assert p95 is not None  # a rollup's weighted sums are NOT NULL
-            assert agreement is not None
-            # a rollup (p95 and agreement columns hold weighted sums) as two equivalent windows: one
-            # with the requests that had a p95 (and the errors), one with the rest, so aggregate()
-            # weights p95 by the first one's requests only, as it did over the raw windows
-            out.append((
-                p95_req, errors, p95 / p95_req if p95_req else None,
-                shadow, agreement / shadow if shadow else None,
-            ))  # fmt: skip
-            if requests - p95_req:
-                out.append((requests - p95_req, 0, None, None, None))
-        return out

@@ -99,3 +99,31 @@ class RolloutDetail(RolloutOut):
     baseline: dict[str, Any]
     #: advice on the rollout as created (e.g. a soak shorter than the devices' health window)
     warnings: list[str] = Field(default_factory=list)
+
+
+class DesiredAssign(BaseModel):
+    """Pin one device to a model version (a direct deployment, outside any rollout)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    version: str
+    variant: str | None = None
+    mode: str = Field(default="serve", pattern="^(serve|shadow)$")
+    probation: dict[str, Any] = Field(default_factory=dict)
+
+
+class DesiredOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    device_id: str
+    seq: int
+    rollout_id: str | None
+    model: str
+    version: str
+    release: int
+    variant: str
+    mode: str
+    probation: dict[str, Any]
+    issued_at: datetime
+    expires_at: datetime

@@ -11,7 +11,9 @@ from sqlalchemy.orm import Session
 from device_client.protocol.messages import DeploymentPhase, Probation
 from server.admin.schemas import Principal
 from server.admin.service import audit
+from server.catalog.repository import CatalogRepository
 from server.db import utcnow
+from server.devices.repository import DeviceRepository
 from server.devices.tables import Device, DeviceStatus
 from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
@@ -19,12 +21,7 @@ from server.health.repository import HealthWindowRepository
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
 from server.rollouts.policy import Gates, Stage, assign_stages, check_stages, robust_health
-from server.rollouts.repository import (
-    CatalogLookup,
-    DeploymentRepository,
-    RolloutRepository,
-    SelectorRepository,
-)
+from server.rollouts.repository import DeploymentRepository, RolloutRepository
 from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutOut, Selector, StageView
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 from server.security import new_id
@@ -65,7 +62,7 @@ def select_devices(session: Session, selector: Selector) -> list[Any]:
     of ``selector``, by id."""
     check_tags(selector.tags)
     hw = selector.hardware
-    devices = SelectorRepository(session).candidates(selector.tags, selector.device_ids, hw.arch)
+    devices = DeviceRepository(session).candidates(selector.tags, selector.device_ids, hw.arch)
     result = []
     for d in devices:
         facts = d.hardware or {}
@@ -85,7 +82,7 @@ class RolloutService:
 
     # -- create --------------------------------------------------------------------------------
     def create(self, body: RolloutCreate, by: Principal) -> RolloutDetail:
-        if CatalogLookup(self.session).active_version(body.model, body.version) is None:
+        if CatalogRepository(self.session).active_version(body.model, body.version) is None:
             raise NotFound(f"no active version {body.version!r} of model {body.model!r}")
         devices = select_devices(self.session, body.selector)
         if not devices:

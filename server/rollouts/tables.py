@@ -1,4 +1,5 @@
-"""Rollouts, per-device deployments, and each device's current signed DesiredState."""
+"""Rollouts, per-device deployments, each device's current signed DesiredState, and the outbox of
+MQTT messages (:mod:`server.rollouts.outbox`) written with the state changes that cause them."""
 
 from __future__ import annotations
 
@@ -112,3 +113,20 @@ class DesiredRecord(Base):
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     envelope: Mapped[dict[str, Any]] = mapped_column(JSONType)
+
+
+class OutboxMessage(Base):
+    """An MQTT message written in the transaction of the state change that causes it; the
+    publisher (:mod:`server.mqtt.outbox`) sends it after the commit."""
+
+    __tablename__ = "mqtt_outbox"
+    __table_args__ = (sa.Index("ix_mqtt_outbox_pending", "published_at", "id"),)
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True)
+    topic: Mapped[str] = mapped_column(sa.String(255))
+    payload: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    qos: Mapped[int] = mapped_column(sa.SmallInteger, default=1)
+    retain: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)

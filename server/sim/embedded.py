@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.admin.service import BOOTSTRAP_TOKEN_TTL_S, CLI_PRINCIPAL, AdminService
+from server.admin.tables import Role
 from server.config import Settings
 from server.mqtt.broker import MosquittoProcess, free_port, write_broker_config
 from server.mqtt.identity import connection_ids, server_connection_ids
 from server.runner import ServerThread
-from server.sim.provision import raise_open_files
+from server.sim.mux import raise_open_files
 from server.trust.pki import FleetCA
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,6 @@ def start_embedded(
     """Mosquitto (for ``n_devices`` connections) and a server on free loopback ports. The broker
     ACL also admits the servers named ``replica_names`` (replicas started later, with the same
     ``ingest_processes``)."""
-    from server.admin.service import BOOTSTRAP_TOKEN_TTL_S, CLI_PRINCIPAL, AdminService
-    from server.admin.tables import Role
-
     raise_open_files(2 * n_devices + 4096)
     port, mqtt_port = free_port(), free_port()
     values: dict[str, Any] = {

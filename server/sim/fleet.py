@@ -10,26 +10,14 @@ import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
-from server.sim.profiles import Profile
-from server.sim.provision import FleetIdentities, raise_open_files
+from server.sim.mux import raise_open_files
+from server.sim.profiles import SimOptions
+from server.sim.provision import FleetIdentities
 from server.sim.worker import DeviceSpec, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SimOptions:
-    processes: int = 0  # 0 = one per 2,500 devices, at most the CPU count
-    profiles: dict[str, Profile] = field(default_factory=dict)
-    default_profile: Profile = field(default_factory=Profile)
-    serving: dict[str, str] = field(default_factory=dict)
-    health_window_s: float = 10.0
-    seed: int = 0
-    connect_threads: int = 8
-    keepalive_s: int = 60
 
 
 def default_processes(n_devices: int) -> int:
@@ -53,7 +41,7 @@ class Simulator:
         self._running = False
 
     def _spec(self, i: int) -> WorkerSpec:
-        o, f = self.options, self.fleet
+        f = self.fleet
         devices = [
             DeviceSpec(d.device_id, str(f.cert_file(d.device_id)), str(f.key_file(d.device_id)), d.arch)
             for d in f.devices[i :: self.n_processes]
@@ -65,13 +53,7 @@ class Simulator:
             director_pem=f.director_pem,
             mqtt_host=f.mqtt_host,
             mqtt_port=f.mqtt_port,
-            profiles=o.profiles,
-            default_profile=o.default_profile,
-            serving=o.serving,
-            health_window_s=o.health_window_s,
-            seed=o.seed,
-            connect_threads=o.connect_threads,
-            keepalive_s=o.keepalive_s,
+            options=self.options,
         )
 
     def start(self) -> Simulator:

@@ -1,8 +1,9 @@
-"""How a model version behaves on simulated devices."""
+"""How a model version behaves on simulated devices (:class:`Profile`), and the options of a
+simulated fleet (:class:`SimOptions`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,19 @@ def parse_profile(text: str, base: Profile | None = None) -> tuple[str, Profile]
             raise ValueError(f"invalid profile setting {part!r} (known: {', '.join(sorted(_FIELDS))})")
         values[name] = float(value)
     return version.strip(), replace(base or Profile(), **values)
+
+
+@dataclass
+class SimOptions:
+    """How a simulated fleet runs: its worker processes, how its devices behave and connect."""
+
+    processes: int = 0  # 0 = one per 2,500 devices, at most the CPU count
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    default_profile: Profile = field(default_factory=Profile)
+    #: what every device serves at start: {model: version}
+    serving: dict[str, str] = field(default_factory=dict)
+    #: seconds between health windows (0 = none)
+    health_window_s: float = 10.0
+    seed: int = 0
+    connect_threads: int = 8
+    keepalive_s: int = 60

@@ -242,25 +242,3 @@ def enroll_fleet(
     chosen = dict.fromkeys(wanted)
     fleet.devices = [d for d in fleet.devices if d.device_id in chosen]
     return fleet
-
-
-def raise_open_files(wanted: int) -> int:
-    """Raise RLIMIT_NOFILE towards ``wanted`` (children inherit it); return the new soft limit."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        return soft
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if os.geteuid() == 0 and hard != resource.RLIM_INFINITY and hard < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
-            return wanted
-        except (ValueError, OSError):
-            pass
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("cannot raise the open-file limit to %d: %s", wanted, exc)
-        return soft
-    return target

@@ -42,6 +42,7 @@ def simulate(
     work.mkdir(parents=True, exist_ok=True)
     embedded = None
     if server_url is None:
+        # only without --server: the embedded server brings the app, SQLAlchemy and Mosquitto
         from server.sim.embedded import start_embedded
 
         embedded = start_embedded(work, n_devices)

@@ -1,25 +1,19 @@
 """One simulator worker process: many simulated devices, one selector, no thread per client.
 
-Every device is a paho client driven through paho's external-loop API: the socket callbacks
-(``on_socket_open``/``close``/``register_write``/``unregister_write``) keep a ``selectors``
-registration per client, ready sockets get ``loop_read``/``loop_write``, and ``loop_misc`` runs
-for every client on a slow timer (keepalive pings). Only the blocking part of a connection, the TCP
-connect and the TLS handshake inside paho's ``reconnect()``, runs on a small thread pool; socket
-registrations requested from those threads are queued and applied by the loop thread, which alone
-touches the selector and, once connected, the client.
+Each :class:`SimDevice` is a paho client speaking the real protocol (presence with its will,
+director-checked DesiredStates, phase reports, health windows) as its version's
+:class:`~server.sim.profiles.Profile` says. :class:`Worker` drives them all through one
+:class:`~server.sim.mux.Mux` (the selector), connects them on a small thread pool, and runs
+``loop_misc`` for every client on a slow timer (keepalive pings).
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import json
 import logging
 import random
-import selectors
 import ssl
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -38,11 +32,10 @@ from device_client.protocol.messages import HardwareFacts, ServeMode
 from device_client.protocol.signing import public_key_from_pem, verify_envelope
 from device_client.protocol.topics import TopicKind, device_topic
 from server.gctune import tune_gc
-from server.sim.profiles import Profile
+from server.sim.mux import Mux, raise_open_files
+from server.sim.profiles import Profile, SimOptions
 
 log = logging.getLogger(__name__)
-
-READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 @dataclass
@@ -63,128 +56,12 @@ class WorkerSpec:
     director_pem: str
     mqtt_host: str
     mqtt_port: int
-    profiles: dict[str, Profile] = field(default_factory=dict)
-    default_profile: Profile = field(default_factory=Profile)
-    #: what every device serves at start: {model: version}
-    serving: dict[str, str] = field(default_factory=dict)
-    #: seconds between health windows (0 = none)
-    health_window_s: float = 10.0
-    seed: int = 0
-    connect_threads: int = 8
-    keepalive_s: int = 60
+    options: SimOptions = field(default_factory=SimOptions)
     stats_interval_s: float = 0.25
 
 
 def _ms() -> int:
     return int(time.time() * 1000)
-
-
-class Scheduler:
-    """Timers on the loop thread: a heap of (due, n, fn)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._n = itertools.count()
-
-    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._heap, (time.monotonic() + max(0.0, delay), next(self._n), fn))
-
-    def run_due(self) -> float:
-        """Run what is due; return seconds until the next timer (capped at 0.2)."""
-        now = time.monotonic()
-        while self._heap and self._heap[0][0] <= now:
-            _, _, fn = heapq.heappop(self._heap)
-            try:
-                fn()
-            except Exception:
-                log.exception("simulated device timer failed")
-        return min(0.2, self._heap[0][0] - now) if self._heap else 0.2
-
-
-class Mux:
-    """The selector and the loop driving every client of this process."""
-
-    def __init__(self) -> None:
-        self.sel = selectors.DefaultSelector()
-        self.sched = Scheduler()
-        self._loop_thread = threading.get_ident()
-        self._ops: deque[tuple[str, mqtt.Client, Any]] = deque()
-        #: clients with output queued on the loop thread, written at the end of the loop pass
-        self._dirty: dict[mqtt.Client, None] = {}
-        #: clients whose socket is registered for WRITE (their last write did not finish)
-        self._wait_write: set[mqtt.Client] = set()
-
-    # -- paho socket callbacks (possibly on a connect thread: queue them) ------------------------
-    def attach(self, client: mqtt.Client) -> None:
-        client.on_socket_open = lambda c, u, s: self._op("open", c, s)
-        client.on_socket_close = lambda c, u, s: self._op("close", c, s)
-        client.on_socket_register_write = lambda c, u, s: self._op("w+", c, s)
-        client.on_socket_unregister_write = lambda c, u, s: self._op("w-", c, s)
-
-    def _op(self, op: str, client: mqtt.Client, sock: Any) -> None:
-        if threading.get_ident() != self._loop_thread:
-            self._ops.append((op, client, sock))
-        elif op == "w+":
-            # output queued by a callback on the loop thread (a report, a PUBACK): written after
-            # this pass, with no selector change; most writes finish at once, and asking epoll
-            # for WRITE and back cost two system calls per message
-            self._dirty[client] = None
-        elif op == "w-":
-            if client in self._wait_write:
-                self._apply(op, client, sock)
-        else:
-            self._apply(op, client, sock)
-
-    def _flush(self) -> None:
-        """Write what callbacks queued; wait for WRITE only where the socket did not take it all."""
-        while self._dirty:
-            client = next(iter(self._dirty))
-            del self._dirty[client]
-            sock = client.socket()
-            if sock is None:
-                continue
-            client.loop_write()
-            if client.want_write() and client.socket() is sock and client not in self._wait_write:
-                self._apply("w+", client, sock)
-
-    def _apply(self, op: str, client: mqtt.Client, sock: Any) -> None:
-        try:
-            if op == "open":
-                self.sel.register(sock, READ, client)
-            elif op == "close":
-                self._dirty.pop(client, None)
-                self._wait_write.discard(client)
-                self.sel.unregister(sock)
-            elif op == "w+":
-                self._wait_write.add(client)
-                self.sel.modify(sock, READ | WRITE, client)
-            else:
-                self._wait_write.discard(client)
-                self.sel.modify(sock, READ, client)
-        except (KeyError, ValueError, OSError):
-            pass  # a socket closed before its registration was applied
-
-    # -- the loop -------------------------------------------------------------------------------
-    def run_once(self) -> None:
-        while self._ops:
-            self._apply(*self._ops.popleft())
-        timeout = self.sched.run_due()
-        self._flush()  # what the timers published
-        if not self.sel.get_map():
-            time.sleep(timeout)
-            return
-        for key, mask in self.sel.select(timeout):
-            client: mqtt.Client = key.data
-            sock = key.fileobj
-            if mask & READ:
-                client.loop_read()
-                for _ in range(64):  # TLS may hold whole packets already decrypted
-                    if client.socket() is not sock or not getattr(sock, "pending", lambda: 0)():
-                        break
-                    client.loop_read()
-            if mask & WRITE and client.socket() is sock:
-                client.loop_write()
-        self._flush()
 
 
 class SimDevice:
@@ -194,8 +71,8 @@ class SimDevice:
         self.spec = spec
         self.id = spec.device_id
         self.w = w
-        self.rng = random.Random(hash((w.spec.seed, spec.device_id)))
-        self.serving: dict[str, str] = dict(w.spec.serving)
+        self.rng = random.Random(hash((w.spec.options.seed, spec.device_id)))
+        self.serving: dict[str, str] = dict(w.spec.options.serving)
         self.shadow: dict[str, str] = {}
         self.previous: dict[str, str] = {}
         self.last_desired_seq = 0
@@ -235,7 +112,7 @@ class SimDevice:
         """On a connect thread: TCP + TLS handshake + CONNECT (blocking)."""
         try:
             self.client.connect(
-                self.w.spec.mqtt_host, self.w.spec.mqtt_port, keepalive=self.w.spec.keepalive_s
+                self.w.spec.mqtt_host, self.w.spec.mqtt_port, keepalive=self.w.spec.options.keepalive_s
             )
         except (OSError, ssl.SSLError) as exc:
             log.debug("%s: connect failed: %s", self.id, exc)
@@ -264,9 +141,10 @@ class SimDevice:
         self.w.counters["connects"] += 1
         client.subscribe(self.t_desired, qos=1)
         client.publish(self.t_presence, self.presence("online"), qos=1, retain=True)
-        if self.w.spec.health_window_s > 0 and not getattr(self, "_health_armed", False):
+        window = self.w.spec.options.health_window_s
+        if window > 0 and not getattr(self, "_health_armed", False):
             self._health_armed = True
-            self.w.mux.sched.call_later(self.rng.random() * self.w.spec.health_window_s, self._health_tick)
+            self.w.mux.sched.call_later(self.rng.random() * window, self._health_tick)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         was = self.connected
@@ -384,7 +262,7 @@ class SimDevice:
 
     # -- health ---------------------------------------------------------------------------------
     def _health_tick(self) -> None:
-        window = self.w.spec.health_window_s
+        window = self.w.spec.options.health_window_s
         if self.w.stopping:
             return
         self.w.mux.sched.call_later(window, self._health_tick)
@@ -433,13 +311,13 @@ class Worker:
         self.director = [public_key_from_pem(spec.director_pem)]
         self.counters: Counter[str] = Counter()
         self.stopping = False
-        self.pool = ThreadPoolExecutor(spec.connect_threads, thread_name_prefix="sim-connect")
+        self.pool = ThreadPoolExecutor(spec.options.connect_threads, thread_name_prefix="sim-connect")
         self._soon: deque[Callable[[], None]] = deque()
         self.devices = [SimDevice(d, self) for d in spec.devices]
         self._frozen = False
 
     def profile(self, version: str) -> Profile:
-        return self.spec.profiles.get(version, self.spec.default_profile)
+        return self.spec.options.profiles.get(version, self.spec.options.default_profile)
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         self._soon.append(fn)
@@ -510,8 +388,6 @@ class Worker:
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Entry point of a spawned worker process."""
-    from server.sim.provision import raise_open_files
-
     logging.basicConfig(level=logging.WARNING, format=f"sim-worker-{spec.index} %(levelname)s %(message)s")
     raise_open_files(len(spec.devices) * 2 + 256)
     tune_gc(freeze=False)  # young-generation threshold now; freeze once every device is connected

@@ -6,7 +6,7 @@ key directory (0600). Decommissioning a device puts its serial on the CRL, which
 
 A CRL carries a ``nextUpdate``: past it, OpenSSL refuses *every* handshake of a broker with CRL
 checking ("CRL has expired"), so the CRL file must be re-issued before then (see
-:meth:`FleetCA.crl_refresh_reason` and ``server.devices.service.refresh_broker_crl``).
+:meth:`FleetCA.crl_refresh_reason` and ``server.devices.crl.refresh_broker_crl``).
 """
 
 from __future__ import annotations

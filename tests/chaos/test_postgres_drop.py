@@ -176,7 +176,7 @@ def test_postgres_connection_drops_lose_nothing(tmp_path: Path, database_url: st
                 assert fleet.event_seqs(d) == list(range(first_seq[d] + 1, last + 1)), d
             # and the outbox published everything it committed
             with rig.live.ctx.db.session_scope() as s:
-                from server.mqtt.tables import OutboxMessage
+                from server.rollouts.tables import OutboxMessage
 
                 pending = s.scalar(
                     sa.select(sa.func.count())

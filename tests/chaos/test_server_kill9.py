@@ -25,8 +25,7 @@ import pytest
 import sqlalchemy as sa
 
 from server.db import Database
-from server.mqtt.tables import OutboxMessage
-from server.rollouts.tables import Deployment, DesiredRecord, Rollout
+from server.rollouts.tables import Deployment, DesiredRecord, OutboxMessage, Rollout
 from tests.helpers.chaos_rig import Fleet, ServerProcess, chaos_rollout, server_settings
 from tests.helpers.device_fleet import wait_for
 from tests.helpers.onnx_models import make_model

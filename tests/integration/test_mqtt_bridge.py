@@ -209,7 +209,7 @@ def test_an_older_desired_state_published_last_is_followed_by_the_current(
     """Replicas' publishers run side by side (SKIP LOCKED): one may publish seq 1 after another
     published seq 2, leaving the broker retaining the outdated state. The late publisher finds
     the newer state in the database and publishes it again, so the broker ends up retaining it."""
-    from server.mqtt.outbox import enqueue
+    from server.rollouts.outbox import enqueue
 
     client, ctx, _runtime = mqtt_app
     headers = {"Authorization": f"Bearer {mqtt_token('operator')}"}

@@ -344,8 +344,8 @@ def test_an_expired_crl_is_reissued_and_the_running_broker_reloads_it(fleet, emb
     # refresh job) re-issues it from the database before then and SIGHUPs the local broker.
     from datetime import UTC, datetime, timedelta
 
+    from server.devices.crl import refresh_broker_crl
     from server.devices.repository import RevocationRepository
-    from server.devices.service import refresh_broker_crl
 
     ctx = fleet[1]
     cert, key = _enroll(fleet, "dev-gone", tmp_path)

@@ -123,7 +123,7 @@ def test_refresh_job_reissues_an_expiring_crl(settings, tmp_path):
 
 
 def test_refresh_broker_crl_reports_what_it_did(ctx, tmp_path):
-    from server.devices.service import refresh_broker_crl
+    from server.devices.crl import refresh_broker_crl
 
     path = ctx.settings.broker_dir / "crl.pem"
     assert path.exists()  # written at start-up

@@ -10,8 +10,7 @@ import sqlalchemy as sa
 from device_client.protocol import DesiredState, validate_payload
 from device_client.protocol.signing import verify_envelope
 from server.db import utcnow
-from server.mqtt.tables import OutboxMessage
-from server.rollouts.tables import DesiredRecord
+from server.rollouts.tables import DesiredRecord, OutboxMessage
 from tests.helpers.fleet_sim import SimFleet
 from tests.helpers.pki import HARDWARE, make_csr
 

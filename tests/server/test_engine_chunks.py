@@ -20,9 +20,8 @@ from device_client.protocol import DesiredState, validate_payload
 from device_client.protocol.signing import public_key_from_pem, verify_envelope
 from device_client.protocol.topics import TopicKind, device_topic
 from server.devices.tables import Device, DeviceTag
-from server.mqtt.tables import OutboxMessage
 from server.rollouts.engine import NOTIFY_CHUNK, RolloutEngine
-from server.rollouts.tables import Deployment, DesiredRecord
+from server.rollouts.tables import Deployment, DesiredRecord, OutboxMessage
 from tests.helpers.device_rows import device_row
 from tests.helpers.rollout_lab import push
 

@@ -11,7 +11,6 @@ from server.health.repository import HealthWindowRepository
 from server.health.rollup import fold_health
 from server.health.tables import HealthRollup, HealthSample
 from server.rollouts.policy import aggregate
-from server.rollouts.repository import HealthRepository
 
 NOW = datetime(2026, 3, 10, 12, 30, tzinfo=UTC)
 DAY = 86400
@@ -33,7 +32,7 @@ def fold(ctx, now=NOW):
 
 def agg(ctx, devices, **kw):
     with ctx.db.session_scope() as s:
-        return aggregate(HealthRepository(s).windows(devices, "det", **kw))
+        return aggregate(HealthWindowRepository(s).windows(devices, "det", **kw))
 
 
 def counts(ctx) -> tuple[int, int]:
@@ -161,9 +160,9 @@ def test_gates_read_only_the_given_devices_however_many(ctx, monkeypatch):
     """The stage and baseline numbers cover exactly the devices asked for, also past the size of
     one IN list (the query is chunked, and each chunk keeps the device filter: without it the
     gates would read every device running the version, healthy devices of other rollouts included)."""
-    import server.rollouts.repository as repo_mod
+    import server.health.repository as repo_mod
 
-    monkeypatch.setattr(repo_mod, "WINDOW_IDS_CHUNK", 2)
+    monkeypatch.setattr(repo_mod, "IDS_CHUNK", 2)
     at = NOW - timedelta(minutes=5)
     rows = [window(f"d{i}", 1, at, requests=100, errors=10) for i in range(5)]
     rows += [window(f"other{i}", 1, at, requests=100, errors=0) for i in range(20)]

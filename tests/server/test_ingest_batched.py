@@ -22,8 +22,7 @@ from device_client.protocol.signing import verify_envelope
 from server.devices.tables import Device, DeviceEvent
 from server.health.tables import HealthSample
 from server.mqtt.handlers import IngestWorker
-from server.mqtt.tables import OutboxMessage
-from server.rollouts.tables import Deployment, DesiredRecord
+from server.rollouts.tables import Deployment, DesiredRecord, OutboxMessage
 from tests.helpers.device_rows import notified_devices
 
 SMALL, LARGE = 3, 1000

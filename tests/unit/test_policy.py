@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from server.health.sums import DeviceHealth
 from server.rollouts.policy import (
-    DeviceHealth,
     Gates,
     HealthAggregate,
     StageCounts,

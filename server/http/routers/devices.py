@@ -13,8 +13,6 @@ from server.admin.schemas import Principal
 from server.devices.schemas import (
     BulkEnrollRequest,
     BulkEnrollResponse,
-    DesiredAssign,
-    DesiredOut,
     DeviceEventOut,
     DeviceOut,
     DevicePage,
@@ -28,12 +26,18 @@ from server.devices.tables import DeviceStatus
 from server.devices.tags import parse_tag_expr
 from server.http.deps import Admin, Operator, SessionDep, Viewer, get_ctx
 from server.http.errors import ErrorOut
+from server.rollouts.device_deployments import DeviceDeploymentService
+from server.rollouts.schemas import DesiredAssign, DesiredOut
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 
 
 def _service(request: Request, session: Session) -> DeviceService:
     return DeviceService(session, get_ctx(request))
+
+
+def _deployments(request: Request, session: Session) -> DeviceDeploymentService:
+    return DeviceDeploymentService(session, get_ctx(request))
 
 
 @router.post("/enroll-tokens", status_code=201)
@@ -115,7 +119,7 @@ def update_tags(
 def decommission(
     device_id: str, request: Request, session: Session = SessionDep, who: Principal = Admin
 ) -> DeviceOut:
-    return _service(request, session).decommission(device_id, who)
+    return _deployments(request, session).decommission(device_id, who)
 
 
 @router.put("/devices/{device_id}/desired")
@@ -127,14 +131,14 @@ def assign_desired(
     who: Principal = Operator,
 ) -> DesiredOut:
     """Pin a device to a model version: signs a DesiredState and publishes it (retained, QoS 1)."""
-    return _service(request, session).assign_desired(device_id, body, who)
+    return _deployments(request, session).assign_desired(device_id, body, who)
 
 
 @router.get("/devices/{device_id}/desired")
 def get_desired(
     device_id: str, request: Request, session: Session = SessionDep, _: Principal = Viewer
 ) -> DesiredOut:
-    return _service(request, session).get_desired(device_id)
+    return _deployments(request, session).get_desired(device_id)
 
 
 @router.get("/devices/{device_id}/events")
