@@ -11,13 +11,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from server.health.tables import HealthRollup, HealthSample
+from server.health.tables import ROUTING_FIELDS, HealthRollup, HealthSample
 from server.rollouts.policy import DeviceHealth
 
 #: the columns of a rollup that add up when two rollups of the same key meet
 SUMMED = (
     "windows", "requests", "errors", "p95_requests", "p95_weighted_ms", "shadow_requests",
-    "agreement_weighted",
+    "agreement_weighted", "routed_requests", "answered_edge", "answered_cloud", "answered_cache",
+    "escalations", "budget_limited", "breaker_open", "cloud_failed", "cloud_compared",
+    "cloud_agreement_weighted", "cloud_p95_calls", "cloud_p95_weighted_ms",
 )  # fmt: skip
 KEY = ("device_id", "model", "version", "mode", "bucket")
 #: device ids per query (an IN list; planners like lists in the thousands)
@@ -129,7 +131,7 @@ class HealthRollupRepository:
         q = (
             sa.select(
                 t.id, t.device_id, t.model, t.version, t.mode, t.at, t.requests, t.errors, t.p95_ms,
-                t.shadow_requests, t.agreement,
+                t.shadow_requests, t.agreement, *(getattr(t, f) for f in ROUTING_FIELDS),
             )
             .where(t.at < before)
             .order_by(t.id)

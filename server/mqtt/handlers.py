@@ -46,7 +46,7 @@ from server.devices.tables import Device, DeviceEvent, DeviceStatus
 from server.errors import SeqRace
 from server.health.plausibility import Limits, implausible, overlapping, span_queries
 from server.health.repository import HealthWindowRepository
-from server.health.tables import HealthSample
+from server.health.tables import ROUTING_FIELDS, HealthSample
 from server.metrics import Metrics
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, deployment_transition
@@ -317,6 +317,7 @@ class IngestWorker:
                     "shadow_requests": h.shadow_requests,
                     "agreement": h.agreement,
                     "shadow_p95_ms": h.shadow_p95_ms,
+                    **{f: getattr(h, f) for f in ROUTING_FIELDS},
                 }
             )
         insert_ignore(session, HealthSample.__table__, health_rows, ["device_id", "seq"])  # type: ignore[arg-type]
