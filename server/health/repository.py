@@ -54,6 +54,9 @@ class HealthWindowRepository:
                     windows=int(r.windows), requests=int(r.requests), errors=int(r.errors),
                     p95_requests=int(r.p95_requests), p95_weighted_ms=float(r.p95_weighted),
                     shadow_requests=int(r.shadow), agreement_weighted=float(r.agreement_weighted),
+                    routed_requests=int(r.routed_requests), escalations=int(r.escalations),
+                    cloud_compared=int(r.cloud_compared),
+                    cloud_agreement_weighted=float(r.cloud_agreement_weighted),
                 )  # fmt: skip
         return out
 
@@ -70,16 +73,24 @@ class HealthWindowRepository:
         h, r = HealthSample, HealthRollup
         has_p95 = h.p95_ms.is_not(None)
         has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
+        has_escalations = h.escalations.is_not(None)
+        has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
         raw = sa.select(
             h.device_id.label("device_id"), sa.literal(1).label("windows"), h.requests.label("requests"),
             h.errors.label("errors"), sa.case((has_p95, h.requests), else_=0).label("p95_requests"),
             sa.case((has_p95, h.p95_ms * h.requests), else_=0.0).label("p95_weighted"),
             sa.case((has_agreement, h.shadow_requests), else_=0).label("shadow"),
             sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0).label("agreement_weighted"),
+            sa.case((has_escalations, h.requests), else_=0).label("routed_requests"),
+            sa.func.coalesce(h.escalations, 0).label("escalations"),
+            sa.case((has_cloud, h.cloud_compared), else_=0).label("cloud_compared"),
+            sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0)
+            .label("cloud_agreement_weighted"),
         ).where(h.model == model, h.device_id.in_(device_ids))  # fmt: skip
         rolled = sa.select(
             r.device_id, r.windows, r.requests, r.errors, r.p95_requests, r.p95_weighted_ms,
-            r.shadow_requests, r.agreement_weighted,
+            r.shadow_requests, r.agreement_weighted, r.routed_requests, r.escalations, r.cloud_compared,
+            r.cloud_agreement_weighted,
         ).where(r.model == model, r.device_id.in_(device_ids))  # fmt: skip
         if version is not None:
             raw, rolled = raw.where(h.version == version), rolled.where(r.version == version)
