@@ -236,7 +236,13 @@ class FleetClient:
                     progress(len(chunk))
 
     # -- rollouts -----------------------------------------------------------------------------
-    def create_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_rollout(
+        self, body: dict[str, Any], *, routing: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Create a rollout from ``body`` (the API's JSON); ``routing``, the routing policy its
+        DesiredStates carry, may also be given here (it replaces ``body["routing"]``)."""
+        if routing is not None:
+            body = {**body, "routing": routing}
         return self._call("POST", "/api/v1/rollouts", json=body)
 
     def get_rollout(self, rollout_id: str) -> dict[str, Any]:
