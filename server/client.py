@@ -204,6 +204,18 @@ class FleetClient:
     def revoke_version(self, name: str, version: str) -> dict[str, Any]:
         return self._call("DELETE", f"/api/v1/models/{name}/versions/{version}")
 
+    def field_accuracy(
+        self, name: str, *, since: str | None = None, bucket_s: int | None = None
+    ) -> dict[str, Any]:
+        """Per version and time bucket: requests, who answered, escalation rate, cloud agreement.
+        ``since``: an ISO 8601 time (default: 24 hours ago); ``bucket_s``: seconds (default 3600)."""
+        params: dict[str, Any] = {}
+        if since is not None:
+            params["since"] = since
+        if bucket_s is not None:
+            params["bucket_s"] = bucket_s
+        return self._call("GET", f"/api/v1/models/{name}/field-accuracy", params=params)
+
     # -- offline targets signing (fleet model sign) ----------------------------------------------
     def staged_targets(self) -> dict[str, Any] | None:
         """What waits for the offline targets key, or None when nothing is staged."""

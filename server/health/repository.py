@@ -22,6 +22,10 @@ SUMMED = (
     "cloud_agreement_weighted", "cloud_p95_calls", "cloud_p95_weighted_ms",
 )  # fmt: skip
 KEY = ("device_id", "model", "version", "mode", "bucket")
+#: routing counts the field-accuracy view sums as they come
+ACCURACY_COUNTS = (
+    "answered_edge", "answered_cloud", "answered_cache", "budget_limited", "breaker_open", "cloud_failed",
+)  # fmt: skip
 #: device ids per query (an IN list; planners like lists in the thousands)
 IDS_CHUNK = 5000
 
@@ -105,6 +109,47 @@ class HealthWindowRepository:
         u = sa.union_all(raw, rolled).subquery()
         sums = [sa.func.sum(c).label(c.name) for c in u.c if c.name != "device_id"]
         return sa.select(u.c.device_id, *sums).group_by(u.c.device_id)
+
+    def accuracy_sums(self, model: str, since: datetime, until: datetime, bucket_s: int) -> list[Any]:
+        """Per (version, bucket start in epoch seconds, a multiple of ``bucket_s``): the sums of the
+        model's ``serve`` windows (raw, and rolled up at their bucket's start) from ``since`` to
+        ``until``: requests and the hybrid routing sums (as a rollup keeps them). One GROUP BY
+        of each table; rows of the same key from both are added up."""
+        h, r = HealthSample, HealthRollup
+        has_escalations = h.escalations.is_not(None)
+        has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
+        raw_cols = {
+            "requests": h.requests,
+            "routed_requests": sa.case((has_escalations, h.requests), else_=0),
+            "escalations": sa.func.coalesce(h.escalations, 0),
+            **{c: sa.func.coalesce(getattr(h, c), 0) for c in ACCURACY_COUNTS},
+            "cloud_compared": sa.case((has_cloud, h.cloud_compared), else_=0),
+            "cloud_agreement_weighted": sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0),
+        }
+        out: dict[tuple[str, int], dict[str, Any]] = {}
+        for table, at, cols in (
+            (h, h.at, raw_cols),
+            (r, r.bucket, {c: getattr(r, c) for c in raw_cols}),
+        ):
+            bucket = self._epoch_bucket(at, bucket_s)
+            sums = [sa.func.sum(c).label(n) for n, c in cols.items()]
+            q = (
+                sa.select(table.version, bucket.label("bucket"), *sums)
+                .where(table.model == model, table.mode == "serve", at >= since, at < until)
+                .group_by(table.version, bucket)
+            )
+            for row in self.session.execute(q):
+                acc = out.setdefault((row.version, int(row.bucket)), dict.fromkeys(raw_cols, 0))
+                for name in raw_cols:
+                    acc[name] += getattr(row, name) or 0
+        return [{"version": v, "bucket": b, **acc} for (v, b), acc in sorted(out.items())]
+
+    def _epoch_bucket(self, at: Any, bucket_s: int) -> sa.ColumnElement[Any]:
+        """The start of ``at``'s bucket of ``bucket_s`` seconds, in epoch seconds (SQL)."""
+        size = sa.literal_column(str(int(bucket_s)))  # inline: GROUP BY repeats the expression
+        if self.session.get_bind().dialect.name == "postgresql":
+            return sa.func.floor(sa.extract("epoch", at) / size) * size
+        return (sa.cast(sa.func.strftime("%s", at), sa.Integer) // size) * size
 
     def longest_window_s(self, device_ids: Sequence[str], since: datetime) -> float | None:
         """The longest ``window_s`` among the windows of (up to the first :data:`IDS_CHUNK` of)
