@@ -2,12 +2,20 @@
 plausible windows of five times a true device's requests, that a version escalating too much never
 escalates, that one agreeing with the cloud too rarely always agrees, or the reverse of each,
 changes no outcome: the rollout pauses or rolls back exactly as the honest fleet's stage says.
-Simulated devices (tests/helpers/fleet_sim.py) through the real ingest, judged by the real engine."""
+Windows whose routing counts cannot be true are refused at ingest. Simulated devices
+(tests/helpers/fleet_sim.py) through the real ingest, judged by the real engine."""
 
 from __future__ import annotations
 
-import pytest
+from datetime import timedelta
 
+import pytest
+import sqlalchemy as sa
+
+from device_client.protocol import HealthWindow
+from device_client.protocol.messages import utcnow
+from server.health.tables import HealthSample
+from server.mqtt.handlers import REJECTED
 from server.rollouts.engine import RolloutEngine
 from tests.helpers.fleet_sim import WINDOW_S, Behaviour
 from tests.server.test_rollouts import drive, make_lab, rollout_body
@@ -81,3 +89,29 @@ def test_one_lying_device_among_ten_changes_no_hybrid_outcome(
     if status == "rolled_back":
         assert {d.serving["det"] for d in lab.devices.values()} == {"1.0.0"}
         assert {d.routing is None for d in lab.devices.values()} == {True}  # no policy before
+
+
+def test_implausible_routing_fields_are_refused_and_counted(app_client, admin_headers, ctx, onnx_model):
+    lab = make_lab(app_client, admin_headers, ctx, onnx_model, baseline=False)
+    device = sorted(lab.devices)[0]
+    now = utcnow()
+
+    def send(seq: int, **claims) -> None:
+        fields = {"device_id": device, "seq": seq, "at": now + timedelta(seconds=seq), "window_s": 1.0,
+                  "model": "det", "version": "1.0.0", "requests": 10, "errors": 0, **claims}  # fmt: skip
+        lab._send([(device, "health", HealthWindow.build(**fields).to_json())])
+
+    lies = [
+        {"escalations": 11},  # more escalations than requests
+        {"answered_cloud": 50},
+        {"cloud_compared": 0, "cloud_agreement": 1.0},  # an agreement without comparisons
+        {"cloud_compared": 5},  # comparisons without an agreement
+    ]
+    before = ctx.metrics.get(REJECTED, kind="health", reason="implausible_routing")
+    for seq, claims in enumerate(lies, start=1):
+        send(seq, **claims)
+    assert ctx.metrics.get(REJECTED, kind="health", reason="implausible_routing") - before == len(lies)
+    send(10, escalations=3, escalation_rate=0.3, cloud_compared=3, cloud_agreement=1.0)  # true: stored
+    with ctx.db.session_scope() as s:
+        stored = s.scalars(sa.select(HealthSample.seq).where(HealthSample.device_id == device)).all()
+    assert stored == [10]
