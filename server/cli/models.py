@@ -166,10 +166,9 @@ def accuracy_table(data: dict[str, Any]) -> Table:
     """Per version (a total row, then its buckets): requests, who answered, escalated share and
     cloud agreement (with the answers compared)."""
     title = f"field accuracy of {data['model']} since {str(data['since'])[:19]} ({data['bucket_s']}s buckets)"
-    table = Table(
-        "version", "from", "requests", "edge", "cloud", "cache", "escalated", "cloud agreement", "compared",
-        title=escape(title),
-    )  # fmt: skip
+    table = Table("version", "from", title=escape(title))
+    for column in ("requests", "edge", "cloud", "cache", "escalated", "cloud agreement", "compared"):
+        table.add_column(column, justify="right")
     for v in data["versions"]:
         for i, row in enumerate([v, *v["buckets"]]):
             table.add_row(
