@@ -204,6 +204,18 @@ class FleetClient:
     def revoke_version(self, name: str, version: str) -> dict[str, Any]:
         return self._call("DELETE", f"/api/v1/models/{name}/versions/{version}")
 
+    def field_accuracy(
+        self, name: str, *, since: str | None = None, bucket_s: int | None = None
+    ) -> dict[str, Any]:
+        """Per version and time bucket: requests, who answered, escalation rate, cloud agreement.
+        ``since``: an ISO 8601 time (default: 24 hours ago); ``bucket_s``: seconds (default 3600)."""
+        params: dict[str, Any] = {}
+        if since is not None:
+            params["since"] = since
+        if bucket_s is not None:
+            params["bucket_s"] = bucket_s
+        return self._call("GET", f"/api/v1/models/{name}/field-accuracy", params=params)
+
     # -- offline targets signing (fleet model sign) ----------------------------------------------
     def staged_targets(self) -> dict[str, Any] | None:
         """What waits for the offline targets key, or None when nothing is staged."""
@@ -236,7 +248,13 @@ class FleetClient:
                     progress(len(chunk))
 
     # -- rollouts -----------------------------------------------------------------------------
-    def create_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_rollout(
+        self, body: dict[str, Any], *, routing: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Create a rollout from ``body`` (the API's JSON); ``routing``, the routing policy its
+        DesiredStates carry, may also be given here (it replaces ``body["routing"]``)."""
+        if routing is not None:
+            body = {**body, "routing": routing}
         return self._call("POST", "/api/v1/rollouts", json=body)
 
     def get_rollout(self, rollout_id: str) -> dict[str, Any]:

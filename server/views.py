@@ -13,13 +13,34 @@ from device_client.console import live_display
 from server.client import FleetClient
 
 
+def routing_summary(policy: dict[str, Any] | None) -> str:
+    """One line for a routing policy: its mode, the cloud model it asks, the confidence threshold."""
+    if not policy:
+        return "none (edge only)"
+    parts = [str(policy.get("mode"))]
+    cloud = policy.get("cloud") or {}
+    if cloud:
+        where = "" if cloud.get("endpoint", "fleet") == "fleet" else f" at {cloud['endpoint']}"
+        parts.append(f"cloud {cloud.get('model')} {cloud.get('version') or '(active)'}{where}")
+    confidence = policy.get("confidence") or {}
+    if confidence:
+        parts.append(f"{confidence.get('kind', 'max_prob')} threshold {confidence.get('threshold')}")
+    return ", ".join(parts)
+
+
 def rollout_table(state: dict[str, Any]) -> Table:
-    """Per-stage progress of a rollout as a rich table."""
+    """Per-stage progress of a rollout as a rich table; the escalation rate and cloud agreement of
+    hybrid routing when a stage reports them."""
     # escaped: rich reads "[running]" as a markup tag and drops it
     title = escape(f"rollout {state['id']}: {state['model']} {state['version']} [{state['status']}]")
-    table = Table(
-        "stage", "devices", "succeeded", "failed", "in progress", "errors", "p95 ms", "agreement", title=title
+    if state.get("routing"):
+        title += escape(f"\nrouting: {routing_summary(state['routing'])}")
+    hybrid = any(
+        v["health"].get("escalation_rate") is not None or v["health"].get("cloud_agreement") is not None
+        for v in state["stage_views"]
     )
+    columns = ["stage", "devices", "succeeded", "failed", "in progress", "errors", "p95 ms", "agreement"]
+    table = Table(*columns, *(("escalated", "cloud agr.") if hybrid else ()), title=title)
     for v in state["stage_views"]:
         ph = v["phases"]
         failed = sum(ph.get(k, 0) for k in ("failed", "rolled_back", "timed_out"))
@@ -38,12 +59,21 @@ def rollout_table(state: dict[str, Any]) -> Table:
             "" if h["error_rate"] is None else f"{h['error_rate']:.2%}",
             "" if h["p95_ms"] is None else f"{h['p95_ms']:.1f}",
             "" if h["agreement"] is None else f"{h['agreement']:.3f}",
+            *((_share(h.get("escalation_rate")), _ratio(h.get("cloud_agreement"))) if hybrid else ()),
         )
     if state.get("reason"):
         table.caption = state["reason"]
     elif state.get("offline_pending"):
         table.caption = f"{state['offline_pending']} device(s) offline, to update when they return"
     return table
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def follow_rollout(

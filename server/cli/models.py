@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -136,6 +137,69 @@ def model_ls(url: str, token: str | None, name: str | None) -> None:
                     v["version"], str(v["release"]), v["status"], variants, str(v["created_at"])[:19]
                 )
     console.print(table)
+
+
+#: ``--since`` as a duration back from now: 90s, 30m, 24h, 7d
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> str:
+    """``--since``: a duration back from now (``24h``) or an ISO 8601 time, as an ISO 8601 time."""
+    match = _DURATION.fullmatch(text.strip())
+    if match:
+        back = timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+        return (datetime.now(UTC) - back).isoformat()
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a duration (90s, 30m, 24h, 7d) nor an ISO 8601 time", param_hint="--since"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat()
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def accuracy_table(data: dict[str, Any]) -> Table:
+    """Per version (a total row, then its buckets): requests, who answered, escalated share and
+    cloud agreement (with the answers compared)."""
+    title = f"field accuracy of {data['model']} since {str(data['since'])[:19]} ({data['bucket_s']}s buckets)"
+    table = Table("version", "from", title=escape(title))
+    for column in ("requests", "edge", "cloud", "cache", "escalated", "cloud agreement", "compared"):
+        table.add_column(column, justify="right")
+    for v in data["versions"]:
+        for i, row in enumerate([v, *v["buckets"]]):
+            table.add_row(
+                v["version"] if i == 0 else "", "all" if i == 0 else str(row["start"])[:19],
+                str(row["requests"]), str(row["answered_edge"]), str(row["answered_cloud"]),
+                str(row["answered_cache"]), _pct(row["escalation_rate"]),
+                "" if row["cloud_agreement"] is None else f"{row['cloud_agreement']:.3f}",
+                str(row["cloud_compared"]),
+            )  # fmt: skip
+    if not data["versions"]:
+        table.caption = "no health windows in that span"
+    return table
+
+
+@model.command("accuracy")
+@api_options
+@click.argument("name")
+@click.option("--since", default="24h", show_default=True, help="a duration back from now, or an ISO time")
+@click.option("--bucket", "bucket_s", type=click.IntRange(60, 7 * 86400), default=3600, show_default=True,
+              help="bucket seconds")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True)
+def model_accuracy(url: str, token: str | None, name: str, since: str, bucket_s: int, as_json: bool) -> None:
+    """Field accuracy of NAME per version over time: requests, who answered them (edge, cloud,
+    cache), the share escalated to the cloud and how often the edge answer matched the cloud's."""
+    with common.api_client(url, token) as client:
+        data = client.field_accuracy(name, since=parse_since(since), bucket_s=bucket_s)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        console.print(accuracy_table(data))
 
 
 @model.command("revoke")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from server.cli import common
 from server.cli.common import ApiGroup, api_options, console, parse_tags
-from server.views import follow_rollout, rollout_table
+from server.views import follow_rollout, rollout_table, routing_summary
 
 EXIT_BY_STATUS = {"completed": 0, "paused": 2, "aborted": 3, "rolled_back": 3}
 
@@ -30,6 +31,17 @@ def parse_gates(items: tuple[str, ...]) -> dict[str, float]:
         except ValueError:
             raise click.BadParameter(f"gate {key!r} needs a number, got {value!r}") from None
     return gates
+
+
+def read_policy(path: Path) -> dict[str, Any]:
+    """The routing policy in ``path``: a JSON object (the server checks the rest)."""
+    try:
+        policy = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"{path} is not a JSON file: {exc}", param_hint="--routing") from None
+    if not isinstance(policy, dict):
+        raise click.BadParameter(f"{path} holds no JSON object", param_hint="--routing")
+    return policy
 
 
 @click.group(cls=ApiGroup)
@@ -50,6 +62,13 @@ def rollout() -> None:
 @click.option("--device", "device_ids", multiple=True, help="select these device ids")
 @click.option("--arch", default=None, help="select devices of this architecture")
 @click.option("--probation", "probation_s", type=float, default=None, help="device probation seconds")
+@click.option(
+    "--routing",
+    "routing_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="routing policy JSON (fleet.routing/1) the DesiredStates carry; without it they carry none",
+)
 @click.option("--max-concurrent", type=int, default=50, show_default=True, help="concurrent downloads")
 @click.option("--device-timeout", type=int, default=900, show_default=True)
 @click.option(
@@ -72,11 +91,13 @@ def rollout_start(
     device_ids: tuple[str, ...],
     arch: str | None,
     probation_s: float | None,
+    routing_file: Path | None,
     max_concurrent: int,
     device_timeout: int,
     wait: bool,
 ) -> None:
-    """Start a staged rollout of MODEL_NAME VERSION."""
+    """Start a staged rollout of MODEL_NAME VERSION (with --routing, of its routing policy too: the
+    version the devices already run with a new policy is a rollout of the policy alone)."""
     try:
         percents = [float(p) for p in stages.split(",") if p.strip()]
     except ValueError:
@@ -99,12 +120,16 @@ def rollout_start(
     }
     if probation_s is not None:
         body["probation"] = {"seconds": probation_s}
+    if routing_file is not None:
+        body["routing"] = read_policy(routing_file)
     with common.api_client(url, token) as client:
         state = client.create_rollout(body)
         console.print(
             f"rollout [bold]{state['id']}[/bold] started: {state['devices']} devices in "
             f"{len(state['stage_views'])} stages"
         )
+        if state.get("routing"):
+            console.print(f"routing policy: {escape(routing_summary(state['routing']))}")
         for warning in state.get("warnings", []):
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         if wait:

@@ -13,7 +13,7 @@ from device_client.protocol import HealthWindow
 from server.bulk import insert_ignore
 from server.health.plausibility import overlapping, span_queries
 from server.health.repository import HealthWindowRepository
-from server.health.tables import HealthSample
+from server.health.tables import ROUTING_FIELDS, HealthSample
 
 
 def store_windows(session: Session, windows: list[HealthWindow]) -> list[HealthWindow]:
@@ -40,9 +40,10 @@ def store_windows(session: Session, windows: list[HealthWindow]) -> list[HealthW
             "shadow_requests": h.shadow_requests,
             "agreement": h.agreement,
             "shadow_p95_ms": h.shadow_p95_ms,
+            **{f: getattr(h, f) for f in ROUTING_FIELDS},
         }
         for i, h in enumerate(windows)
         if i not in rejected
     ]
-    insert_ignore(session, HealthSample.__table__, rows, ["device_id", "seq"])  # type: ignore[arg-type]
+    insert_ignore(session, HealthSample.__table__, rows, ["device_id", "seq"])
     return [windows[i] for i in sorted(rejected)]

@@ -4,7 +4,8 @@ Pure: the ingest feeds each window, the time it arrived and the windows already 
 that fails a check is rejected (counted in ``fleet_mqtt_rejected_total{kind="health",reason}``):
 errors beyond its requests, more requests than ``window_s`` allows at ``health_max_rps``, a window
 longer than ``health_max_window_s``, a stamp off the server's clock by more than
-``health_max_clock_skew_s``, or a span that overlaps one already stored (one window per device,
+``health_max_clock_skew_s``, hybrid routing counts beyond its requests or a cloud agreement without
+the comparisons behind it, or a span that overlaps one already stored (one window per device,
 model, version and mode for any period of time).
 """
 
@@ -42,9 +43,36 @@ def implausible(h: HealthWindow, received_at: datetime, limits: Limits) -> tuple
     busiest = max(h.requests, h.shadow_requests or 0)
     if busiest > allowed:
         return "implausible_rate", f"{busiest} requests in {h.window_s:g}s (at most {allowed})"
+    routing = implausible_routing(h)
+    if routing is not None:
+        return "implausible_routing", routing
     skew = abs((h.at - received_at).total_seconds())
     if skew > limits.max_clock_skew_s:
         return "clock_skew", f"stamped {h.at.isoformat()}, {skew:.0f}s from the server's clock"
+    return None
+
+
+#: routing counts of a window, each counting requests of the window (so none exceeds them)
+ROUTING_COUNTS = (
+    "answered_edge", "answered_cloud", "answered_cache", "escalations", "budget_limited", "breaker_open",
+    "cloud_failed", "cloud_compared",
+)  # fmt: skip
+
+
+def implausible_routing(h: HealthWindow) -> str | None:
+    """What is wrong with ``h``'s hybrid routing fields, or None: a count beyond the window's
+    requests, a rate outside [0, 1], a cloud agreement without comparisons (or the reverse)."""
+    for name in ROUTING_COUNTS:
+        value = getattr(h, name)
+        if value is not None and value > h.requests:
+            return f"{name} {value} > {h.requests} requests"
+    for name in ("escalation_rate", "cloud_agreement"):
+        value = getattr(h, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            return f"{name} {value} is not in [0, 1]"
+    compared = h.cloud_compared or 0
+    if (h.cloud_agreement is None) != (compared == 0):
+        return f"cloud_agreement {h.cloud_agreement} with cloud_compared {h.cloud_compared}"
     return None
 
 

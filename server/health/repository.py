@@ -14,14 +14,20 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from server.health.sums import DeviceHealth
-from server.health.tables import HealthRollup, HealthSample
+from server.health.tables import ROUTING_FIELDS, HealthRollup, HealthSample
 
 #: the columns of a rollup that add up when two rollups of the same key meet
 SUMMED = (
     "windows", "requests", "errors", "p95_requests", "p95_weighted_ms", "shadow_requests",
-    "agreement_weighted",
+    "agreement_weighted", "routed_requests", "answered_edge", "answered_cloud", "answered_cache",
+    "escalations", "budget_limited", "breaker_open", "cloud_failed", "cloud_compared",
+    "cloud_agreement_weighted", "cloud_p95_calls", "cloud_p95_weighted_ms",
 )  # fmt: skip
 KEY = ("device_id", "model", "version", "mode", "bucket")
+#: routing counts the field-accuracy view sums as they come
+ACCURACY_COUNTS = (
+    "answered_edge", "answered_cloud", "answered_cache", "budget_limited", "breaker_open", "cloud_failed",
+)  # fmt: skip
 #: device ids per query (an IN list; planners like lists in the thousands)
 IDS_CHUNK = 5000
 
@@ -93,6 +99,9 @@ class HealthWindowRepository:
                     windows=int(r.windows), requests=int(r.requests), errors=int(r.errors),
                     p95_requests=int(r.p95_requests), p95_weighted_ms=float(r.p95_weighted),
                     shadow_requests=int(r.shadow), agreement_weighted=float(r.agreement_weighted),
+                    routed_requests=int(r.routed_requests), escalations=int(r.escalations),
+                    cloud_compared=int(r.cloud_compared),
+                    cloud_agreement_weighted=float(r.cloud_agreement_weighted),
                 )  # fmt: skip
         return out
 
@@ -101,15 +110,23 @@ class HealthWindowRepository:
         h, r = HealthSample, HealthRollup
         has_p95 = h.p95_ms.is_not(None)
         has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
+        has_escalations = h.escalations.is_not(None)
+        has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
         raw, rolled = match.where(sa.select(
             h.device_id.label("device_id"), sa.literal(1).label("windows"), h.requests.label("requests"),
             h.errors.label("errors"), sa.case((has_p95, h.requests), else_=0).label("p95_requests"),
             sa.case((has_p95, h.p95_ms * h.requests), else_=0.0).label("p95_weighted"),
             sa.case((has_agreement, h.shadow_requests), else_=0).label("shadow"),
             sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0).label("agreement_weighted"),
+            sa.case((has_escalations, h.requests), else_=0).label("routed_requests"),
+            sa.func.coalesce(h.escalations, 0).label("escalations"),
+            sa.case((has_cloud, h.cloud_compared), else_=0).label("cloud_compared"),
+            sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0)
+            .label("cloud_agreement_weighted"),
         ), sa.select(
             r.device_id, r.windows, r.requests, r.errors, r.p95_requests, r.p95_weighted_ms,
-            r.shadow_requests, r.agreement_weighted,
+            r.shadow_requests, r.agreement_weighted, r.routed_requests, r.escalations, r.cloud_compared,
+            r.cloud_agreement_weighted,
         ), device_ids)  # fmt: skip
         u = sa.union_all(raw, rolled).subquery()
         sums = [sa.func.sum(c).label(c.name) for c in u.c if c.name != "device_id"]
@@ -164,6 +181,48 @@ class HealthWindowRepository:
                 out.append((requests - p95_req, 0, None, None, None))
         return out
 
+    def accuracy_sums(self, model: str, since: datetime, until: datetime, bucket_s: int) -> list[Any]:
+        """Per (version, bucket start in epoch seconds, a multiple of ``bucket_s``): the sums of the
+        model's ``serve`` windows (raw, and rolled up at their bucket's start) from ``since`` to
+        ``until``: requests and the hybrid routing sums (as a rollup keeps them). One GROUP BY
+        of each table; rows of the same key from both are added up."""
+        h, r = HealthSample, HealthRollup
+        has_escalations = h.escalations.is_not(None)
+        has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
+        raw_cols = {
+            "requests": h.requests,
+            "routed_requests": sa.case((has_escalations, h.requests), else_=0),
+            "escalations": sa.func.coalesce(h.escalations, 0),
+            **{c: sa.func.coalesce(getattr(h, c), 0) for c in ACCURACY_COUNTS},
+            "cloud_compared": sa.case((has_cloud, h.cloud_compared), else_=0),
+            "cloud_agreement_weighted": sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0),
+        }
+        out: dict[tuple[str, int], dict[str, Any]] = {}
+        for table, at, cols in (
+            (h, h.at, raw_cols),
+            (r, r.bucket, {c: getattr(r, c) for c in raw_cols}),
+        ):
+            bucket = self._epoch_bucket(at, bucket_s)
+            sums = [sa.func.sum(c).label(n) for n, c in cols.items()]
+            q = (
+                sa.select(table.version, bucket.label("bucket"), *sums)
+                .where(table.model == model, table.mode == "serve", at >= since, at < until)
+                .group_by(table.version, bucket)
+            )
+            for row in self.session.execute(q):
+                acc = out.setdefault((row.version, int(row.bucket)), dict.fromkeys(raw_cols, 0))
+                for name in raw_cols:
+                    acc[name] += getattr(row, name) or 0
+        return [{"version": v, "bucket": b, **acc} for (v, b), acc in sorted(out.items())]
+
+    def _epoch_bucket(self, at: Any, bucket_s: int) -> sa.ColumnElement[Any]:
+        """The start of ``at``'s bucket of ``bucket_s`` seconds, in epoch seconds (SQL)."""
+        # inline, not a bound parameter: GROUP BY repeats the expression
+        size: sa.ColumnElement[Any] = sa.literal_column(str(int(bucket_s)))
+        if self.session.get_bind().dialect.name == "postgresql":
+            return sa.func.floor(sa.extract("epoch", at) / size) * size
+        return (sa.cast(sa.func.strftime("%s", at), sa.Integer) // size) * size
+
     def longest_window_s(self, device_ids: Sequence[str], since: datetime) -> float | None:
         """The longest ``window_s`` among the windows of (up to the first :data:`IDS_CHUNK` of)
         ``device_ids`` since ``since``: their health window setting, as far as it shows."""
@@ -200,7 +259,7 @@ class HealthRollupRepository:
         q = (
             sa.select(
                 t.id, t.device_id, t.model, t.version, t.mode, t.at, t.requests, t.errors, t.p95_ms,
-                t.shadow_requests, t.agreement,
+                t.shadow_requests, t.agreement, *(getattr(t, f) for f in ROUTING_FIELDS),
             )
             .where(t.at < before)
             .order_by(t.id)

@@ -2,10 +2,11 @@
 
 A rollup holds, per (device, model, version, mode, bucket), the sums the rollout gates need
 (requests, errors, requests with a p95 and the request-weighted p95 sum, shadow requests with an
-agreement and the agreement-weighted sum), so sums over rollups equal sums over the raw windows
-they replace. :class:`server.health.repository.HealthWindowRepository` reads both (``per_device``,
-the gates' per-device sums, and ``windows``), so rollout gates and baselines keep working past the
-raw retention (at bucket resolution for rolled-up time).
+agreement and the agreement-weighted sum, and the hybrid routing counts with their weighted rates:
+:func:`fold_routing`), so sums over rollups equal sums over the raw windows they replace.
+:class:`server.health.repository.HealthWindowRepository` reads both (``per_device``, the gates'
+per-device sums, and ``windows``), so rollout gates and baselines keep working past the raw
+retention (at bucket resolution for rolled-up time).
 
 :func:`fold_health` runs in the server every ``health_rollup_interval_s`` (``HealthRollupJob``).
 Windows are claimed with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas folding at the same
@@ -56,6 +57,8 @@ def fold_batch(raw: list[Any], bucket_s: int) -> list[dict[str, Any]]:
                 "device_id": w.device_id, "model": w.model, "version": w.version, "mode": w.mode,
                 "bucket": bucket, "bucket_s": bucket_s, "windows": 0, "requests": 0, "errors": 0,
                 "p95_requests": 0, "p95_weighted_ms": 0.0, "shadow_requests": 0, "agreement_weighted": 0.0,
+                **dict.fromkeys(ROUTING_SUMS, 0), "cloud_agreement_weighted": 0.0,
+                "cloud_p95_weighted_ms": 0.0,
             }  # fmt: skip
         r["windows"] += 1
         r["requests"] += w.requests
@@ -66,7 +69,36 @@ def fold_batch(raw: list[Any], bucket_s: int) -> list[dict[str, Any]]:
         if w.shadow_requests and w.agreement is not None:
             r["shadow_requests"] += w.shadow_requests
             r["agreement_weighted"] += w.agreement * w.shadow_requests
+        fold_routing(r, w)
     return list(out.values())
+
+
+#: the integer sums of routing fields a rollup keeps
+ROUTING_SUMS = (
+    "routed_requests", "answered_edge", "answered_cloud", "answered_cache", "escalations", "budget_limited",
+    "breaker_open", "cloud_failed", "cloud_compared", "cloud_p95_calls",
+)  # fmt: skip
+#: routing counts summed as they come (a window without one adds nothing)
+_COUNTS = (
+    "answered_edge", "answered_cloud", "answered_cache", "budget_limited", "breaker_open", "cloud_failed",
+)  # fmt: skip
+
+
+def fold_routing(r: dict[str, Any], w: Any) -> None:
+    """Add raw window ``w``'s hybrid routing fields to rollup row ``r``: its requests count towards
+    the escalation rate when it reports escalations; its comparisons weight its cloud agreement and
+    its cloud p95 (the successful cloud calls, as near as a window tells)."""
+    for name in _COUNTS:
+        r[name] += getattr(w, name) or 0
+    if w.escalations is not None:
+        r["routed_requests"] += w.requests
+        r["escalations"] += w.escalations
+    if w.cloud_compared and w.cloud_agreement is not None:
+        r["cloud_compared"] += w.cloud_compared
+        r["cloud_agreement_weighted"] += w.cloud_agreement * w.cloud_compared
+    if w.cloud_compared and w.cloud_p95_ms is not None:
+        r["cloud_p95_calls"] += w.cloud_compared
+        r["cloud_p95_weighted_ms"] += w.cloud_p95_ms * w.cloud_compared
 
 
 def fold_health(

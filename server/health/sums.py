@@ -22,3 +22,9 @@ class DeviceHealth:
     #: shadow requests of the windows that reported an agreement, and agreement * them summed
     shadow_requests: int = 0
     agreement_weighted: float = 0.0
+    #: requests of the windows that reported escalations, and the escalations they reported
+    routed_requests: int = 0
+    escalations: int = 0
+    #: cloud comparisons of the windows that reported a cloud agreement, and agreement * them summed
+    cloud_compared: int = 0
+    cloud_agreement_weighted: float = 0.0

@@ -36,6 +36,26 @@ class HealthSample(Base):
     shadow_requests: Mapped[int | None] = mapped_column(sa.Integer)
     agreement: Mapped[float | None] = mapped_column(sa.Float)
     shadow_p95_ms: Mapped[float | None] = mapped_column(sa.Float)
+    # hybrid edge/cloud routing (set when the model runs under a routing policy): who answered,
+    # escalations and why the cloud was not asked, the cloud round trip, edge/cloud agreement
+    answered_edge: Mapped[int | None] = mapped_column(sa.Integer)
+    answered_cloud: Mapped[int | None] = mapped_column(sa.Integer)
+    answered_cache: Mapped[int | None] = mapped_column(sa.Integer)
+    escalations: Mapped[int | None] = mapped_column(sa.Integer)
+    budget_limited: Mapped[int | None] = mapped_column(sa.Integer)
+    breaker_open: Mapped[int | None] = mapped_column(sa.Integer)
+    cloud_failed: Mapped[int | None] = mapped_column(sa.Integer)
+    escalation_rate: Mapped[float | None] = mapped_column(sa.Float)
+    cloud_p95_ms: Mapped[float | None] = mapped_column(sa.Float)
+    cloud_compared: Mapped[int | None] = mapped_column(sa.Integer)
+    cloud_agreement: Mapped[float | None] = mapped_column(sa.Float)
+
+
+#: the hybrid routing fields of a health window, stored as they come (``fleet.health/1``)
+ROUTING_FIELDS = (
+    "answered_edge", "answered_cloud", "answered_cache", "escalations", "budget_limited", "breaker_open",
+    "cloud_failed", "escalation_rate", "cloud_p95_ms", "cloud_compared", "cloud_agreement",
+)  # fmt: skip
 
 
 class HealthRollup(Base):
@@ -61,3 +81,21 @@ class HealthRollup(Base):
     #: shadow requests of the windows that reported an agreement, and sum of agreement * them
     shadow_requests: Mapped[int] = mapped_column(sa.BigInteger)
     agreement_weighted: Mapped[float] = mapped_column(sa.Float)
+    #: hybrid routing: requests of the windows that reported escalations (the escalation rate's
+    #: denominator), and the counts summed over the windows that reported them
+    routed_requests: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    answered_edge: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    answered_cloud: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    answered_cache: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    escalations: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    budget_limited: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    breaker_open: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    cloud_failed: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    #: edge answers compared with the cloud's in the windows that reported a cloud agreement, and
+    #: the sum of cloud_agreement * them
+    cloud_compared: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    cloud_agreement_weighted: Mapped[float] = mapped_column(sa.Float, server_default="0")
+    #: cloud answers compared in the windows that reported a cloud p95, and the sum of
+    #: cloud_p95_ms * them
+    cloud_p95_calls: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    cloud_p95_weighted_ms: Mapped[float] = mapped_column(sa.Float, server_default="0")

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from device_client.protocol.messages import DeploymentPhase, DesiredState, Probation, ServeMode
+from device_client.protocol.routing import RoutingPolicy
 from device_client.protocol.topics import TopicKind, device_topic
 from server.catalog.repository import CatalogRepository
 from server.catalog.tables import ModelArtifact
@@ -130,8 +131,10 @@ class DesiredStateService:
         mode: ServeMode = ServeMode.serve,
         probation: Probation | None = None,
         rollout_id: str | None = None,
+        routing: RoutingPolicy | None = None,
     ) -> DesiredRecord:
-        """Sign a new DesiredState for ``device`` and queue it for publishing."""
+        """Sign a new DesiredState for ``device`` and queue it for publishing (with ``routing``,
+        the policy its requests are routed by; None: the edge alone)."""
         if device.status == DeviceStatus.decommissioned:
             raise Conflict(f"device {device.id!r} is decommissioned")
         mv, artifacts = self._version(model, version)
@@ -147,6 +150,7 @@ class DesiredStateService:
             "variant": artifact.variant,
             "mode": mode,
             "probation": probation or Probation(),
+            "routing": routing,
         }
         return self._sign_and_queue(device, fields)
 
@@ -202,6 +206,7 @@ class DesiredStateService:
         mode: ServeMode,
         probation: Probation,
         rollout_id: str | None,
+        routing: RoutingPolicy | None = None,
     ) -> tuple[dict[str, int], dict[str, str]]:
         """Sign and queue a DesiredState for each of many devices in a few statements: the
         rollout engine notifies thousands per tick (:class:`DeviceTarget`, no ORM objects). Each
@@ -238,7 +243,7 @@ class DesiredStateService:
                 device_id=device.id, seq=seq, issued_at=now, expires_at=expires, rollout_id=rollout_id,
                 model=model, version=version, release=mv.release, target=artifact.target_path,
                 length=artifact.length, hashes={"sha256": artifact.sha256}, variant=artifact.variant,
-                mode=mode, probation=probation,
+                mode=mode, probation=probation, routing=routing,
             )  # fmt: skip
             envelope, data = self.ctx.director.sign_json(desired)
             records.append({

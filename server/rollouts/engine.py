@@ -53,7 +53,7 @@ from server.rollouts.policy import (
     robust_health,
 )
 from server.rollouts.repository import DeploymentRepository, RolloutRepository
-from server.rollouts.service import BASELINE_WINDOW, RolloutService, gates_of, settle_phase
+from server.rollouts.service import RolloutService, baseline_health, gates_of, routing_of, settle_phase
 from server.rollouts.tables import Rollout, RolloutStatus
 
 if TYPE_CHECKING:
@@ -228,10 +228,7 @@ class RolloutEngine:
             if rollout.reason != why:  # (the row is written only when this changes)
                 rollout.reason = why
             return
-        baseline = robust_health(health_repo.per_device(
-            ids, rollout.model, not_version=rollout.version, mode="serve",
-            since=rollout.created_at - BASELINE_WINDOW, until=rollout.created_at,
-        ))  # fmt: skip
+        baseline = baseline_health(session, rollout, ids)
         verdict = evaluate_stage(gates, counts, health, baseline, shadow=stage.shadow)
         numbers = {
             **verdict.numbers,
@@ -333,8 +330,9 @@ class RolloutEngine:
             DeviceTarget(r.device_id, r.status, r.arch, r.hardware or {}, r.desired_seq or 0) for r in rows
         ]
         seqs, errors = DesiredStateService(session, self.ctx).assign_many(
-            targets, rollout.model, rollout.version, mode=mode, probation=probation, rollout_id=rollout.id
-        )
+            targets, rollout.model, rollout.version, mode=mode, probation=probation, rollout_id=rollout.id,
+            routing=routing_of(rollout),
+        )  # fmt: skip
         notified, failed = [], []
         for row in rows:
             if row.device_id in errors:

@@ -51,6 +51,12 @@ class Gates(BaseModel):
     max_p95_ms: float | None = Field(default=None, gt=0)
     max_p95_ratio: float | None = Field(default=1.5, gt=0)
     min_agreement: float | None = Field(default=0.95, ge=0, le=1)
+    #: hybrid routing, judged on serve stages: the share of requests escalated to the cloud, the
+    #: same against the same devices' baseline (like ``max_p95_ratio``), and how often the edge
+    #: answer matched the cloud's (absolute; a stage waits for the figure, like ``min_agreement``)
+    max_escalation_rate: float | None = Field(default=None, ge=0, le=1)
+    max_escalation_ratio: float | None = Field(default=None, gt=0)
+    min_cloud_agreement: float | None = Field(default=None, ge=0, le=1)
     #: requests the stage's devices must have reported for the new version (each device counted
     #: up to the median device's count) before the gates are judged; 0 lets idle devices pass on
     #: install success and their (empty) health windows alone
@@ -137,9 +143,9 @@ class HealthAggregate:
     """Health of a set of devices over a time span.
 
     From :func:`robust_health` (the gates): ``requests`` counts each device up to the median
-    device's count, ``errors`` is the sum reported, ``error_rate``, ``p95_ms`` and ``agreement``
-    are trimmed means of the devices' own numbers. From :func:`aggregate`: plain sums and
-    request-weighted means of the windows."""
+    device's count, ``errors`` is the sum reported, ``error_rate``, ``p95_ms``, ``agreement``,
+    ``escalation_rate`` and ``cloud_agreement`` are trimmed means of the devices' own numbers.
+    From :func:`aggregate`: plain sums and request-weighted means of the windows."""
 
     requests: int = 0
     errors: int = 0
@@ -151,6 +157,11 @@ class HealthAggregate:
     #: devices that reported at least one window, and the requests they reported (uncapped)
     devices: int = 0
     requests_reported: int = 0
+    #: hybrid routing: escalations over the requests of windows that reported them; edge answers
+    #: compared with the cloud's (each device capped at the median's) and how often they matched
+    escalation_rate: float | None = None
+    cloud_compared: int = 0
+    cloud_agreement: float | None = None
 
     def __post_init__(self) -> None:
         if self.error_rate is None and self.requests:
@@ -220,6 +231,7 @@ def capped_sum(counts: Iterable[int]) -> int:
 def robust_health(devices: Mapping[str, DeviceHealth]) -> HealthAggregate:
     """The health the gates judge, from each device's own numbers (see :func:`robust_mean`)."""
     rows = [devices[d] for d in sorted(devices)]
+    compared = [r for r in rows if r.cloud_compared]
     return HealthAggregate(
         requests=capped_sum(r.requests for r in rows),
         errors=sum(r.errors for r in rows),
@@ -233,6 +245,13 @@ def robust_health(devices: Mapping[str, DeviceHealth]) -> HealthAggregate:
         ),
         devices=len(rows),
         requests_reported=sum(r.requests for r in rows),
+        escalation_rate=robust_mean(
+            [(r.escalations / r.routed_requests, r.routed_requests) for r in rows if r.routed_requests]
+        ),
+        cloud_compared=capped_sum(r.cloud_compared for r in rows),
+        cloud_agreement=robust_mean(
+            [(r.cloud_agreement_weighted / r.cloud_compared, r.cloud_compared) for r in compared]
+        ),
     )
 
 
@@ -301,6 +320,8 @@ def missing_evidence(
         reasons.append(f"{health.requests} requests reported (min_requests {gates.min_requests})")
     if shadow and gates.min_agreement is not None and health.agreement is None:
         reasons.append("no shadow agreement reported")
+    if not shadow and gates.min_cloud_agreement is not None and health.cloud_agreement is None:
+        reasons.append("no cloud agreement reported")
     return reasons
 
 
@@ -351,7 +372,45 @@ def evaluate_stage(
             reasons.append("no shadow agreement reported")
         elif health.agreement < gates.min_agreement:
             reasons.append(f"shadow agreement {health.agreement:.3f} < {gates.min_agreement}")
+    if not shadow:
+        reasons += hybrid_reasons(gates, health, baseline, numbers)
     return Verdict(passed=not reasons, reasons=reasons, numbers=numbers)
+
+
+def _r4(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def hybrid_reasons(
+    gates: Gates, health: HealthAggregate, baseline: HealthAggregate, numbers: dict[str, float | int | None]
+) -> list[str]:
+    """The hybrid routing gates of a serve stage: why they fail (empty: they pass). Their numbers
+    go into ``numbers`` whenever a gate asks for them or the devices reported them."""
+    esc_gated = gates.max_escalation_rate is not None or gates.max_escalation_ratio is not None
+    if esc_gated or health.escalation_rate is not None or baseline.escalation_rate is not None:
+        numbers["escalation_rate"] = _r4(health.escalation_rate)
+        numbers["baseline_escalation_rate"] = _r4(baseline.escalation_rate)
+    if gates.min_cloud_agreement is not None or health.cloud_agreement is not None:
+        numbers["cloud_agreement"] = _r4(health.cloud_agreement)
+        numbers["cloud_compared"] = health.cloud_compared
+        numbers["baseline_cloud_agreement"] = _r4(baseline.cloud_agreement)
+    reasons: list[str] = []
+    rate = health.escalation_rate
+    if gates.max_escalation_rate is not None and rate is not None and rate > gates.max_escalation_rate:
+        reasons.append(f"escalation rate {rate:.4f} > {gates.max_escalation_rate}")
+    if gates.max_escalation_ratio is not None and rate is not None and baseline.escalation_rate:
+        ratio = rate / baseline.escalation_rate
+        numbers["escalation_ratio"] = round(ratio, 3)
+        if ratio > gates.max_escalation_ratio:
+            reasons.append(
+                f"escalation rate {ratio:.2f}x the same devices' baseline > {gates.max_escalation_ratio}x"
+            )
+    if gates.min_cloud_agreement is not None:
+        if health.cloud_agreement is None:
+            reasons.append("no cloud agreement reported")
+        elif health.cloud_agreement < gates.min_cloud_agreement:
+            reasons.append(f"cloud agreement {health.cloud_agreement:.3f} < {gates.min_cloud_agreement}")
+    return reasons
 
 
 def early_trip(gates: Gates, counts: StageCounts, stage_size: int) -> bool:

@@ -27,6 +27,20 @@ class DesiredRepository:
     def get(self, device_id: str) -> DesiredRecord | None:
         return self.session.get(DesiredRecord, device_id)
 
+    def routing_of(
+        self, device_ids: Sequence[str], model: str, chunk: int = 5000
+    ) -> dict[str, dict[str, Any]]:
+        """The routing policy each of ``device_ids`` holds for ``model``: its DesiredState's, for the
+        devices whose DesiredState names ``model`` and carries one (only that field is read)."""
+        policy = DesiredRecord.envelope[("signed", "routing")]
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(device_ids), chunk):
+            q = sa.select(DesiredRecord.device_id, policy).where(
+                DesiredRecord.device_id.in_(list(device_ids[i : i + chunk])), DesiredRecord.model == model
+            )
+            out.update((d, routing) for d, routing in self.session.execute(q) if isinstance(routing, dict))
+        return out
+
     def upsert(self, record: DesiredRecord) -> DesiredRecord:
         return self.session.merge(record)
 
@@ -264,6 +278,14 @@ class RolloutRepository:
         if for_update:
             q = q.with_for_update()
         return self.session.scalars(q).first()
+
+    def already_on_version(self, rollout: Rollout) -> set[str]:
+        """Devices of ``rollout`` that ran its version before it (a rollout of a routing policy
+        alone): their baseline is their own windows of that version."""
+        q = sa.select(Deployment.device_id).where(
+            Deployment.rollout_id == rollout.id, Deployment.previous_version == rollout.version
+        )
+        return set(self.session.scalars(q))
 
     def list(self, status: Sequence[RolloutStatus] | None = None, limit: int = 100) -> Sequence[Rollout]:
         q = sa.select(Rollout).order_by(Rollout.created_at.desc()).limit(limit)

@@ -42,6 +42,10 @@ class RolloutCreate(BaseModel):
     on_failure: Literal["pause", "rollback"] = "pause"
     max_concurrent_downloads: int = Field(default=50, ge=1, le=100_000)
     device_timeout_s: int = Field(default=900, ge=10, le=7 * 86400)
+    #: the routing policy (``fleet.routing/1``, device_client/protocol/routing.py) the rollout's
+    #: DesiredStates carry, checked at creation against the catalog; None: they carry none, and
+    #: the devices answer at the edge alone
+    routing: dict[str, Any] | None = None
     #: start immediately (default) or stay a draft until ``POST .../start``
     start: bool = True
 
@@ -87,6 +91,8 @@ class RolloutOut(BaseModel):
     updated_at: datetime
     finished_at: datetime | None
     created_by: str | None
+    #: the routing policy its DesiredStates carry (None: none)
+    routing: dict[str, Any] | None = None
 
 
 class RolloutDetail(RolloutOut):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from device_client.protocol.messages import DeploymentPhase, Probation
+from device_client.protocol.routing import RoutingPolicy
 from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.catalog.repository import CatalogRepository
@@ -20,8 +21,10 @@ from server.errors import Conflict, Invalid, NotFound, SeqRace
 from server.health.repository import HealthWindowRepository
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
-from server.rollouts.policy import Gates, Stage, assign_stages, check_stages, robust_health
-from server.rollouts.repository import DeploymentRepository, RolloutRepository
+from server.rollouts.policy import Gates, HealthAggregate, Stage, assign_stages, check_stages, robust_health
+from server.rollouts.repository import DeploymentRepository, DesiredRepository, RolloutRepository
+from server.rollouts.routing import PreviousRouting, policy_key
+from server.rollouts.routing_check import RoutingCheck
 from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutOut, Selector, StageView
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 from server.security import new_id
@@ -53,7 +56,7 @@ def rollout_out(r: Rollout) -> RolloutOut:
         current_stage=r.current_stage, stage_started_at=r.stage_started_at,
         rollback_started_at=r.rollback_started_at, soak_until=r.soak_until,
         reason=r.reason, verdict=r.verdict or {}, created_at=r.created_at, updated_at=r.updated_at,
-        finished_at=r.finished_at, created_by=r.created_by,
+        finished_at=r.finished_at, created_by=r.created_by, routing=r.routing,
     )  # fmt: skip
 
 
@@ -82,8 +85,10 @@ class RolloutService:
 
     # -- create --------------------------------------------------------------------------------
     def create(self, body: RolloutCreate, by: Principal) -> RolloutDetail:
-        if CatalogRepository(self.session).active_version(body.model, body.version) is None:
+        version = CatalogRepository(self.session).active_version(body.model, body.version)
+        if version is None:
             raise NotFound(f"no active version {body.version!r} of model {body.model!r}")
+        routing, warnings = RoutingCheck(self.session).check(body, version.id)
         devices = select_devices(self.session, body.selector)
         if not devices:
             raise Invalid("the selector matches no device")
@@ -101,6 +106,9 @@ class RolloutService:
                 f"device {did!r} is already in rollout {rid} of model {body.model!r}; "
                 "finish, abort or roll back that rollout first"
             )
+        # what each device's DesiredState carries now: what a rollback restores (each policy once)
+        held = DesiredRepository(self.session).routing_of([d.id for d in devices], body.model)
+        previous = {policy_key(p): p for p in held.values()}
         rollout = self.rollouts.add(
             Rollout(
                 id=new_id(), model=body.model, version=body.version, status=RolloutStatus.draft,
@@ -109,6 +117,7 @@ class RolloutService:
                 gates=body.gates.model_dump(mode="json"), probation=body.probation.model_dump(mode="json"),
                 on_failure=body.on_failure, max_concurrent_downloads=body.max_concurrent_downloads,
                 device_timeout_s=body.device_timeout_s, created_by=by.actor, verdict={},
+                routing=None if routing is None else routing.to_dict(), previous_routing=previous,
             )
         )  # fmt: skip
         stage_of = assign_stages(rollout.id, [d.id for d in devices], sizes)
@@ -116,20 +125,28 @@ class RolloutService:
         DeploymentRepository(self.session).insert_many([
             {"rollout_id": rollout.id, "device_id": d.id, "stage": stage_of[d.id], "model": body.model,
              "version": body.version, "previous_version": (d.serving or {}).get(body.model),
-             "phase": DeploymentPhase.pending, "details": {}, "created_at": now, "updated_at": now}
+             "phase": DeploymentPhase.pending, "created_at": now, "updated_at": now,
+             "details": {"previous_routing": policy_key(held[d.id])} if d.id in held else {}}
             for d in devices
         ])  # fmt: skip
+        if routing is None and held:
+            warnings.append(
+                f"{len(held)} of the selected devices run under a routing policy and this rollout carries "
+                "none: they will answer at the edge alone (give the policy again to keep it)"
+            )
         details: dict[str, Any] = {
             "model": body.model, "version": body.version, "devices": len(devices), "stage_sizes": sizes,
         }  # fmt: skip
         if len(stages) < len(body.stages):  # percent stages that resolved to the same devices, merged
             details["stages_requested"] = [s.model_dump(mode="json") for s in body.stages]
+        if routing is not None:
+            details["routing"] = policy_key(rollout.routing or {})
         audit(self.session, by, "rollout.create", "rollout", rollout.id, details)
         if body.start:
             self.transition(rollout, RolloutStatus.running, by, "rollout.start")
             rollout.stage_started_at = utcnow()
         detail = self.detail(rollout.id)
-        detail.warnings = self._soak_warnings(stages, [d.id for d in devices], now)
+        detail.warnings = self._soak_warnings(stages, [d.id for d in devices], now) + warnings
         return detail
 
     def _soak_warnings(self, stages: list[Stage], device_ids: list[str], now: datetime) -> list[str]:
@@ -244,6 +261,7 @@ class RolloutService:
         ids = [dep.device_id for dep in deployments]
         devices = {d.id: d for d in self.session.query(Device).filter(Device.id.in_(ids))}
         records = {r.device_id: r for r in desired.records.for_devices(ids)}
+        restore = PreviousRouting(rollout)
         for dep in deployments:
             if dep.phase == DeploymentPhase.pending:
                 dep.phase = DeploymentPhase.cancelled
@@ -266,6 +284,7 @@ class RolloutService:
                     dep.previous_version,
                     rollout_id=rollout.id,
                     probation=ROLLBACK_PROBATION,
+                    routing=restore.of(dep),
                 )
             except SeqRace:
                 raise  # a state issued concurrently: the whole rollback retries (409), none skipped
@@ -290,10 +309,7 @@ class RolloutService:
         health = HealthWindowRepository(self.session)
         stages = [Stage.model_validate(s) for s in rollout.stages]
         all_ids = [d for d, _, _ in rows]
-        baseline = robust_health(health.per_device(
-            all_ids, rollout.model, not_version=rollout.version, mode="serve",
-            since=rollout.created_at - BASELINE_WINDOW, until=rollout.created_at,
-        ))  # fmt: skip
+        baseline = baseline_health(self.session, rollout, all_ids)
         views = []
         for i, stage in enumerate(stages):
             members = [(d, p) for d, st, p in rows if st <= i]
@@ -312,7 +328,9 @@ class RolloutService:
                 index=i, devices=len(members), shadow=stage.shadow, soak_s=stage.soak_s,
                 phases=dict(Counter(p.value for _, p in members)),
                 health={"requests": agg.requests, "errors": agg.errors, "error_rate": agg.error_rate,
-                        "p95_ms": agg.p95_ms, "agreement": agg.agreement, "devices_reporting": agg.devices},
+                        "p95_ms": agg.p95_ms, "agreement": agg.agreement, "devices_reporting": agg.devices,
+                        "escalation_rate": agg.escalation_rate, "cloud_agreement": agg.cloud_agreement,
+                        "cloud_compared": agg.cloud_compared},
             ))  # fmt: skip
         return RolloutDetail(
             **rollout_out(rollout).model_dump(),
@@ -324,6 +342,8 @@ class RolloutService:
                 "requests": baseline.requests,
                 "error_rate": baseline.error_rate,
                 "p95_ms": baseline.p95_ms,
+                "escalation_rate": baseline.escalation_rate,
+                "cloud_agreement": baseline.cloud_agreement,
             },
         )
 
@@ -340,6 +360,30 @@ def names_rollout_version(record: DesiredRecord | None, rollout: Rollout) -> boo
 
 def gates_of(rollout: Rollout) -> Gates:
     return Gates.model_validate(rollout.gates)
+
+
+def routing_of(rollout: Rollout) -> RoutingPolicy | None:
+    """The routing policy the rollout's DesiredStates carry (checked when it was created)."""
+    return None if rollout.routing is None else RoutingPolicy.model_validate(rollout.routing)
+
+
+def baseline_health(session: Session, rollout: Rollout, device_ids: list[str]) -> HealthAggregate:
+    """The same devices' health before the rollout: their ``serve`` windows in the
+    :data:`BASELINE_WINDOW` before it was created, of other versions, or of its own version for
+    the devices that already ran it (a rollout of a routing policy alone compares the new policy
+    with the old one on the same version)."""
+    health = HealthWindowRepository(session)
+    same = RolloutRepository(session).already_on_version(rollout) & set(device_ids)
+    since, until = rollout.created_at - BASELINE_WINDOW, rollout.created_at
+    per_device = health.per_device(
+        [d for d in device_ids if d not in same], rollout.model, not_version=rollout.version,
+        mode="serve", since=since, until=until,
+    )  # fmt: skip
+    if same:
+        per_device.update(health.per_device(
+            sorted(same), rollout.model, version=rollout.version, mode="serve", since=since, until=until
+        ))  # fmt: skip
+    return robust_health(per_device)
 
 
 def settle_phase(dep: Deployment, phase: DeploymentPhase) -> bool:

@@ -62,6 +62,12 @@ class Rollout(Base):
     #: tick from notifying devices after a concurrent rollback or abort; on PostgreSQL it also
     #: covers an API action that read the row while a tick held it
     row_version: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="1")
+    #: the routing policy (``fleet.routing/1``) every DesiredState of the rollout carries; None:
+    #: they carry none (the devices answer at the edge alone)
+    routing: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    #: the policies the devices held before the rollout, by key (a deployment's
+    #: ``details["previous_routing"]``): what a rollback restores
+    previous_routing: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict, server_default="{}")
 
     __mapper_args__ = {"version_id_col": row_version}
 

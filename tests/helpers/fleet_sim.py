@@ -4,7 +4,8 @@ Each :class:`SimDevice` reads the signed DesiredState the server holds for it, v
 director's signature, and answers with real ``fleet.report/1``, ``fleet.health/1`` and
 ``fleet.presence/1`` payloads, which go through the server's real ingest path
 (:class:`server.mqtt.handlers.IngestWorker`) without a broker. How a version behaves on a device
-(install failure, error rate, latency, shadow agreement) is a :class:`Behaviour`.
+(install failure, error rate, latency, shadow agreement, and under a routing policy its escalation
+rate and cloud agreement) is a :class:`Behaviour`.
 
 Health windows are short (:data:`WINDOW_S`) and never overlap, so that the many windows a test
 sends within a second stay plausible to the server (server/health/plausibility.py).
@@ -12,6 +13,7 @@ sends within a second stay plausible to the server (server/health/plausibility.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +37,24 @@ class Behaviour:
     error_rate: float = 0.0
     p95_ms: float = 5.0
     agreement: float = 1.0
+    #: under a routing policy (serve windows carry the hybrid fields when set): the share of
+    #: requests escalated (answered by the cloud), and how often the edge answer matched the cloud's
+    escalation_rate: float | None = None
+    cloud_agreement: float = 1.0
+    cloud_p95_ms: float = 40.0
+
+
+def hybrid_fields(requests: int, b: Behaviour) -> dict[str, Any]:
+    """The routing fields of a serve window of ``requests`` requests behaving as ``b``: every
+    escalation answered by the cloud and compared with the edge answer."""
+    escalated = round(requests * (b.escalation_rate or 0.0))
+    return {
+        "answered_edge": requests - escalated, "answered_cloud": escalated, "answered_cache": 0,
+        "escalations": escalated, "budget_limited": 0, "breaker_open": 0, "cloud_failed": 0,
+        "escalation_rate": escalated / requests if requests else None,
+        "cloud_p95_ms": b.cloud_p95_ms if escalated else None, "cloud_compared": escalated,
+        "cloud_agreement": b.cloud_agreement if escalated else None,
+    }  # fmt: skip
 
 
 @dataclass
@@ -48,6 +68,8 @@ class SimDevice:
     shadow: dict[str, str] = field(default_factory=dict)
     #: end of the device's last health window: the next one starts no earlier
     health_until: datetime | None = None
+    #: the routing policy of the DesiredState it acted on last (None: none)
+    routing: dict[str, Any] | None = None
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -71,6 +93,9 @@ class SimFleet:
         self.lies: dict[str, dict[str, Any]] = {}
         #: device id -> ``details`` of each of its reports
         self.report_details: dict[str, dict[str, Any]] = {}
+        #: (version, routing policy the device holds) -> how it behaves, instead of
+        #: ``behaviours[version]`` (None: that); e.g. a policy's threshold sets the escalation rate
+        self.by_policy: Callable[[str, dict[str, Any] | None], Behaviour | None] | None = None
         self.ingest = IngestWorker(ctx, ctx.metrics)
         self.director = ctx.director.key.public_key()
 
@@ -108,11 +133,13 @@ class SimFleet:
                 version = table.get(self.model)
                 if version is None:
                     continue
-                b = self.behaviours.get(version, Behaviour())
+                b = self.behaviour(version, dev.routing if mode == "serve" else None)
                 dev.health_seq += 1
                 extra = {}
                 if mode == "shadow":
                     extra = {"shadow_requests": requests, "agreement": b.agreement, "shadow_p95_ms": b.p95_ms}
+                elif b.escalation_rate is not None:
+                    extra = hybrid_fields(requests, b)
                 fields = {
                     "device_id": dev.device_id, "seq": dev.health_seq, "at": at, "window_s": WINDOW_S,
                     "model": self.model, "version": version, "mode": mode, "requests": requests,
@@ -121,6 +148,10 @@ class SimFleet:
                 }  # fmt: skip
                 msgs.append((dev.device_id, "health", HealthWindow.build(**fields).to_json()))
         self._send(msgs)
+
+    def behaviour(self, version: str, routing: dict[str, Any] | None) -> Behaviour:
+        chosen = self.by_policy(version, routing) if self.by_policy is not None else None
+        return chosen or self.behaviours.get(version, Behaviour())
 
     def step(self) -> int:
         """Every online device acts on a new DesiredState (install, probation, verdict); returns how many."""
@@ -159,11 +190,12 @@ class SimFleet:
                 msgs.append(report("succeeded"))
                 continue
             dev.shadow = {}
-            before = dict(dev.serving)
+            before, routing_before = dict(dev.serving), dev.routing
             dev.serving = {desired.model: desired.version}
+            dev.routing = None if desired.routing is None else desired.routing.to_dict()
             msgs.append(report("probation"))
             if b.reverts:
-                dev.serving = before
+                dev.serving, dev.routing = before, routing_before
                 msgs.append(report("rolled_back", "probation breached: error rate"))
                 continue
             msgs.append(report("succeeded"))

@@ -22,18 +22,21 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
 
 from server.admin.schemas import Principal
+from server.catalog.accuracy import FieldAccuracyService
 from server.catalog.schemas import ModelOut, ModelSummary, VersionOut, check_model_name
 from server.catalog.service import CatalogService, PushUpload
 from server.errors import Invalid, PayloadTooLarge
+from server.health.schemas import FieldAccuracyOut
 from server.http.deps import Admin, Operator, SessionDep, Viewer, get_ctx
 
 if TYPE_CHECKING:
@@ -247,3 +250,18 @@ def revoke_version(
 ) -> VersionOut:
     """Revoke a version: it is marked revoked and its bundles leave the signed repository."""
     return _service(request, session).revoke(name, version, who)
+
+
+@router.get("/models/{name}/field-accuracy")
+def field_accuracy(
+    name: str,
+    request: Request,
+    since: datetime | None = Query(default=None, description="start (ISO 8601; default: 24 hours ago)"),
+    bucket_s: int = Query(default=3600, ge=60, le=7 * 86400, description="bucket length in seconds"),
+    session: Session = SessionDep,
+    _: Principal = Viewer,
+) -> FieldAccuracyOut:
+    """The model's field accuracy per version over time, from its devices' serve health windows:
+    requests, who answered them (edge, cloud, cache), the escalation rate, and how often the edge
+    answer matched the cloud's (weighted by the answers compared)."""
+    return FieldAccuracyService(session).field_accuracy(name, since, bucket_s)
