@@ -112,7 +112,8 @@ EMBEDDED_CLOUD_NAME = "embedded-cloud"
 def prepare_embedded_cloud(settings: Settings) -> None:
     """Before anything starts: :class:`CloudPortInUse` when another process holds the cloud
     port; an empty ``cloud_public_url`` (what devices are told at enrollment) becomes the
-    embedded tier's URL on the host of ``public_url``."""
+    embedded tier's URL on the host of ``public_url``, unless that would be plain HTTP beside an
+    HTTPS ``public_url`` (devices refuse such an enrollment answer: the URL stays empty)."""
     from server.cloud.embedded import embedded_cloud_url, port_taken
 
     if port_taken(settings.cloud_host, settings.cloud_port):
@@ -120,8 +121,10 @@ def prepare_embedded_cloud(settings: Settings) -> None:
             f"port {settings.cloud_port} is in use by another process; set FLEET_CLOUD_PORT, "
             "stop it, or set FLEET_CLOUD_EMBEDDED=false"
         )
-    if not settings.cloud_public_url:
-        settings.cloud_public_url = embedded_cloud_url(settings, public=True)
+    url = embedded_cloud_url(settings, public=True)
+    usable = url.startswith("https:") or settings.public_url.startswith("http:")
+    if not settings.cloud_public_url and usable:
+        settings.cloud_public_url = url
 
 
 def embedded_cloud(settings: Settings, app: FastAPI, api_started: Callable[[], bool]) -> CloudSupervisor:

@@ -20,13 +20,27 @@ def make(tmp_path: Path, **values: object) -> Settings:
 
 
 def test_devices_are_told_the_embedded_tier_on_the_public_host(tmp_path):
-    s = make(tmp_path, public_url="https://fleet.example.com", cloud_port=0)
     with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    s = make(tmp_path, public_url="http://fleet.lab:8080", cloud_port=port)
+    prepare_embedded_cloud(s)
+    assert s.cloud_public_url == f"http://fleet.lab:{port}"
+    assert embedded_cloud_url(s) == f"http://127.0.0.1:{port}"
+    tls = {"cloud_tls_cert": "c", "cloud_tls_key": "k"}
+    s = make(tmp_path, public_url="https://fleet.example.com", cloud_port=port, **tls)
+    prepare_embedded_cloud(s)
+    assert s.cloud_public_url == f"https://fleet.example.com:{port}"
+
+
+def test_no_plain_http_cloud_url_beside_an_https_server(tmp_path):
+    """Devices refuse an enrollment answer naming a plain-HTTP cloud tier: none is handed out."""
+    s = make(tmp_path, public_url="https://fleet.example.com")
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         s.cloud_port = probe.getsockname()[1]
     prepare_embedded_cloud(s)
-    assert s.cloud_public_url == f"http://fleet.example.com:{s.cloud_port}"
-    assert embedded_cloud_url(s) == f"http://127.0.0.1:{s.cloud_port}"
+    assert s.cloud_public_url == ""
 
 
 def test_an_explicit_cloud_public_url_is_kept_and_tls_makes_it_https(tmp_path):
