@@ -130,10 +130,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={503: {"model": Readiness, "description": "not ready: `not_ready` names the checks"}},
     )
     def readyz(request: Request) -> JSONResponse:
-        """Readiness: the database answers, its schema is at the newest migration, and (with MQTT
-        on) every MQTT link is connected; 503 otherwise, naming what is not ready."""
+        """Readiness: the database answers, its schema is at the newest migration, (with MQTT on)
+        every MQTT link is connected, and the embedded cloud tier (when there is one) runs and
+        answers (`checks.cloud.ready` says whether its models serve); 503 otherwise, naming what
+        is not ready."""
         state = request.app.state
-        result = check_ready(state.ctx.db, state.migration_heads, state.mqtt)
+        cloud = getattr(state, "cloud", None)
+        result = check_ready(
+            state.ctx.db, state.migration_heads, state.mqtt, cloud.check() if cloud is not None else None
+        )
         return JSONResponse(result.model_dump(), status_code=200 if result.status == "ready" else 503)
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)

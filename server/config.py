@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # -- the cloud inference tier, `fleet cloud serve` (server/cloud/; README "Cloud tier") ----------
+    #: `fleet server run` starts one as a supervised child (server/cloud/embedded.py)
+    cloud_embedded: bool = True
     cloud_host: str = "127.0.0.1"
     cloud_port: int = Field(default=8600, ge=0, le=65535)
     #: what it serves: model names (each one's highest release) and ``name@version`` pins (that

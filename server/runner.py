@@ -1,8 +1,10 @@
-"""``fleet server run``: the API under uvicorn, plus Mosquitto as a child on the embedded default."""
+"""``fleet server run``: the API under uvicorn, plus Mosquitto and the cloud tier as children."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +13,9 @@ from server.config import Settings
 from server.procs import stop_on_sigterm
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from server.cloud.embedded import CloudSupervisor
     from server.mqtt.broker import MosquittoProcess
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,55 @@ def start_embedded_broker(settings: Settings) -> MosquittoProcess:
     return broker
 
 
+class CloudPortInUse(SystemExit):
+    """The embedded cloud tier's port is held by another process (exit code 1, one line)."""
+
+
+#: the name of the ``cloud`` admin tokens the server mints for its embedded cloud tier
+EMBEDDED_CLOUD_NAME = "embedded-cloud"
+
+
+def prepare_embedded_cloud(settings: Settings) -> None:
+    """Before anything starts: :class:`CloudPortInUse` when another process holds the cloud
+    port; an empty ``cloud_public_url`` (what devices are told at enrollment) becomes the
+    embedded tier's URL on the host of ``public_url``, unless that would be plain HTTP beside an
+    HTTPS ``public_url`` (devices refuse such an enrollment answer: the URL stays empty)."""
+    from server.cloud.embedded import embedded_cloud_url, port_taken
+
+    if port_taken(settings.cloud_host, settings.cloud_port):
+        raise CloudPortInUse(
+            f"port {settings.cloud_port} is in use by another process; set FLEET_CLOUD_PORT, "
+            "stop it, or set FLEET_CLOUD_EMBEDDED=false"
+        )
+    url = embedded_cloud_url(settings, public=True)
+    usable = url.startswith("https:") or settings.public_url.startswith("http:")
+    if not settings.cloud_public_url and usable:
+        settings.cloud_public_url = url
+
+
+def embedded_cloud(settings: Settings, app: FastAPI, api_started: Callable[[], bool]) -> CloudSupervisor:
+    """The supervisor of ``fleet cloud serve`` as a child (started once ``api_started()``), with
+    ``cloud`` admin tokens minted for it in the app's database and revoked when it stops. The
+    token is in the child's environment only, never in a log."""
+    from server.admin.schemas import Principal
+    from server.admin.service import AdminService
+    from server.admin.tables import Role
+    from server.cloud.embedded import CloudChild, CloudSupervisor
+
+    by = Principal(actor="server", role=Role.admin)
+
+    def mint(ttl_s: int) -> tuple[str, str]:
+        with app.state.ctx.db.session_scope() as session:
+            created = AdminService(session).create_token(EMBEDDED_CLOUD_NAME, Role.cloud, by, ttl_s=ttl_s)
+            return created.id, created.token
+
+    def revoke(token_id: str) -> None:
+        with app.state.ctx.db.session_scope() as session:
+            AdminService(session).revoke_token(token_id, by)
+
+    return CloudSupervisor(CloudChild(settings, mint, revoke), api_started)
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """Where and how uvicorn serves the app: the bind, HTTPS when FLEET_TLS_CERT/KEY are set, and
     whose X-Forwarded-For names the client (FLEET_FORWARDED_ALLOW_IPS; rate limits key on it)."""
@@ -120,9 +174,10 @@ def configure_service_logging(settings: Settings) -> None:
 
 
 def run_server(overrides: dict[str, Any] | None = None) -> None:
-    """``fleet server run``: uvicorn in this process, Mosquitto as a supervised child (embedded
-    default). SIGTERM stops it like Ctrl-C: a graceful shutdown, the broker stopped, exit code 0;
-    a killed server takes its children with it (:mod:`server.procs`)."""
+    """``fleet server run``: uvicorn in this process; Mosquitto (without FLEET_MQTT_URL) and the
+    cloud tier (FLEET_CLOUD_EMBEDDED) as supervised children. SIGTERM stops it like Ctrl-C: a
+    graceful shutdown, the children stopped, exit code 0; a killed server takes its children with
+    it (:mod:`server.procs`)."""
     import uvicorn
 
     from server.app import create_app
@@ -131,13 +186,25 @@ def run_server(overrides: dict[str, Any] | None = None) -> None:
     settings = Settings(**(overrides or {}))
     check_bind(settings)
     configure_service_logging(settings)
+    if settings.cloud_embedded:
+        prepare_embedded_cloud(settings)
     supervisor: BrokerSupervisor | None = None
+    cloud: CloudSupervisor | None = None
     with stop_on_sigterm():
         try:
             if settings.embedded_broker and settings.mqtt_enabled:
                 supervisor = BrokerSupervisor(start_embedded_broker(settings)).start()
-            uvicorn.run(create_app(settings), log_level="info", **uvicorn_options(settings))
+            app = create_app(settings)
+            server = uvicorn.Server(uvicorn.Config(app, log_level="info", **uvicorn_options(settings)))
+            if settings.cloud_embedded:
+                cloud = app.state.cloud = embedded_cloud(settings, app, lambda: server.started).start()
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C after the shutdown, as uvicorn.run
+                server.run()
+            if not server.started:
+                raise SystemExit(3)  # start-up failed (uvicorn said why), as uvicorn.run exits
         finally:
+            if cloud is not None:
+                cloud.stop()
             if supervisor is not None:
                 supervisor.stop()
 

@@ -4,5 +4,6 @@ models the catalog ships, installed from the image repository exactly as a devic
 One job a file: ``serve`` (the process), ``app`` (the REST endpoints), ``service`` (use cases and
 wiring), ``sync`` (repository refreshes, installs, hot-swaps), ``selection`` (which models),
 ``registry`` (what serves now), ``batcher`` (micro-batching, the bounded queue), ``auth`` (device
-callers), ``tensors`` (the JSON and binary tensor codec), ``tls``, ``metrics``, ``errors``.
+callers), ``tensors`` (the JSON and binary tensor codec), ``tls``, ``metrics``, ``errors``,
+``embedded`` (the tier as a supervised child of ``fleet server run``).
 """

@@ -213,6 +213,7 @@ class ServerProcess:
                 "FLEET_ROLLOUT_TICK_S": str(settings.rollout_tick_s),
                 "FLEET_INGEST_BATCH_DELAY_S": str(settings.ingest_batch_delay_s),
                 "FLEET_METADATA_REFRESH_INTERVAL_S": "3600",
+                "FLEET_CLOUD_EMBEDDED": "false",
             }
         )
         self.env = env

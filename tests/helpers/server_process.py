@@ -68,15 +68,23 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str | Call
 
 
 class ServerProcess:
-    """``python -m server.cli server run`` in ``workdir``, output in ``workdir/server.log``."""
+    """``python -m server.cli server run`` in ``workdir``, output in ``workdir/server.log``; no
+    embedded cloud tier unless ``FLEET_CLOUD_EMBEDDED="true"`` is given (its port is a free one)."""
 
     def __init__(self, workdir: Path, *, mqtt_port: int | None = None, **env: str) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.mqtt_port = mqtt_port or free_port()
+        self.cloud_port = free_port()
         self.log = workdir / "server.log"
         variables = {k: v for k, v in os.environ.items() if k not in _DROP}
-        variables.update(FLEET_PORT=str(self.port), FLEET_MQTT_PORT=str(self.mqtt_port), **env)
+        variables.update(
+            FLEET_PORT=str(self.port),
+            FLEET_MQTT_PORT=str(self.mqtt_port),
+            FLEET_CLOUD_PORT=str(self.cloud_port),
+            FLEET_CLOUD_EMBEDDED="false",
+        )
+        variables.update(env)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "server", "run"],
@@ -105,6 +113,10 @@ class ServerProcess:
     def brokers(self) -> list[int]:
         """The Mosquitto processes under the server."""
         return [p for p in descendants(self.proc.pid) if "mosquitto" in cmdline(p)]
+
+    def clouds(self) -> list[int]:
+        """The ``fleet cloud serve`` processes under the server."""
+        return [p for p in descendants(self.proc.pid) if "cloud serve" in cmdline(p)]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

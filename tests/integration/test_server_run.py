@@ -14,8 +14,9 @@ from server.mqtt.broker import free_port
 
 
 def test_server_run_embedded_default_serves_docs_and_starts_mosquitto(tmp_path):
-    port, mqtt_port = free_port(), free_port()
+    port, mqtt_port, cloud_port = free_port(), free_port(), free_port()
     env = {**os.environ, "FLEET_PORT": str(port), "FLEET_MQTT_PORT": str(mqtt_port)}
+    env["FLEET_CLOUD_PORT"] = str(cloud_port)
     env = {
         k: v for k, v in env.items() if k not in ("FLEET_MQTT_URL", "FLEET_DATABASE_URL", "FLEET_DATA_DIR")
     }
