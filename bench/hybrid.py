@@ -53,6 +53,8 @@ class Run:
 
     label: str
     latencies_ms: list[float] = field(default_factory=list)
+    #: requests the edge answered without asking the cloud (edge_only, confident)
+    local_ms: list[float] = field(default_factory=list)
     correct: int = 0
     escalated: int = 0
     failed: int = 0
@@ -66,11 +68,13 @@ class Run:
     def accuracy(self) -> float:
         return self.correct / max(self.n, 1)
 
-    def pct(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+    def pct(self, q: float, local: bool = False) -> float:
+        values = self.local_ms if local else self.latencies_ms
+        return float(np.percentile(values, q)) if values else float("nan")
 
     def add(self, other: Run) -> None:
         self.latencies_ms += other.latencies_ms
+        self.local_ms += other.local_ms
         self.correct += other.correct
         self.escalated += other.escalated
         self.failed += other.failed
@@ -160,7 +164,10 @@ def drive(label: str, router, xs: np.ndarray, ys: np.ndarray, on_request=None) -
             run.failed += 1
             run.reasons[f"error:{type(exc).__name__}"] += 1
             continue
-        run.latencies_ms.append((time.perf_counter() - t0) * 1000)
+        ms = (time.perf_counter() - t0) * 1000
+        run.latencies_ms.append(ms)
+        if ans.reason in ("edge_only", "confident"):
+            run.local_ms.append(ms)
         run.correct += int(np.argmax(ans.outputs[OUTPUT][0]) == ys[i])
         run.escalated += int(ans.reason in ("escalated", "cloud_first") or ans.fallback)
         run.reasons[ans.reason] += 1
@@ -274,9 +281,13 @@ def main() -> int:
         f"fleetota bench/hybrid.py: digits pair (built in {build_s:.1f} s), {len(xs)} held-out digits"
         f" x {args.rounds} rounds per mode, timeout {args.timeout_ms} ms"
     )
-    print(f"  {'mode':<14}{'accuracy':>9}{'escalated':>11}{'p50 ms':>9}{'p99 ms':>9}")
+    head = f"{'mode':<14}{'accuracy':>9}{'escalated':>11}{'p50 ms':>9}{'p99 ms':>9}{'edge-answered p50':>19}"
+    print(f"  {head}")
     for label, r in totals.items():
-        print(f"  {label:<14}{r.accuracy:>9.4f}{r.escalated / r.n:>11.3f}{r.pct(50):>9.3f}{r.pct(99):>9.3f}")
+        print(
+            f"  {label:<14}{r.accuracy:>9.4f}{r.escalated / r.n:>11.3f}{r.pct(50):>9.3f}{r.pct(99):>9.3f}"
+            f"{r.pct(50, local=True):>19.3f}"
+        )
     print(f"  recommended threshold: {best:g} (max_prob of the edge's {OUTPUT})")
     ok_acc, ok_share = acc_ratio >= ACCURACY_TARGET, share <= ESCALATION_TARGET
     print(
@@ -303,6 +314,7 @@ def main() -> int:
             "escalated_share": round(r.escalated / max(r.n, 1), 4),
             "p50_ms": round(r.pct(50), 3),
             "p99_ms": round(r.pct(99), 3),
+            "edge_answered_p50_ms": round(r.pct(50, local=True), 3),
             "requests": r.n,
         }
 
