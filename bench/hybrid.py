@@ -215,9 +215,9 @@ def main() -> int:
         rollout_engine=False,
         gc_tuning=False,
     )
+    host = edge_host(work, pair.edge, xs)
     fleet = start_fleet(settings)
     cloud_proc: subprocess.Popen[bytes] | None = None
-    host = edge_host(work, pair.edge, xs)
     routers = []
     try:
         fleet.push(EDGE, "1.0.0", pair.edge)

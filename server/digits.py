@@ -2,7 +2,7 @@
 
 The edge model is a tiny MLP (16 hidden units) on 4x4-pooled pixels, the pooling folded into its
 first Gemm; the cloud model an MLP with 128 hidden units on all 64 pixels. Both are written with
-``onnx.helper`` from the trained weights, takes ``x`` (float32, ``[N, 64]``) and answers
+``onnx.helper`` from the trained weights, take ``x`` (float32, ``[N, 64]``) and answer
 ``probabilities`` (``[N, 10]``), which a routing policy's ``confidence.output`` can name. Needs
 scikit-learn (the ``dev`` extra).
 """
