@@ -249,17 +249,24 @@ def main() -> int:
         hybrid = {t: totals[f"hybrid@{t:g}"] for t in thresholds}
         best = recommend(hybrid, cloud)
 
-        # ---------------------------------------------------------------- cloud killed mid-run
-        down_router = router(RoutingMode.prefer_edge, best)
-        drive("warm-up", down_router, xs[:20], ys[:20])
+        # ---------------------------------------------------------------- cloud hung, then killed
         kill_at = len(xs) // 3
 
-        def kill(i: int) -> None:
-            if i == kill_at and cloud_proc is not None:
-                cloud_proc.send_signal(signal.SIGKILL)
-                cloud_proc.wait()
+        def signal_at(sig: signal.Signals):
+            def hook(i: int) -> None:
+                if i == kill_at and cloud_proc is not None:
+                    cloud_proc.send_signal(sig)
 
-        down = drive("cloud-down", down_router, xs, ys, on_request=kill)
+            return hook
+
+        # SIGSTOP: connections hang until the policy's timeout (the slow way for a cloud to fail)
+        hung_router = router(RoutingMode.prefer_edge, best)
+        drive("warm-up", hung_router, xs[:20], ys[:20])
+        hung = drive("cloud-hung", hung_router, xs, ys, on_request=signal_at(signal.SIGSTOP))
+        cloud_proc.send_signal(signal.SIGCONT)
+        down_router = router(RoutingMode.prefer_edge, best)
+        drive("warm-up", down_router, xs[:20], ys[:20])
+        down = drive("cloud-down", down_router, xs, ys, on_request=signal_at(signal.SIGKILL))
         after_kill = Run("after-kill", down.latencies_ms[kill_at:])
     finally:
         for r in routers:
@@ -307,6 +314,12 @@ def main() -> int:
         f" target <= edge p99 + timeout = {down_limit:.3f} ms {verdict(down_p99 <= down_limit)}"
     )
     print(f"    answers of the cloud-down run: {dict(down.reasons)}")
+    print(
+        f"  cloud hung (SIGSTOP) after {kill_at} of {hung.n} requests: failed {hung.failed} (target 0) "
+        f"{verdict(hung.failed == 0)}; p99 {hung.pct(99):.3f} ms, max {max(hung.latencies_ms):.3f} ms,"
+        f" target <= {down_limit:.3f} ms {verdict(hung.pct(99) <= down_limit)}"
+    )
+    print(f"    answers of the cloud-hung run: {dict(hung.reasons)}")
 
     def row(r: Run) -> dict[str, float | int]:
         return {
@@ -332,6 +345,9 @@ def main() -> int:
             "cloud_down_failed": down.failed, "cloud_down_p99_ms": round(down_p99, 3),
             "cloud_down_after_kill_p99_ms": round(after_kill.pct(99), 3),
             "cloud_down_reasons": dict(down.reasons),
+            "cloud_hung_failed": hung.failed, "cloud_hung_p99_ms": round(hung.pct(99), 3),
+            "cloud_hung_max_ms": round(max(hung.latencies_ms), 3),
+            "cloud_hung_reasons": dict(hung.reasons),
             "modes": {label: row(r) for label, r in totals.items()},
             "targets": {
                 "accuracy_ratio": ACCURACY_TARGET, "escalated_share": ESCALATION_TARGET,

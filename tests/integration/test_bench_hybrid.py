@@ -1,5 +1,6 @@
 """bench/hybrid.py end to end on a small sample: a real server, a real `fleet cloud serve` process
-killed mid-run, the device's routing library; every request is answered and the table printed."""
+hung then killed mid-run, the device's routing library; every request is answered and the table
+printed."""
 
 from __future__ import annotations
 
@@ -21,5 +22,6 @@ def test_bench_hybrid_runs_on_a_sample_and_loses_no_request_when_the_cloud_dies(
         assert f"  {mode} " in out.stdout
     assert "recommended threshold: 0.8" in out.stdout
     assert "cloud killed after 13 of 40 requests: failed 0 (target 0) PASS" in out.stdout
+    assert "cloud hung (SIGSTOP) after 13 of 40 requests: failed 0 (target 0) PASS" in out.stdout
     # the kill was seen: escalations after it fell back to the edge
     assert "cloud_failed:unreachable" in out.stdout or "breaker_open" in out.stdout
