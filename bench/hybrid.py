@@ -5,7 +5,8 @@
 Trains the digits pair (server/digits.py), pushes both models to a real server, serves the cloud
 model with a real `fleet cloud serve` process and drives the device's routing library over the
 held-out digits: edge-only, cloud-only and hybrid (prefer_edge) at each threshold, then hybrid
-with the cloud process killed mid-run. Writes bench/results/hybrid.json. Exits 0 either way.
+with the cloud process hung (SIGSTOP) and killed (SIGKILL) mid-run. Writes
+bench/results/hybrid.json. Exits 0 either way.
 """
 
 from __future__ import annotations
