@@ -16,6 +16,7 @@ from server.devices.tables import Device, DeviceStatus
 from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
 from server.health.repository import HealthWindowRepository
+from server.health.series import fold_series, health_rows
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
 from server.rollouts.policy import Gates, Stage, assign_stages, check_stages, robust_health
@@ -25,7 +26,15 @@ from server.rollouts.repository import (
     RolloutRepository,
     SelectorRepository,
 )
-from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutOut, Selector, StageView
+from server.rollouts.schemas import (
+    HealthSeries,
+    RolloutCreate,
+    RolloutDetail,
+    RolloutHealth,
+    RolloutOut,
+    Selector,
+    StageView,
+)
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 from server.security import new_id
 
@@ -329,6 +338,22 @@ class RolloutService:
                 "p95_ms": baseline.p95_ms,
             },
         )
+
+    def health_series(self, rollout_id: str, points: int = 120) -> RolloutHealth:
+        """The rollout's devices' health per version and mode in about ``points`` time buckets,
+        from :data:`BASELINE_WINDOW` before it was created until now (or until it finished)."""
+        rollout = self.get(rollout_id)
+        ids = [d for d, _, _ in self.rollouts.member_stages(rollout.id)]
+        since = rollout.created_at - BASELINE_WINDOW
+        until = rollout.finished_at or utcnow()
+        bucket_s = max(10, int((until - since).total_seconds() // points) + 1)
+        rows = health_rows(self.session, ids, rollout.model, since)
+        baseline = self.detail(rollout_id).baseline
+        return RolloutHealth(
+            rollout_id=rollout.id, model=rollout.model, version=rollout.version, since=since,
+            bucket_s=bucket_s, baseline=baseline,
+            series=[HealthSeries(**s) for s in fold_series(rows, since, bucket_s)],
+        )  # fmt: skip
 
 
 def names_rollout_version(record: DesiredRecord | None, rollout: Rollout) -> bool:

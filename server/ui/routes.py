@@ -1,0 +1,287 @@
+"""The dashboard's pages, partials and actions under ``/ui``, on the services the REST API uses.
+A page without a valid sign-in cookie redirects to the login page; a domain error renders an error
+page with its status (404 for unknown ids); every POST but the login checks the CSRF token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+
+from server.admin.schemas import Principal
+from server.admin.tables import Role
+from server.devices.service import DeviceService, device_out
+from server.devices.tables import DeviceStatus
+from server.devices.tags import parse_tag_expr
+from server.errors import FleetError, Forbidden, Invalid, NotFound
+from server.http.deps import SessionDep, get_ctx
+from server.rollouts.service import RolloutService
+from server.rollouts.tables import RolloutStatus
+from server.ui.auth import (
+    CSRF_FIELD,
+    LoginRequired,
+    check_csrf,
+    check_login,
+    clear_cookie,
+    csrf_token,
+    set_cookie,
+    signed_in,
+)
+from server.ui.fleet import fleet_summary
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+STATIC_DIR = HERE / "static"
+#: actions on a rollout page, in the order the buttons show, with the question each confirms
+ACTIONS: dict[str, str] = {
+    "pause": "Pause this rollout? No new devices will be told to update.",
+    "resume": "Resume this rollout? The current stage soaks again.",
+    "promote": "Promote: skip the rest of this stage's soak (the gates are still checked)?",
+    "abort": "Abort this rollout for good? Devices keep what they run.",
+    "rollback": "Roll back every touched device to its previous version?",
+}
+#: which actions make sense in which rollout status
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "running": ("pause", "promote", "abort", "rollback"),
+    "paused": ("resume", "abort", "rollback"),
+    "draft": ("abort",),
+}
+POLL_HEADER = "x-fleet-poll"
+#: the rollout page's columns: deployment phases grouped as an operator reads them
+PHASE_GROUPS: dict[str, tuple[str, ...]] = {
+    "pending": ("pending", "notified"),
+    "in progress": ("downloading", "verifying", "installing", "probation"),
+    "succeeded": ("succeeded",),
+    "failed": ("failed",),
+    "timed out": ("timed_out",),
+    "rolled back": ("rolled_back",),
+    "cancelled": ("cancelled",),
+}
+
+
+def phase_groups(phases: dict[str, int]) -> dict[str, int]:
+    return {group: sum(phases.get(p, 0) for p in members) for group, members in PHASE_GROUPS.items()}
+
+
+templates.env.globals["phase_groups"] = phase_groups
+
+
+class UIRoute(APIRoute):
+    """Renders domain errors as HTML pages and sends signed-out visitors to the login page."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except LoginRequired as exc:
+                if request.method != "GET" or request.headers.get(POLL_HEADER):
+                    return _error_page(request, 401, exc.message, None)
+                query = urlencode({"next": request.url.path, "message": exc.message})
+                return RedirectResponse(f"/ui/login?{query}", status_code=303)
+            except FleetError as exc:
+                return _error_page(request, exc.status_code, exc.message, None)
+
+        return guarded
+
+
+router = APIRouter(prefix="/ui", route_class=UIRoute, include_in_schema=False)
+
+
+def _error_page(request: Request, status: int, message: str, who: Principal | None) -> Response:
+    titles = {401: "Signed out", 403: "Forbidden", 404: "Not found", 409: "Conflict", 422: "Invalid"}
+    ctx = {"title": titles.get(status, "Error"), "message": message, "status": status, "who": who}
+    return templates.TemplateResponse(request, "error.html", ctx, status_code=status)
+
+
+def _user(request: Request, session: Session = SessionDep) -> tuple[Principal, str]:
+    """The signed-in principal and token, before the route touches anything."""
+    return signed_in(request, session)
+
+
+User = Depends(_user)
+
+
+def _page(request: Request, user: tuple[Principal, str], name: str, **ctx: Any) -> HTMLResponse:
+    who, bearer = user
+    base = {"who": who, "csrf": csrf_token(bearer), "csrf_field": CSRF_FIELD, "can_act": _can_act(who)}
+    return templates.TemplateResponse(request, name, {**base, **ctx})
+
+
+def _can_act(who: Principal) -> bool:
+    return who.role.allows(Role.operator)
+
+
+# -- sign in and out ---------------------------------------------------------------------------
+@router.get("/login")
+def login_form(request: Request, message: str = "", next: str = "/ui/") -> HTMLResponse:
+    return templates.TemplateResponse(request, "login.html", {"message": message, "next": _local(next)})
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    token: str = Form(default=""),
+    next: str = Form(default="/ui/"),
+    session: Session = SessionDep,
+) -> Response:
+    """Checks the token as the API would; on success sets the cookie and goes to ``next``."""
+    try:
+        check_login(session, token.strip())
+    except FleetError as exc:
+        ctx = {"message": exc.message, "next": _local(next)}
+        return templates.TemplateResponse(request, "login.html", ctx, status_code=401)
+    response = RedirectResponse(_local(next), status_code=303)
+    set_cookie(request, response, token.strip())
+    return response
+
+
+@router.post("/logout")
+def logout(
+    request: Request,
+    csrf: str = Form(default=""),
+    session: Session = SessionDep,
+    user: tuple[Principal, str] = User,
+) -> Response:
+    check_csrf(user[1], csrf)
+    response = RedirectResponse("/ui/login?message=signed+out", status_code=303)
+    clear_cookie(request, response)
+    return response
+
+
+def _local(target: str) -> str:
+    """Only paths of the dashboard itself: never an open redirect."""
+    return target if target.startswith("/ui/") and not target.startswith("/ui//") else "/ui/"
+
+
+# -- pages -------------------------------------------------------------------------------------
+@router.get("/")
+def overview(
+    request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
+) -> HTMLResponse:
+    service = RolloutService(session, get_ctx(request))
+    active = [service.detail(r.id) for r in service.list([RolloutStatus.running, RolloutStatus.paused], 20)]
+    return _page(request, user, "overview.html", fleet=fleet_summary(session), active=active)
+
+
+@router.get("/rollouts")
+def rollouts(
+    request: Request,
+    status: list[RolloutStatus] = Query(default=[]),
+    session: Session = SessionDep,
+    user: tuple[Principal, str] = User,
+) -> HTMLResponse:
+    items = RolloutService(session, get_ctx(request)).list(status, 200)
+    return _page(request, user, "rollouts.html", items=items, statuses=list(RolloutStatus), status=status)
+
+
+@router.get("/rollouts/{rollout_id}")
+def rollout(
+    rollout_id: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
+) -> HTMLResponse:
+    detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
+    return _page(request, user, "rollout.html", r=detail, actions=_actions(detail.status.value))
+
+
+@router.get("/rollouts/{rollout_id}/live")
+def rollout_live(
+    rollout_id: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
+) -> HTMLResponse:
+    """The part of the rollout page that changes while it runs (polled by static/app.js)."""
+    detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
+    return _page(request, user, "rollout_live.html", r=detail, actions=_actions(detail.status.value))
+
+
+@router.get("/rollouts/{rollout_id}/health.json")
+def rollout_health(
+    rollout_id: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
+) -> JSONResponse:
+    """The chart's data: what ``GET /api/v1/rollouts/{id}/health`` returns, for the cookie."""
+    health = RolloutService(session, get_ctx(request)).health_series(rollout_id)
+    return JSONResponse(health.model_dump(mode="json"))
+
+
+def _actions(status: str) -> list[tuple[str, str]]:
+    return [(a, ACTIONS[a]) for a in ALLOWED.get(status, ())]
+
+
+@router.post("/rollouts/{rollout_id}/{action}")
+def rollout_action(
+    rollout_id: str,
+    action: str,
+    request: Request,
+    csrf: str = Form(default=""),
+    session: Session = SessionDep,
+    user: tuple[Principal, str] = User,
+) -> Response:
+    """Pause, resume, promote, abort or roll back: operator and up, with the form's CSRF token."""
+    who, bearer = user
+    check_csrf(bearer, csrf)
+    if not _can_act(who):
+        raise Forbidden(f"role {who.role.value!r} may not do this (needs 'operator')")
+    if action not in ACTIONS:
+        raise NotFound(f"no rollout action {action!r}")
+    getattr(RolloutService(session, get_ctx(request)), action)(rollout_id, who)
+    return RedirectResponse(f"/ui/rollouts/{rollout_id}", status_code=303)
+
+
+@router.get("/devices")
+def devices(
+    request: Request,
+    q: str = "",
+    tag: str = "",
+    status: str = "",
+    arch: str = "",
+    cursor: str | None = None,
+    limit: int = Query(default=50, ge=1, le=1000),
+    session: Session = SessionDep,
+    user: tuple[Principal, str] = User,
+) -> Response:
+    """The device list with the API's filters and cursor paging; ``q`` opens a device by its id."""
+    service = DeviceService(session, get_ctx(request))
+    if q.strip():
+        return RedirectResponse(f"/ui/devices/{q.strip()}", status_code=303)
+    tags = [parse_tag_expr(t) for t in tag.split() if t]
+    if status and status not in DeviceStatus.__members__:
+        raise Invalid(f"unknown device status {status!r}")
+    state = DeviceStatus(status) if status else None
+    page = service.list(cursor=cursor, limit=limit, tags=tags, status=state, arch=arch or None)
+    filters = {"tag": tag, "status": status, "arch": arch, "limit": str(limit)}
+    next_url = None
+    if page.next_cursor:
+        query = {**{k: v for k, v in filters.items() if v}, "cursor": page.next_cursor}
+        next_url = "/ui/devices?" + urlencode(query)
+    return _page(
+        request, user, "devices.html", page=page, filters=filters, next_url=next_url,
+        statuses=[s.value for s in DeviceStatus],
+    )  # fmt: skip
+
+
+@router.get("/devices/{device_id}")
+def device(
+    device_id: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
+) -> HTMLResponse:
+    service = DeviceService(session, get_ctx(request))
+    d = device_out(service.get(device_id))
+    try:
+        desired = service.get_desired(device_id)
+    except NotFound:
+        desired = None
+    events = service.events(device_id, 50)
+    return _page(request, user, "device.html", d=d, desired=desired, events=events)
+
+
+@router.get("/{rest:path}")
+def unknown(
+    rest: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
+) -> Response:
+    """Any other path under /ui: the 404 page."""
+    return _error_page(request, 404, f"no page /ui/{rest}", user[0])
