@@ -170,7 +170,8 @@ def _rollout(
 def _admin_token(ctx: ServerContext, role: Role = Role.admin) -> str:
     with ctx.db.session_scope() as session:
         service = AdminService(session)
-        return service.create_token(f"demo-{role.value}", role, CLI_PRINCIPAL, ttl_s=BOOTSTRAP_TOKEN_TTL_S).token
+        name = f"demo-{role.value}"
+        return service.create_token(name, role, CLI_PRINCIPAL, ttl_s=BOOTSTRAP_TOKEN_TTL_S).token
 
 
 #: marks a directory as a demo's work directory, which a later ``--workdir`` run may replace
