@@ -31,7 +31,9 @@ from server.migrate import head_revisions
 from server.mqtt.runtime import MqttRuntime
 from server.readiness import Readiness, check_ready
 from server.rollouts.engine import RolloutEngine
+from server.ui import operate as ui_operate
 from server.ui import routes as ui
+from server.ui.common import STATIC_DIR as UI_STATIC_DIR
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (admin, devices, catalog, signing, rollouts, tuf):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     # the dashboard (server/ui/): its static files first, or its catch-all 404 page would shadow them
-    app.mount("/ui/static", StaticFiles(directory=ui.STATIC_DIR), name="ui-static")
+    app.mount("/ui/static", StaticFiles(directory=UI_STATIC_DIR), name="ui-static")
+    app.include_router(ui_operate.router)
     app.include_router(ui.router)
 
     @app.get("/ui", include_in_schema=False)

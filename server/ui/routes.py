@@ -4,19 +4,13 @@ page with its status (404 for unknown ids); every POST but the login checks the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, Form, Query, Request, Response
+from fastapi import Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from fastapi.routing import APIRoute
-from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from server.admin.schemas import Principal
-from server.admin.tables import Role
 from server.devices.service import DeviceService, device_out
 from server.devices.tables import DeviceStatus
 from server.devices.tags import parse_tag_expr
@@ -25,20 +19,14 @@ from server.http.deps import SessionDep, get_ctx
 from server.rollouts.service import RolloutService
 from server.rollouts.tables import RolloutStatus
 from server.ui.auth import (
-    CSRF_FIELD,
-    LoginRequired,
     check_csrf,
     check_login,
     clear_cookie,
-    csrf_token,
     set_cookie,
-    signed_in,
 )
+from server.ui.common import User, can_act, error_page, page, templates, ui_router
 from server.ui.fleet import fleet_summary
 
-HERE = Path(__file__).parent
-templates = Jinja2Templates(directory=HERE / "templates")
-STATIC_DIR = HERE / "static"
 #: actions on a rollout page, in the order the buttons show, with the question each confirms
 ACTIONS: dict[str, str] = {
     "pause": "Pause this rollout? No new devices will be told to update.",
@@ -53,7 +41,6 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "paused": ("resume", "abort", "rollback"),
     "draft": ("abort",),
 }
-POLL_HEADER = "x-fleet-poll"
 #: the rollout page's columns: deployment phases grouped as an operator reads them
 PHASE_GROUPS: dict[str, tuple[str, ...]] = {
     "pending": ("pending", "notified"),
@@ -73,51 +60,7 @@ def phase_groups(phases: dict[str, int]) -> dict[str, int]:
 templates.env.globals["phase_groups"] = phase_groups
 
 
-class UIRoute(APIRoute):
-    """Renders domain errors as HTML pages and sends signed-out visitors to the login page."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except LoginRequired as exc:
-                if request.method != "GET" or request.headers.get(POLL_HEADER):
-                    return _error_page(request, 401, exc.message, None)
-                query = urlencode({"next": request.url.path, "message": exc.message})
-                return RedirectResponse(f"/ui/login?{query}", status_code=303)
-            except FleetError as exc:
-                return _error_page(request, exc.status_code, exc.message, None)
-
-        return guarded
-
-
-router = APIRouter(prefix="/ui", route_class=UIRoute, include_in_schema=False)
-
-
-def _error_page(request: Request, status: int, message: str, who: Principal | None) -> Response:
-    titles = {401: "Signed out", 403: "Forbidden", 404: "Not found", 409: "Conflict", 422: "Invalid"}
-    ctx = {"title": titles.get(status, "Error"), "message": message, "status": status, "who": who}
-    return templates.TemplateResponse(request, "error.html", ctx, status_code=status)
-
-
-def _user(request: Request, session: Session = SessionDep) -> tuple[Principal, str]:
-    """The signed-in principal and token, before the route touches anything."""
-    return signed_in(request, session)
-
-
-User = Depends(_user)
-
-
-def _page(request: Request, user: tuple[Principal, str], name: str, **ctx: Any) -> HTMLResponse:
-    who, bearer = user
-    base = {"who": who, "csrf": csrf_token(bearer), "csrf_field": CSRF_FIELD, "can_act": _can_act(who)}
-    return templates.TemplateResponse(request, name, {**base, **ctx})
-
-
-def _can_act(who: Principal) -> bool:
-    return who.role.allows(Role.operator)
+router = ui_router()
 
 
 # -- sign in and out ---------------------------------------------------------------------------
@@ -169,7 +112,7 @@ def overview(
 ) -> HTMLResponse:
     service = RolloutService(session, get_ctx(request))
     active = [service.detail(r.id) for r in service.list([RolloutStatus.running, RolloutStatus.paused], 20)]
-    return _page(request, user, "overview.html", fleet=fleet_summary(session), active=active)
+    return page(request, user, "overview.html", fleet=fleet_summary(session), active=active)
 
 
 @router.get("/rollouts")
@@ -180,7 +123,7 @@ def rollouts(
     user: tuple[Principal, str] = User,
 ) -> HTMLResponse:
     items = RolloutService(session, get_ctx(request)).list(status, 200)
-    return _page(request, user, "rollouts.html", items=items, statuses=list(RolloutStatus), status=status)
+    return page(request, user, "rollouts.html", items=items, statuses=list(RolloutStatus), status=status)
 
 
 @router.get("/rollouts/{rollout_id}")
@@ -188,7 +131,7 @@ def rollout(
     rollout_id: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
 ) -> HTMLResponse:
     detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
-    return _page(request, user, "rollout.html", r=detail, actions=_actions(detail.status.value))
+    return page(request, user, "rollout.html", r=detail, actions=_actions(detail.status.value))
 
 
 @router.get("/rollouts/{rollout_id}/live")
@@ -197,7 +140,7 @@ def rollout_live(
 ) -> HTMLResponse:
     """The part of the rollout page that changes while it runs (polled by static/app.js)."""
     detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
-    return _page(request, user, "rollout_live.html", r=detail, actions=_actions(detail.status.value))
+    return page(request, user, "rollout_live.html", r=detail, actions=_actions(detail.status.value))
 
 
 @router.get("/rollouts/{rollout_id}/health.json")
@@ -225,7 +168,7 @@ def rollout_action(
     """Pause, resume, promote, abort or roll back: operator and up, with the form's CSRF token."""
     who, bearer = user
     check_csrf(bearer, csrf)
-    if not _can_act(who):
+    if not can_act(who):
         raise Forbidden(f"role {who.role.value!r} may not do this (needs 'operator')")
     if action not in ACTIONS:
         raise NotFound(f"no rollout action {action!r}")
@@ -248,19 +191,19 @@ def devices(
     """The device list with the API's filters and cursor paging; ``q`` opens a device by its id."""
     service = DeviceService(session, get_ctx(request))
     if q.strip():
-        return RedirectResponse(f"/ui/devices/{q.strip()}", status_code=303)
+        return RedirectResponse(f"/ui/devices/{quote(q.strip(), safe='')}", status_code=303)
     tags = [parse_tag_expr(t) for t in tag.split() if t]
     if status and status not in DeviceStatus.__members__:
         raise Invalid(f"unknown device status {status!r}")
     state = DeviceStatus(status) if status else None
-    page = service.list(cursor=cursor, limit=limit, tags=tags, status=state, arch=arch or None)
+    listing = service.list(cursor=cursor, limit=limit, tags=tags, status=state, arch=arch or None)
     filters = {"tag": tag, "status": status, "arch": arch, "limit": str(limit)}
     next_url = None
-    if page.next_cursor:
-        query = {**{k: v for k, v in filters.items() if v}, "cursor": page.next_cursor}
+    if listing.next_cursor:
+        query = {**{k: v for k, v in filters.items() if v}, "cursor": listing.next_cursor}
         next_url = "/ui/devices?" + urlencode(query)
-    return _page(
-        request, user, "devices.html", page=page, filters=filters, next_url=next_url,
+    return page(
+        request, user, "devices.html", page=listing, filters=filters, next_url=next_url,
         statuses=[s.value for s in DeviceStatus],
     )  # fmt: skip
 
@@ -276,7 +219,7 @@ def device(
     except NotFound:
         desired = None
     events = service.events(device_id, 50)
-    return _page(request, user, "device.html", d=d, desired=desired, events=events)
+    return page(request, user, "device.html", d=d, desired=desired, events=events)
 
 
 @router.get("/{rest:path}")
@@ -284,4 +227,4 @@ def unknown(
     rest: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
 ) -> Response:
     """Any other path under /ui: the 404 page."""
-    return _error_page(request, 404, f"no page /ui/{rest}", user[0])
+    return error_page(request, 404, f"no page /ui/{rest}", user[0])

@@ -13,23 +13,9 @@ import pytest
 from server.admin.tables import AdminToken
 from server.db import utcnow
 from server.rollouts.engine import RolloutEngine
+from tests.helpers.dashboard import CSRF, login, signed_in
 from tests.helpers.fleet_sim import Behaviour
 from tests.helpers.rollout_lab import drive, rollout_body
-
-CSRF = re.compile(r'name="csrf" value="([0-9a-f]{64})"')
-
-
-def login(client, token: str):
-    return client.post("/ui/login", data={"token": token, "next": "/ui/"}, follow_redirects=False)
-
-
-def signed_in(client, token: str) -> str:
-    """Sign ``client`` in; return the CSRF token of its pages."""
-    r = login(client, token)
-    assert r.status_code == 303, r.text
-    page = client.get("/ui/")
-    assert page.status_code == 200
-    return CSRF.search(page.text).group(1)
 
 
 def start_rollout(client, headers, **over) -> str:
