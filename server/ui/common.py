@@ -25,6 +25,18 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 STATIC_DIR = HERE / "static"
 POLL_HEADER = "x-fleet-poll"
+#: on every dashboard response: scripts and styles from /ui/static only, never framed (a page of
+#: another site cannot overlay the action buttons), no caching of pages that carry a CSRF token
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+        "form-action 'self'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
 
 
 class UIRoute(APIRoute):
@@ -34,6 +46,12 @@ class UIRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:
+            response = await _answer(request)
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            return response
+
+        async def _answer(request: Request) -> Response:
             try:
                 return await handler(request)
             except LoginRequired as exc:

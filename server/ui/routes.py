@@ -88,12 +88,7 @@ def login(
 
 
 @router.post("/logout")
-def logout(
-    request: Request,
-    csrf: str = Form(default=""),
-    session: Session = SessionDep,
-    user: tuple[Principal, str] = User,
-) -> Response:
+def logout(request: Request, csrf: str = Form(default=""), user: tuple[Principal, str] = User) -> Response:
     check_csrf(user[1], csrf)
     response = RedirectResponse("/ui/login?message=signed+out", status_code=303)
     clear_cookie(request, response)
@@ -227,8 +222,6 @@ def device(
 
 
 @router.get("/{rest:path}")
-def unknown(
-    rest: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
-) -> Response:
+def unknown(rest: str, request: Request, user: tuple[Principal, str] = User) -> Response:
     """Any other path under /ui: the 404 page."""
     return error_page(request, 404, f"no page /ui/{rest}", user[0])

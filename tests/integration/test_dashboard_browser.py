@@ -65,7 +65,7 @@ def test_watch_pause_and_resume_a_rollout_in_the_browser(dashboard_server, onnx_
 
             # the live partial advances the stage by itself
             expect(page.locator("#status")).to_have_text("running")
-            page.wait_for_function("document.querySelector('#stage').textContent.trim() !== '1'")
+            expect(page.locator("#stage")).not_to_have_text("1")
             assert page.evaluate("window.notReloaded === true")
 
             page.click("#act-pause")
@@ -92,10 +92,9 @@ def test_watch_pause_and_resume_a_rollout_in_the_browser(dashboard_server, onnx_
             assert api.get(f"/api/v1/rollouts/{rid}", headers=headers).json()["status"] == "completed"
 
             # the chart has points of the new version and of the baseline
-            page.wait_for_function(
-                "Number(document.querySelector('[data-metric=error_rate]').dataset.points || 0) > 1"
-            )
-            legend = page.locator("[data-metric=error_rate] .u-legend").inner_text()
+            chart = page.locator("[data-metric=error_rate]")
+            expect(chart).to_have_attribute("data-points", re.compile(r"^([2-9]|\d\d+)$"))
+            legend = chart.locator(".u-legend").inner_text()
             assert "2.0.0" in legend
             assert "1.0.0 baseline" in legend
             page.screenshot(path=str(SCREENSHOTS / "rollout.png"), full_page=True)

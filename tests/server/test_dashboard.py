@@ -42,6 +42,15 @@ def test_login_sets_a_strict_httponly_cookie_and_logout_clears_it(app_client, ma
     assert app_client.get("/ui/", follow_redirects=False).status_code == 303
 
 
+def test_pages_forbid_framing_and_foreign_scripts(app_client, make_token):
+    for r in (app_client.get("/ui/login"), login(app_client, make_token("viewer")), app_client.get("/ui/")):
+        assert r.headers["x-frame-options"] == "DENY"
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp
+        assert "default-src 'self'" in csp
+        assert r.headers["cache-control"] == "no-store"
+
+
 def test_cookie_is_secure_over_https(app_client, make_token):
     r = app_client.post(
         "https://testserver/ui/login", data={"token": make_token("viewer")}, follow_redirects=False
