@@ -63,3 +63,27 @@ def fleet_summary(session: Session, failures: int = 10) -> FleetSummary:
             phase=d.phase.value, reason=d.reason, at=d.updated_at,
         ))  # fmt: skip
     return out
+
+
+@dataclass
+class Member:
+    device_id: str
+    stage: int
+    phase: str
+    version: str
+    previous_version: str | None
+    reason: str | None
+    at: datetime
+
+
+def rollout_members(session: Session, rollout_id: str, phase: str | None, limit: int = 200) -> list[Member]:
+    """The rollout's deployments (of one phase, or all), failures first, then by device id."""
+    q = sa.select(Deployment).where(Deployment.rollout_id == rollout_id)
+    if phase:
+        q = q.where(Deployment.phase == DeploymentPhase(phase))
+    failed_first = sa.case((Deployment.phase.in_(FAILED_PHASES), 0), else_=1)
+    q = q.order_by(failed_first, Deployment.device_id).limit(limit)
+    return [
+        Member(d.device_id, d.stage, d.phase.value, d.version, d.previous_version, d.reason, d.updated_at)
+        for d in session.scalars(q)
+    ]

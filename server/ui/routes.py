@@ -10,6 +10,7 @@ from fastapi import Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
+from device_client.protocol.messages import DeploymentPhase
 from server.admin.schemas import Principal
 from server.devices.service import DeviceService, device_out
 from server.devices.tables import DeviceStatus
@@ -25,7 +26,7 @@ from server.ui.auth import (
     set_cookie,
 )
 from server.ui.common import User, can_act, error_page, page, templates, ui_router
-from server.ui.fleet import fleet_summary
+from server.ui.fleet import fleet_summary, rollout_members
 
 #: actions on a rollout page, in the order the buttons show, with the question each confirms
 ACTIONS: dict[str, str] = {
@@ -127,10 +128,21 @@ def rollouts(
 
 @router.get("/rollouts/{rollout_id}")
 def rollout(
-    rollout_id: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
+    rollout_id: str,
+    request: Request,
+    phase: str = "",
+    session: Session = SessionDep,
+    user: tuple[Principal, str] = User,
 ) -> HTMLResponse:
+    """The rollout page; ``phase`` filters its device list (failures first, up to 200)."""
+    if phase and phase not in DeploymentPhase.__members__:
+        raise Invalid(f"unknown deployment phase {phase!r}")
     detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
-    return page(request, user, "rollout.html", r=detail, actions=_actions(detail.status.value))
+    members = rollout_members(session, rollout_id, phase or None)
+    return page(
+        request, user, "rollout.html", r=detail, actions=_actions(detail.status.value), members=members,
+        phase=phase, phases=[p.value for p in DeploymentPhase],
+    )  # fmt: skip
 
 
 @router.get("/rollouts/{rollout_id}/live")

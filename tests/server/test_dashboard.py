@@ -13,6 +13,7 @@ import pytest
 from server.admin.tables import AdminToken
 from server.db import utcnow
 from server.rollouts.engine import RolloutEngine
+from server.rollouts.tables import Deployment
 from tests.helpers.dashboard import CSRF, login, signed_in
 from tests.helpers.fleet_sim import Behaviour
 from tests.helpers.rollout_lab import drive, rollout_body
@@ -149,6 +150,17 @@ def test_pages_show_the_fleet_and_a_rolled_back_rollout(app_client, admin_header
     assert "Gate verdict" in page
     assert 'data-health="/ui/rollouts/' in page
     assert rid in app_client.get("/ui/rollouts").text
+    # the rollout's devices, filtered by phase, with the reason of each
+    for phase, n in final["phases"].items():
+        listed = app_client.get(f"/ui/rollouts/{rid}?phase={phase}").text
+        rows = re.findall(r'<span class="badge p-(\w+)">', listed.split('id="devices"')[1])
+        assert rows == [phase] * n, (phase, rows)
+    with ctx.db.session_scope() as s:
+        reasons = {d.reason for d in s.query(Deployment).filter_by(rollout_id=rid) if d.reason}
+    assert reasons
+    listed = html.unescape(app_client.get(f"/ui/rollouts/{rid}").text)
+    assert all(why in listed for why in reasons)
+    assert app_client.get(f"/ui/rollouts/{rid}?phase=lost").status_code == 422
     live = app_client.get(f"/ui/rollouts/{rid}/live")
     assert live.status_code == 200
     assert "<html" not in live.text
