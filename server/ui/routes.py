@@ -4,6 +4,7 @@ page with its status (404 for unknown ids); every POST but the login checks the 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import quote, urlencode
 
 from fastapi import Form, Query, Request, Response
@@ -12,10 +13,12 @@ from sqlalchemy.orm import Session
 
 from device_client.protocol.messages import DeploymentPhase
 from server.admin.schemas import Principal
+from server.db import utcnow
 from server.devices.service import DeviceService, device_out
 from server.devices.tables import DeviceStatus
 from server.devices.tags import parse_tag_expr
 from server.errors import FleetError, Forbidden, Invalid, NotFound
+from server.health.series import fold_series, health_rows
 from server.http.deps import SessionDep, get_ctx
 from server.rollouts.service import RolloutService
 from server.rollouts.tables import RolloutStatus
@@ -231,6 +234,26 @@ def device(
         desired = None
     events = service.events(device_id, 50)
     return page(request, user, "device.html", d=d, desired=desired, events=events)
+
+
+@router.get("/devices/{device_id}/health.json")
+def device_health(
+    device_id: str,
+    request: Request,
+    hours: float = Query(default=6.0, gt=0, le=24 * 30),
+    session: Session = SessionDep,
+    user: tuple[Principal, str] = User,
+) -> JSONResponse:
+    """The device's health per model version over the last ``hours``, for its page's charts."""
+    d = device_out(DeviceService(session, get_ctx(request)).get(device_id))
+    model, version = next(iter(sorted(d.serving.items())), (None, None))
+    until = utcnow()
+    since = until - timedelta(hours=hours)
+    bucket_s = max(10, int((until - since).total_seconds() // 120) + 1)
+    rows = health_rows(session, [device_id], model, since) if model else []
+    body = {"device_id": device_id, "model": model, "version": version, "since": since.isoformat(),
+            "bucket_s": bucket_s, "series": fold_series(rows, since, bucket_s)}  # fmt: skip
+    return JSONResponse(body)
 
 
 @router.get("/{rest:path}")

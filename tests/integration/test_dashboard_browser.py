@@ -99,6 +99,12 @@ def test_watch_pause_and_resume_a_rollout_in_the_browser(dashboard_server, onnx_
             assert "1.0.0 baseline" in legend
             page.screenshot(path=str(SCREENSHOTS / "rollout.png"), full_page=True)
 
+            # a device page charts its own health
+            page.goto(f"{server.url}/ui/devices/lab-00")
+            device_chart = page.locator("[data-metric=p95_ms]")
+            expect(device_chart).to_have_attribute("data-points", re.compile(r"^([2-9]|\d\d+)$"))
+            assert "2.0.0" in device_chart.locator(".u-legend").inner_text()
+
             page.click("#logout")
             page.wait_for_url("**/ui/login**")
             page.goto(f"{server.url}/ui/")

@@ -174,6 +174,12 @@ def test_pages_show_the_fleet_and_a_rolled_back_rollout(app_client, admin_header
     device = app_client.get("/ui/devices/lab-00")
     assert device.status_code == 200
     assert "Signed desired state" in device.text
+    assert 'data-health="/ui/devices/lab-00/health.json"' in device.text
+    health = app_client.get("/ui/devices/lab-00/health.json").json()
+    assert health["model"] == "det"
+    by_version = {s["version"]: sum(p["requests"] for p in s["points"]) for s in health["series"]}
+    assert by_version.get("1.0.0", 0) > 0  # the baseline windows before the rollout
+    assert app_client.get("/ui/devices/nope/health.json").status_code == 404
 
 
 def test_rollout_health_series(app_client, admin_headers, make_token, ctx, lab):
