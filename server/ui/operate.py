@@ -1,4 +1,5 @@
-"""Dashboard pages beyond watching rollouts: the model catalog, the audit log (operator and up) and
+"""Dashboard pages beyond watching rollouts: the model catalog (revoke: admin), the audit log
+(operator and up) and
 the form that starts a rollout (operator and up), which shows the API's 422 message and creates
 nothing when the stages, gates or selector are wrong."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -14,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from server.admin.schemas import Principal
 from server.admin.service import AdminService
+from server.admin.tables import Role
 from server.catalog.service import CatalogService
 from server.devices.tags import parse_tag_expr
 from server.errors import FleetError, Forbidden, Invalid
@@ -49,7 +52,26 @@ def models(
 def model(
     name: str, request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
 ) -> HTMLResponse:
-    return page(request, user, "model.html", m=CatalogService(session, get_ctx(request)).get_model(name))
+    m = CatalogService(session, get_ctx(request)).get_model(name)
+    return page(request, user, "model.html", m=m, can_revoke=user[0].role.allows(Role.admin))
+
+
+@router.post("/models/{name}/versions/{version}/revoke")
+def revoke_version(
+    name: str,
+    version: str,
+    request: Request,
+    csrf: str = Form(default=""),
+    session: Session = SessionDep,
+    user: tuple[Principal, str] = User,
+) -> Response:
+    """Revoke a version (admin): its bundles leave the signed repository."""
+    check_csrf(user[1], csrf)
+    who = user[0]
+    if not who.role.allows(Role.admin):
+        raise Forbidden(f"role {who.role.value!r} may not do this (needs 'admin')")
+    CatalogService(session, get_ctx(request)).revoke(name, version, who)
+    return RedirectResponse(f"/ui/models/{quote(name, safe='')}", status_code=303)
 
 
 @router.get("/audit")

@@ -99,3 +99,23 @@ def test_models_pages(app_client, make_token, lab):
     assert "2.0.0" in page
     assert "3.0.0" in page
     assert app_client.get("/ui/models/nope").status_code == 404
+
+
+def test_only_an_admin_revokes_a_version_from_the_model_page(app_client, admin_headers, make_token, lab):
+    url = "/ui/models/det/versions/3.0.0/revoke"
+    operator = signed_in(app_client, make_token("operator"))
+    assert 'id="revoke-3.0.0"' not in app_client.get("/ui/models/det").text
+    assert app_client.post(url, data={"csrf": operator}).status_code == 403
+    admin = signed_in(app_client, make_token("admin"))
+    assert 'id="revoke-3.0.0"' in app_client.get("/ui/models/det").text
+    assert app_client.post(url, data={}).status_code == 403  # no CSRF token
+
+    def status() -> str:
+        r = app_client.get("/api/v1/models/det/versions/3.0.0", headers=admin_headers)
+        return r.json()["status"]
+
+    assert status() == "active"
+    r = app_client.post(url, data={"csrf": admin}, follow_redirects=False)
+    assert r.status_code == 303
+    assert status() == "revoked"
+    assert 'id="revoke-3.0.0"' not in app_client.get("/ui/models/det").text
