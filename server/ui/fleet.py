@@ -87,3 +87,14 @@ def rollout_members(session: Session, rollout_id: str, phase: str | None, limit:
         Member(d.device_id, d.stage, d.phase.value, d.version, d.previous_version, d.reason, d.updated_at)
         for d in session.scalars(q)
     ]
+
+
+def phase_totals(session: Session, rollout_id: str) -> dict[str, int]:
+    """Deployments of a rollout per phase, in the phases' order."""
+    q = (
+        sa.select(Deployment.phase, sa.func.count())
+        .where(Deployment.rollout_id == rollout_id)
+        .group_by(Deployment.phase)
+    )
+    counts = {DeploymentPhase(p).value: int(n) for p, n in session.execute(q)}
+    return {p.value: counts[p.value] for p in DeploymentPhase if p.value in counts}

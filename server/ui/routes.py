@@ -5,6 +5,7 @@ page with its status (404 for unknown ids); every POST but the login checks the 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import Form, Query, Request, Response
@@ -29,7 +30,7 @@ from server.ui.auth import (
     set_cookie,
 )
 from server.ui.common import User, can_act, error_page, page, templates, ui_router
-from server.ui.fleet import fleet_summary, rollout_members
+from server.ui.fleet import fleet_summary, phase_totals, rollout_members
 
 #: actions on a rollout page, in the order the buttons show, with the question each confirms
 ACTIONS: dict[str, str] = {
@@ -138,14 +139,9 @@ def rollout(
     user: tuple[Principal, str] = User,
 ) -> HTMLResponse:
     """The rollout page; ``phase`` filters its device list (failures first, up to 200)."""
-    if phase and phase not in DeploymentPhase.__members__:
-        raise Invalid(f"unknown deployment phase {phase!r}")
+    members = _members(request, session, rollout_id, phase)
     detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
-    members = rollout_members(session, rollout_id, phase or None)
-    return page(
-        request, user, "rollout.html", r=detail, actions=_actions(detail.status.value), members=members,
-        phase=phase, phases=[p.value for p in DeploymentPhase],
-    )  # fmt: skip
+    return page(request, user, "rollout.html", r=detail, actions=_actions(detail.status.value), **members)
 
 
 @router.get("/rollouts/{rollout_id}/live")
@@ -155,6 +151,30 @@ def rollout_live(
     """The part of the rollout page that changes while it runs (polled by static/app.js)."""
     detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
     return page(request, user, "rollout_live.html", r=detail, actions=_actions(detail.status.value))
+
+
+@router.get("/rollouts/{rollout_id}/members")
+def rollout_devices(
+    rollout_id: str,
+    request: Request,
+    phase: str = "",
+    session: Session = SessionDep,
+    user: tuple[Principal, str] = User,
+) -> HTMLResponse:
+    """The rollout page's device list, polled on its own (it is cheap: no health)."""
+    return page(request, user, "rollout_members.html", **_members(request, session, rollout_id, phase))
+
+
+def _members(request: Request, session: Session, rollout_id: str, phase: str) -> dict[str, Any]:
+    if phase and phase not in DeploymentPhase.__members__:
+        raise Invalid(f"unknown deployment phase {phase!r}")
+    rollout = RolloutService(session, get_ctx(request)).get(rollout_id)
+    return {
+        "rid": rollout.id,
+        "phase": phase,
+        "members": rollout_members(session, rollout.id, phase or None),
+        "counts": phase_totals(session, rollout.id),
+    }
 
 
 @router.get("/rollouts/{rollout_id}/health.json")

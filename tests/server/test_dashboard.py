@@ -161,6 +161,10 @@ def test_pages_show_the_fleet_and_a_rolled_back_rollout(app_client, admin_header
     listed = html.unescape(app_client.get(f"/ui/rollouts/{rid}").text)
     assert all(why in listed for why in reasons)
     assert app_client.get(f"/ui/rollouts/{rid}?phase=lost").status_code == 422
+    phase, n = next(iter(final["phases"].items()))
+    members = app_client.get(f"/ui/rollouts/{rid}/members?phase={phase}")  # the polled partial
+    assert "<html" not in members.text
+    assert members.text.count(f'<span class="badge p-{phase}">') == n
     live = app_client.get(f"/ui/rollouts/{rid}/live")
     assert live.status_code == 200
     assert "<html" not in live.text
