@@ -224,3 +224,17 @@ def test_bad_filters_are_a_clear_422(app_client, make_token):
 def test_static_files_are_served(app_client):
     assert "uPlot" in app_client.get("/ui/static/vendor/uPlot.iife.min.js").text
     assert app_client.get("/ui/static/app.js").status_code == 200
+
+
+def test_a_device_reported_reason_is_escaped(app_client, admin_headers, make_token, ctx, lab):
+    """Failure reasons come from devices: a compromised one must not script the operator's page."""
+    rid = start_rollout(app_client, admin_headers)
+    evil = '<img src=x onerror="alert(1)">'
+    with ctx.db.session_scope() as s:
+        for d in s.query(Deployment).filter_by(rollout_id=rid):
+            d.reason = evil
+    signed_in(app_client, make_token("viewer"))
+    for url in (f"/ui/rollouts/{rid}", f"/ui/rollouts/{rid}/members"):
+        text = app_client.get(url).text
+        assert evil not in text
+        assert "&lt;img src=x onerror=" in text
