@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint venv mosquitto clean
+.PHONY: demo test bench lint venv mosquitto chromium clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,22 @@ mosquitto:
 	  fi; \
 	fi
 
+# the dashboard's browser tests drive Debian's chromium through Playwright (no browser download);
+# without it (and not root) they are skipped with a message
+chromium:
+	@if ! test -x /usr/bin/chromium; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing Debian's chromium"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "chromium is missing: the browser tests will be skipped ('sudo apt-get install chromium')" >&2; \
+	  fi; \
+	fi
+
 demo: venv mosquitto
 	$(VENV)/bin/fleet demo
 
-test: venv mosquitto
+test: venv mosquitto chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy

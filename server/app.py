@@ -13,7 +13,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from server.catalog.signing import reconcile_published
 from server.config import Settings
@@ -30,6 +31,9 @@ from server.mqtt.control import LocalBroker
 from server.mqtt.runtime import MqttRuntime
 from server.readiness import Readiness, check_ready
 from server.rollouts.engine import RolloutEngine
+from server.ui import operate as ui_operate
+from server.ui import routes as ui
+from server.ui.common import STATIC_DIR as UI_STATIC_DIR
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RateLimitMiddleware, rules=rate_rules(settings))
     for module in (admin, devices, catalog, signing, rollouts, tuf):
         app.include_router(module.router, responses=ERROR_RESPONSES)
+    # the dashboard (server/ui/): its static files first, or its catch-all 404 page would shadow them
+    app.mount("/ui/static", StaticFiles(directory=UI_STATIC_DIR), name="ui-static")
+    app.include_router(ui_operate.router)
+    app.include_router(ui.router)
+
+    @app.get("/ui", include_in_schema=False)
+    def ui_root() -> RedirectResponse:
+        return RedirectResponse("/ui/", status_code=307)
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:

@@ -167,10 +167,11 @@ def _rollout(
     return follow_rollout(console, client, created["id"], poll_s=0.5)
 
 
-def _admin_token(ctx: ServerContext) -> str:
+def _admin_token(ctx: ServerContext, role: Role = Role.admin) -> str:
     with ctx.db.session_scope() as session:
         service = AdminService(session)
-        return service.create_token("demo", Role.admin, CLI_PRINCIPAL, ttl_s=BOOTSTRAP_TOKEN_TTL_S).token
+        name = f"demo-{role.value}"
+        return service.create_token(name, role, CLI_PRINCIPAL, ttl_s=BOOTSTRAP_TOKEN_TTL_S).token
 
 
 #: marks a directory as a demo's work directory, which a later ``--workdir`` run may replace
@@ -215,6 +216,10 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
     summary_ok = False
     try:
         client = FleetClient(server.url, _admin_token(server.ctx))
+        console.print(
+            f"dashboard {server.url}/ui/ : sign in with the viewer token "
+            f"{_admin_token(server.ctx, Role.viewer)}"
+        )
         models = _build_models(root)
         enroll_token = client.create_enroll_token({"fleet": "demo"}, uses=n_devices)["token"]
         for i in range(n_devices):

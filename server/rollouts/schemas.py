@@ -133,3 +133,23 @@ class DesiredOut(BaseModel):
     probation: dict[str, Any]
     issued_at: datetime
     expires_at: datetime
+
+
+class HealthSeries(BaseModel):
+    version: str
+    mode: str
+    #: per bucket: at (bucket start), requests, errors, error_rate, p95_ms, agreement, devices
+    points: list[dict[str, Any]]
+
+
+class RolloutHealth(BaseModel):
+    """A rollout's devices' health over time, per version and mode, from the baseline window
+    before it was created; ``baseline`` holds the numbers the gates compare against."""
+
+    rollout_id: str
+    model: str
+    version: str
+    since: datetime
+    bucket_s: int
+    baseline: dict[str, Any]
+    series: list[HealthSeries]

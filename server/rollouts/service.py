@@ -19,13 +19,22 @@ from server.devices.tables import Device, DeviceStatus
 from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
 from server.health.repository import HealthWindowRepository
+from server.health.series import fold_series, health_rows
 from server.rollouts.desired import DesiredStateService
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
 from server.rollouts.policy import Gates, HealthAggregate, Stage, assign_stages, check_stages, robust_health
 from server.rollouts.repository import DeploymentRepository, DesiredRepository, RolloutRepository
 from server.rollouts.routing import PreviousRouting, policy_key
 from server.rollouts.routing_check import RoutingCheck
-from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutOut, Selector, StageView
+from server.rollouts.schemas import (
+    HealthSeries,
+    RolloutCreate,
+    RolloutDetail,
+    RolloutHealth,
+    RolloutOut,
+    Selector,
+    StageView,
+)
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 from server.security import new_id
 
@@ -346,6 +355,26 @@ class RolloutService:
                 "cloud_agreement": baseline.cloud_agreement,
             },
         )
+
+    def health_series(self, rollout_id: str, points: int = 120) -> RolloutHealth:
+        """The rollout's devices' health per version and mode in about ``points`` time buckets,
+        from :data:`BASELINE_WINDOW` before it was created until now (or until it finished)."""
+        rollout = self.get(rollout_id)
+        ids = [d for d, _, _ in self.rollouts.member_stages(rollout.id)]
+        since = rollout.created_at - BASELINE_WINDOW
+        until = rollout.finished_at or utcnow()
+        bucket_s = max(10, int((until - since).total_seconds() // points) + 1)
+        rows = health_rows(self.session, ids, rollout.model, since)
+        base = robust_health(HealthWindowRepository(self.session).per_device(
+            ids, rollout.model, not_version=rollout.version, mode="serve",
+            since=since, until=rollout.created_at,
+        ))  # fmt: skip
+        baseline = {"requests": base.requests, "error_rate": base.error_rate, "p95_ms": base.p95_ms}
+        return RolloutHealth(
+            rollout_id=rollout.id, model=rollout.model, version=rollout.version, since=since,
+            bucket_s=bucket_s, baseline=baseline,
+            series=[HealthSeries(**s) for s in fold_series(rows, since, bucket_s)],
+        )  # fmt: skip
 
 
 def names_rollout_version(record: DesiredRecord | None, rollout: Rollout) -> bool:

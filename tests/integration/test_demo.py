@@ -3,6 +3,8 @@ the bad v3 trips its canary and every device ends on v2."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from server.demo import demo
@@ -14,6 +16,7 @@ def test_demo_runs_green(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rolled back automatically" in out
     assert "rolled_back" in out
+    assert re.search(r"dashboard http://127\.0\.0\.1:\d+/ui/ : sign in with the viewer token fa\.", out)
 
 
 def test_demo_refuses_a_workdir_it_did_not_make(tmp_path, capsys):

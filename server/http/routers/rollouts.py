@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from server.admin.schemas import Principal
 from server.http.deps import Operator, SessionDep, Viewer, get_ctx
-from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutOut
+from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutHealth, RolloutOut
 from server.rollouts.service import RolloutService
 from server.rollouts.tables import RolloutStatus
 
@@ -43,6 +43,15 @@ def get_rollout(
 ) -> RolloutDetail:
     """Status, per-stage counts by phase, and health aggregates against the pre-rollout baseline."""
     return _service(request, session).detail(rollout_id)
+
+
+@router.get("/{rollout_id}/health")
+def get_rollout_health(
+    rollout_id: str, request: Request, session: Session = SessionDep, _: Principal = Viewer
+) -> RolloutHealth:
+    """Health of the rollout's devices over time, per version and mode (serve/shadow), from 15
+    minutes before the rollout was created, with the baseline the gates compare against."""
+    return _service(request, session).health_series(rollout_id)
 
 
 def _action(name: str, doc: str) -> None:

@@ -1,0 +1,118 @@
+"""Dashboard page latency at 10,000 devices / the JSON API for the same data (README, Dashboard).
+
+    .venv/bin/python bench/dashboard.py [--devices 10000] [--postgres URL]
+
+Inserts the devices, pushes a model and starts a rollout of it to every device (engine off: all
+deployments pending), then times each dashboard page through the real app (signed in with the
+cookie) against the JSON endpoint that returns its data. Target: every page within 100 ms.
+Writes bench/results/dashboard.json. Exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from benchlib import ratio_line, write_result
+from devices_list import insert_devices, median_ms
+from ingest import fresh_postgres
+
+TARGET_MS = 100.0
+
+
+def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
+    from fastapi.testclient import TestClient
+
+    from server.admin.service import CLI_PRINCIPAL, AdminService
+    from server.admin.tables import Role
+    from server.app import create_app
+    from server.config import Settings
+    from server.onnx_models import make_model
+
+    settings = Settings(
+        data_dir=workdir / name, database_url=url, mqtt_enabled=False, rollout_engine=False,
+        metadata_refresh_interval_s=3600, health_rollup_interval_s=3600, public_url="http://testserver",
+    )  # fmt: skip
+    rows = []
+    with TestClient(create_app(settings)) as client:
+        ctx = client.app.state.ctx
+        insert_devices(ctx, n)
+        with ctx.db.session_scope() as s:
+            token = AdminService(s).create_token("bench", Role.operator, CLI_PRINCIPAL).token
+        headers = {"Authorization": f"Bearer {token}"}
+        model = make_model(workdir / f"{name}-det.onnx", scale=2.0)
+        with model.open("rb") as fh:
+            r = client.post(
+                "/api/v1/models/det/versions", data={"version": "2.0.0"},
+                files={"file": ("m.onnx", fh, "application/octet-stream")}, headers=headers,
+            )  # fmt: skip
+        assert r.status_code == 201, r.text
+        body = {
+            "model": "det",
+            "version": "2.0.0",
+            "stages": [{"percent": 10, "soak_s": 60}, {"percent": 100}],
+        }
+        r = client.post("/api/v1/rollouts", json=body, headers=headers)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        assert client.post("/ui/login", data={"token": token}, follow_redirects=False).status_code == 303
+        pairs = {
+            "overview": ("/ui/", "/api/v1/rollouts?status=running&status=paused"),
+            "rollout": (f"/ui/rollouts/{rid}", f"/api/v1/rollouts/{rid}"),
+            "rollout_live": (f"/ui/rollouts/{rid}/live", f"/api/v1/rollouts/{rid}"),
+            "rollout_health": (f"/ui/rollouts/{rid}/health.json", f"/api/v1/rollouts/{rid}/health"),
+            "devices": ("/ui/devices?limit=100", "/api/v1/devices?limit=100"),
+            "device": ("/ui/devices/dev-005000", "/api/v1/devices/dev-005000"),
+            "rollouts": ("/ui/rollouts", "/api/v1/rollouts?limit=200"),
+        }
+        for page, (ui, api) in pairs.items():
+
+            def get_ui(ui=ui) -> None:
+                r = client.get(ui)
+                assert r.status_code == 200, r.text
+
+            def get_api(api=api) -> None:
+                r = client.get(api, headers=headers)
+                assert r.status_code == 200, r.text
+
+            ui_ms, api_ms = median_ms(get_ui, 10), median_ms(get_api, 10)
+            rows.append({
+                "backend": name, "page": page, "devices": n, "ui_ms": round(ui_ms, 2),
+                "api_ms": round(api_ms, 2), "ratio": round(ui_ms / api_ms, 2),
+            })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument(
+        "--postgres",
+        default=os.environ.get("FLEET_BENCH_POSTGRES_URL") or os.environ.get("FLEET_TEST_POSTGRES_URL", ""),
+    )
+    args = ap.parse_args()
+    print(f"dashboard pages at {args.devices} devices (median of 10 requests)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-ui-") as tmp:
+        work = Path(tmp)
+        results += run_backend("sqlite", f"sqlite:///{work / 'ui.db'}", work, args.devices)
+        if args.postgres:
+            url, drop = fresh_postgres(args.postgres)
+            try:
+                results += run_backend("postgres", url, work, args.devices)
+            finally:
+                drop()
+    target = f"page within {TARGET_MS:.0f} ms"
+    for r in results:
+        verdict = "ok" if r["ui_ms"] <= TARGET_MS else "OVER"
+        line = f"page {r['ui_ms']:.1f} ms ({verdict}), JSON API {r['api_ms']:.1f} ms"
+        print(f"  {r['backend']} {r['page']}: {line}")
+        print(ratio_line(f"{r['backend']} {r['page']} page / JSON API", r["ratio"], target))
+    path = write_result("dashboard", {"target_ms": TARGET_MS, "results": results})
+    print(f"  wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

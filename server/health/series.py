@@ -1,0 +1,94 @@
+"""Health of a set of devices over time, per model version and mode, in fixed time buckets:
+what ``GET /api/v1/rollouts/{id}/health`` returns and the dashboard charts. Raw windows and
+rollups are folded alike (a rollup counts in the bucket its own bucket start falls in)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from server.health.repository import IDS_CHUNK
+from server.health.tables import HealthRollup, HealthSample
+
+
+@dataclass
+class _Sums:
+    requests: int = 0
+    errors: int = 0
+    p95_requests: int = 0
+    p95_weighted: float = 0.0
+    shadow: int = 0
+    agreement_weighted: float = 0.0
+    devices: set[str] = field(default_factory=set)
+
+    def point(self, at: datetime) -> dict[str, Any]:
+        return {
+            "at": at.isoformat(),
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.errors / self.requests if self.requests else None,
+            "p95_ms": self.p95_weighted / self.p95_requests if self.p95_requests else None,
+            "agreement": self.agreement_weighted / self.shadow if self.shadow else None,
+            "devices": len(self.devices),
+        }
+
+
+def fold_series(rows: Iterable[Sequence[Any]], start: datetime, bucket_s: int) -> list[dict[str, Any]]:
+    """Rows ``(device_id, version, mode, at, requests, errors, p95_requests, p95_weighted_ms,
+    shadow_requests, agreement_weighted)`` folded into one series per (version, mode), each a list
+    of points per ``bucket_s`` bucket from ``start`` (request-weighted p95 and agreement)."""
+    buckets: dict[tuple[str, str], dict[int, _Sums]] = {}
+    for device_id, version, mode, at, req, err, p95_req, p95_w, shadow, agr_w in rows:
+        index = max(0, int((at - start).total_seconds() // bucket_s))
+        s = buckets.setdefault((version, mode), {}).setdefault(index, _Sums())
+        s.requests += int(req)
+        s.errors += int(err)
+        s.p95_requests += int(p95_req)
+        s.p95_weighted += float(p95_w)
+        s.shadow += int(shadow)
+        s.agreement_weighted += float(agr_w)
+        s.devices.add(device_id)
+    series = []
+    for (version, mode), points in sorted(buckets.items()):
+        series.append({
+            "version": version, "mode": mode,
+            "points": [points[i].point(_at(start, i * bucket_s)) for i in sorted(points)],
+        })  # fmt: skip
+    return series
+
+
+def _at(start: datetime, offset_s: int) -> datetime:
+    return datetime.fromtimestamp(start.timestamp() + offset_s, tz=UTC)
+
+
+def health_rows(
+    session: Session, device_ids: Sequence[str], model: str, since: datetime
+) -> list[Sequence[Any]]:
+    """The raw windows and rollups of ``device_ids`` for ``model`` since ``since``, as rows for
+    :func:`fold_series`."""
+    h, r = HealthSample, HealthRollup
+    has_p95 = h.p95_ms.is_not(None)
+    has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
+    ids = sorted(set(device_ids))
+    out: list[Sequence[Any]] = []
+    for i in range(0, len(ids), IDS_CHUNK):
+        chunk = ids[i : i + IDS_CHUNK]
+        raw = sa.select(
+            h.device_id, h.version, h.mode, h.at, h.requests, h.errors,
+            sa.case((has_p95, h.requests), else_=0),
+            sa.case((has_p95, h.p95_ms * h.requests), else_=0.0),
+            sa.case((has_agreement, h.shadow_requests), else_=0),
+            sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0),
+        ).where(h.model == model, h.device_id.in_(chunk), h.at >= since)  # fmt: skip
+        rolled = sa.select(
+            r.device_id, r.version, r.mode, r.bucket, r.requests, r.errors, r.p95_requests,
+            r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted,
+        ).where(r.model == model, r.device_id.in_(chunk), r.bucket >= since)  # fmt: skip
+        out.extend(tuple(row) for row in session.execute(raw))
+        out.extend(tuple(row) for row in session.execute(rolled))
+    return out

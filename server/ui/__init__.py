@@ -1,0 +1,1 @@
+"""The web dashboard at ``/ui``: server-rendered pages on the services the REST API uses."""

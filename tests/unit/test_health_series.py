@@ -1,0 +1,51 @@
+"""Folding health windows into per-version time buckets (server/health/series.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from server.health.series import fold_series
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def row(device, version, offset_s, requests, errors, p95=None, mode="serve", shadow=0, agreement=None):
+    p95_req = requests if p95 is not None else 0
+    return (
+        device, version, mode, T0 + timedelta(seconds=offset_s), requests, errors, p95_req,
+        (p95 or 0.0) * p95_req, shadow, (agreement or 0.0) * shadow,
+    )  # fmt: skip
+
+
+def test_windows_fold_per_version_mode_and_bucket_request_weighted():
+    rows = [
+        row("a", "1.0.0", 5, 100, 1, p95=10.0),
+        row("b", "1.0.0", 50, 300, 3, p95=20.0),  # same bucket as the first: weighted by requests
+        row("a", "2.0.0", 70, 100, 10, p95=30.0),
+        row("a", "2.0.0", 200, 100, 0),  # no p95 reported: the bucket has none
+        row("b", "2.0.0", 75, 0, 0, mode="shadow", shadow=50, agreement=0.9),
+    ]
+    series = fold_series(rows, T0, 60)
+    assert [(s["version"], s["mode"]) for s in series] == [
+        ("1.0.0", "serve"), ("2.0.0", "serve"), ("2.0.0", "shadow"),
+    ]  # fmt: skip
+    (old,) = series[0]["points"]
+    assert old["at"] == T0.isoformat()
+    assert old["requests"] == 400
+    assert old["error_rate"] == 4 / 400
+    assert old["p95_ms"] == (10.0 * 100 + 20.0 * 300) / 400
+    assert old["devices"] == 2
+    first, later = series[1]["points"]
+    assert first["at"] == (T0 + timedelta(seconds=60)).isoformat()
+    assert later["at"] == (T0 + timedelta(seconds=180)).isoformat()  # empty buckets are skipped
+    assert later["p95_ms"] is None
+    assert later["error_rate"] == 0
+    (shadow,) = series[2]["points"]
+    assert shadow["agreement"] == 0.9
+    assert shadow["error_rate"] is None  # no served request in a shadow window
+
+
+def test_rollups_stamped_before_the_start_count_in_the_first_bucket():
+    series = fold_series([row("a", "1.0.0", -30, 10, 0)], T0, 60)
+    assert series[0]["points"][0]["at"] == T0.isoformat()
+    assert fold_series([], T0, 60) == []
