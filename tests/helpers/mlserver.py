@@ -130,6 +130,7 @@ class Mlserver:
         with httpx.Client(trust_env=False) as http:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
+                    self.stop()
                     raise RuntimeError(f"mlserver exited ({self.proc.returncode}): {self.log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
                     if http.get(f"{self.url}/v2/models/{model}/ready", timeout=2).status_code == 200:
