@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint venv mosquitto chromium clean
+.PHONY: demo test bench lint venv mosquitto chromium mlserver clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,10 +38,22 @@ chromium:
 	  fi; \
 	fi
 
+# Seldon MLServer for its interoperability test, in a virtualenv of its own (its pins may clash
+# with ours); when the install fails (offline) that test is skipped with a message
+MLSERVER_VENV := .venv-mlserver
+mlserver:
+	@if ! test -e $(MLSERVER_VENV)/.installed; then \
+	  echo "installing mlserver, mlserver-sklearn and scikit-learn into $(MLSERVER_VENV)"; \
+	  { test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV); } && \
+	  $(MLSERVER_VENV)/bin/python -m pip install --quiet mlserver mlserver-sklearn scikit-learn && \
+	  touch $(MLSERVER_VENV)/.installed || \
+	  echo "MLServer could not be installed: its interoperability test will be skipped" >&2; \
+	fi
+
 demo: venv mosquitto
 	$(VENV)/bin/fleet demo
 
-test: venv mosquitto chromium
+test: venv mosquitto chromium mlserver
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
@@ -55,4 +67,4 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) fleet-data .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) fleet-data .pytest_cache .ruff_cache .mypy_cache

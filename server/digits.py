@@ -81,13 +81,20 @@ def mlp_model(path: Path, clf: MLPClassifier, pool: np.ndarray | None = None) ->
     return _write(path, nodes, {"W1": w1, "b1": b1, "W2": w2, "b2": b2}, path.stem)
 
 
-def build_digits_pair(out_dir: Path, *, seed: int = 0) -> DigitsPair:
-    """Train both models on 60 % of the 1797 digits and write ``edge.onnx`` and ``cloud.onnx``
-    under ``out_dir``; the other 40 % is the held-out split."""
+def digits_split(*, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_train, x_val, y_train, y_val)``: 60 % / 40 % of the 1797 digits, stratified, pixels
+    scaled to [0, 1] (float32), labels int64; the split every model of this module is trained on."""
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
     x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=0.4, random_state=seed, stratify=y)
+    return x_train, x_val, y_train, y_val
+
+
+def build_digits_pair(out_dir: Path, *, seed: int = 0) -> DigitsPair:
+    """Train both models on 60 % of the 1797 digits and write ``edge.onnx`` and ``cloud.onnx``
+    under ``out_dir``; the other 40 % is the held-out split."""
+    x_train, x_val, y_train, y_val = digits_split(seed=seed)
     pool = pooling_matrix()
     with warnings.catch_warnings():  # lbfgs stopping at max_iter is fine for a benchmark pair
         warnings.simplefilter("ignore", ConvergenceWarning)
