@@ -88,6 +88,8 @@ class ArtifactOut(BaseModel):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     constraints: dict[str, Any]
+    #: size, agreement with fp32 and latency ratio, for variants built on push (else empty)
+    measurements: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
     #: listed in the signed targets metadata (false: staged, waiting for ``fleet model sign``)
     published: bool = True
