@@ -224,6 +224,8 @@ class PushUpload:
     quantize: str | None = None
     calibration: str = Calibration.dynamic.value
     min_agreement: float = DEFAULT_MIN_AGREEMENT
+    #: CPU flags the int8 variant requires of a device, on top of the push's constraints
+    int8_cpu_flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ class _Build:
     model: LoadedModel
     validation_file: Path
     measurements: dict[str, Any]
+    constraints: dict[str, Any]
 
 
 def version_out(v: ModelVersion) -> VersionOut:
@@ -314,10 +317,12 @@ class CatalogService:
         validation_file = upload.work_dir / VALIDATION_MEMBER
         write_validation(validation_file, feeds, outputs)
 
-        builds = [_Build(variant, upload.model_file, model, validation_file, {})]
+        constraints = meta.constraints.to_dict()
+        builds = [_Build(variant, upload.model_file, model, validation_file, {}, constraints)]
         if upload.quantize is not None:
             reference, int8 = self._build_int8(upload, model, feeds, outputs, meta)
-            builds = [_Build(variant, upload.model_file, model, validation_file, reference), int8]
+            fp32 = _Build(variant, upload.model_file, model, validation_file, reference, constraints)
+            builds = [fp32, int8]
 
         row = self.catalog.get_or_create_model_locked(name)
         existing = self.catalog.get_version(row.id, version)
@@ -379,7 +384,12 @@ class CatalogService:
         reference = VariantMeasurement(
             size_bytes=fp32_size, size_ratio=1.0, agreement=1.0, agreement_metric=metric, latency_ratio=1.0
         )
-        return reference.to_dict(), _Build(variant, model_file, int8, validation_file, measured.to_dict())
+        constraints = meta.constraints.to_dict()
+        if upload.int8_cpu_flags:
+            flags = set(constraints.get("cpu_flags", [])) | set(upload.int8_cpu_flags)
+            constraints["cpu_flags"] = sorted(flags)
+        build = _Build(variant, model_file, int8, validation_file, measured.to_dict(), constraints)
+        return reference.to_dict(), build
 
     def _publish(
         self,
@@ -412,7 +422,7 @@ class CatalogService:
             {MODEL_MEMBER: build.model_file, VALIDATION_MEMBER: build.validation_file},
         )
         length, sha256 = file_sha256(bundle)
-        constraints = meta.constraints.to_dict()
+        constraints = build.constraints
         artifact = ModelArtifact(
             version=version_row,
             variant=build.variant,

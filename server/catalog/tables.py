@@ -74,7 +74,7 @@ class ModelArtifact(Base):
     #: input/output signature and validation spec, as in bundle.json
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
-    #: hardware constraints: arch, min_ram_mb, providers
+    #: hardware constraints: arch, min_ram_mb, providers, cpu_flags
     constraints: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     #: measured on push for a built variant (``--quantize int8``) and its fp32 source: size_bytes,
     #: size_ratio, agreement, agreement_metric, latency_ratio (server/catalog/quantize.py)

@@ -77,6 +77,11 @@ def model() -> None:
     help="refuse the push when int8 agrees with fp32 on fewer validation inputs [server: 0.99]",
 )
 @click.option(
+    "--int8-cpu-flags",
+    default=None,
+    help="comma-separated CPU flags the int8 variant requires (e.g. avx512_vnni): others get fp32",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     type=click.FloatRange(min=1),
@@ -96,6 +101,7 @@ def model_push(
     quantize: str | None,
     calibration: str | None,
     min_agreement: float | None,
+    int8_cpu_flags: str | None,
     timeout_s: float,
 ) -> None:
     """Upload an ONNX model; the server validates, bundles, signs and publishes it.
@@ -122,6 +128,7 @@ def model_push(
             quantize=quantize,
             calibration=calibration,
             min_agreement=min_agreement,
+            int8_cpu_flags=int8_cpu_flags,
         )
     art = next(
         (a for a in result.get("artifacts", result.get("variants", [])) if a.get("variant") == variant), None

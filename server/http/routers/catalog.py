@@ -5,7 +5,7 @@
 * ``file``: the ONNX model (required);
 * ``version``: a semantic version (required); ``variant``: hardware variant (default ``default``);
 * ``metadata``: optional JSON {preprocessing, validation: {rtol, atol, compare},
-  constraints: {arch, min_ram_mb, providers}, description};
+  constraints: {arch, min_ram_mb, providers, cpu_flags}, description};
 * ``validation``: optional ``.npz`` of validation inputs (keys ``inputs/<name>``).
 
 The body is streamed straight into files in a private temporary directory, never held in memory.
@@ -18,6 +18,7 @@ unauthenticated client cannot make the server store anything.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -46,7 +47,9 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
 FILE_FIELDS = {"file": "upload.onnx", "validation": "validation-upload.npz"}
-TEXT_FIELDS = ("version", "variant", "metadata", "quantize", "calibration", "min_agreement")
+TEXT_FIELDS = (
+    "version", "variant", "metadata", "quantize", "calibration", "min_agreement", "int8_cpu_flags"
+)
 MAX_TEXT_FIELD_BYTES = 64 * 1024
 #: hand parsed data to a worker thread in batches of this size (file writes off the event loop)
 _BATCH_BYTES = 1024 * 1024
@@ -205,8 +208,12 @@ async def _receive_push(request: Request, name: str) -> AsyncIterator[PushUpload
         await asyncio.to_thread(shutil.rmtree, work_dir, True)
 
 
+CPU_FLAG_RE = re.compile(r"[a-z0-9_]{1,32}", re.ASCII)
+
+
 def _quantize_fields(fields: dict[str, str]) -> dict[str, Any]:
-    """The optional ``quantize``, ``calibration`` and ``min_agreement`` form fields, checked."""
+    """The optional ``quantize``, ``calibration``, ``min_agreement`` and ``int8_cpu_flags`` form
+    fields, checked."""
     out: dict[str, Any] = {}
     quantize = (fields.get("quantize") or "").strip()
     if quantize:
@@ -227,8 +234,16 @@ def _quantize_fields(fields: dict[str, str]) -> dict[str, Any]:
         if not 0.0 <= value <= 1.0:
             raise Invalid(f"min_agreement must be within [0, 1], not {value}")
         out["min_agreement"] = value
-    if (calibration or raw) and not quantize:
-        raise Invalid("calibration and min_agreement apply only with quantize=int8")
+    flags = [f.strip() for f in (fields.get("int8_cpu_flags") or "").split(",") if f.strip()]
+    for flag in flags:
+        if not CPU_FLAG_RE.fullmatch(flag):
+            raise Invalid(f"invalid CPU flag {flag!r}: lowercase letters, digits, '_'; 1-32 characters")
+    if len(flags) > 16:
+        raise Invalid("at most 16 int8_cpu_flags")
+    if flags:
+        out["int8_cpu_flags"] = tuple(flags)
+    if (calibration or raw or flags) and not quantize:
+        raise Invalid("calibration, min_agreement and int8_cpu_flags apply only with quantize=int8")
     return out
 
 
