@@ -15,6 +15,7 @@ from tests.helpers.fleet_sim import SimFleet
 from tests.helpers.pki import HARDWARE, make_csr
 
 DEVICES = ("vnni-1", "plain-1")
+VNNI_ONLY = '{"constraints": {"cpu_flags": "avx512_vnni"}}'
 
 
 @pytest.fixture
@@ -96,3 +97,47 @@ def test_cpu_flags_in_push_constraints(app_client, operator_headers, fleet, onnx
     )
     assert r.status_code == 422
     assert "no variant of this version fits" in r.json()["detail"]
+
+
+def preview(app_client, headers, **params):
+    return app_client.get("/api/v1/rollouts/preview", params=params, headers=headers)
+
+
+def test_preview_counts_devices_per_variant(app_client, operator_headers, ctx, fleet, onnx_model):
+    r = push_int8(app_client, operator_headers, onnx_model(), int8_cpu_flags="avx512_vnni")
+    assert r.status_code == 201, r.text
+    r = preview(app_client, operator_headers, model="det", version="1.0.0")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["selected"], body["variants"], body["unfit"]) == (2, {"default": 1, "int8": 1}, 0)
+    one = preview(app_client, operator_headers, model="det", version="1.0.0",
+                  selector='{"device_ids": ["plain-1"]}').json()  # fmt: skip
+    assert (one["selected"], one["variants"], one["unfit"]) == (1, {"default": 1, "int8": 0}, 0)
+
+
+def test_preview_counts_devices_no_variant_fits(app_client, operator_headers, fleet, onnx_model):
+    files = {"file": ("model.onnx", onnx_model().read_bytes(), "application/octet-stream")}
+    r = app_client.post(
+        "/api/v1/models/det/versions",
+        data={"version": "1.0.0", "variant": "vnni", "metadata": VNNI_ONLY},
+        files=files,
+        headers=operator_headers,
+    )
+    assert r.status_code == 201, r.text
+    body = preview(app_client, operator_headers, model="det", version="1.0.0").json()
+    assert (body["variants"], body["unfit"], body["unfit_examples"]) == ({"vnni": 1}, 1, ["plain-1"])
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({"model": "det", "version": "9.9.9"}, 404),
+        ({"model": "det", "version": "1.0.0", "selector": "{not json"}, 422),
+        ({"model": "det", "version": "1.0.0", "selector": '{"colour": "red"}'}, 422),
+        ({"model": "det"}, 422),
+    ],
+)
+def test_preview_bad_input(app_client, operator_headers, fleet, onnx_model, params, status):
+    assert push_int8(app_client, operator_headers, onnx_model()).status_code == 201
+    r = preview(app_client, operator_headers, **params)
+    assert r.status_code == status, r.text
