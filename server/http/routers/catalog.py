@@ -6,7 +6,9 @@
 * ``version``: a semantic version (required); ``variant``: hardware variant (default ``default``);
 * ``metadata``: optional JSON {preprocessing, validation: {rtol, atol, compare},
   constraints: {arch, min_ram_mb, providers, cpu_flags}, description};
-* ``validation``: optional ``.npz`` of validation inputs (keys ``inputs/<name>``).
+* ``validation``: optional ``.npz`` of validation inputs (keys ``inputs/<name>``);
+* ``quantize=int8`` (with optional ``calibration``, ``min_agreement``, ``int8_cpu_flags``): also
+  build, measure and publish an int8 variant (server/catalog/quantize.py).
 
 The body is streamed straight into files in a private temporary directory, never held in memory.
 The whole request body may not exceed ``Settings.max_upload_bytes``: a larger ``Content-Length`` is
