@@ -105,6 +105,10 @@ class DeviceSettings(BaseSettings):
     #: escalations fall back to the cache and the edge, counted as ``cloud_failed``
     cloud_url: str | None = None
 
+    #: the int8 CPU flags reported in the hardware facts (comma-separated, e.g. ``avx2,avx_vnni``;
+    #: empty: none) instead of those read from /proc/cpuinfo
+    cpu_flags: str | None = None
+
     # update state machine (state.py)
     #: a crash during verify/install restarts it at most this many times, then the update fails
     max_install_attempts: int = Field(default=2, ge=1)

@@ -158,8 +158,31 @@ class Identity:
         return identity
 
 
-def hardware_facts() -> HardwareFacts:
-    """What this device is: architecture, memory, CPUs and the onnxruntime it runs."""
+#: CPU features that decide whether int8 inference is fast: x86 VNNI and AVX2, Arm dot product
+#: and int8 matrix multiply (as /proc/cpuinfo names them)
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "avx2", "asimddp", "i8mm")
+
+
+def cpu_flags_from_cpuinfo(text: str) -> list[str]:
+    """The :data:`INT8_CPU_FLAGS` named on a ``flags`` (x86) or ``Features`` (Arm) line."""
+    found: set[str] = set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            found.update(value.split())
+    return [f for f in INT8_CPU_FLAGS if f in found]
+
+
+def read_cpu_flags(path: Path = Path("/proc/cpuinfo")) -> list[str]:
+    try:
+        return cpu_flags_from_cpuinfo(path.read_text(errors="replace"))
+    except OSError:
+        return []
+
+
+def hardware_facts(cpu_flags: str | None = None) -> HardwareFacts:
+    """What this device is: architecture, memory, CPUs, int8 CPU flags and the onnxruntime it
+    runs. ``cpu_flags`` (comma-separated, the ``cpu_flags`` setting) replaces /proc/cpuinfo's."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
     except (ValueError, OSError, AttributeError):
@@ -177,6 +200,11 @@ def hardware_facts() -> HardwareFacts:
         onnxruntime_version=ort_version[:32],
         execution_providers=providers[:32],
         os=f"{platform.system()} {platform.release()}"[:64],
+        cpu_flags=(
+            read_cpu_flags()
+            if cpu_flags is None
+            else [f.strip() for f in cpu_flags.split(",") if f.strip()][:16]
+        ),
     )
 
 

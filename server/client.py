@@ -171,6 +171,10 @@ class FleetClient:
         metadata: dict[str, Any] | None = None,
         validation: Path | None = None,
         progress: Callable[[int], None] | None = None,
+        quantize: str | None = None,
+        calibration: str | None = None,
+        min_agreement: float | None = None,
+        int8_cpu_flags: str | None = None,
     ) -> dict[str, Any]:
         """Upload and publish a model version, with the long ``upload_timeout``.
 
@@ -180,6 +184,14 @@ class FleetClient:
         data = {"version": version, "variant": variant}
         if metadata:
             data["metadata"] = json.dumps(metadata)
+        if quantize:
+            data["quantize"] = quantize
+        if calibration:
+            data["calibration"] = calibration
+        if min_agreement is not None:
+            data["min_agreement"] = str(min_agreement)
+        if int8_cpu_flags:
+            data["int8_cpu_flags"] = int8_cpu_flags
         with open(file, "rb") as fh:
             reader: Any = _ProgressReader(fh, progress) if progress else fh
             files: dict[str, Any] = {"file": (file.name, reader, "application/octet-stream")}

@@ -165,7 +165,7 @@ class Daemon:
     # ---------------------------------------------------------------- start and stop
 
     def start(self) -> Daemon:
-        self._hardware = hardware_facts()
+        self._hardware = hardware_facts(self.settings.cpu_flags)
         loaded = self.store.load()
         state = loaded.state
         if loaded.problems:
@@ -255,6 +255,8 @@ class Daemon:
         return device_topic(self.device_id, kind)
 
     def _presence(self, status: str) -> bytes:
+        if status == "online":  # on each connect: the facts as they are now
+            self._hardware = hardware_facts(self.settings.cpu_flags)
         return Presence.build(
             device_id=self.device_id,
             status=status,

@@ -228,8 +228,13 @@ class HardwareFacts(BaseModel):
     onnxruntime_version: str = Field(min_length=1, max_length=32)
     execution_providers: list[str] = Field(default_factory=list, max_length=32)
     os: str | None = Field(default=None, max_length=64)
+    #: the CPU features that decide int8 speed (``avx512_vnni``, ``avx_vnni``, ``avx2``,
+    #: ``asimddp``, ``i8mm``) this device has; variant constraints can require them
+    cpu_flags: list[str] = Field(default_factory=list, max_length=16)
 
-    _strict = field_validator("execution_providers")(classmethod(lambda cls, v: strict_json(v)))
+    _strict = field_validator("execution_providers", "cpu_flags")(
+        classmethod(lambda cls, v: strict_json(v))
+    )
 
 
 class Presence(Payload):

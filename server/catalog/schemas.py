@@ -47,7 +47,8 @@ class Constraints(BaseModel):
     """Hardware a variant needs; a device qualifies when it meets every constraint given.
 
     ``arch`` lists acceptable architectures (a single string is accepted too), ``providers`` lists
-    execution providers of which the device must offer at least one.
+    execution providers of which the device must offer at least one, ``cpu_flags`` CPU features it
+    must report, all of them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -55,10 +56,12 @@ class Constraints(BaseModel):
     arch: list[str] | None = Field(default=None, max_length=16)
     min_ram_mb: int | None = Field(default=None, ge=0)
     providers: list[str] | None = Field(default=None, max_length=16)
+    #: CPU flags the device must report, all of them (e.g. ``["avx512_vnni"]`` for an int8 build)
+    cpu_flags: list[str] | None = Field(default=None, max_length=16)
 
-    @field_validator("arch", mode="before")
+    @field_validator("arch", "cpu_flags", mode="before")
     @classmethod
-    def _one_arch(cls, value: Any) -> Any:
+    def _one_item(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +91,8 @@ class ArtifactOut(BaseModel):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     constraints: dict[str, Any]
+    #: size, agreement with fp32 and latency ratio, for variants built on push (else empty)
+    measurements: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
     #: listed in the signed targets metadata (false: staged, waiting for ``fleet model sign``)
     published: bool = True

@@ -34,6 +34,14 @@ from device_client.protocol.bundle import (
 )
 from server.admin.schemas import Principal
 from server.admin.service import audit
+from server.catalog.quantize import (
+    DEFAULT_MIN_AGREEMENT,
+    Calibration,
+    VariantMeasurement,
+    agreement,
+    median_latency_s,
+    quantize_int8,
+)
 from server.catalog.repository import CatalogRepository
 from server.catalog.schemas import (
     ArtifactOut,
@@ -212,6 +220,24 @@ class PushUpload:
     model_file: Path
     validation_file: Path | None
     work_dir: Path
+    #: ``int8``: also build, measure and publish an int8 variant (server/catalog/quantize.py)
+    quantize: str | None = None
+    calibration: str = Calibration.dynamic.value
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    #: CPU flags the int8 variant requires of a device, on top of the push's constraints
+    int8_cpu_flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Build:
+    """One variant ready to bundle: its model file, loaded model, validation file, measurements."""
+
+    variant: str
+    model_file: Path
+    model: LoadedModel
+    validation_file: Path
+    measurements: dict[str, Any]
+    constraints: dict[str, Any]
 
 
 def version_out(v: ModelVersion) -> VersionOut:
@@ -291,54 +317,129 @@ class CatalogService:
         validation_file = upload.work_dir / VALIDATION_MEMBER
         write_validation(validation_file, feeds, outputs)
 
+        constraints = meta.constraints.to_dict()
+        builds = [_Build(variant, upload.model_file, model, validation_file, {}, constraints)]
+        if upload.quantize is not None:
+            reference, int8 = self._build_int8(upload, model, feeds, outputs, meta)
+            fp32 = _Build(variant, upload.model_file, model, validation_file, reference, constraints)
+            builds = [fp32, int8]
+
         row = self.catalog.get_or_create_model_locked(name)
         existing = self.catalog.get_version(row.id, version)
         if existing is not None and existing.status == VersionStatus.revoked:
             raise Conflict(f"{name} {version} was revoked; push a new version number")
-        if existing is not None and any(a.variant == variant for a in existing.artifacts):
-            raise Conflict(f"{name} {version} already has a {variant!r} variant")
+        for build in builds:
+            if existing is not None and any(a.variant == build.variant for a in existing.artifacts):
+                raise Conflict(f"{name} {version} already has a {build.variant!r} variant")
         if existing is None:
             release = row.last_release + 1
             row.last_release = release
             version_row = ModelVersion(model=row, version=version, release=release, created_by=by.actor)
         else:
             version_row = existing
-        path = target_path(name, version, variant)
+        for build in builds:
+            self._publish(name, version_row, existing is None, build, meta, upload.work_dir, by)
+        return version_out(version_row)
 
-        bundle = upload.work_dir / "bundle.tar"
+    def _build_int8(
+        self,
+        upload: PushUpload,
+        fp32: LoadedModel,
+        feeds: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        meta: VersionMetadata,
+    ) -> tuple[dict[str, Any], _Build]:
+        """Quantize, validate and measure the int8 variant: the fp32 reference measurements and
+        the int8 build. :class:`Invalid` (with the numbers) when its agreement with fp32 is below
+        ``min_agreement``; nothing is written to the database or the repository here."""
+        variant = check_variant("int8" if upload.variant == "default" else f"{upload.variant}-int8")
+        build_dir = upload.work_dir / "int8"
+        build_dir.mkdir(exist_ok=True)
+        model_file = build_dir / "model.onnx"
+        calibration = Calibration(upload.calibration)
+        quantize_int8(upload.model_file, model_file, calibration, feeds)
+        int8 = load_onnx(model_file)
+        int8_outputs = run_validation(int8, feeds, meta.validation)
+        share, metric = agreement(outputs, int8_outputs, meta.validation)
+        fp32_s = median_latency_s(fp32.session, feeds)
+        int8_s = median_latency_s(int8.session, feeds)
+        fp32_size, int8_size = upload.model_file.stat().st_size, model_file.stat().st_size
+        measured = VariantMeasurement(
+            size_bytes=int8_size,
+            size_ratio=int8_size / fp32_size,
+            agreement=share,
+            agreement_metric=metric,
+            latency_ratio=int8_s / fp32_s if fp32_s > 0 else 1.0,
+            calibration=calibration.value,
+        )
+        if share < upload.min_agreement:
+            raise Invalid(
+                f"the int8 variant agrees with fp32 on {share:.2%} of the validation inputs "
+                f"({metric}), below min_agreement {upload.min_agreement}: size {int8_size} bytes "
+                f"({measured.size_ratio:.2f}x fp32), latency {measured.latency_ratio:.2f}x fp32 on "
+                f"this server; nothing was published"
+            )
+        validation_file = build_dir / VALIDATION_MEMBER
+        write_validation(validation_file, feeds, int8_outputs)
+        reference = VariantMeasurement(
+            size_bytes=fp32_size, size_ratio=1.0, agreement=1.0, agreement_metric=metric, latency_ratio=1.0
+        )
+        constraints = meta.constraints.to_dict()
+        if upload.int8_cpu_flags:
+            flags = set(constraints.get("cpu_flags", [])) | set(upload.int8_cpu_flags)
+            constraints["cpu_flags"] = sorted(flags)
+        build = _Build(variant, model_file, int8, validation_file, measured.to_dict(), constraints)
+        return reference.to_dict(), build
+
+    def _publish(
+        self,
+        name: str,
+        version_row: ModelVersion,
+        new_version: bool,
+        build: _Build,
+        meta: VersionMetadata,
+        work_dir: Path,
+        by: Principal,
+    ) -> None:
+        """Bundle, record and publish (or stage) one variant of ``version_row``."""
+        version = version_row.version
+        path = target_path(name, version, build.variant)
+
+        bundle = work_dir / f"bundle-{build.variant}.tar"
         build_bundle(
             bundle,
             {
                 "name": name,
                 "version": version,
                 "release": version_row.release,
-                "variant": variant,
-                "inputs": model.inputs,
-                "outputs": model.outputs,
+                "variant": build.variant,
+                "inputs": build.model.inputs,
+                "outputs": build.model.outputs,
                 "preprocessing": meta.preprocessing,
                 "validation": meta.validation,
                 "created_at": utcnow(),
             },
-            {MODEL_MEMBER: upload.model_file, VALIDATION_MEMBER: validation_file},
+            {MODEL_MEMBER: build.model_file, VALIDATION_MEMBER: build.validation_file},
         )
         length, sha256 = file_sha256(bundle)
-        constraints = meta.constraints.to_dict()
+        constraints = build.constraints
         artifact = ModelArtifact(
             version=version_row,
-            variant=variant,
+            variant=build.variant,
             target_path=path,
             length=length,
             sha256=sha256,
-            inputs=[s.model_dump() for s in model.inputs],
-            outputs=[s.model_dump() for s in model.outputs],
+            inputs=[s.model_dump() for s in build.model.inputs],
+            outputs=[s.model_dump() for s in build.model.outputs],
             constraints=constraints,
+            measurements=build.measurements,
         )
         self.session.add(version_row)
         self.session.add(artifact)
         try:
             self.session.flush()
         except sa.exc.IntegrityError:
-            raise Conflict(f"{name} {version} ({variant}) was pushed concurrently") from None
+            raise Conflict(f"{name} {version} ({build.variant}) was pushed concurrently") from None
         audit(
             self.session,
             by,
@@ -347,7 +448,7 @@ class CatalogService:
             f"{name}@{version}",
             {
                 "release": version_row.release,
-                "variant": variant,
+                "variant": build.variant,
                 "target": path,
                 "length": length,
                 "sha256": sha256,
@@ -360,7 +461,7 @@ class CatalogService:
             "model": name,
             "version": version,
             "release": version_row.release,
-            "variant": variant,
+            "variant": build.variant,
             "constraints": constraints,
         }
         repo = self.ctx.repo
@@ -377,16 +478,15 @@ class CatalogService:
             info, previous = repo.stage_target(path, bundle, custom)
             on_rollback(self.session, lambda: self._unstage(info, previous))
             artifact.published = False
-            if existing is None:
+            if new_version:
                 version_row.status = VersionStatus.pending
             self.session.flush()
         if info.length != length or info.hashes.get("sha256") != sha256:  # pragma: no cover - paranoia
             raise RuntimeError(f"published {path} does not match the bundle just built")
         log.info(
-            "pushed %s %s (%s) as release %d%s", name, version, variant, version_row.release,
+            "pushed %s %s (%s) as release %d%s", name, version, build.variant, version_row.release,
             "" if artifact.published else ", staged for the offline targets signature",
         )
-        return version_out(version_row)
 
     def _unstage(self, info: TargetFile, previous: TargetFile | None) -> None:
         """Compensation of a staging whose transaction did not commit: the stage as it was, and

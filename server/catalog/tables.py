@@ -74,8 +74,11 @@ class ModelArtifact(Base):
     #: input/output signature and validation spec, as in bundle.json
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
-    #: hardware constraints: arch, min_ram_mb, providers
+    #: hardware constraints: arch, min_ram_mb, providers, cpu_flags
     constraints: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    #: measured on push for a built variant (``--quantize int8``) and its fp32 source: size_bytes,
+    #: size_ratio, agreement, agreement_metric, latency_ratio (server/catalog/quantize.py)
+    measurements: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict, server_default="{}")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     #: listed in the signed targets metadata; false while staged for an offline targets signature
     published: Mapped[bool] = mapped_column(sa.Boolean, default=True, server_default=sa.true())

@@ -59,6 +59,29 @@ def model() -> None:
     help=".npz of validation inputs (inputs/<name>)",
 )
 @click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="also build an int8 variant on the server, measured against this fp32 model",
+)
+@click.option(
+    "--calibration",
+    type=click.Choice(["dynamic", "static"]),
+    default=None,
+    help="int8 quantization: dynamic (default) or static QDQ calibrated on the validation inputs",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="refuse the push when int8 agrees with fp32 on fewer validation inputs [server: 0.99]",
+)
+@click.option(
+    "--int8-cpu-flags",
+    default=None,
+    help="comma-separated CPU flags the int8 variant requires (e.g. avx512_vnni): others get fp32",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     type=click.FloatRange(min=1),
@@ -75,6 +98,10 @@ def model_push(
     variant: str,
     metadata: str | None,
     validation: Path | None,
+    quantize: str | None,
+    calibration: str | None,
+    min_agreement: float | None,
+    int8_cpu_flags: str | None,
     timeout_s: float,
 ) -> None:
     """Upload an ONNX model; the server validates, bundles, signs and publishes it.
@@ -98,6 +125,10 @@ def model_push(
             metadata=meta,
             validation=validation,
             progress=lambda n: progress.advance(task, n),
+            quantize=quantize,
+            calibration=calibration,
+            min_agreement=min_agreement,
+            int8_cpu_flags=int8_cpu_flags,
         )
     art = next(
         (a for a in result.get("artifacts", result.get("variants", [])) if a.get("variant") == variant), None
@@ -107,6 +138,13 @@ def model_push(
         f"{'staged' if staged else 'published'} {name} {version} (release {result.get('release')})"
         + (f": {art.get('target_path')} {art.get('length')} bytes" if art else "")
     )
+    for built in result.get("variants", []):
+        m = built.get("measurements") or {}
+        if m and built.get("variant") != variant:
+            click.echo(
+                f"{built['variant']}: {m['size_bytes']} bytes ({m['size_ratio']:.2f}x), agreement "
+                f"{m['agreement']:.2%} ({m['agreement_metric']}), latency {m['latency_ratio']:.2f}x fp32"
+            )
     if staged:
         click.echo(
             "the targets key is not on the server: the bundle is listed once `fleet model sign "

@@ -44,13 +44,16 @@ def artifact_fits(artifact: ModelArtifact, device: Device | DeviceTarget) -> boo
     if c.get("min_ram_mb") and int(hw.get("ram_mb", 0)) < int(c["min_ram_mb"]):
         return False
     providers = c.get("providers") or []
-    return all(p in (hw.get("execution_providers") or []) for p in providers)
+    if not all(p in (hw.get("execution_providers") or []) for p in providers):
+        return False
+    return all(f in (hw.get("cpu_flags") or []) for f in c.get("cpu_flags") or [])
 
 
 def pick_artifact(
     artifacts: list[ModelArtifact], device: Device | DeviceTarget, variant: str | None
 ) -> ModelArtifact:
-    """The named variant, or the first constrained variant that fits, or ``default``."""
+    """The named variant, or the most specific constrained variant that fits (the one with the
+    most constraints; ties by name), or ``default``."""
     if variant is not None:
         for a in artifacts:
             if a.variant == variant:
@@ -59,7 +62,7 @@ def pick_artifact(
                 return a
         raise NotFound(f"no variant {variant!r}")
     fitting = [a for a in artifacts if artifact_fits(a, device)]
-    specific = [a for a in fitting if a.constraints]
+    specific = sorted((a for a in fitting if a.constraints), key=lambda a: -len(a.constraints))
     for candidate in (specific, [a for a in fitting if a.variant == "default"], fitting):
         if candidate:
             return candidate[0]

@@ -5,8 +5,10 @@
 * ``file``: the ONNX model (required);
 * ``version``: a semantic version (required); ``variant``: hardware variant (default ``default``);
 * ``metadata``: optional JSON {preprocessing, validation: {rtol, atol, compare},
-  constraints: {arch, min_ram_mb, providers}, description};
-* ``validation``: optional ``.npz`` of validation inputs (keys ``inputs/<name>``).
+  constraints: {arch, min_ram_mb, providers, cpu_flags}, description};
+* ``validation``: optional ``.npz`` of validation inputs (keys ``inputs/<name>``);
+* ``quantize=int8`` (with optional ``calibration``, ``min_agreement``, ``int8_cpu_flags``): also
+  build, measure and publish an int8 variant (server/catalog/quantize.py).
 
 The body is streamed straight into files in a private temporary directory, never held in memory.
 The whole request body may not exceed ``Settings.max_upload_bytes``: a larger ``Content-Length`` is
@@ -18,13 +20,14 @@ unauthenticated client cannot make the server store anything.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from python_multipart.exceptions import MultipartParseError
@@ -33,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from server.admin.schemas import Principal
 from server.catalog.accuracy import FieldAccuracyService
+from server.catalog.quantize import Calibration
 from server.catalog.schemas import ModelOut, ModelSummary, VersionOut, check_model_name
 from server.catalog.service import CatalogService, PushUpload
 from server.errors import Invalid, PayloadTooLarge
@@ -45,7 +49,9 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
 FILE_FIELDS = {"file": "upload.onnx", "validation": "validation-upload.npz"}
-TEXT_FIELDS = ("version", "variant", "metadata")
+TEXT_FIELDS = (
+    "version", "variant", "metadata", "quantize", "calibration", "min_agreement", "int8_cpu_flags"
+)
 MAX_TEXT_FIELD_BYTES = 64 * 1024
 #: hand parsed data to a worker thread in batches of this size (file writes off the event loop)
 _BATCH_BYTES = 1024 * 1024
@@ -123,7 +129,7 @@ class _FormReceiver:
             self._part = _Part(name=name)
         else:
             raise Invalid(
-                f"unexpected form field {name!r}; expected file, version, variant, metadata, validation"
+                f"unexpected form field {name!r}; expected file, validation, {', '.join(TEXT_FIELDS)}"
             )
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -196,11 +202,51 @@ async def _receive_push(request: Request, name: str) -> AsyncIterator[PushUpload
             model_file=receiver.files["file"],
             validation_file=receiver.files.get("validation"),
             work_dir=work_dir,
+            **_quantize_fields(receiver.fields),
         )
         yield upload
     finally:
         receiver.close()
         await asyncio.to_thread(shutil.rmtree, work_dir, True)
+
+
+CPU_FLAG_RE = re.compile(r"[a-z0-9_]{1,32}", re.ASCII)
+
+
+def _quantize_fields(fields: dict[str, str]) -> dict[str, Any]:
+    """The optional ``quantize``, ``calibration``, ``min_agreement`` and ``int8_cpu_flags`` form
+    fields, checked."""
+    out: dict[str, Any] = {}
+    quantize = (fields.get("quantize") or "").strip()
+    if quantize:
+        if quantize != "int8":
+            raise Invalid(f"quantize must be 'int8', not {quantize!r}")
+        out["quantize"] = quantize
+    calibration = (fields.get("calibration") or "").strip()
+    if calibration:
+        if calibration not in {c.value for c in Calibration}:
+            raise Invalid(f"calibration must be 'dynamic' or 'static', not {calibration!r}")
+        out["calibration"] = calibration
+    raw = (fields.get("min_agreement") or "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise Invalid(f"min_agreement is not a number: {raw!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise Invalid(f"min_agreement must be within [0, 1], not {value}")
+        out["min_agreement"] = value
+    flags = [f.strip() for f in (fields.get("int8_cpu_flags") or "").split(",") if f.strip()]
+    for flag in flags:
+        if not CPU_FLAG_RE.fullmatch(flag):
+            raise Invalid(f"invalid CPU flag {flag!r}: lowercase letters, digits, '_'; 1-32 characters")
+    if len(flags) > 16:
+        raise Invalid("at most 16 int8_cpu_flags")
+    if flags:
+        out["int8_cpu_flags"] = tuple(flags)
+    if (calibration or raw or flags) and not quantize:
+        raise Invalid("calibration, min_agreement and int8_cpu_flags apply only with quantize=int8")
+    return out
 
 
 def _service(request: Request, session: Session) -> CatalogService:

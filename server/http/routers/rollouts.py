@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from server.admin.schemas import Principal
 from server.http.deps import Operator, SessionDep, Viewer, get_ctx
+from server.rollouts.preview import VariantPreview, parse_selector, preview
 from server.rollouts.schemas import RolloutCreate, RolloutDetail, RolloutHealth, RolloutOut
 from server.rollouts.service import RolloutService
 from server.rollouts.tables import RolloutStatus
@@ -35,6 +36,18 @@ def list_rollouts(
     _: Principal = Viewer,
 ) -> list[RolloutOut]:
     return _service(request, session).list(status, limit)
+
+
+@router.get("/preview")
+def preview_rollout(
+    model: str = Query(),
+    version: str = Query(),
+    selector: str | None = Query(default=None, description="a rollout selector as JSON"),
+    session: Session = SessionDep,
+    _: Principal = Viewer,
+) -> VariantPreview:
+    """How many selected devices would get each variant of the version, and how many fit none."""
+    return preview(session, model, version, parse_selector(selector))
 
 
 @router.get("/{rollout_id}")
