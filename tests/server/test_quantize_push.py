@@ -11,7 +11,7 @@ import pytest
 
 from device_client.protocol.bundle import ValidationSpec, extract_bundle
 from server.catalog.quantize import agreement
-from server.catalog.service import load_onnx
+from server.catalog.validation import load_onnx
 from server.digits import build_digits_pair
 from tests.helpers.catalog import auth, nothing_published, push
 
