@@ -29,6 +29,7 @@ from server.cloud.tensors import DATATYPES, datatype_of
 from server.cloud.tls import client_ca
 from server.config import Settings
 from server.db import Database
+from server.examples.service import keep
 from server.http.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,34 @@ class CloudService:
                     on_batch=self.metrics.batch,
                 )
             return batcher
+
+    # ---------------------------------------------------------------- hard examples
+
+    def keep_example(
+        self, caller: Caller, model: LoadedModel, inputs: dict[str, np.ndarray], outputs: Outputs
+    ) -> None:
+        """Store an answered request the caller marked ``fleet_collect`` under the global cap
+        (``cloud_examples_max_bytes``, 0: never). A failure is logged and counted, never the caller's."""
+        cap = self.settings.cloud_examples_max_bytes
+        if cap <= 0:
+            self.metrics.example("disabled")
+            return
+        try:
+            with self.db.session_scope() as session:
+                kept = keep(
+                    session,
+                    model=model.name,
+                    version=model.version,
+                    device_id=caller.device_id,
+                    inputs=inputs,
+                    outputs=outputs,
+                    max_bytes=cap,
+                )
+        except Exception:
+            log.exception("could not store a hard example of %s", model.name)
+            self.metrics.example("error")
+            return
+        self.metrics.example("kept" if kept else "too_large")
 
     # ---------------------------------------------------------------- health
 
