@@ -16,6 +16,8 @@ from server.examples.tables import HardExample
 
 #: before each tensor's name in a blob, so that no name can collide with ``savez``'s own arguments
 KEY = "t/"
+#: rows looked at per step when dropping the oldest
+EVICT_PAGE = 256
 
 
 def pack(tensors: Mapping[str, np.ndarray]) -> bytes:
@@ -43,17 +45,26 @@ class HardExampleRepository:
         excess = int(total or 0) - max_bytes
         if excess <= 0:
             return 0
-        doomed: list[int] = []
-        rows = self.session.execute(
-            sa.select(HardExample.id, HardExample.size_bytes).order_by(HardExample.id)
-        )
-        for row_id, size in rows:
-            if excess <= 0:
+        dropped, after = 0, 0
+        while excess > 0:  # oldest first, a page at a time (never every row's id in memory)
+            page = self.session.execute(
+                sa.select(HardExample.id, HardExample.size_bytes)
+                .where(HardExample.id > after)
+                .order_by(HardExample.id)
+                .limit(EVICT_PAGE)
+            ).all()
+            doomed: list[int] = []
+            for row_id, size in page:
+                if excess <= 0:
+                    break
+                doomed.append(row_id)
+                excess -= size
+            if not doomed:
                 break
-            doomed.append(row_id)
-            excess -= size
-        self.session.execute(sa.delete(HardExample).where(HardExample.id.in_(doomed)))
-        return len(doomed)
+            self.session.execute(sa.delete(HardExample).where(HardExample.id.in_(doomed)))
+            dropped += len(doomed)
+            after = doomed[-1]
+        return dropped
 
     def select(self, model: str, since: datetime | None, limit: int | None) -> Sequence[HardExample]:
         """The model's examples, oldest first (the newest ``limit`` of them when given)."""

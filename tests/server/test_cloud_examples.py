@@ -12,6 +12,7 @@ import pytest
 
 from server.cloud.serve import CloudThread
 from server.examples.repository import HardExampleRepository
+from server.examples.service import keep
 from tests.helpers.cloud import infer_body, metric, reference, start_fleet
 from tests.helpers.onnx_models import make_model
 from tests.helpers.tokens import create_admin_token
@@ -123,3 +124,26 @@ def test_export_and_purge_are_audited(fleet):
     exported = [d for a, d in actions if a == "examples.exported"]
     assert [d["count"] for d in exported] == [0, 1]  # newest first
     assert fleet.admin.get("/api/v1/models/BAD!/examples").status_code == 422
+
+
+def test_the_cap_drops_the_oldest_across_many_rows(ctx):
+    x = np.zeros((1, 4), np.float32)
+    with ctx.db.session_scope() as session:
+        for i in range(300):  # more than one page of the oldest-first scan
+            keep(
+                session,
+                model="m",
+                version="1",
+                device_id=f"d{i}",
+                inputs={"x": x},
+                outputs={},
+                max_bytes=10**9,
+            )
+    with ctx.db.session_scope() as session:
+        one = HardExampleRepository(session).total_bytes() // 300
+        keep(
+            session, model="m", version="1", device_id="new", inputs={"x": x}, outputs={}, max_bytes=10 * one
+        )
+    with ctx.db.session_scope() as session:
+        kept = HardExampleRepository(session).select("m", None, None)
+        assert [r.device_id for r in kept] == [f"d{i}" for i in range(291, 300)] + ["new"]
