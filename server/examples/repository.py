@@ -36,20 +36,20 @@ class HardExampleRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def add(self, example: HardExample, max_bytes: int) -> int:
-        """Insert ``example``, then drop the oldest rows (any model) until all of them together
-        fit ``max_bytes``; returns how many were dropped."""
+    def add(self, example: HardExample) -> None:
         self.session.add(example)
         self.session.flush()
-        total = self.session.scalar(sa.select(sa.func.coalesce(sa.func.sum(HardExample.size_bytes), 0)))
-        excess = int(total or 0) - max_bytes
-        if excess <= 0:
-            return 0
+
+    def evict(self, max_bytes: int, model: str | None = None) -> int:
+        """Drop the oldest rows (of ``model``, else of any) until they together fit ``max_bytes``;
+        returns how many were dropped."""
+        scope = [] if model is None else [HardExample.model == model]
+        excess = self.total_bytes(model) - max_bytes
         dropped, after = 0, 0
         while excess > 0:  # oldest first, a page at a time (never every row's id in memory)
             page = self.session.execute(
                 sa.select(HardExample.id, HardExample.size_bytes)
-                .where(HardExample.id > after)
+                .where(HardExample.id > after, *scope)
                 .order_by(HardExample.id)
                 .limit(EVICT_PAGE)
             ).all()
@@ -80,7 +80,8 @@ class HardExampleRepository:
         result = self.session.execute(sa.delete(HardExample).where(HardExample.model == model))
         return int(getattr(result, "rowcount", 0) or 0)
 
-    def total_bytes(self) -> int:
-        return int(
-            self.session.scalar(sa.select(sa.func.coalesce(sa.func.sum(HardExample.size_bytes), 0))) or 0
-        )
+    def total_bytes(self, model: str | None = None) -> int:
+        q = sa.select(sa.func.coalesce(sa.func.sum(HardExample.size_bytes), 0))
+        if model is not None:
+            q = q.where(HardExample.model == model)
+        return int(self.session.scalar(q) or 0)

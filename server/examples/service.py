@@ -8,8 +8,10 @@ from collections.abc import Mapping
 from datetime import datetime
 
 import numpy as np
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from device_client.protocol.routing import RoutingPolicy
 from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.errors import Invalid
@@ -20,6 +22,22 @@ from server.examples.tables import HardExample
 MAX_EXPORT = 100_000
 
 
+def collect_cap(routing: object, cloud_model: str, ceiling: int) -> int:
+    """How many bytes of ``cloud_model``'s examples a device's signed routing policy (the JSON of
+    its DesiredState's ``routing``) lets the cloud keep: 0 unless ``collect`` is on for that model
+    on the fleet endpoint; else its ``collect.max_bytes``, at most ``ceiling``."""
+    if not isinstance(routing, dict):
+        return 0
+    try:
+        policy = RoutingPolicy.model_validate(routing)
+    except ValidationError:
+        return 0
+    cloud = policy.cloud
+    if not policy.collect.enabled or cloud is None or not cloud.is_fleet or cloud.model != cloud_model:
+        return 0
+    return min(policy.collect.max_bytes, ceiling)
+
+
 def keep(
     session: Session,
     *,
@@ -28,18 +46,23 @@ def keep(
     device_id: str,
     inputs: Mapping[str, np.ndarray],
     outputs: Mapping[str, np.ndarray],
+    model_cap: int,
     max_bytes: int,
 ) -> bool:
-    """Store one escalated request and the cloud's answer; False (nothing stored) when it alone
-    is larger than ``max_bytes``."""
+    """Store one escalated request and the cloud's answer, then drop the oldest until the model's
+    examples fit ``model_cap`` and all examples ``max_bytes``; False (nothing stored) when it
+    alone is larger than either."""
     ins, outs = pack(inputs), pack(outputs)
     size = len(ins) + len(outs)
-    if size > max_bytes:
+    if size > min(model_cap, max_bytes):
         return False
     row = HardExample(
         model=model, version=version, device_id=device_id, size_bytes=size, inputs=ins, outputs=outs
     )
-    HardExampleRepository(session).add(row, max_bytes)
+    repo = HardExampleRepository(session)
+    repo.add(row)
+    repo.evict(model_cap, model=model)
+    repo.evict(max_bytes)
     return True
 
 

@@ -38,7 +38,7 @@ def test_export_writes_a_loadable_npz_and_purge_empties_it(cli, ctx, tmp_path):
         for i, x in enumerate(xs):
             keep(
                 session, model="clf", version="1.0.0", device_id=f"dev-{i}",
-                inputs={"x": x}, outputs={"y": x.sum(axis=1)}, max_bytes=10**6,
+                inputs={"x": x}, outputs={"y": x.sum(axis=1)}, model_cap=10**6, max_bytes=10**6,
             )  # fmt: skip
     out = tmp_path / "hard.npz"
     assert "3 examples of clf written" in cli("examples", "export", "clf", "--out", str(out), "--since", "1h")
