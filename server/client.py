@@ -228,6 +228,31 @@ class FleetClient:
             params["bucket_s"] = bucket_s
         return self._call("GET", f"/api/v1/models/{name}/field-accuracy", params=params)
 
+    def export_examples(
+        self, name: str, dest: BinaryIO, *, since: str | None = None, limit: int | None = None
+    ) -> int:
+        """Stream the model's hard examples (``.npz``) into ``dest``; returns how many (admin)."""
+        params: dict[str, Any] = {}
+        if since is not None:
+            params["since"] = since
+        if limit is not None:
+            params["limit"] = limit
+        url = f"/api/v1/models/{name}/examples"
+        with self.http.stream("GET", url, params=params, timeout=self.upload_timeout) as r:
+            if r.status_code >= 400:
+                r.read()
+                try:
+                    detail = str(r.json().get("detail", r.text))
+                except (ValueError, AttributeError):
+                    detail = r.text
+                raise FleetAPIError(r.status_code, detail)
+            for chunk in r.iter_bytes(1024 * 1024):
+                dest.write(chunk)
+            return int(r.headers.get("x-fleet-examples", "0"))
+
+    def purge_examples(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/api/v1/models/{name}/examples")
+
     # -- offline targets signing (fleet model sign) ----------------------------------------------
     def staged_targets(self) -> dict[str, Any] | None:
         """What waits for the offline targets key, or None when nothing is staged."""

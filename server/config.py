@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     cloud_batch_window_ms: float = Field(default=2.0, ge=0, le=10_000)
     cloud_max_batch: int = Field(default=32, ge=1, le=4096)
     cloud_intra_op_threads: int = Field(default=1, ge=1, le=256)
+    #: ceiling on the hard examples all cloud replicas keep together (oldest dropped first), over
+    #: each policy's ``collect.max_bytes``; only requests a signed policy asked for; 0: keep none
+    cloud_examples_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
 
     @field_validator("cloud_models", mode="before")
     @classmethod

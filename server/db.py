@@ -36,6 +36,7 @@ TABLE_MODULES = (
     "server.catalog.tables",
     "server.rollouts.tables",
     "server.health.tables",
+    "server.examples.tables",
 )
 
 

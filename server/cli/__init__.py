@@ -17,6 +17,7 @@ from device_client.cli import device
 from server.cli.admin import admin, keys
 from server.cli.cloud import cloud
 from server.cli.devices import devices, enroll_token
+from server.cli.examples import examples
 from server.cli.models import model
 from server.cli.rollouts import rollout
 from server.cli.serve import broker, server
@@ -45,6 +46,7 @@ for _command in (
     enroll_token,
     devices,
     model,
+    examples,
     device,
     rollout,
     keys,

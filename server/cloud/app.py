@@ -207,6 +207,8 @@ def create_cloud_app(service: CloudService) -> FastAPI:
                 if future is None:  # refused before it reached the batcher
                     service.leave()
             outputs = await asyncio.wrap_future(future)
+            if parsed.collect:  # after the answer is computed, before it is sent: off the batch path
+                await run_in_threadpool(service.keep_example, caller, model, parsed.inputs, outputs)
             content, header_length = encode_infer_response(
                 model.name, model.version, parsed.id, outputs, parsed.outputs, parsed.binary_outputs
             )

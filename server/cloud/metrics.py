@@ -60,6 +60,12 @@ class CloudMetrics:
             self._batch_max[model] = max(self._batch_max.get(model, 0), size)
             self._batch_sum[model] = self._batch_sum.get(model, 0) + size
 
+    def example(self, result: str) -> None:
+        """One request marked ``fleet_collect``: kept, too_large, disabled (cap 0) or error."""
+        self.counters.inc(
+            "fleet_cloud_examples_total", help="requests marked for hard-example collection", result=result
+        )
+
     def sync(self, result: str) -> None:
         self.counters.inc("fleet_cloud_repository_refresh_total", help="repository refreshes", result=result)
 

@@ -29,7 +29,9 @@ from server.cloud.tensors import DATATYPES, datatype_of
 from server.cloud.tls import client_ca
 from server.config import Settings
 from server.db import Database
+from server.examples.service import collect_cap, keep
 from server.http.ratelimit import TokenBucket
+from server.rollouts.repository import DesiredRepository
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +242,38 @@ class CloudService:
                     on_batch=self.metrics.batch,
                 )
             return batcher
+
+    # ---------------------------------------------------------------- hard examples
+
+    def keep_example(
+        self, caller: Caller, model: LoadedModel, inputs: dict[str, np.ndarray], outputs: Outputs
+    ) -> None:
+        """Store an answered request the caller marked ``fleet_collect``, if the routing policy of
+        its signed DesiredState turns ``collect`` on for this model: under the policy's
+        ``collect.max_bytes`` for the model and ``cloud_examples_max_bytes`` for all (0: never).
+        A failure is logged and counted, never the caller's."""
+        ceiling = self.settings.cloud_examples_max_bytes
+        if ceiling <= 0:
+            self.metrics.example("disabled")
+            return
+        try:
+            with self.db.session_scope() as session:
+                record = DesiredRepository(session).get(caller.device_id)
+                signed = record.envelope.get("signed", {}) if record is not None else {}
+                cap = collect_cap(signed.get("routing"), model.name, ceiling)
+                if cap <= 0:
+                    result = "not_asked"
+                else:
+                    kept = keep(
+                        session, model=model.name, version=model.version, device_id=caller.device_id,
+                        inputs=inputs, outputs=outputs, model_cap=cap, max_bytes=ceiling,
+                    )  # fmt: skip
+                    result = "kept" if kept else "too_large"
+        except Exception:
+            log.exception("could not store a hard example of %s", model.name)
+            self.metrics.example("error")
+            return
+        self.metrics.example(result)
 
     # ---------------------------------------------------------------- health
 

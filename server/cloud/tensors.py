@@ -58,6 +58,8 @@ class InferRequest:
     datatypes: dict[str, str]
     outputs: tuple[RequestedOutput, ...] | None
     binary_outputs: bool
+    #: ``fleet_collect: true``: the caller's signed policy lets the cloud keep it as a hard example
+    collect: bool = False
 
 
 def datatype_of(dtype: np.dtype[Any] | str) -> str:
@@ -154,7 +156,8 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("id must be a string")
-    binary_outputs = _parameters(doc, "request").get("binary_data_output") is True
+    request_params = _parameters(doc, "request")
+    binary_outputs = request_params.get("binary_data_output") is True
     items = doc.get("inputs")
     if not isinstance(items, list) or not items or len(items) > MAX_TENSORS:
         raise BadRequest(f"inputs must be a list of 1 to {MAX_TENSORS} tensors")
@@ -201,7 +204,8 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
             binary_out = _parameters(out, f"output {out['name']!r}").get("binary_data", binary_outputs)
             wanted.append(RequestedOutput(out["name"], binary_out is True))
         outputs = tuple(wanted)
-    return InferRequest(request_id, inputs, datatypes, outputs, binary_outputs)
+    collect = request_params.get("fleet_collect") is True
+    return InferRequest(request_id, inputs, datatypes, outputs, binary_outputs, collect)
 
 
 def encode_infer_response(
