@@ -1,8 +1,8 @@
 """hard_examples: escalated inputs and the cloud's answers kept for retraining
 
-Revision ID: 0011
-Revises: 0010
-Create Date: 2026-12-11 12:00:00
+Revision ID: 0012
+Revises: 0011
+Create Date: 2026-12-06 18:40:00
 """
 
 from collections.abc import Sequence
@@ -12,8 +12,8 @@ from alembic import op
 
 import server.db
 
-revision: str = "0011"
-down_revision: str | None = "0010"
+revision: str = "0012"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
