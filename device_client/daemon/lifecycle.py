@@ -9,6 +9,8 @@ import logging
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ..protocol import Presence, TopicKind, device_topic
 from ..protocol.messages import utcnow
 from ..routing import RoutingEnvironment, RoutingTable
 from ..runtime import ModelHost
+from ..sdnotify import LivenessCheck, Notifier, Watchdog
 from ..state import OUTCOMES, DeviceState, RecoveryKind, apply_recovery, recovery_action
 from ..store import StateStore, StoreError
 from ..trust import DirectorKeyring, TufVerifier
@@ -195,7 +198,7 @@ class Daemon:
         self._threads = [
             BackgroundLoop(
                 "fleet-worker",
-                self.worker.run_once,
+                self._worker_step(),
                 self._stop,
                 failure="update step failed; the current model keeps serving",
                 error_pause_s=1.0,
@@ -212,6 +215,53 @@ class Daemon:
             loop.start()
         log.info("device %s started; serving %s", self.device_id, self.state.serving())
         return self
+
+    def _worker_step(self) -> Callable[[], None]:
+        """The worker's step; with ``test_hang_worker_after_s`` set, one that hangs (until the
+        daemon stops) once that much time has passed, to test the service watchdog."""
+        after = self.settings.test_hang_worker_after_s
+        if after is None:
+            return self.worker.run_once
+        hang_at = time.monotonic() + after
+
+        def step() -> None:
+            if time.monotonic() >= hang_at:
+                log.warning("test hook: the worker hangs")
+                self._stop.wait()
+                return
+            self.worker.run_once()
+
+        return step
+
+    def status_line(self) -> str:
+        """What the daemon serves, for the service manager's ``STATUS=``."""
+        serving = self.state.serving()
+        if not serving:
+            return f"device {self.device_id}: no model assigned"
+        models = ", ".join(f"{name} {version}" for name, version in sorted(serving.items()))
+        return f"device {self.device_id}: serving {models}"
+
+    def liveness_checks(self) -> dict[str, LivenessCheck]:
+        """What must be alive for the watchdog pings to go on: the worker (not stuck in one step
+        longer than ``stall_timeout_s``), the health publisher, paho's MQTT loop, the local API."""
+        limit = self.settings.stall_timeout_s
+        link = self.link
+
+        def loop_check(index: int) -> LivenessCheck:
+            def check() -> str | None:
+                loops = self._threads
+                if index >= len(loops):
+                    return "not started"
+                return loops[index].stalled(limit)
+
+            return check
+
+        return {
+            "worker": loop_check(0),
+            "health": loop_check(1),
+            "mqtt": lambda: None if link is not None and link.loop_alive else "its network loop ended",
+            "api": lambda: None if self.api.alive else "its server thread ended",
+        }
 
     def stop(self) -> None:
         self._stop.set()
@@ -274,11 +324,22 @@ def run(settings: DeviceSettings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    notifier = Notifier()
     daemon = Daemon(settings).start()
+    watchdog = Watchdog.from_env(notifier, daemon.liveness_checks())
+    status = daemon.status_line()
+    notifier.ready(status)
+    if watchdog is not None:
+        watchdog.start()
     try:
         while not done.wait(1.0):
-            pass
+            if daemon.status_line() != status:
+                status = daemon.status_line()
+                notifier.status(status)
     finally:
+        notifier.stopping()
+        if watchdog is not None:
+            watchdog.stop()
         daemon.stop()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class BackgroundLoop:
         self.interval_s = interval_s
         self.error_pause_s = error_pause_s
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        #: ``time.monotonic()`` when the step in progress began; None between steps
+        self.step_started: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -43,11 +46,24 @@ class BackgroundLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def stalled(self, limit_s: float) -> str | None:
+        """Why this loop is not making progress (its thread ended, or one step has run longer than
+        ``limit_s``), or None while it is."""
+        if not self._thread.is_alive():
+            return "its thread ended"
+        started = self.step_started
+        if started is not None and time.monotonic() - started > limit_s:
+            return f"one step has run for more than {limit_s:g} s"
+        return None
+
     def _run(self) -> None:
         while not self.stop.wait(self.interval_s):
+            self.step_started = time.monotonic()
             try:
                 self.step()
             except Exception:
                 log.exception(self.failure)
                 if self.error_pause_s > 0:
                     self.stop.wait(self.error_pause_s)
+            finally:
+                self.step_started = None
