@@ -16,7 +16,7 @@ from typing import Any
 
 from ..api import InferenceServer
 from ..config import DeviceSettings
-from ..enroll import Identity, hardware_facts
+from ..enroll import IDENTITY_FILE, EnrollError, Identity, enroll, hardware_facts
 from ..fetcher import HttpSettings, url_origin
 from ..mqtt import MQTT_STATUS_FILE, MqttEndpointConfig, MqttLink, ReportJournal
 from ..protocol import Presence, TopicKind, device_topic
@@ -314,6 +314,36 @@ class Daemon:
         ).to_json()
 
 
+def first_boot(settings: DeviceSettings) -> Identity | None:
+    """Enroll with ``token_file`` and ``enroll_server`` when the data directory has no identity yet
+    (a factory image's first boot); the token is read once and the file deleted after a successful
+    enrollment. An enrolled device ignores the file. EnrollError when enrollment fails."""
+    token_file = settings.token_file
+    data_dir = Path(settings.data_dir)
+    if token_file is None or (data_dir / IDENTITY_FILE).exists():
+        return None
+    if not settings.enroll_server:
+        raise EnrollError("a token file needs the server URL (--server, FLEET_DEVICE_ENROLL_SERVER)")
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise EnrollError(f"cannot read the enrollment token file {token_file}: {exc}") from None
+    identity = enroll(
+        settings.enroll_server,
+        token,
+        data_dir,
+        insecure_http=settings.enroll_insecure_http,
+        ca_file=settings.ca_cert,
+        server_fingerprint=settings.server_fingerprint,
+    )
+    log.info("first boot: enrolled as %s", identity.device_id)
+    try:
+        token_file.unlink()
+    except OSError as exc:  # enrolled all the same; the token is spent on the server
+        log.warning("enrolled, but cannot delete the token file %s: %s", token_file, exc)
+    return identity
+
+
 def run(settings: DeviceSettings) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     done = threading.Event()
@@ -325,6 +355,7 @@ def run(settings: DeviceSettings) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     notifier = Notifier()
+    first_boot(settings)
     daemon = Daemon(settings).start()
     watchdog = Watchdog.from_env(notifier, daemon.liveness_checks())
     status = daemon.status_line()
