@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -126,7 +127,7 @@ def run_cmd(data_dir: Path, token_file: Path | None, server_url: str | None, ver
     if logging.getLogger().getEffectiveLevel() > own:
         logging.getLogger("device_client").setLevel(own)
     try:
-        overrides: dict[str, object] = {"data_dir": data_dir}
+        overrides: dict[str, Any] = {"data_dir": data_dir}
         if token_file is not None:
             overrides["token_file"] = token_file
         if server_url is not None:
