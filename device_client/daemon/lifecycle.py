@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from ..api import InferenceServer
 from ..config import DeviceSettings
 from ..enroll import IDENTITY_FILE, EnrollError, Identity, enroll, hardware_facts
 from ..fetcher import HttpSettings, url_origin
+from ..logformat import log_handler
 from ..mqtt import MQTT_STATUS_FILE, MqttEndpointConfig, MqttLink, ReportJournal
 from ..protocol import Presence, TopicKind, device_topic
 from ..protocol.messages import utcnow
@@ -375,8 +375,4 @@ def run(settings: DeviceSettings) -> None:
 
 
 def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[log_handler()])

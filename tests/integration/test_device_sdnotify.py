@@ -66,3 +66,21 @@ def test_a_hung_worker_stops_the_watchdog_pings(live_server, tmp_path, notify):
         assert daemon.alive  # still running: systemd's WatchdogSec= is what kills it
     finally:
         daemon.terminate()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_logs_for_the_journal_carry_priorities_and_no_timestamps(live_server, tmp_path, monkeypatch):
+    data, log = tmp_path / "dev", tmp_path / "run.log"
+    enroll_device(live_server, data, "edge-journal")
+    log.touch()
+    st = log.stat()
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")  # stderr is this file
+    daemon = DaemonProcess(data, log)
+    try:
+        daemon.wait_api()
+        wait_for(lambda: "device edge-journal started" in log.read_text(), what="the start logged")
+    finally:
+        daemon.terminate()
+    lines = [line for line in log.read_text().splitlines() if "device_client" in line]
+    assert "<6>device_client.daemon.lifecycle: device edge-journal started; serving {}" in lines
+    assert all(line.startswith("<") for line in lines), lines
