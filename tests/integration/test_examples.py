@@ -1,0 +1,56 @@
+"""The scripts in ``examples/`` run as a user runs them (a subprocess with ``FLEET_URL`` and
+``FLEET_TOKEN``) against a live server and real device daemons."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.device_fleet import push_model, wait_for
+from tests.helpers.onnx_models import make_model
+from tests.helpers.rollout_e2e import MODEL, Fleet, rollout_body
+
+pytestmark = pytest.mark.mqtt
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def run_example(live, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLEET_URL": live.url, "FLEET_TOKEN": live.token("operator")}
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_emergency_rollback_rolls_back_every_active_rollout_of_the_model(live_server, tmp_path):
+    for version, scale in (("1.0.0", 1.0), ("2.0.0", 2.0)):
+        push_model(live_server, MODEL, version, make_model(tmp_path / f"{version}.onnx", scale=scale))
+    fleet = Fleet(live_server, tmp_path / "devices", 2)
+    try:
+        fleet.start()
+        fleet.install("1.0.0")
+        # the first stage reaches one device, then soaks far longer than the test
+        stages = [{"percent": 50, "soak_s": 3600}, {"percent": 100, "soak_s": 1}]
+        created = fleet.client.create_rollout(rollout_body("2.0.0", stages))
+        wait_for(lambda: "2.0.0" in fleet.serving().values(), timeout=60, what="the canary serves 2.0.0")
+        assert fleet.client.get_rollout(created["id"])["status"] == "running"
+
+        done = run_example(live_server, "emergency_rollback.py", MODEL)
+        assert done.returncode == 0, done.stderr
+        assert f"{created['id']} 2.0.0: running -> rolling_back" in done.stdout
+        wait_for(
+            lambda: fleet.client.get_rollout(created["id"])["status"] == "rolled_back",
+            timeout=60,
+            what="rolled back",
+        )
+        wait_for(lambda: set(fleet.serving().values()) == {"1.0.0"}, timeout=60, what="1.0.0 everywhere")
+        # nothing active is left: a second run has nothing to do
+        again = run_example(live_server, "emergency_rollback.py", MODEL)
+        assert (again.returncode, again.stdout) == (0, "")
+    finally:
+        fleet.close()
