@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers.device_fleet import push_model, wait_for
 from tests.helpers.onnx_models import make_model
-from tests.helpers.rollout_e2e import MODEL, Fleet, rollout_body
+from tests.helpers.rollout_e2e import MODEL, Fleet, Traffic, rollout_body
 
 pytestmark = pytest.mark.mqtt
 
@@ -22,7 +22,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def run_example(live, name: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLEET_URL": live.url, "FLEET_TOKEN": live.token("operator")}
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(EXAMPLES / name), *args], env=env, capture_output=True, text=True, timeout=90
     )
 
 
@@ -54,3 +54,31 @@ def test_emergency_rollback_rolls_back_every_active_rollout_of_the_model(live_se
         assert (again.returncode, again.stdout) == (0, "")
     finally:
         fleet.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_canary_by_site_promotes_after_the_verdict(live_server, tmp_path):
+    for version, scale in (("1.0.0", 1.0), ("2.0.0", 2.0)):
+        push_model(live_server, MODEL, version, make_model(tmp_path / f"{version}.onnx", scale=scale))
+    fleet = Fleet(live_server, tmp_path / "devices", 3)
+    other = Fleet(live_server, tmp_path / "elsewhere", 1, prefix="far", tags={"site": "far"})
+    try:
+        fleet.start()
+        other.start()
+        fleet.install("1.0.0")
+        other.install("1.0.0")
+        with Traffic(fleet):
+            done = run_example(
+                live_server, "canary_by_site.py", MODEL, "2.0.0", "--site", "lab",
+                "--canary-percent", "34", "--soak-s", "1", "--min-requests", "5",
+                "--max-p95-ratio", "0", "--probation-s", "0.5",
+            )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "canary updated; soaking 1 s" in done.stdout
+        assert ": completed" in done.stdout
+        assert '"passed": true' in done.stdout
+        assert set(fleet.serving().values()) == {"2.0.0"}
+        assert set(other.serving().values()) == {"1.0.0"}  # another site is untouched
+    finally:
+        fleet.close()
+        other.close()
