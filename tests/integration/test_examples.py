@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -79,6 +80,18 @@ def test_canary_by_site_promotes_after_the_verdict(live_server, tmp_path):
         assert '"passed": true' in done.stdout
         assert set(fleet.serving().values()) == {"2.0.0"}
         assert set(other.serving().values()) == {"1.0.0"}  # another site is untouched
+
+        # the same rollout's health per stage, as CSV
+        rollout_id = done.stdout.split()[1].rstrip(":")
+        out = tmp_path / "health.csv"
+        exported = run_example(live_server, "rollout_health_csv.py", rollout_id, str(out))
+        assert exported.returncode == 0, exported.stderr
+        with open(out, newline="") as fh:
+            table = list(csv.DictReader(fh))
+        assert [r["stage"] for r in table] == ["1", "2", "baseline"]
+        assert int(table[0]["devices"]) < int(table[1]["devices"]) == 3  # the canary, then all
+        assert all(r["rollout"] == rollout_id for r in table)
+        assert int(table[1]["requests"]) >= 5
     finally:
         fleet.close()
         other.close()
