@@ -186,7 +186,7 @@ class NotifyingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.notifier.stopping()
         if self.watchdog is not None:
-            self.watchdog.stop()
+            self.watchdog.stop(wait=False)  # its check may be waiting for this very loop
         await super().shutdown(sockets)
 
     def loop_answers(self) -> str | None:
