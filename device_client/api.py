@@ -263,6 +263,11 @@ class InferenceServer:
         self._thread.start()
         log.info("inference API listening on %s", self.url)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the serving thread runs (started and not ended): the service watchdog's check."""
+        return self._thread is not None and self._thread.is_alive() and self._server is not None
+
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -104,8 +105,15 @@ def enroll_cmd(
 
 @device.command("run")
 @data_dir_option
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="first boot: enroll with the token in this file when DATA_DIR has no identity, then delete it",
+)
+@click.option("--server", "server_url", default=None, help="control server URL for that enrollment")
 @click.option("-v", "--verbose", is_flag=True)
-def run_cmd(data_dir: Path, verbose: bool) -> None:
+def run_cmd(data_dir: Path, token_file: Path | None, server_url: str | None, verbose: bool) -> None:
     """Run the device daemon until SIGTERM/SIGINT (settings: FLEET_DEVICE_* variables)."""
     from .api import ApiConfigError
     from .config import DeviceSettings
@@ -119,8 +127,54 @@ def run_cmd(data_dir: Path, verbose: bool) -> None:
     if logging.getLogger().getEffectiveLevel() > own:
         logging.getLogger("device_client").setLevel(own)
     try:
-        run(DeviceSettings(data_dir=data_dir))
+        overrides: dict[str, Any] = {"data_dir": data_dir}
+        if token_file is not None:
+            overrides["token_file"] = token_file
+        if server_url is not None:
+            overrides["enroll_server"] = server_url
+        run(DeviceSettings(**overrides))
     except (EnrollError, ApiConfigError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+@device.command("install-service")
+@click.option("--user", default="fleetota", show_default=True, help="the unprivileged user it runs as")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/var/lib/fleetota")
+)
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@click.option("--server", "server_url", default=None, help="control server URL for first-boot enrollment")
+@click.option(
+    "--unit-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/etc/systemd/system")
+)
+@click.option("--no-enable", is_flag=True, help="only write the unit")
+def install_service_cmd(
+    user: str,
+    data_dir: Path,
+    token_file: Path | None,
+    server_url: str | None,
+    unit_dir: Path,
+    no_enable: bool,
+) -> None:
+    """Write the systemd unit fleetota-device.service (and enable it unless --no-enable)."""
+    import shutil
+    import subprocess
+
+    from .service import DEFAULT_EXEC, UnitOptions, install
+
+    fleet = shutil.which("fleet")
+    opts = UnitOptions(
+        user=user,
+        data_dir=data_dir.absolute(),
+        token_file=token_file.absolute() if token_file is not None else None,
+        server_url=server_url,
+        executable=Path(fleet) if fleet else DEFAULT_EXEC,
+    )
+    try:
+        for line in install(opts, unit_dir, enable=not no_enable):
+            console.print(line)
+    except (OSError, subprocess.CalledProcessError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)
 

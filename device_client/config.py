@@ -115,6 +115,20 @@ class DeviceSettings(BaseSettings):
     #: how often a running probation is evaluated
     probation_tick_s: float = Field(default=1.0, gt=0)
 
+    # running under systemd (sdnotify.py, daemon/lifecycle.py)
+    #: a worker step running longer than this stops the watchdog pings (systemd restarts the
+    #: daemon); longer than a slow download's worst case (download_deadline_s x download_attempts)
+    stall_timeout_s: float = Field(default=2400.0, gt=0)
+    #: for tests only: the worker hangs this many seconds after start (None: never)
+    test_hang_worker_after_s: float | None = Field(default=None, ge=0)
+    #: enrollment token file for a first boot (``fleet device run --token-file``): read once when the
+    #: data directory has no identity yet, deleted after a successful enrollment
+    token_file: Path | None = None
+    #: control server URL for that first-boot enrollment
+    enroll_server: str | None = None
+    #: allow that server URL to be plain http:// (a lab only)
+    enroll_insecure_http: bool = False
+
     # MQTT reconnects (mqtt.py)
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)

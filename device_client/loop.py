@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class BackgroundLoop:
         self.error_pause_s = error_pause_s
         self.log = logger
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        #: ``time.monotonic()`` when the step in progress began; None between steps
+        self.step_started: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -54,11 +57,24 @@ class BackgroundLoop:
     def _interval(self) -> float:
         return self.interval_s() if callable(self.interval_s) else self.interval_s
 
+    def stalled(self, limit_s: float) -> str | None:
+        """Why this loop is not making progress (its thread ended, or one step has run longer than
+        ``limit_s``), or None while it is."""
+        if not self._thread.is_alive():
+            return "its thread ended"
+        started = self.step_started
+        if started is not None and time.monotonic() - started > limit_s:
+            return f"one step has run for more than {limit_s:g} s"
+        return None
+
     def _run(self) -> None:
         while not self.stop.wait(self._interval()):
+            self.step_started = time.monotonic()
             try:
                 self.step()
             except Exception:
                 self.log.exception(self.failure)
                 if self.error_pause_s > 0:
                     self.stop.wait(self.error_pause_s)
+            finally:
+                self.step_started = None

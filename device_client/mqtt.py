@@ -235,6 +235,12 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def loop_alive(self) -> bool:
+        """Whether paho's network thread runs (started and not ended): the service watchdog's check."""
+        thread = getattr(self.client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
     def status(self) -> dict[str, Any]:
         """State (``connecting``, ``connected``, ``disconnected``, ``stopped``), since when, the
         last error (reason, message, time) and failures per reason."""

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import socket
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import uvicorn
+
+from device_client.sdnotify import Notifier, Watchdog
 from server.config import Settings
 from server.procs import stop_on_sigterm
 
@@ -23,6 +30,12 @@ log = logging.getLogger(__name__)
 
 class InsecureBind(SystemExit):
     pass
+
+
+#: how long the event loop may take to run a no-op before the watchdog pings stop
+LOOP_ANSWER_S = 5.0
+#: exit code when the API could not start (uvicorn's)
+STARTUP_FAILURE = 3
 
 
 def check_bind(settings: Settings) -> None:
@@ -195,18 +208,58 @@ def run_server(overrides: dict[str, Any] | None = None) -> None:
             if settings.embedded_broker and settings.mqtt_enabled:
                 supervisor = BrokerSupervisor(start_embedded_broker(settings)).start()
             app = create_app(settings)
-            server = uvicorn.Server(uvicorn.Config(app, log_level="info", **uvicorn_options(settings)))
+            config = uvicorn.Config(app, log_level="info", **uvicorn_options(settings))
+            server = NotifyingServer(config, f"serving the API on {settings.host}:{settings.port}")
             if settings.cloud_embedded:
                 cloud = app.state.cloud = embedded_cloud(settings, app, lambda: server.started).start()
-            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C after the shutdown, as uvicorn.run
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a clean stop, as uvicorn.run
                 server.run()
             if not server.started:
-                raise SystemExit(3)  # start-up failed (uvicorn said why), as uvicorn.run exits
+                sys.exit(STARTUP_FAILURE)  # start-up failed (uvicorn said why), as uvicorn.run exits
         finally:
             if cloud is not None:
                 cloud.stop()
             if supervisor is not None:
                 supervisor.stop()
+
+
+class NotifyingServer(uvicorn.Server):
+    """uvicorn's server telling systemd (``$NOTIFY_SOCKET``) ``READY=1`` once it serves and
+    ``STOPPING=1`` when it shuts down, pinging ``WATCHDOG=1`` (``$WATCHDOG_USEC``) while its event
+    loop answers within ``LOOP_ANSWER_S``."""
+
+    def __init__(self, config: uvicorn.Config, status: str) -> None:
+        super().__init__(config)
+        self.status = status
+        self.notifier = Notifier()
+        self.watchdog: Watchdog | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        self.loop = asyncio.get_running_loop()
+        self.notifier.ready(self.status)
+        self.watchdog = Watchdog.from_env(self.notifier, {"api": self.loop_answers})
+        if self.watchdog is not None:
+            self.watchdog.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.notifier.stopping()
+        if self.watchdog is not None:
+            self.watchdog.stop(wait=False)  # its check may be waiting for this very loop
+        await super().shutdown(sockets)
+
+    def loop_answers(self) -> str | None:
+        """None while the event loop runs a no-op within ``LOOP_ANSWER_S`` (a liveness check)."""
+        if self.loop is None or self.should_exit:
+            return "not serving"
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result(LOOP_ANSWER_S)
+        except concurrent.futures.TimeoutError:
+            return f"the event loop did not answer in {LOOP_ANSWER_S:g} s"
+        return None
 
 
 class ServerThread:

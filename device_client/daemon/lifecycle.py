@@ -7,21 +7,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..api import InferenceServer
 from ..config import DeviceSettings
-from ..enroll import Identity, hardware_facts
+from ..enroll import IDENTITY_FILE, EnrollError, Identity, enroll, hardware_facts
 from ..fetcher import HttpSettings, url_origin
+from ..logformat import log_handler
 from ..loop import BackgroundLoop
 from ..mqtt import MQTT_STATUS_FILE, MqttEndpointConfig, MqttLink, ReportJournal
 from ..protocol import Presence, TopicKind, device_topic
 from ..protocol.messages import utcnow
 from ..routing import RoutingEnvironment, RoutingTable
 from ..runtime import ModelHost
+from ..sdnotify import LivenessCheck, Notifier, Watchdog
 from ..state import OUTCOMES, DeviceState, RecoveryKind, apply_recovery, recovery_action
 from ..store import StateStore, StoreError
 from ..trust import DirectorKeyring, TufVerifier
@@ -195,7 +198,7 @@ class Daemon:
         self._threads = [
             BackgroundLoop(
                 "fleet-worker",
-                self.worker.run_once,
+                self._worker_step(),
                 self._stop,
                 failure="update step failed; the current model keeps serving",
                 error_pause_s=1.0,
@@ -212,6 +215,53 @@ class Daemon:
             loop.start()
         log.info("device %s started; serving %s", self.device_id, self.state.serving())
         return self
+
+    def _worker_step(self) -> Callable[[], None]:
+        """The worker's step; with ``test_hang_worker_after_s`` set, one that hangs (until the
+        daemon stops) once that much time has passed, to test the service watchdog."""
+        after = self.settings.test_hang_worker_after_s
+        if after is None:
+            return self.worker.run_once
+        hang_at = time.monotonic() + after
+
+        def step() -> None:
+            if time.monotonic() >= hang_at:
+                log.warning("test hook: the worker hangs")
+                self._stop.wait()
+                return
+            self.worker.run_once()
+
+        return step
+
+    def status_line(self) -> str:
+        """What the daemon serves, for the service manager's ``STATUS=``."""
+        serving = self.state.serving()
+        if not serving:
+            return f"device {self.device_id}: no model assigned"
+        models = ", ".join(f"{name} {version}" for name, version in sorted(serving.items()))
+        return f"device {self.device_id}: serving {models}"
+
+    def liveness_checks(self) -> dict[str, LivenessCheck]:
+        """What must be alive for the watchdog pings to go on: the worker (not stuck in one step
+        longer than ``stall_timeout_s``), the health publisher, paho's MQTT loop, the local API."""
+        limit = self.settings.stall_timeout_s
+        link = self.link
+
+        def loop_check(index: int) -> LivenessCheck:
+            def check() -> str | None:
+                loops = self._threads
+                if index >= len(loops):
+                    return "not started"
+                return loops[index].stalled(limit)
+
+            return check
+
+        return {
+            "worker": loop_check(0),
+            "health": loop_check(1),
+            "mqtt": lambda: None if link is not None and link.loop_alive else "its network loop ended",
+            "api": lambda: None if self.api.alive else "its server thread ended",
+        }
 
     def stop(self) -> None:
         self._stop.set()
@@ -266,6 +316,36 @@ class Daemon:
         ).to_json()
 
 
+def first_boot(settings: DeviceSettings) -> Identity | None:
+    """Enroll with ``token_file`` and ``enroll_server`` when the data directory has no identity yet
+    (a factory image's first boot); the token is read once and the file deleted after a successful
+    enrollment. An enrolled device ignores the file. EnrollError when enrollment fails."""
+    token_file = settings.token_file
+    data_dir = Path(settings.data_dir)
+    if token_file is None or (data_dir / IDENTITY_FILE).exists():
+        return None
+    if not settings.enroll_server:
+        raise EnrollError("a token file needs the server URL (--server, FLEET_DEVICE_ENROLL_SERVER)")
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise EnrollError(f"cannot read the enrollment token file {token_file}: {exc}") from None
+    identity = enroll(
+        settings.enroll_server,
+        token,
+        data_dir,
+        insecure_http=settings.enroll_insecure_http,
+        ca_file=settings.ca_cert,
+        server_fingerprint=settings.server_fingerprint,
+    )
+    log.info("first boot: enrolled as %s", identity.device_id)
+    try:
+        token_file.unlink()
+    except OSError as exc:  # enrolled all the same; the token is spent on the server
+        log.warning("enrolled, but cannot delete the token file %s: %s", token_file, exc)
+    return identity
+
+
 def run(settings: DeviceSettings) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     done = threading.Event()
@@ -276,17 +356,25 @@ def run(settings: DeviceSettings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    notifier = Notifier()
+    first_boot(settings)
     daemon = Daemon(settings).start()
+    watchdog = Watchdog.from_env(notifier, daemon.liveness_checks())
+    status = daemon.status_line()
+    notifier.ready(status)
+    if watchdog is not None:
+        watchdog.start()
     try:
         while not done.wait(1.0):
-            pass
+            if daemon.status_line() != status:
+                status = daemon.status_line()
+                notifier.status(status)
     finally:
+        notifier.stopping()
+        if watchdog is not None:
+            watchdog.stop()
         daemon.stop()
 
 
 def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[log_handler()])

@@ -14,6 +14,7 @@ import logging
 import click
 
 from device_client.cli import device
+from device_client.logformat import log_handler
 from server.cli.admin import admin, keys
 from server.cli.cloud import cloud
 from server.cli.devices import devices, enroll_token
@@ -32,10 +33,8 @@ def main(verbose: bool) -> None:
     """fleetota: signed ML model updates and staged rollouts for edge fleets."""
     # WARNING unless -v: a command's stdout is its answer (scripts capture it) and its stderr is
     # for problems; services (`server run`, `device run`) raise their own loggers to INFO
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # under systemd (stderr is $JOURNAL_STREAM): no timestamps, levels as <N> syslog prefixes
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[log_handler()])
 
 
 for _command in (
