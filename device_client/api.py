@@ -37,16 +37,16 @@ import hmac
 import io
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
 
 import numpy as np
 
+from .api_server import BoundedServer, DeadlineReader
 from .config import API_TOKEN_FILE, DeviceSettings
 from .routing.table import Routed, RoutingTable
 from .runtime import BadInput, InferenceError, ModelHost, NoModel
@@ -111,76 +111,6 @@ def load_api_token(settings: DeviceSettings) -> str | None:
     return token
 
 
-class _DeadlineReader(io.RawIOBase):
-    """The socket's bytes, each read bounded by what is left of the request's deadline."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.deadline = float("inf")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("request not received in time")
-        self.sock.settimeout(left)
-        return self.sock.recv_into(buffer)
-
-
-class _BoundedServer(ThreadingHTTPServer):
-    """A thread per connection, at most ``max_connections`` of them; over that, a 503 and close."""
-
-    daemon_threads = True
-
-    def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int
-    ) -> None:
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self.max_connections = max_connections
-        #: connections turned away because every slot was busy
-        self.refused = 0
-        self._last_warning = 0.0
-        super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def _refuse(self, request: socket.socket) -> None:
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._last_warning > 60:
-            self._last_warning = now
-            log.warning("inference API: all %d connection slots busy; refusing (%d so far)",
-                        self.max_connections, self.refused)  # fmt: skip
-        body = json.dumps({"error": f"busy: {self.max_connections} connections are being served"}).encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-        )
-        try:
-            request.settimeout(1.0)
-            request.sendall(head.encode() + body)
-        except OSError:
-            pass
-        finally:
-            self.shutdown_request(request)
-
-
 class InferenceServer:
     """HTTP front of one or several :class:`ModelHost` objects (``hosts`` may change at run time)."""
 
@@ -212,7 +142,7 @@ class InferenceServer:
         self.timeout_s = timeout_s
         #: the MQTT link whose ``status()`` is ``mqtt`` in ``GET /v1/health`` (set by the daemon)
         self.mqtt: StatusSource | None = None
-        self._server: _BoundedServer | None = None
+        self._server: BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -255,7 +185,7 @@ class InferenceServer:
         """Bind (port 0 picks a free port) and serve in a background thread."""
         if self._server is not None:
             return
-        server = _BoundedServer(self.bind, _make_handler(self), self.max_connections)
+        server = BoundedServer(self.bind, _make_handler(self), self.max_connections)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="fleet-api", daemon=True
@@ -379,7 +309,7 @@ def _make_handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
             # every read of a request is bounded by one deadline: a client that sends half a
             # request, or drips it, loses its connection after timeout_s instead of holding a slot
             self.rfile.close()
-            self._reader = _DeadlineReader(self.connection)
+            self._reader = DeadlineReader(self.connection)
             self.rfile = io.BufferedReader(self._reader)
 
         def handle_one_request(self) -> None:
