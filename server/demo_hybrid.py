@@ -245,5 +245,9 @@ def hybrid_act(
             "no request failed while the cloud tier was away.[/green]"
         )
     else:
-        console.print(f"[red]the hybrid act did not go as designed: {failed} failed requests[/red]")
+        console.print(
+            f"[red]the hybrid act did not go as designed: rollout {result['status']}, {failed} failed "
+            f"requests, hybrid accuracy {before.accuracy():.3f} vs edge-only "
+            f"{before.edge_only_accuracy():.3f}[/red]"
+        )
     return ok
