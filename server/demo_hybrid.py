@@ -8,6 +8,7 @@ for a few seconds while traffic goes on, restarts it, and tabulates again.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from rich.table import Table
 from server.cloud.embedded import child_environment
 from server.config import Settings
 from server.digits import INPUT, OUTPUT, build_digits_pair
+from server.procs import death_signal_preexec
 
 EDGE_MODEL = "digits"
 CLOUD_MODEL = "digits-cloud"
@@ -137,7 +139,8 @@ class DigitsTraffic:
 
 
 class CloudProcess:
-    """``fleet cloud serve`` as a child of the demo (its log in ``log``), stoppable and restartable."""
+    """``fleet cloud serve`` as a child of the demo (its log in ``log``), stoppable and restartable;
+    the kernel sends it SIGTERM if the demo dies."""
 
     def __init__(self, settings: Settings, token: str, log: Path) -> None:
         self.env = {**child_environment(settings, token), "FLEET_CLOUD_MODELS": CLOUD_MODEL}
@@ -153,6 +156,7 @@ class CloudProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=death_signal_preexec(signal.SIGTERM),  # a demo killed -9 leaves no cloud tier
             )
 
     def ready(self) -> bool:
