@@ -2,8 +2,9 @@
 
 Starts Mosquitto and the control server, enrolls N real device daemons and sends live inference
 traffic to them, then rolls out ``detector`` 1.0.0, a good 2.0.0 in three gated stages, and a bad
-3.0.0 whose canary reverts in probation, so the rollout rolls back. Prints a summary and exits 0
-when all of that happened as expected.
+3.0.0 whose canary reverts in probation, so the rollout rolls back. Then the hybrid act
+(server/demo_hybrid.py): the digits pair behind a ``prefer_edge`` routing policy, with the cloud
+tier stopped for a while. Prints a summary and exits 0 when all of that happened as expected.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from server.admin.tables import Role
 from server.client import FleetClient
 from server.config import Settings
 from server.context import ServerContext
+from server.demo_hybrid import hybrid_act
 from server.mqtt.broker import free_port
 from server.rollouts.policy import Stage
 from server.views import follow_rollout
@@ -140,10 +142,17 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
 
 
 def _rollout(
-    client: FleetClient, version: str, stages: list[float], soak_s: float, min_requests: int = 20
+    client: FleetClient,
+    version: str,
+    stages: list[float],
+    soak_s: float,
+    min_requests: int = 20,
+    model: str = MODEL,
+    routing: dict[str, Any] | None = None,
+    probation_s: float = 4,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": MODEL,
+        "model": model,
         "version": version,
         "selector": {"tags": {"fleet": "demo"}},
         "stages": [{"percent": p, "soak_s": soak_s} for p in stages],
@@ -153,15 +162,15 @@ def _rollout(
             "max_p95_ratio": 5.0,
             "min_requests": min_requests,
         },
-        "probation": {"seconds": 4, "min_requests": min_requests, "max_error_rate": 0.05},
+        "probation": {"seconds": probation_s, "min_requests": min_requests, "max_error_rate": 0.05},
         "on_failure": "rollback",
         "max_concurrent_downloads": 2,
         "device_timeout_s": 120,
     }
     body["stages"] = _growing(body["stages"], len(list(client.iter_devices(tags={"fleet": "demo"}))))
-    created = client.create_rollout(body)
+    created = client.create_rollout(body, routing=routing)
     console.print(
-        f"\n[bold]rollout {created['id']}[/bold]: {MODEL} {version} to {created['devices']} devices, "
+        f"\n[bold]rollout {created['id']}[/bold]: {model} {version} to {created['devices']} devices, "
         f"stages {', '.join(str(s['percent']) + '%' for s in body['stages'])}"
     )
     return follow_rollout(console, client, created["id"], poll_s=0.5)
@@ -195,7 +204,7 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
     (root / WORKDIR_MARKER).touch()
     logs = root / "logs"
     logs.mkdir()
-    port = free_port()
+    port, cloud_port = free_port(), free_port()
     settings = Settings(
         data_dir=root / "server",
         port=port,
@@ -203,6 +212,10 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
         public_url=f"http://127.0.0.1:{port}",
         rollout_tick_s=0.5,
         ingest_batch_delay_s=0.1,
+        # the hybrid act's cloud tier: devices learn its URL at enrollment (plain HTTP on loopback)
+        cloud_port=cloud_port,
+        cloud_public_url=f"http://127.0.0.1:{cloud_port}",
+        cloud_rate_per_s=0,  # the demo's traffic is faster than a device's: no per-device limit
     )
     print_rule(console, "[bold]fleetota demo")
     console.print(f"work directory {root}")
@@ -214,6 +227,7 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
     results: list[dict[str, Any]] = []
     client: FleetClient | None = None
     summary_ok = False
+    hybrid_ok = False
     try:
         client = FleetClient(server.url, _admin_token(server.ctx))
         console.print(
@@ -251,6 +265,21 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
         time.sleep(3)  # a health baseline on 2.0.0
         results.append(_rollout(client, "3.0.0", [25, 100], soak_s=4))
         time.sleep(2)
+        traffic.stop()  # /v1/infer names no model once two are hosted
+
+        print_rule(console, "[bold]hybrid edge/cloud")
+        hybrid_ok = hybrid_act(
+            console,
+            settings,
+            root,
+            [d.api_port for d in devices],
+            _admin_token(server.ctx, Role.cloud),
+            client.push_model,
+            lambda model, routing: _rollout(
+                client, "1.0.0", [100], soak_s=1, min_requests=0, model=model, routing=routing, probation_s=1
+            ),
+            _wait,
+        )
     finally:
         try:
             if traffic is not None:
@@ -270,7 +299,7 @@ def demo(n_devices: int = 4, workdir: Path | None = None, keep: bool = False) ->
             broker.stop()
             if not keep and workdir is None:
                 shutil.rmtree(root, ignore_errors=True)
-    return 0 if summary_ok else 1
+    return 0 if summary_ok and hybrid_ok else 1
 
 
 def _summary(client: FleetClient | None, devices: list[DemoDevice], results: list[dict[str, Any]]) -> bool:

@@ -1,5 +1,6 @@
 """`fleet demo` end to end (real Mosquitto, server and device daemon processes): v1 and v2 roll out,
-the bad v3 trips its canary and every device ends on v2."""
+the bad v3 trips its canary and every device ends on v2; then the hybrid act answers from edge,
+cloud and cache, and on through a cloud outage."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ def test_demo_runs_green(tmp_path, capsys):
     assert "rolled back automatically" in out
     assert "rolled_back" in out
     assert re.search(r"dashboard http://127\.0\.0\.1:\d+/ui/ : sign in with the viewer token fa\.", out)
+    # the hybrid act: three tables (cloud up, stopped, restarted), no failed request in any
+    for title in ("cloud tier up", "cloud tier stopped", "cloud tier restarted"):
+        assert re.search(rf"^\s*{title}\s*$", out, re.M), title
+    assert out.count("failed requests: 0") == 3
+    rows = {p: re.findall(rf"│ {p}\s+│ (\d+)\s+│", out) for p in ("edge", "cloud", "cache")}
+    assert all(len(r) == 3 for r in rows.values()), rows
+    assert int(rows["cloud"][0]) > 0  # the cloud answered unsure digits while it was up
+    assert int(rows["cache"][1]) > 0  # and cached answers stood in while it was down
+    accuracy = re.search(r"hybrid accuracy (\d\.\d+) vs edge-only (\d\.\d+)", out)
+    assert accuracy is not None
+    assert float(accuracy[1]) > float(accuracy[2])
 
 
 def test_demo_refuses_a_workdir_it_did_not_make(tmp_path, capsys):
