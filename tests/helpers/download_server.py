@@ -6,11 +6,12 @@ import contextlib
 import re
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.helpers.serving import serving
 
 
 @dataclass
@@ -156,12 +157,5 @@ def serve(behaviour: Behaviour, tls: ssl.SSLContext | None = None) -> Iterator[s
     else:
         server = _TLSServer(("127.0.0.1", 0), _handler(behaviour))
         server.tls = tls
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(server, https=tls is not None) as url:
+        yield url

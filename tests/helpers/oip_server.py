@@ -25,6 +25,8 @@ from urllib.parse import unquote
 import numpy as np
 import onnxruntime as ort
 
+from tests.helpers.serving import serving
+
 _NP = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
@@ -299,13 +301,5 @@ def serve_oip(peer: OipPeer, tls: ssl.SSLContext | None = None) -> Iterator[str]
     else:
         server = _TLSServer(("127.0.0.1", 0), _handler(peer))
         server.tls = tls
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        server.cut_connections()
-        thread.join(timeout=5)
+    with serving(server, https=tls is not None, after_close=server.cut_connections) as url:
+        yield url
