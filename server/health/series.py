@@ -24,6 +24,10 @@ class _Sums:
     p95_weighted: float = 0.0
     shadow: int = 0
     agreement_weighted: float = 0.0
+    routed: int = 0
+    escalations: int = 0
+    cloud_compared: int = 0
+    cloud_agreement_weighted: float = 0.0
     devices: set[str] = field(default_factory=set)
 
     def point(self, at: datetime) -> dict[str, Any]:
@@ -34,16 +38,27 @@ class _Sums:
             "error_rate": self.errors / self.requests if self.requests else None,
             "p95_ms": self.p95_weighted / self.p95_requests if self.p95_requests else None,
             "agreement": self.agreement_weighted / self.shadow if self.shadow else None,
+            "escalation_rate": self.escalations / self.routed if self.routed else None,
+            "cloud_agreement": (
+                self.cloud_agreement_weighted / self.cloud_compared if self.cloud_compared else None
+            ),
+            "routed_requests": self.routed,
+            "cloud_compared": self.cloud_compared,
             "devices": len(self.devices),
         }
 
 
 def fold_series(rows: Iterable[Sequence[Any]], start: datetime, bucket_s: int) -> list[dict[str, Any]]:
     """Rows ``(device_id, version, mode, at, requests, errors, p95_requests, p95_weighted_ms,
-    shadow_requests, agreement_weighted)`` folded into one series per (version, mode), each a list
-    of points per ``bucket_s`` bucket from ``start`` (request-weighted p95 and agreement)."""
+    shadow_requests, agreement_weighted, routed_requests, escalations, cloud_compared,
+    cloud_agreement_weighted)`` folded into one series per (version, mode), each a list of points
+    per ``bucket_s`` bucket from ``start``: p95 weighted by requests, agreement by shadow requests,
+    the escalation rate by the requests of windows under a routing policy and the cloud agreement
+    by the edge answers compared with the cloud's."""
     buckets: dict[tuple[str, str], dict[int, _Sums]] = {}
-    for device_id, version, mode, at, req, err, p95_req, p95_w, shadow, agr_w in rows:
+    for row in rows:
+        device_id, version, mode, at, req, err, p95_req, p95_w, shadow, agr_w = row[:10]
+        routed, escalations, compared, cloud_w = row[10:14]
         index = max(0, int((at - start).total_seconds() // bucket_s))
         s = buckets.setdefault((version, mode), {}).setdefault(index, _Sums())
         s.requests += int(req)
@@ -52,6 +67,10 @@ def fold_series(rows: Iterable[Sequence[Any]], start: datetime, bucket_s: int) -
         s.p95_weighted += float(p95_w)
         s.shadow += int(shadow)
         s.agreement_weighted += float(agr_w)
+        s.routed += int(routed)
+        s.escalations += int(escalations)
+        s.cloud_compared += int(compared)
+        s.cloud_agreement_weighted += float(cloud_w)
         s.devices.add(device_id)
     series = []
     for (version, mode), points in sorted(buckets.items()):
@@ -74,6 +93,8 @@ def health_rows(
     h, r = HealthSample, HealthRollup
     has_p95 = h.p95_ms.is_not(None)
     has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
+    has_escalations = h.escalations.is_not(None)
+    has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
     ids = sorted(set(device_ids))
     out: list[Sequence[Any]] = []
     for i in range(0, len(ids), IDS_CHUNK):
@@ -84,10 +105,14 @@ def health_rows(
             sa.case((has_p95, h.p95_ms * h.requests), else_=0.0),
             sa.case((has_agreement, h.shadow_requests), else_=0),
             sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0),
+            sa.case((has_escalations, h.requests), else_=0), sa.func.coalesce(h.escalations, 0),
+            sa.case((has_cloud, h.cloud_compared), else_=0),
+            sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0),
         ).where(h.model == model, h.device_id.in_(chunk), h.at >= since)  # fmt: skip
         rolled = sa.select(
             r.device_id, r.version, r.mode, r.bucket, r.requests, r.errors, r.p95_requests,
-            r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted,
+            r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.routed_requests, r.escalations,
+            r.cloud_compared, r.cloud_agreement_weighted,
         ).where(r.model == model, r.device_id.in_(chunk), r.bucket >= since)  # fmt: skip
         out.extend(tuple(row) for row in session.execute(raw))
         out.extend(tuple(row) for row in session.execute(rolled))

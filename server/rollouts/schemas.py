@@ -138,13 +138,17 @@ class DesiredOut(BaseModel):
 class HealthSeries(BaseModel):
     version: str
     mode: str
-    #: per bucket: at (bucket start), requests, errors, error_rate, p95_ms, agreement, devices
+    #: per bucket: at (bucket start), requests, errors, error_rate, p95_ms, agreement (weighted by
+    #: shadow requests), escalation_rate (escalations over the requests of the windows that reported
+    #: escalations), cloud_agreement (weighted by cloud_compared, the edge answers compared with the
+    #: cloud's), cloud_compared, devices; the hybrid rates are None without a routing policy
     points: list[dict[str, Any]]
 
 
 class RolloutHealth(BaseModel):
     """A rollout's devices' health over time, per version and mode, from the baseline window
-    before it was created; ``baseline`` holds the numbers the gates compare against."""
+    before it was created; ``baseline`` holds the numbers the gates compare against (error rate,
+    p95, and under a routing policy escalation rate and cloud agreement)."""
 
     rollout_id: str
     model: str

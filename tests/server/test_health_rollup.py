@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from server.health.repository import HealthWindowRepository
 from server.health.rollup import fold_health
+from server.health.series import fold_series, health_rows
 from server.health.tables import HealthRollup, HealthSample
 from server.rollouts.policy import aggregate
 
@@ -118,6 +119,39 @@ def test_the_gates_per_device_sums_are_the_same_after_a_fold(ctx):
             assert a[device].agreement_weighted == pytest.approx(health.agreement_weighted)
     assert before[0]["a"].p95_requests == before[0]["a"].requests - 40  # the window without a p95
     assert before[1]["b"].agreement_weighted == pytest.approx(24.0)
+
+
+def test_the_hybrid_series_are_the_same_after_a_fold(ctx):
+    """Escalation rate and cloud agreement per bucket (the rollout charts) read the rollups' sums."""
+    old = datetime(2026, 3, 7, 10, 0, tzinfo=UTC)
+    rows = [
+        window(d, i, old + timedelta(minutes=3 * i), requests=100 * k, escalations=k * i % 40,
+               cloud_compared=k * i % 40, cloud_agreement=0.5 + (i % 5) / 10, answered_cloud=k * i % 40)
+        for k, d in enumerate(("a", "b"), start=1)
+        for i in range(30)
+    ]  # fmt: skip
+    none = dict.fromkeys(("escalations", "cloud_compared", "cloud_agreement", "answered_cloud"))
+    rows.append(window("a", 100, old, requests=70, **none))  # no routing policy: not in the rates
+    with ctx.db.session_scope() as s:
+        s.execute(sa.insert(HealthSample.__table__), rows)
+
+    def series():
+        with ctx.db.session_scope() as s:
+            return fold_series(health_rows(s, ["a", "b"], "det", old), old, 3600)
+
+    before = series()
+    assert fold(ctx).folded == len(rows)
+    (after,) = series()
+    points = before[0]["points"]
+    assert [p["at"] for p in after["points"]] == [p["at"] for p in points]
+    for b, a in zip(points, after["points"], strict=True):
+        assert (a["routed_requests"], a["cloud_compared"]) == (b["routed_requests"], b["cloud_compared"])
+        assert a["routed_requests"] == a["requests"] - (70 if a["at"] == old.isoformat() else 0)
+        assert a["escalation_rate"] == pytest.approx(b["escalation_rate"])
+        assert a["cloud_agreement"] == pytest.approx(b["cloud_agreement"])
+    assert points[0]["escalation_rate"] == pytest.approx(
+        sum((k * i % 40) for k in (1, 2) for i in range(20)) / sum(100 * k * 20 for k in (1, 2))
+    )
 
 
 def test_late_windows_add_to_their_rollup_and_old_rollups_expire(ctx):
