@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
         r = client.post("/api/v1/rollouts", json=body, headers=headers)
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
-        assert client.post("/ui/login", data={"token": token}, follow_redirects=False).status_code == 303
+        form = client.get("/ui/login").text  # the sign-in form's double-submit token
+        csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', form).group(1)  # type: ignore[union-attr]
+        r = client.post("/ui/login", data={"token": token, "csrf": csrf}, follow_redirects=False)
+        assert r.status_code == 303, r.text
         pairs = {
             "overview": ("/ui/", "/api/v1/rollouts?status=running&status=paused"),
             "rollout": (f"/ui/rollouts/{rid}", f"/api/v1/rollouts/{rid}"),
