@@ -63,7 +63,7 @@ def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
         r = client.post("/ui/login", data={"token": token, "csrf": csrf}, follow_redirects=False)
         assert r.status_code == 303, r.text
         pairs = {
-            "overview": ("/ui/", "/api/v1/rollouts?status=running&status=paused"),
+            "overview": ("/ui/", "/api/v1/fleet/summary"),
             "rollout": (f"/ui/rollouts/{rid}", f"/api/v1/rollouts/{rid}"),
             "rollout_live": (f"/ui/rollouts/{rid}/live", f"/api/v1/rollouts/{rid}"),
             "rollout_health": (f"/ui/rollouts/{rid}/health.json", f"/api/v1/rollouts/{rid}/health"),

@@ -24,6 +24,7 @@ from server.health.series import fold_series, health_rows
 from server.http.deps import SessionDep, get_ctx
 from server.rollouts.device_deployments import DeviceDeploymentService
 from server.rollouts.service import RolloutService
+from server.rollouts.summary import fleet_summary
 from server.rollouts.tables import RolloutStatus
 from server.ui.auth import (
     CSRF_FIELD,
@@ -37,7 +38,7 @@ from server.ui.auth import (
     set_login_cookie,
 )
 from server.ui.common import User, can_act, error_page, page, templates, ui_router
-from server.ui.fleet import fleet_summary, phase_totals, rollout_members
+from server.ui.fleet import phase_totals, rollout_members
 
 #: actions on a rollout page, in the order the buttons show, with the question each confirms
 ACTIONS: dict[str, str] = {
@@ -132,13 +133,8 @@ def _local(target: str) -> str:
 def overview(
     request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
 ) -> HTMLResponse:
-    service = RolloutService(session, get_ctx(request))
-    active = []
-    for r in service.list([RolloutStatus.running, RolloutStatus.paused], 20):
-        counts = service.rollouts.phase_counts(r.id)  # one GROUP BY, not the stage health
-        succeeded = sum(n for (_, phase), n in counts.items() if phase == "succeeded")
-        active.append({"r": r, "devices": sum(counts.values()), "succeeded": succeeded})
-    return page(request, user, "overview.html", fleet=fleet_summary(session), active=active)
+    """What ``GET /api/v1/fleet/summary`` answers, as a page."""
+    return page(request, user, "overview.html", fleet=fleet_summary(session))
 
 
 @router.get("/rollouts")
