@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from server.health.repository import IDS_CHUNK
+from server.health.repository import ids_filter
 from server.health.tables import HealthRollup, HealthSample
 
 
@@ -95,25 +95,22 @@ def health_rows(
     has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
     has_escalations = h.escalations.is_not(None)
     has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
-    ids = sorted(set(device_ids))
-    out: list[Sequence[Any]] = []
-    for i in range(0, len(ids), IDS_CHUNK):
-        chunk = ids[i : i + IDS_CHUNK]
-        raw = sa.select(
-            h.device_id, h.version, h.mode, h.at, h.requests, h.errors,
-            sa.case((has_p95, h.requests), else_=0),
-            sa.case((has_p95, h.p95_ms * h.requests), else_=0.0),
-            sa.case((has_agreement, h.shadow_requests), else_=0),
-            sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0),
-            sa.case((has_escalations, h.requests), else_=0), sa.func.coalesce(h.escalations, 0),
-            sa.case((has_cloud, h.cloud_compared), else_=0),
-            sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0),
-        ).where(h.model == model, h.device_id.in_(chunk), h.at >= since)  # fmt: skip
-        rolled = sa.select(
-            r.device_id, r.version, r.mode, r.bucket, r.requests, r.errors, r.p95_requests,
-            r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.routed_requests, r.escalations,
-            r.cloud_compared, r.cloud_agreement_weighted,
-        ).where(r.model == model, r.device_id.in_(chunk), r.bucket >= since)  # fmt: skip
-        out.extend(tuple(row) for row in session.execute(raw))
-        out.extend(tuple(row) for row in session.execute(rolled))
-    return out
+    if not device_ids:
+        return []
+    of_devices = ids_filter(session, sorted(set(device_ids)))
+    raw = sa.select(
+        h.device_id, h.version, h.mode, h.at, h.requests, h.errors,
+        sa.case((has_p95, h.requests), else_=0),
+        sa.case((has_p95, h.p95_ms * h.requests), else_=0.0),
+        sa.case((has_agreement, h.shadow_requests), else_=0),
+        sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0),
+        sa.case((has_escalations, h.requests), else_=0), sa.func.coalesce(h.escalations, 0),
+        sa.case((has_cloud, h.cloud_compared), else_=0),
+        sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0),
+    ).where(h.model == model, of_devices(h.device_id), h.at >= since)  # fmt: skip
+    rolled = sa.select(
+        r.device_id, r.version, r.mode, r.bucket, r.requests, r.errors, r.p95_requests,
+        r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.routed_requests, r.escalations,
+        r.cloud_compared, r.cloud_agreement_weighted,
+    ).where(r.model == model, of_devices(r.device_id), r.bucket >= since)  # fmt: skip
+    return [tuple(row) for q in (raw, rolled) for row in session.execute(q)]
