@@ -97,7 +97,7 @@ def health_rows(
     has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
     if not device_ids:
         return []
-    of_devices = ids_filter(session, sorted(set(device_ids)))
+    of_devices = ids_filter(session, list(dict.fromkeys(device_ids)))
     raw = sa.select(
         h.device_id, h.version, h.mode, h.at, h.requests, h.errors,
         sa.case((has_p95, h.requests), else_=0),

@@ -190,17 +190,24 @@ def test_replicas_folding_at_once_never_fold_a_window_twice(ctx):
         assert s.scalars(sa.select(HealthRollup.requests)).one() == 40
 
 
-def test_gates_read_only_the_given_devices_however_many(ctx, monkeypatch):
-    """The stage and baseline numbers cover exactly the devices asked for, also past the size of
-    one IN list (the query is chunked, and each chunk keeps the device filter: without it the
-    gates would read every device running the version, healthy devices of other rollouts included)."""
-    import server.health.repository as repo_mod
-
-    monkeypatch.setattr(repo_mod, "IDS_CHUNK", 2)
+def test_gates_read_only_the_given_devices_however_many(ctx):
+    """The stage and baseline numbers cover exactly the devices asked for, however many and
+    whatever their ids hold (they go to the database as one array parameter: without the device
+    filter the gates would read every device running the version, healthy devices of other
+    rollouts included)."""
     at = NOW - timedelta(minutes=5)
-    rows = [window(f"d{i}", 1, at, requests=100, errors=10) for i in range(5)]
+    odd = ['q"uote', "back\\slash", "com,ma", "{brace}", "sp ace", "NULL"]
+    asked = [f"d{i}" for i in range(5)] + odd
+    rows = [window(d, 1, at, requests=100, errors=10) for d in asked]
     rows += [window(f"other{i}", 1, at, requests=100, errors=0) for i in range(20)]
+    rows += [window(d, 1, at, requests=100, errors=0) for d in ("quote", "back", "com", "ma", "brace", "sp")]
     with ctx.db.session_scope() as s:
         s.execute(sa.insert(HealthSample.__table__), rows)
-    stage = agg(ctx, [f"d{i}" for i in range(5)] + ["d0"])  # a duplicate id counts once
-    assert (stage.requests, stage.errors) == (500, 50)
+    stage = agg(ctx, [*asked, "d0"])  # a duplicate id counts once
+    assert (stage.requests, stage.errors) == (1100, 110)
+    with ctx.db.session_scope() as s:
+        sums = HealthWindowRepository(s).per_device([*asked, f"d{10**6}"], "det")
+        series = fold_series(health_rows(s, asked, "det", at), at, 60)
+    assert set(sums) == set(asked)
+    assert [p["requests"] for p in series[0]["points"]] == [1100]
+    assert agg(ctx, []).requests == 0
