@@ -37,13 +37,16 @@
   }
 
   function draw(health) {
+    // hybrid routing charts: only once a window under a routing policy arrived; all shown before
+    // any is measured, so that each plot takes the width its figure ends up with
+    box.querySelectorAll("[data-hybrid]").forEach(function (figure) {
+      var metric = figure.querySelector("[data-metric]").getAttribute("data-metric");
+      if (hasValues(health, metric)) figure.hidden = false;
+    });
     box.querySelectorAll("[data-metric]").forEach(function (el) {
       var metric = el.getAttribute("data-metric");
       var figure = el.closest("[data-hybrid]");
-      if (figure) {  // hybrid routing charts: only once a window under a routing policy arrived
-        if (!hasValues(health, metric)) return;
-        figure.hidden = false;
-      }
+      if (figure && figure.hidden) return;
       var d = seriesData(health, metric);
       var key = metric + ":" + d.series.map(function (s) { return s.label; }).join("|");
       if (plots[metric] && plots[metric].key === key) { plots[metric].plot.setData(d.data); return; }
