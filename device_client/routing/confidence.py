@@ -76,7 +76,7 @@ def row_scores(probs: np.ndarray, kind: ConfidenceKind) -> np.ndarray:
         return top2[:, 1] - top2[:, 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(probs > 0, -probs * np.log(probs), 0.0)
-    return terms.sum(axis=1)
+    return np.where(np.isnan(probs).any(axis=1), np.nan, terms.sum(axis=1))  # NaN is never sure
 
 
 def is_confident(score: float, kind: ConfidenceKind, threshold: float) -> bool:

@@ -47,6 +47,13 @@ def test_entropy_is_surer_when_lower_and_nan_is_never_sure():
         assert not is_confident(float("nan"), kind, 0.5)
 
 
+def test_a_row_that_is_not_finite_is_never_sure_by_entropy():
+    outs = {"p": np.array([[np.nan, 0.5], [0.2, 0.8]], np.float32)}
+    c = read_confidence(outs, spec(kind="entropy", threshold=0.5))
+    assert math.isnan(c.value)
+    assert not c.confident  # not "0 nats: perfectly sure"
+
+
 def test_softmax_is_stable_and_single_columns_are_binary():
     assert softmax(np.array([[1000.0, 0.0]]))[0] == pytest.approx([1.0, 0.0])
     assert probabilities(np.array([[0.9]]), apply_softmax=False)[0] == pytest.approx([0.1, 0.9])
