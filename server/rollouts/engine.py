@@ -18,7 +18,8 @@ A tick of a running rollout:
    reported health, requests; up to ``stage_timeout_s``, then pauses), evaluates the gates
    (:func:`server.rollouts.policy.evaluate_stage`) on the health the stage's devices reported
    since the stage started, and promotes to the next stage, completes, or applies
-   ``on_failure`` (pause, or roll every touched device back).
+   ``on_failure`` (pause, or roll every touched device back). A passed stage with
+   ``pause_after`` promotes and pauses at once: the next stage waits for an operator's resume.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ IN_FLIGHT = frozenset({P.notified, P.downloading, P.verifying, P.installing, P.p
 #: phases a device reaches only by reporting: it has begun the update
 STARTED = frozenset({P.downloading, P.verifying, P.installing, P.probation})
 FAILED = frozenset({P.failed, P.rolled_back, P.timed_out})
+#: how the reason of a rollout paused by a stage's ``pause_after`` begins
+APPROVAL_REASON = "waits for approval to start"
 
 
 class RolloutEngine:
@@ -264,6 +267,11 @@ class RolloutEngine:
         rollout.soak_until = None
         audit(session, ENGINE, "rollout.promote", "rollout", rollout.id, record)
         log.info("rollout %s promoted to stage %d", rollout.id, idx + 2)
+        if stage.pause_after:
+            # an approval: nobody of the next stage is told until an operator resumes the rollout
+            reason = f"{APPROVAL_REASON} stage {idx + 2} (stage {idx + 1} passed its gates)"
+            service.transition(rollout, RolloutStatus.paused, ENGINE, "rollout.pause", {"reason": reason})
+            rollout.reason = reason
 
     def _tripped(
         self,

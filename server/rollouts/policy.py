@@ -27,6 +27,9 @@ class Stage(BaseModel):
     soak_s: float = Field(default=60.0, ge=0, le=30 * 86400)
     #: the new model runs beside the serving one and never answers; gated on agreement
     shadow: bool = False
+    #: once this stage passes its gates the rollout pauses: the next stage starts only when an
+    #: operator resumes it (an approval); ignored on the last stage
+    pause_after: bool = False
 
     @model_validator(mode="after")
     def _one_size(self) -> Stage:
@@ -75,8 +78,8 @@ def check_stages(stages: Sequence[Stage], total: int) -> tuple[list[Stage], list
 
     Percent stages whose percents grow but that resolve to the same number of devices on this
     selection (1% and 10% of 8 devices are both 1 device) are merged: the later stage is kept (its
-    percent, soak and shadow flag), the earlier one dropped, so ``1,10,50,100`` runs as one stage
-    on a single device. A shadow stage followed by a serve stage is never merged: the serve stage
+    percent, soak, shadow and pause_after), the earlier one dropped, so ``1,10,50,100`` runs as one
+    stage on a single device. A shadow stage followed by a serve stage is never merged: the serve stage
     may cover the same devices (it switches them from shadowing to serving), so a shadow canary
     still runs on a fleet of one. Anything else raises ValueError unless the counts strictly grow
     (percents or counts given in an order that does not grow, a count no larger than the stage
