@@ -286,13 +286,30 @@ class FleetClient:
 
     # -- rollouts -----------------------------------------------------------------------------
     def create_rollout(
-        self, body: dict[str, Any], *, routing: dict[str, Any] | None = None
+        self,
+        body: dict[str, Any],
+        *,
+        routing: dict[str, Any] | None = None,
+        skip_unfit: bool | None = None,
     ) -> dict[str, Any]:
         """Create a rollout from ``body`` (the API's JSON); ``routing``, the routing policy its
-        DesiredStates carry, may also be given here (it replaces ``body["routing"]``)."""
+        DesiredStates carry, may also be given here (it replaces ``body["routing"]``), and
+        ``skip_unfit``: leave out the selected devices no variant fits (else a 422 names them)."""
         if routing is not None:
             body = {**body, "routing": routing}
+        if skip_unfit is not None:
+            body = {**body, "skip_unfit": skip_unfit}
         return self._call("POST", "/api/v1/rollouts", json=body)
+
+    def preview_rollout(
+        self, model: str, version: str, selector: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """How many devices ``selector`` (none: every device) matches would get each variant of
+        the version, and how many no variant fits (``unfit``, ``unfit_examples``)."""
+        params = {"model": model, "version": version}
+        if selector:
+            params["selector"] = json.dumps(selector)
+        return self._call("GET", "/api/v1/rollouts/preview", params=params)
 
     def get_rollout(self, rollout_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/rollouts/{rollout_id}")
