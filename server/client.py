@@ -175,8 +175,11 @@ class FleetClient:
         calibration: str | None = None,
         min_agreement: float | None = None,
         int8_cpu_flags: str | None = None,
+        calibration_data: Path | None = None,
     ) -> dict[str, Any]:
         """Upload and publish a model version, with the long ``upload_timeout``.
+        ``calibration_data``: an ``.npz`` of calibration inputs (``inputs/<name>``) for a static
+        int8 quantization (with ``quantize="int8"``).
 
         Should it still time out, the server may yet commit the version: look before retrying
         (``get_version``), since a second push of the same version is a 409.
@@ -197,6 +200,12 @@ class FleetClient:
             files: dict[str, Any] = {"file": (file.name, reader, "application/octet-stream")}
             if validation is not None:
                 files["validation"] = (validation.name, validation.read_bytes(), "application/octet-stream")
+            if calibration_data is not None:
+                files["calibration_data"] = (
+                    calibration_data.name,
+                    calibration_data.read_bytes(),
+                    "application/octet-stream",
+                )
             return self._call(
                 "POST", f"/api/v1/models/{name}/versions", data=data, files=files, timeout=self.upload_timeout
             )
