@@ -35,6 +35,10 @@ def rollout_table(state: dict[str, Any]) -> Table:
     title = escape(f"rollout {state['id']}: {state['model']} {state['version']} [{state['status']}]")
     if state.get("routing"):
         title += escape(f"\nrouting: {routing_summary(state['routing'])}")
+    if state.get("unfit_skipped"):
+        title += escape(
+            f"\n{state['unfit_skipped']} selected device(s) fit no variant: left out (skip_unfit)"
+        )
     hybrid = any(
         v["health"].get("escalation_rate") is not None or v["health"].get("cloud_agreement") is not None
         for v in state["stage_views"]

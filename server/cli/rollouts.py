@@ -69,6 +69,11 @@ def rollout() -> None:
     default=None,
     help="routing policy JSON (fleet.routing/1) the DesiredStates carry; without it they carry none",
 )
+@click.option(
+    "--skip-unfit",
+    is_flag=True,
+    help="leave out the selected devices no variant of the version fits (else the start is refused)",
+)
 @click.option("--max-concurrent", type=int, default=50, show_default=True, help="concurrent downloads")
 @click.option("--device-timeout", type=int, default=900, show_default=True)
 @click.option(
@@ -92,6 +97,7 @@ def rollout_start(
     arch: str | None,
     probation_s: float | None,
     routing_file: Path | None,
+    skip_unfit: bool,
     max_concurrent: int,
     device_timeout: int,
     wait: bool,
@@ -105,11 +111,7 @@ def rollout_start(
     body: dict[str, Any] = {
         "model": model_name,
         "version": version,
-        "selector": {
-            "tags": parse_tags(",".join(tag_exprs)),
-            "device_ids": list(device_ids),
-            "hardware": {"arch": arch} if arch else {},
-        },
+        "selector": selector_of(tag_exprs, device_ids, arch),
         "stages": [
             {"percent": p, "soak_s": soak, "shadow": shadow and i == 0} for i, p in enumerate(percents)
         ],
@@ -123,7 +125,7 @@ def rollout_start(
     if routing_file is not None:
         body["routing"] = read_policy(routing_file)
     with common.api_client(url, token) as client:
-        state = client.create_rollout(body)
+        state = client.create_rollout(body, skip_unfit=skip_unfit or None)
         console.print(
             f"rollout [bold]{state['id']}[/bold] started: {state['devices']} devices in "
             f"{len(state['stage_views'])} stages"
@@ -136,6 +138,54 @@ def rollout_start(
             state = follow_rollout(console, client, state["id"])
     if wait:
         sys.exit(EXIT_BY_STATUS.get(state["status"], 1))
+
+
+def selector_of(tag_exprs: tuple[str, ...], device_ids: tuple[str, ...], arch: str | None) -> dict[str, Any]:
+    """The selector of ``--tag``, ``--device`` and ``--arch``."""
+    return {
+        "tags": parse_tags(",".join(tag_exprs)),
+        "device_ids": list(device_ids),
+        "hardware": {"arch": arch} if arch else {},
+    }
+
+
+@rollout.command("preview")
+@api_options
+@click.argument("model_name")
+@click.argument("version")
+@click.option("--tag", "tag_exprs", multiple=True, help="select devices with key=value (repeat to AND)")
+@click.option("--device", "device_ids", multiple=True, help="select these device ids")
+@click.option("--arch", default=None, help="select devices of this architecture")
+@click.option("--json", "as_json", is_flag=True)
+def rollout_preview(
+    url: str,
+    token: str | None,
+    model_name: str,
+    version: str,
+    tag_exprs: tuple[str, ...],
+    device_ids: tuple[str, ...],
+    arch: str | None,
+    as_json: bool,
+) -> None:
+    """Which variant of MODEL_NAME VERSION each selected device would get, and how many devices
+    no variant fits (a rollout over them is refused unless started with --skip-unfit)."""
+    with common.api_client(url, token) as client:
+        preview = client.preview_rollout(model_name, version, selector_of(tag_exprs, device_ids, arch))
+    if as_json:
+        click.echo(json.dumps(preview, indent=2))
+        return
+    title = escape(f"{model_name} {version}: {preview['selected']} selected device(s)")
+    table = Table("variant", "devices", title=title)
+    for variant, count in preview["variants"].items():
+        table.add_row(escape(variant), str(count))
+    table.add_row(
+        "[red]no variant fits[/red]" if preview["unfit"] else "no variant fits", str(preview["unfit"])
+    )
+    console.print(table)
+    if preview["unfit"]:
+        shown = preview["unfit_examples"]
+        more = preview["unfit"] - len(shown)
+        console.print(f"fit no variant: {escape(', '.join(shown))}{f' and {more} more' if more > 0 else ''}")
 
 
 @rollout.command("status")

@@ -48,6 +48,8 @@ class RolloutCreate(BaseModel):
     routing: dict[str, Any] | None = None
     #: start immediately (default) or stay a draft until ``POST .../start``
     start: bool = True
+    #: leave out the selected devices no variant of the version fits (else creation is refused)
+    skip_unfit: bool = False
 
     @field_validator("stages")
     @classmethod
@@ -93,6 +95,9 @@ class RolloutOut(BaseModel):
     created_by: str | None
     #: the routing policy its DesiredStates carry (None: none)
     routing: dict[str, Any] | None = None
+    #: selected devices no variant fitted, left out of the rollout (``skip_unfit``), and some ids
+    unfit_skipped: int = 0
+    unfit_skipped_examples: list[str] = Field(default_factory=list)
 
 
 class RolloutDetail(RolloutOut):

@@ -20,7 +20,7 @@ from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
 from server.health.repository import HealthWindowRepository
 from server.health.series import fold_series, health_rows
-from server.rollouts.desired import DesiredStateService
+from server.rollouts.desired import DesiredStateService, count_variants
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
 from server.rollouts.policy import Gates, HealthAggregate, Stage, assign_stages, check_stages, robust_health
 from server.rollouts.repository import DeploymentRepository, DesiredRepository, RolloutRepository
@@ -57,9 +57,19 @@ TOUCHED = frozenset({
 })  # fmt: skip
 
 
+#: the key of a rollout's stored selector (``rollouts.selector``) that records the devices
+#: ``skip_unfit`` left out: ``{count, examples}``; shown as ``unfit_skipped`` and its examples
+UNFIT_KEY = "skipped_unfit"
+#: device ids kept as examples of those no variant fits
+UNFIT_EXAMPLES = 20
+
+
 def rollout_out(r: Rollout) -> RolloutOut:
+    selector = dict(r.selector or {})
+    skipped = selector.pop(UNFIT_KEY, None) or {}
     return RolloutOut(
-        id=r.id, model=r.model, version=r.version, status=r.status, selector=r.selector, stages=r.stages,
+        id=r.id, model=r.model, version=r.version, status=r.status, selector=selector, stages=r.stages,
+        unfit_skipped=int(skipped.get("count", 0)), unfit_skipped_examples=list(skipped.get("examples", [])),
         gates=r.gates, probation=r.probation, on_failure=r.on_failure,
         max_concurrent_downloads=r.max_concurrent_downloads, device_timeout_s=r.device_timeout_s,
         current_stage=r.current_stage, stage_started_at=r.stage_started_at,
@@ -70,7 +80,7 @@ def rollout_out(r: Rollout) -> RolloutOut:
 
 
 def select_devices(session: Session, selector: Selector) -> list[Any]:
-    """Rows (id, hardware, serving) of the devices (not decommissioned) matching every criterion
+    """Rows (id, arch, hardware, serving) of the devices (not decommissioned) matching every criterion
     of ``selector``, by id."""
     check_tags(selector.tags)
     hw = selector.hardware
@@ -101,6 +111,7 @@ class RolloutService:
         devices = select_devices(self.session, body.selector)
         if not devices:
             raise Invalid("the selector matches no device")
+        devices, skipped = self._fitting(body, version.id, devices)
         try:
             stages, sizes = check_stages(body.stages, len(devices))
         except ValueError as exc:
@@ -121,7 +132,7 @@ class RolloutService:
         rollout = self.rollouts.add(
             Rollout(
                 id=new_id(), model=body.model, version=body.version, status=RolloutStatus.draft,
-                selector=body.selector.model_dump(mode="json"),
+                selector=body.selector.model_dump(mode="json") | skipped,
                 stages=[s.model_dump(mode="json") for s in stages],
                 gates=body.gates.model_dump(mode="json"), probation=body.probation.model_dump(mode="json"),
                 on_failure=body.on_failure, max_concurrent_downloads=body.max_concurrent_downloads,
@@ -145,7 +156,7 @@ class RolloutService:
             )
         details: dict[str, Any] = {
             "model": body.model, "version": body.version, "devices": len(devices), "stage_sizes": sizes,
-        }  # fmt: skip
+        } | skipped  # fmt: skip
         if len(stages) < len(body.stages):  # percent stages that resolved to the same devices, merged
             details["stages_requested"] = [s.model_dump(mode="json") for s in body.stages]
         if routing is not None:
@@ -156,7 +167,38 @@ class RolloutService:
             rollout.stage_started_at = utcnow()
         detail = self.detail(rollout.id)
         detail.warnings = self._soak_warnings(stages, [d.id for d in devices], now) + warnings
+        if skipped:
+            left = skipped[UNFIT_KEY]
+            detail.warnings.append(
+                f"{left['count']} selected device(s) fit no variant of {body.model} {body.version} and "
+                f"are left out of the rollout (skip_unfit; e.g. {', '.join(left['examples'][:5])})"
+            )
         return detail
+
+    def _fitting(
+        self, body: RolloutCreate, version_id: int, devices: list[Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The selected devices some published variant of the version fits (the director's choice,
+        :func:`server.rollouts.desired.count_variants`, as the preview counts them). Any other:
+        :class:`Invalid`, unless ``skip_unfit`` leaves them out; then also what the rollout's
+        selector records of them (``{UNFIT_KEY: {count, examples}}``, else ``{}``)."""
+        artifacts = CatalogRepository(self.session).published_artifacts(version_id)
+        _, unfit = count_variants(artifacts, devices)
+        if not unfit:
+            return devices, {}
+        label = f"{body.model} {body.version}"
+        examples = unfit[:UNFIT_EXAMPLES]
+        if not body.skip_unfit:
+            raise Invalid(
+                f"{len(unfit)} of the {len(devices)} selected devices fit no variant of {label} "
+                f"(e.g. {', '.join(examples[:5])}): push a variant they fit, narrow the selector, or "
+                "give skip_unfit to leave them out; nothing was created"
+            )
+        left = set(unfit)
+        fitting = [d for d in devices if d.id not in left]
+        if not fitting:
+            raise Invalid(f"none of the {len(devices)} selected devices fits a variant of {label}")
+        return fitting, {UNFIT_KEY: {"count": len(unfit), "examples": examples}}
 
     def _soak_warnings(self, stages: list[Stage], device_ids: list[str], now: datetime) -> list[str]:
         """A stage whose soak is shorter than the devices' health window (as their recent windows
