@@ -150,7 +150,7 @@ class RoutingTable:
         result: InferenceResult = local.result
         local.result = None
         ok = all_finite(list(result.outputs.values())) and all_finite(list(answer.outputs.values()))
-        host.health.record(elapsed, ok=ok)
+        host.health.record(elapsed, ok=ok, cpu_ns=result.cpu_ns)
         conf = answer.confidence
         return Routed(
             answer.outputs,
