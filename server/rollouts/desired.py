@@ -233,7 +233,10 @@ class DesiredStateService:
                 errors[device.id] = f"device {device.id!r} is decommissioned"
                 continue
             hw = device.hardware or {}
-            kind = (device.arch, hw.get("ram_mb"), tuple(hw.get("execution_providers") or ()))
+            kind = (
+                device.arch, hw.get("ram_mb"), tuple(hw.get("execution_providers") or ()),
+                tuple(sorted(hw.get("cpu_flags") or ())),
+            )  # fmt: skip
             artifact = picked.get(kind)
             if artifact is None:
                 try:
