@@ -151,6 +151,14 @@ def test_a_breach_in_one_variant_pauses_the_rollout_naming_it(fleet_of, live_ser
     }
     assert set(rows) == {"default", "int8"}, result.output
     assert "0.00%" in rows["int8"]
+    # and the rollout page: a row per variant
+    with httpx.Client(base_url=live_server.url) as ui:
+        r = ui.post("/ui/login", data={"token": live_server.token("viewer"), "next": "/ui/"})
+        assert r.status_code == 303, r.text
+        page = ui.get(f"/ui/rollouts/{rid}/live").text
+    assert 'id="variants"' in page
+    assert 'data-variant="int8"' in page
+    assert 'data-variant="default"' in page
     assert {d: v for d, v, _, _ in stored(live_server, "2.0.0")} == {
         **dict.fromkeys(vnni.ids, "int8"),
         **dict.fromkeys(plain.ids, "default"),
