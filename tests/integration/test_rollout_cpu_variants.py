@@ -19,7 +19,12 @@ from tests.helpers.device_fleet import auth, push_model
 from tests.helpers.onnx_models import make_model
 from tests.helpers.rollout_e2e import MODEL, Fleet, Traffic, follow, rollout_body, wait_requests
 
-pytestmark = [pytest.mark.mqtt, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+pytestmark = [
+    pytest.mark.mqtt,
+    pytest.mark.parametrize(
+        "database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+    ),
+]
 
 
 @pytest.fixture
