@@ -1,10 +1,10 @@
 """Inference health: a cheap thread-safe recorder and the pure probation rule.
 
-:class:`HealthRecorder` times and counts every request (errors: exceptions and non-finite outputs)
-into the window published every ``health_window_s`` (a swap cuts it, so no window mixes two
-versions) and into the period since the last swap, which probation judges with exact counts and
-reservoir-sampled percentiles. :func:`evaluate_probation` passes, fails or continues a probation
-(docs/architecture.md, "Device health and probation").
+:class:`HealthRecorder` times and counts every request (errors: exceptions and non-finite outputs),
+and sums the CPU time of those measured, into the window published every ``health_window_s`` (a
+swap cuts it, so no window mixes two versions) and into the period since the last swap, which
+probation judges with exact counts and reservoir-sampled percentiles. :func:`evaluate_probation`
+passes, fails or continues a probation (docs/architecture.md, "Device health and probation").
 """
 
 from __future__ import annotations
