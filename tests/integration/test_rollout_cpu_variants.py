@@ -95,6 +95,13 @@ def test_a_version_that_costs_more_cpu_trips_max_cpu_ratio_in_its_canary(fleet_o
     series = {(s["version"], s["mode"]): s["points"] for s in r.json()["series"]}
     assert any(p["cpu_ms_per_request"] for p in series[("2.0.0", "serve")])
     assert r.json()["baseline"]["cpu_ms_per_request"] > 0
+    # and a canary's page on the dashboard: CPU per request and resident memory per bucket
+    canary = next(d for d, (stage, _, _) in fleet.deployments(rid).items() if stage == 0)
+    with httpx.Client(base_url=live_server.url) as ui:
+        assert ui.post("/ui/login", data={"token": live_server.token("viewer")}).status_code == 303
+        device = ui.get(f"/ui/devices/{canary}/health.json").json()
+    points = [p for s in device["series"] if s["version"] == "2.0.0" for p in s["points"]]
+    assert any(p["cpu_ms_per_request"] and p["rss_bytes"] for p in points), device
 
 
 def push_quantized(live, version: str, model) -> dict:

@@ -80,8 +80,12 @@ def test_one_lying_device_cannot_trip_the_cpu_gate():
     assert verdict.numbers["cpu_ratio"] == 1.0
 
 
-def test_cpu_gate_is_off_by_default():
+def test_cpu_gate_is_off_by_default_and_positive():
     assert Gates().max_cpu_ratio is None
+    assert Gates.model_validate({"max_cpu_ratio": "1.3"}).max_cpu_ratio == 1.3  # as `--gate` sends it
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_cpu_ratio"):
+            Gates(max_cpu_ratio=bad)
     health = HealthAggregate(requests=100, cpu_ms_per_request=100.0)
     verdict = evaluate_stage(Gates(), SETTLED, health, HealthAggregate(cpu_ms_per_request=1.0), shadow=False)
     assert verdict.passed
