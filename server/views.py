@@ -72,6 +72,31 @@ def rollout_table(state: dict[str, Any]) -> Table:
     return table
 
 
+def variant_table(state: dict[str, Any]) -> Table | None:
+    """Health per variant of the new version on the current stage's devices (requests, error
+    rate, p95, CPU per request): what the gates judge per variant. None before any device of the
+    stage reported, and when every device serves the ``default`` variant."""
+    views = state["stage_views"]
+    if not views:
+        return None
+    view = views[min(state["current_stage"], len(views) - 1)]
+    variants = view["health"].get("variants") or {}
+    if not variants or list(variants) == ["default"]:
+        return None  # the stage table says it all
+    title = escape(f"stage {view['index'] + 1} per variant")
+    table = Table("variant", "devices", "requests", "errors", "p95 ms", "CPU ms/request", title=title)
+    for name, h in sorted(variants.items()):
+        table.add_row(
+            name,
+            str(h.get("devices_reporting", 0)),
+            str(h.get("requests", 0)),
+            "" if h.get("error_rate") is None else f"{h['error_rate']:.2%}",
+            "" if h.get("p95_ms") is None else f"{h['p95_ms']:.1f}",
+            "" if h.get("cpu_ms_per_request") is None else f"{h['cpu_ms_per_request']:.3f}",
+        )
+    return table
+
+
 def _share(value: float | None) -> str:
     return "" if value is None else f"{value:.1%}"
 

@@ -152,7 +152,7 @@ class RoutingTable:
         ok = all_finite(list(result.outputs.values())) and (
             answer.answered_by == "edge" or all_finite(list(answer.outputs.values()))
         )  # an edge answer holds exactly the outputs just checked
-        host.health.record(elapsed, ok=ok)
+        host.health.record(elapsed, ok=ok, cpu_ns=result.cpu_ns)
         conf = answer.confidence
         return Routed(
             answer.outputs,

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from server.cli import common
 from server.cli.common import ApiGroup, api_options, console, parse_tags
-from server.views import follow_rollout, rollout_table, routing_summary
+from server.views import follow_rollout, rollout_table, routing_summary, variant_table
 
 EXIT_BY_STATUS = {"completed": 0, "paused": 2, "aborted": 3, "rolled_back": 3}
 
@@ -199,6 +199,9 @@ def rollout_status(url: str, token: str | None, rollout_id: str, as_json: bool) 
         click.echo(json.dumps(state, indent=2))
     else:
         console.print(rollout_table(state))
+        per_variant = variant_table(state)
+        if per_variant is not None:
+            console.print(per_variant)
 
 
 @rollout.command("ls")

@@ -24,6 +24,9 @@ class _Sums:
     p95_weighted: float = 0.0
     shadow: int = 0
     agreement_weighted: float = 0.0
+    cpu_requests: int = 0
+    cpu_weighted: float = 0.0
+    rss_bytes: int | None = None
     devices: set[str] = field(default_factory=set)
 
     def point(self, at: datetime) -> dict[str, Any]:
@@ -34,16 +37,20 @@ class _Sums:
             "error_rate": self.errors / self.requests if self.requests else None,
             "p95_ms": self.p95_weighted / self.p95_requests if self.p95_requests else None,
             "agreement": self.agreement_weighted / self.shadow if self.shadow else None,
+            "cpu_ms_per_request": self.cpu_weighted / self.cpu_requests if self.cpu_requests else None,
+            "rss_bytes": self.rss_bytes,
             "devices": len(self.devices),
         }
 
 
 def fold_series(rows: Iterable[Sequence[Any]], start: datetime, bucket_s: int) -> list[dict[str, Any]]:
     """Rows ``(device_id, version, mode, at, requests, errors, p95_requests, p95_weighted_ms,
-    shadow_requests, agreement_weighted)`` folded into one series per (version, mode), each a list
-    of points per ``bucket_s`` bucket from ``start`` (request-weighted p95 and agreement)."""
+    shadow_requests, agreement_weighted, cpu_requests, cpu_weighted_ms, rss_bytes)`` folded into one
+    series per (version, mode), each a list of points per ``bucket_s`` bucket from ``start``
+    (request-weighted p95, agreement and CPU time per request; the largest resident memory, which
+    only raw windows keep)."""
     buckets: dict[tuple[str, str], dict[int, _Sums]] = {}
-    for device_id, version, mode, at, req, err, p95_req, p95_w, shadow, agr_w in rows:
+    for device_id, version, mode, at, req, err, p95_req, p95_w, shadow, agr_w, cpu_req, cpu_w, rss in rows:
         index = max(0, int((at - start).total_seconds() // bucket_s))
         s = buckets.setdefault((version, mode), {}).setdefault(index, _Sums())
         s.requests += int(req)
@@ -52,6 +59,10 @@ def fold_series(rows: Iterable[Sequence[Any]], start: datetime, bucket_s: int) -
         s.p95_weighted += float(p95_w)
         s.shadow += int(shadow)
         s.agreement_weighted += float(agr_w)
+        s.cpu_requests += int(cpu_req)
+        s.cpu_weighted += float(cpu_w)
+        if rss is not None:
+            s.rss_bytes = max(s.rss_bytes or 0, int(rss))
         s.devices.add(device_id)
     series = []
     for (version, mode), points in sorted(buckets.items()):
@@ -74,6 +85,7 @@ def health_rows(
     h, r = HealthSample, HealthRollup
     has_p95 = h.p95_ms.is_not(None)
     has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
+    has_cpu = h.cpu_ms_per_request.is_not(None)
     ids = sorted(set(device_ids))
     out: list[Sequence[Any]] = []
     for i in range(0, len(ids), IDS_CHUNK):
@@ -84,10 +96,13 @@ def health_rows(
             sa.case((has_p95, h.p95_ms * h.requests), else_=0.0),
             sa.case((has_agreement, h.shadow_requests), else_=0),
             sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0),
+            sa.case((has_cpu, h.requests), else_=0),
+            sa.case((has_cpu, h.cpu_ms_per_request * h.requests), else_=0.0), h.rss_bytes,
         ).where(h.model == model, h.device_id.in_(chunk), h.at >= since)  # fmt: skip
         rolled = sa.select(
             r.device_id, r.version, r.mode, r.bucket, r.requests, r.errors, r.p95_requests,
-            r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted,
+            r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.cpu_requests, r.cpu_weighted_ms,
+            sa.cast(sa.null(), sa.BigInteger),
         ).where(r.model == model, r.device_id.in_(chunk), r.bucket >= since)  # fmt: skip
         out.extend(tuple(row) for row in session.execute(raw))
         out.extend(tuple(row) for row in session.execute(rolled))

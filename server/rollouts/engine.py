@@ -16,10 +16,11 @@ A tick of a running rollout:
 4. once every online device of the stage has finished, starts the soak; when the soak ends, waits
    for enough evidence (:func:`server.rollouts.policy.missing_evidence`: succeeded devices that
    reported health, requests; up to ``stage_timeout_s``, then pauses), evaluates the gates
-   (:func:`server.rollouts.policy.evaluate_stage`) on the health the stage's devices reported
-   since the stage started, and promotes to the next stage, completes, or applies
-   ``on_failure`` (pause, or roll every touched device back). A passed stage with
-   ``pause_after`` promotes and pauses at once: the next stage waits for an operator's resume.
+   (:func:`server.rollouts.variants.evaluate_variants`: per variant of the new version) on the
+   health the stage's devices reported since the stage started, and promotes to the next stage,
+   completes, or applies ``on_failure`` (pause, or roll every touched device back). A passed
+   stage with ``pause_after`` promotes and pauses at once: the next stage waits for an
+   operator's resume.
 """
 
 from __future__ import annotations
@@ -48,14 +49,14 @@ from server.rollouts.policy import (
     Stage,
     StageCounts,
     early_trip,
-    evaluate_stage,
     missing_evidence,
     required_succeeded,
     robust_health,
 )
 from server.rollouts.repository import DeploymentRepository, RolloutRepository
-from server.rollouts.service import RolloutService, baseline_health, gates_of, routing_of, settle_phase
+from server.rollouts.service import RolloutService, baseline_per_device, gates_of, routing_of, settle_phase
 from server.rollouts.tables import Rollout, RolloutStatus
+from server.rollouts.variants import evaluate_variants
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -231,8 +232,9 @@ class RolloutEngine:
             if rollout.reason != why:  # (the row is written only when this changes)
                 rollout.reason = why
             return
-        baseline = baseline_health(session, rollout, ids)
-        verdict = evaluate_stage(gates, counts, health, baseline, shadow=stage.shadow)
+        baseline = baseline_per_device(session, rollout, ids)
+        judged = evaluate_variants(gates, counts, per_device, baseline, shadow=stage.shadow)
+        verdict = judged.verdict
         numbers = {
             **verdict.numbers,
             "succeeded_reporting": reporting,
@@ -251,6 +253,8 @@ class RolloutEngine:
             rollout.verdict = {"stage": idx, "passed": False, "reasons": missing, "numbers": numbers}
             return
         record = {"stage": idx, "passed": verdict.passed, "reasons": verdict.reasons, "numbers": numbers}
+        if judged.variants:
+            record["variants"] = judged.variants
         if not verdict.passed:
             self._fail(
                 service, rollout, f"stage {idx + 1} gates failed: " + "; ".join(verdict.reasons), record

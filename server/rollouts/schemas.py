@@ -143,7 +143,8 @@ class DesiredOut(BaseModel):
 class HealthSeries(BaseModel):
     version: str
     mode: str
-    #: per bucket: at (bucket start), requests, errors, error_rate, p95_ms, agreement, devices
+    #: per bucket: at (bucket start), requests, errors, error_rate, p95_ms, agreement,
+    #: cpu_ms_per_request, rss_bytes (the largest reported), devices
     points: list[dict[str, Any]]
 
 

@@ -20,6 +20,7 @@ from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
 from server.health.repository import HealthWindowRepository
 from server.health.series import fold_series, health_rows
+from server.health.sums import DeviceHealth
 from server.rollouts.desired import DesiredStateService, count_variants
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
 from server.rollouts.policy import Gates, HealthAggregate, Stage, assign_stages, check_stages, robust_health
@@ -36,6 +37,7 @@ from server.rollouts.schemas import (
     StageView,
 )
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
+from server.rollouts.variants import by_variant, variant_summary
 from server.security import new_id
 
 if TYPE_CHECKING:
@@ -366,22 +368,20 @@ class RolloutService:
             members = [(d, p) for d, st, p in rows if st <= i]
             ids = [d for d, _ in members]
             since = rollout.stage_started_at if i == rollout.current_stage else rollout.created_at
-            agg = robust_health(
-                health.per_device(
-                    ids,
-                    rollout.model,
-                    version=rollout.version,
-                    mode="shadow" if stage.shadow else "serve",
-                    since=since,
-                )
-            )
+            per_device = health.per_device(
+                ids, rollout.model, version=rollout.version, mode="shadow" if stage.shadow else "serve",
+                since=since,
+            )  # fmt: skip
+            agg = robust_health(per_device)
+            variants = {v: variant_summary(robust_health(g)) for v, g in by_variant(per_device).items()}
             views.append(StageView(
                 index=i, devices=len(members), shadow=stage.shadow, soak_s=stage.soak_s,
                 phases=dict(Counter(p.value for _, p in members)),
                 health={"requests": agg.requests, "errors": agg.errors, "error_rate": agg.error_rate,
                         "p95_ms": agg.p95_ms, "agreement": agg.agreement, "devices_reporting": agg.devices,
                         "escalation_rate": agg.escalation_rate, "cloud_agreement": agg.cloud_agreement,
-                        "cloud_compared": agg.cloud_compared},
+                        "cloud_compared": agg.cloud_compared, "cpu_ms_per_request": agg.cpu_ms_per_request,
+                        "variants": variants},
             ))  # fmt: skip
         return RolloutDetail(
             **rollout_out(rollout).model_dump(),
@@ -395,6 +395,7 @@ class RolloutService:
                 "p95_ms": baseline.p95_ms,
                 "escalation_rate": baseline.escalation_rate,
                 "cloud_agreement": baseline.cloud_agreement,
+                "cpu_ms_per_request": baseline.cpu_ms_per_request,
             },
         )
 
@@ -411,7 +412,8 @@ class RolloutService:
             ids, rollout.model, not_version=rollout.version, mode="serve",
             since=since, until=rollout.created_at,
         ))  # fmt: skip
-        baseline = {"requests": base.requests, "error_rate": base.error_rate, "p95_ms": base.p95_ms}
+        baseline = {"requests": base.requests, "error_rate": base.error_rate, "p95_ms": base.p95_ms,
+                    "cpu_ms_per_request": base.cpu_ms_per_request}  # fmt: skip
         return RolloutHealth(
             rollout_id=rollout.id, model=rollout.model, version=rollout.version, since=since,
             bucket_s=bucket_s, baseline=baseline,
@@ -439,7 +441,12 @@ def routing_of(rollout: Rollout) -> RoutingPolicy | None:
 
 
 def baseline_health(session: Session, rollout: Rollout, device_ids: list[str]) -> HealthAggregate:
-    """The same devices' health before the rollout: their ``serve`` windows in the
+    """The health the gates compare against (:func:`baseline_per_device`, aggregated)."""
+    return robust_health(baseline_per_device(session, rollout, device_ids))
+
+
+def baseline_per_device(session: Session, rollout: Rollout, device_ids: list[str]) -> dict[str, DeviceHealth]:
+    """The same devices' health before the rollout, per device: their ``serve`` windows in the
     :data:`BASELINE_WINDOW` before it was created, of other versions, or of its own version for
     the devices that already ran it (a rollout of a routing policy alone compares the new policy
     with the old one on the same version)."""
@@ -454,7 +461,7 @@ def baseline_health(session: Session, rollout: Rollout, device_ids: list[str]) -
         per_device.update(health.per_device(
             sorted(same), rollout.model, version=rollout.version, mode="serve", since=since, until=until
         ))  # fmt: skip
-    return robust_health(per_device)
+    return per_device
 
 
 def settle_phase(dep: Deployment, phase: DeploymentPhase) -> bool:

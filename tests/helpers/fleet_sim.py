@@ -42,6 +42,8 @@ class Behaviour:
     escalation_rate: float | None = None
     cloud_agreement: float = 1.0
     cloud_p95_ms: float = 40.0
+    #: serve windows carry this CPU time per request when set
+    cpu_ms: float | None = None
 
 
 def hybrid_fields(requests: int, b: Behaviour) -> dict[str, Any]:
@@ -140,6 +142,8 @@ class SimFleet:
                     extra = {"shadow_requests": requests, "agreement": b.agreement, "shadow_p95_ms": b.p95_ms}
                 elif b.escalation_rate is not None:
                     extra = hybrid_fields(requests, b)
+                if mode == "serve" and b.cpu_ms is not None:
+                    extra["cpu_ms_per_request"] = b.cpu_ms
                 fields = {
                     "device_id": dev.device_id, "seq": dev.health_seq, "at": at, "window_s": WINDOW_S,
                     "model": self.model, "version": version, "mode": mode, "requests": requests,
