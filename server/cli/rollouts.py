@@ -56,6 +56,11 @@ def rollout() -> None:
 @click.option("--stages", default="1,10,50,100", show_default=True, help="cumulative percents")
 @click.option("--soak", type=float, default=60, show_default=True, help="soak seconds per stage")
 @click.option("--shadow", is_flag=True, help="run the first stage in shadow mode (gated on agreement)")
+@click.option(
+    "--pause-after",
+    is_flag=True,
+    help="pause once each stage but the last passes: the next starts at `fleet rollout resume` (an approval)",
+)
 @click.option("--on-failure", type=click.Choice(["pause", "rollback"]), default="pause", show_default=True)
 @click.option("--gate", "gates", multiple=True, help="name=value, e.g. max_error_rate=0.02 (repeatable)")
 @click.option("--tag", "tag_exprs", multiple=True, help="select devices with key=value (repeat to AND)")
@@ -90,6 +95,7 @@ def rollout_start(
     stages: str,
     soak: float,
     shadow: bool,
+    pause_after: bool,
     on_failure: str,
     gates: tuple[str, ...],
     tag_exprs: tuple[str, ...],
@@ -113,7 +119,13 @@ def rollout_start(
         "version": version,
         "selector": selector_of(tag_exprs, device_ids, arch),
         "stages": [
-            {"percent": p, "soak_s": soak, "shadow": shadow and i == 0} for i, p in enumerate(percents)
+            {
+                "percent": p,
+                "soak_s": soak,
+                "shadow": shadow and i == 0,
+                "pause_after": pause_after and i < len(percents) - 1,
+            }
+            for i, p in enumerate(percents)
         ],
         "gates": parse_gates(gates),
         "on_failure": on_failure,
