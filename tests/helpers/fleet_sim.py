@@ -105,6 +105,14 @@ class SimFleet:
         now = utcnow()
         self.ingest.process([(f"fleet/v1/d/{d}/{kind}", payload, now) for d, kind, payload in messages])
 
+    def window(self, device_id: str, seq: int, at: datetime, **fields: Any) -> None:
+        """Send one health window as ``device_id`` would, with any claims in ``fields`` (a 1 s
+        window of 10 requests without errors for the version it serves, unless they say so)."""
+        claims = {"window_s": 1.0, "model": self.model, "requests": 10, "errors": 0, **fields}
+        claims.setdefault("version", self.devices[device_id].serving[self.model])
+        window = HealthWindow.build(device_id=device_id, seq=seq, at=at, **claims)
+        self._send([(device_id, "health", window.to_json())])
+
     def presence(self, device_id: str, online: bool = True) -> None:
         dev = self.devices[device_id]
         dev.online = online

@@ -61,9 +61,7 @@ def test_implausible_cpu_and_memory_are_refused_and_counted(app_client, admin_he
     now = utcnow()
 
     def send(seq: int, **claims) -> None:
-        fields = {"device_id": device, "seq": seq, "at": now + timedelta(seconds=seq), "window_s": 1.0,
-                  "model": "det", "version": "1.0.0", "requests": 10, "errors": 0, **claims}  # fmt: skip
-        lab._send([(device, "health", HealthWindow.build(**fields).to_json())])
+        lab.window(device, seq, now + timedelta(seconds=seq), **claims)
 
     lies = [
         {"requests": 0, "cpu_ms_per_request": 1.0},  # CPU time without a request

@@ -4,8 +4,6 @@ model's inputs (a bad file is a 422 and nothing is published)."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnx
 import pytest
@@ -14,13 +12,7 @@ from onnx import numpy_helper
 from device_client.protocol.bundle import extract_bundle
 from server.catalog.quantize import Calibration, quantize_int8
 from server.digits import build_digits_pair, digits_split
-from tests.helpers.catalog import auth, nothing_published
-
-
-def npz_bytes(compressed: bool = False, **arrays) -> bytes:
-    buf = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
-    return buf.getvalue()
+from tests.helpers.catalog import auth, nothing_published, npz_bytes
 
 
 @pytest.fixture

@@ -5,25 +5,17 @@ refused by ``min_agreement`` on the agreement it measures, which is what the two
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from device_client.protocol.bundle import ValidationSpec, extract_bundle
 from server.catalog.quantize import agreement
-from tests.helpers.catalog import auth
+from tests.helpers.catalog import auth, npz_bytes
 from tests.helpers.third_party_models import ppocr_cls_or_skip, text_lines
 
 #: validation lines (3x48x192 float32: 3.5 MB); the int8 builds disagree with fp32 on a few
 ROWS = 32
-
-
-def npz_bytes(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
