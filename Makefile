@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint venv mosquitto chromium mlserver clean
+.PHONY: demo test bench lint venv mosquitto chromium mlserver third-party-models clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,16 +51,23 @@ mlserver:
 	  echo "MLServer could not be installed: its interoperability test will be skipped" >&2; \
 	fi
 
+# a real third-party ONNX model (PP-OCR's text-direction classifier, from PyPI's rapidocr-onnxruntime
+# wheel, without its dependencies) for the int8 tests and bench/variants.py, in .cache/; when the
+# download fails (offline) the tests that use it are skipped with a message
+third-party-models: venv
+	@$(PY) -m tests.helpers.third_party_models || \
+	  echo "the third-party model could not be fetched: the tests that use it will be skipped" >&2
+
 demo: venv mosquitto
 	$(VENV)/bin/fleet demo
 
-test: venv mosquitto chromium mlserver
+test: venv mosquitto chromium mlserver third-party-models
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: venv mosquitto
+bench: venv mosquitto third-party-models
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: venv
@@ -68,4 +75,4 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(MLSERVER_VENV) fleet-data .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) .cache fleet-data .pytest_cache .ruff_cache .mypy_cache

@@ -159,9 +159,8 @@ def install_service_cmd(
 ) -> None:
     """Write the systemd unit fleetota-device.service (and enable it unless --no-enable)."""
     import shutil
-    import subprocess
 
-    from .service import DEFAULT_EXEC, UnitOptions, install
+    from .service import DEFAULT_EXEC, ServiceInstallError, UnitOptions, install
 
     fleet = shutil.which("fleet")
     opts = UnitOptions(
@@ -174,7 +173,7 @@ def install_service_cmd(
     try:
         for line in install(opts, unit_dir, enable=not no_enable):
             console.print(line)
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except (OSError, ServiceInstallError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)
 

@@ -1,10 +1,10 @@
 """Inference health: a cheap thread-safe recorder and the pure probation rule.
 
-:class:`HealthRecorder` times and counts every request (errors: exceptions and non-finite outputs)
-into the window published every ``health_window_s`` (a swap cuts it, so no window mixes two
-versions) and into the period since the last swap, which probation judges with exact counts and
-reservoir-sampled percentiles. :func:`evaluate_probation` passes, fails or continues a probation
-(docs/architecture.md, "Device health and probation").
+:class:`HealthRecorder` times and counts every request (errors: exceptions and non-finite outputs),
+and sums the CPU time of those measured, into the window published every ``health_window_s`` (a
+swap cuts it, so no window mixes two versions) and into the period since the last swap, which
+probation judges with exact counts and reservoir-sampled percentiles. :func:`evaluate_probation`
+passes, fails or continues a probation (docs/architecture.md, "Device health and probation").
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class WindowStats:
     shadow_errors: int = 0
     shadow_dropped: int = 0
     shadow_p95_ms: float | None = None
+    #: mean CPU time per request of the requests whose CPU time was measured (None: none was)
+    cpu_ms_per_request: float | None = None
 
     @property
     def error_rate(self) -> float:
@@ -73,7 +75,16 @@ class WindowStats:
         )
 
     def to_health_window(
-        self, *, device_id: str, seq: int, at: datetime, model: str, version: str, mode: ServeMode
+        self,
+        *,
+        device_id: str,
+        seq: int,
+        at: datetime,
+        model: str,
+        version: str,
+        mode: ServeMode,
+        variant: str | None = None,
+        rss_bytes: int | None = None,
     ) -> HealthWindow:
         shadow = mode is ServeMode.shadow
         return HealthWindow.build(
@@ -92,6 +103,9 @@ class WindowStats:
             shadow_requests=self.shadow_requests if shadow else None,
             agreement=self.agreement if shadow else None,
             shadow_p95_ms=self.shadow_p95_ms if shadow else None,
+            variant=variant,
+            cpu_ms_per_request=None if shadow else self.cpu_ms_per_request,
+            rss_bytes=rss_bytes,
         )
 
 
@@ -106,6 +120,9 @@ class _Acc:
     shadow_agreed: int = 0
     shadow_errors: int = 0
     shadow_dropped: int = 0
+    #: CPU time summed over the requests whose CPU time was measured, and their count
+    cpu_ns: int = 0
+    cpu_requests: int = 0
 
     def stats(self, now: float) -> WindowStats:
         lat = sorted(self.latencies)
@@ -122,6 +139,7 @@ class _Acc:
             shadow_errors=self.shadow_errors,
             shadow_dropped=self.shadow_dropped,
             shadow_p95_ms=percentile_ms(sl, 0.95),
+            cpu_ms_per_request=self.cpu_ns / self.cpu_requests / 1e6 if self.cpu_requests else None,
         )
 
 
@@ -153,13 +171,17 @@ class HealthRecorder:
             if j < self._cap:
                 reservoir[j] = value
 
-    def record(self, latency_ns: int, ok: bool = True) -> None:
-        """One served request (``ok=False``: it raised or returned non-finite outputs)."""
+    def record(self, latency_ns: int, ok: bool = True, cpu_ns: int | None = None) -> None:
+        """One served request (``ok=False``: it raised or returned non-finite outputs); ``cpu_ns``:
+        the CPU time its inference took, when it was measured."""
         with self._lock:
             win, per = self._win, self._period
             win.latencies.append(latency_ns)
             win.requests += 1
             per.requests += 1
+            if cpu_ns is not None:
+                win.cpu_ns += cpu_ns
+                win.cpu_requests += 1
             if not ok:
                 win.errors += 1
                 per.errors += 1
@@ -212,7 +234,9 @@ class HealthRecorder:
             win = self._win
             if win.requests:
                 served = _Acc(win.started, win.latencies, win.requests, win.errors)
+                served.cpu_ns, served.cpu_requests = win.cpu_ns, win.cpu_requests
             win.started, win.latencies, win.requests, win.errors = now, [], 0, 0
+            win.cpu_ns = win.cpu_requests = 0
         if served is not None:
             stats = served.stats(now)  # sorts the latencies: outside the lock
             with self._lock:
@@ -299,9 +323,7 @@ def evaluate_probation(
             f" even if the rest of the first {need} succeeded"
         )
     elif judge and stats.error_rate > probation.max_error_rate:
-        reasons.append(
-            f"error rate {stats.error_rate:.2%} ({e}/{n}) exceeds {probation.max_error_rate:.2%}"
-        )
+        reasons.append(f"error rate {stats.error_rate:.2%} ({e}/{n}) exceeds {probation.max_error_rate:.2%}")
     if judge and stats.p95_ms is not None:
         if probation.max_p95_ms is not None and stats.p95_ms > probation.max_p95_ms:
             reasons.append(f"p95 {stats.p95_ms:.3f} ms exceeds {probation.max_p95_ms:g} ms")

@@ -96,9 +96,12 @@ class Watchdog:
         self._failing: str | None = None
 
     @classmethod
-    def from_env(cls, notifier: Notifier, checks: Mapping[str, LivenessCheck]) -> Watchdog | None:
-        """A watchdog when the unit asks for one (``$WATCHDOG_USEC``) and can be notified."""
-        interval = watchdog_interval_s()
+    def from_env(
+        cls, notifier: Notifier, checks: Mapping[str, LivenessCheck], env: Mapping[str, str] | None = None
+    ) -> Watchdog | None:
+        """A watchdog when the unit asks for one (``$WATCHDOG_USEC`` in ``env``, by default this
+        process's environment) and can be notified."""
+        interval = watchdog_interval_s(env)
         if interval is None or not notifier.enabled:
             return None
         return cls(notifier, interval, checks)

@@ -1,6 +1,6 @@
 """The device daemon's systemd unit (``fleet device install-service``): :func:`render_unit` writes
 ``deploy/systemd/fleetota-device.service`` for a given user, data directory, token file and
-``fleet`` executable; :func:`install` writes it and enables it with ``systemctl``."""
+``fleet`` executable; :func:`install` writes it and enables it with the ``systemctl`` on ``PATH``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 DEFAULT_EXEC = Path("/usr/local/bin/fleet")
 DEFAULT_USER = "fleetota"
 DEFAULT_DATA_DIR = Path("/var/lib/fleetota")
+
+
+class ServiceInstallError(RuntimeError):
+    """``systemctl`` failed; the unit written stays in place."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,10 @@ WantedBy=multi-user.target
 
 
 def install(opts: UnitOptions, unit_dir: Path = DEFAULT_UNIT_DIR, *, enable: bool = True) -> list[str]:
-    """Write the unit into ``unit_dir``; unless ``enable`` is False or there is no ``systemctl``,
-    reload systemd and enable the unit. Returns what was done, one line each."""
+    """Write the unit into ``unit_dir``; unless ``enable`` is False or there is no ``systemctl``
+    on ``PATH``, reload systemd and enable the unit. Returns what was done, one line each.
+    :class:`ServiceInstallError` when ``systemctl`` fails: the unit is left in place (it is what
+    was asked for; enabling can be retried by hand once the cause is fixed)."""
     unit_dir.mkdir(parents=True, exist_ok=True)
     path = unit_dir / UNIT_NAME
     path.write_text(render_unit(opts))
@@ -93,6 +99,14 @@ def install(opts: UnitOptions, unit_dir: Path = DEFAULT_UNIT_DIR, *, enable: boo
         return done
     if systemctl is None:
         return [*done, "systemctl not found: not enabled"]
-    subprocess.run([systemctl, "daemon-reload"], check=True)
-    subprocess.run([systemctl, "enable", UNIT_NAME], check=True)
+    for args in (["daemon-reload"], ["enable", UNIT_NAME]):
+        proc = subprocess.run([systemctl, *args], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            said = (proc.stderr or proc.stdout).strip().splitlines()
+            raise ServiceInstallError(
+                f"{systemctl} {' '.join(args)} failed (exit {proc.returncode})"
+                + (f": {said[-1]}" if said else "")
+                + f"; {path} is left in place: run `systemctl daemon-reload && systemctl enable "
+                f"{UNIT_NAME}` once that is fixed"
+            )
     return [*done, f"enabled {UNIT_NAME} (systemctl start {UNIT_NAME} starts it)"]

@@ -175,8 +175,11 @@ class FleetClient:
         calibration: str | None = None,
         min_agreement: float | None = None,
         int8_cpu_flags: str | None = None,
+        calibration_data: Path | None = None,
     ) -> dict[str, Any]:
         """Upload and publish a model version, with the long ``upload_timeout``.
+        ``calibration_data``: an ``.npz`` of calibration inputs (``inputs/<name>``) for a static
+        int8 quantization (with ``quantize="int8"``).
 
         Should it still time out, the server may yet commit the version: look before retrying
         (``get_version``), since a second push of the same version is a 409.
@@ -197,6 +200,12 @@ class FleetClient:
             files: dict[str, Any] = {"file": (file.name, reader, "application/octet-stream")}
             if validation is not None:
                 files["validation"] = (validation.name, validation.read_bytes(), "application/octet-stream")
+            if calibration_data is not None:
+                files["calibration_data"] = (
+                    calibration_data.name,
+                    calibration_data.read_bytes(),
+                    "application/octet-stream",
+                )
             return self._call(
                 "POST", f"/api/v1/models/{name}/versions", data=data, files=files, timeout=self.upload_timeout
             )
@@ -286,13 +295,30 @@ class FleetClient:
 
     # -- rollouts -----------------------------------------------------------------------------
     def create_rollout(
-        self, body: dict[str, Any], *, routing: dict[str, Any] | None = None
+        self,
+        body: dict[str, Any],
+        *,
+        routing: dict[str, Any] | None = None,
+        skip_unfit: bool | None = None,
     ) -> dict[str, Any]:
         """Create a rollout from ``body`` (the API's JSON); ``routing``, the routing policy its
-        DesiredStates carry, may also be given here (it replaces ``body["routing"]``)."""
+        DesiredStates carry, may also be given here (it replaces ``body["routing"]``), and
+        ``skip_unfit``: leave out the selected devices no variant fits (else a 422 names them)."""
         if routing is not None:
             body = {**body, "routing": routing}
+        if skip_unfit is not None:
+            body = {**body, "skip_unfit": skip_unfit}
         return self._call("POST", "/api/v1/rollouts", json=body)
+
+    def preview_rollout(
+        self, model: str, version: str, selector: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """How many devices ``selector`` (none: every device) matches would get each variant of
+        the version, and how many no variant fits (``unfit``, ``unfit_examples``)."""
+        params = {"model": model, "version": version}
+        if selector:
+            params["selector"] = json.dumps(selector)
+        return self._call("GET", "/api/v1/rollouts/preview", params=params)
 
     def get_rollout(self, rollout_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/rollouts/{rollout_id}")

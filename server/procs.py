@@ -4,6 +4,7 @@ Every child the server starts (Mosquitto, the ingest processes) gets ``PR_SET_PD
 Linux: the kernel signals it when the server dies, SIGKILL included. Elsewhere there is no such
 call and a child outlives a killed server (the ingest processes still exit when their pipe
 closes). :func:`stop_on_sigterm` turns SIGTERM into a normal exit, so cleanup runs as on Ctrl-C.
+:func:`take_service_manager_env` keeps systemd's notification variables from every child.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import ctypes.util
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from types import FrameType
 
 #: linux/prctl.h
 PR_SET_PDEATHSIG = 1
+#: what systemd tells the main process of a ``Type=notify`` unit with a watchdog: for it alone
+SERVICE_MANAGER_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -58,6 +61,16 @@ def death_signal_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None
         set_death_signal(sig, parent)
 
     return preexec
+
+
+def take_service_manager_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Remove ``$NOTIFY_SOCKET``, ``$WATCHDOG_USEC`` and ``$WATCHDOG_PID`` from ``environ`` (this
+    process's environment by default) and return them: called before the first child starts, so
+    that no child (Mosquitto, the ingest processes, the cloud tier, however it is started)
+    inherits them and talks to the service manager in the server's name; the server notifies
+    with what this returns (libsystemd's ``unset_environment``)."""
+    environ = os.environ if environ is None else environ
+    return {name: environ.pop(name) for name in SERVICE_MANAGER_VARS if name in environ}
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import uvicorn
 
 from device_client.sdnotify import Notifier, Watchdog
 from server.config import Settings
-from server.procs import stop_on_sigterm
+from server.procs import stop_on_sigterm, take_service_manager_env
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -188,7 +188,8 @@ def configure_service_logging(settings: Settings) -> None:
 
 def run_server(overrides: dict[str, Any] | None = None) -> None:
     """``fleet server run``: uvicorn in this process; Mosquitto (without FLEET_MQTT_URL) and the
-    cloud tier (FLEET_CLOUD_EMBEDDED) as supervised children. SIGTERM stops it like Ctrl-C: a
+    cloud tier (FLEET_CLOUD_EMBEDDED) as supervised children, none of them with systemd's
+    notification variables (:func:`take_service_manager_env`). SIGTERM stops it like Ctrl-C: a
     graceful shutdown, the children stopped, exit code 0; a killed server takes its children with
     it (:mod:`server.procs`)."""
     import uvicorn
@@ -196,6 +197,8 @@ def run_server(overrides: dict[str, Any] | None = None) -> None:
     from server.app import create_app
     from server.mqtt.broker import BrokerSupervisor
 
+    # from here on no child inherits $NOTIFY_SOCKET/$WATCHDOG_*: only this process notifies systemd
+    service_env = take_service_manager_env()
     settings = Settings(**(overrides or {}))
     check_bind(settings)
     configure_service_logging(settings)
@@ -209,7 +212,9 @@ def run_server(overrides: dict[str, Any] | None = None) -> None:
                 supervisor = BrokerSupervisor(start_embedded_broker(settings)).start()
             app = create_app(settings)
             config = uvicorn.Config(app, log_level="info", **uvicorn_options(settings))
-            server = NotifyingServer(config, f"serving the API on {settings.host}:{settings.port}")
+            server = NotifyingServer(
+                config, f"serving the API on {settings.host}:{settings.port}", service_env
+            )
             if settings.cloud_embedded:
                 cloud = app.state.cloud = embedded_cloud(settings, app, lambda: server.started).start()
             with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a clean stop, as uvicorn.run
@@ -228,10 +233,12 @@ class NotifyingServer(uvicorn.Server):
     ``STOPPING=1`` when it shuts down, pinging ``WATCHDOG=1`` (``$WATCHDOG_USEC``) while its event
     loop answers within ``LOOP_ANSWER_S``."""
 
-    def __init__(self, config: uvicorn.Config, status: str) -> None:
+    def __init__(self, config: uvicorn.Config, status: str, service_env: dict[str, str]) -> None:
         super().__init__(config)
         self.status = status
-        self.notifier = Notifier()
+        #: systemd's variables, taken from the environment before any child started
+        self.service_env = service_env
+        self.notifier = Notifier(service_env.get("NOTIFY_SOCKET", ""))
         self.watchdog: Watchdog | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -241,7 +248,7 @@ class NotifyingServer(uvicorn.Server):
             return
         self.loop = asyncio.get_running_loop()
         self.notifier.ready(self.status)
-        self.watchdog = Watchdog.from_env(self.notifier, {"api": self.loop_answers})
+        self.watchdog = Watchdog.from_env(self.notifier, {"api": self.loop_answers}, self.service_env)
         if self.watchdog is not None:
             self.watchdog.start()
 

@@ -35,6 +35,10 @@ def rollout_table(state: dict[str, Any]) -> Table:
     title = escape(f"rollout {state['id']}: {state['model']} {state['version']} [{state['status']}]")
     if state.get("routing"):
         title += escape(f"\nrouting: {routing_summary(state['routing'])}")
+    if state.get("unfit_skipped"):
+        title += escape(
+            f"\n{state['unfit_skipped']} selected device(s) fit no variant: left out (skip_unfit)"
+        )
     hybrid = any(
         v["health"].get("escalation_rate") is not None or v["health"].get("cloud_agreement") is not None
         for v in state["stage_views"]
@@ -65,6 +69,31 @@ def rollout_table(state: dict[str, Any]) -> Table:
         table.caption = state["reason"]
     elif state.get("offline_pending"):
         table.caption = f"{state['offline_pending']} device(s) offline, to update when they return"
+    return table
+
+
+def variant_table(state: dict[str, Any]) -> Table | None:
+    """Health per variant of the new version on the current stage's devices (requests, error
+    rate, p95, CPU per request): what the gates judge per variant. None before any device of the
+    stage reported, and when every device serves the ``default`` variant."""
+    views = state["stage_views"]
+    if not views:
+        return None
+    view = views[min(state["current_stage"], len(views) - 1)]
+    variants = view["health"].get("variants") or {}
+    if not variants or list(variants) == ["default"]:
+        return None  # the stage table says it all
+    title = escape(f"stage {view['index'] + 1} per variant")
+    table = Table("variant", "devices", "requests", "errors", "p95 ms", "CPU ms/request", title=title)
+    for name, h in sorted(variants.items()):
+        table.add_row(
+            name,
+            str(h.get("devices_reporting", 0)),
+            str(h.get("requests", 0)),
+            "" if h.get("error_rate") is None else f"{h['error_rate']:.2%}",
+            "" if h.get("p95_ms") is None else f"{h['p95_ms']:.1f}",
+            "" if h.get("cpu_ms_per_request") is None else f"{h['cpu_ms_per_request']:.3f}",
+        )
     return table
 
 

@@ -1,11 +1,13 @@
 """Health windows (:class:`HealthPublisher`): every ``health_window_s`` one window per hosted model,
 one per part of the window a replaced model served, and one per running shadow candidate, sent
-over MQTT at QoS 0 under a device-monotonic seq. A model with a routing policy adds the window's
-routing counters to the window of the version serving at its end."""
+over MQTT at QoS 0 under a device-monotonic seq. Each window names the variant that served it and
+the process's resident memory at its end. A model with a routing policy adds the window's routing
+counters to the window of the version serving at its end."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -21,6 +23,16 @@ from ..runtime import ModelHost
 from .reporting import now_ms
 
 log = logging.getLogger(__name__)
+
+
+def rss_bytes() -> int | None:
+    """The process's resident memory (``/proc/self/statm``; None where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            resident = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident * os.sysconf("SC_PAGE_SIZE")
 
 
 def routing_fields(drained: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,6 +66,9 @@ class HealthPublisher:
         self.topic = device_topic(device_id, TopicKind.health)
         self.link: MqttLink | None = None
         self._seq = now_ms()
+        #: (model, version) -> the variant last seen serving or shadowing it: the variant of the
+        #: parts of a window a replaced model served
+        self._variants: dict[tuple[str, str], str] = {}
 
     def _next_seq(self) -> int:
         self._seq = max(self._seq + 1, now_ms())
@@ -62,8 +77,12 @@ class HealthPublisher:
     def publish(self) -> None:
         """One window per hosted model (and one more per running shadow candidate)."""
         link = self.link
+        rss = rss_bytes()
         for name, host in list(self.hosts.items()):
             serving = host.serving
+            for loaded in (host.previous, serving, host.shadow_candidate):
+                if loaded is not None:
+                    self._variants[(name, loaded.version)] = loaded.manifest.variant
             closed = host.health.drain_closed()  # the parts of this window served by replaced models
             stats = host.health.snapshot_and_reset()
             drained = self.routing.drain(name) if self.routing is not None else None
@@ -71,14 +90,15 @@ class HealthPublisher:
                 continue
             at = utcnow()
             for version, segment in closed:
-                self._send(link, segment, at, name, version, ServeMode.serve)
+                self._send(link, segment, at, name, version, ServeMode.serve, rss=rss)
             if serving is None:
                 continue
             extra = routing_fields(drained) if drained is not None else None
-            self._send(link, stats, at, name, serving.version, ServeMode.serve, extra)
+            self._send(link, stats, at, name, serving.version, ServeMode.serve, extra, rss=rss)
             candidate = host.shadow_candidate
             if candidate is not None:
-                self._send(link, stats.shadow_candidate(), at, name, candidate.version, ServeMode.shadow)
+                shadow = stats.shadow_candidate()
+                self._send(link, shadow, at, name, candidate.version, ServeMode.shadow, rss=rss)
 
     def _send(
         self,
@@ -89,6 +109,8 @@ class HealthPublisher:
         version: str,
         mode: ServeMode,
         extra: Mapping[str, Any] | None = None,
+        *,
+        rss: int | None = None,
     ) -> None:
         window = stats.to_health_window(
             device_id=self.device_id,
@@ -97,6 +119,8 @@ class HealthPublisher:
             model=model,
             version=version,
             mode=mode,
+            variant=self._variants.get((model, version)),
+            rss_bytes=rss,
         )
         if extra:
             try:

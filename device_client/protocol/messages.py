@@ -215,6 +215,12 @@ class HealthWindow(Payload):
     cloud_p95_ms: float | None = Field(default=None, ge=0)
     cloud_compared: int | None = Field(default=None, ge=0, le=MAX_INT)
     cloud_agreement: float | None = Field(default=None, ge=0, le=1)
+    #: the variant of the version that served the window (absent from older devices)
+    variant: str | None = Field(default=None, pattern=VARIANT_PATTERN)
+    #: mean CPU time of the inference thread per request (None: no request measured), and the
+    #: process's resident memory at the window's end (docs/architecture.md, "CPU and memory")
+    cpu_ms_per_request: float | None = Field(default=None, ge=0)
+    rss_bytes: int | None = Field(default=None, ge=0, le=MAX_BIGINT)
 
 
 class HardwareFacts(BaseModel):
@@ -232,9 +238,7 @@ class HardwareFacts(BaseModel):
     #: ``asimddp``, ``i8mm``) this device has; variant constraints can require them
     cpu_flags: list[str] = Field(default_factory=list, max_length=16)
 
-    _strict = field_validator("execution_providers", "cpu_flags")(
-        classmethod(lambda cls, v: strict_json(v))
-    )
+    _strict = field_validator("execution_providers", "cpu_flags")(classmethod(lambda cls, v: strict_json(v)))
 
 
 class Presence(Payload):

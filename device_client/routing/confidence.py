@@ -3,10 +3,13 @@
 Scores per row: ``max_prob`` (top class probability), ``margin`` (top-1 minus top-2) and
 ``entropy`` (nats; lower is surer), over the last axis of the named output, after a softmax when
 the output holds logits. A request is confident when every row of its batch is; NaN is never sure.
+Small float outputs (a classifier's few scores) take a plain-Python path with the same rules:
+numpy's per-call overhead would cost more than the edge model itself (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -76,12 +79,12 @@ def row_scores(probs: np.ndarray, kind: ConfidenceKind) -> np.ndarray:
         return top2[:, 1] - top2[:, 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(probs > 0, -probs * np.log(probs), 0.0)
-    return terms.sum(axis=1)
+    return np.where(np.isnan(probs).any(axis=1), np.nan, terms.sum(axis=1))  # NaN is never sure
 
 
 def is_confident(score: float, kind: ConfidenceKind, threshold: float) -> bool:
     """Whether one score clears the threshold (entropy: at most it; others: at least it)."""
-    if not np.isfinite(score):
+    if not math.isfinite(score):
         return False
     return score <= threshold if kind is ConfidenceKind.entropy else score >= threshold
 
@@ -97,16 +100,66 @@ def confidence_output(outputs: Mapping[str, np.ndarray], spec: ConfidenceSpec) -
     return spec.output
 
 
+#: float outputs of at most this many elements are scored in plain Python (:func:`small_scores`)
+SMALL_OUTPUT = 256
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -709.0 else 0.0  # exp(709+) overflows: p is 0
+
+
+def _row_score(row: list[float], kind: ConfidenceKind, apply_softmax: bool) -> float:
+    """One row's score by :func:`probabilities` and :func:`row_scores`' rules, on unnormalised
+    weights divided by their total once (NaN for a row that is not finite)."""
+    total = sum(row)
+    if not math.isfinite(total) and not all(math.isfinite(v) for v in row):
+        return math.nan
+    if len(row) == 1:
+        x = row[0]
+        p = _sigmoid(x) if apply_softmax else min(max(x, 0.0), 1.0)
+        weights, total = [1.0 - p, p], 1.0
+    elif apply_softmax:
+        top = max(row)
+        weights = [math.exp(v - top) for v in row]
+        total = sum(weights)
+    else:
+        weights = row if min(row) >= 0.0 else [v if v > 0.0 else 0.0 for v in row]
+        total = sum(weights) if weights is not row else total
+        if not total > 0.0:  # all zero: no idea, uniform
+            weights, total = [1.0] * len(row), float(len(row))
+    if kind is ConfidenceKind.max_prob:
+        return max(weights) / total
+    if kind is ConfidenceKind.margin:
+        second, first = sorted(weights)[-2:]
+        return (first - second) / total
+    return sum(-(w / total) * math.log(w / total) for w in weights if w > 0.0)
+
+
+def small_scores(output: np.ndarray, kind: ConfidenceKind, apply_softmax: bool) -> list[float]:
+    """``row_scores(probabilities(output))`` for a small float array, without numpy's per-call cost."""
+    if output.size == 0:
+        raise ConfidenceError(f"confidence output of shape {output.shape} is empty")
+    arr = output.reshape(1, -1) if output.ndim < 2 else output.reshape(-1, output.shape[-1])
+    return [_row_score(row, kind, apply_softmax) for row in arr.tolist()]
+
+
 def read_confidence(outputs: Mapping[str, np.ndarray], spec: ConfidenceSpec) -> Confidence:
     """How sure the edge answer ``outputs`` is, per ``spec``; raises :class:`ConfidenceError`."""
-    probs = probabilities(outputs[confidence_output(outputs, spec)], apply_softmax=spec.softmax)
-    scores = row_scores(probs, spec.kind)
-    if np.isnan(scores).any():
-        worst = float("nan")
-    elif spec.kind is ConfidenceKind.entropy:
-        worst = float(scores.max())
+    output = outputs[confidence_output(outputs, spec)]
+    if isinstance(output, np.ndarray) and output.dtype.kind == "f" and output.size <= SMALL_OUTPUT:
+        scores = small_scores(output, spec.kind, spec.softmax)
+        if len(scores) == 1:
+            worst = scores[0]
+        elif any(math.isnan(v) for v in scores):
+            worst = math.nan
+        else:
+            worst = max(scores) if spec.kind is ConfidenceKind.entropy else min(scores)
     else:
-        worst = float(scores.min())
+        array = row_scores(probabilities(output, apply_softmax=spec.softmax), spec.kind)
+        if np.isnan(array).any():
+            worst = math.nan
+        else:
+            worst = float(array.max() if spec.kind is ConfidenceKind.entropy else array.min())
     return Confidence(spec.kind, worst, is_confident(worst, spec.kind, spec.threshold))
 
 

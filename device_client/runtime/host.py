@@ -36,6 +36,8 @@ class InferenceResult:
     outputs: dict[str, np.ndarray]
     model: str
     version: str
+    #: CPU time of the inference thread for ``session.run`` (docs/architecture.md, "CPU and memory")
+    cpu_ns: int | None = None
 
 
 class ModelHost:
@@ -46,11 +48,11 @@ class ModelHost:
     attribute. So a swap never blocks a request and no request waits for a load (loading,
     validation and warm-up happen before the swap, off the request path, at low CPU priority:
     :func:`~.priority.run_low_priority`): in-flight requests finish on the old session, new ones go
-    to the new one. Every request is timed with ``perf_counter_ns`` into the
-    :class:`~device_client.health.HealthRecorder`; an exception or a non-finite output (NaN/Inf)
-    counts as an error. Exceptions propagate as :class:`InferenceError`; NaN outputs are returned as
-    they are. Inputs that do not fit the signature raise :class:`~.loader.BadInput` and are not
-    counted (the caller's fault, not the model's).
+    to the new one. Every request is timed with ``perf_counter_ns``, and the CPU time of the thread
+    that runs it with ``thread_time_ns``, into the :class:`~device_client.health.HealthRecorder`;
+    an exception or a non-finite output (NaN/Inf) counts as an error. Exceptions propagate as
+    :class:`InferenceError`; NaN outputs are returned as they are. Inputs that do not fit the
+    signature raise :class:`~.loader.BadInput` and are not counted (the caller's fault, not the model's).
 
     Keep-previous-warm policy: with ``keep_previous_warm`` (the default) the host keeps exactly one
     previous :class:`LoadedModel` in memory, the one the last swap replaced, and :meth:`rollback`
@@ -137,18 +139,21 @@ class ModelHost:
             raise NoModel(f"no model {self.name!r} is loaded")
         model.check_inputs(inputs)
         t0 = time.perf_counter_ns()
+        c0 = time.thread_time_ns()
         try:
             outputs = model.session.run(None, inputs)
         except Exception as exc:
             if record:
                 self.health.record(time.perf_counter_ns() - t0, ok=False)
             raise InferenceError(f"{model.name} {model.version}: {exc}") from exc
+        cpu = time.thread_time_ns() - c0
         if record:
-            self.health.record(time.perf_counter_ns() - t0, ok=all_finite(outputs))
+            self.health.record(time.perf_counter_ns() - t0, ok=all_finite(outputs), cpu_ns=cpu)
         shadow = self._shadow
         if shadow is not None:
             shadow.offer(inputs, outputs)
-        return InferenceResult(dict(zip(model.output_names, outputs, strict=True)), model.name, model.version)
+        outs = dict(zip(model.output_names, outputs, strict=True))
+        return InferenceResult(outs, model.name, model.version, cpu)
 
     # ---------------------------------------------------------------- admin path
 

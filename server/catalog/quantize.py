@@ -1,9 +1,10 @@
 """Building and measuring an int8 variant of a pushed fp32 model (``--quantize int8``).
 
 Quantization uses ``onnxruntime.quantization``: dynamic (weights int8, activations quantized at
-run time) by default, or static with the validation inputs as calibration data in QDQ format. The
-int8 model is measured against the fp32 one on the validation inputs: size, agreement (top-1 for
-classifiers, within the validation tolerance otherwise) and latency relative to fp32 on this CPU.
+run time) by default, or static in QDQ format, calibrated on an uploaded calibration set or else on
+the validation inputs. The int8 model is measured against the fp32 one on the validation inputs:
+size, agreement (top-1 for classifiers, within the validation tolerance otherwise) and latency
+relative to fp32 on this CPU.
 """
 
 from __future__ import annotations
@@ -42,23 +43,39 @@ class VariantMeasurement:
     agreement_metric: str
     #: median latency on the validation inputs, this variant / fp32, on the server's CPU
     latency_ratio: float
+    #: ``dynamic``, ``static`` (on the validation inputs) or ``static:uploaded``
     calibration: str | None = None
+    #: rows the static calibration ran on
+    calibration_rows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "size_bytes": self.size_bytes,
-            "size_ratio": round(self.size_ratio, 4),
-            "agreement": round(self.agreement, 6),
-            "agreement_metric": self.agreement_metric,
-            "latency_ratio": round(self.latency_ratio, 4),
-        } | ({"calibration": self.calibration} if self.calibration else {})
+        return (
+            {
+                "size_bytes": self.size_bytes,
+                "size_ratio": round(self.size_ratio, 4),
+                "agreement": round(self.agreement, 6),
+                "agreement_metric": self.agreement_metric,
+                "latency_ratio": round(self.latency_ratio, 4),
+            }
+            | ({"calibration": self.calibration} if self.calibration else {})
+            | ({"calibration_rows": self.calibration_rows} if self.calibration_rows is not None else {})
+        )
+
+
+#: what the measurements say of a static calibration on an uploaded calibration set
+UPLOADED = "static:uploaded"
+
+
+def calibration_rows(feeds: dict[str, np.ndarray]) -> int:
+    """Rows a static calibration runs on ``feeds`` (one per row of the first dimension)."""
+    return min((len(v) for v in feeds.values() if v.ndim > 0), default=1)
 
 
 class _Feeds:
-    """A CalibrationDataReader over the validation inputs, one row of the batch at a time."""
+    """A CalibrationDataReader over calibration inputs, one row of the batch at a time."""
 
     def __init__(self, feeds: dict[str, np.ndarray]) -> None:
-        rows = min((len(v) for v in feeds.values() if v.ndim > 0), default=1)
+        rows = calibration_rows(feeds)
         self._items: Iterator[dict[str, np.ndarray]] = iter(
             [{k: (v[i : i + 1] if v.ndim > 0 else v) for k, v in feeds.items()} for i in range(rows)]
         )

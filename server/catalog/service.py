@@ -29,9 +29,11 @@ from server.admin.schemas import Principal
 from server.admin.service import audit
 from server.catalog.quantize import (
     DEFAULT_MIN_AGREEMENT,
+    UPLOADED,
     Calibration,
     VariantMeasurement,
     agreement,
+    calibration_rows,
     median_latency_s,
     quantize_int8,
 )
@@ -54,6 +56,7 @@ from server.catalog.validation import (
     generate_inputs,
     load_onnx,
     parse_metadata,
+    read_calibration_inputs,
     read_validation_inputs,
     run_validation,
     write_validation,
@@ -65,6 +68,7 @@ if TYPE_CHECKING:
     from server.context import ServerContext
 
 log = logging.getLogger(__name__)
+
 
 # -- the service -------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class PushUpload:
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     #: CPU flags the int8 variant requires of a device, on top of the push's constraints
     int8_cpu_flags: tuple[str, ...] = ()
+    #: an uploaded ``.npz`` of calibration inputs for static quantization (else the validation inputs)
+    calibration_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,15 @@ class CatalogService:
         build_dir.mkdir(exist_ok=True)
         model_file = build_dir / "model.onnx"
         calibration = Calibration(upload.calibration)
-        quantize_int8(upload.model_file, model_file, calibration, feeds)
+        calibration_feeds, label = feeds, calibration.value
+        static = calibration == Calibration.static
+        if upload.calibration_file is not None:
+            if not static:
+                raise Invalid("uploaded calibration data is for static calibration, not dynamic")
+            limit = self.ctx.settings.max_upload_bytes
+            calibration_feeds = read_calibration_inputs(upload.calibration_file, fp32.inputs, limit)
+            label = UPLOADED
+        quantize_int8(upload.model_file, model_file, calibration, calibration_feeds)
         int8 = load_onnx(model_file)
         int8_outputs = run_validation(int8, feeds, meta.validation)
         share, metric = agreement(outputs, int8_outputs, meta.validation)
@@ -227,7 +241,8 @@ class CatalogService:
             agreement=share,
             agreement_metric=metric,
             latency_ratio=int8_s / fp32_s if fp32_s > 0 else 1.0,
-            calibration=calibration.value,
+            calibration=label,
+            calibration_rows=calibration_rows(calibration_feeds) if static else None,
         )
         if share < upload.min_agreement:
             raise Invalid(
@@ -341,7 +356,11 @@ class CatalogService:
         if info.length != length or info.hashes.get("sha256") != sha256:  # pragma: no cover - paranoia
             raise RuntimeError(f"published {path} does not match the bundle just built")
         log.info(
-            "pushed %s %s (%s) as release %d%s", name, version, build.variant, version_row.release,
+            "pushed %s %s (%s) as release %d%s",
+            name,
+            version,
+            build.variant,
+            version_row.release,
             "" if artifact.published else ", staged for the offline targets signature",
         )
 

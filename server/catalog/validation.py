@@ -92,22 +92,54 @@ def read_validation_inputs(
     unexpected = [k for k in arrays if k not in wanted and not k.startswith("outputs/")]
     if unexpected:
         raise Invalid(f"validation .npz has unexpected keys {sorted(unexpected)}; use inputs/<name>")
-    feeds: dict[str, np.ndarray] = {}
-    for spec in inputs:
-        arr = arrays.get(f"inputs/{spec.name}")
-        if arr is None:
-            raise Invalid(f"validation .npz lacks inputs/{spec.name}")
-        if arr.dtype != np.dtype(spec.dtype):
-            raise Invalid(f"validation input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
-        if arr.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d != n for d, n in zip(spec.shape, arr.shape, strict=True)
-        ):
-            raise Invalid(
-                f"validation input {spec.name!r} has shape {list(arr.shape)}, expected {spec.shape}"
-            )
-        feeds[spec.name] = arr
+    feeds = {spec.name: _input_array(arrays, spec, "validation") for spec in inputs}
     expected = {k.removeprefix("outputs/"): v for k, v in arrays.items() if k.startswith("outputs/")}
     return feeds, expected
+
+
+def _input_array(arrays: dict[str, np.ndarray], spec: TensorSpec, what: str) -> np.ndarray:
+    """``inputs/<name>`` of an uploaded ``.npz``, checked against the model's input ``spec``:
+    the same dtype, rank and every fixed dimension."""
+    arr = arrays.get(f"inputs/{spec.name}")
+    if arr is None:
+        raise Invalid(f"{what} .npz lacks inputs/{spec.name}")
+    if arr.dtype != np.dtype(spec.dtype):
+        raise Invalid(f"{what} input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
+    if arr.ndim != len(spec.shape) or any(
+        isinstance(d, int) and d != n for d, n in zip(spec.shape, arr.shape, strict=True)
+    ):
+        raise Invalid(f"{what} input {spec.name!r} has shape {list(arr.shape)}, expected {spec.shape}")
+    return arr
+
+
+def read_calibration_inputs(
+    path: Path, inputs: Sequence[TensorSpec], max_bytes: int
+) -> dict[str, np.ndarray]:
+    """The ``inputs/<name>`` arrays of an uploaded calibration ``.npz`` (static int8 calibration),
+    one per model input and nothing else, with as many rows (first dimension, at least one) each,
+    at most ``max_bytes`` once decompressed (checked before loading anything)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            unpacked = sum(info.file_size for info in zf.infolist())
+        if unpacked > max_bytes:
+            raise Invalid(f"calibration .npz holds {unpacked} bytes unpacked, over the limit of {max_bytes}")
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise Invalid(f"calibration file is not a readable .npz: {exc}") from None
+    wanted = {f"inputs/{s.name}" for s in inputs}
+    unexpected = sorted(k for k in arrays if k not in wanted)
+    if unexpected:
+        raise Invalid(
+            f"calibration .npz has unexpected keys {unexpected}; use inputs/<name> of the model's inputs"
+        )
+    feeds = {spec.name: _input_array(arrays, spec, "calibration") for spec in inputs}
+    rows = {name: (len(arr) if arr.ndim else 1) for name, arr in feeds.items()}
+    if len(set(rows.values())) > 1:
+        raise Invalid(f"calibration inputs have different numbers of rows: {rows}")
+    if 0 in rows.values():
+        raise Invalid("calibration .npz has no rows")
+    return feeds
 
 
 def run_validation(

@@ -71,6 +71,12 @@ def model() -> None:
     help="int8 quantization: dynamic (default) or static QDQ calibrated on the validation inputs",
 )
 @click.option(
+    "--calibration-data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help=".npz of calibration inputs (inputs/<name>) for a static int8 calibration (implies static)",
+)
+@click.option(
     "--min-agreement",
     type=click.FloatRange(0, 1),
     default=None,
@@ -100,6 +106,7 @@ def model_push(
     validation: Path | None,
     quantize: str | None,
     calibration: str | None,
+    calibration_data: Path | None,
     min_agreement: float | None,
     int8_cpu_flags: str | None,
     timeout_s: float,
@@ -127,6 +134,7 @@ def model_push(
             progress=lambda n: progress.advance(task, n),
             quantize=quantize,
             calibration=calibration,
+            calibration_data=calibration_data,
             min_agreement=min_agreement,
             int8_cpu_flags=int8_cpu_flags,
         )
@@ -144,6 +152,7 @@ def model_push(
             click.echo(
                 f"{built['variant']}: {m['size_bytes']} bytes ({m['size_ratio']:.2f}x), agreement "
                 f"{m['agreement']:.2%} ({m['agreement_metric']}), latency {m['latency_ratio']:.2f}x fp32"
+                + (f", calibration {m['calibration']}" if m.get("calibration") else "")
             )
     if staged:
         click.echo(
@@ -265,9 +274,7 @@ def model_revoke(url: str, token: str | None, name: str, version: str) -> None:
 )
 @click.option("--no-verify", is_flag=True, help="do not download and check the bundles about to be listed")
 @click.option("--yes", "-y", is_flag=True, help="sign without asking")
-def model_sign(
-    url: str, token: str | None, key_path: Path, renew: bool, no_verify: bool, yes: bool
-) -> None:
+def model_sign(url: str, token: str | None, key_path: Path, renew: bool, no_verify: bool, yes: bool) -> None:
     """Sign the staged targets metadata with the offline targets key (on the signer's workstation).
 
     While the targets key is not on the server, pushes and revocations are staged; this fetches
@@ -304,8 +311,12 @@ def model_sign(
             for t in items:
                 c = t.get("custom", {})
                 table.add_row(
-                    sign, t["path"], str(c.get("model", "")), str(c.get("version", "")),
-                    str(c.get("release", "")), str(t["length"]),
+                    sign,
+                    t["path"],
+                    str(c.get("model", "")),
+                    str(c.get("version", "")),
+                    str(c.get("release", "")),
+                    str(t["length"]),
                 )
         expires = datetime.now(UTC) + timedelta(seconds=staged["lifetime_s"])
         console.print(

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from server.cli import common
 from server.cli.common import ApiGroup, api_options, console, parse_tags
-from server.views import follow_rollout, rollout_table, routing_summary
+from server.views import follow_rollout, rollout_table, routing_summary, variant_table
 
 EXIT_BY_STATUS = {"completed": 0, "paused": 2, "aborted": 3, "rolled_back": 3}
 
@@ -56,6 +56,11 @@ def rollout() -> None:
 @click.option("--stages", default="1,10,50,100", show_default=True, help="cumulative percents")
 @click.option("--soak", type=float, default=60, show_default=True, help="soak seconds per stage")
 @click.option("--shadow", is_flag=True, help="run the first stage in shadow mode (gated on agreement)")
+@click.option(
+    "--pause-after",
+    is_flag=True,
+    help="pause once each stage but the last passes: the next starts at `fleet rollout resume` (an approval)",
+)
 @click.option("--on-failure", type=click.Choice(["pause", "rollback"]), default="pause", show_default=True)
 @click.option("--gate", "gates", multiple=True, help="name=value, e.g. max_error_rate=0.02 (repeatable)")
 @click.option("--tag", "tag_exprs", multiple=True, help="select devices with key=value (repeat to AND)")
@@ -68,6 +73,11 @@ def rollout() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="routing policy JSON (fleet.routing/1) the DesiredStates carry; without it they carry none",
+)
+@click.option(
+    "--skip-unfit",
+    is_flag=True,
+    help="leave out the selected devices no variant of the version fits (else the start is refused)",
 )
 @click.option("--max-concurrent", type=int, default=50, show_default=True, help="concurrent downloads")
 @click.option("--device-timeout", type=int, default=900, show_default=True)
@@ -85,6 +95,7 @@ def rollout_start(
     stages: str,
     soak: float,
     shadow: bool,
+    pause_after: bool,
     on_failure: str,
     gates: tuple[str, ...],
     tag_exprs: tuple[str, ...],
@@ -92,6 +103,7 @@ def rollout_start(
     arch: str | None,
     probation_s: float | None,
     routing_file: Path | None,
+    skip_unfit: bool,
     max_concurrent: int,
     device_timeout: int,
     wait: bool,
@@ -105,13 +117,15 @@ def rollout_start(
     body: dict[str, Any] = {
         "model": model_name,
         "version": version,
-        "selector": {
-            "tags": parse_tags(",".join(tag_exprs)),
-            "device_ids": list(device_ids),
-            "hardware": {"arch": arch} if arch else {},
-        },
+        "selector": selector_of(tag_exprs, device_ids, arch),
         "stages": [
-            {"percent": p, "soak_s": soak, "shadow": shadow and i == 0} for i, p in enumerate(percents)
+            {
+                "percent": p,
+                "soak_s": soak,
+                "shadow": shadow and i == 0,
+                "pause_after": pause_after and i < len(percents) - 1,
+            }
+            for i, p in enumerate(percents)
         ],
         "gates": parse_gates(gates),
         "on_failure": on_failure,
@@ -123,7 +137,7 @@ def rollout_start(
     if routing_file is not None:
         body["routing"] = read_policy(routing_file)
     with common.api_client(url, token) as client:
-        state = client.create_rollout(body)
+        state = client.create_rollout(body, skip_unfit=skip_unfit or None)
         console.print(
             f"rollout [bold]{state['id']}[/bold] started: {state['devices']} devices in "
             f"{len(state['stage_views'])} stages"
@@ -138,6 +152,54 @@ def rollout_start(
         sys.exit(EXIT_BY_STATUS.get(state["status"], 1))
 
 
+def selector_of(tag_exprs: tuple[str, ...], device_ids: tuple[str, ...], arch: str | None) -> dict[str, Any]:
+    """The selector of ``--tag``, ``--device`` and ``--arch``."""
+    return {
+        "tags": parse_tags(",".join(tag_exprs)),
+        "device_ids": list(device_ids),
+        "hardware": {"arch": arch} if arch else {},
+    }
+
+
+@rollout.command("preview")
+@api_options
+@click.argument("model_name")
+@click.argument("version")
+@click.option("--tag", "tag_exprs", multiple=True, help="select devices with key=value (repeat to AND)")
+@click.option("--device", "device_ids", multiple=True, help="select these device ids")
+@click.option("--arch", default=None, help="select devices of this architecture")
+@click.option("--json", "as_json", is_flag=True)
+def rollout_preview(
+    url: str,
+    token: str | None,
+    model_name: str,
+    version: str,
+    tag_exprs: tuple[str, ...],
+    device_ids: tuple[str, ...],
+    arch: str | None,
+    as_json: bool,
+) -> None:
+    """Which variant of MODEL_NAME VERSION each selected device would get, and how many devices
+    no variant fits (a rollout over them is refused unless started with --skip-unfit)."""
+    with common.api_client(url, token) as client:
+        preview = client.preview_rollout(model_name, version, selector_of(tag_exprs, device_ids, arch))
+    if as_json:
+        click.echo(json.dumps(preview, indent=2))
+        return
+    title = escape(f"{model_name} {version}: {preview['selected']} selected device(s)")
+    table = Table("variant", "devices", title=title)
+    for variant, count in preview["variants"].items():
+        table.add_row(escape(variant), str(count))
+    table.add_row(
+        "[red]no variant fits[/red]" if preview["unfit"] else "no variant fits", str(preview["unfit"])
+    )
+    console.print(table)
+    if preview["unfit"]:
+        shown = preview["unfit_examples"]
+        more = preview["unfit"] - len(shown)
+        console.print(f"fit no variant: {escape(', '.join(shown))}{f' and {more} more' if more > 0 else ''}")
+
+
 @rollout.command("status")
 @api_options
 @click.argument("rollout_id")
@@ -149,6 +211,9 @@ def rollout_status(url: str, token: str | None, rollout_id: str, as_json: bool) 
         click.echo(json.dumps(state, indent=2))
     else:
         console.print(rollout_table(state))
+        per_variant = variant_table(state)
+        if per_variant is not None:
+            console.print(per_variant)
 
 
 @rollout.command("ls")

@@ -153,10 +153,10 @@ class DeviceRepository:
         return rows
 
     def candidates(self, tags: dict[str, str], device_ids: Sequence[str], arch: str | None) -> list[Any]:
-        """Rows (id, hardware, serving) of the devices (not decommissioned) matching, by id (no ORM
+        """Rows (id, arch, hardware, serving) of the devices (not decommissioned) matching, by id (no ORM
         objects: a rollout may select 100,000 devices)."""
         q = (
-            sa.select(Device.id, Device.hardware, Device.serving)
+            sa.select(Device.id, Device.arch, Device.hardware, Device.serving)
             .where(Device.status != DeviceStatus.decommissioned)
             .order_by(Device.id)
         )

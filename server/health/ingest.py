@@ -13,7 +13,7 @@ from device_client.protocol import HealthWindow
 from server.bulk import insert_ignore
 from server.health.plausibility import overlapping, span_queries
 from server.health.repository import HealthWindowRepository
-from server.health.tables import ROUTING_FIELDS, HealthSample
+from server.health.tables import RESOURCE_FIELDS, ROUTING_FIELDS, HealthSample
 
 
 def store_windows(session: Session, windows: list[HealthWindow]) -> list[HealthWindow]:
@@ -41,6 +41,7 @@ def store_windows(session: Session, windows: list[HealthWindow]) -> list[HealthW
             "agreement": h.agreement,
             "shadow_p95_ms": h.shadow_p95_ms,
             **{f: getattr(h, f) for f in ROUTING_FIELDS},
+            **{f: getattr(h, f) for f in RESOURCE_FIELDS},
         }
         for i, h in enumerate(windows)
         if i not in rejected

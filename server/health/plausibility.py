@@ -5,7 +5,8 @@ that fails a check is rejected (counted in ``fleet_mqtt_rejected_total{kind="hea
 errors beyond its requests, more requests than ``window_s`` allows at ``health_max_rps``, a window
 longer than ``health_max_window_s``, a stamp off the server's clock by more than
 ``health_max_clock_skew_s``, hybrid routing counts beyond its requests or a cloud agreement without
-the comparisons behind it, or a span that overlaps one already stored (one window per device,
+the comparisons behind it, a CPU time or resident memory no device can have (negative values never
+parse), or a span that overlaps one already stored (one window per device,
 model, version and mode for any period of time).
 """
 
@@ -46,9 +47,37 @@ def implausible(h: HealthWindow, received_at: datetime, limits: Limits) -> tuple
     routing = implausible_routing(h)
     if routing is not None:
         return "implausible_routing", routing
+    resources = implausible_resources(h)
+    if resources is not None:
+        return "implausible_resources", resources
     skew = abs((h.at - received_at).total_seconds())
     if skew > limits.max_clock_skew_s:
         return "clock_skew", f"stamped {h.at.isoformat()}, {skew:.0f}s from the server's clock"
+    return None
+
+
+#: CPU threads a window's CPU time may span (more than any edge device has)
+MAX_CPU_THREADS = 1024
+#: resident memory beyond which a window is refused (16 TiB)
+MAX_RSS_BYTES = 1 << 44
+
+
+def implausible_resources(h: HealthWindow) -> str | None:
+    """What is wrong with ``h``'s CPU time and resident memory, or None: a CPU time per request
+    without requests, or more CPU time over the window than :data:`MAX_CPU_THREADS` threads have
+    in ``window_s``, or a resident memory beyond :data:`MAX_RSS_BYTES`."""
+    cpu = h.cpu_ms_per_request
+    if cpu is not None:
+        if not math.isfinite(cpu):
+            return f"cpu_ms_per_request {cpu} is not finite"
+        if h.requests == 0:
+            return f"cpu_ms_per_request {cpu:g} without requests"
+        budget_ms = h.window_s * 1000 * MAX_CPU_THREADS
+        if cpu * h.requests > budget_ms:
+            total = f"cpu_ms_per_request {cpu:g} x {h.requests} requests"
+            return f"{total} > {budget_ms:g} ms of CPU in {h.window_s:g}s"
+    if h.rss_bytes is not None and h.rss_bytes > MAX_RSS_BYTES:
+        return f"rss_bytes {h.rss_bytes} > {MAX_RSS_BYTES}"
     return None
 
 

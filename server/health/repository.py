@@ -15,14 +15,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from server.health.sums import DeviceHealth
-from server.health.tables import ROUTING_FIELDS, HealthRollup, HealthSample
+from server.health.tables import RESOURCE_FIELDS, ROUTING_FIELDS, HealthRollup, HealthSample
 
 #: the columns of a rollup that add up when two rollups of the same key meet
 SUMMED = (
     "windows", "requests", "errors", "p95_requests", "p95_weighted_ms", "shadow_requests",
     "agreement_weighted", "routed_requests", "answered_edge", "answered_cloud", "answered_cache",
     "escalations", "budget_limited", "breaker_open", "cloud_failed", "cloud_compared",
-    "cloud_agreement_weighted", "cloud_p95_calls", "cloud_p95_weighted_ms",
+    "cloud_agreement_weighted", "cloud_p95_calls", "cloud_p95_weighted_ms", "cpu_requests", "cpu_weighted_ms",
 )  # fmt: skip
 KEY = ("device_id", "model", "version", "mode", "bucket")
 #: routing counts the field-accuracy view sums as they come
@@ -125,6 +125,8 @@ class HealthWindowRepository:
                     routed_requests=int(r.routed_requests), escalations=int(r.escalations),
                     cloud_compared=int(r.cloud_compared),
                     cloud_agreement_weighted=float(r.cloud_agreement_weighted),
+                    cpu_requests=int(r.cpu_requests), cpu_weighted_ms=float(r.cpu_weighted_ms),
+                    variant=r.variant,
                 )  # fmt: skip
         return out
 
@@ -135,6 +137,7 @@ class HealthWindowRepository:
         has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
         has_escalations = h.escalations.is_not(None)
         has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
+        has_cpu = h.cpu_ms_per_request.is_not(None)
         raw, rolled = match.where(sa.select(
             h.device_id.label("device_id"), sa.literal(1).label("windows"), h.requests.label("requests"),
             h.errors.label("errors"), sa.case((has_p95, h.requests), else_=0).label("p95_requests"),
@@ -146,14 +149,18 @@ class HealthWindowRepository:
             sa.case((has_cloud, h.cloud_compared), else_=0).label("cloud_compared"),
             sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0)
             .label("cloud_agreement_weighted"),
+            sa.case((has_cpu, h.requests), else_=0).label("cpu_requests"),
+            sa.case((has_cpu, h.cpu_ms_per_request * h.requests), else_=0.0).label("cpu_weighted_ms"),
+            h.variant.label("variant"),
         ), sa.select(
             r.device_id, r.windows, r.requests, r.errors, r.p95_requests, r.p95_weighted_ms,
             r.shadow_requests, r.agreement_weighted, r.routed_requests, r.escalations, r.cloud_compared,
-            r.cloud_agreement_weighted,
+            r.cloud_agreement_weighted, r.cpu_requests, r.cpu_weighted_ms, r.variant,
         ), of_devices)  # fmt: skip
         u = sa.union_all(raw, rolled).subquery()
-        sums = [sa.func.sum(c).label(c.name) for c in u.c if c.name != "device_id"]
-        return sa.select(u.c.device_id, *sums).group_by(u.c.device_id)
+        sums = [sa.func.sum(c).label(c.name) for c in u.c if c.name not in ("device_id", "variant")]
+        variant = sa.func.max(u.c.variant).label("variant")
+        return sa.select(u.c.device_id, *sums, variant).group_by(u.c.device_id)
 
     def windows(
         self,
@@ -280,7 +287,7 @@ class HealthRollupRepository:
         q = (
             sa.select(
                 t.id, t.device_id, t.model, t.version, t.mode, t.at, t.requests, t.errors, t.p95_ms,
-                t.shadow_requests, t.agreement, *(getattr(t, f) for f in ROUTING_FIELDS),
+                t.shadow_requests, t.agreement, *(getattr(t, f) for f in ROUTING_FIELDS + RESOURCE_FIELDS),
             )
             .where(t.at < before)
             .order_by(t.id)
@@ -299,7 +306,10 @@ class HealthRollupRepository:
         ins = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
         stmt = ins.on_conflict_do_update(
             index_elements=list(KEY),
-            set_={c: table.c[c] + getattr(ins.excluded, c) for c in SUMMED},
+            set_={
+                **{c: table.c[c] + getattr(ins.excluded, c) for c in SUMMED},
+                "variant": sa.func.coalesce(ins.excluded.variant, table.c.variant),
+            },
         )
         self.session.execute(stmt, list(rows))
 

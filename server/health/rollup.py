@@ -3,7 +3,9 @@
 A rollup holds, per (device, model, version, mode, bucket), the sums the rollout gates need
 (requests, errors, requests with a p95 and the request-weighted p95 sum, shadow requests with an
 agreement and the agreement-weighted sum, and the hybrid routing counts with their weighted rates:
-:func:`fold_routing`), so sums over rollups equal sums over the raw windows they replace.
+:func:`fold_routing`, requests with a CPU time and the request-weighted CPU time sum) and the
+variant of its windows (resident memory stays in the raw windows), so sums over rollups equal sums
+over the raw windows they replace.
 :class:`server.health.repository.HealthWindowRepository` reads both (``per_device``, the gates'
 per-device sums, and ``windows``), so rollout gates and baselines keep working past the raw
 retention (at bucket resolution for rolled-up time).
@@ -58,7 +60,7 @@ def fold_batch(raw: list[Any], bucket_s: int) -> list[dict[str, Any]]:
                 "bucket": bucket, "bucket_s": bucket_s, "windows": 0, "requests": 0, "errors": 0,
                 "p95_requests": 0, "p95_weighted_ms": 0.0, "shadow_requests": 0, "agreement_weighted": 0.0,
                 **dict.fromkeys(ROUTING_SUMS, 0), "cloud_agreement_weighted": 0.0,
-                "cloud_p95_weighted_ms": 0.0,
+                "cloud_p95_weighted_ms": 0.0, "variant": None, "cpu_requests": 0, "cpu_weighted_ms": 0.0,
             }  # fmt: skip
         r["windows"] += 1
         r["requests"] += w.requests
@@ -70,6 +72,11 @@ def fold_batch(raw: list[Any], bucket_s: int) -> list[dict[str, Any]]:
             r["shadow_requests"] += w.shadow_requests
             r["agreement_weighted"] += w.agreement * w.shadow_requests
         fold_routing(r, w)
+        if w.variant is not None:
+            r["variant"] = w.variant  # (raw windows come oldest first: the last one's)
+        if w.cpu_ms_per_request is not None and w.requests:
+            r["cpu_requests"] += w.requests
+            r["cpu_weighted_ms"] += w.cpu_ms_per_request * w.requests
     return list(out.values())
 
 

@@ -28,6 +28,9 @@ class _Sums:
     escalations: int = 0
     cloud_compared: int = 0
     cloud_agreement_weighted: float = 0.0
+    cpu_requests: int = 0
+    cpu_weighted: float = 0.0
+    rss_bytes: int | None = None
     devices: set[str] = field(default_factory=set)
 
     def point(self, at: datetime) -> dict[str, Any]:
@@ -44,21 +47,25 @@ class _Sums:
             ),
             "routed_requests": self.routed,
             "cloud_compared": self.cloud_compared,
+            "cpu_ms_per_request": self.cpu_weighted / self.cpu_requests if self.cpu_requests else None,
+            "rss_bytes": self.rss_bytes,
             "devices": len(self.devices),
         }
 
 
 def fold_series(rows: Iterable[Sequence[Any]], start: datetime, bucket_s: int) -> list[dict[str, Any]]:
     """Rows ``(device_id, version, mode, at, requests, errors, p95_requests, p95_weighted_ms,
-    shadow_requests, agreement_weighted, routed_requests, escalations, cloud_compared,
-    cloud_agreement_weighted)`` folded into one series per (version, mode), each a list of points
-    per ``bucket_s`` bucket from ``start``: p95 weighted by requests, agreement by shadow requests,
-    the escalation rate by the requests of windows under a routing policy and the cloud agreement
-    by the edge answers compared with the cloud's."""
+    shadow_requests, agreement_weighted, cpu_requests, cpu_weighted_ms, rss_bytes, routed_requests,
+    escalations, cloud_compared, cloud_agreement_weighted)`` folded into one series per (version,
+    mode), each a list of points per ``bucket_s`` bucket from ``start``: p95 weighted by requests,
+    agreement by shadow requests, CPU time per request by the requests that reported it, the largest
+    resident memory (which only raw windows keep), the escalation rate by the requests of windows
+    under a routing policy and the cloud agreement by the edge answers compared with the cloud's."""
     buckets: dict[tuple[str, str], dict[int, _Sums]] = {}
     for row in rows:
         device_id, version, mode, at, req, err, p95_req, p95_w, shadow, agr_w = row[:10]
-        routed, escalations, compared, cloud_w = row[10:14]
+        cpu_req, cpu_w, rss = row[10:13]
+        routed, escalations, compared, cloud_w = row[13:17]
         index = max(0, int((at - start).total_seconds() // bucket_s))
         s = buckets.setdefault((version, mode), {}).setdefault(index, _Sums())
         s.requests += int(req)
@@ -67,6 +74,10 @@ def fold_series(rows: Iterable[Sequence[Any]], start: datetime, bucket_s: int) -
         s.p95_weighted += float(p95_w)
         s.shadow += int(shadow)
         s.agreement_weighted += float(agr_w)
+        s.cpu_requests += int(cpu_req)
+        s.cpu_weighted += float(cpu_w)
+        if rss is not None:
+            s.rss_bytes = max(s.rss_bytes or 0, int(rss))
         s.routed += int(routed)
         s.escalations += int(escalations)
         s.cloud_compared += int(compared)
@@ -93,6 +104,7 @@ def health_rows(
     h, r = HealthSample, HealthRollup
     has_p95 = h.p95_ms.is_not(None)
     has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
+    has_cpu = h.cpu_ms_per_request.is_not(None)
     has_escalations = h.escalations.is_not(None)
     has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
     if not device_ids:
@@ -104,13 +116,16 @@ def health_rows(
         sa.case((has_p95, h.p95_ms * h.requests), else_=0.0),
         sa.case((has_agreement, h.shadow_requests), else_=0),
         sa.case((has_agreement, h.agreement * h.shadow_requests), else_=0.0),
+        sa.case((has_cpu, h.requests), else_=0),
+        sa.case((has_cpu, h.cpu_ms_per_request * h.requests), else_=0.0), h.rss_bytes,
         sa.case((has_escalations, h.requests), else_=0), sa.func.coalesce(h.escalations, 0),
         sa.case((has_cloud, h.cloud_compared), else_=0),
         sa.case((has_cloud, h.cloud_agreement * h.cloud_compared), else_=0.0),
     ).where(h.model == model, of_devices(h.device_id), h.at >= since)  # fmt: skip
     rolled = sa.select(
         r.device_id, r.version, r.mode, r.bucket, r.requests, r.errors, r.p95_requests,
-        r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.routed_requests, r.escalations,
-        r.cloud_compared, r.cloud_agreement_weighted,
+        r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.cpu_requests, r.cpu_weighted_ms,
+        sa.cast(sa.null(), sa.BigInteger), r.routed_requests, r.escalations, r.cloud_compared,
+        r.cloud_agreement_weighted,
     ).where(r.model == model, of_devices(r.device_id), r.bucket >= since)  # fmt: skip
     return [tuple(row) for q in (raw, rolled) for row in session.execute(q)]

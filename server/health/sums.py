@@ -28,3 +28,8 @@ class DeviceHealth:
     #: cloud comparisons of the windows that reported a cloud agreement, and agreement * them summed
     cloud_compared: int = 0
     cloud_agreement_weighted: float = 0.0
+    #: requests of the windows that reported a CPU time per request, and cpu_ms * them summed
+    cpu_requests: int = 0
+    cpu_weighted_ms: float = 0.0
+    #: the variant its windows name (the greatest, should they name several; None: none does)
+    variant: str | None = None

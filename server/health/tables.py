@@ -49,7 +49,15 @@ class HealthSample(Base):
     cloud_p95_ms: Mapped[float | None] = mapped_column(sa.Float)
     cloud_compared: Mapped[int | None] = mapped_column(sa.Integer)
     cloud_agreement: Mapped[float | None] = mapped_column(sa.Float)
+    #: the variant that served the window, its mean CPU time per request and the process's
+    #: resident memory at its end (None: an older device's window)
+    variant: Mapped[str | None] = mapped_column(sa.String(32))
+    cpu_ms_per_request: Mapped[float | None] = mapped_column(sa.Float)
+    rss_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
 
+
+#: the variant and resource fields of a health window, stored as they come (``fleet.health/1``)
+RESOURCE_FIELDS = ("variant", "cpu_ms_per_request", "rss_bytes")
 
 #: the hybrid routing fields of a health window, stored as they come (``fleet.health/1``)
 ROUTING_FIELDS = (
@@ -99,3 +107,9 @@ class HealthRollup(Base):
     #: cloud_p95_ms * them
     cloud_p95_calls: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
     cloud_p95_weighted_ms: Mapped[float] = mapped_column(sa.Float, server_default="0")
+    #: the variant of the last window folded in (one device serves one variant of a version)
+    variant: Mapped[str | None] = mapped_column(sa.String(32))
+    #: requests of the windows that reported a CPU time per request, and the sum of
+    #: cpu_ms_per_request * them
+    cpu_requests: Mapped[int] = mapped_column(sa.BigInteger, server_default="0")
+    cpu_weighted_ms: Mapped[float] = mapped_column(sa.Float, server_default="0")

@@ -8,7 +8,8 @@ outbox row (QoS 1, retained, on ``fleet/v1/d/{id}/desired``) is written in the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,42 @@ def pick_artifact(
         if candidate:
             return candidate[0]
     raise Invalid(f"no variant of this version fits device {device.id!r} ({device.arch})")
+
+
+def hardware_kind(arch: str, hardware: dict[str, Any]) -> tuple[Any, ...]:
+    """What :func:`artifact_fits` reads of a device: devices of one kind get the same variant."""
+    return (
+        arch,
+        hardware.get("ram_mb"),
+        tuple(hardware.get("execution_providers") or ()),
+        tuple(hardware.get("cpu_flags") or ()),
+    )
+
+
+def count_variants(
+    artifacts: Sequence[ModelArtifact], devices: Iterable[Any]
+) -> tuple[Counter[str], list[str]]:
+    """Devices per variant the director picks (:func:`pick_artifact`), and the ids of the devices
+    no variant fits; ``devices`` are rows with ``id``, ``arch`` and ``hardware``. The rollout
+    preview and rollout creation count with this, the engine signs with the same choice."""
+    counts: Counter[str] = Counter({a.variant: 0 for a in artifacts})
+    unfit: list[str] = []
+    picked: dict[tuple[Any, ...], str | None] = {}
+    for d in devices:
+        hardware = d.hardware or {}
+        kind = hardware_kind(d.arch, hardware)
+        if kind not in picked:
+            target = DeviceTarget(d.id, DeviceStatus.online, d.arch, hardware, 0)
+            try:
+                picked[kind] = pick_artifact(list(artifacts), target, None).variant
+            except Invalid:
+                picked[kind] = None
+        variant = picked[kind]
+        if variant is None:
+            unfit.append(d.id)
+        else:
+            counts[variant] += 1
+    return counts, unfit
 
 
 #: deployment phases in which the device has given up the version of its DesiredState and runs
@@ -233,7 +270,7 @@ class DesiredStateService:
                 errors[device.id] = f"device {device.id!r} is decommissioned"
                 continue
             hw = device.hardware or {}
-            kind = (device.arch, hw.get("ram_mb"), tuple(hw.get("execution_providers") or ()))
+            kind = hardware_kind(device.arch, hw)
             artifact = picked.get(kind)
             if artifact is None:
                 try:

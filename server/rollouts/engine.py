@@ -16,9 +16,11 @@ A tick of a running rollout:
 4. once every online device of the stage has finished, starts the soak; when the soak ends, waits
    for enough evidence (:func:`server.rollouts.policy.missing_evidence`: succeeded devices that
    reported health, requests; up to ``stage_timeout_s``, then pauses), evaluates the gates
-   (:func:`server.rollouts.policy.evaluate_stage`) on the health the stage's devices reported
-   since the stage started, and promotes to the next stage, completes, or applies
-   ``on_failure`` (pause, or roll every touched device back).
+   (:func:`server.rollouts.variants.evaluate_variants`: per variant of the new version) on the
+   health the stage's devices reported since the stage started, and promotes to the next stage,
+   completes, or applies ``on_failure`` (pause, or roll every touched device back). A passed
+   stage with ``pause_after`` promotes and pauses at once: the next stage waits for an
+   operator's resume.
 """
 
 from __future__ import annotations
@@ -47,14 +49,14 @@ from server.rollouts.policy import (
     Stage,
     StageCounts,
     early_trip,
-    evaluate_stage,
     missing_evidence,
     required_succeeded,
     robust_health,
 )
 from server.rollouts.repository import DeploymentRepository, RolloutRepository
-from server.rollouts.service import RolloutService, baseline_health, gates_of, routing_of, settle_phase
+from server.rollouts.service import RolloutService, baseline_per_device, gates_of, routing_of, settle_phase
 from server.rollouts.tables import Rollout, RolloutStatus
+from server.rollouts.variants import evaluate_variants
 
 if TYPE_CHECKING:
     from server.context import ServerContext
@@ -81,6 +83,8 @@ IN_FLIGHT = frozenset({P.notified, P.downloading, P.verifying, P.installing, P.p
 #: phases a device reaches only by reporting: it has begun the update
 STARTED = frozenset({P.downloading, P.verifying, P.installing, P.probation})
 FAILED = frozenset({P.failed, P.rolled_back, P.timed_out})
+#: how the reason of a rollout paused by a stage's ``pause_after`` begins
+APPROVAL_REASON = "waits for approval to start"
 
 
 class RolloutEngine:
@@ -228,8 +232,9 @@ class RolloutEngine:
             if rollout.reason != why:  # (the row is written only when this changes)
                 rollout.reason = why
             return
-        baseline = baseline_health(session, rollout, ids)
-        verdict = evaluate_stage(gates, counts, health, baseline, shadow=stage.shadow)
+        baseline = baseline_per_device(session, rollout, ids)
+        judged = evaluate_variants(gates, counts, per_device, baseline, shadow=stage.shadow)
+        verdict = judged.verdict
         numbers = {
             **verdict.numbers,
             "succeeded_reporting": reporting,
@@ -248,6 +253,8 @@ class RolloutEngine:
             rollout.verdict = {"stage": idx, "passed": False, "reasons": missing, "numbers": numbers}
             return
         record = {"stage": idx, "passed": verdict.passed, "reasons": verdict.reasons, "numbers": numbers}
+        if judged.variants:
+            record["variants"] = judged.variants
         if not verdict.passed:
             self._fail(
                 service, rollout, f"stage {idx + 1} gates failed: " + "; ".join(verdict.reasons), record
@@ -264,6 +271,11 @@ class RolloutEngine:
         rollout.soak_until = None
         audit(session, ENGINE, "rollout.promote", "rollout", rollout.id, record)
         log.info("rollout %s promoted to stage %d", rollout.id, idx + 2)
+        if stage.pause_after:
+            # an approval: nobody of the next stage is told until an operator resumes the rollout
+            reason = f"{APPROVAL_REASON} stage {idx + 2} (stage {idx + 1} passed its gates)"
+            service.transition(rollout, RolloutStatus.paused, ENGINE, "rollout.pause", {"reason": reason})
+            rollout.reason = reason
 
     def _tripped(
         self,

@@ -27,6 +27,9 @@ class Stage(BaseModel):
     soak_s: float = Field(default=60.0, ge=0, le=30 * 86400)
     #: the new model runs beside the serving one and never answers; gated on agreement
     shadow: bool = False
+    #: once this stage passes its gates the rollout pauses: the next stage starts only when an
+    #: operator resumes it (an approval); ignored on the last stage
+    pause_after: bool = False
 
     @model_validator(mode="after")
     def _one_size(self) -> Stage:
@@ -57,6 +60,9 @@ class Gates(BaseModel):
     max_escalation_rate: float | None = Field(default=None, ge=0, le=1)
     max_escalation_ratio: float | None = Field(default=None, gt=0)
     min_cloud_agreement: float | None = Field(default=None, ge=0, le=1)
+    #: CPU time per request against the same devices' baseline (like ``max_p95_ratio``); windows
+    #: without a CPU time (older devices) do not count, and no CPU time at all is not judged
+    max_cpu_ratio: float | None = Field(default=None, gt=0)
     #: requests the stage's devices must have reported for the new version (each device counted
     #: up to the median device's count) before the gates are judged; 0 lets idle devices pass on
     #: install success and their (empty) health windows alone
@@ -75,8 +81,8 @@ def check_stages(stages: Sequence[Stage], total: int) -> tuple[list[Stage], list
 
     Percent stages whose percents grow but that resolve to the same number of devices on this
     selection (1% and 10% of 8 devices are both 1 device) are merged: the later stage is kept (its
-    percent, soak and shadow flag), the earlier one dropped, so ``1,10,50,100`` runs as one stage
-    on a single device. A shadow stage followed by a serve stage is never merged: the serve stage
+    percent, soak, shadow and pause_after), the earlier one dropped, so ``1,10,50,100`` runs as one
+    stage on a single device. A shadow stage followed by a serve stage is never merged: the serve stage
     may cover the same devices (it switches them from shadowing to serving), so a shadow canary
     still runs on a fleet of one. Anything else raises ValueError unless the counts strictly grow
     (percents or counts given in an order that does not grow, a count no larger than the stage
@@ -162,6 +168,8 @@ class HealthAggregate:
     escalation_rate: float | None = None
     cloud_compared: int = 0
     cloud_agreement: float | None = None
+    #: mean CPU time per request (trimmed mean of the devices' own request-weighted means)
+    cpu_ms_per_request: float | None = None
 
     def __post_init__(self) -> None:
         if self.error_rate is None and self.requests:
@@ -252,6 +260,9 @@ def robust_health(devices: Mapping[str, DeviceHealth]) -> HealthAggregate:
         cloud_agreement=robust_mean(
             [(r.cloud_agreement_weighted / r.cloud_compared, r.cloud_compared) for r in compared]
         ),
+        cpu_ms_per_request=robust_mean(
+            [(r.cpu_weighted_ms / r.cpu_requests, r.cpu_requests) for r in rows if r.cpu_requests]
+        ),
     )
 
 
@@ -335,13 +346,45 @@ def evaluate_stage(
 ) -> Verdict:
     """Whether a settled, soaked stage with enough evidence (:func:`missing_evidence`) may be
     promoted."""
-    reasons: list[str] = []
-    numbers: dict[str, float | int | None] = {
+    numbers = count_numbers(counts)
+    reasons = count_reasons(gates, counts)
+    reasons += health_reasons(gates, health, baseline, numbers, shadow=shadow)
+    return Verdict(passed=not reasons, reasons=reasons, numbers=numbers)
+
+
+def count_numbers(counts: StageCounts) -> dict[str, float | int | None]:
+    """The deployment outcomes of a stage, as a verdict records them."""
+    return {
         "devices": counts.total,
         "succeeded": counts.succeeded,
         "failed": counts.failed,
         "offline_waiting": counts.offline_waiting,
         "failure_ratio": round(counts.failure_ratio, 4),
+    }
+
+
+def count_reasons(gates: Gates, counts: StageCounts) -> list[str]:
+    """Why a stage's deployment outcomes fail it (empty: they pass)."""
+    reasons: list[str] = []
+    if counts.succeeded + counts.failed == 0 and counts.total > counts.offline_waiting:
+        reasons.append("no device of the stage finished")
+    if counts.failure_ratio > gates.max_failure_ratio:
+        reasons.append(f"failure ratio {counts.failure_ratio:.3f} > {gates.max_failure_ratio}")
+    return reasons
+
+
+def health_reasons(
+    gates: Gates,
+    health: HealthAggregate,
+    baseline: HealthAggregate,
+    numbers: dict[str, float | int | None],
+    *,
+    shadow: bool,
+) -> list[str]:
+    """Why the health of a stage's devices (or of one variant's) fails the gates (empty: it
+    passes); its numbers go into ``numbers``."""
+    reasons: list[str] = []
+    numbers |= {
         "devices_reporting": health.devices,
         "requests": health.requests,
         "requests_reported": health.requests_reported,
@@ -350,10 +393,6 @@ def evaluate_stage(
         "baseline_p95_ms": None if baseline.p95_ms is None else round(baseline.p95_ms, 3),
         "agreement": None if health.agreement is None else round(health.agreement, 4),
     }
-    if counts.succeeded + counts.failed == 0 and counts.total > counts.offline_waiting:
-        reasons.append("no device of the stage finished")
-    if counts.failure_ratio > gates.max_failure_ratio:
-        reasons.append(f"failure ratio {counts.failure_ratio:.3f} > {gates.max_failure_ratio}")
     if (
         gates.max_error_rate is not None
         and health.error_rate is not None
@@ -373,12 +412,32 @@ def evaluate_stage(
         elif health.agreement < gates.min_agreement:
             reasons.append(f"shadow agreement {health.agreement:.3f} < {gates.min_agreement}")
     if not shadow:
+        reasons += cpu_reasons(gates, health, baseline, numbers)
         reasons += hybrid_reasons(gates, health, baseline, numbers)
-    return Verdict(passed=not reasons, reasons=reasons, numbers=numbers)
+    return reasons
 
 
 def _r4(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def cpu_reasons(
+    gates: Gates, health: HealthAggregate, baseline: HealthAggregate, numbers: dict[str, float | int | None]
+) -> list[str]:
+    """The ``max_cpu_ratio`` gate of a serve stage, judged like ``max_p95_ratio``: not judged
+    without CPU times of the new version or of the baseline. Its numbers go into ``numbers``
+    whenever the gate asks for them or the devices reported them."""
+    cpu, base = health.cpu_ms_per_request, baseline.cpu_ms_per_request
+    if gates.max_cpu_ratio is not None or cpu is not None:
+        numbers["cpu_ms_per_request"] = _r4(cpu)
+        numbers["baseline_cpu_ms_per_request"] = _r4(base)
+    if gates.max_cpu_ratio is None or cpu is None or not base:
+        return []
+    ratio = cpu / base
+    numbers["cpu_ratio"] = round(ratio, 3)
+    if ratio > gates.max_cpu_ratio:
+        return [f"CPU per request {ratio:.2f}x the same devices' baseline > {gates.max_cpu_ratio}x"]
+    return []
 
 
 def hybrid_reasons(

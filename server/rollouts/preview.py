@@ -1,30 +1,22 @@
 """Which variant of a version each selected device would get: the rollout preview.
 
 ``GET /api/v1/rollouts/preview`` counts, for a model version and a selector, the devices each
-variant goes to (the director's choice, :func:`server.rollouts.desired.pick_artifact`) and those
-no variant fits, without writing anything.
+variant goes to (the director's choice, :func:`server.rollouts.desired.count_variants`) and those
+no variant fits, without writing anything: what rollout creation checks (``skip_unfit``).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from server.catalog.repository import CatalogRepository
-from server.catalog.tables import ModelArtifact
-from server.devices.tables import DeviceStatus
 from server.errors import Invalid, NotFound
-from server.rollouts.desired import DeviceTarget, pick_artifact
+from server.rollouts.desired import count_variants
 from server.rollouts.schemas import Selector
-from server.rollouts.service import select_devices
-
-#: device ids listed as examples of those no variant fits
-UNFIT_EXAMPLES = 20
+from server.rollouts.service import UNFIT_EXAMPLES, select_devices
 
 
 class VariantPreview(BaseModel):
@@ -34,27 +26,9 @@ class VariantPreview(BaseModel):
     selected: int
     #: variant name -> devices that would get it (every variant of the version listed)
     variants: dict[str, int]
-    #: devices no variant fits (a rollout would fail on them)
+    #: devices no variant fits (a rollout over them is refused, unless ``skip_unfit`` leaves them out)
     unfit: int
     unfit_examples: list[str] = Field(default_factory=list)
-
-
-def count_variants(
-    artifacts: Sequence[ModelArtifact], devices: Iterable[tuple[str, dict[str, Any]]]
-) -> tuple[Counter[str], list[str]]:
-    """Devices per variant picked, and the ids of the devices no variant fits."""
-    counts: Counter[str] = Counter({a.variant: 0 for a in artifacts})
-    unfit: list[str] = []
-    for device_id, hardware in devices:
-        target = DeviceTarget(
-            id=device_id, status=DeviceStatus.online, arch=str(hardware.get("arch", "")),
-            hardware=hardware, desired_seq=0,
-        )  # fmt: skip
-        try:
-            counts[pick_artifact(list(artifacts), target, None).variant] += 1
-        except Invalid:
-            unfit.append(device_id)
-    return counts, unfit
 
 
 def parse_selector(text: str | None) -> Selector:
@@ -73,7 +47,8 @@ def preview(session: Session, model: str, version: str, selector: Selector) -> V
     if row is None:
         raise NotFound(f"no active version {version!r} of model {model!r}")
     devices = select_devices(session, selector)
-    counts, unfit = count_variants(row.artifacts, ((d.id, d.hardware or {}) for d in devices))
+    artifacts = CatalogRepository(session).published_artifacts(row.id)
+    counts, unfit = count_variants(artifacts, devices)
     return VariantPreview(
         model=model, version=version, selected=len(devices), variants=dict(sorted(counts.items())),
         unfit=len(unfit), unfit_examples=unfit[:UNFIT_EXAMPLES],

@@ -48,6 +48,8 @@ class RolloutCreate(BaseModel):
     routing: dict[str, Any] | None = None
     #: start immediately (default) or stay a draft until ``POST .../start``
     start: bool = True
+    #: leave out the selected devices no variant of the version fits (else creation is refused)
+    skip_unfit: bool = False
 
     @field_validator("stages")
     @classmethod
@@ -93,6 +95,9 @@ class RolloutOut(BaseModel):
     created_by: str | None
     #: the routing policy its DesiredStates carry (None: none)
     routing: dict[str, Any] | None = None
+    #: selected devices no variant fitted, left out of the rollout (``skip_unfit``), and some ids
+    unfit_skipped: int = 0
+    unfit_skipped_examples: list[str] = Field(default_factory=list)
 
 
 class RolloutDetail(RolloutOut):
@@ -139,16 +144,17 @@ class HealthSeries(BaseModel):
     version: str
     mode: str
     #: per bucket: at (bucket start), requests, errors, error_rate, p95_ms, agreement (weighted by
-    #: shadow requests), escalation_rate (escalations over the requests of the windows that reported
-    #: escalations), cloud_agreement (weighted by cloud_compared, the edge answers compared with the
-    #: cloud's), cloud_compared, devices; the hybrid rates are None without a routing policy
+    #: shadow requests), cpu_ms_per_request, rss_bytes (the largest reported), escalation_rate
+    #: (escalations over the requests of the windows that reported escalations), cloud_agreement
+    #: (weighted by cloud_compared, the edge answers compared with the cloud's), routed_requests,
+    #: cloud_compared, devices; the hybrid rates are None without a routing policy
     points: list[dict[str, Any]]
 
 
 class RolloutHealth(BaseModel):
     """A rollout's devices' health over time, per version and mode, from the baseline window
     before it was created; ``baseline`` holds the numbers the gates compare against (error rate,
-    p95, and under a routing policy escalation rate and cloud agreement)."""
+    p95, CPU time per request, and under a routing policy escalation rate and cloud agreement)."""
 
     rollout_id: str
     model: str

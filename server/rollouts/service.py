@@ -20,7 +20,8 @@ from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
 from server.health.repository import HealthWindowRepository
 from server.health.series import fold_series, health_rows
-from server.rollouts.desired import DesiredStateService
+from server.health.sums import DeviceHealth
+from server.rollouts.desired import DesiredStateService, count_variants
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
 from server.rollouts.policy import Gates, HealthAggregate, Stage, assign_stages, check_stages, robust_health
 from server.rollouts.repository import DeploymentRepository, DesiredRepository, RolloutRepository
@@ -36,6 +37,7 @@ from server.rollouts.schemas import (
     StageView,
 )
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
+from server.rollouts.variants import by_variant, variant_summary
 from server.security import new_id
 
 if TYPE_CHECKING:
@@ -57,9 +59,19 @@ TOUCHED = frozenset({
 })  # fmt: skip
 
 
+#: the key of a rollout's stored selector (``rollouts.selector``) that records the devices
+#: ``skip_unfit`` left out: ``{count, examples}``; shown as ``unfit_skipped`` and its examples
+UNFIT_KEY = "skipped_unfit"
+#: device ids kept as examples of those no variant fits
+UNFIT_EXAMPLES = 20
+
+
 def rollout_out(r: Rollout) -> RolloutOut:
+    selector = dict(r.selector or {})
+    skipped = selector.pop(UNFIT_KEY, None) or {}
     return RolloutOut(
-        id=r.id, model=r.model, version=r.version, status=r.status, selector=r.selector, stages=r.stages,
+        id=r.id, model=r.model, version=r.version, status=r.status, selector=selector, stages=r.stages,
+        unfit_skipped=int(skipped.get("count", 0)), unfit_skipped_examples=list(skipped.get("examples", [])),
         gates=r.gates, probation=r.probation, on_failure=r.on_failure,
         max_concurrent_downloads=r.max_concurrent_downloads, device_timeout_s=r.device_timeout_s,
         current_stage=r.current_stage, stage_started_at=r.stage_started_at,
@@ -70,7 +82,7 @@ def rollout_out(r: Rollout) -> RolloutOut:
 
 
 def select_devices(session: Session, selector: Selector) -> list[Any]:
-    """Rows (id, hardware, serving) of the devices (not decommissioned) matching every criterion
+    """Rows (id, arch, hardware, serving) of the devices (not decommissioned) matching every criterion
     of ``selector``, by id."""
     check_tags(selector.tags)
     hw = selector.hardware
@@ -101,6 +113,7 @@ class RolloutService:
         devices = select_devices(self.session, body.selector)
         if not devices:
             raise Invalid("the selector matches no device")
+        devices, skipped = self._fitting(body, version.id, devices)
         try:
             stages, sizes = check_stages(body.stages, len(devices))
         except ValueError as exc:
@@ -121,7 +134,7 @@ class RolloutService:
         rollout = self.rollouts.add(
             Rollout(
                 id=new_id(), model=body.model, version=body.version, status=RolloutStatus.draft,
-                selector=body.selector.model_dump(mode="json"),
+                selector=body.selector.model_dump(mode="json") | skipped,
                 stages=[s.model_dump(mode="json") for s in stages],
                 gates=body.gates.model_dump(mode="json"), probation=body.probation.model_dump(mode="json"),
                 on_failure=body.on_failure, max_concurrent_downloads=body.max_concurrent_downloads,
@@ -145,7 +158,7 @@ class RolloutService:
             )
         details: dict[str, Any] = {
             "model": body.model, "version": body.version, "devices": len(devices), "stage_sizes": sizes,
-        }  # fmt: skip
+        } | skipped  # fmt: skip
         if len(stages) < len(body.stages):  # percent stages that resolved to the same devices, merged
             details["stages_requested"] = [s.model_dump(mode="json") for s in body.stages]
         if routing is not None:
@@ -156,7 +169,38 @@ class RolloutService:
             rollout.stage_started_at = utcnow()
         detail = self.detail(rollout.id)
         detail.warnings = self._soak_warnings(stages, [d.id for d in devices], now) + warnings
+        if skipped:
+            left = skipped[UNFIT_KEY]
+            detail.warnings.append(
+                f"{left['count']} selected device(s) fit no variant of {body.model} {body.version} and "
+                f"are left out of the rollout (skip_unfit; e.g. {', '.join(left['examples'][:5])})"
+            )
         return detail
+
+    def _fitting(
+        self, body: RolloutCreate, version_id: int, devices: list[Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The selected devices some published variant of the version fits (the director's choice,
+        :func:`server.rollouts.desired.count_variants`, as the preview counts them). Any other:
+        :class:`Invalid`, unless ``skip_unfit`` leaves them out; then also what the rollout's
+        selector records of them (``{UNFIT_KEY: {count, examples}}``, else ``{}``)."""
+        artifacts = CatalogRepository(self.session).published_artifacts(version_id)
+        _, unfit = count_variants(artifacts, devices)
+        if not unfit:
+            return devices, {}
+        label = f"{body.model} {body.version}"
+        examples = unfit[:UNFIT_EXAMPLES]
+        if not body.skip_unfit:
+            raise Invalid(
+                f"{len(unfit)} of the {len(devices)} selected devices fit no variant of {label} "
+                f"(e.g. {', '.join(examples[:5])}): push a variant they fit, narrow the selector, or "
+                "give skip_unfit to leave them out; nothing was created"
+            )
+        left = set(unfit)
+        fitting = [d for d in devices if d.id not in left]
+        if not fitting:
+            raise Invalid(f"none of the {len(devices)} selected devices fits a variant of {label}")
+        return fitting, {UNFIT_KEY: {"count": len(unfit), "examples": examples}}
 
     def _soak_warnings(self, stages: list[Stage], device_ids: list[str], now: datetime) -> list[str]:
         """A stage whose soak is shorter than the devices' health window (as their recent windows
@@ -324,22 +368,20 @@ class RolloutService:
             members = [(d, p) for d, st, p in rows if st <= i]
             ids = [d for d, _ in members]
             since = rollout.stage_started_at if i == rollout.current_stage else rollout.created_at
-            agg = robust_health(
-                health.per_device(
-                    ids,
-                    rollout.model,
-                    version=rollout.version,
-                    mode="shadow" if stage.shadow else "serve",
-                    since=since,
-                )
-            )
+            per_device = health.per_device(
+                ids, rollout.model, version=rollout.version, mode="shadow" if stage.shadow else "serve",
+                since=since,
+            )  # fmt: skip
+            agg = robust_health(per_device)
+            variants = {v: variant_summary(robust_health(g)) for v, g in by_variant(per_device).items()}
             views.append(StageView(
                 index=i, devices=len(members), shadow=stage.shadow, soak_s=stage.soak_s,
                 phases=dict(Counter(p.value for _, p in members)),
                 health={"requests": agg.requests, "errors": agg.errors, "error_rate": agg.error_rate,
                         "p95_ms": agg.p95_ms, "agreement": agg.agreement, "devices_reporting": agg.devices,
                         "escalation_rate": agg.escalation_rate, "cloud_agreement": agg.cloud_agreement,
-                        "cloud_compared": agg.cloud_compared},
+                        "cloud_compared": agg.cloud_compared, "cpu_ms_per_request": agg.cpu_ms_per_request,
+                        "variants": variants},
             ))  # fmt: skip
         return RolloutDetail(
             **rollout_out(rollout).model_dump(),
@@ -353,6 +395,7 @@ class RolloutService:
                 "p95_ms": baseline.p95_ms,
                 "escalation_rate": baseline.escalation_rate,
                 "cloud_agreement": baseline.cloud_agreement,
+                "cpu_ms_per_request": baseline.cpu_ms_per_request,
             },
         )
 
@@ -368,7 +411,8 @@ class RolloutService:
         base = baseline_health(self.session, rollout, ids)
         baseline = {
             "requests": base.requests, "error_rate": base.error_rate, "p95_ms": base.p95_ms,
-            "escalation_rate": base.escalation_rate, "cloud_agreement": base.cloud_agreement,
+            "cpu_ms_per_request": base.cpu_ms_per_request, "escalation_rate": base.escalation_rate,
+            "cloud_agreement": base.cloud_agreement,
         }  # fmt: skip
         return RolloutHealth(
             rollout_id=rollout.id, model=rollout.model, version=rollout.version, since=since,
@@ -397,7 +441,12 @@ def routing_of(rollout: Rollout) -> RoutingPolicy | None:
 
 
 def baseline_health(session: Session, rollout: Rollout, device_ids: list[str]) -> HealthAggregate:
-    """The same devices' health before the rollout: their ``serve`` windows in the
+    """The health the gates compare against (:func:`baseline_per_device`, aggregated)."""
+    return robust_health(baseline_per_device(session, rollout, device_ids))
+
+
+def baseline_per_device(session: Session, rollout: Rollout, device_ids: list[str]) -> dict[str, DeviceHealth]:
+    """The same devices' health before the rollout, per device: their ``serve`` windows in the
     :data:`BASELINE_WINDOW` before it was created, of other versions, or of its own version for
     the devices that already ran it (a rollout of a routing policy alone compares the new policy
     with the old one on the same version)."""
@@ -412,7 +461,7 @@ def baseline_health(session: Session, rollout: Rollout, device_ids: list[str]) -
         per_device.update(health.per_device(
             sorted(same), rollout.model, version=rollout.version, mode="serve", since=since, until=until
         ))  # fmt: skip
-    return robust_health(per_device)
+    return per_device
 
 
 def settle_phase(dep: Deployment, phase: DeploymentPhase) -> bool:

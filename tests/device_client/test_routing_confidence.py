@@ -11,12 +11,14 @@ import pytest
 
 from device_client.protocol.routing import AgreementSpec, ConfidenceKind, ConfidenceSpec
 from device_client.routing.confidence import (
+    SMALL_OUTPUT,
     ConfidenceError,
     answers_agree,
     is_confident,
     probabilities,
     read_confidence,
     row_scores,
+    small_scores,
     softmax,
     top1,
 )
@@ -45,6 +47,13 @@ def test_entropy_is_surer_when_lower_and_nan_is_never_sure():
     assert not is_confident(0.7, ConfidenceKind.margin, 0.8)
     for kind in ConfidenceKind:
         assert not is_confident(float("nan"), kind, 0.5)
+
+
+def test_a_row_that_is_not_finite_is_never_sure_by_entropy():
+    outs = {"p": np.array([[np.nan, 0.5], [0.2, 0.8]], np.float32)}
+    c = read_confidence(outs, spec(kind="entropy", threshold=0.5))
+    assert math.isnan(c.value)
+    assert not c.confident  # not "0 nats: perfectly sure"
 
 
 def test_softmax_is_stable_and_single_columns_are_binary():
@@ -125,3 +134,51 @@ def test_scores_that_are_not_a_distribution_are_normalised():
     zeros = {"p": np.zeros((1, 4))}
     assert not read_confidence(zeros, spec(threshold=0.3)).confident
     assert not read_confidence(zeros, spec(kind="entropy", threshold=0.5)).confident  # uniform: ln 4
+
+
+def _cases() -> list[np.ndarray]:
+    """Edge outputs of every kind the small path meets: probabilities, logits, negative and zero
+    scores, huge logits, single columns, NaN/Inf rows, batches and rank 0 to 3, float16/32/64."""
+    rng = np.random.default_rng(7)
+    cases = [
+        rng.dirichlet(np.ones(10), size=1),
+        rng.dirichlet(np.ones(3), size=4),
+        rng.normal(0, 3, (1, 10)),
+        rng.normal(0, 50, (2, 5)),
+        np.array([[1000.0, -1000.0, 3.0]]),
+        np.zeros((1, 4)),
+        np.array([[-1.0, -2.0, 0.0]]),
+        np.array([[0.3]]),
+        np.array([[-800.0], [800.0], [0.0]]),
+        np.array([[np.nan, 0.5], [0.2, 0.8]]),
+        np.array([[np.inf, 0.0]]),
+        np.array([[0.5, 0.5]]),
+        np.array(0.7),
+        rng.random(6),
+        rng.random((2, 3, 4)),
+    ]
+    return [c.astype(dt) for c in cases for dt in (np.float64, np.float32, np.float16)]
+
+
+@pytest.mark.parametrize("kind", list(ConfidenceKind))
+@pytest.mark.parametrize("logits", [False, True])
+def test_the_small_output_path_scores_as_the_array_path(kind, logits):
+    for case in _cases():
+        want = row_scores(probabilities(case, apply_softmax=logits), kind)
+        got = small_scores(case, kind, logits)
+        assert len(got) == len(want), case
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"{kind} {case!r}")
+
+
+def test_large_outputs_take_the_array_path_with_the_same_rules():
+    big = np.full((1, SMALL_OUTPUT + 1), 0.1, np.float32)
+    big[0, 0] = 50.0
+    c = read_confidence({"p": big}, spec(threshold=0.5))
+    assert c.value == pytest.approx(50.0 / (50.0 + 0.1 * SMALL_OUTPUT), rel=1e-5)
+    small = read_confidence({"p": big[:, :10]}, spec(threshold=0.5))
+    assert small.value == pytest.approx(50 / 50.9, rel=1e-5)
+    big[0, 3] = np.nan
+    assert math.isnan(read_confidence({"p": big}, spec()).value)
+    entropy = read_confidence({"p": big}, spec(kind="entropy", threshold=0.5))
+    assert math.isnan(entropy.value)
+    assert not entropy.confident  # not "0 nats: perfectly sure"

@@ -3,9 +3,12 @@ audit rows, and :func:`nothing_published` (no row, no target, no stored file, no
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from server.catalog.service import PushUpload
 from server.catalog.tables import CatalogModel, ModelArtifact, ModelVersion
@@ -24,6 +27,13 @@ def push(
     if validation is not None:
         files["validation"] = ("v.npz", validation, "application/octet-stream")
     return client.post(f"/api/v1/models/{name}/versions", data=data, files=files, headers=headers)
+
+
+def npz_bytes(compressed: bool = False, **arrays: np.ndarray) -> bytes:
+    """``arrays`` as the bytes of an ``.npz`` file (a validation or calibration upload)."""
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()
 
 
 def auth(token: str) -> dict[str, str]:

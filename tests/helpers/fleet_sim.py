@@ -42,6 +42,8 @@ class Behaviour:
     escalation_rate: float | None = None
     cloud_agreement: float = 1.0
     cloud_p95_ms: float = 40.0
+    #: serve windows carry this CPU time per request when set
+    cpu_ms: float | None = None
 
 
 def hybrid_fields(requests: int, b: Behaviour) -> dict[str, Any]:
@@ -103,6 +105,14 @@ class SimFleet:
         now = utcnow()
         self.ingest.process([(f"fleet/v1/d/{d}/{kind}", payload, now) for d, kind, payload in messages])
 
+    def window(self, device_id: str, seq: int, at: datetime, **fields: Any) -> None:
+        """Send one health window as ``device_id`` would, with any claims in ``fields`` (a 1 s
+        window of 10 requests without errors for the version it serves, unless they say so)."""
+        claims = {"window_s": 1.0, "model": self.model, "requests": 10, "errors": 0, **fields}
+        claims.setdefault("version", self.devices[device_id].serving[self.model])
+        window = HealthWindow.build(device_id=device_id, seq=seq, at=at, **claims)
+        self._send([(device_id, "health", window.to_json())])
+
     def presence(self, device_id: str, online: bool = True) -> None:
         dev = self.devices[device_id]
         dev.online = online
@@ -140,6 +150,8 @@ class SimFleet:
                     extra = {"shadow_requests": requests, "agreement": b.agreement, "shadow_p95_ms": b.p95_ms}
                 elif b.escalation_rate is not None:
                     extra = hybrid_fields(requests, b)
+                if mode == "serve" and b.cpu_ms is not None:
+                    extra["cpu_ms_per_request"] = b.cpu_ms
                 fields = {
                     "device_id": dev.device_id, "seq": dev.health_seq, "at": at, "window_s": WINDOW_S,
                     "model": self.model, "version": version, "mode": mode, "requests": requests,

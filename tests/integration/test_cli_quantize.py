@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -37,3 +38,28 @@ def test_cli_push_quantize(live_server, onnx_model):
     assert "int8: " in out
     assert "latency" in out
     assert "int8" in run(["model", "ls", "reg"], env)
+
+
+def test_cli_push_calibration_data(live_server, onnx_model, tmp_path):
+    s = live_server.settings
+    local_env = {"FLEET_DATA_DIR": str(s.data_dir), "FLEET_DATABASE_URL": s.database_url}
+    token = run(["admin", "token", "create", "--role", "operator"], local_env).strip()
+    env = {"FLEET_URL": live_server.url, "FLEET_TOKEN": token}
+    model = str(onnx_model("clf.onnx", in_dim=8, out_dim=4, seed=5))
+    calibration = tmp_path / "calibration.npz"
+    rows = np.random.default_rng(1).random((50, 8), dtype=np.float32)
+    np.savez(calibration, **{"inputs/x": rows})
+    push = ["model", "push", "clf", "1.0.0", model, "--quantize", "int8", "--min-agreement", "0"]
+    out = run([*push, "--calibration-data", str(calibration)], env)
+    assert "calibration static:uploaded" in out
+    versions = run(["model", "ls", "clf"], env)
+    assert "int8" in versions
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **{"inputs/x": rows.astype(np.float64)})
+    out = run(
+        ["model", "push", "clf", "2.0.0", model, "--quantize", "int8", "--calibration-data", str(bad)],
+        env,
+        code=1,
+    )
+    assert "422" in out
+    assert "calibration input 'x' is float64" in out

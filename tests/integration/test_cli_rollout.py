@@ -257,3 +257,24 @@ def test_start_wait_completes_with_offline_devices_pending(app_client, admin_hea
     [rollout] = app_client.get("/api/v1/rollouts", headers=admin_headers).json()
     status = fleet_cli("rollout", "status", rollout["id"])
     assert status.endswith("3 device(s) offline, to update when they return")
+
+
+def test_start_with_pause_after_waits_for_resume_between_stages(
+    app_client, admin_headers, ctx, lab, fleet_cli
+):
+    out = fleet_cli("rollout", "start", "det", "2.0.0", "--stages", "20,100", "--soak", "0", "--pause-after")
+    rid = re.search(r"rollout (\w+) started", out).group(1)
+    state = json.loads(fleet_cli("rollout", "status", rid, "--json"))
+    assert [s["pause_after"] for s in state["stages"]] == [True, False]  # never after the last
+    engine = RolloutEngine(ctx)
+    for _ in range(30):
+        lab.step()
+        lab.health()
+        engine.tick()
+        state = json.loads(fleet_cli("rollout", "status", rid, "--json"))
+        if state["status"] != "running":
+            break
+    assert (state["status"], state["current_stage"]) == ("paused", 1), state["reason"]
+    assert state["reason"].startswith("waits for approval to start stage 2")
+    assert state["phases"] == {"succeeded": 2, "pending": 8}
+    assert fleet_cli("rollout", "resume", rid) == f"rollout {rid}: running"

@@ -95,3 +95,71 @@ def test_canary_by_site_promotes_after_the_verdict(live_server, tmp_path):
     finally:
         fleet.close()
         other.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_weekly_waves_pause_between_waves_until_approved(live_server, tmp_path):
+    for version, scale in (("1.0.0", 1.0), ("2.0.0", 2.0)):
+        push_model(live_server, MODEL, version, make_model(tmp_path / f"{version}.onnx", scale=scale))
+    fleet = Fleet(live_server, tmp_path / "devices", 3)
+    args = [
+        MODEL, "2.0.0", "--tag", "site=lab", "--waves", "30,60,100", "--soak-s", "1",
+        "--min-requests", "5", "--max-p95-ratio", "0", "--probation-s", "0.5",
+    ]  # fmt: skip
+    approval = tmp_path / "approve-next-wave"
+
+    def waves(*extra: str) -> subprocess.CompletedProcess[str]:
+        return run_example(live_server, "weekly_waves.py", *args, *extra)
+
+    def on_new() -> int:
+        return sum(v == "2.0.0" for v in fleet.serving().values())
+
+    try:
+        fleet.start()
+        fleet.install("1.0.0")
+        with Traffic(fleet):
+            started = waves()
+            assert started.returncode == 0, started.stdout + started.stderr
+            assert "wave 1 of 3 started" in started.stdout
+            rid = started.stdout.split()[1].rstrip(":")
+
+            def paused_in(stage: int) -> bool:
+                state = fleet.client.get_rollout(rid)
+                assert state["status"] in ("running", "paused"), state
+                return state["status"] == "paused" and state["current_stage"] == stage
+
+            for done in (1, 2):  # wave `done` passed: the rollout holds until approved
+                wait_for(lambda d=done: paused_in(d), timeout=90, what=f"paused after wave {done}")
+                state = fleet.client.get_rollout(rid)
+                assert state["verdict"]["passed"] is True
+                assert state["verdict"]["stage"] == done - 1
+                assert "waits for approval to start stage" in state["reason"]
+                assert on_new() == done
+
+                held = waves()  # a daily run without approval: report, nothing moves
+                assert held.returncode == 2, held.stdout + held.stderr
+                assert f"wave {done} of 3 passed" in held.stdout
+                assert f"wave {done + 1} waits for approval" in held.stdout
+                phases = fleet.deployments(rid)
+                assert {p for s, p, _ in phases.values() if s == done} == {"pending"}
+                assert fleet.client.get_rollout(rid)["status"] == "paused"
+                assert on_new() == done
+
+                if done == 1:
+                    approved = waves("--approve")
+                else:
+                    approval.touch()
+                    approved = waves("--approval-file", str(approval))
+                    assert not approval.exists()  # one approval, one wave
+                assert approved.returncode == 0, approved.stdout + approved.stderr
+                assert f"approved: wave {done + 1} of 3 started" in approved.stdout
+                assert fleet.client.get_rollout(rid)["status"] == "running"
+
+            wait_for(
+                lambda: fleet.client.get_rollout(rid)["status"] == "completed", timeout=90, what="completed"
+            )
+        assert set(fleet.serving().values()) == {"2.0.0"}
+        final = waves()
+        assert (final.returncode, final.stdout.strip()) == (0, f"rollout {rid}: completed, all 3 waves")
+    finally:
+        fleet.close()

@@ -1,9 +1,11 @@
 """The systemd units: the shipped device unit is what ``fleet device install-service`` writes by
-default, both units carry the hardening the README promises, and ``systemd-analyze verify``
-accepts them where the tool exists."""
+default, both units carry the hardening the README promises, ``install-service`` runs the
+``systemctl`` on ``PATH`` (a recording script here) and reports its failure, and
+``systemd-analyze verify`` accepts them where the tool exists."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from device_client.cli import device
-from device_client.service import UnitOptions, render_unit
+from device_client.service import DEFAULT_EXEC, UnitOptions, render_unit
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "deploy" / "systemd"
@@ -63,6 +65,57 @@ def test_install_service_writes_the_unit_without_enabling(tmp_path):
     assert f"ReadWritePaths={tmp_path / 'data'} -{token.parent}\n" in unit
     assert "StateDirectory=" not in unit  # not under /var/lib: the installer creates the directory
     assert "enabled" not in result.output
+
+
+def fake_systemctl(bindir: Path, log: Path, fail_on: str | None = None) -> None:
+    """An executable ``systemctl`` first on ``PATH`` recording each call's argv (one line each);
+    it exits 1 with a message on stderr when its first argument is ``fail_on``."""
+    bindir.mkdir()
+    script = bindir / "systemctl"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> "{log}"\n'
+        f'if [ "$1" = "{fail_on or "-"}" ]; then echo "Failed to $1: Access denied" >&2; exit 1; fi\n'
+    )
+    script.chmod(0o755)
+    os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ['PATH']}"
+
+
+def install_args(tmp_path: Path) -> list[str]:
+    return ["install-service", "--data-dir", str(tmp_path / "data"), "--unit-dir", str(tmp_path / "units")]
+
+
+def expected_unit(tmp_path: Path) -> str:
+    fleet = shutil.which("fleet")
+    return render_unit(
+        UnitOptions(data_dir=tmp_path / "data", executable=Path(fleet) if fleet else DEFAULT_EXEC)
+    )
+
+
+def test_install_service_reloads_and_enables_with_systemctl(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
+    log = tmp_path / "systemctl.log"
+    fake_systemctl(tmp_path / "bin", log)
+    result = CliRunner().invoke(device, install_args(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert log.read_text().splitlines() == ["daemon-reload", "enable fleetota-device.service"]
+    unit = (tmp_path / "units" / "fleetota-device.service").read_text()
+    assert unit == expected_unit(tmp_path)
+    assert "enabled fleetota-device.service" in result.output
+
+
+def test_install_service_reports_a_failing_systemctl_and_keeps_the_unit(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    log = tmp_path / "systemctl.log"
+    fake_systemctl(tmp_path / "bin", log, fail_on="enable")
+    result = CliRunner().invoke(device, install_args(tmp_path))
+    assert result.exit_code == 1
+    assert log.read_text().splitlines() == ["daemon-reload", "enable fleetota-device.service"]
+    assert "enable fleetota-device.service failed (exit 1): Failed to enable: Access denied" in result.output
+    assert "is left in place" in result.output
+    assert "enabled" not in result.output.replace("enable fleetota", "")
+    # the unit stays, as written
+    assert (tmp_path / "units" / "fleetota-device.service").read_text() == expected_unit(tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")

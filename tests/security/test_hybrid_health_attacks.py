@@ -12,7 +12,6 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from device_client.protocol import HealthWindow
 from device_client.protocol.messages import utcnow
 from server.health.tables import HealthSample
 from server.mqtt.handlers import REJECTED
@@ -97,9 +96,7 @@ def test_implausible_routing_fields_are_refused_and_counted(app_client, admin_he
     now = utcnow()
 
     def send(seq: int, **claims) -> None:
-        fields = {"device_id": device, "seq": seq, "at": now + timedelta(seconds=seq), "window_s": 1.0,
-                  "model": "det", "version": "1.0.0", "requests": 10, "errors": 0, **claims}  # fmt: skip
-        lab._send([(device, "health", HealthWindow.build(**fields).to_json())])
+        lab.window(device, seq, now + timedelta(seconds=seq), **claims)
 
     lies = [
         {"escalations": 11},  # more escalations than requests

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 
@@ -11,14 +9,8 @@ from device_client.protocol.bundle import extract_bundle
 from server.admin.service import CLI_PRINCIPAL
 from server.catalog.service import CatalogService, PushUpload
 from server.catalog.tables import CatalogModel
-from tests.helpers.catalog import Boom, audit_actions, auth, nothing_published, push, push_upload
+from tests.helpers.catalog import Boom, audit_actions, auth, nothing_published, npz_bytes, push, push_upload
 from tests.helpers.onnx_models import reference_output
-
-
-def npz_bytes(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 @pytest.fixture

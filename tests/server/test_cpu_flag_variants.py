@@ -6,16 +6,11 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from device_client.enroll import hardware_facts
-from device_client.protocol import Presence
-from device_client.protocol.messages import utcnow
 from server.devices.tables import Device
 from tests.helpers.catalog import auth
-from tests.helpers.fleet_sim import SimFleet
-from tests.helpers.pki import HARDWARE, make_csr
+from tests.helpers.cpu_flags import VNNI_ONLY, flagged_fleet, push_int8
 
 DEVICES = ("vnni-1", "plain-1")
-VNNI_ONLY = '{"constraints": {"cpu_flags": "avx512_vnni"}}'
 
 
 @pytest.fixture
@@ -26,27 +21,7 @@ def operator_headers(make_token):
 @pytest.fixture
 def fleet(app_client, admin_headers, ctx):
     """Two devices enrolled without CPU flags, then online with the flags of their settings."""
-    r = app_client.post("/api/v1/enroll-tokens", json={"uses": len(DEVICES)}, headers=admin_headers)
-    token = r.json()["token"]
-    for device_id in DEVICES:
-        csr, _ = make_csr(device_id)
-        r = app_client.post("/api/v1/enroll", json={"token": token, "csr_pem": csr, "hardware": HARDWARE})
-        assert r.status_code == 201, r.text
-    sim = SimFleet(ctx, list(DEVICES))
-    flags = {"vnni-1": "avx512_vnni,avx2", "plain-1": "avx2"}  # FLEET_DEVICE_CPU_FLAGS of each
-    sim._send([
-        (d, "presence", Presence.build(
-            device_id=d, status="online", at=utcnow(), hardware=hardware_facts(flags[d])
-        ).to_json())
-        for d in DEVICES
-    ])  # fmt: skip
-    return sim
-
-
-def push_int8(app_client, headers, model, **fields):
-    data = {"version": "1.0.0", "quantize": "int8", "min_agreement": "0"} | fields
-    files = {"file": ("model.onnx", model.read_bytes(), "application/octet-stream")}
-    return app_client.post("/api/v1/models/det/versions", data=data, files=files, headers=headers)
+    return flagged_fleet(app_client, admin_headers, ctx, {"vnni-1": "avx512_vnni,avx2", "plain-1": "avx2"})
 
 
 def assigned_variant(app_client, headers, device_id: str) -> str:

@@ -211,3 +211,32 @@ def test_gates_read_only_the_given_devices_however_many(ctx):
     assert set(sums) == set(asked)
     assert [p["requests"] for p in series[0]["points"]] == [1100]
     assert agg(ctx, []).requests == 0
+
+
+def test_cpu_time_and_variant_read_the_same_after_the_fold(ctx):
+    old = datetime(2026, 3, 7, 10, 0, tzinfo=UTC)
+    rows = [
+        window("a", 1, old, requests=100, cpu_ms_per_request=2.0, variant="int8", rss_bytes=50 << 20),
+        window("a", 2, old + timedelta(minutes=5), requests=300, cpu_ms_per_request=4.0, variant="int8"),
+        window("a", 3, old + timedelta(minutes=10), requests=1000),  # no CPU time: not counted
+        window("b", 1, old, requests=10),  # an older device: neither CPU time nor variant
+        window("a", 4, NOW - timedelta(hours=1), requests=100, cpu_ms_per_request=8.0, variant="int8"),
+    ]
+    rows = [dict.fromkeys(("variant", "cpu_ms_per_request", "rss_bytes")) | r for r in rows]
+    with ctx.db.session_scope() as s:
+        s.execute(sa.insert(HealthSample.__table__), rows)
+
+    def sums():
+        with ctx.db.session_scope() as s:
+            return HealthWindowRepository(s).per_device(["a", "b"], "det", version="1.0.0")
+
+    before = sums()
+    assert fold(ctx).folded == 4
+    after = sums()
+    for found in (before, after):
+        a, b = found["a"], found["b"]
+        assert (a.cpu_requests, a.variant, b.cpu_requests, b.variant) == (500, "int8", 0, None)
+        assert a.cpu_weighted_ms == pytest.approx(2.0 * 100 + 4.0 * 300 + 8.0 * 100)
+    with ctx.db.session_scope() as s:
+        variants = s.scalars(sa.select(HealthRollup.variant).order_by(HealthRollup.device_id)).all()
+    assert variants == ["int8", None]

@@ -3,8 +3,6 @@ refused (nothing published) when it agrees on too few validation inputs."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnx
 import pytest
@@ -13,13 +11,7 @@ from device_client.protocol.bundle import ValidationSpec, extract_bundle
 from server.catalog.quantize import agreement
 from server.catalog.validation import load_onnx
 from server.digits import build_digits_pair
-from tests.helpers.catalog import auth, nothing_published, push
-
-
-def npz_bytes(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+from tests.helpers.catalog import auth, nothing_published, npz_bytes, push
 
 
 @pytest.fixture

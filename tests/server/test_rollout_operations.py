@@ -115,6 +115,38 @@ def test_operator_pause_holds_the_rollout_and_resume_finishes_it(app_client, adm
     assert actions.index("rollout.resume") < actions.index("rollout.complete")
 
 
+def test_pause_after_holds_a_passed_stage_until_resumed(app_client, admin_headers, ctx, lab):
+    engine = RolloutEngine(ctx)
+    stages = [
+        {"count": 2, "soak_s": 0, "pause_after": True},
+        {"count": 5, "soak_s": 0},  # no pause after this one
+        {"percent": 100, "soak_s": 0, "pause_after": True},  # the last: it completes
+    ]
+    rid = app_client.post(
+        "/api/v1/rollouts", json=rollout_body("2.0.0", stages=stages), headers=admin_headers
+    ).json()["id"]
+    held = drive(engine, lab, app_client, admin_headers, rid)
+    assert (held["status"], held["current_stage"]) == ("paused", 1)
+    assert held["reason"] == "waits for approval to start stage 2 (stage 1 passed its gates)"
+    assert (held["verdict"]["stage"], held["verdict"]["passed"]) == (0, True)
+    assert held["stages"][0]["pause_after"] is True
+    for _ in range(4):  # held: stage 2's devices are not told
+        lab.step()
+        lab.health()
+        engine.tick()
+    assert get(app_client, admin_headers, rid)["phases"] == {"succeeded": 2, "pending": 8}
+
+    act(app_client, admin_headers, rid, "resume")
+    final = drive(engine, lab, app_client, admin_headers, rid)
+    assert final["status"] == "completed", final["reason"]  # straight through stages 2 and 3
+    assert final["phases"] == {"succeeded": 10}
+    actions = audit_actions(app_client, admin_headers, rid)
+    assert actions.count("rollout.pause") == 1
+    assert (
+        actions.index("rollout.pause") < actions.index("rollout.resume") < actions.index("rollout.complete")
+    )
+
+
 def test_promote_skips_the_rest_of_the_soak(app_client, admin_headers, ctx, lab):
     engine = RolloutEngine(ctx)
     body = rollout_body("2.0.0", stages=[{"count": 2, "soak_s": 3600}, {"percent": 100, "soak_s": 3600}])

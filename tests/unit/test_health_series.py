@@ -11,13 +11,14 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 def row(
     device, version, offset_s, requests, errors, p95=None, mode="serve", shadow=0, agreement=None,
-    escalations=None, compared=0, cloud_agreement=None,
+    cpu=None, rss=None, escalations=None, compared=0, cloud_agreement=None,
 ):  # fmt: skip
     p95_req = requests if p95 is not None else 0
+    cpu_req = requests if cpu is not None else 0
     routed = requests if escalations is not None else 0
     return (
         device, version, mode, T0 + timedelta(seconds=offset_s), requests, errors, p95_req,
-        (p95 or 0.0) * p95_req, shadow, (agreement or 0.0) * shadow,
+        (p95 or 0.0) * p95_req, shadow, (agreement or 0.0) * shadow, cpu_req, (cpu or 0.0) * cpu_req, rss,
         routed, escalations or 0, compared, (cloud_agreement or 0.0) * compared,
     )  # fmt: skip
 
@@ -74,3 +75,16 @@ def test_hybrid_rates_weighted_by_routed_requests_and_by_comparisons():
     assert first["cloud_agreement"] == (0.9 * 90 + 0.5 * 50) / 140  # not their mean (0.7)
     assert later["escalation_rate"] == 0
     assert later["cloud_agreement"] is None
+
+
+def test_cpu_per_request_is_request_weighted_and_rss_is_the_largest():
+    rows = [
+        row("a", "2.0.0", 5, 100, 0, cpu=2.0, rss=100 << 20),
+        row("b", "2.0.0", 10, 300, 0, cpu=6.0, rss=300 << 20),
+        row("c", "2.0.0", 20, 1000, 0),  # an older device: no CPU time, no memory
+    ]
+    (point,) = fold_series(rows, T0, 60)[0]["points"]
+    assert point["cpu_ms_per_request"] == (2.0 * 100 + 6.0 * 300) / 400
+    assert point["rss_bytes"] == 300 << 20
+    (old,) = fold_series([row("c", "1.0.0", 5, 10, 0)], T0, 60)[0]["points"]
+    assert (old["cpu_ms_per_request"], old["rss_bytes"]) == (None, None)

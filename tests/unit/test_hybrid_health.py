@@ -11,7 +11,7 @@ import pytest
 from device_client.protocol import HealthWindow
 from server.health.plausibility import Limits, implausible, implausible_routing
 from server.health.rollup import fold_batch
-from server.health.tables import ROUTING_FIELDS
+from server.health.tables import RESOURCE_FIELDS, ROUTING_FIELDS
 
 NOW = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -54,7 +54,7 @@ def test_implausible_routing_fields_are_refused(fields, detail):
 
 
 def raw(i: int, requests: int, **routing) -> SimpleNamespace:
-    fields = dict.fromkeys(ROUTING_FIELDS) | routing
+    fields = dict.fromkeys(ROUTING_FIELDS + RESOURCE_FIELDS) | routing
     return SimpleNamespace(id=i, device_id="d1", model="det", version="2.0.0", mode="serve", at=NOW,
                            requests=requests, errors=0, p95_ms=5.0, shadow_requests=None, agreement=None,
                            **fields)  # fmt: skip

@@ -8,7 +8,10 @@
   constraints: {arch, min_ram_mb, providers, cpu_flags}, description};
 * ``validation``: optional ``.npz`` of validation inputs (keys ``inputs/<name>``);
 * ``quantize=int8`` (with optional ``calibration``, ``min_agreement``, ``int8_cpu_flags``): also
-  build, measure and publish an int8 variant (server/catalog/quantize.py).
+  build, measure and publish an int8 variant (server/catalog/quantize.py);
+* ``calibration_data``: optional ``.npz`` of calibration inputs (keys ``inputs/<name>``) for a
+  static int8 calibration (implies ``calibration=static``; the measurement still uses the
+  validation inputs).
 
 The body is streamed straight into files in a private temporary directory, never held in memory.
 The whole request body may not exceed ``Settings.max_upload_bytes``: a larger ``Content-Length`` is
@@ -48,10 +51,12 @@ if TYPE_CHECKING:
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
-FILE_FIELDS = {"file": "upload.onnx", "validation": "validation-upload.npz"}
-TEXT_FIELDS = (
-    "version", "variant", "metadata", "quantize", "calibration", "min_agreement", "int8_cpu_flags"
-)
+FILE_FIELDS = {
+    "file": "upload.onnx",
+    "validation": "validation-upload.npz",
+    "calibration_data": "calibration-upload.npz",
+}
+TEXT_FIELDS = ("version", "variant", "metadata", "quantize", "calibration", "min_agreement", "int8_cpu_flags")
 MAX_TEXT_FIELD_BYTES = 64 * 1024
 #: hand parsed data to a worker thread in batches of this size (file writes off the event loop)
 _BATCH_BYTES = 1024 * 1024
@@ -129,7 +134,7 @@ class _FormReceiver:
             self._part = _Part(name=name)
         else:
             raise Invalid(
-                f"unexpected form field {name!r}; expected file, validation, {', '.join(TEXT_FIELDS)}"
+                f"unexpected form field {name!r}; expected {', '.join([*FILE_FIELDS, *TEXT_FIELDS])}"
             )
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -202,7 +207,8 @@ async def _receive_push(request: Request, name: str) -> AsyncIterator[PushUpload
             model_file=receiver.files["file"],
             validation_file=receiver.files.get("validation"),
             work_dir=work_dir,
-            **_quantize_fields(receiver.fields),
+            calibration_file=receiver.files.get("calibration_data"),
+            **_quantize_fields(receiver.fields, "calibration_data" in receiver.files),
         )
         yield upload
     finally:
@@ -213,9 +219,9 @@ async def _receive_push(request: Request, name: str) -> AsyncIterator[PushUpload
 CPU_FLAG_RE = re.compile(r"[a-z0-9_]{1,32}", re.ASCII)
 
 
-def _quantize_fields(fields: dict[str, str]) -> dict[str, Any]:
+def _quantize_fields(fields: dict[str, str], calibration_data: bool = False) -> dict[str, Any]:
     """The optional ``quantize``, ``calibration``, ``min_agreement`` and ``int8_cpu_flags`` form
-    fields, checked."""
+    fields, checked; ``calibration_data`` (an uploaded calibration set) implies static."""
     out: dict[str, Any] = {}
     quantize = (fields.get("quantize") or "").strip()
     if quantize:
@@ -244,8 +250,14 @@ def _quantize_fields(fields: dict[str, str]) -> dict[str, Any]:
         raise Invalid("at most 16 int8_cpu_flags")
     if flags:
         out["int8_cpu_flags"] = tuple(flags)
-    if (calibration or raw or flags) and not quantize:
-        raise Invalid("calibration, min_agreement and int8_cpu_flags apply only with quantize=int8")
+    if (calibration or raw or flags or calibration_data) and not quantize:
+        raise Invalid(
+            "calibration, calibration_data, min_agreement and int8_cpu_flags apply only with quantize=int8"
+        )
+    if calibration_data:
+        if calibration == Calibration.dynamic:
+            raise Invalid("calibration_data calibrates a static quantization: not with calibration=dynamic")
+        out["calibration"] = Calibration.static.value
     return out
 
 
