@@ -4,7 +4,8 @@
 
 Inserts the devices, pushes a model and starts a rollout of it to every device (engine off: all
 deployments pending), then times each dashboard page through the real app (signed in with the
-cookie) against the JSON endpoint that returns its data. Target: every page within 100 ms.
+cookie) against the JSON endpoint(s) that return its data. Target: every page within 100 ms and
+within 2x of its JSON twin.
 Writes bench/results/dashboard.json. Exits 0.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from devices_list import insert_devices, median_ms
 from ingest import fresh_postgres
 
 TARGET_MS = 100.0
+TARGET_RATIO = 2.0
 
 
 def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
@@ -57,25 +60,34 @@ def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
         r = client.post("/api/v1/rollouts", json=body, headers=headers)
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
-        assert client.post("/ui/login", data={"token": token}, follow_redirects=False).status_code == 303
+        form = client.get("/ui/login").text  # the sign-in form's double-submit token
+        csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', form).group(1)  # type: ignore[union-attr]
+        r = client.post("/ui/login", data={"token": token, "csrf": csrf}, follow_redirects=False)
+        assert r.status_code == 303, r.text
         pairs = {
-            "overview": ("/ui/", "/api/v1/rollouts?status=running&status=paused"),
+            "overview": ("/ui/", "/api/v1/fleet/summary"),
             "rollout": (f"/ui/rollouts/{rid}", f"/api/v1/rollouts/{rid}"),
             "rollout_live": (f"/ui/rollouts/{rid}/live", f"/api/v1/rollouts/{rid}"),
             "rollout_health": (f"/ui/rollouts/{rid}/health.json", f"/api/v1/rollouts/{rid}/health"),
             "devices": ("/ui/devices?limit=100", "/api/v1/devices?limit=100"),
-            "device": ("/ui/devices/dev-005000", "/api/v1/devices/dev-005000"),
+            # the device page shows the device and its reports: both calls
+            "device": (
+                "/ui/devices/dev-005000",
+                "/api/v1/devices/dev-005000",
+                "/api/v1/devices/dev-005000/events?limit=50",
+            ),
             "rollouts": ("/ui/rollouts", "/api/v1/rollouts?limit=200"),
         }
-        for page, (ui, api) in pairs.items():
+        for page, (ui, *api) in pairs.items():
 
             def get_ui(ui=ui) -> None:
                 r = client.get(ui)
                 assert r.status_code == 200, r.text
 
             def get_api(api=api) -> None:
-                r = client.get(api, headers=headers)
-                assert r.status_code == 200, r.text
+                for url in api:
+                    r = client.get(url, headers=headers)
+                    assert r.status_code == 200, r.text
 
             ui_ms, api_ms = median_ms(get_ui, 10), median_ms(get_api, 10)
             rows.append({
@@ -104,13 +116,14 @@ def main() -> None:
                 results += run_backend("postgres", url, work, args.devices)
             finally:
                 drop()
-    target = f"page within {TARGET_MS:.0f} ms"
+    target = f"page within {TARGET_MS:.0f} ms and {TARGET_RATIO:g}x of its JSON"
     for r in results:
-        verdict = "ok" if r["ui_ms"] <= TARGET_MS else "OVER"
+        verdict = "ok" if r["ui_ms"] <= TARGET_MS and r["ratio"] <= TARGET_RATIO else "OVER"
         line = f"page {r['ui_ms']:.1f} ms ({verdict}), JSON API {r['api_ms']:.1f} ms"
         print(f"  {r['backend']} {r['page']}: {line}")
         print(ratio_line(f"{r['backend']} {r['page']} page / JSON API", r["ratio"], target))
-    path = write_result("dashboard", {"target_ms": TARGET_MS, "results": results})
+    targets = {"target_ms": TARGET_MS, "target_ratio": TARGET_RATIO}
+    path = write_result("dashboard", {**targets, "results": results})
     print(f"  wrote {path}")
 
 

@@ -25,7 +25,7 @@ from server.health.rollup import HealthRollupJob
 from server.http.bodylimit import BodyLimitMiddleware, body_limits
 from server.http.errors import ERROR_RESPONSES, install_error_handlers
 from server.http.ratelimit import RateLimitMiddleware, rate_rules
-from server.http.routers import admin, catalog, devices, examples, rollouts, signing, tuf
+from server.http.routers import admin, catalog, devices, examples, fleet, rollouts, signing, tuf
 from server.migrate import head_revisions
 from server.mqtt.control import LocalBroker
 from server.mqtt.runtime import MqttRuntime
@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # outermost last: a rate-limited request is refused before its body cap is even looked at
     app.add_middleware(BodyLimitMiddleware, limits=body_limits(settings))
     app.add_middleware(RateLimitMiddleware, rules=rate_rules(settings))
-    for module in (admin, devices, catalog, examples, signing, rollouts, tuf):
+    for module in (admin, devices, catalog, examples, signing, rollouts, fleet, tuf):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     # the dashboard (server/ui/): its static files first, or its catch-all 404 page would shadow them
     app.mount("/ui/static", StaticFiles(directory=UI_STATIC_DIR), name="ui-static")

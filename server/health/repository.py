@@ -4,7 +4,8 @@ upserts."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,8 +29,28 @@ KEY = ("device_id", "model", "version", "mode", "bucket")
 ACCURACY_COUNTS = (
     "answered_edge", "answered_cloud", "answered_cache", "budget_limited", "breaker_open", "cloud_failed",
 )  # fmt: skip
-#: device ids per query (an IN list; planners like lists in the thousands)
+#: device ids per query where they go as an IN list (planners like lists in the thousands)
 IDS_CHUNK = 5000
+
+
+#: a filter of a device id column (:func:`ids_filter`)
+DeviceFilter = Callable[[Any], sa.ColumnElement[bool]]
+
+
+def ids_filter(session: Session, ids: Sequence[str]) -> DeviceFilter:
+    """``column IN ids`` with the ids as ONE bound parameter however many there are: a text array
+    (``= ANY(...)``) on PostgreSQL, a JSON array read by ``json_each`` on SQLite. Both use the
+    ``device_id`` indexes; unlike an IN list of 10,000 parameters, nothing is compiled, bound or
+    planned per id (that took ~60 ms a query on PostgreSQL at 10,000 devices)."""
+    if session.get_bind().dialect.name == "postgresql":
+        # an array literal in one text parameter: the driver would check every element of a list
+        quoted = ('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in ids)
+        literal = sa.bindparam(None, "{" + ",".join(quoted) + "}", type_=sa.Text)
+        array = sa.cast(literal, postgresql.ARRAY(sa.String))
+        return lambda column: column == sa.any_(array)
+    listed = sa.bindparam(None, json.dumps(list(ids)), type_=sa.String)
+    values = sa.select(sa.column("value", sa.String)).select_from(sa.func.json_each(listed)).scalar_subquery()
+    return lambda column: column.in_(values)
 
 
 @dataclass(frozen=True)
@@ -46,13 +67,16 @@ class WindowMatch:
     until: datetime | None = None
 
     def where(
-        self, raw: sa.Select[*tuple[Any, ...]], rolled: sa.Select[*tuple[Any, ...]], device_ids: list[str]
+        self,
+        raw: sa.Select[*tuple[Any, ...]],
+        rolled: sa.Select[*tuple[Any, ...]],
+        of_devices: DeviceFilter,
     ) -> tuple[sa.Select[*tuple[Any, ...]], sa.Select[*tuple[Any, ...]]]:
         """``raw`` (of :class:`HealthSample`) and ``rolled`` (of :class:`HealthRollup`) narrowed to
-        the matching windows of ``device_ids``."""
+        the matching windows of the devices ``of_devices`` (:func:`ids_filter`) lets through."""
         h, r = HealthSample, HealthRollup
-        raw = raw.where(h.model == self.model, h.device_id.in_(device_ids))
-        rolled = rolled.where(r.model == self.model, r.device_id.in_(device_ids))
+        raw = raw.where(h.model == self.model, of_devices(h.device_id))
+        rolled = rolled.where(r.model == self.model, of_devices(r.device_id))
         if self.version is not None:
             raw, rolled = raw.where(h.version == self.version), rolled.where(r.version == self.version)
         if self.not_version is not None:
@@ -87,13 +111,12 @@ class HealthWindowRepository:
         until: datetime | None = None,
     ) -> dict[str, DeviceHealth]:
         """Each device's sums over its matching windows, raw and rolled up (rolled-up time is
-        filtered by bucket start): one GROUP BY per chunk of devices, whatever the windows.
-        Devices without a matching window are absent."""
+        filtered by bucket start): one GROUP BY, whatever the devices and windows. Devices without
+        a matching window are absent."""
         match = WindowMatch(model, version, not_version, mode, since, until)
-        ids = sorted(set(device_ids))
         out: dict[str, DeviceHealth] = {}
-        for i in range(0, len(ids), IDS_CHUNK):
-            q = self._sums(ids[i : i + IDS_CHUNK], match)
+        if device_ids:
+            q = self._sums(ids_filter(self.session, list(dict.fromkeys(device_ids))), match)
             for r in self.session.execute(q):
                 out[r.device_id] = DeviceHealth(
                     windows=int(r.windows), requests=int(r.requests), errors=int(r.errors),
@@ -108,7 +131,7 @@ class HealthWindowRepository:
         return out
 
     @staticmethod
-    def _sums(device_ids: list[str], match: WindowMatch) -> sa.Select[Any]:
+    def _sums(of_devices: DeviceFilter, match: WindowMatch) -> sa.Select[Any]:
         h, r = HealthSample, HealthRollup
         has_p95 = h.p95_ms.is_not(None)
         has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
@@ -133,7 +156,7 @@ class HealthWindowRepository:
             r.device_id, r.windows, r.requests, r.errors, r.p95_requests, r.p95_weighted_ms,
             r.shadow_requests, r.agreement_weighted, r.routed_requests, r.escalations, r.cloud_compared,
             r.cloud_agreement_weighted, r.cpu_requests, r.cpu_weighted_ms, r.variant,
-        ), device_ids)  # fmt: skip
+        ), of_devices)  # fmt: skip
         u = sa.union_all(raw, rolled).subquery()
         sums = [sa.func.sum(c).label(c.name) for c in u.c if c.name not in ("device_id", "variant")]
         variant = sa.func.max(u.c.variant).label("variant")
@@ -154,13 +177,11 @@ class HealthWindowRepository:
         as equivalent windows, so :func:`server.rollouts.policy.aggregate` gives the same result
         before and after a fold. Only the windows of ``device_ids``, however many."""
         match = WindowMatch(model, version, not_version, mode, since, until)
-        ids = list(dict.fromkeys(device_ids))
-        out: list[Window] = []
-        for i in range(0, len(ids), IDS_CHUNK):  # exactly these devices however many: chunks
-            out += self._windows(ids[i : i + IDS_CHUNK], match)
-        return out
+        if not device_ids:
+            return []
+        return self._windows(ids_filter(self.session, list(dict.fromkeys(device_ids))), match)
 
-    def _windows(self, device_ids: list[str], match: WindowMatch) -> list[Window]:
+    def _windows(self, of_devices: DeviceFilter, match: WindowMatch) -> list[Window]:
         h, r = HealthSample, HealthRollup
         raw, rolled = match.where(sa.select(
             h.requests.label("requests"), h.errors.label("errors"), h.p95_ms.label("p95"),
@@ -169,7 +190,7 @@ class HealthWindowRepository:
         ), sa.select(
             r.requests, r.errors, r.p95_weighted_ms, r.shadow_requests, r.agreement_weighted, r.p95_requests,
             sa.literal(1),
-        ), device_ids)  # fmt: skip
+        ), of_devices)  # fmt: skip
         out: list[Window] = []
         for requests, errors, p95, shadow, agreement, p95_req, rollup in self.session.execute(
             sa.union_all(raw, rolled)

@@ -143,14 +143,18 @@ class DesiredOut(BaseModel):
 class HealthSeries(BaseModel):
     version: str
     mode: str
-    #: per bucket: at (bucket start), requests, errors, error_rate, p95_ms, agreement,
-    #: cpu_ms_per_request, rss_bytes (the largest reported), devices
+    #: per bucket: at (bucket start), requests, errors, error_rate, p95_ms, agreement (weighted by
+    #: shadow requests), cpu_ms_per_request, rss_bytes (the largest reported), escalation_rate
+    #: (escalations over the requests of the windows that reported escalations), cloud_agreement
+    #: (weighted by cloud_compared, the edge answers compared with the cloud's), routed_requests,
+    #: cloud_compared, devices; the hybrid rates are None without a routing policy
     points: list[dict[str, Any]]
 
 
 class RolloutHealth(BaseModel):
     """A rollout's devices' health over time, per version and mode, from the baseline window
-    before it was created; ``baseline`` holds the numbers the gates compare against."""
+    before it was created; ``baseline`` holds the numbers the gates compare against (error rate,
+    p95, CPU time per request, and under a routing policy escalation rate and cloud agreement)."""
 
     rollout_id: str
     model: str

@@ -408,12 +408,12 @@ class RolloutService:
         until = rollout.finished_at or utcnow()
         bucket_s = max(10, int((until - since).total_seconds() // points) + 1)
         rows = health_rows(self.session, ids, rollout.model, since)
-        base = robust_health(HealthWindowRepository(self.session).per_device(
-            ids, rollout.model, not_version=rollout.version, mode="serve",
-            since=since, until=rollout.created_at,
-        ))  # fmt: skip
-        baseline = {"requests": base.requests, "error_rate": base.error_rate, "p95_ms": base.p95_ms,
-                    "cpu_ms_per_request": base.cpu_ms_per_request}  # fmt: skip
+        base = baseline_health(self.session, rollout, ids)
+        baseline = {
+            "requests": base.requests, "error_rate": base.error_rate, "p95_ms": base.p95_ms,
+            "cpu_ms_per_request": base.cpu_ms_per_request, "escalation_rate": base.escalation_rate,
+            "cloud_agreement": base.cloud_agreement,
+        }  # fmt: skip
         return RolloutHealth(
             rollout_id=rollout.id, model=rollout.model, version=rollout.version, since=since,
             bucket_s=bucket_s, baseline=baseline,

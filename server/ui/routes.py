@@ -1,6 +1,7 @@
 """The dashboard's pages, partials and actions under ``/ui``, on the services the REST API uses.
 A page without a valid sign-in cookie redirects to the login page; a domain error renders an error
-page with its status (404 for unknown ids); every POST but the login checks the CSRF token."""
+page with its status (404 for unknown ids); every POST checks a CSRF token (the login form's
+against its pre-session cookie)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,21 @@ from server.health.series import fold_series, health_rows
 from server.http.deps import SessionDep, get_ctx
 from server.rollouts.device_deployments import DeviceDeploymentService
 from server.rollouts.service import RolloutService
+from server.rollouts.summary import fleet_summary
 from server.rollouts.tables import RolloutStatus
 from server.ui.auth import (
+    CSRF_FIELD,
     check_csrf,
     check_login,
+    check_login_csrf,
     clear_cookie,
+    clear_login_cookie,
+    login_csrf,
     set_cookie,
+    set_login_cookie,
 )
 from server.ui.common import User, can_act, error_page, page, templates, ui_router
-from server.ui.fleet import fleet_summary, phase_totals, rollout_members
+from server.ui.fleet import phase_totals, rollout_members
 
 #: actions on a rollout page, in the order the buttons show, with the question each confirms
 ACTIONS: dict[str, str] = {
@@ -72,7 +79,16 @@ router = ui_router()
 # -- sign in and out ---------------------------------------------------------------------------
 @router.get("/login")
 def login_form(request: Request, message: str = "", next: str = "/ui/") -> HTMLResponse:
-    return templates.TemplateResponse(request, "login.html", {"message": message, "next": _local(next)})
+    return _login_page(request, message, next, 200)
+
+
+def _login_page(request: Request, message: str, next: str, status: int) -> HTMLResponse:
+    """The sign-in form with its double-submit token, which the pre-session cookie also holds."""
+    value = login_csrf(request)
+    ctx = {"message": message, "next": _local(next), "login_csrf": value, "csrf_field": CSRF_FIELD}
+    response = templates.TemplateResponse(request, "login.html", ctx, status_code=status)
+    set_login_cookie(request, response, value)
+    return response
 
 
 @router.post("/login")
@@ -80,16 +96,22 @@ def login(
     request: Request,
     token: str = Form(default=""),
     next: str = Form(default="/ui/"),
+    csrf: str = Form(default=""),
     session: Session = SessionDep,
 ) -> Response:
-    """Checks the token as the API would; on success sets the cookie and goes to ``next``."""
+    """Checks the form's token against the pre-session cookie (403 without: no sign-in), then the
+    bearer token as the API would; on success sets the cookie and goes to ``next``."""
+    try:
+        check_login_csrf(request, csrf)
+    except Forbidden as exc:
+        return _login_page(request, exc.message, next, 403)
     try:
         check_login(session, token.strip())
     except FleetError as exc:
-        ctx = {"message": exc.message, "next": _local(next)}
-        return templates.TemplateResponse(request, "login.html", ctx, status_code=401)
+        return _login_page(request, exc.message, next, 401)
     response = RedirectResponse(_local(next), status_code=303)
     set_cookie(request, response, token.strip())
+    clear_login_cookie(request, response)
     return response
 
 
@@ -111,13 +133,8 @@ def _local(target: str) -> str:
 def overview(
     request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
 ) -> HTMLResponse:
-    service = RolloutService(session, get_ctx(request))
-    active = []
-    for r in service.list([RolloutStatus.running, RolloutStatus.paused], 20):
-        counts = service.rollouts.phase_counts(r.id)  # one GROUP BY, not the stage health
-        succeeded = sum(n for (_, phase), n in counts.items() if phase == "succeeded")
-        active.append({"r": r, "devices": sum(counts.values()), "succeeded": succeeded})
-    return page(request, user, "overview.html", fleet=fleet_summary(session), active=active)
+    """What ``GET /api/v1/fleet/summary`` answers, as a page."""
+    return page(request, user, "overview.html", fleet=fleet_summary(session))
 
 
 @router.get("/rollouts")

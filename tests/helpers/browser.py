@@ -1,10 +1,12 @@
 """Headless Debian chromium under Playwright for the dashboard's browser tests (no browser
 download: ``executable_path`` is the system's chromium); ``chromium_or_skip`` says plainly why a
-test cannot run."""
+test cannot run; where the screenshots go (``docs/screenshots`` only with
+``FLEET_UPDATE_SCREENSHOTS=1``) and a check that one is a real picture."""
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -15,7 +17,28 @@ ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
+#: the README's screenshots, rewritten by the browser test only with FLEET_UPDATE_SCREENSHOTS=1
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    """``docs/screenshots`` with ``FLEET_UPDATE_SCREENSHOTS=1``, else ``tmp_path`` (the checkout
+    stays clean)."""
+    out = SCREENSHOTS if os.environ.get("FLEET_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def assert_screenshot(path: Path, min_width: int = 800, min_height: int = 400) -> None:
+    """``path`` is a PNG of at least ``min_width`` x ``min_height`` pixels with more than a blank
+    page's bytes."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
+    assert width >= min_width, (path, width, height)
+    assert height >= min_height, (path, width, height)
+    assert len(data) > 20_000, f"{path}: {len(data)} bytes, a blank page?"
 
 
 def chromium_or_skip() -> Path:

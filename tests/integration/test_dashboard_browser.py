@@ -1,8 +1,10 @@
 """The dashboard in a real headless chromium (Playwright) against a live server whose engine
 drives a rollout over a simulated fleet: sign in, watch the rollout advance without a reload, see
-the health chart's points, pause and resume it from the page, sign out. Saves the screenshots the
-README shows (docs/screenshots/). A viewer watches an automatic rollback appear with its reason,
-has no buttons, and a POST forged from the page is refused."""
+the health charts' points (the hybrid routing ones too: the rollout carries a routing policy),
+pause and resume it from the page, sign out. Takes the screenshots the README shows (written to
+docs/screenshots/ with FLEET_UPDATE_SCREENSHOTS=1, else to the test's tmp dir). A viewer watches
+an automatic rollback appear with its reason, has no buttons, and a POST forged from the page is
+refused."""
 
 from __future__ import annotations
 
@@ -12,12 +14,20 @@ import httpx
 import pytest
 
 from server.mqtt.broker import free_port
-from tests.helpers.browser import ARGS, SCREENSHOTS, FleetPump, chromium_or_skip
+from tests.helpers.browser import ARGS, FleetPump, assert_screenshot, chromium_or_skip, screenshot_dir
 from tests.helpers.fleet_sim import Behaviour
 from tests.helpers.live_server import LiveServer
 from tests.helpers.rollout_lab import make_lab, rollout_body
 
 WAIT_MS = 60_000
+#: the lab's det model asks the cloud model det-cloud when unsure
+ROUTING = {
+    "mode": "prefer_edge",
+    "confidence": {"output": "y", "kind": "max_prob", "softmax": True, "threshold": 0.6},
+    "cloud": {"endpoint": "fleet", "model": "det-cloud", "timeout_ms": 500},
+}
+#: how devices under that policy behave: 20% escalated, 90% of those answered alike by the cloud
+HYBRID = Behaviour(escalation_rate=0.2, cloud_agreement=0.9)
 
 
 @pytest.fixture
@@ -33,7 +43,7 @@ def dashboard_server(settings):
     server.stop()
 
 
-def test_watch_pause_and_resume_a_rollout_in_the_browser(dashboard_server, onnx_model):
+def test_watch_pause_and_resume_a_rollout_in_the_browser(dashboard_server, onnx_model, tmp_path):
     chromium = chromium_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
@@ -43,8 +53,17 @@ def test_watch_pause_and_resume_a_rollout_in_the_browser(dashboard_server, onnx_
     headers = {"Authorization": f"Bearer {server.token('admin')}"}
     with httpx.Client(base_url=server.url, timeout=30) as api:
         fleet = make_lab(api, headers, server.ctx, onnx_model)
+        with open(onnx_model("cloud.onnx", seed=7), "rb") as fh:
+            upload = {"file": ("m.onnx", fh, "application/octet-stream")}
+            r = api.post("/api/v1/models/det-cloud/versions", data={"version": "1.0.0"}, files=upload,
+                         headers=headers)  # fmt: skip
+        assert r.status_code == 201, r.text
+        fleet.by_policy = lambda version, routing: HYBRID if routing else None
         stages = [{"percent": 10, "soak_s": 4}, {"percent": 50, "soak_s": 4}, {"percent": 100, "soak_s": 4}]
-        body = rollout_body("2.0.0", stages=stages, on_failure="pause", probation={"seconds": 0.3})
+        body = rollout_body(
+            "2.0.0", stages=stages, on_failure="pause", probation={"seconds": 0.3}, routing=ROUTING
+        )
+        shots = screenshot_dir(tmp_path)
         r = api.post("/api/v1/rollouts", json=body, headers=headers)
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
@@ -80,8 +99,7 @@ def test_watch_pause_and_resume_a_rollout_in_the_browser(dashboard_server, onnx_
             tab.goto(f"{server.url}/ui/")
             expect(tab.locator("#active-rollouts")).to_contain_text(rid)
             expect(tab.locator("#by-status")).to_contain_text("online")
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            tab.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
+            tab.screenshot(path=str(shots / "overview.png"), full_page=True)
             tab.close()
 
             page.click("#act-resume")
@@ -97,13 +115,29 @@ def test_watch_pause_and_resume_a_rollout_in_the_browser(dashboard_server, onnx_
             legend = chart.locator(".u-legend").inner_text()
             assert "2.0.0" in legend
             assert "1.0.0 baseline" in legend
-            page.screenshot(path=str(SCREENSHOTS / "rollout.png"), full_page=True)
+            # the routing policy's escalation rate and cloud agreement, charted once they arrive
+            for metric in ("escalation_rate", "cloud_agreement"):
+                hybrid = page.locator(f"[data-metric={metric}]")
+                expect(hybrid).to_be_visible()
+                expect(hybrid).to_have_attribute("data-points", re.compile(r"^([2-9]|\d\d+)$"))
+                assert "2.0.0" in hybrid.locator(".u-legend").inner_text()
+            health = api.get(f"/api/v1/rollouts/{rid}/health", headers=headers).json()
+            new = next(s for s in health["series"] if s["version"] == "2.0.0")
+            rates = {p["escalation_rate"] for p in new["points"] if p["routed_requests"]}
+            assert rates
+            assert all(r == pytest.approx(0.2) for r in rates)
+            page.screenshot(path=str(shots / "rollout.png"), full_page=True)
+            for name in ("overview.png", "rollout.png"):
+                assert_screenshot(shots / name)
 
             # a device page charts its own health
             page.goto(f"{server.url}/ui/devices/lab-00")
             device_chart = page.locator("[data-metric=p95_ms]")
             expect(device_chart).to_have_attribute("data-points", re.compile(r"^([2-9]|\d\d+)$"))
             assert "2.0.0" in device_chart.locator(".u-legend").inner_text()
+            expect(page.locator("[data-metric=escalation_rate]")).to_have_attribute(
+                "data-points", re.compile(r"^([1-9]|\d\d+)$")
+            )
 
             page.click("#logout")
             page.wait_for_url("**/ui/login**")

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from server.cli import main
 from server.health.tables import HealthSample
+from tests.helpers.dashboard import login
 from tests.helpers.device_fleet import auth, push_model
 from tests.helpers.onnx_models import make_model
 from tests.helpers.rollout_e2e import MODEL, Fleet, Traffic, follow, rollout_body, wait_requests
@@ -98,7 +99,7 @@ def test_a_version_that_costs_more_cpu_trips_max_cpu_ratio_in_its_canary(fleet_o
     # and a canary's page on the dashboard: CPU per request and resident memory per bucket
     canary = next(d for d, (stage, _, _) in fleet.deployments(rid).items() if stage == 0)
     with httpx.Client(base_url=live_server.url) as ui:
-        assert ui.post("/ui/login", data={"token": live_server.token("viewer")}).status_code == 303
+        assert login(ui, live_server.token("viewer")).status_code == 303
         device = ui.get(f"/ui/devices/{canary}/health.json").json()
     points = [p for s in device["series"] if s["version"] == "2.0.0" for p in s["points"]]
     assert any(p["cpu_ms_per_request"] and p["rss_bytes"] for p in points), device
@@ -165,7 +166,7 @@ def test_a_breach_in_one_variant_pauses_the_rollout_naming_it(fleet_of, live_ser
     assert "0.00%" in rows["int8"]
     # and the rollout page: a row per variant
     with httpx.Client(base_url=live_server.url) as ui:
-        r = ui.post("/ui/login", data={"token": live_server.token("viewer"), "next": "/ui/"})
+        r = login(ui, live_server.token("viewer"))
         assert r.status_code == 303, r.text
         page = ui.get(f"/ui/rollouts/{rid}/live").text
     assert 'id="variants"' in page

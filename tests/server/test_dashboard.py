@@ -53,11 +53,41 @@ def test_pages_forbid_framing_and_foreign_scripts(app_client, make_token):
 
 
 def test_cookie_is_secure_over_https(app_client, make_token):
-    r = app_client.post(
-        "https://testserver/ui/login", data={"token": make_token("viewer")}, follow_redirects=False
-    )
+    form = app_client.get("https://testserver/ui/login")
+    assert "Secure" in form.headers["set-cookie"]  # the login form's pre-session cookie too
+    r = login(app_client, make_token("viewer"), base="https://testserver")
     assert r.status_code == 303
-    assert "Secure" in r.headers["set-cookie"]
+    session = next(c for c in r.headers.get_list("set-cookie") if c.startswith("fleet_ui="))
+    assert "Secure" in session
+
+
+def test_login_form_needs_its_double_submit_token(app_client, make_token):
+    """Another site cannot sign a browser in to the attacker's token: its forged POST carries
+    neither the form's token nor (SameSite=Strict) the pre-session cookie."""
+    token = make_token("operator")
+    form = app_client.get("/ui/login")
+    cookie = form.headers["set-cookie"]
+    for flag in ("fleet_login=", "HttpOnly", "SameSite=strict", "Path=/ui/login", "Max-Age=600"):
+        assert flag in cookie, flag
+    value = CSRF.search(form.text).group(1)
+    assert app_client.cookies.get("fleet_login") == value
+    forged = ({"token": token}, {"token": token, "csrf": "0" * 64})
+    for data in forged:
+        r = app_client.post("/ui/login", data=data, follow_redirects=False)
+        assert r.status_code == 403, data
+        assert "fleet_ui=" not in r.headers.get("set-cookie", "")
+        assert "sign-in form" in r.text
+    app_client.cookies.delete("fleet_login")  # a cross-site POST: the field, but not the cookie
+    r = app_client.post("/ui/login", data={"token": token, "csrf": value}, follow_redirects=False)
+    assert r.status_code == 403
+    assert "fleet_ui=" not in r.headers.get("set-cookie", "")
+    assert app_client.get("/ui/", follow_redirects=False).status_code == 303  # not signed in
+    r = login(app_client, token)
+    assert r.status_code == 303
+    cookies = r.headers.get_list("set-cookie")
+    assert any(c.startswith("fleet_ui=") for c in cookies)
+    assert any(c.startswith("fleet_login=") and "Max-Age=0" in c for c in cookies)  # used up
+    assert app_client.get("/ui/").status_code == 200
 
 
 def test_pages_redirect_to_login_without_a_cookie(app_client):
@@ -75,7 +105,7 @@ def test_login_refuses_revoked_expired_and_unknown_tokens(app_client, make_token
     for token, words in ((revoked, "revoked"), (expired, "expired"), ("fa.nope.nope", "")):
         r = login(app_client, token)
         assert r.status_code == 401, token
-        assert "set-cookie" not in r.headers
+        assert "fleet_ui=" not in r.headers.get("set-cookie", "")  # no session
         assert words in r.text
         assert app_client.get("/ui/", follow_redirects=False).status_code == 303
 
@@ -91,11 +121,7 @@ def test_a_token_revoked_after_login_signs_the_browser_out(app_client, make_toke
 
 
 def test_login_never_redirects_off_the_dashboard(app_client, make_token):
-    r = app_client.post(
-        "/ui/login",
-        data={"token": make_token("viewer"), "next": "https://evil.example/"},
-        follow_redirects=False,
-    )
+    r = login(app_client, make_token("viewer"), next="https://evil.example/")
     assert r.headers["location"] == "/ui/"
 
 

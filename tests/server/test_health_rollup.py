@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from server.health.repository import HealthWindowRepository
 from server.health.rollup import fold_health
+from server.health.series import fold_series, health_rows
 from server.health.tables import HealthRollup, HealthSample
 from server.rollouts.policy import aggregate
 
@@ -120,6 +121,39 @@ def test_the_gates_per_device_sums_are_the_same_after_a_fold(ctx):
     assert before[1]["b"].agreement_weighted == pytest.approx(24.0)
 
 
+def test_the_hybrid_series_are_the_same_after_a_fold(ctx):
+    """Escalation rate and cloud agreement per bucket (the rollout charts) read the rollups' sums."""
+    old = datetime(2026, 3, 7, 10, 0, tzinfo=UTC)
+    rows = [
+        window(d, i, old + timedelta(minutes=3 * i), requests=100 * k, escalations=k * i % 40,
+               cloud_compared=k * i % 40, cloud_agreement=0.5 + (i % 5) / 10, answered_cloud=k * i % 40)
+        for k, d in enumerate(("a", "b"), start=1)
+        for i in range(30)
+    ]  # fmt: skip
+    none = dict.fromkeys(("escalations", "cloud_compared", "cloud_agreement", "answered_cloud"))
+    rows.append(window("a", 100, old, requests=70, **none))  # no routing policy: not in the rates
+    with ctx.db.session_scope() as s:
+        s.execute(sa.insert(HealthSample.__table__), rows)
+
+    def series():
+        with ctx.db.session_scope() as s:
+            return fold_series(health_rows(s, ["a", "b"], "det", old), old, 3600)
+
+    before = series()
+    assert fold(ctx).folded == len(rows)
+    (after,) = series()
+    points = before[0]["points"]
+    assert [p["at"] for p in after["points"]] == [p["at"] for p in points]
+    for b, a in zip(points, after["points"], strict=True):
+        assert (a["routed_requests"], a["cloud_compared"]) == (b["routed_requests"], b["cloud_compared"])
+        assert a["routed_requests"] == a["requests"] - (70 if a["at"] == old.isoformat() else 0)
+        assert a["escalation_rate"] == pytest.approx(b["escalation_rate"])
+        assert a["cloud_agreement"] == pytest.approx(b["cloud_agreement"])
+    assert points[0]["escalation_rate"] == pytest.approx(
+        sum((k * i % 40) for k in (1, 2) for i in range(20)) / sum(100 * k * 20 for k in (1, 2))
+    )
+
+
 def test_late_windows_add_to_their_rollup_and_old_rollups_expire(ctx):
     old = NOW - timedelta(days=2)
     with ctx.db.session_scope() as s:
@@ -156,20 +190,27 @@ def test_replicas_folding_at_once_never_fold_a_window_twice(ctx):
         assert s.scalars(sa.select(HealthRollup.requests)).one() == 40
 
 
-def test_gates_read_only_the_given_devices_however_many(ctx, monkeypatch):
-    """The stage and baseline numbers cover exactly the devices asked for, also past the size of
-    one IN list (the query is chunked, and each chunk keeps the device filter: without it the
-    gates would read every device running the version, healthy devices of other rollouts included)."""
-    import server.health.repository as repo_mod
-
-    monkeypatch.setattr(repo_mod, "IDS_CHUNK", 2)
+def test_gates_read_only_the_given_devices_however_many(ctx):
+    """The stage and baseline numbers cover exactly the devices asked for, however many and
+    whatever their ids hold (they go to the database as one array parameter: without the device
+    filter the gates would read every device running the version, healthy devices of other
+    rollouts included)."""
     at = NOW - timedelta(minutes=5)
-    rows = [window(f"d{i}", 1, at, requests=100, errors=10) for i in range(5)]
+    odd = ['q"uote', "back\\slash", "com,ma", "{brace}", "sp ace", "NULL"]
+    asked = [f"d{i}" for i in range(5)] + odd
+    rows = [window(d, 1, at, requests=100, errors=10) for d in asked]
     rows += [window(f"other{i}", 1, at, requests=100, errors=0) for i in range(20)]
+    rows += [window(d, 1, at, requests=100, errors=0) for d in ("quote", "back", "com", "ma", "brace", "sp")]
     with ctx.db.session_scope() as s:
         s.execute(sa.insert(HealthSample.__table__), rows)
-    stage = agg(ctx, [f"d{i}" for i in range(5)] + ["d0"])  # a duplicate id counts once
-    assert (stage.requests, stage.errors) == (500, 50)
+    stage = agg(ctx, [*asked, "d0"])  # a duplicate id counts once
+    assert (stage.requests, stage.errors) == (1100, 110)
+    with ctx.db.session_scope() as s:
+        sums = HealthWindowRepository(s).per_device([*asked, f"d{10**6}"], "det")
+        series = fold_series(health_rows(s, asked, "det", at), at, 60)
+    assert set(sums) == set(asked)
+    assert [p["requests"] for p in series[0]["points"]] == [1100]
+    assert agg(ctx, []).requests == 0
 
 
 def test_cpu_time_and_variant_read_the_same_after_the_fold(ctx):

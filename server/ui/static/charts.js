@@ -1,4 +1,5 @@
-// Health charts of a rollout page: the new version against the baseline, from health.json (uPlot).
+// Health charts of a rollout or device page: the new version against the baseline, from health.json
+// (uPlot); the hybrid routing charts show once the series has routing data.
 (function () {
   "use strict";
   var box = document.getElementById("charts");
@@ -29,9 +30,23 @@
     return { data: data, series: series };
   }
 
+  function hasValues(health, metric) {
+    return health.series.some(function (s) {
+      return s.points.some(function (p) { return p[metric] !== null && p[metric] !== undefined; });
+    });
+  }
+
   function draw(health) {
+    // hybrid routing charts: only once a window under a routing policy arrived; all shown before
+    // any is measured, so that each plot takes the width its figure ends up with
+    box.querySelectorAll("[data-hybrid]").forEach(function (figure) {
+      var metric = figure.querySelector("[data-metric]").getAttribute("data-metric");
+      if (hasValues(health, metric)) figure.hidden = false;
+    });
     box.querySelectorAll("[data-metric]").forEach(function (el) {
       var metric = el.getAttribute("data-metric");
+      var figure = el.closest("[data-hybrid]");
+      if (figure && figure.hidden) return;
       var d = seriesData(health, metric);
       var key = metric + ":" + d.series.map(function (s) { return s.label; }).join("|");
       if (plots[metric] && plots[metric].key === key) { plots[metric].plot.setData(d.data); return; }
