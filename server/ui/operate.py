@@ -1,7 +1,8 @@
 """Dashboard pages beyond watching rollouts: the model catalog (revoke: admin), the audit log
-(operator and up) and
-the form that starts a rollout (operator and up), which shows the API's 422 message and creates
-nothing when the stages, gates or selector are wrong."""
+(operator and up) and the form that starts a rollout (operator and up), which shows the API's 422
+message and creates nothing when the stages, gates or selector are wrong, or when selected devices
+fit no variant and "leave them out" (``skip_unfit``) is off; "pause for approval" sets
+``pause_after`` on every stage but the last that does not set it itself."""
 
 from __future__ import annotations
 
@@ -96,8 +97,9 @@ def new_rollout(
     request: Request, session: Session = SessionDep, user: tuple[Principal, str] = User
 ) -> Response:
     _operator(user)
-    form = {"model": "", "version": "", "tags": "", "stages": DEFAULT_STAGES, "gates": DEFAULT_GATES}
-    return page(request, user, "rollout_new.html", form={**form, "on_failure": "pause"}, error=None)
+    form = {"model": "", "version": "", "tags": "", "stages": DEFAULT_STAGES, "gates": DEFAULT_GATES,
+            "on_failure": "pause", "skip_unfit": False, "pause_between": False}  # fmt: skip
+    return page(request, user, "rollout_new.html", form=form, error=None)
 
 
 @router.post("/rollouts/new")
@@ -110,14 +112,17 @@ def create_rollout(
     stages: str = Form(default=""),
     gates: str = Form(default=""),
     on_failure: str = Form(default="pause"),
+    skip_unfit: bool = Form(default=False),
+    pause_between: bool = Form(default=False),
     session: Session = SessionDep,
     user: tuple[Principal, str] = User,
 ) -> Response:
     """Create and start a rollout; a bad field re-renders the form with the message (422)."""
     check_csrf(user[1], csrf)
     who = _operator(user)
-    form = {"model": model, "version": version, "tags": tags, "stages": stages, "gates": gates,
-            "on_failure": on_failure}  # fmt: skip
+    form: dict[str, Any] = {"model": model, "version": version, "tags": tags, "stages": stages,
+            "gates": gates, "on_failure": on_failure, "skip_unfit": skip_unfit,
+            "pause_between": pause_between}  # fmt: skip
     try:
         body = _rollout_body(form)
         created = RolloutService(session, get_ctx(request)).create(body, who)
@@ -132,13 +137,29 @@ def create_rollout(
     return RedirectResponse(f"/ui/rollouts/{created.id}", status_code=303)
 
 
-def _rollout_body(form: dict[str, str]) -> RolloutCreate:
+def _rollout_body(form: dict[str, Any]) -> RolloutCreate:
+    """The API's body of the form; "pause for approval" fills in ``pause_after`` (stages JSON wins)."""
     selector = {"tags": dict(parse_tag_expr(t) for t in form["tags"].split())}
+    stages = _json(form["stages"], "stages")
+    if form["pause_between"]:
+        stages = pause_between(stages)
     return RolloutCreate.model_validate({
         "model": form["model"].strip(), "version": form["version"].strip(), "selector": selector,
-        "stages": _json(form["stages"], "stages"), "gates": _json(form["gates"] or "{}", "gates"),
-        "on_failure": form["on_failure"],
+        "stages": stages, "gates": _json(form["gates"] or "{}", "gates"),
+        "on_failure": form["on_failure"], "skip_unfit": form["skip_unfit"],
     })  # fmt: skip
+
+
+def pause_between(stages: Any) -> Any:
+    """``stages`` with ``pause_after: true`` on each stage but the last that does not give
+    ``pause_after`` itself; anything but a list of objects is returned as is (validation says why)."""
+    if not isinstance(stages, list):
+        return stages
+    last = len(stages) - 1
+    return [
+        {**s, "pause_after": True} if isinstance(s, dict) and i < last and "pause_after" not in s else s
+        for i, s in enumerate(stages)
+    ]
 
 
 def _json(text: str, field: str) -> Any:

@@ -23,6 +23,8 @@ from server.errors import FleetError, Forbidden, Invalid, NotFound
 from server.health.series import fold_series, health_rows
 from server.http.deps import SessionDep, get_ctx
 from server.rollouts.device_deployments import DeviceDeploymentService
+from server.rollouts.engine import APPROVAL_REASON
+from server.rollouts.schemas import RolloutDetail
 from server.rollouts.service import RolloutService
 from server.rollouts.summary import fleet_summary
 from server.rollouts.tables import RolloutStatus
@@ -54,6 +56,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "paused": ("resume", "abort", "rollback"),
     "draft": ("abort",),
 }
+#: a rollout paused by a stage's ``pause_after``: its resume button approves the next stage
+APPROVE_QUESTION = "Approve stage {n}: tell its devices to update now?"
 #: the rollout page's columns: deployment phases grouped as an operator reads them
 PHASE_GROUPS: dict[str, tuple[str, ...]] = {
     "pending": ("pending", "notified"),
@@ -159,7 +163,7 @@ def rollout(
     """The rollout page; ``phase`` filters its device list (failures first, up to 200)."""
     members = _members(request, session, rollout_id, phase)
     detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
-    return page(request, user, "rollout.html", r=detail, actions=_actions(detail.status.value), **members)
+    return page(request, user, "rollout.html", r=detail, actions=_actions(detail), **members)
 
 
 @router.get("/rollouts/{rollout_id}/live")
@@ -168,7 +172,7 @@ def rollout_live(
 ) -> HTMLResponse:
     """The part of the rollout page that changes while it runs (polled by static/app.js)."""
     detail = RolloutService(session, get_ctx(request)).detail(rollout_id)
-    return page(request, user, "rollout_live.html", r=detail, actions=_actions(detail.status.value))
+    return page(request, user, "rollout_live.html", r=detail, actions=_actions(detail))
 
 
 @router.get("/rollouts/{rollout_id}/members")
@@ -204,8 +208,18 @@ def rollout_health(
     return JSONResponse(health.model_dump(mode="json"))
 
 
-def _actions(status: str) -> list[tuple[str, str]]:
-    return [(a, ACTIONS[a]) for a in ALLOWED.get(status, ())]
+def _actions(r: RolloutDetail) -> list[tuple[str, str, str]]:
+    """The page's buttons as (action, confirmation, label); a rollout waiting for approval (paused
+    by ``pause_after``) gets "Approve stage N", which posts resume."""
+    waits = r.status == RolloutStatus.paused and (r.reason or "").startswith(APPROVAL_REASON)
+    buttons = []
+    for a in ALLOWED.get(r.status.value, ()):
+        if a == "resume" and waits:
+            n = r.current_stage + 1
+            buttons.append((a, APPROVE_QUESTION.format(n=n), f"Approve stage {n}"))
+        else:
+            buttons.append((a, ACTIONS[a], a.capitalize()))
+    return buttons
 
 
 @router.post("/rollouts/{rollout_id}/{action}")

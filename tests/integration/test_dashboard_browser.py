@@ -4,7 +4,8 @@ the health charts' points (the hybrid routing ones too: the rollout carries a ro
 pause and resume it from the page, sign out. Takes the screenshots the README shows (written to
 docs/screenshots/ with FLEET_UPDATE_SCREENSHOTS=1, else to the test's tmp dir). A viewer watches
 an automatic rollback appear with its reason, has no buttons, and a POST forged from the page is
-refused."""
+refused. An operator starts a rollout from the form with "pause for approval" and approves its
+second stage from the page."""
 
 from __future__ import annotations
 
@@ -193,4 +194,50 @@ def test_viewer_watches_an_automatic_rollback_and_cannot_act(dashboard_server, o
             assert api.get(f"/api/v1/rollouts/{rid}", headers=headers).json()["status"] in (
                 "rolling_back", "rolled_back",
             )  # fmt: skip
+            browser.close()
+
+
+def test_start_a_rollout_with_approval_from_the_form_and_approve_it(dashboard_server, onnx_model):
+    chromium = chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=WAIT_MS)
+    server = dashboard_server
+    headers = {"Authorization": f"Bearer {server.token('admin')}"}
+    with httpx.Client(base_url=server.url, timeout=30) as api:
+        fleet = make_lab(api, headers, server.ctx, onnx_model)
+        with FleetPump(fleet), sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(chromium), args=ARGS, headless=True)
+            page = browser.new_context().new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.goto(f"{server.url}/ui/login?next=/ui/rollouts/new")
+            page.fill("#token", server.token("operator"))
+            page.click("#signin")
+            page.wait_for_url("**/ui/rollouts/new")
+            page.fill("input[name=model]", "det")
+            page.fill("input[name=version]", "2.0.0")
+            page.fill("input[name=tags]", "site:lab")
+            stages = '[{"percent": 20, "soak_s": 2}, {"percent": 100, "soak_s": 2}]'
+            page.fill("textarea[name=stages]", stages)
+            page.fill("textarea[name=gates]", '{"max_failure_ratio": 0.2, "max_error_rate": 0.05}')
+            page.check("#pause-between")
+            page.click("#start")
+            page.wait_for_url(re.compile(r"/ui/rollouts/(?!new$)[^/?]+$"))
+            rid = page.url.rsplit("/", 1)[1]
+            state = api.get(f"/api/v1/rollouts/{rid}", headers=headers).json()
+            assert [s["pause_after"] for s in state["stages"]] == [True, False]
+
+            # stage 1 passes and the rollout waits: the live part turns resume into the approval
+            expect(page.locator("#act-resume")).to_have_text("Approve stage 2")
+            expect(page.locator("#reason")).to_contain_text("waits for approval to start stage 2")
+            expect(page.locator("#status")).to_have_text("paused")
+            assert api.get(f"/api/v1/rollouts/{rid}", headers=headers).json()["phases"] == {
+                "succeeded": 2, "pending": 8,
+            }  # fmt: skip
+            page.click("#act-resume")
+            expect(page.locator("#status")).to_have_text("completed")
+            final = api.get(f"/api/v1/rollouts/{rid}", headers=headers).json()
+            assert (final["status"], final["phases"]) == ("completed", {"succeeded": 10})
+            assert page.locator("#act-resume").count() == 0
             browser.close()
