@@ -132,7 +132,8 @@ def _row_score(row: list[float], kind: ConfidenceKind, apply_softmax: bool) -> f
     if kind is ConfidenceKind.margin:
         second, first = sorted(weights)[-2:]
         return (first - second) / total
-    return sum(-(w / total) * math.log(w / total) for w in weights if w > 0.0)
+    probs = (w / total for w in weights)
+    return sum(-p * math.log(p) for p in probs if p > 0.0)  # a weight > 0 may still divide to 0
 
 
 def small_scores(output: np.ndarray, kind: ConfidenceKind, apply_softmax: bool) -> list[float]:

@@ -16,13 +16,11 @@ from sqlalchemy.orm import Session
 
 from device_client.protocol.messages import DeploymentPhase
 from server.devices.tables import Device, DeviceStatus
+from server.rollouts.engine import FAILED, IN_FLIGHT
 from server.rollouts.tables import Deployment, Rollout, RolloutStatus
 
-FAILED_PHASES = (DeploymentPhase.failed, DeploymentPhase.rolled_back, DeploymentPhase.timed_out)
-IN_PROGRESS = (
-    DeploymentPhase.notified, DeploymentPhase.downloading, DeploymentPhase.verifying,
-    DeploymentPhase.installing, DeploymentPhase.probation,
-)  # fmt: skip
+#: failed, rolled back and timed out: the engine's FAILED, as a sequence for ``in_``
+FAILED_PHASES = tuple(sorted(FAILED))
 
 
 class VersionCount(BaseModel):
@@ -130,7 +128,7 @@ def _progress(r: Rollout, phases: Counter[DeploymentPhase]) -> RolloutProgress:
     return RolloutProgress(
         id=r.id, model=r.model, version=r.version, status=r.status.value, current_stage=r.current_stage,
         stages=len(r.stages), devices=sum(phases.values()), succeeded=phases[DeploymentPhase.succeeded],
-        failed=sum(phases[p] for p in FAILED_PHASES), in_progress=sum(phases[p] for p in IN_PROGRESS),
+        failed=sum(phases[p] for p in FAILED_PHASES), in_progress=sum(phases[p] for p in IN_FLIGHT),
         reason=r.reason, created_at=r.created_at,
     )  # fmt: skip
 

@@ -167,6 +167,8 @@ def _json(text: str, field: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise Invalid(f"{field}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:  # thousands of nested brackets: the decoder gives up
+        raise Invalid(f"{field}: not JSON (nested too deeply)") from None
 
 
 def _validation_message(exc: ValidationError) -> str:

@@ -138,7 +138,8 @@ def test_scores_that_are_not_a_distribution_are_normalised():
 
 def _cases() -> list[np.ndarray]:
     """Edge outputs of every kind the small path meets: probabilities, logits, negative and zero
-    scores, huge logits, single columns, NaN/Inf rows, batches and rank 0 to 3, float16/32/64."""
+    scores, huge logits (probabilities that underflow to 0), single columns, NaN/Inf rows, batches
+    and rank 0 to 3, float16/32/64."""
     rng = np.random.default_rng(7)
     cases = [
         rng.dirichlet(np.ones(10), size=1),
@@ -153,6 +154,8 @@ def _cases() -> list[np.ndarray]:
         np.array([[np.nan, 0.5], [0.2, 0.8]]),
         np.array([[np.inf, 0.0]]),
         np.array([[0.5, 0.5]]),
+        np.array([[0.0, 745.0, 745.0]]),  # a weight exp(-745) > 0 whose probability underflows to 0
+        np.array([[5e-324, 2.0]]),  # the same for a subnormal score
         np.array(0.7),
         rng.random(6),
         rng.random((2, 3, 4)),
@@ -168,6 +171,16 @@ def test_the_small_output_path_scores_as_the_array_path(kind, logits):
         got = small_scores(case, kind, logits)
         assert len(got) == len(want), case
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"{kind} {case!r}")
+
+
+def test_a_probability_that_underflows_to_zero_adds_nothing_to_the_entropy():
+    # exp(-745) is the smallest float above 0; divided by 2 it is 0, and log(0) must not be taken
+    logits = {"p": np.array([[0.0, 745.0, 745.0]], np.float32)}
+    c = read_confidence(logits, spec(kind="entropy", threshold=0.5, softmax=True))
+    assert c.value == pytest.approx(math.log(2))
+    assert not c.confident
+    scores = {"p": np.array([[5e-324, 2.0]])}
+    assert read_confidence(scores, spec(kind="entropy", threshold=0.5)).value == 0.0
 
 
 def test_large_outputs_take_the_array_path_with_the_same_rules():

@@ -46,6 +46,7 @@ def test_an_operator_starts_a_rollout_from_the_form(app_client, admin_headers, m
         ({"stages": "[]"}, "stages: List should have at least 1 item"),
         ({"stages": '[{"percent": 150}]'}, "stages.0.percent: Input should be less than or equal to 100"),
         ({"stages": "[{"}, "stages: not JSON"),
+        ({"gates": "[" * 5000}, "gates: not JSON (nested too deeply)"),
         ({"gates": '{"max_error_rate": 2}'}, "gates.max_error_rate: Input should be less than or equal to 1"),
         ({"gates": '{"nope": 1}'}, "gates.nope: Extra inputs are not permitted"),
         ({"version": "9.9.9"}, "9.9.9"),

@@ -35,8 +35,10 @@ def test_summary_counts_the_fleet_rollouts_and_failures(app_client, admin_header
     stages = [{"percent": 10, "soak_s": 3600}, {"percent": 100, "soak_s": 0}]
     r = app_client.post("/api/v1/rollouts", json=rollout_body("2.0.0", stages=stages), headers=admin_headers)
     rid = r.json()["id"]
-    RolloutEngine(ctx).tick()
-    lab.step()  # the canary (one device of ten) installs 2.0.0
+    RolloutEngine(ctx).tick()  # the canary (one device of ten) is told: in progress
+    (told,) = app_client.get("/api/v1/fleet/summary", headers=admin_headers).json()["rollouts"]
+    assert (told["devices"], told["succeeded"], told["failed"], told["in_progress"]) == (10, 0, 0, 1)
+    lab.step()  # the canary installs 2.0.0
 
     r = app_client.get("/api/v1/fleet/summary", headers=admin_headers)
     assert r.status_code == 200, r.text
@@ -56,7 +58,9 @@ def test_summary_counts_the_fleet_rollouts_and_failures(app_client, admin_header
     (running,) = body["rollouts"]  # the rolled-back one is neither running nor paused
     assert running["id"] == rid
     assert (running["status"], running["current_stage"], running["stages"]) == ("running", 0, 2)
-    assert (running["devices"], running["succeeded"], running["failed"]) == (10, 1, 0)
+    assert (running["devices"], running["succeeded"], running["failed"], running["in_progress"]) == (
+        10, 1, 0, 0,
+    )  # fmt: skip
     (failure,) = body["failures"]  # the failed rollout's canary
     assert (failure["rollout_id"], failure["version"], failure["phase"]) == (bad["id"], "3.0.0", "failed")
     assert failure["reason"] == "validation vectors do not match"
