@@ -137,7 +137,7 @@ def test_weekly_waves_pause_between_waves_until_approved(live_server, tmp_path):
                 assert on_new() == done
 
                 held = waves()  # a daily run without approval: report, nothing moves
-                assert held.returncode == 2, held.stdout + held.stderr
+                assert held.returncode == 10, held.stdout + held.stderr
                 assert f"wave {done} of 3 passed" in held.stdout
                 assert f"wave {done + 1} waits for approval" in held.stdout
                 phases = fleet.deployments(rid)
@@ -161,5 +161,12 @@ def test_weekly_waves_pause_between_waves_until_approved(live_server, tmp_path):
         assert set(fleet.serving().values()) == {"2.0.0"}
         final = waves()
         assert (final.returncode, final.stdout.strip()) == (0, f"rollout {rid}: completed, all 3 waves")
+        bad = run_example(live_server, "weekly_waves.py", MODEL, "3.0.0", "--tag", "site")
+        assert bad.returncode == 2  # a usage error, not "waits for approval"
+        assert "'site' is not KEY=VALUE" in bad.stderr
+        refused = run_example(live_server, "weekly_waves.py", MODEL, "9.9.9", "--waves", "100")
+        assert refused.returncode == 1, refused.stdout + refused.stderr  # no such version: an error
+        assert refused.stderr.startswith("error: ")
+        assert "Traceback" not in refused.stderr
     finally:
         fleet.close()
