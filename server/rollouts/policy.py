@@ -81,10 +81,11 @@ def check_stages(stages: Sequence[Stage], total: int) -> tuple[list[Stage], list
 
     Percent stages whose percents grow but that resolve to the same number of devices on this
     selection (1% and 10% of 8 devices are both 1 device) are merged: the later stage is kept (its
-    percent, soak, shadow and pause_after), the earlier one dropped, so ``1,10,50,100`` runs as one
-    stage on a single device. A shadow stage followed by a serve stage is never merged: the serve stage
-    may cover the same devices (it switches them from shadowing to serving), so a shadow canary
-    still runs on a fleet of one. Anything else raises ValueError unless the counts strictly grow
+    percent, soak and shadow), the earlier one dropped, so ``1,10,50,100`` runs as one stage on a
+    single device; the merged stage pauses for approval if either asked to (``pause_after``). A
+    shadow stage followed by a serve stage is never merged: the serve stage may cover the same
+    devices (it switches them from shadowing to serving), so a shadow canary still runs on a fleet
+    of one. Anything else raises ValueError unless the counts strictly grow
     (percents or counts given in an order that does not grow, a count no larger than the stage
     before) and the last stage takes every selected device (a rollout never leaves part of its
     selection out: narrow the selector for that)."""
@@ -105,6 +106,8 @@ def check_stages(stages: Sequence[Stage], total: int) -> tuple[list[Stage], list
                 and prev.percent is not None
                 and stage.percent > prev.percent
             ):
+                if prev.pause_after and not stage.pause_after:  # an approval asked for is kept
+                    stage = stage.model_copy(update={"pause_after": True})
                 kept[-1], numbers[-1] = stage, i  # the same devices: one stage, the later one's
                 continue
             if size < sizes[-1] or (size == sizes[-1] and not to_serve):

@@ -37,6 +37,16 @@ def test_the_later_stage_of_a_merged_pair_is_kept_whole():
     assert check_stages(shadows, 4) == ([shadows[1], shadows[2]], [1, 4])
 
 
+def test_a_merged_stage_keeps_an_approval_either_stage_asked_for():
+    given = [Stage(percent=1, pause_after=True), Stage(percent=10), Stage(percent=100)]
+    stages, sizes = check_stages(given, 8)  # 1% and 10% of 8 devices: the same one device
+    assert sizes == [1, 8]
+    assert [(s.percent, s.pause_after) for s in stages] == [(10, True), (100, False)]
+    assert given[1].pause_after is False  # the request itself is left as it was
+    later = [Stage(percent=1), Stage(percent=10, pause_after=True), Stage(percent=100)]
+    assert [s.pause_after for s in check_stages(later, 8)[0]] == [True, False]
+
+
 @pytest.mark.parametrize("total", [1, 4])
 def test_a_shadow_stage_is_not_merged_into_the_serve_stage_after_it(total):
     """The serve stage may cover the same devices: it switches them from shadowing to serving."""
