@@ -17,6 +17,7 @@ from device_client.protocol.messages import DeploymentPhase
 from server.bulk import bulk_update, execute_many
 from server.devices.tables import Device, DeviceStatus
 from server.errors import SeqRace
+from server.health.repository import DeviceFilter
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 
 #: a deployment phase by the name the ``phase`` column stores
@@ -462,6 +463,39 @@ class RolloutRepository:
             )
         )
         return int(self.session.scalar(q) or 0)
+
+    @staticmethod
+    def members_filter(
+        rollout_id: str,
+        *,
+        max_stage: int | None = None,
+        previous_version: str | None = None,
+        not_previous_version: str | None = None,
+    ) -> DeviceFilter:
+        """A filter of a device id column (:class:`server.health.repository.WindowMatch`) to the
+        devices of a rollout's deployments (of stages up to ``max_stage``; that ran
+        ``previous_version`` before it, or did not run ``not_previous_version``): a subquery on the
+        ``(rollout_id, device_id)`` index, so no id is read or sent."""
+        d = Deployment
+        q = sa.select(d.device_id).where(d.rollout_id == rollout_id)
+        if max_stage is not None:
+            q = q.where(d.stage <= max_stage)
+        if previous_version is not None:
+            q = q.where(d.previous_version == previous_version)
+        if not_previous_version is not None:
+            q = q.where(sa.or_(d.previous_version.is_(None), d.previous_version != not_previous_version))
+        return lambda column: column.in_(q)
+
+    def stage_phase_counts(self, rollout_id: str) -> builtins.list[tuple[int, DeploymentPhase, int]]:
+        """(stage, phase, deployments) of a rollout: one GROUP BY on the ``(rollout_id, phase)``
+        index, whatever the fleet size."""
+        phase = sa.type_coerce(Deployment.phase, sa.String)
+        q = (
+            sa.select(Deployment.stage, phase, sa.func.count())
+            .where(Deployment.rollout_id == rollout_id)
+            .group_by(Deployment.stage, phase)
+        )
+        return [(st, PHASES[p], int(n)) for st, p, n in self.session.connection().execute(q)]
 
     def member_stages(self, rollout_id: str) -> builtins.list[tuple[str, int, DeploymentPhase]]:
         """(device id, stage, phase) of every deployment of a rollout, by id (no ORM objects; plain
