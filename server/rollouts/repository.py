@@ -22,6 +22,8 @@ from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutSt
 
 #: a deployment phase by the name the ``phase`` column stores
 PHASES = {p.name: p for p in DeploymentPhase}
+#: deployments inserted at once from which PostgreSQL's statistics of the table are refreshed
+ANALYZE_AFTER = 1000
 
 
 class DesiredRepository:
@@ -244,8 +246,13 @@ class DeploymentRepository:
         return deployment
 
     def insert_many(self, rows: list[dict[str, Any]]) -> None:
-        """One multi-row INSERT of new deployments (a rollout creates one per selected device)."""
+        """One multi-row INSERT of new deployments (a rollout creates one per selected device).
+        From :data:`ANALYZE_AFTER` rows on PostgreSQL, the table's statistics are refreshed in the
+        same transaction: until autovacuum gets to it, the planner takes the new rollout for a
+        handful of rows and probes the devices once per deployment in the status view's joins."""
         execute_many(self.session, sa.insert(Deployment.__table__), rows)
+        if len(rows) >= ANALYZE_AFTER and self.session.get_bind().dialect.name == "postgresql":
+            self.session.execute(sa.text(f"ANALYZE {Deployment.__tablename__}"))
 
     def latest_for_device(self, device_id: str) -> Deployment | None:
         q = (
