@@ -113,21 +113,28 @@ class HealthWindowRepository:
         """Each device's sums over its matching windows, raw and rolled up (rolled-up time is
         filtered by bucket start): one GROUP BY, whatever the devices and windows. Devices without
         a matching window are absent."""
+        if not device_ids:
+            return {}
+        of_devices = ids_filter(self.session, list(dict.fromkeys(device_ids)))
         match = WindowMatch(model, version, not_version, mode, since, until)
+        return self.per_device_of(of_devices, match)
+
+    def per_device_of(self, of_devices: DeviceFilter, match: WindowMatch) -> dict[str, DeviceHealth]:
+        """:meth:`per_device` of the devices ``of_devices`` lets through (:func:`ids_filter`, or a
+        subquery such as a rollout's deployments: nothing sent per device)."""
         out: dict[str, DeviceHealth] = {}
-        if device_ids:
-            q = self._sums(ids_filter(self.session, list(dict.fromkeys(device_ids))), match)
-            for r in self.session.execute(q):
-                out[r.device_id] = DeviceHealth(
-                    windows=int(r.windows), requests=int(r.requests), errors=int(r.errors),
-                    p95_requests=int(r.p95_requests), p95_weighted_ms=float(r.p95_weighted),
-                    shadow_requests=int(r.shadow), agreement_weighted=float(r.agreement_weighted),
-                    routed_requests=int(r.routed_requests), escalations=int(r.escalations),
-                    cloud_compared=int(r.cloud_compared),
-                    cloud_agreement_weighted=float(r.cloud_agreement_weighted),
-                    cpu_requests=int(r.cpu_requests), cpu_weighted_ms=float(r.cpu_weighted_ms),
-                    variant=r.variant,
-                )  # fmt: skip
+        q = self._sums(of_devices, match)
+        for r in self.session.execute(q):
+            out[r.device_id] = DeviceHealth(
+                windows=int(r.windows), requests=int(r.requests), errors=int(r.errors),
+                p95_requests=int(r.p95_requests), p95_weighted_ms=float(r.p95_weighted),
+                shadow_requests=int(r.shadow), agreement_weighted=float(r.agreement_weighted),
+                routed_requests=int(r.routed_requests), escalations=int(r.escalations),
+                cloud_compared=int(r.cloud_compared),
+                cloud_agreement_weighted=float(r.cloud_agreement_weighted),
+                cpu_requests=int(r.cpu_requests), cpu_weighted_ms=float(r.cpu_weighted_ms),
+                variant=r.variant,
+            )  # fmt: skip
         return out
 
     @staticmethod

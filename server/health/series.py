@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from server.health.repository import ids_filter
+from server.health.repository import DeviceFilter, ids_filter
 from server.health.tables import HealthRollup, HealthSample
 
 
@@ -101,15 +101,21 @@ def health_rows(
 ) -> list[Sequence[Any]]:
     """The raw windows and rollups of ``device_ids`` for ``model`` since ``since``, as rows for
     :func:`fold_series`."""
+    if not device_ids:
+        return []
+    return health_rows_of(session, ids_filter(session, list(dict.fromkeys(device_ids))), model, since)
+
+
+def health_rows_of(
+    session: Session, of_devices: DeviceFilter, model: str, since: datetime
+) -> list[Sequence[Any]]:
+    """:func:`health_rows` of the devices ``of_devices`` lets through (an id list or a subquery)."""
     h, r = HealthSample, HealthRollup
     has_p95 = h.p95_ms.is_not(None)
     has_agreement = sa.and_(h.shadow_requests > 0, h.agreement.is_not(None))
     has_cpu = h.cpu_ms_per_request.is_not(None)
     has_escalations = h.escalations.is_not(None)
     has_cloud = sa.and_(h.cloud_compared > 0, h.cloud_agreement.is_not(None))
-    if not device_ids:
-        return []
-    of_devices = ids_filter(session, list(dict.fromkeys(device_ids)))
     raw = sa.select(
         h.device_id, h.version, h.mode, h.at, h.requests, h.errors,
         sa.case((has_p95, h.requests), else_=0),

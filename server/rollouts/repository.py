@@ -17,10 +17,13 @@ from device_client.protocol.messages import DeploymentPhase
 from server.bulk import bulk_update, execute_many
 from server.devices.tables import Device, DeviceStatus
 from server.errors import SeqRace
+from server.health.repository import DeviceFilter
 from server.rollouts.tables import Deployment, DesiredRecord, Rollout, RolloutStatus
 
 #: a deployment phase by the name the ``phase`` column stores
 PHASES = {p.name: p for p in DeploymentPhase}
+#: deployments inserted at once from which PostgreSQL's statistics of the table are refreshed
+ANALYZE_AFTER = 1000
 
 
 class DesiredRepository:
@@ -243,8 +246,13 @@ class DeploymentRepository:
         return deployment
 
     def insert_many(self, rows: list[dict[str, Any]]) -> None:
-        """One multi-row INSERT of new deployments (a rollout creates one per selected device)."""
+        """One multi-row INSERT of new deployments (a rollout creates one per selected device).
+        From :data:`ANALYZE_AFTER` rows on PostgreSQL, the table's statistics are refreshed in the
+        same transaction: until autovacuum gets to it, the planner takes the new rollout for a
+        handful of rows and probes the devices once per deployment in the status view's joins."""
         execute_many(self.session, sa.insert(Deployment.__table__), rows)
+        if len(rows) >= ANALYZE_AFTER and self.session.get_bind().dialect.name == "postgresql":
+            self.session.execute(sa.text(f"ANALYZE {Deployment.__tablename__}"))
 
     def latest_for_device(self, device_id: str) -> Deployment | None:
         q = (
@@ -462,6 +470,39 @@ class RolloutRepository:
             )
         )
         return int(self.session.scalar(q) or 0)
+
+    @staticmethod
+    def members_filter(
+        rollout_id: str,
+        *,
+        max_stage: int | None = None,
+        previous_version: str | None = None,
+        not_previous_version: str | None = None,
+    ) -> DeviceFilter:
+        """A filter of a device id column (:class:`server.health.repository.WindowMatch`) to the
+        devices of a rollout's deployments (of stages up to ``max_stage``; that ran
+        ``previous_version`` before it, or did not run ``not_previous_version``): a subquery on the
+        ``(rollout_id, device_id)`` index, so no id is read or sent."""
+        d = Deployment
+        q = sa.select(d.device_id).where(d.rollout_id == rollout_id)
+        if max_stage is not None:
+            q = q.where(d.stage <= max_stage)
+        if previous_version is not None:
+            q = q.where(d.previous_version == previous_version)
+        if not_previous_version is not None:
+            q = q.where(sa.or_(d.previous_version.is_(None), d.previous_version != not_previous_version))
+        return lambda column: column.in_(q)
+
+    def stage_phase_counts(self, rollout_id: str) -> builtins.list[tuple[int, DeploymentPhase, int]]:
+        """(stage, phase, deployments) of a rollout: one GROUP BY on the ``(rollout_id, phase)``
+        index, whatever the fleet size."""
+        phase = sa.type_coerce(Deployment.phase, sa.String)
+        q = (
+            sa.select(Deployment.stage, phase, sa.func.count())
+            .where(Deployment.rollout_id == rollout_id)
+            .group_by(Deployment.stage, phase)
+        )
+        return [(st, PHASES[p], int(n)) for st, p, n in self.session.connection().execute(q)]
 
     def member_stages(self, rollout_id: str) -> builtins.list[tuple[str, int, DeploymentPhase]]:
         """(device id, stage, phase) of every deployment of a rollout, by id (no ORM objects; plain

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +19,8 @@ from server.devices.repository import DeviceRepository
 from server.devices.tables import Device, DeviceStatus
 from server.devices.tags import check_tags
 from server.errors import Conflict, Invalid, NotFound, SeqRace
-from server.health.repository import HealthWindowRepository
-from server.health.series import fold_series, health_rows
+from server.health.repository import HealthWindowRepository, WindowMatch
+from server.health.series import fold_series, health_rows_of
 from server.health.sums import DeviceHealth
 from server.rollouts.desired import DesiredStateService, count_variants
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
@@ -358,25 +359,21 @@ class RolloutService:
         since it started (or was resumed), the others' since the rollout was created."""
         rollout = self.get(rollout_id)
         self.session.flush()
-        rows = self.rollouts.member_stages(rollout.id)
+        counts = self.rollouts.stage_phase_counts(rollout.id)
         health = HealthWindowRepository(self.session)
         stages = [Stage.model_validate(s) for s in rollout.stages]
-        all_ids = [d for d, _, _ in rows]
-        baseline = baseline_health(self.session, rollout, all_ids)
+        baseline = baseline_health(self.session, rollout)
         views = []
         for i, stage in enumerate(stages):
-            members = [(d, p) for d, st, p in rows if st <= i]
-            ids = [d for d, _ in members]
             since = rollout.stage_started_at if i == rollout.current_stage else rollout.created_at
-            per_device = health.per_device(
-                ids, rollout.model, version=rollout.version, mode="shadow" if stage.shadow else "serve",
-                since=since,
-            )  # fmt: skip
+            mode = "shadow" if stage.shadow else "serve"
+            match = WindowMatch(rollout.model, version=rollout.version, mode=mode, since=since)
+            per_device = health.per_device_of(self.rollouts.members_filter(rollout.id, max_stage=i), match)
             agg = robust_health(per_device)
             variants = {v: variant_summary(robust_health(g)) for v, g in by_variant(per_device).items()}
             views.append(StageView(
-                index=i, devices=len(members), shadow=stage.shadow, soak_s=stage.soak_s,
-                phases=dict(Counter(p.value for _, p in members)),
+                index=i, devices=sum(n for st, _, n in counts if st <= i), shadow=stage.shadow,
+                soak_s=stage.soak_s, phases=phase_totals((p, n) for st, p, n in counts if st <= i),
                 health={"requests": agg.requests, "errors": agg.errors, "error_rate": agg.error_rate,
                         "p95_ms": agg.p95_ms, "agreement": agg.agreement, "devices_reporting": agg.devices,
                         "escalation_rate": agg.escalation_rate, "cloud_agreement": agg.cloud_agreement,
@@ -385,8 +382,8 @@ class RolloutService:
             ))  # fmt: skip
         return RolloutDetail(
             **rollout_out(rollout).model_dump(),
-            devices=len(rows),
-            phases=dict(Counter(p.value for _, _, p in rows)),
+            devices=sum(n for _, _, n in counts),
+            phases=phase_totals((p, n) for _, p, n in counts),
             offline_pending=self.rollouts.offline_unfinished(rollout.id),
             stage_views=views,
             baseline={
@@ -403,12 +400,11 @@ class RolloutService:
         """The rollout's devices' health per version and mode in about ``points`` time buckets,
         from :data:`BASELINE_WINDOW` before it was created until now (or until it finished)."""
         rollout = self.get(rollout_id)
-        ids = [d for d, _, _ in self.rollouts.member_stages(rollout.id)]
         since = rollout.created_at - BASELINE_WINDOW
         until = rollout.finished_at or utcnow()
         bucket_s = max(10, int((until - since).total_seconds() // points) + 1)
-        rows = health_rows(self.session, ids, rollout.model, since)
-        base = baseline_health(self.session, rollout, ids)
+        rows = health_rows_of(self.session, self.rollouts.members_filter(rollout.id), rollout.model, since)
+        base = baseline_health(self.session, rollout)
         baseline = {
             "requests": base.requests, "error_rate": base.error_rate, "p95_ms": base.p95_ms,
             "cpu_ms_per_request": base.cpu_ms_per_request, "escalation_rate": base.escalation_rate,
@@ -440,19 +436,39 @@ def routing_of(rollout: Rollout) -> RoutingPolicy | None:
     return None if rollout.routing is None else RoutingPolicy.model_validate(rollout.routing)
 
 
-def baseline_health(session: Session, rollout: Rollout, device_ids: list[str]) -> HealthAggregate:
+def phase_totals(counts: Iterable[tuple[DeploymentPhase, int]]) -> dict[str, int]:
+    """Deployments per phase (from per-stage counts), in the phases' order."""
+    totals: Counter[DeploymentPhase] = Counter()
+    for phase, n in counts:
+        totals[phase] += n
+    return {p.value: totals[p] for p in DeploymentPhase if totals[p]}
+
+
+def baseline_health(
+    session: Session, rollout: Rollout, device_ids: list[str] | None = None
+) -> HealthAggregate:
     """The health the gates compare against (:func:`baseline_per_device`, aggregated)."""
     return robust_health(baseline_per_device(session, rollout, device_ids))
 
 
-def baseline_per_device(session: Session, rollout: Rollout, device_ids: list[str]) -> dict[str, DeviceHealth]:
-    """The same devices' health before the rollout, per device: their ``serve`` windows in the
-    :data:`BASELINE_WINDOW` before it was created, of other versions, or of its own version for
-    the devices that already ran it (a rollout of a routing policy alone compares the new policy
-    with the old one on the same version)."""
+def baseline_per_device(
+    session: Session, rollout: Rollout, device_ids: list[str] | None = None
+) -> dict[str, DeviceHealth]:
+    """The same devices (``device_ids``, or all the rollout's) health before the rollout, per
+    device: their ``serve`` windows in the :data:`BASELINE_WINDOW` before it was created, of other
+    versions, or of its own version for the devices that already ran it (a rollout of a routing
+    policy alone compares the new policy with the old one on the same version)."""
     health = HealthWindowRepository(session)
-    same = RolloutRepository(session).already_on_version(rollout) & set(device_ids)
     since, until = rollout.created_at - BASELINE_WINDOW, rollout.created_at
+    other = WindowMatch(rollout.model, not_version=rollout.version, mode="serve", since=since, until=until)
+    own = WindowMatch(rollout.model, version=rollout.version, mode="serve", since=since, until=until)
+    if device_ids is None:
+        # the rollout's deployments as subqueries: nothing read or sent per device
+        members = RolloutRepository.members_filter
+        per_device = health.per_device_of(members(rollout.id, not_previous_version=rollout.version), other)
+        per_device.update(health.per_device_of(members(rollout.id, previous_version=rollout.version), own))
+        return per_device
+    same = RolloutRepository(session).already_on_version(rollout) & set(device_ids)
     per_device = health.per_device(
         [d for d in device_ids if d not in same], rollout.model, not_version=rollout.version,
         mode="serve", since=since, until=until,
