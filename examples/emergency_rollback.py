@@ -19,9 +19,7 @@ ACTIVE = ["running", "paused"]
 def main(model: str) -> int:
     failed = 0
     with FleetClient(os.environ.get("FLEET_URL", DEFAULT_URL), os.environ.get("FLEET_TOKEN")) as fleet:
-        for rollout in fleet.list_rollouts(status=ACTIVE, limit=1000):
-            if rollout["model"] != model:
-                continue
+        for rollout in fleet.list_rollouts(status=ACTIVE, limit=1000, model=model):
             try:
                 after = fleet.rollout_action(rollout["id"], "rollback")
                 print(f"{rollout['id']} {rollout['version']}: {rollout['status']} -> {after['status']}")

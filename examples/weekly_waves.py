@@ -49,13 +49,9 @@ def percents(text: str) -> list[float]:
 def find_rollout(fleet: FleetClient, model: str, version: str) -> dict[str, Any] | None:
     """The active rollout of MODEL VERSION, else its latest finished one, else None."""
     for status in (ACTIVE, None):
-        mine = [
-            r
-            for r in fleet.list_rollouts(status=status, limit=1000)
-            if (r["model"], r["version"]) == (model, version)
-        ]
+        mine = fleet.list_rollouts(status=status, limit=1, model=model, version=version)
         if mine:
-            return max(mine, key=lambda r: r["created_at"])
+            return mine[0]  # the newest
     return None
 
 

@@ -323,8 +323,17 @@ class FleetClient:
     def get_rollout(self, rollout_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/rollouts/{rollout_id}")
 
-    def list_rollouts(self, status: list[str] | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def list_rollouts(
+        self,
+        status: list[str] | None = None,
+        limit: int = 100,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rollouts, newest first: of these statuses, and of ``model`` (and ``version``) if given."""
         params: list[tuple[str, Any]] = [("limit", limit)] + [("status", s) for s in status or []]
+        params += [(k, v) for k, v in (("model", model), ("version", version)) if v is not None]
         return self._call("GET", "/api/v1/rollouts", params=params)
 
     def rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:

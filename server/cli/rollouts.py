@@ -218,10 +218,13 @@ def rollout_status(url: str, token: str | None, rollout_id: str, as_json: bool) 
 
 @rollout.command("ls")
 @api_options
-def rollout_ls(url: str, token: str | None) -> None:
+@click.option("--model", "model_name", default=None, help="only rollouts of this model")
+@click.option("--version", default=None, help="only rollouts of this version (with --model)")
+def rollout_ls(url: str, token: str | None, model_name: str | None, version: str | None) -> None:
+    """The newest rollouts (100 at most)."""
     table = Table("id", "model", "version", "status", "stage", "created")
     with common.api_client(url, token) as client:
-        for r in client.list_rollouts():
+        for r in client.list_rollouts(model=model_name, version=version):
             table.add_row(
                 r["id"],
                 r["model"],

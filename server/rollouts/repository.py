@@ -298,10 +298,21 @@ class RolloutRepository:
         )
         return set(self.session.scalars(q))
 
-    def list(self, status: Sequence[RolloutStatus] | None = None, limit: int = 100) -> Sequence[Rollout]:
+    def list(
+        self,
+        status: Sequence[RolloutStatus] | None = None,
+        limit: int = 100,
+        model: str | None = None,
+        version: str | None = None,
+    ) -> Sequence[Rollout]:
+        """The newest rollouts first, of these statuses and this model (and version) when given."""
         q = sa.select(Rollout).order_by(Rollout.created_at.desc()).limit(limit)
         if status:
             q = q.where(Rollout.status.in_(list(status)))
+        if model is not None:
+            q = q.where(Rollout.model == model)
+        if version is not None:
+            q = q.where(Rollout.version == version)
         return self.session.scalars(q).all()
 
     def active_ids(self) -> builtins.list[str]:

@@ -350,8 +350,14 @@ class RolloutService:
         return sent
 
     # -- views ---------------------------------------------------------------------------------
-    def list(self, status: list[RolloutStatus] | None, limit: int) -> list[RolloutOut]:
-        return [rollout_out(r) for r in self.rollouts.list(status, limit)]
+    def list(
+        self,
+        status: list[RolloutStatus] | None,
+        limit: int,
+        model: str | None = None,
+        version: str | None = None,
+    ) -> list[RolloutOut]:
+        return [rollout_out(r) for r in self.rollouts.list(status, limit, model, version)]
 
     def detail(self, rollout_id: str) -> RolloutDetail:
         """The rollout with per-stage phases and health: the numbers the gates judge (trimmed

@@ -304,3 +304,25 @@ def test_a_shadow_canary_then_serving_on_the_same_devices(app_client, admin_head
         ).json()["items"]
     ]
     assert any(p.get("numbers", {}).get("agreement") == pytest.approx(0.95) for p in promotions)
+
+
+def test_the_rollout_list_filters_by_model_and_version(app_client, admin_headers, ctx, lab):
+    def start(version: str) -> str:
+        r = app_client.post("/api/v1/rollouts", json=rollout_body(version), headers=admin_headers)
+        return r.json()["id"]
+
+    first = start("2.0.0")
+    act(app_client, admin_headers, first, "abort")
+    second = start("1.0.0")
+
+    def ids(query: str) -> list[str]:
+        r = app_client.get(f"/api/v1/rollouts?{query}", headers=admin_headers)
+        assert r.status_code == 200, r.text
+        return [x["id"] for x in r.json()]
+
+    assert ids("model=det") == [second, first]  # newest first
+    assert ids("model=det&version=2.0.0") == [first]
+    assert ids("model=det&version=1.0.0&status=running") == [second]
+    assert ids("model=det&version=2.0.0&status=running") == []
+    assert ids("model=other") == []
+    assert app_client.get(f"/api/v1/rollouts?model={'x' * 65}", headers=admin_headers).status_code == 422

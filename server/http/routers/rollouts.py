@@ -32,10 +32,13 @@ def list_rollouts(
     request: Request,
     status: list[RolloutStatus] = Query(default=[]),
     limit: int = Query(default=100, ge=1, le=1000),
+    model: str | None = Query(default=None, max_length=64, description="only rollouts of this model"),
+    version: str | None = Query(default=None, max_length=64, description="only of this version"),
     session: Session = SessionDep,
     _: Principal = Viewer,
 ) -> list[RolloutOut]:
-    return _service(request, session).list(status, limit)
+    """Rollouts, newest first."""
+    return _service(request, session).list(status, limit, model, version)
 
 
 @router.get("/preview")
