@@ -514,26 +514,3 @@ class RolloutRepository:
             .group_by(Deployment.stage, phase)
         )
         return [(st, PHASES[p], int(n)) for st, p, n in self.session.connection().execute(q)]
-
-    def member_stages(self, rollout_id: str) -> builtins.list[tuple[str, int, DeploymentPhase]]:
-        """(device id, stage, phase) of every deployment of a rollout, by id (no ORM objects; plain
-        rows from the connection, none of the ORM result machinery: 10,000 of them for a page)."""
-        phase = sa.type_coerce(Deployment.phase, sa.String)  # mapped below: no per-row processor
-        q = (
-            sa.select(Deployment.device_id, Deployment.stage, phase)
-            .where(Deployment.rollout_id == rollout_id)
-            .order_by(Deployment.id)
-        )
-        rows = self.session.connection().execute(q).all()
-        return [(d, st, PHASES[p]) for d, st, p in rows]
-
-    def phase_counts(self, rollout_id: str) -> dict[tuple[int, str], int]:
-        q = (
-            sa.select(Deployment.stage, Deployment.phase, sa.func.count())
-            .where(Deployment.rollout_id == rollout_id)
-            .group_by(Deployment.stage, Deployment.phase)
-        )
-        return {
-            (stage, phase.value if hasattr(phase, "value") else str(phase)): n
-            for stage, phase, n in self.session.execute(q)
-        }
