@@ -17,6 +17,8 @@ ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
+#: how long a browser test waits for the page to show something (the rollout engine is real)
+WAIT_MS = 60_000
 #: the README's screenshots, rewritten by the browser test only with FLEET_UPDATE_SCREENSHOTS=1
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,3 +75,17 @@ class FleetPump:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+def sign_in(pw, chromium: Path, base_url: str, token: str, next_path: str = "/ui/"):
+    """A headless browser signed in to the dashboard with ``token`` through its login form, on
+    ``next_path``; returns (browser, page). Confirmation dialogs are accepted."""
+    browser = pw.chromium.launch(executable_path=str(chromium), args=ARGS, headless=True)
+    page = browser.new_context().new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.goto(f"{base_url}/ui/login?next={next_path}")
+    page.fill("#token", token)
+    page.click("#signin")
+    page.wait_for_url(f"**{next_path}")
+    return browser, page

@@ -15,12 +15,19 @@ import httpx
 import pytest
 
 from server.mqtt.broker import free_port
-from tests.helpers.browser import ARGS, FleetPump, assert_screenshot, chromium_or_skip, screenshot_dir
+from tests.helpers.browser import (
+    ARGS,
+    WAIT_MS,
+    FleetPump,
+    assert_screenshot,
+    chromium_or_skip,
+    screenshot_dir,
+    sign_in,
+)
 from tests.helpers.fleet_sim import Behaviour
 from tests.helpers.live_server import LiveServer
 from tests.helpers.rollout_lab import make_lab, rollout_body
 
-WAIT_MS = 60_000
 #: the lab's det model asks the cloud model det-cloud when unsure
 ROUTING = {
     "mode": "prefer_edge",
@@ -163,13 +170,7 @@ def test_viewer_watches_an_automatic_rollback_and_cannot_act(dashboard_server, o
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
         with FleetPump(fleet), sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(chromium), args=ARGS, headless=True)
-            page = browser.new_context().new_page()
-            page.set_default_timeout(WAIT_MS)
-            page.goto(f"{server.url}/ui/login")
-            page.fill("#token", server.token("viewer"))
-            page.click("#signin")
-            page.wait_for_url("**/ui/")
+            browser, page = sign_in(pw, chromium, server.url, server.token("viewer"))
             page.goto(f"{server.url}/ui/rollouts/{rid}")
             expect(page.locator("#status")).to_have_text("running")
             assert page.locator("#actions").count() == 0  # a viewer has no buttons
@@ -207,14 +208,7 @@ def test_start_a_rollout_with_approval_from_the_form_and_approve_it(dashboard_se
     with httpx.Client(base_url=server.url, timeout=30) as api:
         fleet = make_lab(api, headers, server.ctx, onnx_model)
         with FleetPump(fleet), sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(chromium), args=ARGS, headless=True)
-            page = browser.new_context().new_page()
-            page.set_default_timeout(WAIT_MS)
-            page.on("dialog", lambda dialog: dialog.accept())
-            page.goto(f"{server.url}/ui/login?next=/ui/rollouts/new")
-            page.fill("#token", server.token("operator"))
-            page.click("#signin")
-            page.wait_for_url("**/ui/rollouts/new")
+            browser, page = sign_in(pw, chromium, server.url, server.token("operator"), "/ui/rollouts/new")
             page.fill("input[name=model]", "det")
             page.fill("input[name=version]", "2.0.0")
             page.fill("input[name=tags]", "site:lab")
