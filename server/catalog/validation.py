@@ -103,6 +103,8 @@ def _input_array(arrays: dict[str, np.ndarray], spec: TensorSpec, what: str) -> 
     arr = arrays.get(f"inputs/{spec.name}")
     if arr is None:
         raise Invalid(f"{what} .npz lacks inputs/{spec.name}")
+    if not isinstance(arr, np.ndarray):  # a member that is no .npy: np.load hands back its bytes
+        raise Invalid(f"{what} input {spec.name!r} is not a .npy array")
     if arr.dtype != np.dtype(spec.dtype):
         raise Invalid(f"{what} input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
     if arr.ndim != len(spec.shape) or any(
