@@ -118,7 +118,8 @@ def read_calibration_inputs(
     path: Path, inputs: Sequence[TensorSpec], max_bytes: int
 ) -> dict[str, np.ndarray]:
     """The ``inputs/<name>`` arrays of an uploaded calibration ``.npz`` (static int8 calibration),
-    one per model input and nothing else, with as many rows (first dimension, at least one) each,
+    one per model input and nothing else, with as many rows (first dimension, at least one) each
+    but the scalars (fed whole with every row),
     at most ``max_bytes`` once decompressed (checked before loading anything)."""
     try:
         with zipfile.ZipFile(path) as zf:
@@ -136,7 +137,8 @@ def read_calibration_inputs(
             f"calibration .npz has unexpected keys {unexpected}; use inputs/<name> of the model's inputs"
         )
     feeds = {spec.name: _input_array(arrays, spec, "calibration") for spec in inputs}
-    rows = {name: (len(arr) if arr.ndim else 1) for name, arr in feeds.items()}
+    # a scalar input is fed whole with every row (server.catalog.quantize._Feeds): no row count
+    rows = {name: len(arr) for name, arr in feeds.items() if arr.ndim}
     if len(set(rows.values())) > 1:
         raise Invalid(f"calibration inputs have different numbers of rows: {rows}")
     if 0 in rows.values():
