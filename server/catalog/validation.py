@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from device_client.protocol.bundle import ORT_DTYPES, TensorSpec, ValidationSpec
+from server.catalog.quantize import batched_inputs
 from server.catalog.schemas import VersionMetadata
 from server.errors import Invalid
 
@@ -119,7 +120,7 @@ def read_calibration_inputs(
 ) -> dict[str, np.ndarray]:
     """The ``inputs/<name>`` arrays of an uploaded calibration ``.npz`` (static int8 calibration),
     one per model input and nothing else, with as many rows (first dimension, at least one) each
-    but the scalars (fed whole with every row),
+    of those whose first dimension is symbolic (:func:`~server.catalog.quantize.batched_inputs`),
     at most ``max_bytes`` once decompressed (checked before loading anything)."""
     try:
         with zipfile.ZipFile(path) as zf:
@@ -137,8 +138,9 @@ def read_calibration_inputs(
             f"calibration .npz has unexpected keys {unexpected}; use inputs/<name> of the model's inputs"
         )
     feeds = {spec.name: _input_array(arrays, spec, "calibration") for spec in inputs}
-    # a scalar input is fed whole with every row (server.catalog.quantize._Feeds): no row count
-    rows = {name: len(arr) for name, arr in feeds.items() if arr.ndim}
+    # a scalar input or one of a fixed first dimension is fed whole with every row: no row count
+    batched = batched_inputs(inputs)
+    rows = {name: len(arr) for name, arr in feeds.items() if name in batched}
     if len(set(rows.values())) > 1:
         raise Invalid(f"calibration inputs have different numbers of rows: {rows}")
     if 0 in rows.values():
