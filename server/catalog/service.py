@@ -174,7 +174,8 @@ class CatalogService:
 
         model = load_onnx(upload.model_file)
         if upload.validation_file is not None:
-            feeds, expected = read_validation_inputs(upload.validation_file, model.inputs)
+            limit = self.ctx.settings.max_upload_bytes
+            feeds, expected = read_validation_inputs(upload.validation_file, model.inputs, limit)
         else:
             feeds, expected = generate_inputs(model.inputs), {}
         outputs = run_validation(model, feeds, meta.validation, expected)

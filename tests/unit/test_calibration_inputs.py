@@ -36,7 +36,7 @@ def test_a_member_that_is_not_an_array_is_invalid(tmp_path):
     with pytest.raises(Invalid, match=re.escape("calibration input 'x' is not a .npy array")):
         read_calibration_inputs(path, [X], LIMIT)
     with pytest.raises(Invalid, match=re.escape("validation input 'x' is not a .npy array")):
-        read_validation_inputs(path, [X])
+        read_validation_inputs(path, [X], LIMIT)
 
 
 SCALE = TensorSpec(name="scale", dtype="float32", shape=[])
@@ -95,3 +95,20 @@ def test_static_calibration_feeds_a_fixed_first_dimension_whole(tmp_path):
     quantize_int8(src, tmp_path / "q.onnx", Calibration.static, feeds, batched=batched_inputs([spec]))
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert "QuantizeLinear" in ops
+
+
+def test_a_validation_file_is_held_to_the_unpacked_limit_too(tmp_path):
+    """8 MiB of zeros, a few KB compressed: not unpacked into memory beyond the limit."""
+    path = tmp_path / "v.npz"
+    np.savez_compressed(path, **{"inputs/x": np.zeros((1 << 19, 4), np.float32)})
+    assert path.stat().st_size < 64 * 1024
+    with pytest.raises(Invalid, match=r"validation \.npz holds 8388[0-9]+ bytes unpacked, over the limit"):
+        read_validation_inputs(path, [TensorSpec(name="x", dtype="float32", shape=["n", 4])], LIMIT)
+
+
+def test_a_bare_npy_is_not_a_readable_npz(tmp_path):
+    path = tmp_path / "v.npz"
+    np.save(path.with_suffix(""), np.zeros((2, 3), np.float32))  # writes v.npy
+    path.with_suffix(".npy").rename(path)
+    with pytest.raises(Invalid, match=re.escape("validation file is not a readable .npz")):
+        read_validation_inputs(path, [X], LIMIT)
