@@ -84,10 +84,10 @@ def variant_table(state: dict[str, Any]) -> Table | None:
     if not variants or list(variants) == ["default"]:
         return None  # the stage table says it all
     title = escape(f"stage {view['index'] + 1} per variant")
-    table = Table("variant", "devices", "requests", "errors", "p95 ms", "CPU ms/request", title=title)
+    table = Table("variant", "devices", "requests", "error rate", "p95 ms", "CPU ms/request", title=title)
     for name, h in sorted(variants.items()):
         table.add_row(
-            name,
+            escape(name),
             str(h.get("devices_reporting", 0)),
             str(h.get("requests", 0)),
             "" if h.get("error_rate") is None else f"{h['error_rate']:.2%}",

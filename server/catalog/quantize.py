@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from device_client.protocol.bundle import ValidationSpec
+from device_client.protocol.bundle import TensorSpec, ValidationSpec
 from server.errors import Invalid
 
 #: timed runs of each model on the validation inputs (after one warm-up run); the median counts
@@ -66,26 +66,48 @@ class VariantMeasurement:
 UPLOADED = "static:uploaded"
 
 
-def calibration_rows(feeds: dict[str, np.ndarray]) -> int:
-    """Rows a static calibration runs on ``feeds`` (one per row of the first dimension)."""
-    return min((len(v) for v in feeds.values() if v.ndim > 0), default=1)
+def batched_inputs(inputs: Sequence[TensorSpec]) -> frozenset[str]:
+    """The inputs whose first dimension is symbolic (a batch): a static calibration runs on one row
+    of them at a time; the others (scalars, a fixed first dimension) are fed whole with every row."""
+    return frozenset(s.name for s in inputs if s.shape and not isinstance(s.shape[0], int))
+
+
+def calibration_rows(feeds: dict[str, np.ndarray], batched: Collection[str] | None = None) -> int:
+    """Rows a static calibration runs on ``feeds``: one per row of the ``batched`` inputs
+    (:func:`batched_inputs`; None: every input but the scalars), one when there are none."""
+    return min((len(v) for k, v in feeds.items() if _batched(k, v, batched)), default=1)
+
+
+def _batched(name: str, value: np.ndarray, batched: Collection[str] | None) -> bool:
+    return value.ndim > 0 if batched is None else name in batched
 
 
 class _Feeds:
     """A CalibrationDataReader over calibration inputs, one row of the batch at a time."""
 
-    def __init__(self, feeds: dict[str, np.ndarray]) -> None:
-        rows = calibration_rows(feeds)
+    def __init__(self, feeds: dict[str, np.ndarray], batched: Collection[str] | None = None) -> None:
+        rows = calibration_rows(feeds, batched)
         self._items: Iterator[dict[str, np.ndarray]] = iter(
-            [{k: (v[i : i + 1] if v.ndim > 0 else v) for k, v in feeds.items()} for i in range(rows)]
+            [
+                {k: (v[i : i + 1] if _batched(k, v, batched) else v) for k, v in feeds.items()}
+                for i in range(rows)
+            ]
         )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._items, None)
 
 
-def quantize_int8(src: Path, dst: Path, calibration: Calibration, feeds: dict[str, np.ndarray]) -> None:
-    """Write the int8 build of ``src`` to ``dst``; :class:`Invalid` if onnxruntime cannot."""
+def quantize_int8(
+    src: Path,
+    dst: Path,
+    calibration: Calibration,
+    feeds: dict[str, np.ndarray],
+    *,
+    batched: Collection[str] | None = None,
+) -> None:
+    """Write the int8 build of ``src`` to ``dst``; :class:`Invalid` if onnxruntime cannot.
+    ``batched``: the inputs a static calibration feeds row by row (:func:`calibration_rows`)."""
     from onnxruntime import quantization as q
 
     try:
@@ -93,7 +115,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Calibration, feeds: dict[st
             q.quantize_static(
                 str(src),
                 str(dst),
-                _Feeds(feeds),  # a duck-typed CalibrationDataReader
+                _Feeds(feeds, batched),  # a duck-typed CalibrationDataReader
                 quant_format=q.QuantFormat.QDQ,
                 activation_type=q.QuantType.QInt8,
                 weight_type=q.QuantType.QInt8,

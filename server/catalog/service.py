@@ -33,6 +33,7 @@ from server.catalog.quantize import (
     Calibration,
     VariantMeasurement,
     agreement,
+    batched_inputs,
     calibration_rows,
     median_latency_s,
     quantize_int8,
@@ -173,7 +174,8 @@ class CatalogService:
 
         model = load_onnx(upload.model_file)
         if upload.validation_file is not None:
-            feeds, expected = read_validation_inputs(upload.validation_file, model.inputs)
+            limit = self.ctx.settings.max_upload_bytes
+            feeds, expected = read_validation_inputs(upload.validation_file, model.inputs, limit)
         else:
             feeds, expected = generate_inputs(model.inputs), {}
         outputs = run_validation(model, feeds, meta.validation, expected)
@@ -228,7 +230,8 @@ class CatalogService:
             limit = self.ctx.settings.max_upload_bytes
             calibration_feeds = read_calibration_inputs(upload.calibration_file, fp32.inputs, limit)
             label = UPLOADED
-        quantize_int8(upload.model_file, model_file, calibration, calibration_feeds)
+        batched = batched_inputs(fp32.inputs)
+        quantize_int8(upload.model_file, model_file, calibration, calibration_feeds, batched=batched)
         int8 = load_onnx(model_file)
         int8_outputs = run_validation(int8, feeds, meta.validation)
         share, metric = agreement(outputs, int8_outputs, meta.validation)
@@ -242,7 +245,7 @@ class CatalogService:
             agreement_metric=metric,
             latency_ratio=int8_s / fp32_s if fp32_s > 0 else 1.0,
             calibration=label,
-            calibration_rows=calibration_rows(calibration_feeds) if static else None,
+            calibration_rows=calibration_rows(calibration_feeds, batched) if static else None,
         )
         if share < upload.min_agreement:
             raise Invalid(

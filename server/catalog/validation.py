@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from device_client.protocol.bundle import ORT_DTYPES, TensorSpec, ValidationSpec
+from server.catalog.quantize import batched_inputs
 from server.catalog.schemas import VersionMetadata
 from server.errors import Invalid
 
@@ -79,15 +80,26 @@ def generate_inputs(inputs: Sequence[TensorSpec], seed: int = VALIDATION_SEED) -
     return feeds
 
 
-def read_validation_inputs(
-    path: Path, inputs: Sequence[TensorSpec]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The ``inputs/<name>`` arrays (and any ``outputs/<name>``) of an uploaded ``.npz``."""
+def load_npz(path: Path, what: str, max_bytes: int) -> dict[str, np.ndarray]:
+    """Every member of an uploaded ``.npz`` (a ``what`` file), at most ``max_bytes`` once
+    decompressed (checked before loading anything); :class:`Invalid` if it is no readable zip."""
     try:
+        with zipfile.ZipFile(path) as zf:
+            unpacked = sum(info.file_size for info in zf.infolist())
+        if unpacked > max_bytes:
+            raise Invalid(f"{what} .npz holds {unpacked} bytes unpacked, over the limit of {max_bytes}")
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
+            return {key: npz[key] for key in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise Invalid(f"validation file is not a readable .npz: {exc}") from None
+        raise Invalid(f"{what} file is not a readable .npz: {exc}") from None
+
+
+def read_validation_inputs(
+    path: Path, inputs: Sequence[TensorSpec], max_bytes: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The ``inputs/<name>`` arrays (and any ``outputs/<name>``) of an uploaded ``.npz``, at most
+    ``max_bytes`` once decompressed (:func:`load_npz`)."""
+    arrays = load_npz(path, "validation", max_bytes)
     wanted = {f"inputs/{s.name}" for s in inputs}
     unexpected = [k for k in arrays if k not in wanted and not k.startswith("outputs/")]
     if unexpected:
@@ -103,6 +115,8 @@ def _input_array(arrays: dict[str, np.ndarray], spec: TensorSpec, what: str) -> 
     arr = arrays.get(f"inputs/{spec.name}")
     if arr is None:
         raise Invalid(f"{what} .npz lacks inputs/{spec.name}")
+    if not isinstance(arr, np.ndarray):  # a member that is no .npy: np.load hands back its bytes
+        raise Invalid(f"{what} input {spec.name!r} is not a .npy array")
     if arr.dtype != np.dtype(spec.dtype):
         raise Invalid(f"{what} input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
     if arr.ndim != len(spec.shape) or any(
@@ -116,17 +130,10 @@ def read_calibration_inputs(
     path: Path, inputs: Sequence[TensorSpec], max_bytes: int
 ) -> dict[str, np.ndarray]:
     """The ``inputs/<name>`` arrays of an uploaded calibration ``.npz`` (static int8 calibration),
-    one per model input and nothing else, with as many rows (first dimension, at least one) each,
-    at most ``max_bytes`` once decompressed (checked before loading anything)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            unpacked = sum(info.file_size for info in zf.infolist())
-        if unpacked > max_bytes:
-            raise Invalid(f"calibration .npz holds {unpacked} bytes unpacked, over the limit of {max_bytes}")
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise Invalid(f"calibration file is not a readable .npz: {exc}") from None
+    one per model input and nothing else, with as many rows (first dimension, at least one) each
+    of those whose first dimension is symbolic (:func:`~server.catalog.quantize.batched_inputs`),
+    at most ``max_bytes`` once decompressed (:func:`load_npz`)."""
+    arrays = load_npz(path, "calibration", max_bytes)
     wanted = {f"inputs/{s.name}" for s in inputs}
     unexpected = sorted(k for k in arrays if k not in wanted)
     if unexpected:
@@ -134,7 +141,9 @@ def read_calibration_inputs(
             f"calibration .npz has unexpected keys {unexpected}; use inputs/<name> of the model's inputs"
         )
     feeds = {spec.name: _input_array(arrays, spec, "calibration") for spec in inputs}
-    rows = {name: (len(arr) if arr.ndim else 1) for name, arr in feeds.items()}
+    # a scalar input or one of a fixed first dimension is fed whole with every row: no row count
+    batched = batched_inputs(inputs)
+    rows = {name: len(arr) for name, arr in feeds.items() if name in batched}
     if len(set(rows.values())) > 1:
         raise Invalid(f"calibration inputs have different numbers of rows: {rows}")
     if 0 in rows.values():

@@ -53,7 +53,7 @@ from server.rollouts.policy import (
     required_succeeded,
     robust_health,
 )
-from server.rollouts.repository import DeploymentRepository, RolloutRepository
+from server.rollouts.repository import DeploymentRepository, DesiredRepository, RolloutRepository
 from server.rollouts.service import RolloutService, baseline_per_device, gates_of, routing_of, settle_phase
 from server.rollouts.tables import Rollout, RolloutStatus
 from server.rollouts.variants import evaluate_variants
@@ -233,7 +233,16 @@ class RolloutEngine:
                 rollout.reason = why
             return
         baseline = baseline_per_device(session, rollout, ids)
-        judged = evaluate_variants(gates, counts, per_device, baseline, shadow=stage.shadow)
+        # each device's variant as the server signed it, never as its windows claim it: a device
+        # naming a variant of its own would be judged alone, past the trimmed mean
+        assigned = {
+            r.device_id: r.variant
+            for r in DesiredRepository(session).for_devices(sorted(per_device))
+            if r.rollout_id == rollout.id and r.version == rollout.version
+        }
+        judged = evaluate_variants(
+            gates, counts, per_device, baseline, shadow=stage.shadow, assigned=assigned
+        )
         verdict = judged.verdict
         numbers = {
             **verdict.numbers,

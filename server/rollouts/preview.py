@@ -37,7 +37,7 @@ def parse_selector(text: str | None) -> Selector:
         return Selector()
     try:
         return Selector.model_validate(json.loads(text))
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:  # RecursionError: deep nesting
         first = str(exc).strip().splitlines()[0][:300]
         raise Invalid(f"selector is not a valid selector JSON object: {first}") from None
 

@@ -1,7 +1,8 @@
 """Health and gates per variant of a rollout's version (docs/architecture.md, "Per-variant gates").
 
-The devices of a stage are grouped by the variant their health windows for the new version name
-(windows without one: ``default``). With one variant the stage is judged as a whole, as
+The devices of a stage are grouped by the variant the server signed for them (the engine), or
+else by the one their health windows for the new version name (windows without one:
+``default``). With one variant the stage is judged as a whole, as
 :func:`server.rollouts.policy.evaluate_stage` does. With several, each variant's devices are judged
 against their own baseline (the same devices' health before the rollout), and a breach names the
 variant. Deployment outcomes (failures, nothing finished) are judged over the whole stage.
@@ -30,12 +31,17 @@ from server.rollouts.policy import (
 DEFAULT_VARIANT = "default"
 
 
-def by_variant(per_device: Mapping[str, DeviceHealth]) -> dict[str, dict[str, DeviceHealth]]:
-    """Per-device health grouped by the variant each device's windows name, variants sorted."""
+def by_variant(
+    per_device: Mapping[str, DeviceHealth], assigned: Mapping[str, str] | None = None
+) -> dict[str, dict[str, DeviceHealth]]:
+    """Per-device health grouped by variant, variants sorted: the variant ``assigned`` to each
+    device (the one the server signed for it; a device not in it: ``default``), else (None) the
+    one its windows name."""
     groups: dict[str, dict[str, DeviceHealth]] = {}
     for device_id in sorted(per_device):
         h = per_device[device_id]
-        groups.setdefault(h.variant or DEFAULT_VARIANT, {})[device_id] = h
+        variant = h.variant if assigned is None else assigned.get(device_id)
+        groups.setdefault(variant or DEFAULT_VARIANT, {})[device_id] = h
     return dict(sorted(groups.items()))
 
 
@@ -68,13 +74,15 @@ def evaluate_variants(
     baseline_per_device: Mapping[str, DeviceHealth],
     *,
     shadow: bool,
+    assigned: Mapping[str, str] | None = None,
 ) -> VariantVerdict:
     """Judge a stage per variant of the new version (:func:`evaluate_stage` when there is one).
 
     ``per_device``: the stage devices' health for the new version; ``baseline_per_device``: the
-    same devices' baseline. The verdict's numbers are the whole stage's (as with one variant);
-    each variant's reasons are prefixed ``variant <name>: ``."""
-    groups = by_variant(per_device)
+    same devices' baseline; ``assigned``: the variant the server signed for each device, which
+    groups them (:func:`by_variant`). The verdict's numbers are the whole stage's (as with one
+    variant); each variant's reasons are prefixed ``variant <name>: ``."""
+    groups = by_variant(per_device, assigned)
     whole = evaluate_stage(
         gates, counts, robust_health(per_device), robust_health(baseline_per_device), shadow=shadow
     )

@@ -87,3 +87,19 @@ def test_implausible_cpu_and_memory_are_refused_and_counted(app_client, admin_he
             ).where(HealthSample.device_id == device)
         ).all()
     assert [tuple(r) for r in stored] == [(10, 2.5, 300 << 20, "int8")]
+
+
+def test_a_device_naming_a_variant_of_its_own_is_judged_with_its_signed_variant(
+    app_client, admin_headers, ctx, onnx_model
+):
+    """Grouped by the variant its windows claim, a liar would be a variant of one, judged alone
+    past the trimmed mean: every error it claims would fail the stage."""
+    behaviours = {"1.0.0": Behaviour(), "2.0.0": Behaviour()}
+    lab = make_lab(app_client, admin_headers, ctx, onnx_model, behaviours=behaviours)
+    lab.lies[sorted(lab.devices)[0]] = {"requests": MOST, "errors": MOST, "variant": "mine"}
+    body = rollout_body("2.0.0", stages=[{"percent": 100, "soak_s": 0}], on_failure="pause")
+    r = app_client.post("/api/v1/rollouts", json=body, headers=admin_headers)
+    assert r.status_code == 201, r.text
+    final = drive(RolloutEngine(ctx), lab, app_client, admin_headers, r.json()["id"])
+    assert final["status"] == "completed", final["reason"]
+    assert "variants" not in final["verdict"]  # one variant signed: judged as a whole

@@ -109,6 +109,7 @@ def test_preview_counts_devices_no_variant_fits(app_client, operator_headers, fl
         ({"model": "det", "version": "9.9.9"}, 404),
         ({"model": "det", "version": "1.0.0", "selector": "{not json"}, 422),
         ({"model": "det", "version": "1.0.0", "selector": '{"colour": "red"}'}, 422),
+        ({"model": "det", "version": "1.0.0", "selector": "[" * 5000}, 422),  # nesting beyond the stack
         ({"model": "det"}, 422),
     ],
 )
