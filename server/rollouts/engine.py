@@ -235,11 +235,7 @@ class RolloutEngine:
         baseline = baseline_per_device(session, rollout, ids)
         # each device's variant as the server signed it, never as its windows claim it: a device
         # naming a variant of its own would be judged alone, past the trimmed mean
-        assigned = {
-            r.device_id: r.variant
-            for r in DesiredRepository(session).for_devices(sorted(per_device))
-            if r.rollout_id == rollout.id and r.version == rollout.version
-        }
+        assigned = DesiredRepository(session).assigned_variants(rollout.id, rollout.version, per_device)
         judged = evaluate_variants(
             gates, counts, per_device, baseline, shadow=stage.shadow, assigned=assigned
         )

@@ -369,14 +369,23 @@ class RolloutService:
         health = HealthWindowRepository(self.session)
         stages = [Stage.model_validate(s) for s in rollout.stages]
         baseline = baseline_health(self.session, rollout)
-        views = []
+        per_stage = []
         for i, stage in enumerate(stages):
             since = rollout.stage_started_at if i == rollout.current_stage else rollout.created_at
             mode = "shadow" if stage.shadow else "serve"
             match = WindowMatch(rollout.model, version=rollout.version, mode=mode, since=since)
-            per_device = health.per_device_of(self.rollouts.members_filter(rollout.id, max_stage=i), match)
+            members = self.rollouts.members_filter(rollout.id, max_stage=i)
+            per_stage.append(health.per_device_of(members, match))
+        # grouped by the variant the server signed for each device, as the gates group them (never
+        # by the variant a device's windows claim)
+        assigned = DesiredRepository(self.session).assigned_variants(
+            rollout.id, rollout.version, {d for per_device in per_stage for d in per_device}
+        )
+        views = []
+        for i, (stage, per_device) in enumerate(zip(stages, per_stage, strict=True)):
             agg = robust_health(per_device)
-            variants = {v: variant_summary(robust_health(g)) for v, g in by_variant(per_device).items()}
+            groups = by_variant(per_device, assigned)
+            variants = {v: variant_summary(robust_health(g)) for v, g in groups.items()}
             views.append(StageView(
                 index=i, devices=sum(n for st, _, n in counts if st <= i), shadow=stage.shadow,
                 soak_s=stage.soak_s, phases=phase_totals((p, n) for st, p, n in counts if st <= i),

@@ -103,3 +103,6 @@ def test_a_device_naming_a_variant_of_its_own_is_judged_with_its_signed_variant(
     final = drive(RolloutEngine(ctx), lab, app_client, admin_headers, r.json()["id"])
     assert final["status"] == "completed", final["reason"]
     assert "variants" not in final["verdict"]  # one variant signed: judged as a whole
+    # and shown as a whole: the claimed variant makes no row of its own in the stage views
+    [view] = final["stage_views"]
+    assert set(view["health"]["variants"]) == {"default"}
