@@ -76,7 +76,7 @@ def hardware_kind(arch: str, hardware: dict[str, Any]) -> tuple[Any, ...]:
         arch,
         hardware.get("ram_mb"),
         tuple(hardware.get("execution_providers") or ()),
-        tuple(hardware.get("cpu_flags") or ()),
+        tuple(sorted(hardware.get("cpu_flags") or ())),  # the same flags in any order: one kind
     )
 
 
