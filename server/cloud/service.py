@@ -31,7 +31,7 @@ from server.config import Settings
 from server.db import Database
 from server.examples.service import collect_cap, keep
 from server.http.ratelimit import TokenBucket
-from server.rollouts.repository import DesiredRepository
+from server.rollouts.desired_repository import DesiredRepository
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from server.catalog.tables import ModelArtifact
 from server.db import utcnow
 from server.devices.tables import Device, DeviceStatus
 from server.errors import Conflict, Invalid, NotFound
+from server.rollouts.desired_repository import DesiredRepository
 from server.rollouts.outbox import enqueue, enqueue_many
-from server.rollouts.repository import DeploymentRepository, DesiredRepository
+from server.rollouts.repository import DeploymentRepository
 from server.rollouts.tables import DesiredRecord
 
 if TYPE_CHECKING:

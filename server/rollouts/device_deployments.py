@@ -20,8 +20,9 @@ from server.devices.service import DeviceService, device_out
 from server.devices.tables import DeviceStatus
 from server.errors import Conflict, Invalid, NotFound
 from server.rollouts.desired import DesiredStateService
+from server.rollouts.desired_repository import DesiredRepository
 from server.rollouts.machine import deployment_transition
-from server.rollouts.repository import DeploymentRepository, DesiredRepository, RolloutRepository
+from server.rollouts.repository import DeploymentRepository, RolloutRepository
 from server.rollouts.schemas import DesiredAssign, DesiredOut
 from server.rollouts.tables import Deployment
 

@@ -44,6 +44,7 @@ from server.devices.tables import DeviceStatus
 from server.errors import SeqRace
 from server.health.repository import HealthWindowRepository
 from server.rollouts.desired import DesiredStateService, DeviceTarget
+from server.rollouts.desired_repository import DesiredRepository
 from server.rollouts.policy import (
     Gates,
     Stage,
@@ -53,7 +54,7 @@ from server.rollouts.policy import (
     required_succeeded,
     robust_health,
 )
-from server.rollouts.repository import DeploymentRepository, DesiredRepository, RolloutRepository
+from server.rollouts.repository import DeploymentRepository, RolloutRepository
 from server.rollouts.service import RolloutService, baseline_per_device, gates_of, routing_of, settle_phase
 from server.rollouts.tables import Rollout, RolloutStatus
 from server.rollouts.variants import evaluate_variants

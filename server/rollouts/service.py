@@ -23,9 +23,10 @@ from server.health.repository import HealthWindowRepository, WindowMatch
 from server.health.series import fold_series, health_rows_of
 from server.health.sums import DeviceHealth
 from server.rollouts.desired import DesiredStateService, count_variants
+from server.rollouts.desired_repository import DesiredRepository
 from server.rollouts.machine import IllegalTransition, can_deploy, deployment_transition, rollout_transition
 from server.rollouts.policy import Gates, HealthAggregate, Stage, assign_stages, check_stages, robust_health
-from server.rollouts.repository import DeploymentRepository, DesiredRepository, RolloutRepository
+from server.rollouts.repository import DeploymentRepository, RolloutRepository
 from server.rollouts.routing import PreviousRouting, policy_key
 from server.rollouts.routing_check import RoutingCheck
 from server.rollouts.schemas import (
