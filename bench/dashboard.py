@@ -12,14 +12,12 @@ Writes bench/results/dashboard.json. Exits 0.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import tempfile
 from pathlib import Path
 
-from benchlib import ratio_line, write_result
+from benchlib import each_backend, postgres_option, ratio_line, write_result
 from devices_list import insert_devices, median_ms
-from ingest import fresh_postgres
 
 TARGET_MS = 100.0
 TARGET_RATIO = 2.0
@@ -64,6 +62,7 @@ def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
         csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', form).group(1)  # type: ignore[union-attr]
         r = client.post("/ui/login", data={"token": token, "csrf": csrf}, follow_redirects=False)
         assert r.status_code == 303, r.text
+        middle = f"dev-{n // 2:06d}"  # a device of the fleet whatever its size
         pairs = {
             "overview": ("/ui/", "/api/v1/fleet/summary"),
             "rollout": (f"/ui/rollouts/{rid}", f"/api/v1/rollouts/{rid}"),
@@ -72,9 +71,9 @@ def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
             "devices": ("/ui/devices?limit=100", "/api/v1/devices?limit=100"),
             # the device page shows the device and its reports: both calls
             "device": (
-                "/ui/devices/dev-005000",
-                "/api/v1/devices/dev-005000",
-                "/api/v1/devices/dev-005000/events?limit=50",
+                f"/ui/devices/{middle}",
+                f"/api/v1/devices/{middle}",
+                f"/api/v1/devices/{middle}/events?limit=50",
             ),
             "rollouts": ("/ui/rollouts", "/api/v1/rollouts?limit=200"),
         }
@@ -100,22 +99,14 @@ def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=10_000)
-    ap.add_argument(
-        "--postgres",
-        default=os.environ.get("FLEET_BENCH_POSTGRES_URL") or os.environ.get("FLEET_TEST_POSTGRES_URL", ""),
-    )
+    postgres_option(ap)
     args = ap.parse_args()
     print(f"dashboard pages at {args.devices} devices (median of 10 requests)")
-    results = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-ui-") as tmp:
         work = Path(tmp)
-        results += run_backend("sqlite", f"sqlite:///{work / 'ui.db'}", work, args.devices)
-        if args.postgres:
-            url, drop = fresh_postgres(args.postgres)
-            try:
-                results += run_backend("postgres", url, work, args.devices)
-            finally:
-                drop()
+        results = each_backend(
+            args.postgres, work / "ui.db", lambda name, url: run_backend(name, url, work, args.devices)
+        )
     target = f"page within {TARGET_MS:.0f} ms and {TARGET_RATIO:g}x of its JSON"
     for r in results:
         verdict = "ok" if r["ui_ms"] <= TARGET_MS and r["ratio"] <= TARGET_RATIO else "OVER"

@@ -11,7 +11,6 @@ bench/results/devices_list.json. Exits 0.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import tempfile
@@ -19,8 +18,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchlib import ratio_line, write_result
-from ingest import fresh_postgres
+from benchlib import each_backend, postgres_option, ratio_line, write_result
 
 REPEAT = 30
 TARGET = "none set; API overhead per page (the query itself must stay index-bound)"
@@ -143,22 +141,14 @@ def run_backend(name: str, url: str, workdir: Path, n: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=100_000)
-    ap.add_argument(
-        "--postgres",
-        default=os.environ.get("FLEET_BENCH_POSTGRES_URL") or os.environ.get("FLEET_TEST_POSTGRES_URL", ""),
-    )
+    postgres_option(ap)
     args = ap.parse_args()
     print(f"device list at {args.devices} devices (median of {REPEAT} requests of 100 devices)")
-    results = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-list-") as tmp:
         work = Path(tmp)
-        results += run_backend("sqlite", f"sqlite:///{work / 'list.db'}", work, args.devices)
-        if args.postgres:
-            url, drop = fresh_postgres(args.postgres)
-            try:
-                results += run_backend("postgres", url, work, args.devices)
-            finally:
-                drop()
+        results = each_backend(
+            args.postgres, work / "list.db", lambda name, url: run_backend(name, url, work, args.devices)
+        )
     for r in results:
         print(f"  {r['backend']} {r['shape']}: API {r['api_ms']:.2f} ms, bare SQL {r['bare_sql_ms']:.2f} ms")
         print(ratio_line(f"{r['backend']} {r['shape']} API / bare SQL", r["ratio"], TARGET))

@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RESULTS, python_loop_s, ratio_line, write_result
-from ingest import fresh_postgres
+from benchlib import RESULTS, fresh_postgres, python_loop_s, ratio_line, write_result
 
 ACKED_NOT = ("pending", "notified")
 PHASES = (

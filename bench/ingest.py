@@ -11,34 +11,14 @@ bench/results/ingest.json. Exits 0.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchlib import ratio_line, write_result
+from benchlib import each_backend, postgres_option, ratio_line, write_result
 
 TARGET = ">= 0.25"
-
-
-def fresh_postgres(base_url: str) -> tuple[str, Callable[[], None]]:
-    import sqlalchemy as sa
-
-    name = f"fleet_bench_{secrets.token_hex(5)}"
-    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return url, drop
 
 
 def insert_devices(ctx, n: int) -> list[str]:
@@ -144,23 +124,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=2000)
     ap.add_argument("--messages", type=int, default=40000)
-    ap.add_argument(
-        "--postgres",
-        default=os.environ.get("FLEET_BENCH_POSTGRES_URL") or os.environ.get("FLEET_TEST_POSTGRES_URL", ""),
-    )
+    postgres_option(ap)
     args = ap.parse_args()
-    results = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-ingest-") as tmp:
         work = Path(tmp)
-        results.append(
-            run_backend("sqlite", f"sqlite:///{work / 'ingest.db'}", work, args.devices, args.messages)
+        results = each_backend(
+            args.postgres,
+            work / "ingest.db",
+            lambda name, url: [run_backend(name, url, work, args.devices, args.messages)],
         )
-        if args.postgres:
-            url, drop = fresh_postgres(args.postgres)
-            try:
-                results.append(run_backend("postgres", url, work, args.devices, args.messages))
-            finally:
-                drop()
     print(f"health ingest: {args.messages} windows from {args.devices} devices")
     for r in results:
         print(

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -67,3 +72,43 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
 def ratio_line(label: str, value: float | None, target: str) -> str:
     shown = "n/a" if value is None else f"{value:.3f}"
     return f"  {label}: {shown}   (target: {target})"
+
+
+def postgres_option(ap: argparse.ArgumentParser) -> None:
+    """``--postgres URL``: also run on a scratch database next to URL's (default from
+    FLEET_BENCH_POSTGRES_URL or FLEET_TEST_POSTGRES_URL; empty: SQLite only)."""
+    ap.add_argument(
+        "--postgres",
+        default=os.environ.get("FLEET_BENCH_POSTGRES_URL") or os.environ.get("FLEET_TEST_POSTGRES_URL", ""),
+    )
+
+
+def fresh_postgres(base_url: str) -> tuple[str, Callable[[], None]]:
+    """A new empty database next to ``base_url``'s: its URL and a function that drops it."""
+    name = f"fleet_bench_{secrets.token_hex(5)}"
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+def each_backend(
+    postgres: str, sqlite_path: Path, run: Callable[[str, str], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """``run(backend, database_url)`` on SQLite at ``sqlite_path``, then on a scratch PostgreSQL
+    database when ``postgres`` is set (dropped afterwards); their rows, in that order."""
+    rows = run("sqlite", f"sqlite:///{sqlite_path}")
+    if postgres:
+        url, drop = fresh_postgres(postgres)
+        try:
+            rows += run("postgres", url)
+        finally:
+            drop()
+    return rows
