@@ -8,16 +8,13 @@ import json
 import re
 
 import pytest
-from click.testing import CliRunner
 
-from server.cli import common, main
-from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
+from tests.helpers.cli_app import cli_against
 from tests.helpers.fleet_sim import Behaviour, SimFleet
 from tests.helpers.rollout_lab import drive, make_lab
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-BOX = re.compile("[\u2500-\u257f]")
 POLICY = {
     "mode": "prefer_edge",
     "confidence": {"output": "y", "softmax": True, "threshold": 0.6},
@@ -44,21 +41,8 @@ def lab(app_client, admin_headers, ctx, onnx_model) -> SimFleet:
 
 @pytest.fixture
 def fleet_cli(app_client, monkeypatch, make_token):
-    """Run `fleet ...` against the app; returns (exit code, output as words)."""
-    transport = app_client._transport
-    monkeypatch.setattr(
-        common,
-        "api_client",
-        lambda url, token, **kw: FleetClient("http://testserver", token, transport=transport),
-    )
-    env = {"FLEET_TOKEN": make_token("operator"), "COLUMNS": "200"}
-
-    def run(*args: str, code: int = 0) -> str:
-        result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return " ".join(BOX.sub(" ", result.output).split())
-
-    return run
+    """Run `fleet ...` against the app; returns its output as words."""
+    return cli_against(app_client, monkeypatch, make_token("operator"))
 
 
 def test_rollout_start_with_a_routing_policy(app_client, admin_headers, ctx, lab, fleet_cli, tmp_path):

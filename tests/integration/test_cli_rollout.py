@@ -13,18 +13,16 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
 
 from device_client.console import CliConsole
-from server.cli import common, main
 from server.client import FleetClient
 from server.rollouts.engine import RolloutEngine
 from server.views import follow_rollout
+from tests.helpers.cli_app import BOX, cli_against
 from tests.helpers.fleet_sim import Behaviour, SimFleet
 from tests.helpers.rollout_lab import make_lab, rollout_body
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-BOX = re.compile("[\u2500-\u257f]")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -38,20 +36,7 @@ def lab(app_client, admin_headers, ctx, onnx_model) -> SimFleet:
 def fleet_cli(app_client, monkeypatch, make_token):
     """Run `fleet ...` against the app; returns its output as words (rich's wrapping and table
     borders removed)."""
-    transport = app_client._transport  # the real app, in-process
-    monkeypatch.setattr(
-        common,
-        "api_client",
-        lambda url, token, **kw: FleetClient("http://testserver", token, transport=transport),
-    )
-    env = {"FLEET_TOKEN": make_token("operator"), "COLUMNS": "200"}
-
-    def run(*args: str, code: int = 0) -> str:
-        result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return " ".join(BOX.sub(" ", result.output).split())
-
-    return run
+    return cli_against(app_client, monkeypatch, make_token("operator"))
 
 
 def create(app_client, admin_headers, **over) -> str:

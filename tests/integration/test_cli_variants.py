@@ -8,15 +8,12 @@ import json
 import re
 
 import pytest
-from click.testing import CliRunner
 
-from server.cli import common, main
-from server.client import FleetClient
 from tests.helpers.catalog import auth
+from tests.helpers.cli_app import cli_against
 from tests.helpers.cpu_flags import VNNI_ONLY, flagged_fleet, push_variant
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-BOX = re.compile("[\u2500-\u257f]")
 FLAGS = {"plain-1": "avx2", "plain-2": "", "vnni-1": "avx512_vnni,avx2"}
 
 
@@ -28,20 +25,7 @@ def fleet_cli(app_client, monkeypatch, make_token, admin_headers, ctx, onnx_mode
     token = make_token("operator")
     r = push_variant(app_client, auth(token), onnx_model(), "vnni", VNNI_ONLY)
     assert r.status_code == 201, r.text
-    transport = app_client._transport  # the real app, in-process
-    monkeypatch.setattr(
-        common,
-        "api_client",
-        lambda url, token, **kw: FleetClient("http://testserver", token, transport=transport),
-    )
-    env = {"FLEET_TOKEN": token, "COLUMNS": "200"}
-
-    def run(*args: str, code: int = 0) -> str:
-        result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return " ".join(BOX.sub(" ", result.output).split())
-
-    return run
+    return cli_against(app_client, monkeypatch, token)
 
 
 def test_preview_table(fleet_cli):
