@@ -5,35 +5,18 @@ add a private Mosquitto and live servers (tests/README.md lists them all)."""
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
+from tests.helpers.databases import fresh_postgres_database
 from tests.helpers.onnx_models import make_model
 from tests.helpers.tokens import create_admin_token
 
 pytest_plugins = ["tests.helpers.mosquitto", "tests.helpers.live_server"]
 
 POSTGRES_URL = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
-
-
-def _fresh_postgres_database(base_url: str) -> tuple[str, Callable[[], None]]:
-    """Create an empty database next to ``base_url``'s; return its URL and a dropper."""
-    name = f"fleet_test_{secrets.token_hex(6)}"
-    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return url, drop
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -44,7 +27,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     if not POSTGRES_URL:
         pytest.skip("FLEET_TEST_POSTGRES_URL is not set")
-    url, drop = _fresh_postgres_database(POSTGRES_URL)
+    url, drop = fresh_postgres_database(POSTGRES_URL)
     try:
         yield url
     finally:

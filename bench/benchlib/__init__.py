@@ -6,18 +6,17 @@ import argparse
 import json
 import os
 import platform
-import secrets
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tests.helpers.databases import fresh_postgres_database  # noqa: E402  (ROOT on sys.path first)
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -85,18 +84,7 @@ def postgres_option(ap: argparse.ArgumentParser) -> None:
 
 def fresh_postgres(base_url: str) -> tuple[str, Callable[[], None]]:
     """A new empty database next to ``base_url``'s: its URL and a function that drops it."""
-    name = f"fleet_bench_{secrets.token_hex(5)}"
-    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return url, drop
+    return fresh_postgres_database(base_url, prefix="fleet_bench")
 
 
 def each_backend(
